@@ -1,0 +1,236 @@
+"""The task folder: tasks/<name>/task.json + head.safetensors, and the branch module it describes.
+
+task.json says everything needed to rebuild the branch (kind, labels, input, attach layer, number of
+task layers, pooling) and which backbone it was trained on (id + sha256 fingerprint). head.safetensors
+holds the branch's task layers, pooler and classifier. Loading checks the file's sha256 against
+task.json, then every key and shape against the backbone config, and refuses any mismatch with one
+line naming the file.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from centra.backbone import Backbone, EncoderConfig, EncoderLayer, check_state, load_safetensors, read_json
+from centra.errors import CentraError
+from centra.fsutil import sha256_file, staged_dir, write_json
+
+SCHEMA_VERSION = 1
+KINDS = ("multiclass", "multilabel", "regression")
+INPUTS = ("single", "pair")
+POOLINGS = ("mean", "cls")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+TASK_FILE = "task.json"
+HEAD_FILE = "head.safetensors"
+
+
+@dataclass
+class TaskSpec:
+    """The contents of task.json."""
+
+    name: str
+    kind: str
+    labels: list[str]
+    attach_layer: int
+    task_layers: int
+    backbone: dict
+    input: str = "single"
+    max_length: int = 128
+    pooling: str = "mean"
+    thresholds: list[float] | None = None
+    head_sha256: str = ""
+    trained: bool = False
+    metrics: dict = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def num_outputs(self) -> int:
+        return 1 if self.kind == "regression" else len(self.labels)
+
+    @property
+    def encoding_key(self) -> tuple[str, int]:
+        """Tasks with the same key read the same tokens, so they share one trunk pass."""
+        return self.input, self.max_length
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        order = ["schema_version", "name", "kind", "labels", "input", "max_length", "attach_layer",
+                 "task_layers", "pooling", "thresholds", "backbone", "head_sha256", "trained", "metrics"]
+        return {key: data[key] for key in order}
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str) -> TaskSpec:
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise CentraError(f"{source}: schema_version {data.get('schema_version')!r} is not supported "
+                              f"(expected {SCHEMA_VERSION})")
+        types = {"name": str, "kind": str, "labels": list, "input": str, "max_length": int,
+                 "attach_layer": int, "task_layers": int, "pooling": str, "backbone": dict,
+                 "head_sha256": str, "trained": bool, "metrics": dict}
+        for key, typ in types.items():
+            if key not in data:
+                raise CentraError(f"{source}: missing field {key!r}")
+            if not isinstance(data[key], typ) or (typ is int and isinstance(data[key], bool)):
+                raise CentraError(f"{source}: field {key!r} must be {typ.__name__}")
+        known = {k: data[k] for k in (*types, "thresholds", "schema_version")}
+        spec = cls(**known)
+        spec.validate(source)
+        return spec
+
+    def validate(self, source: str, cfg: EncoderConfig | None = None) -> None:
+        def bad(msg: str) -> CentraError:
+            return CentraError(f"{source}: {msg}")
+
+        if not NAME_RE.match(self.name):
+            raise bad(f"task name {self.name!r} must be 1-64 letters, digits, '_' or '-'")
+        if self.kind not in KINDS:
+            raise bad(f"kind {self.kind!r} must be one of {', '.join(KINDS)}")
+        if self.input not in INPUTS:
+            raise bad(f"input {self.input!r} must be one of {', '.join(INPUTS)}")
+        if self.pooling not in POOLINGS:
+            raise bad(f"pooling {self.pooling!r} must be one of {', '.join(POOLINGS)}")
+        if not all(isinstance(x, str) and x for x in self.labels) or len(set(self.labels)) != len(self.labels):
+            raise bad("labels must be distinct non-empty strings")
+        if self.kind == "regression" and len(self.labels) != 1:
+            raise bad("a regression task has exactly one label (the name of its value)")
+        if self.kind == "multiclass" and len(self.labels) < 2:
+            raise bad("a multiclass task needs at least 2 labels")
+        if self.kind == "multilabel" and not self.labels:
+            raise bad("a multilabel task needs at least 1 label")
+        if self.thresholds is not None:
+            if self.kind != "multilabel":
+                raise bad("thresholds are for multilabel tasks only")
+            ok = isinstance(self.thresholds, list) and len(self.thresholds) == len(self.labels)
+            if not ok or not all(isinstance(t, (int, float)) and 0 <= t <= 1 for t in self.thresholds):
+                raise bad("thresholds must be one number in [0, 1] per label")
+        if self.attach_layer < 0 or self.task_layers < 0:
+            raise bad("attach_layer and task_layers must be >= 0")
+        if self.max_length < 4:
+            raise bad("max_length must be >= 4")
+        if not {"id", "fingerprint"} <= set(self.backbone):
+            raise bad("backbone must hold 'id' and 'fingerprint'")
+        if cfg is not None:
+            if self.attach_layer + self.task_layers > cfg.num_layers:
+                raise bad(f"attach_layer {self.attach_layer} + task_layers {self.task_layers} exceeds the "
+                          f"backbone's {cfg.num_layers} layers")
+            offset = cfg.pad_token_id + 1 if cfg.position_style == "roberta" else 0
+            if self.max_length + offset > cfg.max_position_embeddings:
+                raise bad(f"max_length {self.max_length} exceeds the backbone's position embeddings")
+
+
+class TaskHead(nn.Module):
+    """A task's branch: its task layers, then pooling, a tanh pooler and the classifier."""
+
+    def __init__(self, spec: TaskSpec, cfg: EncoderConfig):
+        super().__init__()
+        self.spec = spec
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(spec.task_layers))
+        self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.drop = nn.Dropout(cfg.hidden_dropout)
+        self.classifier = nn.Linear(cfg.hidden_size, spec.num_outputs)
+
+    def forward(self, hidden: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """hidden: (B, T, H) at the attach layer; returns logits (B, num_outputs)."""
+        for layer in self.layers:
+            hidden = layer(hidden, bias)
+        if self.spec.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            m = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+        return self.classifier(self.drop(torch.tanh(self.pooler(pooled))))
+
+
+def task_dirs(tasks_dir: Path) -> list[Path]:
+    """Task folders under tasks_dir, by name; dot-folders are in-progress or discarded writes."""
+    tasks_dir = Path(tasks_dir)
+    if not tasks_dir.is_dir():
+        raise CentraError(f"{tasks_dir}: no such tasks folder")
+    return sorted(p for p in tasks_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def read_spec(folder: Path) -> TaskSpec:
+    source = str(Path(folder) / TASK_FILE)
+    spec = TaskSpec.from_dict(read_json(Path(folder) / TASK_FILE), source)
+    if spec.name != Path(folder).name:
+        raise CentraError(f"{source}: name {spec.name!r} does not match its folder {Path(folder).name!r}")
+    return spec
+
+
+def load_task(folder: Path, backbone: Backbone | EncoderConfig, check_fingerprint: bool = True
+              ) -> tuple[TaskSpec, TaskHead]:
+    """Read and fully validate one task folder against a backbone; return its spec and branch."""
+    folder = Path(folder)
+    spec = read_spec(folder)
+    cfg = backbone.cfg if isinstance(backbone, Backbone) else backbone
+    spec.validate(str(folder / TASK_FILE), cfg)
+    if check_fingerprint and isinstance(backbone, Backbone):
+        if spec.backbone["fingerprint"] != backbone.fingerprint:
+            raise CentraError(f"{folder / TASK_FILE}: trained on backbone {spec.backbone['id']!r} "
+                              f"({spec.backbone['fingerprint'][:19]}...), not on {backbone.backbone_id!r} "
+                              f"({backbone.fingerprint[:19]}...)")
+    head_file = folder / HEAD_FILE
+    if not head_file.is_file():
+        raise CentraError(f"{head_file}: file not found")
+    if sha256_file(head_file) != spec.head_sha256:
+        raise CentraError(f"{head_file}: sha256 differs from task.json's head_sha256 (corrupt or replaced file)")
+    head = TaskHead(spec, cfg)
+    state = load_safetensors(head_file)
+    check_state(head.state_dict(), state, str(head_file))
+    head.load_state_dict(state, strict=True)
+    return spec, head.eval().requires_grad_(False)
+
+
+def save_task(folder: Path, spec: TaskSpec, head: TaskHead, extra_files: dict[str, dict] | None = None) -> None:
+    """Write the task folder atomically: a crash leaves the previous version of the task intact."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    with staged_dir(folder) as tmp:
+        state = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
+        save_file(state, str(tmp / HEAD_FILE))
+        spec.head_sha256 = sha256_file(tmp / HEAD_FILE)
+        write_json(tmp / TASK_FILE, spec.to_dict())
+        for name, data in (extra_files or {}).items():
+            write_json(tmp / name, data)
+
+
+def backbone_ref(backbone: Backbone) -> dict:
+    from centra.backbone import DEFAULT_BACKBONE_ID
+
+    ref = {"id": backbone.backbone_id, "fingerprint": backbone.fingerprint}
+    if backbone.backbone_id != DEFAULT_BACKBONE_ID and backbone.path is not None:
+        ref["path"] = str(backbone.path)
+    return ref
+
+
+def init_task(backbone: Backbone, name: str, kind: str, labels: list[str], attach_layer: int,
+              task_layers: int, input: str = "single", max_length: int = 128, pooling: str = "mean",
+              seed: int = 0) -> tuple[TaskSpec, TaskHead]:
+    """An untrained task: the backbone's layers k+1..k+l copied, a fresh classifier (seeded)."""
+    if kind == "regression" and not labels:
+        labels = ["value"]
+    spec = TaskSpec(name=name, kind=kind, labels=list(labels), attach_layer=attach_layer,
+                    task_layers=task_layers, backbone=backbone_ref(backbone), input=input,
+                    max_length=max_length, pooling=pooling,
+                    thresholds=[0.5] * len(labels) if kind == "multilabel" else None)
+    spec.validate(f"task {name!r}", backbone.cfg)
+    head = TaskHead(spec, backbone.cfg)
+    for i, layer in enumerate(backbone.layers[attach_layer:attach_layer + task_layers]):
+        head.layers[i] = copy.deepcopy(layer)
+    gen = torch.Generator().manual_seed(seed)
+    std = backbone.cfg.initializer_range
+    with torch.no_grad():
+        if backbone.pooler is not None:
+            head.pooler.load_state_dict(backbone.pooler.state_dict())
+        else:
+            head.pooler.weight.copy_(torch.randn(head.pooler.weight.shape, generator=gen) * std)
+            head.pooler.bias.zero_()
+        head.classifier.weight.copy_(torch.randn(head.classifier.weight.shape, generator=gen) * std)
+        head.classifier.bias.zero_()
+    return spec, head.eval().requires_grad_(False)

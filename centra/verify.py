@@ -1,0 +1,85 @@
+"""verify: the merged graph against each task's standalone model, on sample texts.
+
+The standalone model is rebuilt from the original backbone folder when it is still there (same
+fingerprint), so the check also covers the trunk written into the merged folder; otherwise it uses
+the merged folder's own trunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from centra.backbone import Backbone
+from centra.engine import Engine
+from centra.errors import CentraError
+from centra.merge import StandaloneModel
+
+SAMPLE_TEXTS = [
+    "The delivery was late again and nobody answered my emails.",
+    "great product, works as described",
+    "How do I change the billing address on my account?",
+    "I love it!",
+    "The app crashes every time I open the settings page after the latest update, which makes it "
+    "impossible to switch notifications off, and support has not replied for a week.",
+    "Can you set an alarm for seven tomorrow morning?",
+    "meh",
+    "Refund please. The package arrived broken and the box was soaked.",
+]
+SAMPLE_PAIRS = [
+    "Shipping took far longer than promised.",
+    "The product is good.",
+    "Where can I update my payment details?",
+    "I hate it.",
+    "Updating the app broke the settings screen.",
+    "Wake me up at 7 am tomorrow.",
+    "It is fine, I guess.",
+    "The parcel was damaged on arrival, I want my money back.",
+]
+DEFAULT_TOLERANCE = 1e-5
+
+
+@dataclass
+class TaskCheck:
+    name: str
+    max_abs_diff: float
+    reference: str
+
+    def ok(self, tolerance: float) -> bool:
+        return self.max_abs_diff <= tolerance
+
+
+def reference_layers(engine: Engine) -> tuple[torch.nn.Module, list, str]:
+    """Embeddings and layers to rebuild standalone models from, and where they came from."""
+    bb_info = engine.manifest.get("backbone", {})
+    path = bb_info.get("path")
+    if path and Path(path).is_dir():
+        try:
+            bb = Backbone.load(path)
+        except CentraError:
+            bb = None
+        if bb is not None and bb.fingerprint == bb_info.get("fingerprint"):
+            return bb.embeddings, list(bb.layers), f"backbone folder {path}"
+    return engine.model.embeddings, list(engine.model.trunk), "the merged folder's trunk"
+
+
+@torch.inference_mode()
+def verify(engine: Engine, texts: list[str] | None = None, pairs: list[str] | None = None) -> list[TaskCheck]:
+    texts = texts or SAMPLE_TEXTS
+    pairs = pairs or SAMPLE_PAIRS[: len(texts)]
+    embeddings, layers, source = reference_layers(engine)
+    if any(s.attach_layer > len(layers) for s in engine.specs.values()):
+        raise CentraError("the reference trunk is shallower than a task's attach layer")
+    merged = engine.logits(texts, pairs, list(engine.specs))
+    pad_id = engine.tokenizer.pad_token_id or 0
+    checks = []
+    for name, spec in engine.specs.items():
+        standalone = StandaloneModel(embeddings, layers, engine.model.heads[name]).eval()
+        enc = engine.encode(texts, pairs if spec.input == "pair" else None, spec.max_length)
+        # Each text alone, unpadded: checks the merged graph's padded, length-sorted batches too.
+        expected = torch.cat([standalone(*enc.batch([i], pad_id)) for i in range(len(texts))])
+        diff = (merged[name] - expected).abs().max().item()
+        checks.append(TaskCheck(name, diff, source))
+    return checks

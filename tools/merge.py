@@ -1,0 +1,12 @@
+"""python tools/merge.py ... == centra merge ... (see `centra merge --help`)."""
+
+from __future__ import annotations
+
+import sys
+
+import _bootstrap  # noqa: F401  (puts the checkout on sys.path)
+
+from centra.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["merge", *sys.argv[1:]]))

@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-only", action="store_true", help="no training: copy backbone layers, fresh head")
     p.add_argument("--attach-layer", type=int, help="trunk layer k the branch reads (0 = embeddings)")
     p.add_argument("--task-layers", type=int, help="number of task layers l (copies of layers k+1..k+l)")
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-length", type=int, help="tokens per input (default 128 or the backbone's limit)")
     p.add_argument("--pooling", choices=["mean", "cls"], default="mean")
     p.add_argument("--backbone", help="backbone folder or 'default'")
     p.add_argument("--seed", type=int, default=0)

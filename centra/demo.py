@@ -49,10 +49,16 @@ def _run(workdir: Path) -> int:
 
     engine = Engine.load(out)
     texts, pairs = SAMPLE_TEXTS[:4], SAMPLE_PAIRS[:4]
-    print("\nanswers (untrained):")
+    print("\nanswers (untrained), one merged call for all texts and tasks:")
+    by_text: dict[str, list[str]] = {}
     for answer in engine.predict(texts, pairs):
         shown = answer.get("label", answer.get("labels", answer.get("value")))
-        print(f"  {answer['task']:<11} {shown!s:<28} {answer['text'][:60]}")
+        if isinstance(shown, list):
+            shown = "+".join(shown) or "-"
+        by_text.setdefault(answer["text"], []).append(f"{answer['task']}={shown}")
+    for text, parts in by_text.items():
+        print(f"  {text[:58]!r}")
+        print(f"      {'  '.join(parts)}")
 
     print("\nverify: merged vs standalone per task")
     for check in verify(engine):
@@ -97,8 +103,10 @@ def _timing(engine: Engine, backbone: Backbone, repeats: int = 3) -> None:
     subset = ["intent", "topics"]
     subset_ms = best(lambda: engine.logits(texts, None, subset))
     print(f"\ntiming, batch of {len(texts)} texts, best of {repeats}, {torch.get_num_threads()} threads:")
-    print(f"  merged graph, all {len(engine.specs)} tasks:   {merged_ms:8.1f} ms")
-    print(f"  {len(engine.specs)} separate {backbone.cfg.num_layers}-layer models:     {separate_ms:8.1f} ms "
-          f"({separate_ms / merged_ms:.1f}x the merged graph)")
-    print(f"  merged graph, only {', '.join(subset)}: {subset_ms:8.1f} ms (trunk stops at layer "
-          f"{engine.model.depth_for(subset)})")
+    rows = [(f"merged graph, all {len(engine.specs)} tasks", merged_ms, ""),
+            (f"{len(engine.specs)} separate {backbone.cfg.num_layers}-layer models", separate_ms,
+             f"({separate_ms / merged_ms:.1f}x the merged graph)"),
+            (f"merged graph, only {' + '.join(subset)}", subset_ms,
+             f"(trunk stops at layer {engine.model.depth_for(subset)})")]
+    for label, ms, note in rows:
+        print(f"  {label:<36} {ms:8.1f} ms  {note}".rstrip())

@@ -14,8 +14,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from centra.backbone import Backbone, EncoderConfig, Embeddings, EncoderLayer, attention_bias, check_state
-from centra.backbone import load_safetensors, read_json
+from centra.backbone import (
+    Backbone,
+    Embeddings,
+    EncoderConfig,
+    EncoderLayer,
+    attention_bias,
+    check_state,
+    load_safetensors,
+    read_json,
+)
 from centra.errors import CentraError
 from centra.fsutil import sha256_file, staged_dir, write_json
 from centra.task import HEAD_FILE, TASK_FILE, TaskHead, TaskSpec, load_task, read_spec, task_dirs

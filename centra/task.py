@@ -26,6 +26,7 @@ KINDS = ("multiclass", "multilabel", "regression")
 INPUTS = ("single", "pair")
 POOLINGS = ("mean", "cls")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+DEFAULT_MAX_LENGTH = 128
 TASK_FILE = "task.json"
 HEAD_FILE = "head.safetensors"
 
@@ -118,9 +119,14 @@ class TaskSpec:
             if self.attach_layer + self.task_layers > cfg.num_layers:
                 raise bad(f"attach_layer {self.attach_layer} + task_layers {self.task_layers} exceeds the "
                           f"backbone's {cfg.num_layers} layers")
-            offset = cfg.pad_token_id + 1 if cfg.position_style == "roberta" else 0
-            if self.max_length + offset > cfg.max_position_embeddings:
+            if self.max_length > max_positions(cfg):
                 raise bad(f"max_length {self.max_length} exceeds the backbone's position embeddings")
+
+
+def max_positions(cfg: EncoderConfig) -> int:
+    """The longest token sequence the backbone's position embeddings allow."""
+    offset = cfg.pad_token_id + 1 if cfg.position_style == "roberta" else 0
+    return cfg.max_position_embeddings - offset
 
 
 class TaskHead(nn.Module):
@@ -210,9 +216,14 @@ def backbone_ref(backbone: Backbone) -> dict:
 
 
 def init_task(backbone: Backbone, name: str, kind: str, labels: list[str], attach_layer: int,
-              task_layers: int, input: str = "single", max_length: int = 128, pooling: str = "mean",
+              task_layers: int, input: str = "single", max_length: int | None = None, pooling: str = "mean",
               seed: int = 0) -> tuple[TaskSpec, TaskHead]:
-    """An untrained task: the backbone's layers k+1..k+l copied, a fresh classifier (seeded)."""
+    """An untrained task: the backbone's layers k+1..k+l copied, a fresh classifier (seeded).
+
+    max_length defaults to 128 tokens, or the backbone's limit when that is smaller.
+    """
+    if max_length is None:
+        max_length = min(DEFAULT_MAX_LENGTH, max_positions(backbone.cfg))
     if kind == "regression" and not labels:
         labels = ["value"]
     spec = TaskSpec(name=name, kind=kind, labels=list(labels), attach_layer=attach_layer,

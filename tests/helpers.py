@@ -24,7 +24,8 @@ def perturb(head: TaskHead, seed: int, scale: float = 0.5) -> TaskHead:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in head.parameters():
-            param.add_(torch.randn(param.shape, generator=gen) * scale * max(param.std().item(), 0.05))
+            spread = max(param.float().std(correction=0).item(), 0.05)
+            param.add_(torch.randn(param.shape, generator=gen) * scale * spread)
         head.classifier.weight.copy_(torch.randn(head.classifier.weight.shape, generator=gen))
     return head
 

@@ -1,0 +1,151 @@
+"""The command line: tools/*.py wrappers, predict's JSON lines, verify, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import PAIRS, TEXTS
+from helpers import make_tasks
+
+from centra.backbone import Backbone
+from centra.cli import main
+from centra.engine import MAX_TEXT_CHARS, Engine, interpret
+from centra.merge import MANIFEST, plan_merge, write_merged
+from centra.task import TaskSpec
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_tool(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def merged(bert_path, tmp_path) -> Path:
+    make_tasks(Backbone.load(bert_path), tmp_path / "tasks")
+    write_merged(plan_merge([tmp_path / "tasks"]), tmp_path / "out")
+    return tmp_path / "out"
+
+
+def test_tools_add_task_and_merge(bert_path, tmp_path):
+    tasks = tmp_path / "tasks"
+    for name, kind, labels, attach, layers in [("mood", "multiclass", "sad,ok,happy", "1", "1"),
+                                               ("tags", "multilabel", "x,y", "3", "1")]:
+        done = run_tool("tools/add_task.py", "--tasks-dir", str(tasks), "--name", name, "--kind", kind,
+                        "--labels", labels, "--init-only", "--attach-layer", attach, "--task-layers", layers,
+                        "--backbone", str(bert_path))
+        assert done.returncode == 0, done.stderr
+    done = run_tool("tools/merge.py", "--tasks-dir", str(tasks), "--out", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    assert "overhead: 5 layers per request (trunk 3 + task layers 2) vs 8 as 2 separate 4-layer models" \
+        in done.stdout
+    assert "NO (untrained)" in done.stdout
+    manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    assert [t["name"] for t in manifest["tasks"]] == ["mood", "tags"]
+
+    done = run_tool("tools/merge.py", "--tasks-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o2"))
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "no such tasks folder" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "o2").exists()
+
+
+def test_predict_prints_one_json_line_per_text_and_task(merged, capsys):
+    assert main(["predict", "--model", str(merged), "--task", "alpha", "--task", "beta", "--task", "gamma",
+                 TEXTS[0], TEXTS[1]]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(x["text"], x["task"]) for x in lines] == [(t, n) for t in TEXTS[:2] for n in ("alpha", "beta", "gamma")]
+    alpha = lines[0]
+    assert alpha["label"] in ("neg", "neu", "pos") and abs(sum(alpha["scores"].values()) - 1) < 1e-5
+    assert alpha["label"] == max(alpha["scores"], key=alpha["scores"].get)
+    beta = lines[1]
+    assert set(beta["scores"]) == {"billing", "delivery", "product", "app"}
+    assert beta["labels"] == [k for k, v in beta["scores"].items() if v >= 0.5]
+    assert isinstance(lines[2]["value"], float) and lines[2]["scores"] == {"score": lines[2]["value"]}
+
+
+def test_predict_pairs_and_default_task_set(merged, capsys):
+    assert main(["predict", "--model", str(merged), TEXTS[0]]) == 0
+    tasks = [json.loads(line)["task"] for line in capsys.readouterr().out.splitlines()]
+    assert sorted(tasks) == ["alpha", "beta", "epsilon", "gamma"], "no pair given: single-input tasks only"
+    assert main(["predict", "--model", str(merged), "--pair", PAIRS[0], TEXTS[0]]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    delta = next(x for x in lines if x["task"] == "delta")
+    assert delta["pair"] == PAIRS[0] and delta["label"] in ("different", "same")
+
+
+def test_verify_passes_and_catches_a_bad_trunk(merged, capsys):
+    assert main(["verify", "--model", str(merged)]) == 0
+    out = capsys.readouterr().out
+    assert "reference: standalone models built from backbone folder" in out and "all 5 tasks within" in out
+    # A trunk written wrong (its hash updated to match) is caught against the original backbone.
+    from safetensors.torch import load_file, save_file
+
+    from centra.fsutil import sha256_file
+
+    trunk = merged / "trunk.safetensors"
+    state = load_file(str(trunk))
+    state["layers.0.fc2.weight"] = state["layers.0.fc2.weight"] * 1.5
+    save_file(state, str(trunk))
+    manifest = json.loads((merged / MANIFEST).read_text())
+    (merged / MANIFEST).write_text(json.dumps({**manifest, "trunk_sha256": sha256_file(trunk)}))
+    assert main(["verify", "--model", str(merged)]) == 1
+    captured = capsys.readouterr()
+    assert "FAIL" in captured.out and "differ from standalone" in captured.err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "nope", "hello"], "unknown task 'nope'"),
+    (["--task", "delta", "hello"], "task 'delta' takes text pairs"),
+    (["   "], "text 0 is empty"),
+    (["--pair", "a", "--pair", "b", "x", "y", "z"], "3 texts but 2 pair texts"),
+    (["x" * (MAX_TEXT_CHARS + 1)], "the limit is"),
+])
+def test_predict_errors_are_one_line(merged, capsys, args, message):
+    assert main(["predict", "--model", str(merged), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and err.startswith("centra: error:")
+
+
+def test_predict_on_missing_model(tmp_path, capsys):
+    assert main(["predict", "--model", str(tmp_path / "none"), "hi"]) == 2
+    assert "no such merged model folder" in capsys.readouterr().err
+
+
+def test_add_task_errors(bert_path, tmp_path, capsys):
+    base = ["add-task", "--tasks-dir", str(tmp_path), "--backbone", str(bert_path)]
+    assert main([*base, "--name", "t", "--kind", "multiclass", "--labels", "a,b"]) == 2
+    assert "--init-only" in capsys.readouterr().err
+    assert main([*base, "--remove", "ghost"]) == 2
+    assert "no such task" in capsys.readouterr().err
+    assert main([*base, "--name", "t", "--kind", "multiclass", "--labels", "a,b", "--init-only",
+                 "--attach-layer", "4", "--task-layers", "1"]) == 2
+    assert "exceeds the backbone's 4 layers" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+
+
+def test_batching_does_not_change_results(merged):
+    one = Engine.load(merged, batch_size=1).logits(TEXTS, PAIRS)
+    big = Engine.load(merged, batch_size=64).logits(TEXTS, PAIRS)
+    for name in one:
+        assert (one[name] - big[name]).abs().max().item() < 1e-5
+
+
+def spec(kind: str, labels: list[str], thresholds=None) -> TaskSpec:
+    return TaskSpec(name="t", kind=kind, labels=labels, attach_layer=0, task_layers=0,
+                    backbone={"id": "x", "fingerprint": "sha256:0"}, thresholds=thresholds)
+
+
+def test_interpret_each_kind():
+    out = interpret(spec("multiclass", ["a", "b", "c"]), torch.tensor([0.0, 2.0, 1.0]))
+    assert out["label"] == "b" and out["scores"]["b"] == pytest.approx(0.665241, abs=1e-6)
+    out = interpret(spec("multilabel", ["a", "b", "c"], [0.5, 0.9, 0.1]), torch.tensor([0.0, 2.0, -2.0]))
+    assert out["labels"] == ["a", "c"], "thresholds per label: 0.5>=0.5, 0.88<0.9, 0.12>=0.1"
+    out = interpret(spec("regression", ["similarity"]), torch.tensor([3.25]))
+    assert out == {"value": 3.25, "scores": {"similarity": 3.25}}

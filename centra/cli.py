@@ -68,7 +68,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_add_task(args: argparse.Namespace) -> int:
-    from centra.task import init_task, save_task
 
     tasks_dir = Path(args.tasks_dir)
     if args.remove:
@@ -84,13 +83,17 @@ def cmd_add_task(args: argparse.Namespace) -> int:
     missing = [flag for flag, value in (("--name", args.name), ("--kind", args.kind)) if value is None]
     if missing:
         raise CentraError(f"add-task needs {' and '.join(missing)}")
-    if not args.init_only:
-        raise CentraError("training a task needs the training pipeline; use --init-only for an untrained "
-                          "task built from the backbone's layers")
+    if args.init_only:
+        return _add_untrained(args, tasks_dir)
+    return _add_trained(args, tasks_dir)
+
+
+def _add_untrained(args: argparse.Namespace, tasks_dir: Path) -> int:
+    from centra.backbone import Backbone
+    from centra.task import init_task, save_task
+
     if args.attach_layer is None or args.task_layers is None:
         raise CentraError("--init-only needs --attach-layer and --task-layers")
-    from centra.backbone import Backbone
-
     labels = [x.strip() for x in (args.labels or "").split(",") if x.strip()]
     backbone = Backbone.load(args.backbone)
     spec, head = init_task(backbone, args.name, args.kind, labels, args.attach_layer, args.task_layers,
@@ -101,10 +104,108 @@ def cmd_add_task(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_range(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        lo, _, hi = value.partition(":")
+        return int(lo), int(hi or lo)
+    except ValueError:
+        raise CentraError(f"--layers {value!r}: expected MIN:MAX, e.g. 1:5") from None
+
+
+def columns_from(args: argparse.Namespace):
+    from centra.data import Columns
+
+    if not args.text_column or not args.label_column:
+        raise CentraError("training needs --text-column and --label-column")
+    return Columns(text=args.text_column, labels=args.label_column, pair=args.pair_column,
+                   header=args.header, label_delimiter=args.label_delimiter)
+
+
+def _add_trained(args: argparse.Namespace, tasks_dir: Path) -> int:
+    from centra.backbone import Backbone
+    from centra.data import parse_label_names
+    from centra.finetune import TrainConfig
+    from centra.pipeline import TaskJob, train_task
+    from centra.task import NAME_RE
+
+    if not args.train or not args.dev:
+        raise CentraError("add-task needs --train and --dev files (or --init-only for an untrained task)")
+    if not NAME_RE.match(args.name):
+        raise CentraError(f"task name {args.name!r} must be 1-64 letters, digits, '_' or '-'")
+    if args.student_layers is not None and args.threshold is not None:
+        raise CentraError("give --student-layers or --threshold, not both")
+    tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr,
+                     seed=args.seed, metric=args.metric, alpha=args.alpha, temperature=args.temperature)
+    job = TaskJob(name=args.name, kind=args.kind, train=Path(args.train), dev=Path(args.dev),
+                  columns=columns_from(args), label_names=parse_label_names(args.label_names),
+                  layers=parse_range(args.layers), student_layers=args.student_layers,
+                  threshold=1.0 if args.threshold is None else args.threshold, reference=args.reference,
+                  teacher_logits=Path(args.teacher_logits) if args.teacher_logits else None,
+                  attach_layer=args.attach_layer, max_train_examples=args.max_train_examples,
+                  max_length=args.max_length, pooling=args.pooling, cache_gb=args.cache_gb, train_config=tc)
+    report, _ = train_task(job, Backbone.load(args.backbone), tasks_dir)
+    print(summarize(report))
+    return 0
+
+
+def summarize(report: dict) -> str:
+    metric = report["metric"]
+    lines = [f"task {report['task']!r}: {report['train_examples']} train / {report['dev_examples']} dev examples, "
+             f"dev {metric} (x100)"]
+    if "reference" in report:
+        lines.append(f"  full fine-tuning ({report['reference']['layers']} layers): "
+                     f"{100 * report['reference']['dev'][metric]:.2f}")
+    for t in report["teachers"]:
+        if "trainable_layers" in t:
+            mark = "  <- teacher" if t["chosen"] else ""
+            lines.append(f"  teacher L={t['trainable_layers']} (attach {t['attach_layer']}): "
+                         f"{100 * t['dev'][metric]:.2f}{mark}")
+    for s in report["students"]:
+        lines.append(f"  student l={s['task_layers']}: {100 * s['dev'][metric]:.2f}")
+    c = report["chosen"]
+    lines.append(f"chosen: attach layer {c['attach_layer']}, {c['task_layers']} task layers, overhead "
+                 f"{c['overhead']} layers, dev {metric} {100 * c[metric]:.2f}")
+    cache = report["cache"]
+    lines.append(f"trunk cache: {cache['seconds']:.1f} s, {cache['bytes'] / 2**20:.0f} MiB; recomputing the "
+                 f"frozen layers every epoch would have cost ~{cache['estimated_seconds_without_cache']:.1f} s")
+    lines.append("wall times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["seconds"].items()))
+    return "\n".join(lines)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from centra.data import load_examples, parse_label_names
+    from centra.engine import Engine
+    from centra.metrics import compute
+
+    engine = Engine.load(Path(args.model), batch_size=args.batch_size)
+    if args.task not in engine.specs:
+        raise CentraError(f"unknown task {args.task!r} (known: {', '.join(sorted(engine.specs))})")
+    spec = engine.specs[args.task]
+    labels = None if spec.kind == "regression" else spec.labels
+    examples, _ = load_examples(Path(args.data), spec.kind, columns_from(args), labels=labels,
+                                label_names=parse_label_names(args.label_names))
+    logits = engine.logits(examples.texts, examples.pairs, [args.task])[args.task].numpy()
+    scores = compute(spec.kind, logits, examples.targets, spec.thresholds)
+    print(json.dumps({"task": args.task, "examples": len(examples), **{k: round(v, 6) for k, v in scores.items()}}))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from centra.demo import run_demo
 
     return run_demo(Path(args.workdir) if args.workdir else None)
+
+
+def add_column_args(p) -> None:
+    p.add_argument("--text-column", help="column (header name or 0-based index) of the text")
+    p.add_argument("--pair-column", help="column of the second text: makes a text-pair task")
+    p.add_argument("--label-column", action="append", help="label column (repeat: several 0/1 multilabel columns)")
+    p.add_argument("--label-names", help="names for integer label ids: a,b,c or @file (one per line)")
+    p.add_argument("--label-delimiter", default=",", help="separator of a multilabel list in one column")
+    p.add_argument("--header", choices=["auto", "yes", "no"], default="auto",
+                   help="auto: a header when a column is named, else sniffed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,21 +232,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=1e-5, help="largest allowed |difference| of logits")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("add-task", help="create (or remove) a task folder")
+    p = sub.add_parser("add-task", help="train (or create untrained, or remove) one task folder")
     p.add_argument("--tasks-dir", required=True)
     p.add_argument("--name")
     p.add_argument("--kind", choices=["multiclass", "multilabel", "regression"])
-    p.add_argument("--labels", help="comma-separated labels (regression: the value's name, default 'value')")
-    p.add_argument("--input", choices=["single", "pair"], default="single")
-    p.add_argument("--init-only", action="store_true", help="no training: copy backbone layers, fresh head")
-    p.add_argument("--attach-layer", type=int, help="trunk layer k the branch reads (0 = embeddings)")
-    p.add_argument("--task-layers", type=int, help="number of task layers l (copies of layers k+1..k+l)")
-    p.add_argument("--max-length", type=int, help="tokens per input (default 128 or the backbone's limit)")
-    p.add_argument("--pooling", choices=["mean", "cls"], default="mean")
     p.add_argument("--backbone", help="backbone folder or 'default'")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-length", type=int, help="tokens per input (default 128 or the backbone's limit)")
+    p.add_argument("--pooling", choices=["mean", "cls"], default="mean")
     p.add_argument("--remove", metavar="NAME", help="remove task NAME from --tasks-dir")
+    g = p.add_argument_group("data (training)")
+    add_column_args(g)
+    g.add_argument("--train", help="training file (.tsv, .csv, .jsonl)")
+    g.add_argument("--dev", help="dev file, same layout: picks L, epochs, student layers")
+    g.add_argument("--max-train-examples", type=int, help="random subset of the training file (seeded)")
+    g = p.add_argument_group("training")
+    g.add_argument("--layers", help="teacher search: trainable top layers MIN:MAX (default 1:5 on 6 layers)")
+    g.add_argument("--student-layers", type=int, help="fix the student's task layers l (1-3)")
+    g.add_argument("--threshold", type=float, help="mixed allocation: add a layer while it gains >= c dev "
+                   "points (default 1.0)")
+    g.add_argument("--epochs", type=int, default=3)
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--lr", type=float, default=1e-4, help="learning rate of transformer layers")
+    g.add_argument("--head-lr", type=float, default=1e-3, help="learning rate of pooler + classifier")
+    g.add_argument("--metric", help="dev metric that picks models (default: accuracy, micro_f1, pearson)")
+    g.add_argument("--alpha", type=float, default=1.0, help="weight of the distillation loss")
+    g.add_argument("--temperature", type=float, default=2.0, help="distillation temperature F")
+    g.add_argument("--teacher-logits", help="JSONL table of an external teacher's logits, one row per train row")
+    g.add_argument("--reference", action="store_true", help="also fine-tune all layers, for comparison")
+    g.add_argument("--cache-gb", type=float, default=4.0, help="memory cap of the trunk cache (then disk)")
+    g = p.add_argument_group("untrained tasks")
+    g.add_argument("--init-only", action="store_true", help="no training: copy backbone layers, fresh head")
+    g.add_argument("--labels", help="comma-separated labels (regression: the value's name, default 'value')")
+    g.add_argument("--input", choices=["single", "pair"], default="single")
+    g.add_argument("--attach-layer", type=int, help="trunk layer k the branch reads (0 = embeddings)")
+    g.add_argument("--task-layers", type=int, help="number of task layers l (copies of layers k+1..k+l)")
     p.set_defaults(func=cmd_add_task)
+
+    p = sub.add_parser("evaluate", help="dev metrics of one task of a merged model on a labelled file")
+    p.add_argument("--model", required=True, help="merged model folder")
+    p.add_argument("--task", required=True)
+    p.add_argument("--data", required=True, help="labelled file (.tsv, .csv, .jsonl)")
+    p.add_argument("--batch-size", type=int, default=64)
+    add_column_args(p)
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="merge several tasks on the default backbone and classify texts")
     p.add_argument("--workdir", help="where to write tasks/ and merged/ (default: a temp folder)")

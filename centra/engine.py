@@ -39,6 +39,17 @@ class Encoded:
         return ids, mask, types
 
 
+def encode(tokenizer, type_vocab_size: int, texts: list[str], pairs: list[str] | None, max_length: int,
+           ) -> Encoded:
+    """Token ids (unpadded, truncated to max_length) of texts or text pairs."""
+    enc = tokenizer(texts, pairs, truncation=True, max_length=max_length, return_token_type_ids=True,
+                    return_attention_mask=False)
+    types = enc["token_type_ids"]
+    if type_vocab_size == 1:  # RoBERTa-style models have no segment embeddings
+        types = [[0] * len(t) for t in types]
+    return Encoded(enc["input_ids"], types)
+
+
 def check_texts(texts: list[str], pairs: list[str] | None) -> None:
     if not texts:
         raise CentraError("no texts given")
@@ -92,12 +103,7 @@ class Engine:
         return out
 
     def encode(self, texts: list[str], pairs: list[str] | None, max_length: int) -> Encoded:
-        enc = self.tokenizer(texts, pairs, truncation=True, max_length=max_length,
-                             return_token_type_ids=True, return_attention_mask=False)
-        types = enc["token_type_ids"]
-        if self.model.cfg.type_vocab_size == 1:  # RoBERTa-style models have no segment embeddings
-            types = [[0] * len(t) for t in types]
-        return Encoded(enc["input_ids"], types)
+        return encode(self.tokenizer, self.model.cfg.type_vocab_size, texts, pairs, max_length)
 
     @torch.inference_mode()
     def logits(self, texts: list[str], pairs: list[str] | None = None,

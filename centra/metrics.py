@@ -1,0 +1,61 @@
+"""Dev metrics for each task kind (plain numpy; values in [0, 1] or [-1, 1], reported x100 as points)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+DEFAULT_METRIC = {"multiclass": "accuracy", "multilabel": "micro_f1", "regression": "pearson"}
+METRICS = {"multiclass": ("accuracy", "macro_f1", "mcc"), "multilabel": ("micro_f1", "macro_f1"),
+           "regression": ("pearson", "spearman")}
+
+
+def compute(kind: str, logits: np.ndarray, targets: list, thresholds: list[float] | None = None) -> dict:
+    """All metrics of a kind from raw logits (N, C) and targets."""
+    if kind == "multiclass":
+        pred, gold = logits.argmax(-1), np.asarray(targets)
+        return {"accuracy": float((pred == gold).mean()), "macro_f1": macro_f1(pred, gold, logits.shape[1]),
+                "mcc": mcc(pred, gold, logits.shape[1])}
+    if kind == "multilabel":
+        probs = 1.0 / (1.0 + np.exp(-logits))
+        pred = probs >= np.asarray(thresholds if thresholds else [0.5] * logits.shape[1])
+        gold = np.asarray(targets) > 0.5
+        tp, fp, fn = (pred & gold).sum(0), (pred & ~gold).sum(0), (~pred & gold).sum(0)
+        return {"micro_f1": _f1(tp.sum(), fp.sum(), fn.sum()),
+                "macro_f1": float(np.mean([_f1(a, b, c) for a, b, c in zip(tp, fp, fn)]))}
+    pred, gold = logits[:, 0].astype(np.float64), np.asarray(targets, dtype=np.float64)
+    return {"pearson": pearson(pred, gold), "spearman": pearson(_ranks(pred), _ranks(gold))}
+
+
+def _f1(tp: float, fp: float, fn: float) -> float:
+    return float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else 0.0
+
+
+def macro_f1(pred: np.ndarray, gold: np.ndarray, classes: int) -> float:
+    return float(np.mean([_f1(((pred == c) & (gold == c)).sum(), ((pred == c) & (gold != c)).sum(),
+                              ((pred != c) & (gold == c)).sum()) for c in range(classes)]))
+
+
+def mcc(pred: np.ndarray, gold: np.ndarray, classes: int) -> float:
+    """Matthews correlation (multiclass form; equals the binary MCC for 2 classes)."""
+    conf = np.zeros((classes, classes), dtype=np.float64)
+    np.add.at(conf, (gold, pred), 1)
+    t, p, c, s = conf.sum(1), conf.sum(0), np.trace(conf), conf.sum()
+    denom = np.sqrt((s * s - (p * p).sum()) * (s * s - (t * t).sum()))
+    return float((c * s - (t * p).sum()) / denom) if denom else 0.0
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    denom = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denom) if denom else 0.0
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks with ties averaged (as Spearman needs)."""
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.arange(len(x), dtype=np.float64)
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    sums = np.zeros(len(counts))
+    np.add.at(sums, inverse, ranks)
+    return (sums / counts)[inverse]

@@ -1,0 +1,108 @@
+"""Train GLUE + GoEmotions tasks on the default backbone, merge them, and write docs/results.md.
+
+    python tools/glue_results.py [--data ../shared/data] [--out runs/glue] [--epochs 2] [--only sst2,cola]
+
+Per task: full fine-tuning reference, the teacher for each L, students (KD-1, KD-2, ...) and the mixed
+choice (c = 1.0), all dev metrics, then the merged model's dev metric (which must equal the student's).
+Tasks whose files are absent are skipped. Writes OUT/tasks/*, OUT/merged, OUT/results.json, and
+docs/results.md when --write-docs is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import _bootstrap  # noqa: F401
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from centra.backbone import Backbone  # noqa: E402
+from centra.data import Columns, load_examples, parse_label_names  # noqa: E402
+from centra.engine import Engine  # noqa: E402
+from centra.finetune import TrainConfig  # noqa: E402
+from centra.merge import plan_merge, write_merged  # noqa: E402
+from centra.metrics import compute  # noqa: E402
+from centra.pipeline import TaskJob, train_task  # noqa: E402
+
+# name, kind, folder, train, dev, columns, metric, label names, max train examples
+TASKS = [
+    ("sst2", "multiclass", "glue/SST-2", "train.tsv", "dev.tsv", Columns("sentence", ["label"]), "accuracy",
+     "negative,positive", 8000),
+    ("cola", "multiclass", "glue/CoLA", "train.tsv", "dev.tsv", Columns("3", ["1"]), "mcc",
+     "unacceptable,acceptable", None),
+    ("mrpc", "multiclass", "glue/MRPC", "train.tsv", "dev.tsv", Columns("#1 String", ["Quality"], "#2 String"),
+     "accuracy", "different,paraphrase", None),
+    ("rte", "multiclass", "glue/RTE", "train.tsv", "dev.tsv", Columns("sentence1", ["label"], "sentence2"),
+     "accuracy", None, None),
+    ("stsb", "regression", "glue/STS-B", "train.tsv", "dev.tsv", Columns("sentence1", ["score"], "sentence2"),
+     "pearson", None, None),
+    ("goemotions", "multilabel", "goemotions", "train.tsv", "dev.tsv", Columns("0", ["1"], header="no"),
+     "micro_f1", "@emotions.txt", 8000),
+]
+
+
+def run(args: argparse.Namespace) -> dict:
+    backbone = Backbone.load("default")
+    out = Path(args.out)
+    results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+    only = set(args.only.split(",")) if args.only else None
+    for name, kind, folder, train, dev, cols, metric, names, cap in TASKS:
+        if only and name not in only:
+            continue
+        root = Path(args.data) / folder
+        if not (root / train).is_file():
+            print(f"skip {name}: {root / train} not found", file=sys.stderr)
+            continue
+        if names and names.startswith("@"):
+            names = "@" + str(root / names[1:])
+        job = TaskJob(name=name, kind=kind, train=root / train, dev=root / dev, columns=cols,
+                      label_names=parse_label_names(names), reference=True, threshold=1.0,
+                      max_train_examples=cap, train_config=TrainConfig(epochs=args.epochs, metric=metric,
+                                                                      seed=args.seed, progress=args.progress))
+        start = time.perf_counter()
+        report, _ = train_task(job, backbone, out / "tasks")
+        report["wall_seconds"] = round(time.perf_counter() - start, 1)
+        results[name] = report
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        print(f"{name}: {report['chosen']} in {report['wall_seconds']:.0f} s", flush=True)
+    manifest = write_merged(plan_merge([out / "tasks"]), out / "merged")
+    engine = Engine.load(out / "merged")
+    for name, kind, folder, _, dev, cols, _metric, names, _ in TASKS:
+        if name not in results or name not in engine.specs:
+            continue
+        root = Path(args.data) / folder
+        if names and names.startswith("@"):
+            names = "@" + str(root / names[1:])
+        spec = engine.specs[name]
+        examples, _ = load_examples(root / dev, kind, cols, labels=None if kind == "regression" else spec.labels,
+                                    label_names=parse_label_names(names))
+        logits = engine.logits(examples.texts, examples.pairs, [name])[name].numpy()
+        results[name]["merged_dev"] = compute(kind, logits, examples.targets, spec.thresholds)
+    results["_merged"] = {k: manifest[k] for k in ("trunk_depth", "overhead_layers", "single_task_layers")}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    parser.add_argument("--out", default="runs/glue")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", help="comma-separated task names")
+    parser.add_argument("--progress", action="store_true", help="show progress bars")
+    args = parser.parse_args()
+    if not Path(args.data).is_dir():
+        print(f"glue_results: {args.data} not found; nothing to do", file=sys.stderr)
+        return 0
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/centra demo
+	$(BIN)/centra demo --workdir demo-output
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

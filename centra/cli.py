@@ -195,7 +195,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from centra.demo import run_demo
 
-    return run_demo(Path(args.workdir) if args.workdir else None)
+    return run_demo(Path(args.workdir) if args.workdir else None, Path(args.data) if args.data else None,
+                    args.untrained)
 
 
 def add_column_args(p) -> None:
@@ -278,7 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="merge several tasks on the default backbone and classify texts")
-    p.add_argument("--workdir", help="where to write tasks/ and merged/ (default: a temp folder)")
+    p.add_argument("--workdir", help="where to write tasks/ and merged/ (default: a temp folder); trained "
+                   "tasks found there are reused")
+    p.add_argument("--data", help="data folder with glue/ and goemotions/ (default: $CENTRA_DATA or "
+                   "../shared/data)")
+    p.add_argument("--untrained", action="store_true", help="skip training: --init-only tasks")
     p.set_defaults(func=cmd_demo)
     return parser
 

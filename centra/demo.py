@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import tempfile
 import time
 from dataclasses import replace
@@ -10,12 +12,15 @@ from pathlib import Path
 import torch
 
 from centra.backbone import Backbone
+from centra.data import Columns, parse_label_names
 from centra.engine import Engine
+from centra.finetune import TrainConfig
 from centra.merge import StandaloneModel, overhead_table, plan_merge, write_merged
+from centra.pipeline import TaskJob, train_task
 from centra.task import TaskHead, init_task, save_task
 from centra.verify import SAMPLE_PAIRS, SAMPLE_TEXTS, verify
 
-# name, kind, labels, input, attach layer, task layers
+# Untrained fallback: name, kind, labels, input, attach layer, task layers
 DEMO_TASKS = [
     ("sentiment", "multiclass", ["negative", "neutral", "positive"], "single", 4, 2),
     ("intent", "multiclass", ["question", "complaint", "request", "praise"], "single", 3, 1),
@@ -23,33 +28,76 @@ DEMO_TASKS = [
     ("urgency", "regression", ["urgency"], "single", 5, 1),
     ("same_issue", "multiclass", ["different", "same"], "pair", 4, 1),
 ]
+# Trained demo tasks (small, so that training takes minutes on 2 cores):
+# name, kind, data folder, columns, label names, train examples
+DEMO_DATA = [
+    ("sentiment", "multiclass", "glue/SST-2", Columns("sentence", ["label"]), "negative,positive", 2000),
+    ("emotions", "multilabel", "goemotions", Columns("0", ["1"], header="no"), "@emotions.txt", 2000),
+    ("paraphrase", "multiclass", "glue/MRPC", Columns("#1 String", ["Quality"], "#2 String"),
+     "different,paraphrase", 1000),
+    ("similarity", "regression", "glue/STS-B", Columns("sentence1", ["score"], "sentence2"), None, 1000),
+]
 
 
-def run_demo(workdir: Path | None = None) -> int:
+def default_data_dir() -> Path:
+    return Path(os.environ.get("CENTRA_DATA", Path.cwd().parent / "shared" / "data"))
+
+
+def run_demo(workdir: Path | None = None, data: Path | None = None, untrained: bool = False) -> int:
+    data = data or default_data_dir()
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="centra-demo-") as tmp:
-            return _run(Path(tmp))
-    return _run(workdir)
+            return _run(Path(tmp), data, untrained)
+    return _run(workdir, data, untrained)
 
 
-def _run(workdir: Path) -> int:
+def _train_demo_tasks(backbone: Backbone, tasks_dir: Path, data: Path) -> None:
+    for name, kind, folder, cols, names, examples in DEMO_DATA:
+        done = tasks_dir / name / "task.json"
+        if done.is_file() and json.loads(done.read_text()).get("trained"):
+            print(f"  {name}: already trained in {tasks_dir / name}, reused")
+            continue
+        root = data / folder
+        if names and names.startswith("@"):
+            names = f"@{root / names[1:]}"
+        job = TaskJob(name=name, kind=kind, train=root / "train.tsv", dev=root / "dev.tsv", columns=cols,
+                      label_names=parse_label_names(names), layers=(1, 2), student_layers=1,
+                      max_train_examples=examples, train_config=TrainConfig(epochs=2))
+        start = time.perf_counter()
+        report, _ = train_task(job, backbone, tasks_dir)
+        chosen = report["chosen"]
+        print(f"  {name:<11} {kind:<10} {examples} train examples: dev {chosen['metric']} "
+              f"{100 * chosen[chosen['metric']]:.1f}, attach layer {chosen['attach_layer']} + "
+              f"{chosen['task_layers']} task layer(s), {time.perf_counter() - start:.0f} s")
+
+
+def _run(workdir: Path, data: Path, untrained: bool) -> int:
     torch.manual_seed(0)
     backbone = Backbone.load("default")
     print(f"backbone: {backbone.backbone_id} ({backbone.cfg.num_layers} layers, hidden "
           f"{backbone.cfg.hidden_size}, {backbone.fingerprint[:19]}...)")
-    print("\nUNTRAINED DEMO TASKS: the branches are copies of backbone layers with freshly initialised "
-          "classifiers, so their answers are meaningless; the demo shows the merged graph, not quality.\n")
     tasks_dir, out = workdir / "tasks", workdir / "merged"
-    for seed, (name, kind, labels, input_kind, attach, layers) in enumerate(DEMO_TASKS):
-        spec, head = init_task(backbone, name, kind, labels, attach, layers, input=input_kind, seed=seed)
-        save_task(tasks_dir / name, spec, head)
+    have_data = all((data / folder / "train.tsv").is_file() for _, _, folder, *_ in DEMO_DATA)
+    if untrained or not have_data:
+        if not untrained:
+            print(f"\n{data}: demo data not found (set CENTRA_DATA or --data); using untrained tasks.")
+        print("\nUNTRAINED DEMO TASKS: the branches are copies of backbone layers with freshly initialised "
+              "classifiers, so their answers are meaningless; the demo shows the merged graph, not quality.\n")
+        for seed, (name, kind, labels, input_kind, attach, layers) in enumerate(DEMO_TASKS):
+            spec, head = init_task(backbone, name, kind, labels, attach, layers, input=input_kind, seed=seed)
+            save_task(tasks_dir / name, spec, head)
+    else:
+        print(f"\ntraining {len(DEMO_DATA)} tasks on {data} (teacher search L=1..2, a 1-layer "
+              "distilled student, 2 epochs; small subsets so this takes minutes):")
+        _train_demo_tasks(backbone, tasks_dir, data)
     manifest = write_merged(plan_merge([tasks_dir]), out)
     print(f"merged {len(manifest['tasks'])} tasks into {out}")
     print(overhead_table(manifest))
 
     engine = Engine.load(out)
-    texts, pairs = SAMPLE_TEXTS[:4], SAMPLE_PAIRS[:4]
-    print("\nanswers (untrained), one merged call for all texts and tasks:")
+    texts, pairs = SAMPLE_TEXTS[:6], SAMPLE_PAIRS[:6]
+    label = "answers (untrained)" if untrained or not have_data else "answers"
+    print(f"\n{label}, one merged call for all texts and tasks:")
     by_text: dict[str, list[str]] = {}
     for answer in engine.predict(texts, pairs):
         shown = answer.get("label", answer.get("labels", answer.get("value")))
@@ -100,7 +148,7 @@ def _timing(engine: Engine, backbone: Backbone, repeats: int = 3) -> None:
             model(*batch)
 
     separate_ms = best(run_separate)
-    subset = ["intent", "topics"]
+    subset = sorted(engine.specs, key=lambda n: engine.specs[n].attach_layer)[:2]
     subset_ms = best(lambda: engine.logits(texts, None, subset))
     print(f"\ntiming, batch of {len(texts)} texts, best of {repeats}, {torch.get_num_threads()} threads:")
     rows = [(f"merged graph, all {len(engine.specs)} tasks", merged_ms, ""),

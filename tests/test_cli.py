@@ -149,3 +149,20 @@ def test_interpret_each_kind():
     assert out["labels"] == ["a", "c"], "thresholds per label: 0.5>=0.5, 0.88<0.9, 0.12>=0.1"
     out = interpret(spec("regression", ["similarity"]), torch.tensor([3.25]))
     assert out == {"value": 3.25, "scores": {"similarity": 3.25}}
+
+
+def test_evaluate_matches_engine_predictions(merged, tmp_path, capsys):
+    gold = ["neg", "pos", "neu", "pos", "neg", "neu"]
+    data = tmp_path / "dev.tsv"
+    data.write_text("text\tlabel\n" + "".join(f"{t}\t{g}\n" for t, g in zip(TEXTS, gold)))
+    assert main(["evaluate", "--model", str(merged), "--task", "alpha", "--data", str(data),
+                 "--text-column", "text", "--label-column", "label"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    engine = Engine.load(merged)
+    predicted = [a["label"] for a in engine.predict(TEXTS, tasks=["alpha"])]
+    expected = sum(p == g for p, g in zip(predicted, gold)) / len(gold)
+    assert result["examples"] == 6 and result["accuracy"] == pytest.approx(expected, abs=1e-6)
+    data.write_text("text\tlabel\nhello\tunknown\n")
+    assert main(["evaluate", "--model", str(merged), "--task", "alpha", "--data", str(data),
+                 "--text-column", "text", "--label-column", "label"]) == 2
+    assert "dev.tsv:2: label 'unknown' is not among the training labels" in capsys.readouterr().err

@@ -54,3 +54,12 @@ def test_default_backbone_merge_and_verify(minilm, tmp_path):
     assert {c.name for c in checks} == {row[0] for row in TASKS}
     for check in checks:
         assert check.max_abs_diff < 1e-5, check
+
+
+def test_demo_untrained_runs(tmp_path, capsys):
+    from centra.cli import main
+
+    assert main(["demo", "--untrained", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "UNTRAINED DEMO TASKS" in out and "overhead: 11 layers per request" in out
+    assert "merged graph, all 5 tasks" in out and (tmp_path / "merged" / "manifest.json").is_file()

@@ -4,8 +4,8 @@
 
 Per task: full fine-tuning reference, the teacher for each L, students (KD-1, KD-2, ...) and the mixed
 choice (c = 1.0), all dev metrics, then the merged model's dev metric (which must equal the student's).
-Tasks whose files are absent are skipped. Writes OUT/tasks/*, OUT/merged, OUT/results.json, and
-docs/results.md when --write-docs is given.
+Tasks whose files are absent are skipped. Writes OUT/tasks/*, OUT/merged, OUT/results.json and prints
+the tables of docs/results.md (--table prints them again from OUT/results.json).
 """
 
 from __future__ import annotations
@@ -88,6 +88,60 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
+def pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+def markdown(results: dict, epochs: int) -> str:
+    """The paper's Table 2 shape: per task dev metric per setting, then overhead per setting."""
+    tasks = [name for name, *_ in TASKS if name in results]
+    n = 6
+    lines = ["| task | metric | train ex. | full FT (6) | " + " | ".join(f"L={i}" for i in range(1, n)) +
+             " | KD-1 | KD-2 | mixed c=1.0 (l) | merged |",
+             "|" + "---|" * (n + 7)]
+    cols: dict[str, list[float]] = {k: [] for k in ("full", "teacher", "kd1", "kd2", "mixed")}
+    overhead = {"kd1": [], "kd2": [], "mixed": [], "teacher": [], "trunk": []}
+    for name in tasks:
+        r = results[name]
+        m = r["metric"]
+        teachers = {t["trainable_layers"]: t for t in r["teachers"] if "trainable_layers" in t}
+        best = next(t for t in teachers.values() if t["chosen"])
+        students = {s["task_layers"]: s["dev"][m] for s in r["students"]}
+        chosen = r["chosen"]
+        cells = [name, m, str(r["train_examples"]), pct(r["reference"]["dev"][m])]
+        cells += [pct(teachers[i]["dev"][m]) + ("*" if teachers[i]["chosen"] else "") if i in teachers else "-"
+                  for i in range(1, n)]
+        cells += [pct(students.get(1)), pct(students.get(2)), f"{pct(chosen[m])} ({chosen['task_layers']})",
+                  pct(r.get("merged_dev", {}).get(m))]
+        lines.append("| " + " | ".join(cells) + " |")
+        cols["full"].append(r["reference"]["dev"][m])
+        cols["teacher"].append(best["dev"][m])
+        cols["kd1"].append(students.get(1, best["dev"][m]))
+        cols["kd2"].append(students.get(2, students.get(1)))
+        cols["mixed"].append(chosen[m])
+        k, big_l = best["attach_layer"], best["trainable_layers"]
+        overhead["trunk"].append(k)
+        overhead["teacher"].append(big_l)
+        overhead["kd1"].append(1)
+        overhead["kd2"].append(min(2, big_l))
+        overhead["mixed"].append(chosen["task_layers"])
+    t = len(tasks)
+    full_avg = sum(cols["full"]) / t
+    trunk = max(overhead["trunk"])
+    rows = [("full fine-tuning, one model per task", n * t, cols["full"]),
+            ("partial fine-tuning (best L), merged", trunk + sum(overhead["teacher"]), cols["teacher"]),
+            ("KD-1 students, merged", trunk + sum(overhead["kd1"]), cols["kd1"]),
+            ("KD-2 students, merged", trunk + sum(overhead["kd2"]), cols["kd2"]),
+            ("mixed (c = 1.0), merged", trunk + sum(overhead["mixed"]), cols["mixed"])]
+    table = ["| setting | overhead (layers) | % of full FT overhead | average dev metric | % of full FT average |",
+             "|---|---|---|---|---|"]
+    for label, layers, values in rows:
+        avg = sum(values) / t
+        table.append(f"| {label} | {layers} | {100 * layers / (n * t):.0f}% | {100 * avg:.2f} | "
+                     f"{100 * avg / full_avg:.1f}% |")
+    return "\n".join(lines) + "\n\n" + "\n".join(table) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -96,11 +150,15 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", help="comma-separated task names")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
+    parser.add_argument("--table", action="store_true", help="only print the tables of OUT/results.json")
     args = parser.parse_args()
+    if args.table:
+        print(markdown(json.loads((Path(args.out) / "results.json").read_text()), args.epochs))
+        return 0
     if not Path(args.data).is_dir():
         print(f"glue_results: {args.data} not found; nothing to do", file=sys.stderr)
         return 0
-    run(args)
+    print(markdown(run(args), args.epochs))
     return 0
 
 

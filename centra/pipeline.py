@@ -71,13 +71,8 @@ def train_task(job: TaskJob, backbone: Backbone, tasks_dir: Path) -> tuple[dict,
     """Run the whole pipeline for one task and write tasks_dir/NAME; return report.json's contents
     and the chosen student."""
     tc = job.train_config
-    tc.metric = tc.metric or DEFAULT_METRIC[job.kind]
-    if tc.metric not in METRICS[job.kind]:
-        raise CentraError(f"metric {tc.metric!r} does not fit a {job.kind} task ({', '.join(METRICS[job.kind])})")
     n = backbone.cfg.num_layers
-    lo, hi = job.layers or default_layer_range(n)
-    if not 1 <= lo <= hi <= n:
-        raise CentraError(f"--layers {lo}:{hi} must satisfy 1 <= MIN <= MAX <= {n}")
+    lo, hi = validate_job(job, n)
     times: dict[str, float] = {}
     clock = time.perf_counter()
     train, dev, labels, soft = load_data(job)
@@ -133,16 +128,33 @@ def train_task(job: TaskJob, backbone: Backbone, tasks_dir: Path) -> tuple[dict,
     finally:
         for cache in caches:
             cache.close()
+    report["seconds"] = {k: round(v, 2) for k, v in times.items()}
+    return finish(job, student, report, Path(tasks_dir)), student
+
+
+def validate_job(job: TaskJob, num_layers: int) -> tuple[int, int]:
+    """Fill the kind's default metric, check it and the layer range; return (MIN, MAX)."""
+    tc = job.train_config
+    tc.metric = tc.metric or DEFAULT_METRIC[job.kind]
+    if tc.metric not in METRICS[job.kind]:
+        raise CentraError(f"metric {tc.metric!r} does not fit a {job.kind} task ({', '.join(METRICS[job.kind])})")
+    lo, hi = job.layers or default_layer_range(num_layers)
+    if not 1 <= lo <= hi <= num_layers:
+        raise CentraError(f"--layers {lo}:{hi} must satisfy 1 <= MIN <= MAX <= {num_layers}")
+    return lo, hi
+
+
+def finish(job: TaskJob, student: TaskHead, report: dict, tasks_dir: Path) -> dict:
+    """Mark the chosen student trained, record its dev metrics, write the task folder atomically."""
     spec = copy.deepcopy(student.spec)
     chosen = next(s for s in report["students"] if s["task_layers"] == spec.task_layers)
     spec.trained = True
-    spec.metrics = {"metric": tc.metric, **{m: round(chosen["dev"][m], 6) for m in METRICS[job.kind]}}
+    spec.metrics = {"metric": report["metric"], **{m: round(chosen["dev"][m], 6) for m in METRICS[job.kind]}}
     report["chosen"] = {"attach_layer": spec.attach_layer, "task_layers": spec.task_layers,
                         "overhead": spec.attach_layer + spec.task_layers, **spec.metrics}
-    report["seconds"] = {k: round(v, 2) for k, v in times.items()}
     student.spec = spec
-    save_task(Path(tasks_dir) / job.name, spec, student, extra_files={"report.json": report})
-    return report, student
+    save_task(tasks_dir / job.name, spec, student, extra_files={"report.json": report})
+    return report
 
 
 def search_teachers(job, backbone, caches, train, dev, new_head, lo, hi, times):

@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="merge several tasks on the default backbone and classify texts")
     p.add_argument("--workdir", help="where to write tasks/ and merged/ (default: a temp folder); trained "
                    "tasks found there are reused")
-    p.add_argument("--data", help="data folder with glue/ and goemotions/ (default: $CENTRA_DATA or "
+    p.add_argument("--data", help="data folder holding glue/ (default: $CENTRA_DATA or "
                    "../shared/data)")
     p.add_argument("--untrained", action="store_true", help="skip training: --init-only tasks")
     p.set_defaults(func=cmd_demo)

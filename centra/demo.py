@@ -32,7 +32,7 @@ DEMO_TASKS = [
 # name, kind, data folder, columns, label names, train examples
 DEMO_DATA = [
     ("sentiment", "multiclass", "glue/SST-2", Columns("sentence", ["label"]), "negative,positive", 2000),
-    ("emotions", "multilabel", "goemotions", Columns("0", ["1"], header="no"), "@emotions.txt", 2000),
+    ("grammar", "multiclass", "glue/CoLA", Columns("3", ["1"]), "unacceptable,acceptable", 2000),
     ("paraphrase", "multiclass", "glue/MRPC", Columns("#1 String", ["Quality"], "#2 String"),
      "different,paraphrase", 1000),
     ("similarity", "regression", "glue/STS-B", Columns("sentence1", ["score"], "sentence2"), None, 1000),
@@ -40,7 +40,11 @@ DEMO_DATA = [
 
 
 def default_data_dir() -> Path:
-    return Path(os.environ.get("CENTRA_DATA", Path.cwd().parent / "shared" / "data"))
+    """$CENTRA_DATA, else ../shared/data beside the working folder or beside this checkout."""
+    if os.environ.get("CENTRA_DATA"):
+        return Path(os.environ["CENTRA_DATA"])
+    candidates = [Path.cwd().parent / "shared" / "data", Path(__file__).resolve().parents[2] / "shared" / "data"]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
 
 
 def run_demo(workdir: Path | None = None, data: Path | None = None, untrained: bool = False) -> int:
@@ -149,7 +153,7 @@ def _timing(engine: Engine, backbone: Backbone, repeats: int = 3) -> None:
 
     separate_ms = best(run_separate)
     subset = sorted(engine.specs, key=lambda n: engine.specs[n].attach_layer)[:2]
-    subset_ms = best(lambda: engine.logits(texts, None, subset))
+    subset_ms = best(lambda: engine.logits(texts, pairs, subset))
     print(f"\ntiming, batch of {len(texts)} texts, best of {repeats}, {torch.get_num_threads()} threads:")
     rows = [(f"merged graph, all {len(engine.specs)} tasks", merged_ms, ""),
             (f"{len(engine.specs)} separate {backbone.cfg.num_layers}-layer models", separate_ms,

@@ -15,9 +15,10 @@ from centra.backbone import Backbone
 from centra.data import Columns, parse_label_names
 from centra.engine import Engine
 from centra.finetune import TrainConfig
+from centra.fsutil import remove_dir
 from centra.merge import StandaloneModel, overhead_table, plan_merge, write_merged
 from centra.pipeline import TaskJob, train_task
-from centra.task import TaskHead, init_task, save_task
+from centra.task import TaskHead, init_task, save_task, task_dirs
 from centra.verify import SAMPLE_PAIRS, SAMPLE_TEXTS, verify
 
 # Untrained fallback: name, kind, labels, input, attach layer, task layers
@@ -82,6 +83,10 @@ def _run(workdir: Path, data: Path, untrained: bool) -> int:
           f"{backbone.cfg.hidden_size}, {backbone.fingerprint[:19]}...)")
     tasks_dir, out = workdir / "tasks", workdir / "merged"
     have_data = all((data / folder / "train.tsv").is_file() for _, _, folder, *_ in DEMO_DATA)
+    wanted = {row[0] for row in (DEMO_TASKS if untrained or not have_data else DEMO_DATA)}
+    for folder in task_dirs(tasks_dir) if tasks_dir.is_dir() else []:
+        if folder.name not in wanted:  # left by a demo run of the other mode
+            remove_dir(folder)
     if untrained or not have_data:
         if not untrained:
             print(f"\n{data}: demo data not found (set CENTRA_DATA or --data); using untrained tasks.")

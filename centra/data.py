@@ -225,12 +225,12 @@ def _flag(path: Path, n: int, value: str) -> float:
     raise CentraError(f"{path}:{n}: multilabel column value {value!r} is not 0/1")
 
 
-def parse_label_names(value: str | None) -> list[str] | None:
-    """'a,b,c' or '@file' (one name per line) -> names."""
+def parse_label_names(value: str | None, base: Path | None = None) -> list[str] | None:
+    """'a,b,c' or '@file' (one name per line; relative to `base` when given) -> names."""
     if not value:
         return None
     if value.startswith("@"):
-        path = Path(value[1:])
+        path = Path(base or ".") / value[1:]
         if not path.is_file():
             raise CentraError(f"{path}: file not found")
         return [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]

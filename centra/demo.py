@@ -63,10 +63,8 @@ def _train_demo_tasks(backbone: Backbone, tasks_dir: Path, data: Path) -> None:
             print(f"  {name}: already trained in {tasks_dir / name}, reused")
             continue
         root = data / folder
-        if names and names.startswith("@"):
-            names = f"@{root / names[1:]}"
         job = TaskJob(name=name, kind=kind, train=root / "train.tsv", dev=root / "dev.tsv", columns=cols,
-                      label_names=parse_label_names(names), layers=(1, 2), student_layers=1,
+                      label_names=parse_label_names(names, root), layers=(1, 2), student_layers=1,
                       max_train_examples=examples, train_config=TrainConfig(epochs=2))
         start = time.perf_counter()
         report, _ = train_task(job, backbone, tasks_dir)

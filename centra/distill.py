@@ -13,25 +13,17 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
-from centra.backbone import EncoderConfig, attention_bias
+from centra.backbone import EncoderConfig
 from centra.errors import CentraError
-from centra.finetune import ActivationCache, TrainConfig, train_branch
+from centra.finetune import ActivationCache, TrainConfig, predict_cache, train_branch
 from centra.task import TaskHead
 
 
-@torch.inference_mode()
 def logits_table(teacher: TaskHead, cache: ActivationCache, progress: bool = True) -> np.ndarray:
     """The teacher's logits for every training example (the cache sits at its attach layer)."""
     assert cache.layer == teacher.spec.attach_layer
-    teacher.eval()
-    out = np.zeros((len(cache.lengths), teacher.spec.num_outputs), dtype=np.float32)
-    for rows in tqdm(cache._rows_in_batches(128), desc="teacher logits", disable=not progress, leave=False):
-        hidden, mask = cache.batch(rows)
-        out[rows] = teacher(hidden, attention_bias(mask), mask).numpy()
-    return out
+    return predict_cache(teacher, cache, desc="teacher logits" if progress else None)
 
 
 def read_teacher_logits(path: Path, rows: int, outputs: int) -> np.ndarray:
@@ -84,8 +76,19 @@ def distill_students(teacher: TaskHead, cfg: EncoderConfig, soft: np.ndarray, tr
         student, log = train_branch(student_from(teacher, layers, cfg), train, train_targets, dev, dev_targets,
                                     tc, f"student l={layers}", soft=soft)
         tried.append((student, {"task_layers": layers, **log}))
-        if student_layers is None and len(tried) > 1:
-            gain = 100 * (tried[-1][1]["dev"][tc.metric] - tried[-2][1]["dev"][tc.metric])
-            if gain < threshold:
-                return tried[-2][0], [t[1] for t in tried]
+        if student_layers is None:
+            keep = mixed_layers({t[1]["task_layers"]: t[1]["dev"][tc.metric] for t in tried}, threshold)
+            if keep < layers:
+                return tried[keep - 1][0], [t[1] for t in tried]
     return tried[-1][0], [t[1] for t in tried]
+
+
+def mixed_layers(scores: dict[int, float], threshold: float) -> int:
+    """The mixed allocation: the smallest l after which one more layer gains less than `threshold`
+    dev points (scores: dev metric per number of task layers, in [0, 1])."""
+    chosen = min(scores)
+    for layers in sorted(scores)[1:]:
+        if 100 * (scores[layers] - scores[chosen]) < threshold:
+            break
+        chosen = layers
+    return chosen

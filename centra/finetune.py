@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ class ActivationCache:
             self.spilled = None
         else:
             fd, name = tempfile.mkstemp(prefix=".activations-", suffix=".f32", dir=spill_dir)
+            os.close(fd)  # np.memmap opens the file itself
             self.spilled = Path(name)
             self.store = torch.from_numpy(np.memmap(name, dtype=np.float32, mode="w+", shape=shape))
         self.cap_bytes = cap_bytes
@@ -75,7 +77,7 @@ class ActivationCache:
             del self.store
             self.spilled.unlink(missing_ok=True)
 
-    def _rows_in_batches(self, batch_size: int = 64) -> list[list[int]]:
+    def rows_in_batches(self, batch_size: int = 64) -> list[list[int]]:
         order = np.argsort(self.lengths, kind="stable").tolist()
         return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
@@ -88,7 +90,7 @@ class ActivationCache:
         """Compute states at `layer` from the token ids (embeddings + layers 1..layer)."""
         start = time.perf_counter()
         bb = self.backbone.eval()
-        for rows in tqdm(self._rows_in_batches(), desc=f"{self.desc}: trunk to layer {layer}",
+        for rows in tqdm(self.rows_in_batches(), desc=f"{self.desc}: trunk to layer {layer}",
                          disable=not self.progress, leave=False):
             ids, mask, types = self.enc.batch(rows, self.pad_id)
             bias = attention_bias(mask)
@@ -115,7 +117,7 @@ class ActivationCache:
                 self.snapshots[self.layer] = self.store.clone()
             start = time.perf_counter()
             lay = self.backbone.layers[self.layer].eval()
-            for rows in tqdm(self._rows_in_batches(), desc=f"{self.desc}: layer {self.layer + 1}",
+            for rows in tqdm(self.rows_in_batches(), desc=f"{self.desc}: layer {self.layer + 1}",
                              disable=not self.progress, leave=False):
                 hidden, mask = self.batch(rows)
                 self._write(rows, lay(hidden, attention_bias(mask)))
@@ -179,11 +181,12 @@ def _target_tensor(kind: str, targets: list) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def predict_cache(head: TaskHead, cache: ActivationCache, batch_size: int = 128) -> np.ndarray:
-    """Logits of every cached example, in example order."""
+def predict_cache(head: TaskHead, cache: ActivationCache, batch_size: int = 128, desc: str | None = None
+                  ) -> np.ndarray:
+    """Logits of every cached example, in example order (a progress bar when `desc` is given)."""
     head.eval()
     out = np.zeros((len(cache.lengths), head.spec.num_outputs), dtype=np.float32)
-    for rows in cache._rows_in_batches(batch_size):
+    for rows in tqdm(cache.rows_in_batches(batch_size), desc=desc, disable=desc is None, leave=False):
         hidden, mask = cache.batch(rows)
         out[rows] = head(hidden, attention_bias(mask), mask).numpy()
     return out

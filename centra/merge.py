@@ -164,7 +164,7 @@ def write_merged(plan: MergePlan, out: Path) -> dict:
             entries.append({"name": spec.name, "kind": spec.kind, "labels": spec.labels, "input": spec.input,
                             "max_length": spec.max_length, "attach_layer": spec.attach_layer,
                             "task_layers": spec.task_layers, "trained": spec.trained,
-                            "head_sha256": sha256_file(dest / HEAD_FILE), "source": str(folder.resolve())})
+                            "head_sha256": spec.head_sha256, "source": str(folder.resolve())})
         manifest = {
             "format": FORMAT,
             "schema_version": MANIFEST_VERSION,
@@ -220,9 +220,7 @@ def load_merged(out: Path) -> tuple[dict, MergedModel]:
     heads = {}
     for entry in entries:
         folder = out / "tasks" / entry["name"]
-        if sha256_file(folder / HEAD_FILE) != entry.get("head_sha256"):
-            raise CentraError(f"{folder / HEAD_FILE}: sha256 differs from the manifest (corrupt or replaced file)")
-        spec, heads[entry["name"]] = load_task(folder, cfg)
+        spec, heads[entry["name"]] = load_task(folder, cfg, manifest_sha256=entry.get("head_sha256", ""))
         if spec.backbone["fingerprint"] != manifest["backbone"]["fingerprint"]:
             raise CentraError(f"{folder / TASK_FILE}: trained on another backbone than the manifest's")
     model = MergedModel(cfg, embeddings, layers, heads).eval().requires_grad_(False)

@@ -168,9 +168,10 @@ def read_spec(folder: Path) -> TaskSpec:
     return spec
 
 
-def load_task(folder: Path, backbone: Backbone | EncoderConfig, check_fingerprint: bool = True
-              ) -> tuple[TaskSpec, TaskHead]:
-    """Read and fully validate one task folder against a backbone; return its spec and branch."""
+def load_task(folder: Path, backbone: Backbone | EncoderConfig, check_fingerprint: bool = True,
+              manifest_sha256: str | None = None) -> tuple[TaskSpec, TaskHead]:
+    """Read and fully validate one task folder against a backbone; return its spec and branch.
+    `manifest_sha256`: the head's hash recorded by a merged folder's manifest, checked too."""
     folder = Path(folder)
     spec = read_spec(folder)
     cfg = backbone.cfg if isinstance(backbone, Backbone) else backbone
@@ -183,7 +184,10 @@ def load_task(folder: Path, backbone: Backbone | EncoderConfig, check_fingerprin
     head_file = folder / HEAD_FILE
     if not head_file.is_file():
         raise CentraError(f"{head_file}: file not found")
-    if sha256_file(head_file) != spec.head_sha256:
+    digest = sha256_file(head_file)
+    if manifest_sha256 is not None and digest != manifest_sha256:
+        raise CentraError(f"{head_file}: sha256 differs from the manifest (corrupt or replaced file)")
+    if digest != spec.head_sha256:
         raise CentraError(f"{head_file}: sha256 differs from task.json's head_sha256 (corrupt or replaced file)")
     head = TaskHead(spec, cfg)
     state = load_safetensors(head_file)

@@ -23,6 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from centra.backbone import Backbone  # noqa: E402
 from centra.data import Columns, load_examples, parse_label_names  # noqa: E402
+from centra.distill import mixed_layers  # noqa: E402
 from centra.engine import Engine  # noqa: E402
 from centra.finetune import TrainConfig  # noqa: E402
 from centra.merge import plan_merge, write_merged  # noqa: E402
@@ -58,10 +59,8 @@ def run(args: argparse.Namespace) -> dict:
         if not (root / train).is_file():
             print(f"skip {name}: {root / train} not found", file=sys.stderr)
             continue
-        if names and names.startswith("@"):
-            names = "@" + str(root / names[1:])
         job = TaskJob(name=name, kind=kind, train=root / train, dev=root / dev, columns=cols,
-                      label_names=parse_label_names(names), reference=True, threshold=1.0,
+                      label_names=parse_label_names(names, root), reference=True, threshold=1.0,
                       max_train_examples=cap, train_config=TrainConfig(epochs=args.epochs, metric=metric,
                                                                       seed=args.seed, progress=args.progress))
         start = time.perf_counter()
@@ -76,26 +75,14 @@ def run(args: argparse.Namespace) -> dict:
         if name not in results or name not in engine.specs:
             continue
         root = Path(args.data) / folder
-        if names and names.startswith("@"):
-            names = "@" + str(root / names[1:])
         spec = engine.specs[name]
         examples, _ = load_examples(root / dev, kind, cols, labels=None if kind == "regression" else spec.labels,
-                                    label_names=parse_label_names(names))
+                                    label_names=parse_label_names(names, root))
         logits = engine.logits(examples.texts, examples.pairs, [name])[name].numpy()
         results[name]["merged_dev"] = compute(kind, logits, examples.targets, spec.thresholds)
     results["_merged"] = {k: manifest[k] for k in ("trunk_depth", "overhead_layers", "single_task_layers")}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     return results
-
-
-def mixed_choice(students: dict[int, float], c: float) -> int:
-    """The smallest l after which one more layer gains less than c points (as distill_students picks)."""
-    chosen = min(students)
-    for layers in sorted(students)[1:]:
-        if 100 * (students[layers] - students[chosen]) < c:
-            break
-        chosen = layers
-    return chosen
 
 
 def pct(x: float | None) -> str:
@@ -144,7 +131,7 @@ def markdown(results: dict, epochs: int) -> str:
         for name in tasks:
             r = results[name]
             students = {s["task_layers"]: s["dev"][r["metric"]] for s in r["students"]}
-            picks.append((mixed_choice(students, c), students))
+            picks.append((mixed_layers(students, c), students))
         derived.append((f"mixed (c = {c:g}), read off the same students", trunk + sum(p for p, _ in picks),
                         [st[p] for p, st in picks]))
     rows = [("full fine-tuning, one model per task", n * t, cols["full"]),

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from centra.backbone import Backbone
-from centra.task import TaskHead, init_task, save_task
+from centra.core.backbone import Backbone
+from centra.core.task import TaskHead, init_task, save_task
 
 # name, kind, labels, input, attach layer, task layers, pooling (a 4-layer backbone)
 STANDARD_TASKS = [

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import PAIRS, TEXTS
 
-from centra.backbone import Backbone, attention_bias, map_hf_key
+from centra.core.backbone import Backbone, attention_bias, map_hf_key
 from centra.errors import CentraError
 
 TOLERANCE = 1e-5

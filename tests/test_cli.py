@@ -13,11 +13,13 @@ import torch
 from conftest import PAIRS, TEXTS
 from helpers import make_tasks
 
-from centra.backbone import Backbone
 from centra.cli import main
-from centra.engine import MAX_TEXT_CHARS, Engine, interpret
-from centra.merge import MANIFEST, plan_merge, write_merged
-from centra.task import TaskSpec
+from centra.core.answers import interpret
+from centra.core.backbone import Backbone
+from centra.core.merge import MANIFEST, model_folder, plan_merge, write_merged
+from centra.core.task import TaskSpec
+from centra.core.tokens import MAX_TEXT_CHARS
+from centra.runtime.engine import Engine
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,10 +46,10 @@ def test_tools_add_task_and_merge(bert_path, tmp_path):
         assert done.returncode == 0, done.stderr
     done = run_tool("tools/merge.py", "--tasks-dir", str(tasks), "--out", str(tmp_path / "out"))
     assert done.returncode == 0, done.stderr
-    assert "overhead: 5 layers per request (trunk 3 + task layers 2) vs 8 as 2 separate 4-layer models" \
-        in done.stdout
+    assert "overhead: 5 layers per request (trunk passes: 3 [single, max_length 64]; task layers: 2) vs 8 as 2 " \
+        "separate 4-layer models" in done.stdout
     assert "NO (untrained)" in done.stdout
-    manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    manifest = json.loads((model_folder(tmp_path / "out") / MANIFEST).read_text())
     assert [t["name"] for t in manifest["tasks"]] == ["mood", "tags"]
 
     done = run_tool("tools/merge.py", "--tasks-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o2"))
@@ -87,14 +89,16 @@ def test_verify_passes_and_catches_a_bad_trunk(merged, capsys):
     # A trunk written wrong (its hash updated to match) is caught against the original backbone.
     from safetensors.torch import load_file, save_file
 
-    from centra.fsutil import sha256_file
+    from centra.io import sha256_file
 
-    trunk = merged / "trunk.safetensors"
+    version = model_folder(merged)
+    trunk = version / "trunk.safetensors"
     state = load_file(str(trunk))
     state["layers.0.fc2.weight"] = state["layers.0.fc2.weight"] * 1.5
     save_file(state, str(trunk))
-    manifest = json.loads((merged / MANIFEST).read_text())
-    (merged / MANIFEST).write_text(json.dumps({**manifest, "trunk_sha256": sha256_file(trunk)}))
+    manifest = json.loads((version / MANIFEST).read_text())
+    manifest["files"]["trunk.safetensors"] = sha256_file(trunk)
+    (version / MANIFEST).write_text(json.dumps(manifest))
     assert main(["verify", "--model", str(merged)]) == 1
     captured = capsys.readouterr()
     assert "FAIL" in captured.out and "differ from standalone" in captured.err
@@ -121,7 +125,7 @@ def test_predict_on_missing_model(tmp_path, capsys):
 def test_add_task_errors(bert_path, tmp_path, capsys):
     base = ["add-task", "--tasks-dir", str(tmp_path), "--backbone", str(bert_path)]
     assert main([*base, "--name", "t", "--kind", "multiclass", "--labels", "a,b"]) == 2
-    assert "--init-only" in capsys.readouterr().err
+    assert "needs --train, --dev" in capsys.readouterr().err
     assert main([*base, "--remove", "ghost"]) == 2
     assert "no such task" in capsys.readouterr().err
     assert main([*base, "--name", "t", "--kind", "multiclass", "--labels", "a,b", "--init-only",

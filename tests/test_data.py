@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from centra.data import Columns, load_examples, parse_label_names, read_rows
 from centra.errors import CentraError
+from centra.train.data import Columns, load_examples, parse_label_names, read_rows
 
 
 def write(path, text: str, encoding: str = "utf-8"):

@@ -7,10 +7,10 @@ import torch
 from conftest import PAIRS, TEXTS
 from helpers import make_tasks
 
-from centra.backbone import DEFAULT_BACKBONE_ID, Backbone, attention_bias
-from centra.engine import Engine
-from centra.merge import plan_merge, write_merged
-from centra.verify import verify
+from centra.core.backbone import DEFAULT_BACKBONE_ID, Backbone, attention_bias
+from centra.core.merge import plan_merge, write_merged
+from centra.runtime.engine import Engine
+from centra.runtime.verify import verify
 
 pytestmark = pytest.mark.slow
 

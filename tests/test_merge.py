@@ -11,11 +11,12 @@ import torch
 from conftest import PAIRS, TEXTS, snapshot
 from helpers import STANDARD_TASKS, make_task, make_tasks
 
-from centra.backbone import Backbone, EncoderLayer
-from centra.engine import Engine
+from centra.core.backbone import Backbone, EncoderLayer
+from centra.core.graph import StandaloneModel
+from centra.core.merge import MANIFEST, load_merged, model_folder, plan_merge, write_merged
+from centra.core.task import HEAD_FILE, TASK_FILE
 from centra.errors import CentraError
-from centra.merge import MANIFEST, StandaloneModel, load_merged, plan_merge, write_merged
-from centra.task import HEAD_FILE, TASK_FILE
+from centra.runtime.engine import Engine
 
 TOLERANCE = 1e-5  # fp32, merged vs standalone, logits
 
@@ -87,7 +88,7 @@ def test_adding_or_removing_a_task_leaves_others_identical(bert_path, tmp_path):
     assert {k: v for k, v in added_files.items() if not k.startswith("gamma")} == files_before
     write_merged(plan_merge([tmp_path / "tasks"]), tmp_path / "out")
     after_add = Engine.load(tmp_path / "out", batch_size=4).logits(TEXTS)
-    assert json.loads((tmp_path / "out" / MANIFEST).read_text())["trunk_depth"] == 3
+    assert json.loads((model_folder(tmp_path / "out") / MANIFEST).read_text())["trunk_depth"] == 3
 
     from centra.cli import main
     assert main(["add-task", "--tasks-dir", str(tmp_path / "tasks"), "--remove", "gamma"]) == 0
@@ -102,15 +103,17 @@ def test_adding_or_removing_a_task_leaves_others_identical(bert_path, tmp_path):
 def test_manifest_contents(bert_path, tmp_path):
     bb = Backbone.load(bert_path)
     build(bb, tmp_path)
-    manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    manifest = json.loads((model_folder(tmp_path / "out") / MANIFEST).read_text())
     assert manifest["backbone"]["fingerprint"] == bb.fingerprint
     assert manifest["trunk_depth"] == 3
-    assert manifest["overhead_layers"] == 3 + (1 + 2 + 1 + 1 + 2)
+    # one trunk pass for the single-text tasks (to layer 3), one for the pair task delta (to layer 2)
+    assert [(p["input"], p["depth"]) for p in manifest["trunk_passes"]] == [("single", 3), ("pair", 2)]
+    assert manifest["overhead_layers"] == 3 + 2 + (1 + 2 + 1 + 1 + 2)
     assert manifest["single_task_layers"] == 4 * 5
     by_name = {t["name"]: t for t in manifest["tasks"]}
     assert by_name["delta"]["input"] == "pair" and by_name["gamma"]["kind"] == "regression"
     for name, entry in by_name.items():
-        assert (tmp_path / "out" / "tasks" / name / HEAD_FILE).read_bytes() == \
+        assert (model_folder(tmp_path / "out") / "tasks" / name / HEAD_FILE).read_bytes() == \
             (tmp_path / "tasks" / name / HEAD_FILE).read_bytes()
         assert entry["head_sha256"].startswith("sha256:")
 
@@ -159,13 +162,14 @@ def test_merge_refusals_leave_out_untouched(tiny_models, tmp_path, case):
 def test_load_merged_refuses_tampered_output(bert_path, tmp_path):
     bb = Backbone.load(bert_path)
     build(bb, tmp_path, rows=STANDARD_TASKS[:2])
-    trunk = tmp_path / "out" / "trunk.safetensors"
+    version = model_folder(tmp_path / "out")
+    trunk = version / "trunk.safetensors"
     data = trunk.read_bytes()
     trunk.write_bytes(data[:-10])
     with pytest.raises(CentraError, match="trunk.safetensors: sha256 differs"):
         load_merged(tmp_path / "out")
     trunk.write_bytes(data)
-    shutil.copyfile(tmp_path / "out" / "tasks" / "alpha" / HEAD_FILE, tmp_path / "out" / "tasks" / "beta" / HEAD_FILE)
+    shutil.copyfile(version / "tasks" / "alpha" / HEAD_FILE, version / "tasks" / "beta" / HEAD_FILE)
     with pytest.raises(CentraError, match="beta/head.safetensors: sha256 differs from the manifest"):
         load_merged(tmp_path / "out")
     with pytest.raises(CentraError, match="no such merged model folder"):

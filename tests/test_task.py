@@ -9,9 +9,9 @@ import torch
 from conftest import TEXTS
 from helpers import STANDARD_TASKS, make_task
 
-from centra.backbone import Backbone, attention_bias
+from centra.core.backbone import Backbone, attention_bias
+from centra.core.task import HEAD_FILE, TASK_FILE, init_task, load_task, save_task
 from centra.errors import CentraError
-from centra.task import HEAD_FILE, TASK_FILE, init_task, load_task, save_task
 
 
 @pytest.fixture
@@ -96,7 +96,7 @@ def test_load_refuses_corrupt_weights_with_matching_hash(bert, tmp_path):
     """A head whose sha256 was updated to match but whose bytes are garbage or NaN is still refused."""
     from safetensors.torch import load_file, save_file
 
-    from centra.fsutil import sha256_file
+    from centra.io import sha256_file
 
     make_task(bert, tmp_path, STANDARD_TASKS[0])
     folder = tmp_path / "alpha"
@@ -123,7 +123,7 @@ def test_load_refuses_other_backbone(tiny_models, tmp_path):
 
 def test_save_is_atomic_when_interrupted(bert, tmp_path, monkeypatch):
     """A crash while writing a new version leaves the previous version intact and loadable."""
-    import centra.task as task_module
+    import centra.core.task as task_module
 
     make_task(bert, tmp_path, STANDARD_TASKS[0])
     before = {p.name: p.read_bytes() for p in (tmp_path / "alpha").iterdir()}

@@ -16,14 +16,15 @@ import torch
 from conftest import snapshot
 from helpers import STANDARD_TASKS, make_task
 
-from centra.backbone import Backbone, attention_bias
 from centra.cli import main
-from centra.data import Columns
-from centra.engine import encode
+from centra.core.backbone import Backbone, attention_bias
+from centra.core.task import load_task
+from centra.core.tokens import encode
 from centra.errors import CentraError
-from centra.finetune import ActivationCache, TrainConfig, loss_fn
-from centra.pipeline import TaskJob, train_task
-from centra.task import load_task
+from centra.train.cache import ActivationCache
+from centra.train.data import Columns
+from centra.train.finetune import TrainConfig, loss_fn
+from centra.train.pipeline import TaskJob, train_task
 
 POSITIVE = ["great product", "i love it", "very happy", "support answered quickly", "best purchase"]
 NEGATIVE = ["the box was damaged", "the app crashes", "arrived broken", "the delivery was late", "refund please"]

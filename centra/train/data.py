@@ -53,7 +53,13 @@ def read_rows(path: Path) -> list[tuple[int, list[str] | dict]]:
     if not path.is_file():
         raise CentraError(f"{path}: file not found")
     suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8-sig", errors="strict")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise CentraError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                          "save the file as UTF-8") from None
     rows: list[tuple[int, list[str] | dict]] = []
     if suffix in (".jsonl", ".json"):
         for n, line in enumerate(text.splitlines(), 1):
@@ -84,11 +90,30 @@ def read_rows(path: Path) -> list[tuple[int, list[str] | dict]]:
 
 
 def _cell(path: Path, n: int, row: list[str] | dict, col: int | str) -> str:
+    """A text cell: a string (JSONL numbers become strings; lists and objects are refused)."""
+    value = _raw(path, n, row, col)
+    if isinstance(value, (list, dict)):
+        raise CentraError(f"{path}:{n}: {col!r} holds a JSON {type(value).__name__}, expected text")
+    return value if isinstance(value, str) else str(value)
+
+
+def _label_cell(path: Path, n: int, row: list[str] | dict, col: int | str) -> str | list[str]:
+    """A label cell: a string, or a JSONL list of label names (multilabel)."""
+    value = _raw(path, n, row, col)
+    if isinstance(value, list):
+        if not all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in value):
+            raise CentraError(f"{path}:{n}: {col!r} must be a list of label names")
+        return [str(x).strip() for x in value]
+    if isinstance(value, dict):
+        raise CentraError(f"{path}:{n}: {col!r} holds a JSON object, expected a label")
+    return (value if isinstance(value, str) else json.dumps(value)).strip()
+
+
+def _raw(path: Path, n: int, row: list[str] | dict, col: int | str):
     if isinstance(row, dict):
         if col not in row:
             raise CentraError(f"{path}:{n}: missing key {col!r}")
-        value = row[col]
-        return value if isinstance(value, str) else json.dumps(value) if isinstance(value, list) else str(value)
+        return row[col]
     if col >= len(row):
         raise CentraError(f"{path}:{n}: row has {len(row)} columns, column {col} is missing")
     return row[col]
@@ -159,8 +184,11 @@ def load_examples(path: Path, kind: str, cols: Columns, labels: list[str] | None
         texts.append(text)
         if pairs is not None:
             pairs.append(_cell(path, n, row, pair_col))
-        raw.append([_cell(path, n, row, c).strip() for c in label_cols])
+        raw.append([_label_cell(path, n, row, c) for c in label_cols])
         lines.append(n)
+    lists = [n for n, values in zip(lines, raw) for v in values if isinstance(v, list)]
+    if lists and not (kind == "multilabel" and len(label_cols) == 1):
+        raise CentraError(f"{path}:{lists[0]}: a list of labels is for a multilabel task's one label column")
     if kind == "multilabel" and len(label_cols) > 1:
         names = label_names or [str(header[c]).strip() if header else str(c) for c in label_cols]
         targets = [[_flag(path, n, v) for v in values] for n, values in zip(lines, raw)]
@@ -175,7 +203,8 @@ def load_examples(path: Path, kind: str, cols: Columns, labels: list[str] | None
         name = labels or [str(header[label_cols[0]]).strip() if header else "value"]
         return Examples(texts, pairs, targets, lines, str(path)), list(name)
     if kind == "multilabel":
-        cells = [[x.strip() for x in values[0].split(cols.label_delimiter) if x.strip()] for values in raw]
+        cells = [[x for x in values[0] if x] if isinstance(values[0], list) else
+                 [x.strip() for x in values[0].split(cols.label_delimiter) if x.strip()] for values in raw]
     else:
         cells = [[values[0]] for values in raw]
     cells = [[_named(path, n, x, label_names) for x in row] for n, row in zip(lines, cells)]

@@ -6,63 +6,18 @@ tokenised once, sorted by length and batched, so a batch carries little padding.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from centra.core.answers import interpret
+from centra.core.graph import MergedModel
+from centra.core.merge import load_merged, model_folder
+from centra.core.task import TaskSpec
+from centra.core.tokens import Encoded, check_texts, encode
 from centra.errors import CentraError
-from centra.merge import MergedModel, load_merged
-from centra.task import TaskSpec
 
-MAX_TEXT_CHARS = 100_000
 DEFAULT_BATCH_SIZE = 32
-
-
-@dataclass
-class Encoded:
-    """Token ids of a list of texts, unpadded, in input order."""
-
-    input_ids: list[list[int]]
-    token_type_ids: list[list[int]]
-
-    def batch(self, rows: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        width = max(len(self.input_ids[r]) for r in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        types = torch.zeros((len(rows), width), dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = len(self.input_ids[r])
-            ids[i, :n] = torch.tensor(self.input_ids[r])
-            types[i, :n] = torch.tensor(self.token_type_ids[r])
-            mask[i, :n] = 1
-        return ids, mask, types
-
-
-def encode(tokenizer, type_vocab_size: int, texts: list[str], pairs: list[str] | None, max_length: int,
-           ) -> Encoded:
-    """Token ids (unpadded, truncated to max_length) of texts or text pairs."""
-    enc = tokenizer(texts, pairs, truncation=True, max_length=max_length, return_token_type_ids=True,
-                    return_attention_mask=False)
-    types = enc["token_type_ids"]
-    if type_vocab_size == 1:  # RoBERTa-style models have no segment embeddings
-        types = [[0] * len(t) for t in types]
-    return Encoded(enc["input_ids"], types)
-
-
-def check_texts(texts: list[str], pairs: list[str] | None) -> None:
-    if not texts:
-        raise CentraError("no texts given")
-    if pairs is not None and len(pairs) != len(texts):
-        raise CentraError(f"{len(texts)} texts but {len(pairs)} pair texts: give one pair text per text")
-    for what, items in (("text", texts), ("pair text", pairs or [])):
-        for i, text in enumerate(items):
-            if not isinstance(text, str):
-                raise CentraError(f"{what} {i} is not a string")
-            if not text.strip():
-                raise CentraError(f"{what} {i} is empty")
-            if len(text) > MAX_TEXT_CHARS:
-                raise CentraError(f"{what} {i} has {len(text):,} characters; the limit is {MAX_TEXT_CHARS:,}")
 
 
 class Engine:
@@ -70,6 +25,8 @@ class Engine:
 
     def __init__(self, model: MergedModel, tokenizer, batch_size: int = DEFAULT_BATCH_SIZE,
                  manifest: dict | None = None):
+        if batch_size < 1:
+            raise CentraError(f"batch size must be >= 1, not {batch_size}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -77,10 +34,15 @@ class Engine:
 
     @classmethod
     def load(cls, out: Path, batch_size: int = DEFAULT_BATCH_SIZE) -> Engine:
-        from centra.backbone import load_tokenizer
+        from centra.core.backbone import load_tokenizer
 
-        manifest, model = load_merged(Path(out))
-        return cls(model, load_tokenizer(Path(out) / "tokenizer"), batch_size, manifest)
+        folder = model_folder(Path(out))  # the pointer is read once: model and tokenizer of one version
+        manifest, model = load_merged(folder)
+        return cls(model, load_tokenizer(folder / "tokenizer"), batch_size, manifest)
+
+    @property
+    def version(self) -> str:
+        return self.manifest.get("version", "")
 
     @property
     def specs(self) -> dict[str, TaskSpec]:
@@ -141,18 +103,3 @@ class Engine:
                     answer = {"text": text, "pair": pairs[i], **{k: v for k, v in answer.items() if k != "text"}}
                 answers.append(answer)
         return answers
-
-
-def interpret(spec: TaskSpec, logits: torch.Tensor) -> dict:
-    """Logits of one example -> label / labels / value and per-label scores."""
-    if spec.kind == "regression":
-        value = float(logits[0])
-        return {"value": round(value, 6), "scores": {spec.labels[0]: round(value, 6)}}
-    if spec.kind == "multiclass":
-        probs = torch.softmax(logits.float(), dim=-1).tolist()
-        best = max(range(len(probs)), key=probs.__getitem__)
-        return {"label": spec.labels[best], "scores": {lab: round(p, 6) for lab, p in zip(spec.labels, probs)}}
-    probs = torch.sigmoid(logits.float()).tolist()
-    thresholds = spec.thresholds or [0.5] * len(spec.labels)
-    return {"labels": [lab for lab, p, t in zip(spec.labels, probs, thresholds) if p >= t],
-            "scores": {lab: round(p, 6) for lab, p in zip(spec.labels, probs)}}

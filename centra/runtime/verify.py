@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from centra.backbone import Backbone
-from centra.engine import Engine
+from centra.core.backbone import Backbone, EncoderLayer
+from centra.core.graph import StandaloneModel
 from centra.errors import CentraError
-from centra.merge import StandaloneModel
+from centra.runtime.engine import Engine
 
 SAMPLE_TEXTS = [
     "The delivery was late again and nobody answered my emails.",
@@ -83,3 +83,25 @@ def verify(engine: Engine, texts: list[str] | None = None, pairs: list[str] | No
         diff = (merged[name] - expected).abs().max().item()
         checks.append(TaskCheck(name, diff, source))
     return checks
+
+
+@torch.inference_mode()
+def count_layers_run(engine: Engine, texts: list[str], pairs: list[str] | None = None,
+                     tasks: list[str] | None = None) -> int:
+    """Transformer layers the engine runs for one request, counted by forward hooks on every layer
+    (all texts in one batch, so each layer call is one layer of the request)."""
+    calls = [0]
+
+    def hook(*_) -> None:
+        calls[0] += 1
+
+    handles = [m.register_forward_hook(hook) for m in engine.model.modules() if isinstance(m, EncoderLayer)]
+    saved = engine.batch_size
+    try:
+        engine.batch_size = max(saved, len(texts))
+        engine.logits(texts, pairs, tasks)
+    finally:
+        engine.batch_size = saved
+        for handle in handles:
+            handle.remove()
+    return calls[0]

@@ -10,21 +10,19 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from centra.backbone import Backbone, attention_bias
-from centra.engine import Encoded
-from centra.metrics import compute
-from centra.task import TaskHead
+from centra.core.backbone import attention_bias
+from centra.core.task import TaskHead
+from centra.errors import CentraError
+from centra.progress import progress_bar, progress_line
+from centra.train.cache import ActivationCache
+from centra.train.metrics import compute
 
 
 @dataclass
@@ -41,101 +39,32 @@ class TrainConfig:
     temperature: float = 2.0
     progress: bool = True
 
+    def check(self) -> None:
+        """Refuse settings that cannot train, before any compute (one line each)."""
+        if self.epochs < 1:
+            raise CentraError(f"--epochs must be >= 1, not {self.epochs}")
+        if self.batch_size < 1:
+            raise CentraError(f"--batch-size must be >= 1, not {self.batch_size}")
+        for flag, value in (("--lr", self.lr), ("--head-lr", self.head_lr), ("--temperature", self.temperature)):
+            if not value > 0 or not math.isfinite(value):
+                raise CentraError(f"{flag} must be a positive number, not {value}")
+        if not self.alpha >= 0 or not math.isfinite(self.alpha):
+            raise CentraError(f"--alpha must be >= 0, not {self.alpha}")
+        if not 0 <= self.weight_decay < 1 or not 0 <= self.warmup <= 1:
+            raise CentraError("weight decay must be in [0, 1) and warm-up in [0, 1]")
 
-class ActivationCache:
-    """Hidden states of every example at trunk layer `layer` (0 = embeddings), unpadded.
 
-    Rows live in one flat (tokens, H) fp32 array: in memory up to `cap_bytes`, else a memory-mapped
-    file under `spill_dir`.
-    """
-
-    def __init__(self, backbone: Backbone, enc: Encoded, pad_id: int, cap_bytes: int,
-                 spill_dir: Path | None = None, desc: str = "cache", progress: bool = True):
-        self.backbone, self.enc, self.pad_id, self.desc, self.progress = backbone, enc, pad_id, desc, progress
-        lengths = np.array([len(x) for x in enc.input_ids])
-        self.offsets = np.concatenate([[0], np.cumsum(lengths)])
-        self.lengths = lengths
-        shape = (int(self.offsets[-1]), backbone.cfg.hidden_size)
-        self.nbytes = shape[0] * shape[1] * 4
-        if self.nbytes <= cap_bytes or spill_dir is None:
-            self.store = torch.empty(shape, dtype=torch.float32)
-            self.spilled = None
-        else:
-            fd, name = tempfile.mkstemp(prefix=".activations-", suffix=".f32", dir=spill_dir)
-            os.close(fd)  # np.memmap opens the file itself
-            self.spilled = Path(name)
-            self.store = torch.from_numpy(np.memmap(name, dtype=np.float32, mode="w+", shape=shape))
-        self.cap_bytes = cap_bytes
-        self.snapshots: dict[int, torch.Tensor] = {}
-        self.layer = -1
-        self.seconds = 0.0
-        self.layer_seconds: list[float] = []
-
-    def close(self) -> None:
-        self.snapshots.clear()
-        if self.spilled is not None:
-            del self.store
-            self.spilled.unlink(missing_ok=True)
-
-    def rows_in_batches(self, batch_size: int = 64) -> list[list[int]]:
-        order = np.argsort(self.lengths, kind="stable").tolist()
-        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-    def _write(self, rows: list[int], hidden: torch.Tensor) -> None:
-        for i, r in enumerate(rows):
-            self.store[self.offsets[r]:self.offsets[r + 1]] = hidden[i, : self.lengths[r]]
-
-    @torch.inference_mode()
-    def build(self, layer: int) -> None:
-        """Compute states at `layer` from the token ids (embeddings + layers 1..layer)."""
-        start = time.perf_counter()
-        bb = self.backbone.eval()
-        for rows in tqdm(self.rows_in_batches(), desc=f"{self.desc}: trunk to layer {layer}",
-                         disable=not self.progress, leave=False):
-            ids, mask, types = self.enc.batch(rows, self.pad_id)
-            bias = attention_bias(mask)
-            hidden = bb.embeddings(ids, types)
-            for lay in bb.layers[:layer]:
-                hidden = lay(hidden, bias)
-            self._write(rows, hidden)
-        self.layer = layer
-        self.seconds += time.perf_counter() - start
-
-    @torch.inference_mode()
-    def advance_to(self, layer: int) -> None:
-        """Move the cache up to `layer`, one frozen layer pass at a time. Going down restores a
-        snapshot kept on the way up (while they fit under the cap), else rebuilds."""
-        if layer in self.snapshots and layer != self.layer:
-            self.store.copy_(self.snapshots[layer])
-            self.layer = layer
-            return
-        if layer < self.layer or self.layer < 0:
-            self.build(layer)
-            return
-        while self.layer < layer:
-            if self.spilled is None and (len(self.snapshots) + 2) * self.nbytes <= self.cap_bytes:
-                self.snapshots[self.layer] = self.store.clone()
-            start = time.perf_counter()
-            lay = self.backbone.layers[self.layer].eval()
-            for rows in tqdm(self.rows_in_batches(), desc=f"{self.desc}: layer {self.layer + 1}",
-                             disable=not self.progress, leave=False):
-                hidden, mask = self.batch(rows)
-                self._write(rows, lay(hidden, attention_bias(mask)))
-            self.layer += 1
-            took = time.perf_counter() - start
-            self.layer_seconds.append(took)
-            self.seconds += took
-
-    def batch(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded (B, T, H) states and the (B, T) mask of the given examples."""
-        width = int(self.lengths[rows].max())
-        hidden = torch.zeros((len(rows), width, self.store.shape[1]), dtype=torch.float32)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = int(self.lengths[r])
-            hidden[i, :n] = self.store[self.offsets[r]:self.offsets[r + 1]]
-            mask[i, :n] = 1
-        return hidden, mask
+def param_groups(head: TaskHead, cfg: TrainConfig) -> list[dict]:
+    """Task layers at cfg.lr, pooler + classifier at cfg.head_lr; weight decay on matrices only
+    (never on biases or LayerNorm weights)."""
+    groups = []
+    for is_layer, lr in ((True, cfg.lr), (False, cfg.head_lr)):
+        params = [(n, p) for n, p in head.named_parameters() if p.requires_grad and n.startswith("layers.") == is_layer]
+        decay = [p for _, p in params if p.dim() >= 2]
+        no_decay = [p for _, p in params if p.dim() < 2]
+        groups += [{"params": decay, "lr": lr, "weight_decay": cfg.weight_decay},
+                   {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def loss_fn(kind: str, logits: torch.Tensor, target: torch.Tensor, soft: torch.Tensor | None,
@@ -186,7 +115,7 @@ def predict_cache(head: TaskHead, cache: ActivationCache, batch_size: int = 128,
     """Logits of every cached example, in example order (a progress bar when `desc` is given)."""
     head.eval()
     out = np.zeros((len(cache.lengths), head.spec.num_outputs), dtype=np.float32)
-    for rows in tqdm(cache.rows_in_batches(batch_size), desc=desc, disable=desc is None, leave=False):
+    for rows in progress_bar(cache.rows_in_batches(batch_size), desc or "", desc is not None):
         hidden, mask = cache.batch(rows)
         out[rows] = head(hidden, attention_bias(mask), mask).numpy()
     return out
@@ -205,10 +134,7 @@ def train_branch(head: TaskHead, train: ActivationCache, train_targets: list, de
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     head = head.train().requires_grad_(True)
-    head_params = [p for n, p in head.named_parameters() if not n.startswith("layers.")]
-    layer_params = [p for n, p in head.named_parameters() if n.startswith("layers.")]
-    groups = [{"params": layer_params, "lr": cfg.lr}, {"params": head_params, "lr": cfg.head_lr}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(head, cfg))
     steps = cfg.epochs * math.ceil(len(train_targets) / cfg.batch_size)
     warm = max(1, int(cfg.warmup * steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -220,8 +146,10 @@ def train_branch(head: TaskHead, train: ActivationCache, train_targets: list, de
     best, best_score, start = None, -math.inf, time.perf_counter()
     for epoch in range(cfg.epochs):
         head.train()
-        bar = tqdm(make_batches(train.lengths, cfg.batch_size, gen), disable=not cfg.progress, leave=False,
-                   desc=f"{desc} epoch {epoch + 1}/{cfg.epochs} ({n_train / 1e6:.1f}M trainable)")
+        epoch_start = time.perf_counter()
+        batches = make_batches(train.lengths, cfg.batch_size, gen)
+        bar = progress_bar(batches, f"{desc} epoch {epoch + 1}/{cfg.epochs} ({n_train / 1e6:.1f}M trainable)",
+                           cfg.progress)
         total = 0.0
         for rows in bar:
             hidden, mask = train.batch(rows)
@@ -237,7 +165,10 @@ def train_branch(head: TaskHead, train: ActivationCache, train_targets: list, de
             log["losses"].append(round(loss.item(), 6))
             bar.set_postfix(loss=f"{loss.item():.4f}")
         scores = evaluate(head, dev, dev_targets)
-        log["epochs"].append({"epoch": epoch + 1, "train_loss": total / max(1, len(bar)), **scores})
+        log["epochs"].append({"epoch": epoch + 1, "train_loss": total / max(1, len(batches)), **scores})
+        progress_line(f"{desc} epoch {epoch + 1}/{cfg.epochs}: train loss {total / max(1, len(batches)):.4f}, "
+                      f"dev {cfg.metric} {100 * scores[cfg.metric]:.2f} ({time.perf_counter() - epoch_start:.1f} s)",
+                      cfg.progress)
         if best is None or scores[cfg.metric] > best_score:
             best_score, best = scores[cfg.metric], copy.deepcopy(head.state_dict())
     head.load_state_dict(best)

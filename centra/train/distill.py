@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from centra.backbone import EncoderConfig
+from centra.core.backbone import EncoderConfig
+from centra.core.task import TaskHead
 from centra.errors import CentraError
-from centra.finetune import ActivationCache, TrainConfig, predict_cache, train_branch
-from centra.task import TaskHead
+from centra.train.cache import ActivationCache
+from centra.train.finetune import TrainConfig, predict_cache, train_branch
 
 
 def logits_table(teacher: TaskHead, cache: ActivationCache, progress: bool = True) -> np.ndarray:

@@ -10,6 +10,7 @@ line naming the file.
 from __future__ import annotations
 
 import copy
+import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,9 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from centra.backbone import Backbone, EncoderConfig, EncoderLayer, check_state, load_safetensors, read_json
+from centra.core.backbone import Backbone, EncoderConfig, EncoderLayer, check_state, load_safetensors
 from centra.errors import CentraError
-from centra.fsutil import sha256_file, staged_dir, write_json
+from centra.io import publish_folder, remove_artifact, sha256_bytes, sha256_file, write_json
 
 SCHEMA_VERSION = 1
 KINDS = ("multiclass", "multilabel", "regression")
@@ -29,6 +30,9 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 DEFAULT_MAX_LENGTH = 128
 TASK_FILE = "task.json"
 HEAD_FILE = "head.safetensors"
+REPORT_FILE = "report.json"
+RECIPE_FILE = "recipe.json"
+TASK_KIND = "task"
 
 
 @dataclass
@@ -48,6 +52,7 @@ class TaskSpec:
     head_sha256: str = ""
     trained: bool = False
     metrics: dict = field(default_factory=dict)
+    source: dict = field(default_factory=dict)  # what it was trained from (recipe and data sha256)
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -62,24 +67,31 @@ class TaskSpec:
     def to_dict(self) -> dict:
         data = asdict(self)
         order = ["schema_version", "name", "kind", "labels", "input", "max_length", "attach_layer",
-                 "task_layers", "pooling", "thresholds", "backbone", "head_sha256", "trained", "metrics"]
+                 "task_layers", "pooling", "thresholds", "backbone", "head_sha256", "trained", "metrics", "source"]
         return {key: data[key] for key in order}
 
     @classmethod
     def from_dict(cls, data: dict, source: str) -> TaskSpec:
+        """Parse task.json: required fields checked by type, optional ones default (never a KeyError)."""
         if data.get("schema_version") != SCHEMA_VERSION:
             raise CentraError(f"{source}: schema_version {data.get('schema_version')!r} is not supported "
                               f"(expected {SCHEMA_VERSION})")
-        types = {"name": str, "kind": str, "labels": list, "input": str, "max_length": int,
-                 "attach_layer": int, "task_layers": int, "pooling": str, "backbone": dict,
-                 "head_sha256": str, "trained": bool, "metrics": dict}
-        for key, typ in types.items():
+        required = {"name": str, "kind": str, "labels": list, "attach_layer": int, "task_layers": int,
+                    "backbone": dict, "head_sha256": str}
+        optional = {"input": str, "max_length": int, "pooling": str, "trained": bool, "metrics": dict,
+                    "thresholds": (list, type(None)), "source": dict}
+        for key, typ in {**required, **optional}.items():
             if key not in data:
-                raise CentraError(f"{source}: missing field {key!r}")
-            if not isinstance(data[key], typ) or (typ is int and isinstance(data[key], bool)):
-                raise CentraError(f"{source}: field {key!r} must be {typ.__name__}")
-        known = {k: data[k] for k in (*types, "thresholds", "schema_version")}
-        spec = cls(**known)
+                if key in required:
+                    raise CentraError(f"{source}: missing field {key!r}")
+                continue
+            value = data[key]
+            if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+                name = typ.__name__ if isinstance(typ, type) else "a list or null"
+                raise CentraError(f"{source}: field {key!r} must be {name}")
+        spec = cls(**{k: data[k] for k in (*required, *optional) if k in data})
+        if spec.kind == "multilabel" and spec.thresholds is None:
+            spec.thresholds = [0.5] * len(spec.labels)
         spec.validate(source)
         return spec
 
@@ -113,8 +125,9 @@ class TaskSpec:
             raise bad("attach_layer and task_layers must be >= 0")
         if self.max_length < 4:
             raise bad("max_length must be >= 4")
-        if not {"id", "fingerprint"} <= set(self.backbone):
-            raise bad("backbone must hold 'id' and 'fingerprint'")
+        if not {"id", "fingerprint"} <= set(self.backbone) or \
+                not all(isinstance(self.backbone[k], str) for k in ("id", "fingerprint")):
+            raise bad("backbone must hold 'id' and 'fingerprint' strings")
         if cfg is not None:
             if self.attach_layer + self.task_layers > cfg.num_layers:
                 raise bad(f"attach_layer {self.attach_layer} + task_layers {self.task_layers} exceeds the "
@@ -135,6 +148,7 @@ class TaskHead(nn.Module):
     def __init__(self, spec: TaskSpec, cfg: EncoderConfig):
         super().__init__()
         self.spec = spec
+        self.cfg = cfg
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(spec.task_layers))
         self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.drop = nn.Dropout(cfg.hidden_dropout)
@@ -160,20 +174,41 @@ def task_dirs(tasks_dir: Path) -> list[Path]:
     return sorted(p for p in tasks_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def read_task_json(folder: Path, name: str | None = None) -> tuple[TaskSpec, str]:
+    """Parse folder/task.json; return the spec and the sha256 of the bytes parsed. `name`: the name
+    the task must have (default: its folder's name)."""
+    path = Path(folder) / TASK_FILE
+    if not path.is_file() and (Path(folder) / RECIPE_FILE).is_file():
+        raise CentraError(f"{path}: file not found: the task has a recipe but is not trained yet "
+                          f"(centra add-task --tasks-dir {Path(folder).parent} --name {Path(folder).name})")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CentraError(f"{path}: file not found") from None
+    try:
+        parsed = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CentraError(f"{path}: malformed JSON ({str(exc).splitlines()[0]})") from None
+    if not isinstance(parsed, dict):
+        raise CentraError(f"{path}: expected a JSON object")
+    spec = TaskSpec.from_dict(parsed, str(path))
+    expected = name or Path(folder).name
+    if spec.name != expected:
+        raise CentraError(f"{path}: name {spec.name!r} does not match its folder {expected!r}")
+    return spec, sha256_bytes(data)
+
+
 def read_spec(folder: Path) -> TaskSpec:
-    source = str(Path(folder) / TASK_FILE)
-    spec = TaskSpec.from_dict(read_json(Path(folder) / TASK_FILE), source)
-    if spec.name != Path(folder).name:
-        raise CentraError(f"{source}: name {spec.name!r} does not match its folder {Path(folder).name!r}")
-    return spec
+    return read_task_json(folder)[0]
 
 
 def load_task(folder: Path, backbone: Backbone | EncoderConfig, check_fingerprint: bool = True,
-              manifest_sha256: str | None = None) -> tuple[TaskSpec, TaskHead]:
+              manifest_sha256: str | None = None, name: str | None = None) -> tuple[TaskSpec, TaskHead]:
     """Read and fully validate one task folder against a backbone; return its spec and branch.
-    `manifest_sha256`: the head's hash recorded by a merged folder's manifest, checked too."""
+    `manifest_sha256`: the head's hash recorded by a merged folder's manifest, checked too.
+    `name`: the task's name when the folder is not named after it (a staged copy)."""
     folder = Path(folder)
-    spec = read_spec(folder)
+    spec, _ = read_task_json(folder, name)
     cfg = backbone.cfg if isinstance(backbone, Backbone) else backbone
     spec.validate(str(folder / TASK_FILE), cfg)
     if check_fingerprint and isinstance(backbone, Backbone):
@@ -196,12 +231,21 @@ def load_task(folder: Path, backbone: Backbone | EncoderConfig, check_fingerprin
     return spec, head.eval().requires_grad_(False)
 
 
+def is_legacy_task(folder: Path) -> bool:
+    """A task folder written by a centra that put no marker file in it."""
+    names = {p.name for p in Path(folder).iterdir()}
+    return TASK_FILE in names and names <= {TASK_FILE, HEAD_FILE, REPORT_FILE, RECIPE_FILE}
+
+
 def save_task(folder: Path, spec: TaskSpec, head: TaskHead, extra_files: dict[str, dict] | None = None) -> None:
-    """Write the task folder atomically: a crash leaves the previous version of the task intact."""
+    """Publish the task folder: staged, re-loaded, then swapped in as one step. A crash leaves the
+    previous version intact; the folder's recipe.json is carried over unchanged."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    with staged_dir(folder) as tmp:
+    spec = copy.deepcopy(spec)
+
+    def build(tmp: Path) -> None:
         state = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
         save_file(state, str(tmp / HEAD_FILE))
         spec.head_sha256 = sha256_file(tmp / HEAD_FILE)
@@ -209,9 +253,22 @@ def save_task(folder: Path, spec: TaskSpec, head: TaskHead, extra_files: dict[st
         for name, data in (extra_files or {}).items():
             write_json(tmp / name, data)
 
+    def check(tmp: Path) -> None:
+        load_task(tmp, head.cfg, check_fingerprint=False, name=folder.name)
+
+    publish_folder(folder, TASK_KIND, build, check, keep=(RECIPE_FILE,), legacy=is_legacy_task)
+    head.spec.head_sha256 = spec.head_sha256
+
+
+def remove_task(folder: Path) -> None:
+    """Remove a task folder in one step; refuse a folder that is not a centra task."""
+    if not NAME_RE.match(Path(folder).name):
+        raise CentraError(f"{folder}: no such task")
+    remove_artifact(Path(folder), TASK_KIND, legacy=is_legacy_task)
+
 
 def backbone_ref(backbone: Backbone) -> dict:
-    from centra.backbone import DEFAULT_BACKBONE_ID
+    from centra.core.backbone import DEFAULT_BACKBONE_ID
 
     ref = {"id": backbone.backbone_id, "fingerprint": backbone.fingerprint}
     if backbone.backbone_id != DEFAULT_BACKBONE_ID and backbone.path is not None:

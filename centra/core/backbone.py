@@ -7,7 +7,6 @@ plain torch ops. Equivalence with transformers' own models is a test (tests/test
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from centra.errors import CentraError
-from centra.fsutil import sha256_files
+from centra.io import read_json, sha256_files
 
 DEFAULT_BACKBONE_ID = "all-MiniLM-L6-v2"
 SUPPORTED_TYPES = {"bert": "absolute", "xlm-roberta": "roberta", "roberta": "roberta"}
@@ -266,18 +265,6 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # safetensors raises several types for truncated / garbled files
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CentraError(f"{path}: corrupt or truncated safetensors file ({reason})") from None
-
-
-def read_json(path: Path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CentraError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CentraError(f"{path}: malformed JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise CentraError(f"{path}: expected a JSON object")
-    return data
 
 
 def load_tokenizer(folder: Path):

@@ -1,0 +1,165 @@
+"""`centra demo`: the tasks of tasks/ trained (only what is missing or stale), merged into one
+graph on the default backbone, answering texts; with the overhead, verify and timings."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from centra.core.backbone import Backbone
+from centra.core.graph import StandaloneModel
+from centra.core.merge import overhead_table, plan_merge, write_merged
+from centra.core.overhead import extra_pass_warnings
+from centra.core.task import RECIPE_FILE, TaskHead, init_task, remove_task, save_task, task_dirs
+from centra.errors import CentraError
+from centra.runtime.engine import Engine
+from centra.runtime.verify import SAMPLE_PAIRS, SAMPLE_TEXTS, count_layers_run, verify
+from centra.train.pipeline import train_task
+from centra.train.recipe import data_files, data_root, job_from, read_recipe, stale_reason
+
+# Untrained fallback (no data): name, kind, labels, input, attach layer, task layers
+DEMO_TASKS = [
+    ("sentiment", "multiclass", ["negative", "neutral", "positive"], "single", 4, 2),
+    ("intent", "multiclass", ["question", "complaint", "request", "praise"], "single", 3, 1),
+    ("topics", "multilabel", ["billing", "delivery", "product", "app"], "single", 2, 1),
+    ("urgency", "regression", ["urgency"], "single", 5, 1),
+    ("same_issue", "multiclass", ["different", "same"], "pair", 4, 1),
+]
+
+
+def run_demo(tasks_dir: Path, workdir: Path, data: Path | None = None, untrained: bool = False) -> int:
+    torch.manual_seed(0)
+    backbone = Backbone.load("default")
+    print(f"backbone: {backbone.backbone_id} ({backbone.cfg.num_layers} layers, hidden "
+          f"{backbone.cfg.hidden_size}, {backbone.fingerprint[:19]}...)")
+    root = data_root(data)
+    recipes = [read_recipe(f) for f in task_dirs(tasks_dir) if (f / RECIPE_FILE).is_file()] \
+        if Path(tasks_dir).is_dir() else []
+    have_data = bool(recipes) and all(p.is_file() for r in recipes for p in data_files(r, root).values())
+    out = workdir / "model"
+    if untrained or not have_data:
+        if not untrained:
+            why = f"{root}: demo data not found (set CENTRA_DATA or --data)" if recipes else \
+                f"no recipes in {tasks_dir}"
+            print(f"\n{why}; using untrained tasks.")
+        print("\nUNTRAINED DEMO TASKS: the branches are copies of backbone layers with freshly initialised "
+              "classifiers, so their answers are meaningless; the demo shows the merged graph, not quality.\n")
+        merge_dir = workdir / "untrained-tasks"
+        for folder in task_dirs(merge_dir) if merge_dir.is_dir() else []:
+            if folder.name not in {row[0] for row in DEMO_TASKS}:
+                remove_task(folder)
+        for seed, (name, kind, labels, input_kind, attach, layers) in enumerate(DEMO_TASKS):
+            spec, head = init_task(backbone, name, kind, labels, attach, layers, input=input_kind, seed=seed)
+            save_task(merge_dir / name, spec, head)
+    else:
+        merge_dir = tasks_dir
+        print(f"\ntasks in {tasks_dir} (data from {root}); training only what is missing or stale:")
+        for recipe in recipes:
+            reason = stale_reason(tasks_dir / recipe.name, recipe, root, backbone.fingerprint)
+            if reason is None:
+                print(f"  {recipe.name:<11} up to date, reused")
+                continue
+            print(f"  {recipe.name:<11} {reason}: training ({recipe.kind}, "
+                  f"{recipe.training.max_train_examples or 'all'} train examples)...")
+            start = time.perf_counter()
+            report, _ = train_task(job_from(recipe, root, backbone.fingerprint), backbone, tasks_dir)
+            chosen = report["chosen"]
+            print(f"  {recipe.name:<11} dev {chosen['metric']} {100 * chosen[chosen['metric']]:.1f}, attach layer "
+                  f"{chosen['attach_layer']} + {chosen['task_layers']} task layer(s), "
+                  f"{time.perf_counter() - start:.0f} s")
+    plan = plan_merge([merge_dir])
+    manifest = write_merged(plan, out)
+    print(f"\nmerged {len(manifest['tasks'])} tasks into {out} (version {manifest['version']})")
+    print(overhead_table(manifest))
+    for line in extra_pass_warnings(plan.specs):
+        print(f"  note: {line}")
+
+    engine = Engine.load(out)
+    counted = count_layers_run(engine, SAMPLE_TEXTS, SAMPLE_PAIRS)
+    print(f"layers run for one request of every task, counted by forward hooks: {counted} "
+          f"({'equals' if counted == manifest['overhead_layers'] else 'DIFFERS from'} the manifest's "
+          f"{manifest['overhead_layers']})")
+    texts, pairs = SAMPLE_TEXTS[:6], SAMPLE_PAIRS[:6]
+    label = "answers (untrained)" if merge_dir != tasks_dir else "answers"
+    print(f"\n{label}, one merged call for all texts and tasks:")
+    by_text: dict[str, list[str]] = {}
+    for answer in engine.predict(texts, pairs):
+        shown = answer.get("label", answer.get("labels", answer.get("value")))
+        if isinstance(shown, list):
+            shown = "+".join(shown) or "-"
+        by_text.setdefault(answer["text"], []).append(f"{answer['task']}={shown}")
+    for text, parts in by_text.items():
+        print(f"  {text[:58]!r}")
+        print(f"      {'  '.join(parts)}")
+
+    print("\nverify: merged vs standalone per task")
+    for check in verify(engine):
+        print(f"  {check.name:<11} max |diff| = {check.max_abs_diff:.2e}")
+
+    _timing(engine, backbone)
+    return 0
+
+
+@torch.inference_mode()
+def _timing(engine: Engine, backbone: Backbone, repeats: int = 3) -> None:
+    """Merged graph vs one full fine-tuned-size model per task, same 32 texts (and pairs)."""
+    texts = (SAMPLE_TEXTS * 4)[:32]
+    pairs = (SAMPLE_PAIRS * 4)[:32]
+    engine.logits(texts, pairs)  # warm-up
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times) * 1000
+
+    merged_ms = best(lambda: engine.logits(texts, pairs))
+    pad_id = engine.tokenizer.pad_token_id or 0
+    separate = []
+    for name, spec in engine.specs.items():
+        # Serving a task as its own model: all N backbone layers under that task's classifier.
+        full_spec = replace(spec, attach_layer=backbone.cfg.num_layers, task_layers=0)
+        head = TaskHead(full_spec, backbone.cfg).eval()
+        head.pooler, head.classifier = engine.model.heads[name].pooler, engine.model.heads[name].classifier
+        enc = engine.encode(texts, pairs if spec.input == "pair" else None, spec.max_length)
+        separate.append((StandaloneModel(backbone.embeddings, list(backbone.layers), head),
+                         enc.batch(list(range(len(texts))), pad_id)))
+
+    def run_separate() -> None:
+        for model, batch in separate:
+            model(*batch)
+
+    separate_ms = best(run_separate)
+    subset = sorted(engine.specs, key=lambda n: engine.specs[n].attach_layer)[:2]
+    subset_ms = best(lambda: engine.logits(texts, pairs, subset))
+    print(f"\ntiming, batch of {len(texts)} texts, best of {repeats}, {torch.get_num_threads()} threads:")
+    rows = [(f"merged graph, all {len(engine.specs)} tasks", merged_ms, ""),
+            (f"{len(engine.specs)} separate {backbone.cfg.num_layers}-layer models", separate_ms,
+             f"({separate_ms / merged_ms:.1f}x the merged graph)"),
+            (f"merged graph, only {' + '.join(subset)}", subset_ms,
+             f"(trunk stops at layer {engine.model.depth_for(subset)})")]
+    for label, ms, note in rows:
+        print(f"  {label:<36} {ms:8.1f} ms  {note}".rstrip())
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    workdir = Path(args.workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise CentraError(f"{workdir}: exists and is not a folder")
+    return run_demo(Path(args.tasks_dir), workdir, Path(args.data) if args.data else None, args.untrained)
+
+
+def add_parser(sub, common) -> None:
+    p = sub.add_parser("demo", parents=[common], help="train what is missing in tasks/, merge, classify texts")
+    p.add_argument("--tasks-dir", default="tasks", help="folder of task recipes (default: tasks)")
+    p.add_argument("--workdir", default="demo-output", help="where the merged model goes (default: demo-output)")
+    p.add_argument("--data", help="folder the recipes' data paths are relative to (default: $CENTRA_DATA or "
+                   "../shared/data)")
+    p.add_argument("--untrained", action="store_true", help="skip training: untrained --init-only tasks")
+    p.set_defaults(func=cmd_demo)

@@ -1,0 +1,128 @@
+"""Commands over merged models: merge, predict, verify, evaluate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from centra.errors import CentraError
+
+DEFAULT_TASKS_DIR = "tasks"
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from centra.core.merge import MODEL_KIND, overhead_table, plan_merge, write_merged
+    from centra.core.overhead import extra_pass_warnings
+    from centra.io import check_replaceable, check_writable_parent
+
+    out = Path(args.out)
+    check_writable_parent(out)
+    check_replaceable(out, MODEL_KIND)  # before any work: never over a user's file or folder
+    plan = plan_merge([Path(d) for d in args.tasks_dir or [DEFAULT_TASKS_DIR]], args.backbone)
+    manifest = write_merged(plan, out, keep_versions=args.keep_versions)
+    print(f"merged {len(manifest['tasks'])} tasks on {manifest['backbone']['id']} into {out} "
+          f"(version {manifest['version']})")
+    print(overhead_table(manifest))
+    for line in extra_pass_warnings(plan.specs):
+        print(f"centra: warning: {line}", file=sys.stderr)
+    return 0
+
+
+def read_texts(args: argparse.Namespace) -> list[str]:
+    if args.texts and args.texts != ["-"]:
+        return args.texts
+    try:
+        return [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    except UnicodeDecodeError:
+        raise CentraError("stdin is not UTF-8 text") from None
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from centra.runtime.engine import Engine
+
+    engine = Engine.load(Path(args.model), batch_size=args.batch_size)
+    texts = read_texts(args)
+    pairs = args.pair
+    if pairs is not None and len(pairs) == 1 and len(texts) > 1:
+        pairs = pairs * len(texts)  # one --pair applies to every text
+    for answer in engine.predict(texts, pairs, args.task):
+        print(json.dumps(answer, ensure_ascii=False))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from centra.runtime.engine import Engine
+    from centra.runtime.verify import verify
+
+    if not args.tolerance >= 0:
+        raise CentraError(f"--tolerance must be >= 0, not {args.tolerance}")
+    engine = Engine.load(Path(args.model))
+    checks = verify(engine)
+    print(f"version {engine.version}; reference: standalone models built from {checks[0].reference}")
+    worst = 0.0
+    for check in checks:
+        verdict = "ok" if check.ok(args.tolerance) else "FAIL"
+        print(f"{check.name:<24} max |merged - standalone| = {check.max_abs_diff:.3e}  {verdict}")
+        worst = max(worst, check.max_abs_diff)
+    if worst > args.tolerance:
+        print(f"centra: error: merged outputs differ from standalone by {worst:.3e} > {args.tolerance:g}",
+              file=sys.stderr)
+        return 1
+    print(f"all {len(checks)} tasks within {args.tolerance:g}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from centra.cli.tasks import columns_from
+    from centra.runtime.engine import Engine
+    from centra.train.data import load_examples, parse_label_names
+    from centra.train.metrics import compute
+
+    columns = columns_from(args)
+    engine = Engine.load(Path(args.model), batch_size=args.batch_size)
+    if args.task not in engine.specs:
+        raise CentraError(f"unknown task {args.task!r} (known: {', '.join(sorted(engine.specs))})")
+    spec = engine.specs[args.task]
+    labels = None if spec.kind == "regression" else spec.labels
+    examples, _ = load_examples(Path(args.data), spec.kind, columns, labels=labels,
+                                label_names=parse_label_names(args.label_names))
+    logits = engine.logits(examples.texts, examples.pairs, [args.task])[args.task].numpy()
+    scores = compute(spec.kind, logits, examples.targets, spec.thresholds)
+    print(json.dumps({"task": args.task, "examples": len(examples), **{k: round(v, 6) for k, v in scores.items()}}))
+    return 0
+
+
+def add_parsers(sub, common) -> None:
+    from centra.cli import positive_int
+    from centra.cli.tasks import add_column_args
+
+    p = sub.add_parser("merge", parents=[common], help="validate task folders and publish one merged model")
+    p.add_argument("--tasks-dir", action="append", help="folder of task folders (repeatable; default: tasks)")
+    p.add_argument("--out", required=True, help="merged model folder: each merge publishes a new version in it")
+    p.add_argument("--backbone", help="backbone folder or 'default' (default: the one the tasks name)")
+    p.add_argument("--keep-versions", type=positive_int, default=3, help="versions kept in OUT (default 3)")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("predict", parents=[common],
+                       help="classify texts with a merged model, one JSON line per text and task")
+    p.add_argument("--model", required=True, help="merged model folder")
+    p.add_argument("--task", action="append", help="task to run (repeatable; default: all that fit the input)")
+    p.add_argument("--pair", action="append", help="second text of a pair (once, or once per text)")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("texts", nargs="*", help="texts to classify ('-' or none: one per line on stdin)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("verify", parents=[common], help="check merged outputs against each task's standalone model")
+    p.add_argument("--model", required=True, help="merged model folder")
+    p.add_argument("--tolerance", type=float, default=1e-5, help="largest allowed |difference| of logits")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("evaluate", parents=[common], help="dev metrics of one task of a merged model on a file")
+    p.add_argument("--model", required=True, help="merged model folder")
+    p.add_argument("--task", required=True)
+    p.add_argument("--data", required=True, help="labelled file (.tsv, .csv, .jsonl)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    add_column_args(p)
+    p.set_defaults(func=cmd_evaluate)

@@ -1,0 +1,80 @@
+"""The merged graph: embeddings + trunk layers computed once, each task's branch reading its attach layer.
+
+`MergedModel` is what serves; `StandaloneModel` (one task on its own) is the reference it must equal.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from centra.core.backbone import Backbone, Embeddings, EncoderConfig, EncoderLayer, attention_bias
+from centra.core.task import TaskHead, TaskSpec
+from centra.errors import CentraError
+
+
+class MergedModel(nn.Module):
+    """Embeddings + trunk layers computed once; each task's branch reads its attach layer."""
+
+    def __init__(self, cfg: EncoderConfig, embeddings: Embeddings, trunk: nn.ModuleList,
+                 heads: dict[str, TaskHead]):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = embeddings
+        self.trunk = trunk
+        self.heads = nn.ModuleDict(heads)
+        self.specs: dict[str, TaskSpec] = {name: head.spec for name, head in heads.items()}
+        deepest = max((s.attach_layer for s in self.specs.values()), default=0)
+        if deepest > len(trunk):
+            raise CentraError(f"a task attaches at layer {deepest} but the trunk has {len(trunk)} layers")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
+                names: list[str]) -> list[torch.Tensor]:
+        """Logits of the named tasks (which must share one tokenisation), in the order given.
+
+        The trunk stops at the deepest attach layer among `names`; each branch runs as soon as
+        its attach layer is reached, so no hidden state is kept longer than needed.
+        """
+        unknown = [n for n in names if n not in self.specs]
+        if unknown:
+            raise CentraError(f"unknown task {unknown[0]!r} (known: {', '.join(sorted(self.specs))})")
+        by_layer: dict[int, list[str]] = {}
+        for name in names:
+            by_layer.setdefault(self.specs[name].attach_layer, []).append(name)
+        depth = max(by_layer, default=0)
+        bias = attention_bias(attention_mask)
+        hidden = self.embeddings(input_ids, token_type_ids)
+        out: dict[str, torch.Tensor] = {}
+        for k in range(depth + 1):
+            if k:
+                hidden = self.trunk[k - 1](hidden, bias)
+            for name in by_layer.get(k, ()):
+                out[name] = self.heads[name](hidden, bias, attention_mask)
+        return [out[n] for n in names]
+
+    def depth_for(self, names: list[str]) -> int:
+        return max((self.specs[n].attach_layer for n in names), default=0)
+
+
+class StandaloneModel(nn.Module):
+    """One task on its own: embeddings, backbone layers 1..k, then its branch. The merge's reference."""
+
+    def __init__(self, embeddings: Embeddings, layers: list[EncoderLayer], head: TaskHead):
+        super().__init__()
+        self.embeddings = embeddings
+        self.layers = nn.ModuleList(layers[: head.spec.attach_layer])
+        self.head = head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor) -> torch.Tensor:
+        bias = attention_bias(attention_mask)
+        hidden = self.embeddings(input_ids, token_type_ids)
+        for layer in self.layers:
+            hidden = layer(hidden, bias)
+        return self.head(hidden, bias, attention_mask)
+
+
+def merge_in_memory(backbone: Backbone, heads: dict[str, TaskHead]) -> MergedModel:
+    """A MergedModel sharing the backbone's modules (no copy): for tests and training tools."""
+    depth = max((h.spec.attach_layer for h in heads.values()), default=0)
+    return MergedModel(backbone.cfg, backbone.embeddings, nn.ModuleList(backbone.layers[:depth]), heads)

@@ -1,0 +1,227 @@
+"""Merge: many task folders on one backbone -> one published, versioned merged model.
+
+OUT is a versioned artifact: OUT/versions/vNNNNNN/ holds one self-contained merged model
+(manifest.json, trunk.safetensors, tokenizer/, a verified copy of every task folder) and OUT/current
+points at the newest. The manifest hashes every other file of its version; loading refuses any
+missing, changed or added file, naming it. A refused or crashed merge leaves OUT as it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from centra.core.backbone import Backbone, Embeddings, EncoderConfig, EncoderLayer, check_state, load_safetensors
+from centra.core.graph import MergedModel
+from centra.core.overhead import overhead_layers, trunk_passes
+from centra.core.task import HEAD_FILE, TASK_FILE, TaskSpec, load_task, read_task_json, task_dirs
+from centra.errors import CentraError
+from centra.io import (
+    DEFAULT_KEEP_VERSIONS,
+    check_tree,
+    copy_verified,
+    current_version,
+    hash_tree,
+    publish_version,
+    read_json,
+    write_json,
+)
+
+MANIFEST = "manifest.json"
+TRUNK_FILE = "trunk.safetensors"
+FORMAT = "centra-merged"
+MODEL_KIND = "merged model"
+MANIFEST_VERSION = 2
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".h5", ".msgpack", ".onnx", ".ot", ".pt", ".md")
+
+
+@dataclass
+class PlannedTask:
+    folder: Path
+    spec: TaskSpec
+    task_json_sha256: str  # the bytes validated; the copy must hash the same
+
+
+@dataclass
+class MergePlan:
+    backbone: Backbone
+    tasks: list[PlannedTask]
+
+    @property
+    def specs(self) -> list[TaskSpec]:
+        return [t.spec for t in self.tasks]
+
+    @property
+    def trunk_depth(self) -> int:
+        return max(spec.attach_layer for spec in self.specs)
+
+    @property
+    def overhead_layers(self) -> int:
+        return overhead_layers(self.specs)
+
+    @property
+    def single_task_layers(self) -> int:
+        return self.backbone.cfg.num_layers * len(self.tasks)
+
+
+def plan_merge(tasks_dirs: list[Path], backbone: str | None = None) -> MergePlan:
+    """Find and validate every task folder; refuse (CentraError naming the file) on any problem."""
+    folders = [folder for d in tasks_dirs for folder in task_dirs(Path(d))]
+    if not folders:
+        raise CentraError(f"{', '.join(str(d) for d in tasks_dirs)}: no task folders to merge")
+    planned = [PlannedTask(folder, *read_task_json(folder)) for folder in folders]
+    seen: dict[str, Path] = {}
+    for task in planned:
+        key = task.spec.name.lower()
+        if key in seen:
+            raise CentraError(f"{task.folder / TASK_FILE}: duplicate task name {task.spec.name!r} "
+                              f"(also {seen[key] / TASK_FILE})")
+        seen[key] = task.folder
+    bb = Backbone.load(backbone if backbone is not None else _backbone_hint(planned[0].spec))
+    for task in planned:
+        load_task(task.folder, bb)  # full validation: fingerprint, sha256, keys, shapes, finite values
+    return MergePlan(bb, planned)
+
+
+def _backbone_hint(spec: TaskSpec) -> str:
+    path = spec.backbone.get("path")
+    return path if path and Path(path).is_dir() else spec.backbone["id"]
+
+
+def write_merged(plan: MergePlan, out: Path, keep_versions: int = DEFAULT_KEEP_VERSIONS) -> dict:
+    """Publish a new version of OUT from a validated plan; return its manifest."""
+    from safetensors.torch import save_file
+
+    bb, depth = plan.backbone, plan.trunk_depth
+    written: dict = {}
+
+    def build(stage: Path, version: str) -> None:
+        trunk = {f"embeddings.{k}": v for k, v in bb.embeddings.state_dict().items()}
+        for i in range(depth):
+            trunk.update({f"layers.{i}.{k}": v for k, v in bb.layers[i].state_dict().items()})
+        save_file({k: v.contiguous() for k, v in trunk.items()}, str(stage / TRUNK_FILE))
+        _copy_tokenizer(bb.path, stage / "tokenizer")
+        entries = []
+        for task in plan.tasks:
+            spec, dest = task.spec, stage / "tasks" / task.spec.name
+            dest.mkdir(parents=True)
+            copy_verified(task.folder / TASK_FILE, dest / TASK_FILE, task.task_json_sha256)
+            copy_verified(task.folder / HEAD_FILE, dest / HEAD_FILE, spec.head_sha256)
+            entries.append({"name": spec.name, "kind": spec.kind, "labels": spec.labels, "input": spec.input,
+                            "max_length": spec.max_length, "attach_layer": spec.attach_layer,
+                            "task_layers": spec.task_layers, "trained": spec.trained,
+                            "head_sha256": spec.head_sha256, "source": str(task.folder.resolve())})
+        written.update({
+            "format": FORMAT,
+            "schema_version": MANIFEST_VERSION,
+            "version": version,
+            "backbone": {"id": bb.backbone_id, "fingerprint": bb.fingerprint, "path": str(bb.path),
+                         "num_layers": bb.cfg.num_layers},
+            "encoder": bb.cfg.to_dict(),
+            "trunk_depth": depth,
+            "trunk_passes": trunk_passes(plan.specs),
+            "tasks": entries,
+            "overhead_layers": plan.overhead_layers,
+            "single_task_layers": plan.single_task_layers,
+            "files": hash_tree(stage),
+        })
+        write_json(stage / MANIFEST, written)
+
+    publish_version(Path(out), MODEL_KIND, build, lambda stage: load_merged(stage), keep_versions)
+    return written
+
+
+def _copy_tokenizer(src: Path, dest: Path) -> None:
+    dest.mkdir(parents=True)
+    for item in sorted(Path(src).iterdir()):
+        if item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES) and not item.name.startswith("."):
+            copy_verified(item, dest / item.name)
+
+
+def model_folder(out: Path) -> Path:
+    """The version folder to load: OUT/current's target, or OUT itself when it is a version folder."""
+    out = Path(out)
+    if (out / MANIFEST).is_file():
+        return out
+    if not out.is_dir():
+        raise CentraError(f"{out}: no such merged model folder (build one with `centra merge`)")
+    current = current_version(out)
+    if current is None:
+        raise CentraError(f"{out}: no merged model published here (build one with `centra merge --out {out}`)")
+    return current[1]
+
+
+REQUIRED = {"format": str, "schema_version": int, "version": str, "backbone": dict, "encoder": dict,
+            "trunk_depth": int, "tasks": list, "files": dict, "overhead_layers": int, "single_task_layers": int}
+
+
+def read_manifest(folder: Path) -> dict:
+    """The manifest of one version folder, with every field checked (one line naming the file)."""
+    path = Path(folder) / MANIFEST
+    manifest = read_json(path)
+    if manifest.get("format") != FORMAT:
+        raise CentraError(f"{path}: not a centra merged model manifest")
+    if manifest.get("schema_version") != MANIFEST_VERSION:
+        raise CentraError(f"{path}: manifest schema_version {manifest.get('schema_version')!r} is not supported "
+                          f"(expected {MANIFEST_VERSION}): rebuild it with `centra merge`")
+    for key, typ in REQUIRED.items():
+        if key not in manifest:
+            raise CentraError(f"{path}: malformed manifest (missing {key!r})")
+        if not isinstance(manifest[key], typ):
+            raise CentraError(f"{path}: malformed manifest ({key!r} must be {typ.__name__})")
+    if not {"id", "fingerprint", "num_layers"} <= set(manifest["backbone"]):
+        raise CentraError(f"{path}: malformed manifest (backbone needs id, fingerprint, num_layers)")
+    for entry in manifest["tasks"]:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise CentraError(f"{path}: malformed manifest (each task needs a name)")
+    return manifest
+
+
+def load_merged(out: Path) -> tuple[dict, MergedModel]:
+    """Load OUT's current version (or a version folder), checking every file's sha256."""
+    folder = model_folder(out)
+    manifest = read_manifest(folder)
+    check_tree(folder, manifest["files"], skip=(MANIFEST,))
+    try:
+        cfg = EncoderConfig(**manifest["encoder"])
+    except TypeError as exc:
+        raise CentraError(f"{folder / MANIFEST}: malformed manifest (encoder: {exc})") from None
+    depth = manifest["trunk_depth"]
+    trunk_file = folder / TRUNK_FILE
+    embeddings, layers = Embeddings(cfg), nn.ModuleList(EncoderLayer(cfg) for _ in range(depth))
+    holder = nn.Module()
+    holder.embeddings, holder.layers = embeddings, layers
+    state = load_safetensors(trunk_file)
+    check_state(holder.state_dict(), state, str(trunk_file))
+    holder.load_state_dict(state)
+    heads = {}
+    for entry in manifest["tasks"]:
+        task_folder = folder / "tasks" / entry["name"]
+        spec, heads[entry["name"]] = load_task(task_folder, cfg, manifest_sha256=entry.get("head_sha256"))
+        if spec.backbone["fingerprint"] != manifest["backbone"]["fingerprint"]:
+            raise CentraError(f"{task_folder / TASK_FILE}: trained on another backbone than the manifest's")
+        if spec.attach_layer > depth:
+            raise CentraError(f"{task_folder / TASK_FILE}: attaches at layer {spec.attach_layer} but the trunk "
+                              f"has {depth} layers")
+    model = MergedModel(cfg, embeddings, layers, heads).eval().requires_grad_(False)
+    return manifest, model
+
+
+def overhead_table(manifest: dict) -> str:
+    """The task table and the overhead against serving each task as its own model."""
+    rows = [("task", "kind", "input", "max_len", "labels", "attach", "layers", "trained")]
+    for t in manifest["tasks"]:
+        rows.append((t["name"], t["kind"], t["input"], str(t["max_length"]), str(len(t["labels"])),
+                     str(t["attach_layer"]), str(t["task_layers"]), "yes" if t.get("trained") else "NO (untrained)"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    merged, single = manifest["overhead_layers"], manifest["single_task_layers"]
+    passes = manifest["trunk_passes"]
+    trunk = sum(p["depth"] for p in passes)
+    shape = " + ".join(f"{p['depth']} [{p['input']}, max_length {p['max_length']}]" for p in passes)
+    lines.append(f"overhead: {merged} layers per request (trunk passes: {shape}; task layers: {merged - trunk}) "
+                 f"vs {single} as {len(manifest['tasks'])} separate {manifest['backbone']['num_layers']}-layer "
+                 f"models: {100.0 * merged / single:.0f}%")
+    return "\n".join(lines)

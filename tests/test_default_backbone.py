@@ -47,7 +47,8 @@ def test_default_backbone_matches_transformers(minilm):
 def test_default_backbone_merge_and_verify(minilm, tmp_path):
     make_tasks(minilm, tmp_path / "tasks", TASKS)
     manifest = write_merged(plan_merge([tmp_path / "tasks"]), tmp_path / "out")
-    assert manifest["trunk_depth"] == 5 and manifest["overhead_layers"] == 5 + 7
+    # the single-text pass runs to layer 5, the pair task's own pass to layer 1
+    assert manifest["trunk_depth"] == 5 and manifest["overhead_layers"] == 5 + 1 + 7
     engine = Engine.load(tmp_path / "out")
     checks = verify(engine)
     assert checks[0].reference.startswith("backbone folder")
@@ -61,5 +62,7 @@ def test_demo_untrained_runs(tmp_path, capsys):
 
     assert main(["demo", "--untrained", "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "UNTRAINED DEMO TASKS" in out and "overhead: 11 layers per request" in out
-    assert "merged graph, all 5 tasks" in out and (tmp_path / "merged" / "manifest.json").is_file()
+    # single-text pass to layer 5 + the pair task's pass to layer 4 + 6 task layers
+    assert "UNTRAINED DEMO TASKS" in out and "overhead: 15 layers per request" in out
+    assert "counted by forward hooks: 15 (equals the manifest's 15)" in out
+    assert "merged graph, all 5 tasks" in out and (tmp_path / "model" / "current" / "manifest.json").is_file()

@@ -138,3 +138,28 @@ def test_save_is_atomic_when_interrupted(bert, tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in (tmp_path / "alpha").iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["alpha"], "no temp folder left behind"
     load_task(tmp_path / "alpha", bert)
+
+
+@pytest.mark.parametrize("field, default", [("thresholds", [0.5] * 4), ("pooling", "mean"), ("trained", False),
+                                            ("metrics", {}), ("input", "single"), ("source", {})])
+def test_optional_fields_take_their_default(bert, tmp_path, field, default):
+    """A task.json without an optional field loads with its default, never a KeyError."""
+    make_task(bert, tmp_path, STANDARD_TASKS[1])  # beta: multilabel, 4 labels, mean pooling
+    path = tmp_path / "beta" / TASK_FILE
+    data = json.loads(path.read_text())
+    del data[field]
+    path.write_text(json.dumps(data))
+    spec, _ = load_task(tmp_path / "beta", bert)
+    assert getattr(spec, field) == default
+
+
+@pytest.mark.parametrize("field", ["name", "kind", "labels", "attach_layer", "task_layers", "backbone",
+                                   "head_sha256"])
+def test_missing_required_field_is_one_line(bert, tmp_path, field):
+    make_task(bert, tmp_path, STANDARD_TASKS[1])
+    path = tmp_path / "beta" / TASK_FILE
+    data = json.loads(path.read_text())
+    del data[field]
+    path.write_text(json.dumps(data))
+    with pytest.raises(CentraError, match=f"task.json: missing field '{field}'"):
+        load_task(tmp_path / "beta", bert)

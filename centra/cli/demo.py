@@ -58,20 +58,25 @@ def run_demo(tasks_dir: Path, workdir: Path, data: Path | None = None, untrained
     else:
         merge_dir = tasks_dir
         print(f"\ntasks in {tasks_dir} (data from {root}); training only what is missing or stale:")
+        backbones = {"default": backbone}
         for recipe in recipes:
-            reason = stale_reason(tasks_dir / recipe.name, recipe, root, backbone.fingerprint)
+            if recipe.backbone not in backbones:
+                backbones[recipe.backbone] = Backbone.load(recipe.backbone)
+            bb = backbones[recipe.backbone]
+            reason = stale_reason(tasks_dir / recipe.name, recipe, root, bb.fingerprint)
             if reason is None:
                 print(f"  {recipe.name:<11} up to date, reused")
                 continue
             print(f"  {recipe.name:<11} {reason}: training ({recipe.kind}, "
                   f"{recipe.training.max_train_examples or 'all'} train examples)...")
             start = time.perf_counter()
-            report, _ = train_task(job_from(recipe, root, backbone.fingerprint), backbone, tasks_dir)
+            report, _ = train_task(job_from(recipe, root, bb.fingerprint), bb, tasks_dir)
             chosen = report["chosen"]
             print(f"  {recipe.name:<11} dev {chosen['metric']} {100 * chosen[chosen['metric']]:.1f}, attach layer "
                   f"{chosen['attach_layer']} + {chosen['task_layers']} task layer(s), "
                   f"{time.perf_counter() - start:.0f} s")
     plan = plan_merge([merge_dir])
+    backbone = plan.backbone
     manifest = write_merged(plan, out)
     print(f"\nmerged {len(manifest['tasks'])} tasks into {out} (version {manifest['version']})")
     print(overhead_table(manifest))

@@ -15,13 +15,13 @@ from centra.core.task import TaskSpec
 
 def trunk_passes(specs: Iterable[TaskSpec]) -> list[dict]:
     """One entry per token group: input, max_length, depth (its trunk layers) and its tasks, deepest
-    group first (ties: the group with more tasks)."""
+    group first (ties: more tasks, then single texts)."""
     groups: dict[tuple[str, int], list[TaskSpec]] = {}
     for spec in specs:
         groups.setdefault(spec.encoding_key, []).append(spec)
     passes = [{"input": key[0], "max_length": key[1], "depth": max(s.attach_layer for s in members),
                "tasks": [s.name for s in members]} for key, members in groups.items()]
-    return sorted(passes, key=lambda p: (-p["depth"], -len(p["tasks"]), p["input"], p["max_length"]))
+    return sorted(passes, key=lambda p: (-p["depth"], -len(p["tasks"]), p["input"] != "single", p["max_length"]))
 
 
 def overhead_layers(specs: Iterable[TaskSpec]) -> int:

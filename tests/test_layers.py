@@ -1,0 +1,126 @@
+"""The house: every module's imports follow the one-way rules of the layers (DESIGN.md, "The house")."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "centra"
+BASE = {"centra", "centra.errors", "centra.io", "centra.progress"}
+# layer -> layers it may import (besides itself and the base modules)
+ALLOWED = {
+    "base": set(),
+    "core": set(),
+    "train": {"core"},
+    "runtime": {"core"},
+    "export": {"core", "runtime"},
+    "serve": {"core", "runtime"},
+    "cli": {"core", "train", "runtime", "export", "serve"},
+}
+# third-party packages that only their own layers may import, and only inside functions (lazily)
+HEAVY = {"grpc": {"serve"}, "grpc_health": {"serve"}, "grpc_reflection": {"serve"},
+         "onnxruntime": {"runtime", "export"}, "tensorrt": {"runtime", "export"}, "onnx": {"export", "runtime"}}
+# what each base module may import of centra's
+BASE_ALLOWED = {"centra": set(), "centra.errors": set(), "centra.io": {"centra.errors"}, "centra.progress": set()}
+
+
+def layer_of(module: str) -> str:
+    if module in BASE:
+        return "base"
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in ALLOWED else "base"
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports_of(source: str, module: str, is_package: bool) -> list[tuple[str, bool]]:
+    """(imported module, imported at module level?) for every import statement in the source."""
+    tree = ast.parse(source)
+    top_level = {id(node) for node in tree.body}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, id(node) in top_level) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative import: resolve against this module's package
+                package = module.split(".") if is_package else module.split(".")[:-1]
+                package = package[: len(package) - (node.level - 1)]
+                base = ".".join(package + ([base] if base else []))
+            names = [f"centra.{alias.name}" for alias in node.names] if base == "centra" else [base]
+            found += [(name, id(node) in top_level) for name in names]
+    return found
+
+
+def violations(source: str, module: str, is_package: bool = False) -> list[str]:
+    """Broken rules in one module's source."""
+    mine = layer_of(module)
+    problems = []
+    for name, top in imports_of(source, module, is_package):
+        root = name.split(".")[0]
+        if root in HEAVY:
+            if mine not in HEAVY[root]:
+                problems.append(f"{module} imports {name}: only {sorted(HEAVY[root])} may")
+            elif top:
+                problems.append(f"{module} imports {name} at module level: import it inside the function")
+            continue
+        if root != "centra":
+            continue
+        if name in BASE:
+            if mine == "base" and name not in BASE_ALLOWED.get(module, set()) and name != module:
+                problems.append(f"{module} (a base module) imports {name}")
+            continue
+        if mine == "base":
+            problems.append(f"{module} (a base module) imports {name}")
+            continue
+        theirs = layer_of(name)
+        if theirs == "cli" and mine != "cli":
+            problems.append(f"{module} imports {name}: nothing imports the CLI")
+        elif theirs != mine and theirs not in ALLOWED[mine]:
+            problems.append(f"{module} ({mine}) imports {name} ({theirs})")
+    return problems
+
+
+def test_every_module_follows_the_import_rules():
+    modules = sorted(PACKAGE.rglob("*.py"))
+    assert len(modules) > 15, "the package was not found"
+    problems = []
+    for path in modules:
+        problems += violations(path.read_text(encoding="utf-8"), module_name(path), path.name == "__init__.py")
+    assert problems == []
+
+
+def test_the_layers_exist():
+    for layer in ("core", "train", "runtime", "cli"):
+        assert (PACKAGE / layer / "__init__.py").is_file(), layer
+
+
+def test_the_checker_catches_each_kind_of_break():
+    """The rules test would fail on each broken rule (so the test above can fail)."""
+    cases = {
+        ("centra.core.task", "from centra.runtime.engine import Engine"): "imports centra.runtime.engine",
+        ("centra.core.task", "from centra.train import pipeline"): "(core) imports centra.train",
+        ("centra.train.pipeline", "from centra.runtime.engine import encode"): "(train) imports",
+        ("centra.runtime.engine", "from centra.train.data import Columns"): "(runtime) imports",
+        ("centra.runtime.engine", "from centra.cli import main"): "nothing imports the CLI",
+        ("centra.core.merge", "import grpc"): "only ['serve'] may",
+        ("centra.runtime.onnx", "import onnxruntime"): "at module level",
+        ("centra.io", "from centra.core.task import TaskSpec"): "(a base module) imports",
+        ("centra.errors", "from centra.io import read_json"): "(a base module) imports centra.io",
+        ("centra.core.task", "from ..runtime import engine"): "(core) imports centra.runtime",
+    }
+    for (module, line), message in cases.items():
+        found = violations(line + "\n", module)
+        assert any(message in p for p in found), (module, line, found)
+    fine = {("centra.runtime.onnx", "def f():\n    import onnxruntime\n"),
+            ("centra.cli.demo", "from centra.train.pipeline import train_task\n"),
+            ("centra.train.cache", "from centra.core.tokens import Encoded\nfrom centra.progress import bar\n"),
+            ("centra.io", "from centra.errors import CentraError\n")}
+    for module, source in fine:
+        assert violations(source, module) == [], (module, source)

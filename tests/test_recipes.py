@@ -1,0 +1,140 @@
+"""tasks/NAME/recipe.json: add-task trains from it (or from flags, which write it), the trained task
+records what it came from, and the demo trains only what is missing or stale."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import snapshot
+from test_training import synthetic, write_split
+
+from centra.cli import main
+from centra.core.backbone import Backbone
+from centra.core.merge import model_folder
+from centra.core.task import RECIPE_FILE, TASK_FILE, read_spec
+from centra.errors import CentraError
+from centra.train.recipe import read_recipe, stale_reason
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    root = tmp_path / "data"
+    (root / "mood").mkdir(parents=True)
+    write_split(root / "mood" / "train.tsv", synthetic("multiclass", False, 48, 1), False)
+    write_split(root / "mood" / "dev.tsv", synthetic("multiclass", False, 24, 2), False)
+    (root / "same").mkdir()
+    write_split(root / "same" / "train.tsv", synthetic("multiclass", True, 48, 3), True)
+    write_split(root / "same" / "dev.tsv", synthetic("multiclass", True, 24, 4), True)
+    return root
+
+
+def recipe(bert_path: Path, folder: str, pair: bool = False) -> dict:
+    return {"schema_version": 1, "kind": "multiclass", "backbone": str(bert_path),
+            "data": {"train": f"{folder}/train.tsv", "dev": f"{folder}/dev.tsv", "text_column": "text",
+                     "pair_column": "pair" if pair else None, "label_column": ["label"]},
+            "training": {"layers": "1:1", "student_layers": 1, "epochs": 1, "batch_size": 8}}
+
+
+def write_recipe(tasks: Path, name: str, content: dict) -> Path:
+    (tasks / name).mkdir(parents=True, exist_ok=True)
+    (tasks / name / RECIPE_FILE).write_text(json.dumps(content, indent=2) + "\n")
+    return tasks / name
+
+
+def test_flags_write_the_recipe_and_the_recipe_retrains(bert_path, data, tmp_path, capsys):
+    tasks = tmp_path / "tasks"
+    args = ["add-task", "--tasks-dir", str(tasks), "--name", "mood", "--data", str(data), "--kind", "multiclass",
+            "--train", str(data / "mood" / "train.tsv"), "--dev", str(data / "mood" / "dev.tsv"),
+            "--text-column", "text", "--label-column", "label", "--backbone", str(bert_path), "--layers", "1:1",
+            "--epochs", "1", "--student-layers", "1"]
+    assert main(args) == 0
+    written = read_recipe(tasks / "mood")
+    assert written.data["train"] == "mood/train.tsv", "data paths are stored relative to the data root"
+    assert written.training.epochs == 1 and written.training.layers == "1:1"
+    spec = read_spec(tasks / "mood")
+    assert spec.trained and spec.source["recipe_sha256"] == written.sha256
+    bb = Backbone.load(bert_path)
+    assert stale_reason(tasks / "mood", written, data, bb.fingerprint) is None
+    recipe_bytes = (tasks / "mood" / RECIPE_FILE).read_bytes()
+    head_before = (tasks / "mood" / "head.safetensors").read_bytes()
+
+    assert main(["add-task", "--tasks-dir", str(tasks), "--name", "mood", "--data", str(data)]) == 0  # the recipe
+    assert (tasks / "mood" / RECIPE_FILE).read_bytes() == recipe_bytes, "retraining keeps the recipe as it is"
+    assert (tasks / "mood" / "head.safetensors").read_bytes() == head_before, "same recipe, same seed, same head"
+
+    assert main(["add-task", "--tasks-dir", str(tasks), "--name", "mood", "--data", str(data), "--seed", "3"]) == 0
+    assert read_recipe(tasks / "mood").training.seed == 3, "a setting given on the command line is saved"
+    capsys.readouterr()
+
+
+def test_stale_when_recipe_data_or_backbone_change(bert_path, tiny_models, data, tmp_path):
+    tasks = tmp_path / "tasks"
+    write_recipe(tasks, "mood", recipe(bert_path, "mood"))
+    assert main(["add-task", "--tasks-dir", str(tasks), "--name", "mood", "--data", str(data)]) == 0
+    bb = Backbone.load(bert_path)
+    current = read_recipe(tasks / "mood")
+    assert stale_reason(tasks / "mood", current, data, bb.fingerprint) is None
+    edited = recipe(bert_path, "mood")
+    edited["training"]["epochs"] = 2
+    write_recipe(tasks, "mood", edited)
+    assert stale_reason(tasks / "mood", read_recipe(tasks / "mood"), data, bb.fingerprint) == "recipe changed"
+    write_recipe(tasks, "mood", recipe(bert_path, "mood"))
+    original = (data / "mood" / "train.tsv").read_bytes()
+    (data / "mood" / "train.tsv").write_bytes(original + b"one more row\tpos\n")
+    assert stale_reason(tasks / "mood", read_recipe(tasks / "mood"), data, bb.fingerprint) == "data changed"
+    (data / "mood" / "train.tsv").write_bytes(original)
+    assert stale_reason(tasks / "mood", read_recipe(tasks / "mood"), data, bb.fingerprint) is None
+    other = Backbone.load(tiny_models["bert-other"]).fingerprint
+    assert stale_reason(tasks / "mood", read_recipe(tasks / "mood"), data, other) == "backbone changed"
+
+
+def test_merge_refuses_a_recipe_that_is_not_trained(bert_path, tmp_path, capsys):
+    tasks = tmp_path / "tasks"
+    write_recipe(tasks, "mood", recipe(bert_path, "mood"))
+    assert main(["merge", "--tasks-dir", str(tasks), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "mood/task.json: file not found: the task has a recipe but is not trained yet" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"schema_version": 1, "kind": "ranking", "data": {}}, "kind 'ranking'"),
+    ({"schema_version": 1, "kind": "multiclass"}, "missing 'data'"),
+    ({"schema_version": 1, "kind": "multiclass", "data": {"train": "a", "dev": "b", "text_column": "t"}},
+     "data needs 'label_column'"),
+    ({"schema_version": 1, "kind": "multiclass", "data": {"train": "a", "dev": "b", "text_column": "t",
+                                                          "label_column": ["l"]}, "training": {"epochs": "2"}},
+     "training.epochs must be int"),
+    ({"schema_version": 1, "kind": "multiclass", "data": {"train": "a", "dev": "b", "text_column": "t",
+                                                          "label_column": ["l"]}, "training": {"epoch": 2}},
+     "unknown setting training.epoch"),
+    ({"schema_version": 2}, "schema_version 2"),
+])
+def test_malformed_recipes_are_refused(tmp_path, content, message):
+    write_recipe(tmp_path, "t", content)
+    with pytest.raises(CentraError, match=message) as info:
+        read_recipe(tmp_path / "t")
+    assert str(tmp_path / "t" / RECIPE_FILE) in str(info.value)
+
+
+def test_demo_trains_only_what_is_missing_or_stale(bert_path, data, tmp_path, capsys):
+    tasks = tmp_path / "tasks"
+    write_recipe(tasks, "mood", recipe(bert_path, "mood"))
+    write_recipe(tasks, "same", recipe(bert_path, "same", pair=True))
+    args = ["demo", "--tasks-dir", str(tasks), "--workdir", str(tmp_path / "out"), "--data", str(data)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "mood        not trained yet: training" in out and "same        not trained yet: training" in out
+    assert "(equals the manifest's" in out
+    mood = snapshot(tasks / "mood")
+    edited = recipe(bert_path, "same", pair=True)
+    edited["training"]["seed"] = 4
+    write_recipe(tasks, "same", edited)
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "mood        up to date, reused" in out and "same        recipe changed: training" in out
+    assert snapshot(tasks / "mood") == mood, "an up-to-date task is not touched"
+    assert (model_folder(tmp_path / "out" / "model") / "tasks" / "same" / TASK_FILE).is_file()
+    assert model_folder(tmp_path / "out" / "model").name == "v000002"

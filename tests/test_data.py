@@ -90,3 +90,11 @@ def test_label_names(tmp_path):
     f = write(tmp_path / "t.tsv", "s\tl\nx\t1\ny\t0\nz\t2\n")
     with pytest.raises(CentraError, match=r"t.tsv:4: label id 2 has no name"):
         load_examples(f, "multiclass", Columns("s", ["l"]), label_names=["neg", "pos"])
+
+
+def test_jsonl_keeps_a_line_separator_inside_a_string(tmp_path):
+    """U+2028 inside a JSON string is not a line break (json.dumps(..., ensure_ascii=False) writes it)."""
+    rows = [{"text": "first\u2028part", "label": "a"}, {"text": "second", "label": "b"}]
+    f = write(tmp_path / "d.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    ex, labels = load_examples(f, "multiclass", Columns("text", ["label"]))
+    assert ex.texts == ["first\u2028part", "second"] and ex.lines == [1, 2]

@@ -33,6 +33,7 @@ def world(tiny_models, tmp_path_factory) -> dict[str, Path]:
     (root / "train.tsv").write_text("text\tlabel\n" + "".join(f"{t}\t{label}\n" for t, label in rows))
     (root / "latin1.tsv").write_bytes(b"text\tlabel\ngood\tpos\ncaf\xe9\tneg\n")
     (root / "logits.jsonl").write_text("[0.5, -0.5]\n" * len(rows))
+    (root / "latin1.jsonl").write_bytes(b"[0.5, -0.5]\n\xe9\n")
     return {"root": root, "bert": tiny_models["bert"]}
 
 
@@ -103,6 +104,8 @@ CASES = {
     "add-task attach layer too deep": (lambda w: train_args(w, "--teacher-logits", str(w["root"] / "logits.jsonl"),
                                                             "--attach-layer", "4"), "--attach-layer 4 must be in 0..3",
                                        "new-tasks"),
+    "add-task non-UTF-8 teacher logits": (lambda w: train_args(w, "--teacher-logits", str(w["root"] / "latin1.jsonl")),
+                                          "latin1.jsonl: not UTF-8", "new-tasks"),
     "add-task bad layers": (lambda w: train_args(w, "--layers", "a:b"), "expected MIN:MAX", "new-tasks"),
     "add-task non-UTF-8 train": (lambda w: [*train_args(w)[:7], "--train", str(w["root"] / "latin1.tsv"),
                                             *train_args(w)[9:]], "latin1.tsv:3: not UTF-8", "new-tasks"),

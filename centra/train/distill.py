@@ -32,20 +32,23 @@ def read_teacher_logits(path: Path, rows: int, outputs: int) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise CentraError(f"{path}: file not found")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise CentraError(f"{path}: not UTF-8 text (byte offset {exc.start}); save the file as UTF-8") from None
     table = []
-    with open(path, encoding="utf-8-sig") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CentraError(f"{path}:{n}: malformed JSON ({exc.msg})") from None
-            row = row.get("logits") if isinstance(row, dict) else row
-            if not isinstance(row, list) or len(row) != outputs or \
-                    not all(isinstance(x, (int, float)) and np.isfinite(x) for x in row):
-                raise CentraError(f"{path}:{n}: expected {outputs} finite logits")
-            table.append(row)
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CentraError(f"{path}:{n}: malformed JSON ({exc.msg})") from None
+        row = row.get("logits") if isinstance(row, dict) else row
+        if not isinstance(row, list) or len(row) != outputs or \
+                not all(isinstance(x, (int, float)) and np.isfinite(x) for x in row):
+            raise CentraError(f"{path}:{n}: expected {outputs} finite logits")
+        table.append(row)
     if len(table) != rows:
         raise CentraError(f"{path}: {len(table)} rows of logits but the training file has {rows} examples")
     return np.asarray(table, dtype=np.float32)

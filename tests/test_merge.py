@@ -174,3 +174,39 @@ def test_load_merged_refuses_tampered_output(bert_path, tmp_path):
         load_merged(tmp_path / "out")
     with pytest.raises(CentraError, match="no such merged model folder"):
         load_merged(tmp_path / "nothing")
+
+
+def test_rows_with_different_task_sets_share_one_trunk_pass(bert_path, tmp_path):
+    """Rows of several calls, each with its own tasks: one pass per token group, each branch only on the
+    rows that asked for it, rows leaving the trunk when no deeper task wants them; answers equal one-by-one."""
+    from centra.runtime.engine import Row
+
+    engine = build(Backbone.load(bert_path), tmp_path, batch_size=64)
+    wanted = [("alpha",), ("gamma", "beta"), ("delta",), ("alpha", "delta", "epsilon"), ("epsilon",), ("gamma",)]
+    rows = [Row(TEXTS[i], PAIRS[i], tasks) for i, tasks in enumerate(wanted)]
+    head_rows: dict[str, list[int]] = {name: [] for name in engine.specs}
+    for name, head in engine.model.heads.items():
+        head.register_forward_hook(lambda m, args, out, name=name: head_rows[name].append(args[0].shape[0]))
+    trunk_rows: list[tuple[int, int]] = []
+    for k, layer in enumerate(engine.model.trunk, 1):
+        layer.register_forward_hook(lambda m, args, out, k=k: trunk_rows.append((k, args[0].shape[0])))
+    results = engine.run(rows)
+    assert head_rows == {"alpha": [2], "beta": [1], "gamma": [2], "delta": [2], "epsilon": [2]}
+    # single-text pass: rows 0,1,3,4,5 enter; 0,1,3,5 reach layer 1; 1,5 go on (beta at 2, gamma at 3);
+    # the pair pass: rows 2,3 to layer 2 (delta)
+    assert sorted(trunk_rows) == sorted([(1, 4), (2, 2), (3, 2), (1, 2), (2, 2)])
+    for row, result in zip(rows, results):
+        assert set(result.logits) == set(row.tasks)
+        for task in row.tasks:
+            alone = engine.logits([row.text], [row.pair], [task])[task][0]
+            assert (result.logits[task] - alone).abs().max().item() < 1e-5, (row, task)
+            assert result.truncated[task] is False
+
+
+def test_truncated_rows_are_flagged(bert_path, tmp_path):
+    from centra.runtime.engine import Row
+
+    engine = build(Backbone.load(bert_path), tmp_path, rows=STANDARD_TASKS[:1])
+    long_text = " ".join(TEXTS) * 3  # far over alpha's max_length of 48 tokens
+    results = engine.run([Row(long_text, None, ("alpha",)), Row(TEXTS[0], None, ("alpha",))])
+    assert [r.truncated["alpha"] for r in results] == [True, False]

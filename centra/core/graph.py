@@ -52,6 +52,45 @@ class MergedModel(nn.Module):
                 out[name] = self.heads[name](hidden, bias, attention_mask)
         return [out[n] for n in names]
 
+    def forward_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
+                     wants: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Logits per task for the rows that asked for it: wants[name] = row indices (long) of the batch.
+
+        Calls that ask for different task sets share this one trunk pass; each branch runs only on its
+        rows, and rows drop out of the trunk once no task they asked for attaches deeper.
+        """
+        unknown = [n for n in wants if n not in self.specs]
+        if unknown:
+            raise CentraError(f"unknown task {unknown[0]!r} (known: {', '.join(sorted(self.specs))})")
+        by_layer: dict[int, list[str]] = {}
+        for name in wants:
+            by_layer.setdefault(self.specs[name].attach_layer, []).append(name)
+        depth = max(by_layer, default=0)
+        batch = input_ids.shape[0]
+        position = torch.arange(batch)  # batch row -> its row in the live tensors (-1: dropped)
+        mask = attention_mask
+        bias = attention_bias(mask)
+        hidden = self.embeddings(input_ids, token_type_ids)
+        out: dict[str, torch.Tensor] = {}
+        for k in range(depth + 1):
+            if k:
+                hidden = self.trunk[k - 1](hidden, bias)
+            for name in by_layer.get(k, ()):
+                live = position[wants[name]]
+                if len(live) == hidden.shape[0] and torch.equal(live, torch.arange(len(live))):
+                    out[name] = self.heads[name](hidden, bias, mask)
+                else:
+                    out[name] = self.heads[name](hidden[live], bias[live], mask[live])
+            deeper = [wants[n] for layer, names in by_layer.items() if layer > k for n in names]
+            if deeper:
+                needed = torch.unique(torch.cat(deeper))
+                if len(needed) < hidden.shape[0]:  # rows no deeper task wants leave the trunk here
+                    keep = position[needed]
+                    hidden, bias, mask = hidden[keep], bias[keep], mask[keep]
+                    position = torch.full((batch,), -1, dtype=torch.long)
+                    position[needed] = torch.arange(len(needed))
+        return out
+
     def depth_for(self, names: list[str]) -> int:
         return max((self.specs[n].attach_layer for n in names), default=0)
 

@@ -17,10 +17,11 @@ MAX_TEXT_CHARS = 100_000
 
 @dataclass
 class Encoded:
-    """Token ids of a list of texts, unpadded, in input order."""
+    """Token ids of a list of texts, unpadded, in input order; truncated[i]: text i was cut."""
 
     input_ids: list[list[int]]
     token_type_ids: list[list[int]]
+    truncated: list[bool] | None = None
 
     def batch(self, rows: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         width = max(len(self.input_ids[r]) for r in rows)
@@ -43,7 +44,10 @@ def encode(tokenizer, type_vocab_size: int, texts: list[str], pairs: list[str] |
     types = enc["token_type_ids"]
     if type_vocab_size == 1:  # RoBERTa-style models have no segment embeddings
         types = [[0] * len(t) for t in types]
-    return Encoded(enc["input_ids"], types)
+    # Fast tokenizers keep what truncation cut off in each encoding's `overflowing`.
+    encodings = getattr(enc, "encodings", None)
+    truncated = [bool(e.overflowing) for e in encodings] if encodings else None
+    return Encoded(enc["input_ids"], types, truncated)
 
 
 def check_texts(texts: list[str], pairs: list[str] | None) -> None:

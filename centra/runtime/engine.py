@@ -6,7 +6,9 @@ tokenised once, sorted by length and batched, so a batch carries little padding.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -18,6 +20,31 @@ from centra.core.tokens import Encoded, check_texts, encode
 from centra.errors import CentraError
 
 DEFAULT_BATCH_SIZE = 32
+
+
+class Runner(Protocol):
+    """What runs the merged graph: the torch MergedModel (the reference); other runtimes (ONNX Runtime,
+    TensorRT) implement the same call."""
+
+    def forward_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
+                     wants: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+
+@dataclass(frozen=True)
+class Row:
+    """One input of one call: its text (and pair), and the tasks it asked for (checked by `select`)."""
+
+    text: str
+    pair: str | None
+    tasks: tuple[str, ...]
+
+
+@dataclass
+class RowResult:
+    """Per task: the row's logits (num_outputs,) and whether its tokens were truncated."""
+
+    logits: dict[str, torch.Tensor]
+    truncated: dict[str, bool]
 
 
 class Engine:
@@ -68,28 +95,43 @@ class Engine:
         return encode(self.tokenizer, self.model.cfg.type_vocab_size, texts, pairs, max_length)
 
     @torch.inference_mode()
+    def run(self, rows: list[Row]) -> list[RowResult]:
+        """Rows of any number of calls, each with its own task set: one trunk pass per token group per
+        batch of at most batch_size rows (sorted by length), each branch only on the rows that asked."""
+        results = [RowResult({}, {}) for _ in rows]
+        groups: dict[tuple[str, int], list[int]] = {}
+        for i, row in enumerate(rows):
+            for key in dict.fromkeys(self.specs[t].encoding_key for t in row.tasks):
+                groups.setdefault(key, []).append(i)
+        pad_id = self.tokenizer.pad_token_id or 0
+        for (input_kind, max_length), members in groups.items():
+            pairs = [rows[i].pair for i in members] if input_kind == "pair" else None
+            enc = self.encode([rows[i].text for i in members], pairs, max_length)
+            order = sorted(range(len(members)), key=lambda j: len(enc.input_ids[j]))
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start:start + self.batch_size]
+                wants: dict[str, list[int]] = {}
+                for pos, j in enumerate(chunk):
+                    for task in rows[members[j]].tasks:
+                        if self.specs[task].encoding_key == (input_kind, max_length):
+                            wants.setdefault(task, []).append(pos)
+                out = self.model.forward_rows(*enc.batch(chunk, pad_id),
+                                              {t: torch.tensor(p, dtype=torch.long) for t, p in wants.items()})
+                for task, positions in wants.items():
+                    for value, pos in zip(out[task], positions):
+                        j = chunk[pos]
+                        results[members[j]].logits[task] = value
+                        results[members[j]].truncated[task] = bool(enc.truncated[j]) if enc.truncated else False
+        return results
+
     def logits(self, texts: list[str], pairs: list[str] | None = None,
                tasks: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Raw outputs per task, each (len(texts), num_outputs), rows in input order."""
         check_texts(texts, pairs)
-        groups: dict[tuple[str, int], list[str]] = {}
-        for spec in self.select(tasks, pairs is not None):
-            groups.setdefault(spec.encoding_key, []).append(spec.name)
-        pad_id = self.tokenizer.pad_token_id or 0
-        out: dict[str, torch.Tensor] = {}
-        for (input_kind, max_length), names in groups.items():
-            enc = self.encode(texts, pairs if input_kind == "pair" else None, max_length)
-            order = sorted(range(len(texts)), key=lambda r: len(enc.input_ids[r]))
-            parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-            for start in range(0, len(order), self.batch_size):
-                rows = order[start:start + self.batch_size]
-                for name, value in zip(names, self.model(*enc.batch(rows, pad_id), names)):
-                    parts[name].append(value)
-            inverse = torch.empty(len(order), dtype=torch.long)
-            inverse[torch.tensor(order)] = torch.arange(len(order))
-            for name in names:
-                out[name] = torch.cat(parts[name])[inverse]
-        return out
+        names = tuple(spec.name for spec in self.select(tasks, pairs is not None))
+        rows = [Row(text, pairs[i] if pairs is not None else None, names) for i, text in enumerate(texts)]
+        results = self.run(rows)
+        return {name: torch.stack([r.logits[name] for r in results]) for name in names}
 
     def predict(self, texts: list[str], pairs: list[str] | None = None,
                 tasks: list[str] | None = None) -> list[dict]:

@@ -258,7 +258,7 @@ def _clean_stale(dest: Path) -> None:
         olds = olds[:-1]
     for path in [*parent.glob(f".{glob_escape(dest.name)}.tmp-*"), *olds]:
         _remove_tree(path)
-    if dest.is_dir() and not dest.is_symlink():
+    if not dest.is_symlink() and artifact_kind(dest) is not None:  # not inside a folder still to be refused
         for pattern in (f"{VERSIONS}/.tmp-*", f"{VERSIONS}/.trash-*", f".{CURRENT}.tmp-*"):
             for path in dest.glob(pattern):
                 _remove_tree(path)

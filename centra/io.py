@@ -192,7 +192,7 @@ def _write_marker(folder: Path, kind: str) -> None:
 
 
 def check_replaceable(dest: Path, kind: str, keep: tuple[str, ...] = (),
-                      legacy: Callable[[Path], bool] | None = None) -> None:
+                      legacy: Callable[[Path], bool] | None = None, verb: str = "replace") -> None:
     """Refuse (one line, nothing touched) a destination that is not an artifact of this kind.
 
     Replaceable: nothing there, an empty folder, a folder whose marker names this kind, a folder
@@ -201,22 +201,22 @@ def check_replaceable(dest: Path, kind: str, keep: tuple[str, ...] = (),
     """
     dest = Path(dest)
     if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
-        raise CentraError(f"{dest}: exists and is not a folder; refusing to replace it with a {kind}")
+        raise CentraError(f"{dest}: exists and is not a folder; refusing to {verb} it")
     if not dest.exists():
         return
     found = artifact_kind(dest)
     if found == kind:
         return
     if found is not None:
-        raise CentraError(f"{dest}: holds a centra {found}, not a {kind}; refusing to replace it")
+        raise CentraError(f"{dest}: holds a centra {found}, not a {kind}; refusing to {verb} it")
     entries = sorted(p.name for p in dest.iterdir())
     if all(name in keep for name in entries):
         return
     if legacy is not None and legacy(dest):
         return
     other = next(name for name in entries if name not in keep)
-    raise CentraError(f"{dest}: exists and is not a centra {kind} (it holds {other!r}); refusing to "
-                      "replace it: choose another destination or remove it yourself")
+    raise CentraError(f"{dest}: exists and is not a centra {kind} (it holds {other!r}); refusing to {verb} "
+                      "it" + (": choose another destination or remove it yourself" if verb == "replace" else ""))
 
 
 def check_writable_parent(dest: Path) -> None:
@@ -248,9 +248,11 @@ def _temp_name(dest: Path) -> Path:
     return dest.parent / f".{dest.name}.tmp-{secrets.token_hex(4)}"
 
 
-def _clean_stale(dest: Path) -> None:
-    """Temp folders a killed publisher left beside dest (we hold its lock, so none is live); and a
-    destination left aside by the two-rename fallback is put back first."""
+def _clean_stale(dest: Path, kind: str) -> None:
+    """Temp folders a killed publisher left beside dest (we hold its lock, so none is live); a
+    destination left aside by the two-rename fallback is put back first. Inside a versioned artifact of
+    this kind: staging and trash folders, and versions newer than `current` (renamed in by a publish
+    killed before it moved the pointer: never served, so they must not outlive the served one)."""
     parent = dest.parent
     olds = sorted(parent.glob(f".{glob_escape(dest.name)}.old-*"))
     if olds and not dest.exists():
@@ -258,10 +260,21 @@ def _clean_stale(dest: Path) -> None:
         olds = olds[:-1]
     for path in [*parent.glob(f".{glob_escape(dest.name)}.tmp-*"), *olds]:
         _remove_tree(path)
-    if not dest.is_symlink() and artifact_kind(dest) is not None:  # not inside a folder still to be refused
-        for pattern in (f"{VERSIONS}/.tmp-*", f"{VERSIONS}/.trash-*", f".{CURRENT}.tmp-*"):
-            for path in dest.glob(pattern):
-                _remove_tree(path)
+    if dest.is_symlink() or artifact_kind(dest) != kind:  # never inside a folder that is not this kind's
+        return
+    for pattern in (f"{VERSIONS}/.tmp-*", f"{VERSIONS}/.trash-*", f".{CURRENT}.tmp-*"):
+        for path in dest.glob(pattern):
+            _remove_tree(path)
+    current = current_version(dest) if (dest / CURRENT).is_symlink() else None
+    if current is not None:
+        served = _number(current[0])
+        for name in versions_of(dest):
+            if _number(name) > served:
+                _remove_tree(dest / VERSIONS / name)
+
+
+def _number(version: str) -> int:
+    return int(VERSION_RE.match(version).group(1))
 
 
 def glob_escape(name: str) -> str:
@@ -300,7 +313,7 @@ def publish_folder(dest: Path, kind: str, build: Callable[[Path], None], check: 
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with _locked(dest):
-        _clean_stale(dest)
+        _clean_stale(dest, kind)
         check_replaceable(dest, kind, keep, legacy)
         tmp = _temp_name(dest)
         tmp.mkdir()
@@ -336,13 +349,15 @@ def _swap_in(tmp: Path, dest: Path) -> None:
     fsync_dir(dest.parent)
 
 
-def remove_artifact(dest: Path, kind: str, legacy: Callable[[Path], bool] | None = None) -> None:
-    """Remove a published folder (never a half-deleted one under its name); refuse non-artifacts."""
+def remove_artifact(dest: Path, kind: str, keep: tuple[str, ...] = (),
+                    legacy: Callable[[Path], bool] | None = None) -> None:
+    """Remove a published folder in one step (never a half-deleted one under its name); refuse a
+    folder that is not an artifact of this kind (one holding only `keep` files counts as one)."""
     dest = Path(dest)
     if not dest.is_dir() or dest.is_symlink():
         raise CentraError(f"{dest}: no such {kind}")
     with _locked(dest):
-        check_replaceable(dest, kind, (), legacy)
+        check_replaceable(dest, kind, keep, legacy, verb="remove")
         aside = _temp_name(dest)
         os.rename(dest, aside)
         fsync_dir(dest.parent)
@@ -355,7 +370,7 @@ def versions_of(dest: Path) -> list[str]:
     if not folder.is_dir():
         return []
     found = [p.name for p in folder.iterdir() if VERSION_RE.match(p.name) and p.is_dir()]
-    return sorted(found, key=lambda n: int(VERSION_RE.match(n).group(1)))
+    return sorted(found, key=_number)
 
 
 def current_version(dest: Path) -> tuple[str, Path] | None:
@@ -386,30 +401,30 @@ def publish_version(dest: Path, kind: str, build: Callable[[Path, str], None], c
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with _locked(dest):
-        _clean_stale(dest)
+        _clean_stale(dest, kind)
         check_replaceable(dest, kind)
-        if not dest.exists():
-            root = _temp_name(dest)
-            try:
-                (root / VERSIONS).mkdir(parents=True)
-                _write_marker(root, kind)
-                version = _add_version(root, build, check, keep_versions)
-                finalize_tree(root)
-                os.rename(root, dest)
-                fsync_dir(dest.parent)
-            finally:
-                _remove_tree(root)
-            return version
-        if artifact_kind(dest) is None:  # an empty folder: make it this kind's home
-            _write_marker(dest, kind)
-        (dest / VERSIONS).mkdir(exist_ok=True)
-        return _add_version(dest, build, check, keep_versions)
+        if artifact_kind(dest) == kind:
+            (dest / VERSIONS).mkdir(exist_ok=True)
+            return _add_version(dest, build, check, keep_versions)
+        # Nothing there, or an empty folder: build the whole artifact beside it, then one rename
+        # (rename replaces an empty folder), so a failed first publish leaves nothing behind.
+        root = _temp_name(dest)
+        try:
+            (root / VERSIONS).mkdir(parents=True)
+            _write_marker(root, kind)
+            version = _add_version(root, build, check, keep_versions)
+            finalize_tree(root)
+            os.rename(root, dest)
+            fsync_dir(dest.parent)
+        finally:
+            _remove_tree(root)
+        return version
 
 
 def _add_version(root: Path, build: Callable[[Path, str], None], check: Callable[[Path], None],
                  keep_versions: int) -> str:
     existing = versions_of(root)
-    number = int(VERSION_RE.match(existing[-1]).group(1)) + 1 if existing else 1
+    number = _number(existing[-1]) + 1 if existing else 1
     version = f"v{number:06d}"
     stage = root / VERSIONS / f".tmp-{secrets.token_hex(4)}"
     stage.mkdir()

@@ -28,6 +28,8 @@ def world(tiny_models, tmp_path_factory) -> dict[str, Path]:
     write_merged(plan_merge([root / "tasks"]), root / "model")
     (root / "notes.txt").write_text("my notes\n")
     (root / "mydocs").mkdir()
+    (root / "demo-work" / "model").mkdir(parents=True)
+    (root / "demo-work" / "model" / "mine.txt").write_text("mine\n")
     (root / "mydocs" / "letter.txt").write_text("dear...\n")
     rows = [("great product", "pos"), ("the box was damaged", "neg")] * 8
     (root / "train.tsv").write_text("text\tlabel\n" + "".join(f"{t}\t{label}\n" for t, label in rows))
@@ -117,6 +119,8 @@ CASES = {
     "add-task remove a user's folder": (lambda w: ["add-task", "--tasks-dir", str(w["root"]), "--remove", "mydocs"],
                                         "not a centra task", "mydocs"),
     "add-task unknown flag": (lambda w: ["add-task", "--nope"], "unrecognized arguments: --nope", None),
+    "demo over a user's model folder": (lambda w: ["demo", "--workdir", str(w["root"] / "demo-work"), "--untrained"],
+                                        "not a centra merged model", "demo-work"),
     "demo workdir is a file": (lambda w: ["demo", "--workdir", str(w["root"] / "notes.txt"), "--untrained"],
                                "is not a folder", "notes.txt"),
 }

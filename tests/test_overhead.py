@@ -67,8 +67,9 @@ def test_merge_table_and_warnings_give_the_same_count(merged, capsys):
     assert f"overhead: {EXPECTED} layers per request (trunk passes: 3 [single, max_length 32] + " \
            "2 [single, max_length 48] + 2 [pair, max_length 48]; task layers: 7) vs 20" in captured.out
     warnings = [line for line in captured.err.splitlines() if line.startswith("centra: warning:")]
+    # the main group is (single, 48) with two tasks (ties with the pair group go to single texts)
     assert len(warnings) == 2
-    assert "'alpha', 'beta' (single input, max_length 48)" in warnings[0] and "+2 layers" in warnings[0]
+    assert "task 'gamma' (single input, max_length 32)" in warnings[0] and "+3 layers" in warnings[0]
     assert "'delta', 'eps' (pair input, max_length 48)" in warnings[1] and "+2 layers" in warnings[1]
 
 

@@ -298,3 +298,37 @@ def test_a_file_changed_after_validation_is_refused(world, name):
         write_merged(plan, out)
     assert snapshot(out) == before and tree(out) == listing and leftovers(world) == []
     assert os.readlink(out / io.CURRENT) == "versions/v000001"
+
+
+def test_a_version_never_served_does_not_outlive_the_served_one(world):
+    """Killed after renaming v000002 in but before moving `current`: the next publish drops the orphan,
+    so pruning keeps the version that was served, not one that never was."""
+    args = ["merge", "--tasks-dir", str(world / "tasks"), "--out", str(world / "out"), "--keep-versions", "2"]
+    assert cli(CLI, args, "swap").returncode == -signal.SIGKILL
+    assert io.versions_of(world / "out") == ["v000001", "v000002"]
+    assert io.current_version(world / "out")[0] == "v000001"
+    served = snapshot(world / "out" / "versions" / "v000001")
+    write_merged(plan_merge([world / "tasks"]), world / "out", keep_versions=2)
+    assert io.versions_of(world / "out") == ["v000001", "v000002"]
+    assert io.current_version(world / "out")[0] == "v000002"
+    assert snapshot(world / "out" / "versions" / "v000001") == served, "the served fallback is kept"
+
+
+def test_a_failed_first_publish_into_an_empty_folder_leaves_it_empty(world):
+    plan = plan_merge([world / "tasks"])
+    head = world / "tasks" / "beta" / HEAD_FILE
+    head.write_bytes(head.read_bytes()[::-1])  # changed after validation: the copy is refused
+    (world / "empty").mkdir()
+    with pytest.raises(CentraError, match="changed while it was being published"):
+        write_merged(plan, world / "empty")
+    assert list((world / "empty").iterdir()) == [] and leftovers(world) == []
+
+
+def test_remove_stays_inside_the_tasks_folder(world, capsys):
+    assert main(["add-task", "--tasks-dir", str(world / "tasks"), "--remove", "../out"]) == 2
+    assert "a task name is" in error_line(capsys)
+    assert (world / "out").is_dir()
+    (world / "recipe-only").mkdir()
+    (world / "recipe-only" / RECIPE_FILE).write_bytes(RECIPE)
+    remove_task(world / "recipe-only")  # a recipe not trained yet is still a task to remove
+    assert not (world / "recipe-only").exists()

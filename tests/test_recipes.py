@@ -111,6 +111,18 @@ def test_merge_refuses_a_recipe_that_is_not_trained(bert_path, tmp_path, capsys)
                                                           "label_column": ["l"]}, "training": {"epoch": 2}},
      "unknown setting training.epoch"),
     ({"schema_version": 2}, "schema_version 2"),
+    ({"schema_version": 1, "kind": "multiclass", "data": {"train": "a", "dev": "b", "text_column": "t",
+                                                          "label_column": ["l"]}, "training": {"student_layers": "1"}},
+     "training.student_layers must be int or null"),
+    ({"schema_version": 1, "kind": "multiclass", "data": {"train": "a", "dev": "b", "text_column": "t",
+                                                          "label_column": ["l"]}, "training": {"epochs": True}},
+     "training.epochs must be int, not true"),
+    ({"schema_version": 1, "kind": "multiclass", "data": {"train": "a", "dev": "b", "text_column": "t",
+                                                          "label_column": ["l"]}, "training": {"teacher_logits": 5}},
+     "training.teacher_logits must be str or null"),
+    ({"schema_version": 1, "kind": "multiclass", "data": {"train": "a", "dev": "b", "text_column": "t",
+                                                          "label_column": ["l"]}, "training": {"threshold": "x"}},
+     "training.threshold must be int or float or null"),
 ])
 def test_malformed_recipes_are_refused(tmp_path, content, message):
     write_recipe(tmp_path, "t", content)

@@ -7,19 +7,13 @@ import argparse
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from centra.core.backbone import Backbone
-from centra.core.graph import StandaloneModel
-from centra.core.merge import overhead_table, plan_merge, write_merged
-from centra.core.overhead import extra_pass_warnings
-from centra.core.task import RECIPE_FILE, TaskHead, init_task, remove_task, save_task, task_dirs
 from centra.errors import CentraError
-from centra.runtime.engine import Engine
-from centra.runtime.verify import SAMPLE_PAIRS, SAMPLE_TEXTS, count_layers_run, verify
-from centra.train.pipeline import train_task
-from centra.train.recipe import data_files, data_root, job_from, read_recipe, stale_reason
+
+if TYPE_CHECKING:  # the heavy imports happen when the demo runs, not when the CLI parses
+    from centra.core.backbone import Backbone
+    from centra.runtime.engine import Engine
 
 # Untrained fallback (no data): name, kind, labels, input, attach layer, task layers
 DEMO_TASKS = [
@@ -32,6 +26,17 @@ DEMO_TASKS = [
 
 
 def run_demo(tasks_dir: Path, workdir: Path, data: Path | None = None, untrained: bool = False) -> int:
+    import torch
+
+    from centra.core.backbone import Backbone
+    from centra.core.merge import overhead_table, plan_merge, write_merged
+    from centra.core.overhead import extra_pass_warnings
+    from centra.core.task import RECIPE_FILE, init_task, remove_task, save_task, task_dirs
+    from centra.runtime.engine import Engine
+    from centra.runtime.verify import SAMPLE_PAIRS, SAMPLE_TEXTS, count_layers_run, verify
+    from centra.train.pipeline import train_task
+    from centra.train.recipe import data_files, data_root, job_from, read_recipe, stale_reason
+
     torch.manual_seed(0)
     backbone = Backbone.load("default")
     print(f"backbone: {backbone.backbone_id} ({backbone.cfg.num_layers} layers, hidden "
@@ -109,19 +114,24 @@ def run_demo(tasks_dir: Path, workdir: Path, data: Path | None = None, untrained
     return 0
 
 
-@torch.inference_mode()
 def _timing(engine: Engine, backbone: Backbone, repeats: int = 3) -> None:
     """Merged graph vs one full fine-tuned-size model per task, same 32 texts (and pairs)."""
-    texts = (SAMPLE_TEXTS * 4)[:32]
-    pairs = (SAMPLE_PAIRS * 4)[:32]
+    import torch
+
+    from centra.core.graph import StandaloneModel
+    from centra.core.task import TaskHead
+    from centra.runtime.verify import SAMPLE_PAIRS, SAMPLE_TEXTS
+
+    texts, pairs = (SAMPLE_TEXTS * 4)[:32], (SAMPLE_PAIRS * 4)[:32]
     engine.logits(texts, pairs)  # warm-up
 
     def best(fn) -> float:
         times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
+        with torch.inference_mode():
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
         return min(times) * 1000
 
     merged_ms = best(lambda: engine.logits(texts, pairs))
@@ -154,9 +164,19 @@ def _timing(engine: Engine, backbone: Backbone, repeats: int = 3) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from centra.core.merge import MODEL_KIND
+    from centra.core.task import TASK_KIND
+    from centra.io import check_replaceable, check_writable_parent
+
     workdir = Path(args.workdir)
     if workdir.exists() and not workdir.is_dir():
         raise CentraError(f"{workdir}: exists and is not a folder")
+    check_writable_parent(workdir / "model")
+    check_replaceable(workdir / "model", MODEL_KIND)  # before any training: never over a user's folder
+    untrained = workdir / "untrained-tasks"
+    if untrained.is_dir():
+        for folder in untrained.iterdir():
+            check_replaceable(folder, TASK_KIND)
     return run_demo(Path(args.tasks_dir), workdir, Path(args.data) if args.data else None, args.untrained)
 
 

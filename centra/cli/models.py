@@ -116,7 +116,8 @@ def add_parsers(sub, common) -> None:
 
     p = sub.add_parser("verify", parents=[common], help="check merged outputs against each task's standalone model")
     p.add_argument("--model", required=True, help="merged model folder")
-    p.add_argument("--tolerance", type=float, default=1e-5, help="largest allowed |difference| of logits")
+    p.add_argument("--tolerance", type=float, default=1e-5, help="largest allowed |difference| of logits "
+                   "(default 1e-5)")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("evaluate", parents=[common], help="dev metrics of one task of a merged model on a file")

@@ -17,16 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from centra.core.backbone import Backbone
-from centra.core.merge import plan_merge, write_merged
 from centra.errors import CentraError
-from centra.runtime.engine import Engine
-from centra.train.data import Columns, load_examples, parse_label_names
-from centra.train.distill import mixed_layers
-from centra.train.finetune import TrainConfig
-from centra.train.metrics import compute
-from centra.train.pipeline import TaskJob, train_task
-from centra.train.recipe import data_root
+from centra.io import read_json
+from centra.train.data import Columns  # light; the heavy imports happen inside run()
 
 # name, kind, folder, train, dev, columns, metric, label names, max train examples
 TASKS = [
@@ -46,10 +39,19 @@ TASKS = [
 
 
 def run(args: argparse.Namespace) -> dict:
+    from centra.core.backbone import Backbone
+    from centra.core.merge import plan_merge, write_merged
+    from centra.runtime.engine import Engine
+    from centra.train.data import load_examples, parse_label_names
+    from centra.train.finetune import TrainConfig
+    from centra.train.metrics import compute
+    from centra.train.pipeline import TaskJob, train_task
+    from centra.train.recipe import data_root
+
     backbone = Backbone.load("default")
     out = Path(args.out)
     data = data_root(Path(args.data) if args.data else None)
-    results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+    results = read_json(out / "results.json") if (out / "results.json").exists() else {}
     only = set(args.only.split(",")) if args.only else None
     for name, kind, folder, train, dev, cols, metric, names, cap in TASKS:
         if only and name not in only:
@@ -89,8 +91,10 @@ def pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}"
 
 
-def markdown(results: dict, epochs: int) -> str:
+def markdown(results: dict) -> str:
     """The paper's Table 2 shape: per task dev metric per setting, then overhead per setting."""
+    from centra.train.distill import mixed_layers
+
     tasks = [name for name, *_ in TASKS if name in results]
     n = 6
     lines = ["| task | metric | train ex. | full FT (6) | " + " | ".join(f"L={i}" for i in range(1, n)) +
@@ -135,9 +139,9 @@ def markdown(results: dict, epochs: int) -> str:
         derived.append((f"mixed (c = {c:g}), read off the same students", trunk + sum(p for p, _ in picks),
                         [st[p] for p, st in picks]))
     rows = [("full fine-tuning, one model per task", n * t, cols["full"]),
-            ("teachers (best L per task) on one trunk", trunk + sum(overhead["teacher"]), cols["teacher"]),
-            ("KD-1 students on one trunk", trunk + sum(overhead["kd1"]), cols["kd1"]),
-            ("KD-2 students on one trunk", trunk + sum(overhead["kd2"]), cols["kd2"]),
+            ("teachers (best L per task) on the same trunk passes", trunk + sum(overhead["teacher"]), cols["teacher"]),
+            ("KD-1 students on the same trunk passes", trunk + sum(overhead["kd1"]), cols["kd1"]),
+            ("KD-2 students on the same trunk passes", trunk + sum(overhead["kd2"]), cols["kd2"]),
             ("mixed (c = 1.0): the merged model", trunk + sum(overhead["mixed"]), cols["mixed"]), *derived]
     table = ["| setting | overhead (layers) | % of full FT overhead | average dev metric | % of full FT average |",
              "|---|---|---|---|---|"]
@@ -145,6 +149,11 @@ def markdown(results: dict, epochs: int) -> str:
         avg = sum(values) / t
         table.append(f"| {label} | {layers} | {100 * layers / (n * t):.0f}% | {100 * avg:.2f} | "
                      f"{100 * avg / full_avg:.1f}% |")
+    merged = results.get("_merged", {}).get("overhead_layers")
+    if merged is not None:
+        mixed = next(layers for label, layers, _ in rows if label.startswith("mixed (c = 1.0)"))
+        verdict = "equal" if merged == mixed else f"DIFFERENT: the table's count is wrong ({mixed})"
+        table.append(f"\nThe merged model's manifest (counting every trunk pass) says {merged} layers: {verdict}.")
     return "\n".join(lines) + "\n\n" + "\n".join(table) + "\n"
 
 
@@ -161,19 +170,28 @@ INPUTS = {name: "pair" if cols.pair else "single" for name, _, _, _, _, cols, *_
 
 
 def cmd_results(args: argparse.Namespace) -> int:
+    from centra.core.merge import MODEL_KIND
+    from centra.io import check_replaceable, check_writable_parent
+    from centra.train.recipe import data_root
+
     if args.epochs < 1:
         raise CentraError(f"--epochs must be >= 1, not {args.epochs}")
+    known = [name for name, *_ in TASKS]
+    unknown = sorted(set(args.only.split(",")) - set(known)) if args.only else []
+    if unknown:
+        raise CentraError(f"--only: unknown task {unknown[0]!r} (known: {', '.join(known)})")
     if args.table:
         path = Path(args.out) / "results.json"
         if not path.is_file():
             raise CentraError(f"{path}: file not found (run `centra results` without --table first)")
-        print(markdown(json.loads(path.read_text()), args.epochs))
+        print(markdown(read_json(path)))
         return 0
     data = data_root(Path(args.data) if args.data else None)
     if not data.is_dir():
-        print(f"results: {data} not found; nothing to do", file=sys.stderr)
-        return 0
-    print(markdown(run(args), args.epochs))
+        raise CentraError(f"{data}: data folder not found (give --data or set $CENTRA_DATA)")
+    check_writable_parent(Path(args.out) / "merged")
+    check_replaceable(Path(args.out) / "merged", MODEL_KIND)  # before hours of training
+    print(markdown(run(args)))
     return 0
 
 

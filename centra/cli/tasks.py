@@ -4,7 +4,7 @@ untrained one, or remove one."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 from centra.errors import CentraError
@@ -34,8 +34,11 @@ def cmd_add_task(args: argparse.Namespace) -> int:
     if args.remove:
         from centra.core.task import remove_task
 
+        if not NAME_RE.match(args.remove):
+            raise CentraError(f"--remove {args.remove!r}: a task name is 1-64 letters, digits, '_' or '-'")
+        had_recipe = (tasks_dir / args.remove / "recipe.json").is_file()
         remove_task(tasks_dir / args.remove)
-        print(f"removed task {args.remove!r} from {tasks_dir}")
+        print(f"removed task {args.remove!r}{' and its recipe' if had_recipe else ''} from {tasks_dir}")
         return 0
     if args.name is None:
         raise CentraError("add-task needs --name (or --remove NAME)")
@@ -74,9 +77,12 @@ def recipe_from_flags(args: argparse.Namespace, root: Path):
     if missing:
         raise CentraError(f"training from flags needs {', '.join(missing)} (or a recipe in the task folder)")
     columns_from(args)
+    label_names = args.label_names
+    if label_names and label_names.startswith("@"):  # a names file: stored like the data files
+        label_names = "@" + _data_path(label_names[1:], root)
     data = {"train": _data_path(args.train, root), "dev": _data_path(args.dev, root),
             "text_column": args.text_column, "pair_column": args.pair_column, "label_column": args.label_column,
-            "label_names": args.label_names, "header": args.header or "auto",
+            "label_names": label_names, "header": args.header or "auto",
             "label_delimiter": args.label_delimiter or ","}
     settings = {k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None}
     if settings.get("teacher_logits"):
@@ -165,11 +171,15 @@ def add_column_args(p) -> None:
                    help="auto (default): a header when a column is named, else sniffed")
 
 
+# shown in --help; the values live in centra.train.recipe.Training (imported only when a command runs)
+DEFAULTS = {"epochs": 3, "batch_size": 32, "lr": 1e-4, "head_lr": 1e-3, "alpha": 1.0, "temperature": 2.0,
+            "cache_gb": 4.0}
+
+
 def add_parsers(sub, common) -> None:
     from centra.cli import positive_int
-    from centra.train.recipe import Training
 
-    defaults = {f.name: f.default for f in fields(Training)}
+    defaults = DEFAULTS
     p = sub.add_parser("add-task", parents=[common],
                        help="train a task from its recipe or flags; or create an untrained one; or remove one")
     p.add_argument("--tasks-dir", default=DEFAULT_TASKS_DIR, help="folder of task folders (default: tasks)")

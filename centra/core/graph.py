@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from centra.core.backbone import Backbone, Embeddings, EncoderConfig, EncoderLayer, attention_bias
+from centra.core.backbone import Embeddings, EncoderConfig, EncoderLayer, attention_bias
 from centra.core.task import TaskHead, TaskSpec
 from centra.errors import CentraError
 
@@ -30,26 +30,9 @@ class MergedModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
                 names: list[str]) -> list[torch.Tensor]:
-        """Logits of the named tasks (which must share one tokenisation), in the order given.
-
-        The trunk stops at the deepest attach layer among `names`; each branch runs as soon as
-        its attach layer is reached, so no hidden state is kept longer than needed.
-        """
-        unknown = [n for n in names if n not in self.specs]
-        if unknown:
-            raise CentraError(f"unknown task {unknown[0]!r} (known: {', '.join(sorted(self.specs))})")
-        by_layer: dict[int, list[str]] = {}
-        for name in names:
-            by_layer.setdefault(self.specs[name].attach_layer, []).append(name)
-        depth = max(by_layer, default=0)
-        bias = attention_bias(attention_mask)
-        hidden = self.embeddings(input_ids, token_type_ids)
-        out: dict[str, torch.Tensor] = {}
-        for k in range(depth + 1):
-            if k:
-                hidden = self.trunk[k - 1](hidden, bias)
-            for name in by_layer.get(k, ()):
-                out[name] = self.heads[name](hidden, bias, attention_mask)
+        """Logits of the named tasks for every row of the batch (which must share one tokenisation)."""
+        rows = torch.arange(input_ids.shape[0])
+        out = self.forward_rows(input_ids, attention_mask, token_type_ids, {name: rows for name in names})
         return [out[n] for n in names]
 
     def forward_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
@@ -111,9 +94,3 @@ class StandaloneModel(nn.Module):
         for layer in self.layers:
             hidden = layer(hidden, bias)
         return self.head(hidden, bias, attention_mask)
-
-
-def merge_in_memory(backbone: Backbone, heads: dict[str, TaskHead]) -> MergedModel:
-    """A MergedModel sharing the backbone's modules (no copy): for tests and training tools."""
-    depth = max((h.spec.attach_layer for h in heads.values()), default=0)
-    return MergedModel(backbone.cfg, backbone.embeddings, nn.ModuleList(backbone.layers[:depth]), heads)

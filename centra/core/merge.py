@@ -164,8 +164,9 @@ def read_manifest(folder: Path) -> dict:
     if manifest.get("format") != FORMAT:
         raise CentraError(f"{path}: not a centra merged model manifest")
     if manifest.get("schema_version") != MANIFEST_VERSION:
-        raise CentraError(f"{path}: manifest schema_version {manifest.get('schema_version')!r} is not supported "
-                          f"(expected {MANIFEST_VERSION}): rebuild it with `centra merge`")
+        raise CentraError(f"{path}: a merged model in the layout of an earlier centra (schema_version "
+                          f"{manifest.get('schema_version')!r}, expected {MANIFEST_VERSION}): merge the tasks again "
+                          "into a new --out folder")
     for key, typ in REQUIRED.items():
         if key not in manifest:
             raise CentraError(f"{path}: malformed manifest (missing {key!r})")

@@ -30,9 +30,14 @@ def overhead_layers(specs: Iterable[TaskSpec]) -> int:
 
 
 def extra_pass_warnings(specs: Iterable[TaskSpec]) -> list[str]:
-    """One line per token group beyond the first: which tasks add a trunk pass and what it costs."""
+    """One line per token group beyond the main one (the group with the most tasks; ties: single
+    texts, then the deeper pass): which tasks add a trunk pass and what it costs."""
+    passes = trunk_passes(specs)
+    if not passes:
+        return []
+    main = max(passes, key=lambda p: (len(p["tasks"]), p["input"] == "single", p["depth"]))
     lines = []
-    for p in trunk_passes(specs)[1:]:
+    for p in (p for p in passes if p is not main):
         many = len(p["tasks"]) > 1
         names = ", ".join(repr(n) for n in p["tasks"])
         lines.append(f"task{'s' if many else ''} {names} ({p['input']} input, max_length {p['max_length']}) "

@@ -264,7 +264,7 @@ def remove_task(folder: Path) -> None:
     """Remove a task folder in one step; refuse a folder that is not a centra task."""
     if not NAME_RE.match(Path(folder).name):
         raise CentraError(f"{folder}: no such task")
-    remove_artifact(Path(folder), TASK_KIND, legacy=is_legacy_task)
+    remove_artifact(Path(folder), TASK_KIND, keep=(RECIPE_FILE,), legacy=is_legacy_task)
 
 
 def backbone_ref(backbone: Backbone) -> dict:

@@ -24,7 +24,9 @@ DEFAULT_BATCH_SIZE = 32
 
 class Runner(Protocol):
     """What runs the merged graph: the torch MergedModel (the reference); other runtimes (ONNX Runtime,
-    TensorRT) implement the same call."""
+    TensorRT) implement the same attributes and call."""
+
+    specs: dict[str, TaskSpec]
 
     def forward_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
                      wants: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
@@ -50,7 +52,7 @@ class RowResult:
 class Engine:
     """Tokenise, run the merged model in length-sorted batches, turn logits into answers."""
 
-    def __init__(self, model: MergedModel, tokenizer, batch_size: int = DEFAULT_BATCH_SIZE,
+    def __init__(self, model: Runner | MergedModel, tokenizer, batch_size: int = DEFAULT_BATCH_SIZE,
                  manifest: dict | None = None):
         if batch_size < 1:
             raise CentraError(f"batch size must be >= 1, not {batch_size}")
@@ -135,13 +137,17 @@ class Engine:
 
     def predict(self, texts: list[str], pairs: list[str] | None = None,
                 tasks: list[str] | None = None) -> list[dict]:
-        """One answer per text and task: {"text", "task", "label"|"labels"|"value", "scores"}."""
-        results = self.logits(texts, pairs, tasks)
+        """One answer per text and task: {"text", ("pair",) "task", "label"|"labels"|"value", "scores",
+        "truncated"}, texts in input order."""
+        check_texts(texts, pairs)
+        names = tuple(spec.name for spec in self.select(tasks, pairs is not None))
+        rows = [Row(text, pairs[i] if pairs is not None else None, names) for i, text in enumerate(texts)]
         answers = []
-        for i, text in enumerate(texts):
-            for name, values in results.items():
-                answer = {"text": text, "task": name, **interpret(self.specs[name], values[i])}
-                if pairs is not None and self.specs[name].input == "pair":
-                    answer = {"text": text, "pair": pairs[i], **{k: v for k, v in answer.items() if k != "text"}}
+        for row, result in zip(rows, self.run(rows)):
+            for name in names:
+                answer = {"text": row.text, "task": name, **interpret(self.specs[name], result.logits[name]),
+                          "truncated": result.truncated[name]}
+                if row.pair is not None and self.specs[name].input == "pair":
+                    answer = {"text": row.text, "pair": row.pair, **{k: v for k, v in answer.items() if k != "text"}}
                 answers.append(answer)
         return answers

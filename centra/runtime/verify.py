@@ -38,7 +38,6 @@ SAMPLE_PAIRS = [
     "It is fine, I guess.",
     "The parcel was damaged on arrival, I want my money back.",
 ]
-DEFAULT_TOLERANCE = 1e-5
 
 
 @dataclass

@@ -17,6 +17,7 @@ import torch
 
 from centra.core.backbone import Backbone, EncoderConfig
 from centra.core.task import (
+    KINDS,
     NAME_RE,
     RECIPE_FILE,
     REPORT_FILE,
@@ -35,8 +36,6 @@ from centra.train.data import Columns, Examples, load_examples
 from centra.train.distill import distill_students, logits_table, read_teacher_logits
 from centra.train.finetune import TrainConfig, train_branch
 from centra.train.metrics import DEFAULT_METRIC, METRICS
-
-KINDS = ("multiclass", "multilabel", "regression")
 
 
 @dataclass

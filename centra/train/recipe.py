@@ -13,9 +13,9 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from centra.core.task import RECIPE_FILE, TASK_FILE
+from centra.core.task import HEAD_FILE, RECIPE_FILE, TASK_FILE
 from centra.errors import CentraError
-from centra.io import read_json, sha256_bytes, sha256_files
+from centra.io import read_json, sha256_bytes, sha256_file
 from centra.train.data import Columns, parse_label_names
 from centra.train.finetune import TrainConfig
 from centra.train.pipeline import KINDS, TaskJob
@@ -47,6 +47,17 @@ class Training:
     teacher_logits: str | None = None
     attach_layer: int | None = None
     cache_gb: float = 4.0
+
+
+# the JSON types each training setting takes (ints are accepted for floats; bools only where named)
+SETTING_TYPES: dict[str, tuple[type, ...]] = {
+    "layers": (str,), "student_layers": (int,), "threshold": (int, float), "epochs": (int,), "batch_size": (int,),
+    "lr": (int, float), "head_lr": (int, float), "metric": (str,), "alpha": (int, float),
+    "temperature": (int, float), "seed": (int,), "max_train_examples": (int,), "max_length": (int,),
+    "pooling": (str,), "reference": (bool,), "teacher_logits": (str,), "attach_layer": (int,),
+    "cache_gb": (int, float),
+}
+OPTIONAL_SETTINGS = {name for name, value in vars(Training()).items() if value is None}
 
 
 @dataclass
@@ -97,14 +108,18 @@ def read_recipe(folder: Path) -> Recipe:
     settings = data.get("training", {})
     if not isinstance(settings, dict):
         raise bad("'training' must be an object")
-    known = {f.name: f for f in fields(Training)}
     for key, value in settings.items():
-        if key not in known:
+        if key not in SETTING_TYPES:
             raise bad(f"unknown setting training.{key}")
-        default = getattr(Training(), key)
-        if value is not None and default is not None and not isinstance(value, type(default)) and \
-                not (isinstance(default, float) and isinstance(value, int)):
-            raise bad(f"training.{key} must be {type(default).__name__}")
+        allowed = SETTING_TYPES[key]
+        ok = value is None and key in OPTIONAL_SETTINGS or \
+            isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+        if not ok:
+            names = " or ".join(t.__name__ for t in allowed) + (" or null" if key in OPTIONAL_SETTINGS else "")
+            raise bad(f"training.{key} must be {names}, not {json.dumps(value)}")
+    label_names = block.get("label_names")
+    if isinstance(label_names, str) and label_names.startswith("@") and len(label_names) == 1:
+        raise bad("data.label_names '@' names no file")
     return Recipe(Path(folder).name, data["kind"], block, Training(**settings), data.get("backbone", "default"))
 
 
@@ -119,7 +134,15 @@ def data_root(explicit: Path | None = None) -> Path:
 
 
 def data_files(recipe: Recipe, root: Path) -> dict[str, Path]:
-    return {split: (Path(root) / recipe.data[split]) for split in ("train", "dev")}
+    """Every file a recipe trains from, by role: train, dev, and the label-names and teacher-logits
+    files when it names them (paths relative to the data root, or absolute)."""
+    files = {split: Path(root) / recipe.data[split] for split in ("train", "dev")}
+    names = recipe.data.get("label_names")
+    if isinstance(names, str) and names.startswith("@"):
+        files["label_names"] = Path(root) / names[1:]
+    if recipe.training.teacher_logits:
+        files["teacher_logits"] = Path(root) / recipe.training.teacher_logits
+    return files
 
 
 def source_of(recipe: Recipe, root: Path, fingerprint: str) -> dict:
@@ -129,8 +152,8 @@ def source_of(recipe: Recipe, root: Path, fingerprint: str) -> dict:
     if missing:
         raise CentraError(f"{missing[0]}: file not found (data of recipe {recipe.name!r}; set --data or "
                           "$CENTRA_DATA to the folder its paths are relative to)")
-    return {"recipe_sha256": recipe.sha256, "data_sha256": sha256_files(list(files.values())),
-            "backbone_fingerprint": fingerprint}
+    digest = sha256_bytes("".join(f"{role}={sha256_file(path)}\n" for role, path in sorted(files.items())).encode())
+    return {"recipe_sha256": recipe.sha256, "data_sha256": digest, "backbone_fingerprint": fingerprint}
 
 
 def stale_reason(folder: Path, recipe: Recipe, root: Path, fingerprint: str) -> str | None:
@@ -144,6 +167,9 @@ def stale_reason(folder: Path, recipe: Recipe, root: Path, fingerprint: str) -> 
         return "task.json unreadable"
     if not isinstance(spec, dict) or not spec.get("trained"):
         return "untrained"
+    head = Path(folder) / HEAD_FILE
+    if not head.is_file() or sha256_file(head) != spec.get("head_sha256"):
+        return "head file missing or corrupt"
     recorded = spec.get("source") if isinstance(spec.get("source"), dict) else {}
     now = source_of(recipe, root, fingerprint)
     for key, what in (("recipe_sha256", "recipe"), ("data_sha256", "data"), ("backbone_fingerprint", "backbone")):
@@ -163,10 +189,10 @@ def job_from(recipe: Recipe, root: Path, fingerprint: str) -> TaskJob:
     tc = TrainConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, head_lr=t.head_lr, seed=t.seed,
                      metric=t.metric, alpha=t.alpha, temperature=t.temperature)
     return TaskJob(name=recipe.name, kind=recipe.kind, train=files["train"], dev=files["dev"], columns=columns,
-                   label_names=parse_label_names(d.get("label_names"), files["train"].parent),
+                   label_names=parse_label_names(d.get("label_names"), Path(root)),
                    layers=parse_range(t.layers), student_layers=t.student_layers,
-                   threshold=1.0 if t.threshold is None else t.threshold, reference=t.reference,
-                   teacher_logits=Path(root) / t.teacher_logits if t.teacher_logits else None,
+                   threshold=1.0 if t.threshold is None else float(t.threshold), reference=t.reference,
+                   teacher_logits=files.get("teacher_logits"),
                    attach_layer=t.attach_layer, max_train_examples=t.max_train_examples, max_length=t.max_length,
                    pooling=t.pooling, cache_gb=t.cache_gb, source=source_of(recipe, root, fingerprint),
                    train_config=tc)

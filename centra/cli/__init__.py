@@ -34,7 +34,7 @@ def positive_int(value: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from centra.cli import demo, models, results, tasks
+    from centra.cli import demo, models, results, serve, tasks
 
     common = Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_parsers(sub, common)
     demo.add_parser(sub, common)
     results.add_parser(sub, common)
+    serve.add_parsers(sub, common)
     return parser
 
 

@@ -1,0 +1,95 @@
+"""Commands over the gRPC server: serve a merged model, classify texts with a running server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from centra.errors import CentraError
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from centra.runtime.engine import Engine
+    from centra.serve.server import ServeOptions, run_server
+
+    options = ServeOptions(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                           max_queue=args.max_queue, max_inputs_per_call=args.max_inputs_per_call,
+                           max_call_bytes=args.max_call_bytes)
+    options.check()  # before the model is loaded
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    engine = Engine.load(Path(args.model), batch_size=args.max_batch)
+
+    def ready(server) -> None:
+        print(f"serving {len(engine.specs)} tasks of {args.model} version {engine.version} "
+              f"on {options.host}:{server.port}", flush=True)
+
+    asyncio.run(run_server(engine, options, ready=ready))
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from centra.cli.models import read_texts
+    from centra.client import Client
+
+    if not args.timeout > 0:
+        raise CentraError(f"classify: --timeout must be > 0 seconds, not {args.timeout}")
+    texts = read_texts(args)
+    pairs = args.pair
+    if pairs is not None and len(pairs) == 1 and len(texts) > 1:
+        pairs = pairs * len(texts)  # one --pair applies to every text, as in predict
+    with Client(args.server, timeout=args.timeout) as client:
+        answers = client.classify(texts, args.task, pairs)
+    for answer in answers:  # the dicts of Engine.predict: the lines of `centra predict`, exactly
+        print(json.dumps(answer, ensure_ascii=False))
+    return 0
+
+
+def port_number(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {value!r}") from None
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 0..65535 (0: any free port), got {number}")
+    return number
+
+
+def non_negative_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not number >= 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
+    return number
+
+
+def add_parsers(sub, common) -> None:
+    from centra.cli import positive_int
+
+    p = sub.add_parser("serve", parents=[common], help="serve a merged model over gRPC (Ctrl-C or SIGTERM stops)")
+    p.add_argument("--model", required=True, help="merged model folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    p.add_argument("--port", type=port_number, default=50051, help="default 50051; 0: any free port")
+    p.add_argument("--max-batch", type=positive_int, default=32, help="rows per engine run (default 32)")
+    p.add_argument("--max-wait-ms", type=non_negative_float, default=5.0,
+                   help="how long a call may wait for others to share its batch (default 5)")
+    p.add_argument("--max-queue", type=positive_int, default=1024,
+                   help="queued rows beyond which calls are refused with RESOURCE_EXHAUSTED (default 1024)")
+    p.add_argument("--max-inputs-per-call", type=positive_int, default=256)
+    p.add_argument("--max-call-bytes", type=positive_int, default=1 << 20,
+                   help="UTF-8 bytes of texts, pairs and ids in one call (default 1 MiB)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("classify", parents=[common],
+                       help="classify texts with a running server, the JSON lines of `centra predict`")
+    p.add_argument("--server", required=True, help="HOST:PORT of a `centra serve`")
+    p.add_argument("--task", action="append", help="task to run (repeatable; default: all that fit the input)")
+    p.add_argument("--pair", action="append", help="second text of a pair (once, or once per text)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer (default 10)")
+    p.add_argument("texts", nargs="*", help="texts to classify ('-' or none: one per line on stdin)")
+    p.set_defaults(func=cmd_classify)

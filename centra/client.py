@@ -1,0 +1,135 @@
+"""A blocking client of the centra gRPC server: the same answers as `Engine.predict`, from a server.
+
+    with Client("127.0.0.1:50051", timeout=10) as client:
+        client.classify(["the delivery was late"], tasks=["sentiment"])
+
+grpc is imported inside the methods (this module is light: no torch). Every grpc failure becomes one
+CentraError line (`RemoteError`, with the status code's name).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from centra.errors import CentraError
+
+
+class RemoteError(CentraError):
+    """The server refused the call, or could not be reached; `code` is the gRPC status code's name."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
+
+
+class Client:
+    def __init__(self, target: str, timeout: float = 10.0, *, credentials=None,
+                 metadata: Sequence[tuple[str, str]] = ()):
+        """`credentials`: grpc.ChannelCredentials for TLS (insecure channel if None); `metadata`: sent with
+        every call (e.g. an authorization token)."""
+        import grpc
+
+        from centra.serve.v1 import centra_pb2_grpc
+
+        if not timeout > 0:
+            raise CentraError(f"timeout must be > 0 seconds, not {timeout}")
+        self.target = target
+        self.timeout = timeout
+        self.metadata = tuple(metadata)
+        self._channel = (grpc.secure_channel(target, credentials) if credentials is not None
+                         else grpc.insecure_channel(target))
+        self._stub = centra_pb2_grpc.ClassifierStub(self._channel)
+        self._tasks: dict[str, dict] = {}  # from ListTasks, for the model version below
+        self._version: str | None = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def list_tasks(self) -> dict:
+        """The served model: version, backbone, overhead and every task (name, kind, labels, input, ...)."""
+        from centra.serve.v1 import centra_pb2 as pb
+
+        reply = self._call(self._stub.ListTasks, pb.ListTasksRequest())
+        tasks = [{"name": t.name, "kind": t.kind, "labels": list(t.labels), "input": t.input,
+                  "max_length": t.max_length, "attach_layer": t.attach_layer, "task_layers": t.task_layers}
+                 for t in reply.tasks]
+        self._tasks, self._version = {t["name"]: t for t in tasks}, reply.model_version
+        return {"model_version": reply.model_version, "backbone_id": reply.backbone_id,
+                "backbone_fingerprint": reply.backbone_fingerprint, "overhead_layers": reply.overhead_layers,
+                "tasks": tasks}
+
+    def classify(self, texts: Sequence[str], tasks: Sequence[str] | None = None,
+                 pairs: Sequence[str] | None = None, ids: Sequence[str] | None = None) -> list[dict]:
+        """One dict per text and task, as `Engine.predict` gives them (text, pair, task, label | labels |
+        value, scores, truncated), plus "id" when ids are given. `pairs`: one second text per text, or None."""
+        for what, items in (("pair texts", pairs), ("ids", ids)):
+            if items is not None and len(items) != len(texts):
+                raise CentraError(f"{len(texts)} texts but {len(items)} {what}: give one per text")
+        request = self._request(texts, tasks, pairs, ids)
+        for _ in range(2):  # a reload between the answer and ListTasks: ask once more
+            reply = self._call(self._stub.Classify, request)
+            if reply.model_version != self._version:
+                self.list_tasks()  # the labels that name the scores
+            if reply.model_version == self._version:
+                break
+        else:
+            raise CentraError(f"{self.target}: the served model changed during the call; retry")
+        answers = []
+        for i, result in enumerate(reply.results):
+            for task in result.tasks:
+                answer = self._answer(task, texts[i], pairs[i] if pairs is not None else None)
+                if ids is not None:
+                    answer["id"] = result.id
+                answers.append(answer)
+        return answers
+
+    def _request(self, texts, tasks, pairs, ids):
+        from centra.serve.v1 import centra_pb2 as pb
+
+        inputs = []
+        for i, text in enumerate(texts):
+            try:
+                inputs.append(pb.Input(text=text, text_pair=pairs[i] if pairs is not None else "",
+                                       id=ids[i] if ids is not None else ""))
+            except (TypeError, ValueError) as exc:  # not a str, or a lone surrogate (not UTF-8)
+                raise CentraError(f"input {i}: {' '.join(str(exc).split())}") from None
+        return pb.ClassifyRequest(inputs=inputs, tasks=list(tasks or []))
+
+    def _answer(self, task, text: str, pair: str | None) -> dict:
+        info = self._tasks[task.task]
+        answer = {"text": text, "pair": pair} if pair is not None and info["input"] == "pair" else {"text": text}
+        answer["task"] = task.task
+        # Scores travel as float32; the server rounded them to 6 decimals, so rounding again gives its numbers.
+        scores = {label: round(score, 6) for label, score in zip(info["labels"], task.scores)}
+        if task.HasField("label"):
+            answer["label"] = task.label
+        elif task.HasField("value"):
+            answer["value"] = task.value
+            scores = {info["labels"][0]: task.value}  # exact: the value travels as a double
+        else:
+            answer["labels"] = list(task.labels)
+        answer["scores"] = scores
+        answer["truncated"] = task.truncated
+        return answer
+
+    def _call(self, method, request):
+        import grpc
+
+        try:
+            return method(request, timeout=self.timeout, metadata=self.metadata or None)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            details = " ".join((exc.details() or "").split())
+            if code == grpc.StatusCode.UNAVAILABLE:
+                message = f"cannot reach the centra server at {self.target} ({details})"
+            elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                message = f"{self.target} gave no answer within {self.timeout:g} s"
+            else:
+                message = f"{self.target}: {code.name}: {details}"
+            raise RemoteError(message, code.name) from None

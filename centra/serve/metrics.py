@@ -1,0 +1,89 @@
+"""Prometheus metrics of one server: calls and errors by code, latency, inputs per task, batch sizes,
+queue time, the served model version and reloads. One registry per server (tests run several)."""
+
+from __future__ import annotations
+
+import time
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        r = self.registry = CollectorRegistry()
+        self.calls = Counter("centra_calls", "gRPC calls by method and status code", ["method", "code"], registry=r)
+        self.latency = Histogram("centra_call_seconds", "gRPC call latency, by method", ["method"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.inputs = Counter("centra_inputs", "Inputs classified, by task", ["task"], registry=r)
+        self.batch_rows = Histogram("centra_batch_rows", "Rows (inputs) per engine batch", buckets=ROW_BUCKETS,
+                                    registry=r)
+        self.batch_calls = Histogram("centra_batch_calls", "Calls merged into one engine batch", buckets=ROW_BUCKETS,
+                                     registry=r)
+        self.queue_seconds = Histogram("centra_queue_seconds", "Time a call waited before its batch ran",
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_seconds = Histogram("centra_batch_seconds", "Engine time per batch", buckets=LATENCY_BUCKETS,
+                                       registry=r)
+        self.model = Gauge("centra_model_version", "The served model version (value 1)", ["version"], registry=r)
+        self.reloads = Counter("centra_reloads", "Model reloads, by result (ok, failed)", ["result"], registry=r)
+
+    def set_version(self, version: str) -> None:
+        self.model.clear()
+        self.model.labels(version=version or "unversioned").set(1)
+
+    def observe_batch(self, rows: int, calls: int, waits: list[float], seconds: float,
+                      tasks: dict[str, int]) -> None:
+        self.batch_rows.observe(rows)
+        self.batch_calls.observe(calls)
+        self.batch_seconds.observe(seconds)
+        for wait in waits:
+            self.queue_seconds.observe(wait)
+        for task, count in tasks.items():
+            self.inputs.labels(task=task).inc(count)
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+    def serve_http(self, host: str, port: int):
+        """Expose /metrics on host:port; returns the HTTP server (its .server_port is the bound port)."""
+        from prometheus_client import start_http_server
+
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server
+
+
+def metrics_interceptor(metrics: Metrics):
+    """A grpc.aio server interceptor counting every unary call by method and final status code."""
+    import grpc
+
+    class MetricsInterceptor(grpc.aio.ServerInterceptor):
+        async def intercept_service(self, continuation, details):
+            handler = await continuation(details)
+            if handler is None or handler.unary_unary is None:
+                return handler
+            method = details.method.rsplit("/", 1)[-1]
+            inner = handler.unary_unary
+
+            async def timed(request, context):
+                start = time.perf_counter()
+                code = grpc.StatusCode.UNKNOWN
+                try:
+                    response = await inner(request, context)
+                    code = context.code() or grpc.StatusCode.OK
+                    return response
+                except BaseException:
+                    code = context.code() or grpc.StatusCode.UNKNOWN
+                    raise
+                finally:
+                    name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+                    metrics.calls.labels(method=method, code=name).inc()
+                    metrics.latency.labels(method=method).observe(time.perf_counter() - start)
+
+            return grpc.unary_unary_rpc_method_handler(timed, request_deserializer=handler.request_deserializer,
+                                                       response_serializer=handler.response_serializer)
+
+    return MetricsInterceptor()

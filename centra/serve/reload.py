@@ -1,0 +1,86 @@
+"""Zero-downtime reload: follow the merged model's `current` pointer.
+
+`centra merge` into the served folder is all a user does. The watcher reads the pointer every
+`interval` seconds (a readlink; SIGHUP checks at once); on a new version it loads it beside the old one
+in a worker thread, warms it up, and hands it over in one assignment (`swap`). Batches already formed
+keep the engine they bound to, so in-flight calls finish on the old version. A version that fails to
+load (corrupt, invalid) keeps the old one serving: one log line, a metric, and no retry until the
+pointer moves again or SIGHUP asks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from centra.errors import CentraError
+from centra.io import current_version
+
+log = logging.getLogger("centra.serve")
+DEFAULT_INTERVAL = 1.0
+
+
+class ModelWatcher:
+    def __init__(self, model_dir: Path, version: str, load: Callable[[Path], object],
+                 swap: Callable[[object, str], None], on_result: Callable[[str], None] | None = None,
+                 interval: float = DEFAULT_INTERVAL):
+        self.model_dir = Path(model_dir)
+        self.version = version
+        self.load, self.swap, self.on_result = load, swap, on_result or (lambda result: None)
+        self.interval = interval
+        self.failed: str | None = None  # a version that failed: not retried until asked
+        self._wake = asyncio.Event()
+        self._forced = False
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="centra-model-watcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    def poke(self) -> None:
+        """Check now, and retry a version that failed before (SIGHUP)."""
+        self._forced = True
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.check()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the watcher never dies
+                log.error("centra: reload check failed: %s", str(exc).splitlines()[0] if str(exc) else exc)
+
+    async def check(self) -> bool:
+        """Load and swap in the published version when it changed; True when a new one serves."""
+        forced, self._forced = self._forced, False
+        found = current_version(self.model_dir)
+        if found is None or found[0] == self.version or (found[0] == self.failed and not forced):
+            return False
+        name, folder = found
+        try:
+            engine = await asyncio.to_thread(self.load, folder)
+        except CentraError as exc:
+            self.failed = name
+            log.error("centra: reload of %s failed, still serving %s: %s", name, self.version, exc)
+            self.on_result("failed")
+            return False
+        old, self.version, self.failed = self.version, name, None
+        self.swap(engine, name)
+        log.info("centra: reloaded %s -> %s", old, name)
+        self.on_result("ok")
+        return True

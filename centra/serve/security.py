@@ -1,0 +1,78 @@
+"""Security options, off by default: TLS credentials and a bearer-token check. The token is compared in
+constant time and never logged; health checks stay open so that a load balancer can probe."""
+
+from __future__ import annotations
+
+import hmac
+from pathlib import Path
+
+from centra.errors import CentraError
+
+OPEN_METHODS = ("/grpc.health.v1.Health/",)
+
+
+def read_secret(path: Path, what: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise CentraError(f"{path}: file not found ({what})") from None
+    except OSError as exc:
+        raise CentraError(f"{path}: cannot read {what} ({exc.strerror})") from None
+    if not data.strip():
+        raise CentraError(f"{path}: empty file ({what})")
+    return data
+
+
+def read_token(path: Path) -> str:
+    token = read_secret(path, "token file").decode("utf-8", errors="strict").strip()
+    if any(c.isspace() for c in token):
+        raise CentraError(f"{path}: the token must be one word on one line")
+    return token
+
+
+def tls_credentials(cert: Path, key: Path):
+    """Server credentials from a PEM certificate chain and its private key."""
+    import grpc
+
+    return grpc.ssl_server_credentials([(read_secret(key, "TLS key"), read_secret(cert, "TLS certificate"))])
+
+
+def token_interceptor(token: str):
+    """Refuse, UNAUTHENTICATED, a call without `authorization: Bearer <token>` (health checks excepted)."""
+    import grpc
+
+    expected = f"Bearer {token}".encode()
+
+    async def refuse(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+    class TokenInterceptor(grpc.aio.ServerInterceptor):
+        async def intercept_service(self, continuation, details):
+            if details.method.startswith(OPEN_METHODS):
+                return await continuation(details)
+            given = dict(details.invocation_metadata or ()).get("authorization", "")
+            if hmac.compare_digest(given.encode(), expected):
+                return await continuation(details)
+            handler = await continuation(details)
+            if handler is None:
+                return None
+            if handler.unary_unary is not None:
+                return grpc.unary_unary_rpc_method_handler(refuse, request_deserializer=handler.request_deserializer,
+                                                           response_serializer=handler.response_serializer)
+            if handler.unary_stream is not None:  # server reflection streams
+                async def refuse_stream(request, context):
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+                    yield  # pragma: no cover
+                return grpc.unary_stream_rpc_method_handler(refuse_stream,
+                                                            request_deserializer=handler.request_deserializer,
+                                                            response_serializer=handler.response_serializer)
+            if handler.stream_stream is not None:
+                async def refuse_streams(requests, context):
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+                    yield  # pragma: no cover
+                return grpc.stream_stream_rpc_method_handler(refuse_streams,
+                                                             request_deserializer=handler.request_deserializer,
+                                                             response_serializer=handler.response_serializer)
+            return handler
+
+    return TokenInterceptor()

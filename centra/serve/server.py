@@ -1,0 +1,218 @@
+"""The gRPC server: a thin Classifier servicer over the batcher, health checking, reflection, and a
+graceful shutdown (health NOT_SERVING, `stop(grace)`, drain the batcher).
+
+Each servicer method converts the request (convert.py), awaits the batcher, converts back. One mapping
+(`status_of`) turns centra's errors into status codes; anything else is INTERNAL, logged here with its
+traceback and answered with one line that carries none.
+
+Extension points (used by other modules, not here): `CentraServer(interceptors=...)` takes any
+`grpc.aio.ServerInterceptor`s (metrics, auth), in the order given, around every service including health
+and reflection; `credentials=` a `grpc.ServerCredentials` (TLS) for the listening port;
+`swap_engine(engine)` replaces the served engine in one assignment (reload); per-batch figures reach
+`server.batcher.listeners` (callables taking a BatchRecord) and `server.batcher.stats`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from centra.errors import CentraError
+from centra.runtime.engine import Engine
+from centra.serve.batcher import Batcher
+from centra.serve.convert import Limits, ServeError, parser, response_to_pb, rows_from_pb, tasks_to_pb
+
+log = logging.getLogger("centra.serve")
+SERVICE = "centra.v1.Classifier"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0: any free port (CentraServer.start returns the one bound)
+    max_batch: int = 32  # rows per engine run (a single larger call still runs whole)
+    max_wait_ms: float = 5.0  # how long the oldest queued call may wait for others to join its batch
+    max_queue: int = 1024  # queued rows beyond which calls are refused (RESOURCE_EXHAUSTED)
+    max_inputs_per_call: int = 256
+    max_call_bytes: int = 1 << 20  # UTF-8 bytes of texts, pairs and ids in one call
+    grace_s: float = 5.0  # on shutdown, in-flight calls get this long to finish
+    drain_s: float = 0.0  # on shutdown, health says NOT_SERVING this long before the port closes
+
+    def check(self) -> None:
+        """One-line refusals of bad options, before anything is loaded."""
+        if not self.host:
+            raise CentraError("--host must not be empty")
+        if not 0 <= self.port <= 65535:
+            raise CentraError(f"--port must be in 0..65535, not {self.port}")
+        for name in ("max_batch", "max_queue", "max_inputs_per_call", "max_call_bytes"):
+            if getattr(self, name) < 1:
+                raise CentraError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(self, name)}")
+        for name in ("max_wait_ms", "grace_s", "drain_s"):
+            if not getattr(self, name) >= 0:  # also refuses NaN
+                raise CentraError(f"{name} must be >= 0, not {getattr(self, name)}")
+        if self.max_queue < self.max_inputs_per_call:
+            raise CentraError(f"--max-queue ({self.max_queue}) must be >= --max-inputs-per-call "
+                              f"({self.max_inputs_per_call}), or the largest allowed call could never be queued")
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.max_inputs_per_call, self.max_call_bytes)
+
+
+def status_of(exc: BaseException) -> tuple[str, str]:
+    """centra's errors -> (gRPC status code name, one-line message). Anything else is a server fault."""
+    if isinstance(exc, ServeError):
+        return exc.code, " ".join(str(exc).split())
+    if isinstance(exc, CentraError):
+        return "INVALID_ARGUMENT", " ".join(str(exc).split())
+    return "INTERNAL", "internal error; the server log has the details"
+
+
+def mapped(method):
+    """Answer a servicer method's exceptions with the status code `status_of` gives."""
+
+    @functools.wraps(method)
+    async def guarded(self, request, context):
+        import grpc
+
+        try:
+            return await method(self, request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            code, message = status_of(exc)
+            if code == "INTERNAL":
+                log.exception("%s failed", method.__name__)
+            await context.abort(getattr(grpc.StatusCode, code), message)
+    return guarded
+
+
+class ClassifierServicer:
+    """centra.v1.Classifier: convert, await the batcher, convert back."""
+
+    def __init__(self, batcher: Batcher, limits: Limits):
+        self.batcher = batcher
+        self.limits = limits
+
+    @mapped
+    async def Classify(self, request, context):
+        rows = rows_from_pb(request, self.batcher.engine, self.limits)
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
+        done = await self.batcher.submit(rows, deadline)
+        return response_to_pb(request, rows, done.engine, done.results)
+
+    @mapped
+    async def ListTasks(self, request, context):
+        return tasks_to_pb(self.batcher.engine)
+
+
+def add_classifier(server, servicer: ClassifierServicer) -> None:
+    """Register the servicer. Unlike the generated add_ClassifierServicer_to_server, requests that do not
+    parse (bad UTF-8) reach the servicer as `Unparsed` and get INVALID_ARGUMENT, not UNKNOWN."""
+    import grpc
+
+    from centra.serve.v1 import centra_pb2 as pb
+
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(getattr(servicer, name), request_deserializer=parser(request),
+                                                  response_serializer=response.SerializeToString)
+        for name, request, response in (("Classify", pb.ClassifyRequest, pb.ClassifyResponse),
+                                        ("ListTasks", pb.ListTasksRequest, pb.ListTasksResponse))}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
+
+class CentraServer:
+    """One grpc.aio server over one batcher, with health and reflection. Start and stop it in one loop."""
+
+    def __init__(self, engine: Engine, options: ServeOptions | None = None, *, interceptors: Sequence = (),
+                 credentials=None):
+        self.options = options or ServeOptions()
+        self.options.check()
+        self.batcher = Batcher(engine, self.options.max_batch, self.options.max_wait_ms, self.options.max_queue)
+        self.interceptors = list(interceptors)
+        self.credentials = credentials
+        self.port: int | None = None
+        self.health = None  # grpc_health's aio HealthServicer, once started
+        self._server = None
+
+    @property
+    def engine(self) -> Engine:
+        return self.batcher.engine
+
+    def swap_engine(self, engine: Engine) -> Engine:
+        """Serve `engine` from the next batch on (one assignment; batches already formed finish on the old
+        one). Returns the old engine. The caller loads and warms the new engine first."""
+        old, self.batcher.engine = self.batcher.engine, engine
+        return old
+
+    async def start(self) -> int:
+        """Bind, start serving, health SERVING; returns the bound port."""
+        import grpc
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+        from grpc_reflection.v1alpha import reflection
+
+        opts = self.options
+        # grpc's own size limit sits above ours, so an oversized call gets our one-line INVALID_ARGUMENT.
+        receive = max(4 << 20, 2 * opts.max_call_bytes + (64 << 10))
+        server = grpc.aio.server(interceptors=self.interceptors, options=[
+            ("grpc.max_receive_message_length", receive),
+            ("grpc.so_reuseport", 0)])  # a port already in use is an error, not a second server sharing it
+        add_classifier(server, ClassifierServicer(self.batcher, opts.limits))
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        address = f"{opts.host}:{opts.port}"
+        try:
+            port = (server.add_secure_port(address, self.credentials) if self.credentials is not None
+                    else server.add_insecure_port(address))
+        except RuntimeError:
+            raise CentraError(f"cannot listen on {address} (address in use, or not this machine's?)") from None
+        await server.start()
+        await self.batcher.start()
+        self._server, self.port = server, port
+        for service in ("", SERVICE):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        return port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING (for drain_s), stop accepting calls, give in-flight ones `grace` seconds
+        (default: options.grace_s), then drain the batcher."""
+        if self._server is None:
+            return
+        grace = self.options.grace_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self.options.drain_s:
+            await asyncio.sleep(self.options.drain_s)
+        await self._server.stop(grace)
+        await self.batcher.close(timeout=grace)
+        self._server = None
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+async def run_server(engine: Engine, options: ServeOptions, *, ready: Callable[[CentraServer], None] | None = None,
+                     interceptors: Sequence = (), credentials=None) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully. `ready(server)` runs once listening."""
+    server = CentraServer(engine, options, interceptors=interceptors, credentials=credentials)
+    await server.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        if ready is not None:
+            ready(server)
+        await stopping.wait()
+        log.info("shutting down: NOT_SERVING, %.1f s grace for in-flight calls", options.grace_s)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await server.stop()

@@ -1,0 +1,476 @@
+"""The gRPC server: client == in-process engine, batching across calls, health, reflection, refusals by
+status code, admission control, deadlines, a failing call failing alone, the CLI, and the stubs."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import grpc
+import pytest
+from conftest import CORPUS, PAIRS, TEXTS
+from helpers import make_tasks
+
+from centra.cli import main
+from centra.client import Client, RemoteError
+from centra.core.backbone import Backbone
+from centra.core.merge import plan_merge, write_merged
+from centra.errors import CentraError
+from centra.runtime.engine import Engine, Row
+from centra.serve.batcher import Batcher
+from centra.serve.convert import Limits, ServeError, rows_from_pb
+from centra.serve.server import CentraServer, ServeOptions
+from centra.serve.v1 import centra_pb2 as pb
+from centra.serve.v1 import centra_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+TOLERANCE = 1e-5  # scores and values, client vs in-process engine (other batch sizes: other padding)
+CODE = grpc.StatusCode
+LONG_TEXT = " ".join(CORPUS[:6])  # over the tasks' max_length of 48 tokens: truncated
+
+
+@pytest.fixture(scope="module")
+def model_out(tiny_models, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("served")
+    make_tasks(Backbone.load(tiny_models["bert"]), root / "tasks")
+    write_merged(plan_merge([root / "tasks"]), root / "out")
+    return root / "out"
+
+
+@pytest.fixture(scope="module")
+def engine(model_out) -> Engine:
+    return Engine.load(model_out)  # batch size 32, as `centra predict`
+
+
+@pytest.fixture(scope="module")
+def reference(model_out) -> Engine:
+    return Engine.load(model_out, batch_size=4)
+
+
+class Running:
+    """A CentraServer on a free loopback port, in its own event loop thread."""
+
+    def __init__(self, engine, **options):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = CentraServer(engine, ServeOptions(port=0, **options))
+        self.target = f"127.0.0.1:{self.do(self.server.start())}"
+        self.channel = grpc.insecure_channel(self.target)
+        self.stub = centra_pb2_grpc.ClassifierStub(self.channel)
+
+    def do(self, coro, timeout: float = 20):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.do(self.server.stop(0.5))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+        self.loop.close()
+
+
+@pytest.fixture
+def serve():
+    started: list[Running] = []
+    yield lambda engine, **options: started.append(Running(engine, **options)) or started[-1]
+    for running in started:
+        running.close()
+
+
+@pytest.fixture(scope="module")
+def running(engine):
+    server = Running(engine)
+    yield server
+    server.close()
+
+
+class Gated:
+    """An engine that records the texts of every run and, while its gate is closed, waits in run()."""
+
+    def __init__(self, engine: Engine, fail_on: str | None = None, version: str | None = None):
+        self.engine, self.fail_on, self._version = engine, fail_on, version
+        self.gate, self.entered = threading.Event(), threading.Event()
+        self.gate.set()
+        self.seen: list[str] = []
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    @property
+    def version(self) -> str:
+        return self._version or self.engine.version
+
+    def run(self, rows: list[Row]):
+        self.seen += [row.text for row in rows]
+        self.entered.set()
+        assert self.gate.wait(20), "the test never opened the gate"
+        if self.fail_on in (row.text for row in rows):
+            raise RuntimeError("poisoned row")
+        return self.engine.run(rows)
+
+
+def request(texts, tasks=(), pairs=None, ids=None) -> pb.ClassifyRequest:
+    return pb.ClassifyRequest(tasks=list(tasks), inputs=[
+        pb.Input(text=t, text_pair=pairs[i] if pairs else "", id=ids[i] if ids else "") for i, t in enumerate(texts)])
+
+
+def wait_until(condition, timeout: float = 10) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def assert_same(got: list[dict], want: list[dict]) -> None:
+    """The same answers: keys in order, labels equal, scores and values within TOLERANCE."""
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        if "truncated" in w:
+            assert g["truncated"] == w["truncated"]
+        g, w = ({k: v for k, v in x.items() if k not in ("truncated", "id")} for x in (g, w))
+        assert list(g) == list(w)
+        assert {k: v for k, v in g.items() if k not in ("scores", "value")} == \
+            {k: v for k, v in w.items() if k not in ("scores", "value")}
+        assert abs(g.get("value", 0) - w.get("value", 0)) < TOLERANCE
+        assert list(g["scores"]) == list(w["scores"])
+        assert max(abs(g["scores"][k] - w["scores"][k]) for k in w["scores"]) < TOLERANCE
+
+
+def test_round_trip_equals_engine_predict(running, reference):
+    texts = [*TEXTS, LONG_TEXT]
+    pairs = [*PAIRS, "a pair"]
+    with Client(running.target, timeout=10) as client:
+        for tasks, with_pairs in [(None, False), (None, True), (["gamma", "alpha"], False), (["delta", "beta"], True)]:
+            got = client.classify(texts, tasks, pairs if with_pairs else None, ids=[f"id{i}" for i in range(7)])
+            assert_same(got, reference.predict(texts, pairs if with_pairs else None, tasks))
+            assert [a["truncated"] for a in got] == [a["text"] == LONG_TEXT for a in got]
+            assert [a["id"] for a in got] == [f"id{texts.index(a['text'])}" for a in got]
+        listed = client.list_tasks()
+    assert [t["name"] for t in listed["tasks"]] == list(reference.specs)
+    assert listed["tasks"][0] == {"name": "alpha", "kind": "multiclass", "labels": ["neg", "neu", "pos"],
+                                  "input": "single", "max_length": 48, "attach_layer": 1, "task_layers": 1}
+    manifest = reference.manifest
+    assert (listed["model_version"], listed["backbone_fingerprint"], listed["overhead_layers"]) == \
+        (manifest["version"], manifest["backbone"]["fingerprint"], manifest["overhead_layers"])
+
+
+CALLS = [  # texts, tasks, pairs: different task sets, single and pair tokens
+    (TEXTS[:2], ["alpha"], None), (TEXTS[2:5], ["beta", "gamma"], None), (TEXTS[1:3], None, None),
+    (TEXTS[:3], ["delta"], PAIRS[:3]), (TEXTS[3:6], ["epsilon", "alpha"], None), (TEXTS[4:6], None, PAIRS[4:6]),
+    ([LONG_TEXT], ["gamma"], None), (TEXTS, ["delta", "beta"], PAIRS)]
+
+
+def test_concurrent_calls_share_batches_and_equal_one_by_one(serve, engine, reference):
+    gated = Gated(engine)
+    run = serve(gated, max_batch=64)
+    records = []
+    run.server.batcher.listeners.append(records.append)
+    gated.gate.clear()  # the first call holds the engine, so the other seven queue behind it
+    with Client(run.target, timeout=20) as client, ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(client.classify, CALLS[0][0], CALLS[0][1], CALLS[0][2])]
+        assert gated.entered.wait(10)
+        futures += [pool.submit(client.classify, texts, tasks, pairs) for texts, tasks, pairs in CALLS[1:]]
+        queued = sum(len(texts) for texts, _, _ in CALLS[1:])
+        wait_until(lambda: run.server.batcher.queued_rows == queued)
+        gated.gate.set()
+        together = [f.result(timeout=20) for f in futures]
+        stats = run.server.batcher.stats
+        assert (stats.calls, stats.batches, stats.max_batch_rows) == (8, 2, queued), "seven calls, one batch"
+        for (texts, tasks, pairs), got in zip(CALLS, together):
+            assert_same(got, client.classify(texts, tasks, pairs))
+            assert_same(got, reference.predict(texts, pairs, tasks))
+    assert stats.batches == 2 + len(CALLS)
+    assert [(r.calls, r.rows, len(r.waits)) for r in records[:2]] == [(1, 2, 1), (7, queued, 7)]
+    assert records[1].tasks["delta"] == 3 + 2 + 6 and records[1].tasks["alpha"] == 3 + 2 + 2
+
+
+def test_health_and_reflection(running):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    health = health_pb2_grpc.HealthStub(running.channel)
+    for service in ("", "centra.v1.Classifier"):
+        reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    database = ProtoReflectionDescriptorDatabase(running.channel)
+    assert "centra.v1.Classifier" in database.get_services()
+    from google.protobuf.descriptor_pool import DescriptorPool
+    methods = DescriptorPool(database).FindServiceByName("centra.v1.Classifier").methods_by_name
+    assert set(methods) == {"Classify", "ListTasks"}
+
+
+BAD = [  # name, request, code, part of the message
+    ("no inputs", request([]), CODE.INVALID_ARGUMENT, "no inputs"),
+    ("empty text", request([""]), CODE.INVALID_ARGUMENT, "text 0 is empty"),
+    ("blank text", request(["fine", " \n "]), CODE.INVALID_ARGUMENT, "text 1 is empty"),
+    ("huge text", request(["ab " * 40_000]), CODE.INVALID_ARGUMENT, "the limit is 100,000"),
+    ("pair to a single-text task", request(["a"], ["alpha"], ["b"]), CODE.INVALID_ARGUMENT, "no task asked for"),
+    ("no pair for a pair task", request(["a"], ["alpha", "delta"]), CODE.INVALID_ARGUMENT, "'delta' takes text pairs"),
+    ("pairs on some inputs", request(["a", "b"], (), ["x", ""]), CODE.INVALID_ARGUMENT, "input 0 has a text_pair"),
+    ("blank pair", request(["a"], ["delta"], [" "]), CODE.INVALID_ARGUMENT, "pair text 0 is empty"),
+    ("unknown task", request(["a"], ["alpha", "nope"]), CODE.NOT_FOUND, "unknown task 'nope'"),
+    ("too many inputs", request(["a"] * 257), CODE.INVALID_ARGUMENT, "257 inputs in one call"),
+    ("too many bytes", request(["xy " * 33_000] * 11), CODE.INVALID_ARGUMENT, "1,089,000 bytes"),
+]
+
+
+@pytest.mark.parametrize("name,bad,code,message", BAD, ids=[row[0] for row in BAD])
+def test_bad_input_gets_its_code_and_the_server_goes_on(running, name, bad, code, message):
+    with pytest.raises(grpc.RpcError) as err:
+        running.stub.Classify(bad, timeout=10)
+    assert err.value.code() == code and message in err.value.details(), err.value.details()
+    assert "\n" not in err.value.details()
+    assert len(running.stub.Classify(request(["still serving"]), timeout=10).results) == 1
+
+
+def test_bytes_that_are_not_utf8_are_invalid_argument(running):
+    raw = running.channel.unary_unary("/centra.v1.Classifier/Classify")
+    with pytest.raises(grpc.RpcError) as err:
+        raw(b"\n\x04\n\x02\xff\xfe", timeout=10)  # inputs[0].text = b"\xff\xfe"
+    assert err.value.code() == CODE.INVALID_ARGUMENT and "UTF-8" in err.value.details()
+    surrogate = SimpleNamespace(inputs=[SimpleNamespace(text="ok \ud800", text_pair="", id="")], tasks=[])
+    with pytest.raises(ServeError, match="input 0: text is not valid UTF-8") as refused:
+        rows_from_pb(surrogate, running.server.engine, Limits())
+    assert refused.value.code == "INVALID_ARGUMENT"
+    with pytest.raises(CentraError, match="input 0"):
+        Client(running.target).classify(["\ud800"])
+
+
+def test_full_queue_is_refused_at_once(serve, engine):
+    gated = Gated(engine)
+    run = serve(gated, max_batch=4, max_queue=4, max_inputs_per_call=4)
+    gated.gate.clear()
+    first = run.stub.Classify.future(request(["computing"]), timeout=20)
+    assert gated.entered.wait(10)
+    queued = run.stub.Classify.future(request(["queued"] * 4), timeout=20)
+    wait_until(lambda: run.server.batcher.queued_rows == 4)
+    start = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        run.stub.Classify(request(["one too many"]), timeout=10)
+    assert err.value.code() == CODE.RESOURCE_EXHAUSTED and "retry later" in err.value.details()
+    assert time.monotonic() - start < 2 and not gated.gate.is_set(), "refused while the engine was still busy"
+    gated.gate.set()
+    assert len(first.result(timeout=20).results) == 1 and len(queued.result(timeout=20).results) == 4
+    assert run.server.batcher.stats.rejected == 1 and "one too many" not in gated.seen
+
+
+def test_calls_expired_or_cancelled_in_the_queue_are_never_computed(serve, engine):
+    gated = Gated(engine)
+    run = serve(gated)
+    gated.gate.clear()
+    first = run.stub.Classify.future(request(["computing"]), timeout=20)
+    assert gated.entered.wait(10)
+    late = run.stub.Classify.future(request(["deadline canary"]), timeout=0.3)
+    gone = run.stub.Classify.future(request(["cancel canary"]), timeout=20)
+    wait_until(lambda: run.server.batcher.queued_rows == 2)
+    gone.cancel()
+    with pytest.raises(grpc.RpcError) as err:
+        late.result(timeout=10)
+    assert err.value.code() == CODE.DEADLINE_EXCEEDED
+    pending = run.server.batcher._pending  # the server sees the cancellation a moment later
+    wait_until(lambda: all(call.future.done() for call in pending))
+    gated.gate.set()
+    first.result(timeout=20)
+    stats = run.server.batcher.stats
+    wait_until(lambda: stats.expired + stats.cancelled == 2)
+    run.stub.Classify(request(["after"]), timeout=10)
+    assert gated.seen == ["computing", "after"]
+
+
+def test_batcher_checks_deadlines_when_it_forms_a_batch(engine):
+    """Without grpc cancelling the caller: the batcher's own check drops the expired call."""
+    gated = Gated(engine)
+    gated.gate.clear()
+
+    async def scenario():
+        batcher = Batcher(gated, max_batch=8, max_wait_ms=0, max_queue=16)
+        await batcher.start()
+        loop = asyncio.get_running_loop()
+        first = asyncio.ensure_future(batcher.submit([Row("computing", None, ("alpha",))]))
+        assert await asyncio.to_thread(gated.entered.wait, 10)
+        late = asyncio.ensure_future(batcher.submit([Row("deadline canary", None, ("alpha",))], loop.time() + 0.05))
+        await asyncio.sleep(0.2)
+        gated.gate.set()
+        assert len((await asyncio.wait_for(first, 20)).results) == 1
+        with pytest.raises(ServeError) as err:
+            await asyncio.wait_for(late, 20)
+        await batcher.close(5)
+        return err.value.code, batcher.stats
+
+    code, stats = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert code == "DEADLINE_EXCEEDED" and stats.expired == 1 and gated.seen == ["computing"]
+
+
+def test_batcher_loop_survives_a_fault_outside_the_engine(engine):
+    """A fault of the loop itself (here: the engine's task table) fails that batch's calls, not the loop."""
+
+    class Faulty:
+        faults = 1
+
+        def __getattr__(self, name):
+            return getattr(engine, name)
+
+        @property
+        def specs(self):
+            if Faulty.faults:
+                Faulty.faults -= 1
+                raise KeyError("task table gone")
+            return engine.specs
+
+    async def scenario():
+        batcher = Batcher(Faulty(), max_batch=8, max_wait_ms=0, max_queue=16)
+        batcher.listeners.append(lambda record: 1 / 0)  # a failing listener is logged and ignored
+        await batcher.start()
+        with pytest.raises(KeyError):
+            await asyncio.wait_for(batcher.submit([Row("first", None, ("alpha",))]), 20)
+        after = await asyncio.wait_for(batcher.submit([Row("second", None, ("alpha",))]), 20)
+        await batcher.close(5)
+        return after, batcher.stats
+
+    after, stats = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert len(after.results) == 1 and "alpha" in after.results[0].logits and stats.batches == 1
+
+
+def test_engine_failure_fails_only_its_call(serve, engine, caplog):
+    gated = Gated(engine, fail_on="poison")
+    run = serve(gated, max_batch=64)
+    gated.gate.clear()
+    first = run.stub.Classify.future(request(["computing"]), timeout=20)
+    assert gated.entered.wait(10)
+    calls = [request(["fine one"]), request(["poison", "and a neighbour"]), request(["fine two"], ["beta"])]
+    futures = [run.stub.Classify.future(call, timeout=20) for call in calls]
+    wait_until(lambda: run.server.batcher.queued_rows == 4)
+    with caplog.at_level(logging.ERROR, logger="centra.serve"):
+        gated.gate.set()
+        first.result(timeout=20)
+        assert futures[0].result(timeout=20).results[0].tasks[0].task == "alpha"
+        assert [t.task for t in futures[2].result(timeout=20).results[0].tasks] == ["beta"]
+        with pytest.raises(grpc.RpcError) as err:
+            futures[1].result(timeout=20)
+    assert err.value.code() == CODE.INTERNAL
+    assert "poisoned" not in err.value.details() and "Traceback" not in err.value.details()
+    assert "poisoned row" in caplog.text, "the traceback goes to the server log"
+    stats = run.server.batcher.stats
+    assert (stats.batches, stats.retried_batches, stats.failed_calls) == (2, 1, 1)
+    assert len(run.stub.Classify(request(["still serving"]), timeout=10).results) == 1
+
+
+def test_swapped_engine_serves_from_the_next_batch(serve, engine):
+    old, new = Gated(engine), Gated(engine, version="v-new")
+    run = serve(old)
+    old.gate.clear()
+    first = run.stub.Classify.future(request(["computing"]), timeout=20)
+    assert old.entered.wait(10)
+    assert run.server.swap_engine(new) is old
+    old.gate.set()
+    assert first.result(timeout=20).model_version == engine.version, "a formed batch keeps its engine"
+    assert run.stub.Classify(request(["next"]), timeout=10).model_version == "v-new"
+    assert new.seen == ["next"]
+
+
+def test_shutdown_drains(serve, engine):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    gated = Gated(engine)
+    run = serve(gated, drain_s=0.5)
+    gated.gate.clear()
+    in_flight = run.stub.Classify.future(request(["in flight"]), timeout=20)
+    assert gated.entered.wait(10)
+    stopping = asyncio.run_coroutine_threadsafe(run.server.stop(grace=10), run.loop)
+    reply = health_pb2_grpc.HealthStub(run.channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    gated.gate.set()
+    assert len(in_flight.result(timeout=20).results) == 1, "an in-flight call finishes during the grace"
+    stopping.result(timeout=20)
+    with pytest.raises(grpc.RpcError) as err:
+        run.stub.Classify(request(["too late"]), timeout=5)
+    assert err.value.code() == CODE.UNAVAILABLE
+
+
+def test_cli_classify_prints_the_lines_of_predict(running, model_out, capsys):
+    for extra in ([], ["--task", "gamma", "--task", "beta"], ["--pair", PAIRS[0]]):
+        assert main(["predict", "--model", str(model_out), *extra, *TEXTS[:3]]) == 0
+        want = capsys.readouterr().out
+        assert main(["classify", "--server", running.target, *extra, *TEXTS[:3]]) == 0
+        assert capsys.readouterr().out == want and want.count("\n") >= 3
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["classify", "--server", "127.0.0.1:1", "--timeout", "3", "hello"], "cannot reach the centra server"),
+    (["serve", "--model", "nowhere", "--max-queue", "8"], "--max-queue (8) must be >= --max-inputs-per-call"),
+    (["serve", "--model", "nowhere", "--port", "70000"], "must be in 0..65535"),
+])
+def test_cli_errors_are_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("centra: error: ") and message in err and err.count("\n") == 1
+
+
+def test_serve_on_a_port_in_use_is_one_line(running, model_out, capsys):
+    port = running.target.rsplit(":", 1)[1]
+    assert main(["serve", "--model", str(model_out), "--port", port]) == 2
+    err = capsys.readouterr().err
+    assert err == f"centra: error: cannot listen on 127.0.0.1:{port} (address in use, or not this machine's?)\n"
+
+
+def test_client_errors_name_the_code(running):
+    with pytest.raises(RemoteError, match="NOT_FOUND: unknown task 'nope'") as err:
+        Client(running.target, timeout=5).classify(["hi"], ["nope"])
+    assert err.value.code == "NOT_FOUND"
+
+
+def test_centra_serve_command_stops_on_sigterm(model_out):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "centra.cli", "serve", "--model", str(model_out), "--port", "0"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(60)
+        assert lines and lines[0].startswith("serving 5 tasks of "), proc.stderr.read() if proc.poll() else lines
+        target = lines[0].split(" on ")[-1].strip()
+        assert Client(target, timeout=10).classify(["hello"], ["alpha"])[0]["task"] == "alpha"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_client_module_does_not_import_torch():
+    code = "import sys, centra.client, centra.serve.v1.centra_pb2_grpc; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "False", done.stderr
+
+
+def test_stubs_match_the_proto(tmp_path):
+    from importlib.metadata import version
+
+    pytest.importorskip("grpc_tools")
+
+    committed = ROOT / "centra" / "serve" / "v1"
+    made_by = next(line.split("'")[1] for line in (committed / "centra_pb2_grpc.py").read_text().splitlines()
+                   if line.startswith("GRPC_GENERATED_VERSION"))
+    if version("grpcio-tools") != made_by:
+        pytest.skip(f"stubs made by grpcio-tools {made_by}, {version('grpcio-tools')} installed")
+    spec = importlib.util.spec_from_file_location("gen_protos", ROOT / "tools" / "gen_protos.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    written = gen.generate(tmp_path)
+    assert sorted(p.name for p in written) == sorted(gen.OUTPUTS)
+    for path in written:
+        assert path.read_bytes() == (committed / path.name).read_bytes(), f"{path.name}: run tools/gen_protos.py"

@@ -420,7 +420,7 @@ def test_cli_errors_are_one_line(argv, message, capsys):
 
 def test_serve_on_a_port_in_use_is_one_line(running, model_out, capsys):
     port = running.target.rsplit(":", 1)[1]
-    assert main(["serve", "--model", str(model_out), "--port", port]) == 2
+    assert main(["serve", "--model", str(model_out), "--port", port, "--metrics-port", "0"]) == 2
     err = capsys.readouterr().err
     assert err == f"centra: error: cannot listen on 127.0.0.1:{port} (address in use, or not this machine's?)\n"
 
@@ -433,7 +433,8 @@ def test_client_errors_name_the_code(running):
 
 def test_centra_serve_command_stops_on_sigterm(model_out):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "centra.cli", "serve", "--model", str(model_out), "--port", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "centra.cli", "serve", "--model", str(model_out), "--port", "0",
+                             "--metrics-port", "0"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         lines: list[str] = []

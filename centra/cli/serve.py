@@ -13,22 +13,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from centra.runtime.engine import Engine
-    from centra.serve.server import ServeOptions, run_server
+    from centra.serve.app import AppOptions, serve_model
+    from centra.serve.server import ServeOptions
 
     options = ServeOptions(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                            max_queue=args.max_queue, max_inputs_per_call=args.max_inputs_per_call,
                            max_call_bytes=args.max_call_bytes)
+    app = AppOptions(metrics_host=args.host, metrics_port=None if args.no_metrics else args.metrics_port,
+                     watch=not args.no_watch, tls_cert=_path(args.tls_cert), tls_key=_path(args.tls_key),
+                     token_file=_path(args.token_file))
     options.check()  # before the model is loaded
+    app.check()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    engine = Engine.load(Path(args.model), batch_size=args.max_batch)
 
-    def ready(server) -> None:
-        print(f"serving {len(engine.specs)} tasks of {args.model} version {engine.version} "
+    def ready(server, metrics_port) -> None:
+        print(f"serving {len(server.engine.specs)} tasks of {args.model} version {server.engine.version} "
               f"on {options.host}:{server.port}", flush=True)
+        extras = [f"metrics at http://{args.host}:{metrics_port}/metrics" if metrics_port is not None else
+                  "no metrics", "follows new versions (SIGHUP: check now)" if not args.no_watch else "no reload",
+                  "TLS" if args.tls_cert else "plaintext", "token required" if args.token_file else "no token"]
+        print(f"  {'; '.join(extras)}", flush=True)
 
-    asyncio.run(run_server(engine, options, ready=ready))
+    asyncio.run(serve_model(Path(args.model), options, app, ready=ready))
     return 0
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
@@ -41,7 +52,18 @@ def cmd_classify(args: argparse.Namespace) -> int:
     pairs = args.pair
     if pairs is not None and len(pairs) == 1 and len(texts) > 1:
         pairs = pairs * len(texts)  # one --pair applies to every text, as in predict
-    with Client(args.server, timeout=args.timeout) as client:
+    credentials, metadata = None, ()
+    if args.tls_ca:
+        import grpc
+
+        from centra.serve.security import read_secret
+
+        credentials = grpc.ssl_channel_credentials(root_certificates=read_secret(Path(args.tls_ca), "TLS CA"))
+    if args.token_file:
+        from centra.serve.security import read_token
+
+        metadata = (("authorization", f"Bearer {read_token(Path(args.token_file))}"),)
+    with Client(args.server, timeout=args.timeout, credentials=credentials, metadata=metadata) as client:
         answers = client.classify(texts, args.task, pairs)
     for answer in answers:  # the dicts of Engine.predict: the lines of `centra predict`, exactly
         print(json.dumps(answer, ensure_ascii=False))
@@ -83,6 +105,15 @@ def add_parsers(sub, common) -> None:
     p.add_argument("--max-inputs-per-call", type=positive_int, default=256)
     p.add_argument("--max-call-bytes", type=positive_int, default=1 << 20,
                    help="UTF-8 bytes of texts, pairs and ids in one call (default 1 MiB)")
+    p.add_argument("--metrics-port", type=port_number, default=9400,
+                   help="Prometheus /metrics on --host at this port (default 9400; 0: any free port)")
+    p.add_argument("--no-metrics", action="store_true", help="no metrics endpoint")
+    p.add_argument("--no-watch", action="store_true",
+                   help="do not follow the published `current` pointer (default: reload new versions; SIGHUP "
+                   "checks at once)")
+    p.add_argument("--tls-cert", help="PEM certificate chain: serve over TLS (with --tls-key)")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--token-file", help="file holding a bearer token every call must carry (never logged)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("classify", parents=[common],
@@ -91,5 +122,7 @@ def add_parsers(sub, common) -> None:
     p.add_argument("--task", action="append", help="task to run (repeatable; default: all that fit the input)")
     p.add_argument("--pair", action="append", help="second text of a pair (once, or once per text)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer (default 10)")
+    p.add_argument("--tls-ca", help="PEM root certificate to verify a TLS server (turns TLS on)")
+    p.add_argument("--token-file", help="file holding the server's bearer token")
     p.add_argument("texts", nargs="*", help="texts to classify ('-' or none: one per line on stdin)")
     p.set_defaults(func=cmd_classify)

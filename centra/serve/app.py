@@ -1,0 +1,110 @@
+"""`centra serve` assembled: the server, Prometheus metrics, the model watcher (reload), TLS and a token.
+
+`serve_model` loads and warms the model, starts the server and the metrics endpoint, follows the
+published `current` pointer (SIGHUP checks at once), and on SIGTERM or SIGINT shuts down gracefully:
+health NOT_SERVING, in-flight calls drained, then the port closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from centra.errors import CentraError
+from centra.runtime.engine import Engine, Row
+from centra.serve.metrics import Metrics, metrics_interceptor
+from centra.serve.reload import DEFAULT_INTERVAL, ModelWatcher
+from centra.serve.server import CentraServer, ServeOptions
+
+log = logging.getLogger("centra.serve")
+
+
+@dataclass(frozen=True)
+class AppOptions:
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = 9400  # None: no metrics endpoint
+    watch: bool = True
+    watch_interval: float = DEFAULT_INTERVAL
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    token_file: Path | None = None
+
+    def check(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise CentraError("give both --tls-cert and --tls-key, or neither")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise CentraError(f"--metrics-port must be in 0..65535, not {self.metrics_port}")
+        if not self.watch_interval > 0:
+            raise CentraError(f"the watch interval must be > 0 seconds, not {self.watch_interval}")
+
+
+def load_engine(folder: Path, batch_size: int) -> Engine:
+    """Load a merged model and warm it up (one row through every task), before it serves a call."""
+    engine = Engine.load(Path(folder), batch_size=batch_size)
+    names = tuple(engine.specs)
+    engine.run([Row("warm up", "warm up", names)])
+    return engine
+
+
+def build(model: Path, options: ServeOptions, app: AppOptions) -> tuple[CentraServer, Metrics, ModelWatcher | None]:
+    """Everything checked and loaded, nothing listening yet."""
+    from centra.core.merge import model_folder
+    from centra.serve.security import read_token, tls_credentials, token_interceptor
+
+    options.check()
+    app.check()
+    credentials = tls_credentials(app.tls_cert, app.tls_key) if app.tls_cert else None
+    token = read_token(app.token_file) if app.token_file else None
+    folder = model_folder(model)  # the pointer read once: the version loaded is the version watched from
+    engine = load_engine(folder, options.max_batch)
+    metrics = Metrics()
+    metrics.set_version(engine.version)
+    interceptors = [metrics_interceptor(metrics)]
+    if token is not None:
+        interceptors.append(token_interceptor(token))  # after metrics: refused calls are counted too
+    server = CentraServer(engine, options, interceptors=interceptors, credentials=credentials)
+    server.batcher.listeners.append(
+        lambda r: metrics.observe_batch(r.rows, r.calls, list(r.waits), r.compute_s, r.tasks))
+    watcher = None
+    versioned = folder != Path(model) and app.watch  # a version folder given directly is not watched
+    if versioned:
+        def swap(new: Engine, version: str) -> None:
+            server.swap_engine(new)
+            metrics.set_version(version)
+
+        watcher = ModelWatcher(Path(model), engine.version, lambda f: load_engine(f, options.max_batch), swap,
+                               on_result=lambda result: metrics.reloads.labels(result=result).inc(),
+                               interval=app.watch_interval)
+    return server, metrics, watcher
+
+
+async def serve_model(model: Path, options: ServeOptions, app: AppOptions,
+                      ready: Callable[[CentraServer, int | None], None] | None = None) -> None:
+    """Serve until SIGTERM or SIGINT; SIGHUP checks the published pointer at once."""
+    server, metrics, watcher = await asyncio.to_thread(build, model, options, app)
+    await server.start()
+    http = metrics.serve_http(app.metrics_host, app.metrics_port) if app.metrics_port is not None else None
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    if watcher is not None:
+        watcher.start()
+        loop.add_signal_handler(signal.SIGHUP, watcher.poke)
+    try:
+        if ready is not None:
+            ready(server, http.server_port if http is not None else None)
+        await stopping.wait()
+        log.info("shutting down: NOT_SERVING, %.1f s grace for in-flight calls", options.grace_s)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        if watcher is not None:
+            await watcher.stop()
+        await server.stop()
+        if http is not None:
+            http.shutdown()

@@ -54,11 +54,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
         pairs = pairs * len(texts)  # one --pair applies to every text, as in predict
     credentials, metadata = None, ()
     if args.tls_ca:
-        import grpc
+        from centra.serve.security import channel_credentials
 
-        from centra.serve.security import read_secret
-
-        credentials = grpc.ssl_channel_credentials(root_certificates=read_secret(Path(args.tls_ca), "TLS CA"))
+        credentials = channel_credentials(Path(args.tls_ca))
     if args.token_file:
         from centra.serve.security import read_token
 

@@ -37,6 +37,13 @@ def tls_credentials(cert: Path, key: Path):
     return grpc.ssl_server_credentials([(read_secret(key, "TLS key"), read_secret(cert, "TLS certificate"))])
 
 
+def channel_credentials(ca: Path):
+    """Client credentials that trust the PEM root certificate(s) in `ca`."""
+    import grpc
+
+    return grpc.ssl_channel_credentials(root_certificates=read_secret(ca, "TLS CA"))
+
+
 def token_interceptor(token: str):
     """Refuse, UNAUTHENTICATED, a call without `authorization: Bearer <token>` (health checks excepted)."""
     import grpc

@@ -16,6 +16,7 @@ import pytest
 from conftest import TEXTS
 from helpers import STANDARD_TASKS, make_task, make_tasks
 
+from centra.cli import main
 from centra.core.backbone import Backbone
 from centra.core.merge import MANIFEST, plan_merge, write_merged
 from centra.io import CURRENT, VERSIONS, current_version
@@ -169,7 +170,7 @@ def test_metrics_count_calls_by_code_batches_and_inputs(published, apps):
     assert 'centra_model_version{version="v000001"} 1.0' in text
 
 
-def test_token_is_required_and_never_logged(published, apps, tmp_path, caplog):
+def test_token_is_required_and_never_logged(published, apps, tmp_path, caplog, capsys):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     (tmp_path / "token").write_text("s3cret-token\n")
@@ -182,6 +183,11 @@ def test_token_is_required_and_never_logged(published, apps, tmp_path, caplog):
     health = health_pb2_grpc.HealthStub(app.channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert health.status == health_pb2.HealthCheckResponse.SERVING, "health checks need no token"
     assert 'centra_calls_total{code="UNAUTHENTICATED",method="Classify"} 3.0' in app.scrape()
+    assert main(["classify", "--server", app.target, "--token-file", str(tmp_path / "token"), "--task", "alpha",
+                 "hello"]) == 0
+    assert json.loads(capsys.readouterr().out)["task"] == "alpha"
+    assert main(["classify", "--server", app.target, "--task", "alpha", "hello"]) == 2
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
     assert "s3cret" not in caplog.text
 
 
@@ -199,3 +205,4 @@ def test_tls(published, apps, tmp_path):
     with pytest.raises(grpc.RpcError) as err:
         classify(plain)
     assert err.value.code() == CODE.UNAVAILABLE, "a plaintext client cannot talk to a TLS server"
+    assert main(["classify", "--server", app.target, "--tls-ca", str(cert), "--task", "alpha", "hello"]) == 0

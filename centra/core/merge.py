@@ -8,6 +8,7 @@ missing, changed or added file, naming it. A refused or crashed merge leaves OUT
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,8 +91,14 @@ def _backbone_hint(spec: TaskSpec) -> str:
     return path if path and Path(path).is_dir() else spec.backbone["id"]
 
 
-def write_merged(plan: MergePlan, out: Path, keep_versions: int = DEFAULT_KEEP_VERSIONS) -> dict:
-    """Publish a new version of OUT from a validated plan; return its manifest."""
+def write_merged(plan: MergePlan, out: Path, keep_versions: int = DEFAULT_KEEP_VERSIONS,
+                 extend: Callable[[Path, dict], dict] | None = None) -> dict:
+    """Publish a new version of OUT from a validated plan; return its manifest.
+
+    `extend(stage, manifest)`, when given, runs after the torch files are staged and before anything is
+    hashed: it writes what another runtime needs into the staged version (e.g. ONNX graphs, checked for
+    parity there) and returns fields to add to the manifest (e.g. {"engine": {...}}). Its files are
+    hashed and published with the rest, in the same atomic step."""
     from safetensors.torch import save_file
 
     bb, depth = plan.backbone, plan.trunk_depth
@@ -125,8 +132,10 @@ def write_merged(plan: MergePlan, out: Path, keep_versions: int = DEFAULT_KEEP_V
             "tasks": entries,
             "overhead_layers": plan.overhead_layers,
             "single_task_layers": plan.single_task_layers,
-            "files": hash_tree(stage),
         })
+        if extend is not None:
+            written.update(extend(stage, dict(written)))
+        written["files"] = hash_tree(stage)
         write_json(stage / MANIFEST, written)
 
     publish_version(Path(out), MODEL_KIND, build, lambda stage: load_merged(stage), keep_versions)

@@ -66,3 +66,5 @@ def test_demo_untrained_runs(tmp_path, capsys):
     assert "UNTRAINED DEMO TASKS" in out and "overhead: 15 layers per request" in out
     assert "counted by forward hooks: 15 (equals the manifest's 15)" in out
     assert "merged graph, all 5 tasks" in out and (tmp_path / "model" / "current" / "manifest.json").is_file()
+    assert "gRPC server on 127.0.0.1:" in out and "one Classify call for all texts and tasks" in out
+    assert "the same answers as in process: yes; server stopped" in out

@@ -52,7 +52,7 @@ def run_demo(tasks_dir: Path, workdir: Path, data: Path | None = None, untrained
                 f"no recipes in {tasks_dir}"
             print(f"\n{why}; using untrained tasks.")
         print("\nUNTRAINED DEMO TASKS: the branches are copies of backbone layers with freshly initialised "
-              "classifiers, so their answers are meaningless; the demo shows the merged graph, not quality.\n")
+              "classifiers, so their answers are meaningless; the demo shows the merged graph, not quality.")
         merge_dir = workdir / "untrained-tasks"
         for folder in task_dirs(merge_dir) if merge_dir.is_dir() else []:
             if folder.name not in {row[0] for row in DEMO_TASKS}:
@@ -95,16 +95,7 @@ def run_demo(tasks_dir: Path, workdir: Path, data: Path | None = None, untrained
           f"{manifest['overhead_layers']})")
     texts, pairs = SAMPLE_TEXTS[:6], SAMPLE_PAIRS[:6]
     label = "answers (untrained)" if merge_dir != tasks_dir else "answers"
-    print(f"\n{label}, one merged call for all texts and tasks:")
-    by_text: dict[str, list[str]] = {}
-    for answer in engine.predict(texts, pairs):
-        shown = answer.get("label", answer.get("labels", answer.get("value")))
-        if isinstance(shown, list):
-            shown = "+".join(shown) or "-"
-        by_text.setdefault(answer["text"], []).append(f"{answer['task']}={shown}")
-    for text, parts in by_text.items():
-        print(f"  {text[:58]!r}")
-        print(f"      {'  '.join(parts)}")
+    _through_grpc(out, texts, pairs, label, engine.predict(texts, pairs))
 
     print("\nverify: merged vs standalone per task")
     for check in verify(engine):
@@ -112,6 +103,37 @@ def run_demo(tasks_dir: Path, workdir: Path, data: Path | None = None, untrained
 
     _timing(engine, backbone)
     return 0
+
+
+def _through_grpc(out: Path, texts: list[str], pairs: list[str], label: str, local: list[dict]) -> None:
+    """Serve the published model on a free loopback port, ask it through the client, stop it."""
+    from centra.client import Client
+    from centra.serve.app import load_engine
+    from centra.serve.background import BackgroundServer
+
+    with BackgroundServer(load_engine(out, 32)) as server, Client(server.target, timeout=30) as client:
+        print(f"\ngRPC server on {server.target} (centra serve --model {out}); ListTasks:")
+        served = client.list_tasks()
+        print(f"  model {served['model_version']} on {served['backbone_id']}, {served['overhead_layers']} layers "
+              "per request")
+        for task in served["tasks"]:
+            print(f"  {task['name']:<11} {task['kind']:<10} {task['input']:<6} attach layer {task['attach_layer']} "
+                  f"+ {task['task_layers']}: {', '.join(task['labels'])}")
+        answers = client.classify(texts, pairs=pairs)
+        print(f"\n{label}, one Classify call for all texts and tasks:")
+        by_text: dict[str, list[str]] = {}
+        for answer in answers:
+            shown = answer.get("label", answer.get("labels", answer.get("value")))
+            if isinstance(shown, list):
+                shown = "+".join(shown) or "-"
+            by_text.setdefault(answer["text"], []).append(f"{answer['task']}={shown}")
+        for text, parts in by_text.items():
+            print(f"  {text[:58]!r}")
+            print(f"      {'  '.join(parts)}")
+    same = len(answers) == len(local) and all(
+        {k: v for k, v in a.items() if k != "scores"} == {k: v for k, v in b.items() if k != "scores"} and
+        max(abs(a["scores"][k] - b["scores"][k]) for k in b["scores"]) < 1e-5 for a, b in zip(answers, local))
+    print(f"  the same answers as in process: {'yes' if same else 'NO'}; server stopped")
 
 
 def _timing(engine: Engine, backbone: Backbone, repeats: int = 3) -> None:

@@ -41,6 +41,6 @@ def extra_pass_warnings(specs: Iterable[TaskSpec]) -> list[str]:
         many = len(p["tasks"]) > 1
         names = ", ".join(repr(n) for n in p["tasks"])
         lines.append(f"task{'s' if many else ''} {names} ({p['input']} input, max_length {p['max_length']}) "
-                     f"read other tokens than the rest: a trunk pass of {'their' if many else 'its'} own, "
+                     f"{'read' if many else 'reads'} other tokens than the rest: a trunk pass of {'their' if many else 'its'} own, "
                      f"+{p['depth']} layer{'s' if p['depth'] != 1 else ''} per request")
     return lines

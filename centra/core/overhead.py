@@ -40,7 +40,8 @@ def extra_pass_warnings(specs: Iterable[TaskSpec]) -> list[str]:
     for p in (p for p in passes if p is not main):
         many = len(p["tasks"]) > 1
         names = ", ".join(repr(n) for n in p["tasks"])
+        verb, own = ("read", "their") if many else ("reads", "its")
         lines.append(f"task{'s' if many else ''} {names} ({p['input']} input, max_length {p['max_length']}) "
-                     f"{'read' if many else 'reads'} other tokens than the rest: a trunk pass of {'their' if many else 'its'} own, "
+                     f"{verb} other tokens than the rest: a trunk pass of {own} own, "
                      f"+{p['depth']} layer{'s' if p['depth'] != 1 else ''} per request")
     return lines

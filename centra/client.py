@@ -39,8 +39,7 @@ class Client:
         self._channel = (grpc.secure_channel(target, credentials) if credentials is not None
                          else grpc.insecure_channel(target))
         self._stub = centra_pb2_grpc.ClassifierStub(self._channel)
-        self._tasks: dict[str, dict] = {}  # from ListTasks, for the model version below
-        self._version: str | None = None
+        self._catalogs: dict[str, dict[str, dict]] = {}  # model version -> its tasks (from ListTasks)
 
     def __enter__(self) -> Client:
         return self
@@ -59,7 +58,8 @@ class Client:
         tasks = [{"name": t.name, "kind": t.kind, "labels": list(t.labels), "input": t.input,
                   "max_length": t.max_length, "attach_layer": t.attach_layer, "task_layers": t.task_layers}
                  for t in reply.tasks]
-        self._tasks, self._version = {t["name"]: t for t in tasks}, reply.model_version
+        # one assignment per version: threads sharing this client never see a half-updated catalog
+        self._catalogs = {**self._catalogs, reply.model_version: {t["name"]: t for t in tasks}}
         return {"model_version": reply.model_version, "backbone_id": reply.backbone_id,
                 "backbone_fingerprint": reply.backbone_fingerprint, "overhead_layers": reply.overhead_layers,
                 "tasks": tasks}
@@ -74,16 +74,17 @@ class Client:
         request = self._request(texts, tasks, pairs, ids)
         for _ in range(2):  # a reload between the answer and ListTasks: ask once more
             reply = self._call(self._stub.Classify, request)
-            if reply.model_version != self._version:
-                self.list_tasks()  # the labels that name the scores
-            if reply.model_version == self._version:
+            if reply.model_version not in self._catalogs:
+                self.list_tasks()  # the labels that name the scores, for that version
+            catalog = self._catalogs.get(reply.model_version)
+            if catalog is not None:
                 break
         else:
             raise CentraError(f"{self.target}: the served model changed during the call; retry")
         answers = []
         for i, result in enumerate(reply.results):
             for task in result.tasks:
-                answer = self._answer(task, texts[i], pairs[i] if pairs is not None else None)
+                answer = self._answer(catalog, task, texts[i], pairs[i] if pairs is not None else None)
                 if ids is not None:
                     answer["id"] = result.id
                 answers.append(answer)
@@ -101,8 +102,11 @@ class Client:
                 raise CentraError(f"input {i}: {' '.join(str(exc).split())}") from None
         return pb.ClassifyRequest(inputs=inputs, tasks=list(tasks or []))
 
-    def _answer(self, task, text: str, pair: str | None) -> dict:
-        info = self._tasks[task.task]
+    def _answer(self, catalog: dict[str, dict], task, text: str, pair: str | None) -> dict:
+        info = catalog.get(task.task)
+        if info is None or len(info["labels"]) != len(task.scores):
+            raise CentraError(f"{self.target}: the answer for task {task.task!r} does not match the served "
+                              "model's task list; retry")
         answer = {"text": text, "pair": pair} if pair is not None and info["input"] == "pair" else {"text": text}
         answer["task"] = task.task
         # Scores travel as float32; the server rounded them to 6 decimals, so rounding again gives its numbers.

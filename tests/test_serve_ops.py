@@ -110,7 +110,9 @@ def test_reload_under_load_loses_no_call_and_switches_version(published, tiny_mo
                 break
             deadline.wait(0.05)
         count = len(replies)
-        while len(replies) < count + 5:  # a few calls on the new version
+        for _ in range(500):  # a few calls on the new version (bounded: a dead client fails, never hangs)
+            if len(replies) >= count + 5 or not thread.is_alive():
+                break
             deadline.wait(0.02)
     finally:
         stop.set()
@@ -206,3 +208,36 @@ def test_tls(published, apps, tmp_path):
         classify(plain)
     assert err.value.code() == CODE.UNAVAILABLE, "a plaintext client cannot talk to a TLS server"
     assert main(["classify", "--server", app.target, "--tls-ca", str(cert), "--task", "alpha", "hello"]) == 0
+
+
+class Slow:
+    """An engine whose runs take `seconds` (a call's deadline passes while it is computed)."""
+
+    def __init__(self, engine, seconds: float):
+        self.engine, self.seconds = engine, seconds
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def run(self, rows):
+        threading.Event().wait(self.seconds)
+        return self.engine.run(rows)
+
+
+def test_metrics_count_deadlines_and_cancelled_calls(published, apps):
+    app = apps(published / "out", watch=False)
+    app.server.swap_engine(Slow(app.server.engine, 1.0))
+    with pytest.raises(grpc.RpcError) as err:
+        app.stub.Classify(pb.ClassifyRequest(inputs=[pb.Input(text="x")], tasks=["alpha"]), timeout=0.3)
+    assert err.value.code() == CODE.DEADLINE_EXCEEDED
+    call = app.stub.Classify.future(pb.ClassifyRequest(inputs=[pb.Input(text="y")], tasks=["alpha"]), timeout=20)
+    threading.Event().wait(0.2)
+    call.cancel()
+    for _ in range(100):
+        text = app.scrape()
+        if 'code="CANCELLED"' in text and 'code="DEADLINE_EXCEEDED"' in text:
+            break
+        threading.Event().wait(0.05)
+    assert 'centra_calls_total{code="DEADLINE_EXCEEDED",method="Classify"} 1.0' in text
+    assert 'centra_calls_total{code="CANCELLED",method="Classify"} 1.0' in text
+    assert 'code="UNKNOWN"' not in text

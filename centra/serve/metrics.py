@@ -3,6 +3,7 @@ queue time, the served model version and reloads. One registry per server (tests
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -75,6 +76,11 @@ def metrics_interceptor(metrics: Metrics):
                     response = await inner(request, context)
                     code = context.code() or grpc.StatusCode.OK
                     return response
+                except asyncio.CancelledError:  # grpc cancels the handler: the deadline passed, or the client left
+                    remaining = context.time_remaining()
+                    code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 \
+                        else grpc.StatusCode.CANCELLED
+                    raise
                 except BaseException:
                     code = context.code() or grpc.StatusCode.UNKNOWN
                     raise

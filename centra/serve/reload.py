@@ -34,6 +34,7 @@ class ModelWatcher:
         self._wake = asyncio.Event()
         self._forced = False
         self._task: asyncio.Task | None = None
+        self._last_error: str | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="centra-model-watcher")
@@ -62,8 +63,13 @@ class ModelWatcher:
                 await self.check()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # the watcher never dies
-                log.error("centra: reload check failed: %s", str(exc).splitlines()[0] if str(exc) else exc)
+            except Exception as exc:  # the watcher never dies; a fault it keeps hitting is logged once
+                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                if message != self._last_error:
+                    log.error("centra: reload check failed: %s", message)
+                self._last_error = message
+            else:
+                self._last_error = None
 
     async def check(self) -> bool:
         """Load and swap in the published version when it changed; True when a new one serves."""
@@ -73,10 +79,11 @@ class ModelWatcher:
             return False
         name, folder = found
         try:
-            engine = await asyncio.to_thread(self.load, folder)
-        except CentraError as exc:
+            engine = await asyncio.to_thread(self.load, folder)  # load and warm up, beside the old one
+        except Exception as exc:  # corrupt, invalid, or failing its warm-up: the old version keeps serving
             self.failed = name
-            log.error("centra: reload of %s failed, still serving %s: %s", name, self.version, exc)
+            reason = " ".join(str(exc).split()) if isinstance(exc, CentraError) else f"{type(exc).__name__}: {exc}"
+            log.error("centra: reload of %s failed, still serving %s: %s", name, self.version, reason)
             self.on_result("failed")
             return False
         old, self.version, self.failed = self.version, name, None

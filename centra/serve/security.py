@@ -24,16 +24,31 @@ def read_secret(path: Path, what: str) -> bytes:
 
 
 def read_token(path: Path) -> str:
-    token = read_secret(path, "token file").decode("utf-8", errors="strict").strip()
-    if any(c.isspace() for c in token):
-        raise CentraError(f"{path}: the token must be one word on one line")
-    return token
+    """The bearer token: one word of visible ASCII (what gRPC metadata can carry)."""
+    raw = read_secret(path, "token file").strip()
+    if not all(0x21 <= byte <= 0x7E for byte in raw):
+        raise CentraError(f"{path}: the token must be one word of visible ASCII characters on one line")
+    return raw.decode("ascii")
+
+
+def check_tls(cert: Path, key: Path) -> None:
+    """Refuse, before anything is loaded, a certificate and key that do not make a TLS server."""
+    import ssl
+
+    for path, what in ((cert, "TLS certificate"), (key, "TLS key")):
+        read_secret(path, what)
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(cert), str(key))
+    except ssl.SSLError as exc:
+        raise CentraError(f"{cert}, {key}: not a PEM certificate chain and its private key ({exc.reason or exc})") \
+            from None
 
 
 def tls_credentials(cert: Path, key: Path):
     """Server credentials from a PEM certificate chain and its private key."""
     import grpc
 
+    check_tls(cert, key)
     return grpc.ssl_server_credentials([(read_secret(key, "TLS key"), read_secret(cert, "TLS certificate"))])
 
 

@@ -17,8 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from centra.errors import CentraError
@@ -40,7 +39,7 @@ class ServeOptions:
     max_inputs_per_call: int = 256
     max_call_bytes: int = 1 << 20  # UTF-8 bytes of texts, pairs and ids in one call
     grace_s: float = 5.0  # on shutdown, in-flight calls get this long to finish
-    drain_s: float = 0.0  # on shutdown, health says NOT_SERVING this long before the port closes
+    drain_s: float = 1.0  # on shutdown, health says NOT_SERVING this long before the port closes
 
     def check(self) -> None:
         """One-line refusals of bad options, before anything is loaded."""
@@ -167,14 +166,14 @@ class CentraServer:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        address = f"{opts.host}:{opts.port}"
+        address = f"{host_port(opts.host, opts.port)}"
         try:
             port = (server.add_secure_port(address, self.credentials) if self.credentials is not None
                     else server.add_insecure_port(address))
         except RuntimeError:
             raise CentraError(f"cannot listen on {address} (address in use, or not this machine's?)") from None
+        await self.batcher.start()  # before the port opens: no call may find it not running
         await server.start()
-        await self.batcher.start()
         self._server, self.port = server, port
         for service in ("", SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -198,21 +197,6 @@ class CentraServer:
             await self._server.wait_for_termination()
 
 
-async def run_server(engine: Engine, options: ServeOptions, *, ready: Callable[[CentraServer], None] | None = None,
-                     interceptors: Sequence = (), credentials=None) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully. `ready(server)` runs once listening."""
-    server = CentraServer(engine, options, interceptors=interceptors, credentials=credentials)
-    await server.start()
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    try:
-        if ready is not None:
-            ready(server)
-        await stopping.wait()
-        log.info("shutting down: NOT_SERVING, %.1f s grace for in-flight calls", options.grace_s)
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-        await server.stop()
+def host_port(host: str, port: int) -> str:
+    """host:port, with an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"

@@ -6,7 +6,7 @@ import asyncio
 import threading
 
 from centra.runtime.engine import Engine
-from centra.serve.server import CentraServer, ServeOptions
+from centra.serve.server import CentraServer, ServeOptions, host_port
 
 
 class BackgroundServer:
@@ -25,7 +25,7 @@ class BackgroundServer:
     def __enter__(self) -> BackgroundServer:
         self.thread.start()
         try:
-            self.target = f"{self.server.options.host}:{self.do(self.server.start())}"
+            self.target = host_port(self.server.options.host, self.do(self.server.start()))
         except BaseException:
             self._stop_loop()
             raise

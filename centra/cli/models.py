@@ -10,6 +10,7 @@ from pathlib import Path
 from centra.errors import CentraError
 
 DEFAULT_TASKS_DIR = "tasks"
+ENGINES = ("torch", "onnx")  # centra.runtime.engine.ENGINES, without importing torch to build the parser
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -20,14 +21,41 @@ def cmd_merge(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_writable_parent(out)
     check_replaceable(out, MODEL_KIND)  # before any work: never over a user's file or folder
+    if args.precision is not None and args.engine != "onnx":
+        raise CentraError("merge: --precision applies to --engine onnx")
+    extend = None
+    if args.engine == "onnx":
+        from centra.export.onnx import onnx_extender
+
+        extend = onnx_extender(args.precision or "fp32")
     plan = plan_merge([Path(d) for d in args.tasks_dir or [DEFAULT_TASKS_DIR]], args.backbone)
-    manifest = write_merged(plan, out, keep_versions=args.keep_versions)
+    manifest = write_merged(plan, out, keep_versions=args.keep_versions, extend=extend)
     print(f"merged {len(manifest['tasks'])} tasks on {manifest['backbone']['id']} into {out} "
           f"(version {manifest['version']})")
     print(overhead_table(manifest))
+    if "engine" in manifest:
+        print_engine(manifest["engine"])
     for line in extra_pass_warnings(plan.specs):
         print(f"centra: warning: {line}", file=sys.stderr)
     return 0
+
+
+def print_engine(info: dict) -> None:
+    """The ONNX export's checks and the fusions ONNX Runtime made, as merge's last lines."""
+    parity = info["parity"]
+    worst = max(parity, key=parity.get)
+    print(f"onnx: {len(info['graphs'])} graphs (opset {info['opset']}), fp32 parity: max |onnx - torch| "
+          f"{parity[worst]:.1e} ({worst}; tolerance {info['tolerance']:g})")
+    for precision, counts in info["fusions"].items():
+        found = ", ".join(f"{op} {n}" for op, n in counts.items()) or "none"
+        print(f"onnx: {precision} graphs after ORT_ENABLE_ALL: {found}")
+    if "int8" in info:
+        floor = info["int8"]["min_agreement"]
+        for name, r in info["int8"]["tasks"].items():
+            clear = "n/a" if r["decided_agreement"] is None else f"{r['decided_agreement']:.0%}"
+            print(f"onnx: int8 {name}: label agreement with fp32 {r['agreement']:.0%} of {info['int8']['samples']} "
+                  f"samples, {clear} of the {r['decided']} fp32 decides clearly (floor {floor:.0%}); "
+                  f"max |int8 - fp32| {r['max_abs_diff']:.1e}")
 
 
 def read_texts(args: argparse.Namespace) -> list[str]:
@@ -42,7 +70,7 @@ def read_texts(args: argparse.Namespace) -> list[str]:
 def cmd_predict(args: argparse.Namespace) -> int:
     from centra.runtime.engine import Engine
 
-    engine = Engine.load(Path(args.model), batch_size=args.batch_size)
+    engine = Engine.load(Path(args.model), batch_size=args.batch_size, engine=args.engine)
     texts = read_texts(args)
     pairs = args.pair
     if pairs is not None and len(pairs) == 1 and len(texts) > 1:
@@ -58,9 +86,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     if not args.tolerance >= 0:
         raise CentraError(f"--tolerance must be >= 0, not {args.tolerance}")
-    engine = Engine.load(Path(args.model))
+    engine = Engine.load(Path(args.model), engine=args.engine)
     checks = verify(engine)
-    print(f"version {engine.version}; reference: standalone models built from {checks[0].reference}")
+    print(f"version {engine.version} ({engine.runtime}); reference: standalone models built from "
+          f"{checks[0].reference}")
     worst = 0.0
     for check in checks:
         verdict = "ok" if check.ok(args.tolerance) else "FAIL"
@@ -81,7 +110,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from centra.train.metrics import compute
 
     columns = columns_from(args)
-    engine = Engine.load(Path(args.model), batch_size=args.batch_size)
+    engine = Engine.load(Path(args.model), batch_size=args.batch_size, engine=args.engine)
     if args.task not in engine.specs:
         raise CentraError(f"unknown task {args.task!r} (known: {', '.join(sorted(engine.specs))})")
     spec = engine.specs[args.task]
@@ -94,6 +123,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_engine_arg(p) -> None:
+    p.add_argument("--engine", choices=ENGINES, help="runtime to run the model with (default: the one the model "
+                   "was merged for; torch always works)")
+
+
 def add_parsers(sub, common) -> None:
     from centra.cli import positive_int
     from centra.cli.tasks import add_column_args
@@ -103,6 +137,11 @@ def add_parsers(sub, common) -> None:
     p.add_argument("--out", required=True, help="merged model folder: each merge publishes a new version in it")
     p.add_argument("--backbone", help="backbone folder or 'default' (default: the one the tasks name)")
     p.add_argument("--keep-versions", type=positive_int, default=3, help="versions kept in OUT (default 3)")
+    p.add_argument("--engine", choices=ENGINES, default="torch",
+                   help="runtime the version is served with by default: torch, or onnx (ONNX graphs exported and "
+                   "checked against torch; the torch files are always kept)")
+    p.add_argument("--precision", choices=("fp32", "int8"),
+                   help="with --engine onnx: fp32 (default) or int8 (dynamic quantization, checked by label agreement)")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("predict", parents=[common],
@@ -111,6 +150,7 @@ def add_parsers(sub, common) -> None:
     p.add_argument("--task", action="append", help="task to run (repeatable; default: all that fit the input)")
     p.add_argument("--pair", action="append", help="second text of a pair (once, or once per text)")
     p.add_argument("--batch-size", type=positive_int, default=32)
+    add_engine_arg(p)
     p.add_argument("texts", nargs="*", help="texts to classify ('-' or none: one per line on stdin)")
     p.set_defaults(func=cmd_predict)
 
@@ -118,6 +158,7 @@ def add_parsers(sub, common) -> None:
     p.add_argument("--model", required=True, help="merged model folder")
     p.add_argument("--tolerance", type=float, default=1e-5, help="largest allowed |difference| of logits "
                    "(default 1e-5)")
+    add_engine_arg(p)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("evaluate", parents=[common], help="dev metrics of one task of a merged model on a file")
@@ -125,5 +166,6 @@ def add_parsers(sub, common) -> None:
     p.add_argument("--task", required=True)
     p.add_argument("--data", required=True, help="labelled file (.tsv, .csv, .jsonl)")
     p.add_argument("--batch-size", type=positive_int, default=64)
+    add_engine_arg(p)
     add_column_args(p)
     p.set_defaults(func=cmd_evaluate)

@@ -21,14 +21,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            max_call_bytes=args.max_call_bytes)
     app = AppOptions(metrics_host=args.host, metrics_port=None if args.no_metrics else args.metrics_port,
                      watch=not args.no_watch, tls_cert=_path(args.tls_cert), tls_key=_path(args.tls_key),
-                     token_file=_path(args.token_file))
+                     token_file=_path(args.token_file), engine=args.engine)
     options.check()  # before the model is loaded
     app.check()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
     def ready(server, metrics_port) -> None:
         print(f"serving {len(server.engine.specs)} tasks of {args.model} version {server.engine.version} "
-              f"on {options.host}:{server.port}", flush=True)
+              f"({server.engine.runtime}) on {options.host}:{server.port}", flush=True)
         extras = [f"metrics at http://{args.host}:{metrics_port}/metrics" if metrics_port is not None else
                   "no metrics", "follows new versions (SIGHUP: check now)" if not args.no_watch else "no reload",
                   "TLS" if args.tls_cert else "plaintext", "token required" if args.token_file else "no token"]
@@ -90,6 +90,7 @@ def non_negative_float(value: str) -> float:
 
 def add_parsers(sub, common) -> None:
     from centra.cli import positive_int
+    from centra.cli.models import add_engine_arg
 
     p = sub.add_parser("serve", parents=[common], help="serve a merged model over gRPC (Ctrl-C or SIGTERM stops)")
     p.add_argument("--model", required=True, help="merged model folder")
@@ -112,6 +113,7 @@ def add_parsers(sub, common) -> None:
     p.add_argument("--tls-cert", help="PEM certificate chain: serve over TLS (with --tls-key)")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--token-file", help="file holding a bearer token every call must carry (never logged)")
+    add_engine_arg(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("classify", parents=[common],

@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 
 from centra.core.answers import interpret
+from centra.core.backbone import EncoderConfig
 from centra.core.graph import MergedModel
 from centra.core.merge import load_merged, model_folder
 from centra.core.task import TaskSpec
@@ -20,6 +21,7 @@ from centra.core.tokens import Encoded, check_texts, encode
 from centra.errors import CentraError
 
 DEFAULT_BATCH_SIZE = 32
+ENGINES = ("torch", "onnx")
 
 
 class Runner(Protocol):
@@ -27,6 +29,7 @@ class Runner(Protocol):
     TensorRT) implement the same attributes and call."""
 
     specs: dict[str, TaskSpec]
+    cfg: EncoderConfig
 
     def forward_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
                      wants: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
@@ -62,12 +65,25 @@ class Engine:
         self.manifest = manifest or {}
 
     @classmethod
-    def load(cls, out: Path, batch_size: int = DEFAULT_BATCH_SIZE) -> Engine:
+    def load(cls, out: Path, batch_size: int = DEFAULT_BATCH_SIZE, engine: str | None = None) -> Engine:
+        """Load a version with the runner its manifest names ("engine"; torch when absent), or `engine`:
+        "torch" always works (the torch files are in every version), "onnx" needs the version's graphs."""
         from centra.core.backbone import load_tokenizer
 
+        if engine is not None and engine not in ENGINES:
+            raise CentraError(f"unknown engine {engine!r} (known: {', '.join(ENGINES)})")
         folder = model_folder(Path(out))  # the pointer is read once: model and tokenizer of one version
-        manifest, model = load_merged(folder)
-        return cls(model, load_tokenizer(folder / "tokenizer"), batch_size, manifest)
+        manifest, model = load_merged(folder)  # every file's sha256 checked, ONNX graphs included
+        info = manifest.get("engine")
+        name = engine or (info.get("name") if isinstance(info, dict) else None) or "torch"
+        runner: Runner | MergedModel = model
+        if name == "onnx":
+            from centra.runtime.onnx import OnnxRunner
+
+            runner = OnnxRunner.load(folder, manifest, model)
+        elif name != "torch":
+            raise CentraError(f"{folder / 'manifest.json'}: unknown engine {name!r} (known: {', '.join(ENGINES)})")
+        return cls(runner, load_tokenizer(folder / "tokenizer"), batch_size, manifest)
 
     @property
     def version(self) -> str:
@@ -76,6 +92,11 @@ class Engine:
     @property
     def specs(self) -> dict[str, TaskSpec]:
         return self.model.specs
+
+    @property
+    def runtime(self) -> str:
+        """What runs the graph: "torch fp32", "onnxruntime int8", ..."""
+        return getattr(self.model, "runtime", "torch fp32")
 
     def select(self, names: list[str] | None, has_pair: bool) -> list[TaskSpec]:
         """Named tasks (checked), or all tasks that can answer this input when none is named."""

@@ -32,6 +32,7 @@ class AppOptions:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     token_file: Path | None = None
+    engine: str | None = None  # runtime override ("torch" | "onnx"); None: the one each version's manifest names
 
     def check(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -42,9 +43,9 @@ class AppOptions:
             raise CentraError(f"the watch interval must be > 0 seconds, not {self.watch_interval}")
 
 
-def load_engine(folder: Path, batch_size: int) -> Engine:
+def load_engine(folder: Path, batch_size: int, engine_name: str | None = None) -> Engine:
     """Load a merged model and warm it up (one row through every task), before it serves a call."""
-    engine = Engine.load(Path(folder), batch_size=batch_size)
+    engine = Engine.load(Path(folder), batch_size=batch_size, engine=engine_name)
     names = tuple(engine.specs)
     engine.run([Row("warm up", "warm up", names)])
     return engine
@@ -60,7 +61,7 @@ def build(model: Path, options: ServeOptions, app: AppOptions) -> tuple[CentraSe
     credentials = tls_credentials(app.tls_cert, app.tls_key) if app.tls_cert else None
     token = read_token(app.token_file) if app.token_file else None
     folder = model_folder(model)  # the pointer read once: the version loaded is the version watched from
-    engine = load_engine(folder, options.max_batch)
+    engine = load_engine(folder, options.max_batch, app.engine)
     metrics = Metrics()
     metrics.set_version(engine.version)
     interceptors = [metrics_interceptor(metrics)]
@@ -76,7 +77,8 @@ def build(model: Path, options: ServeOptions, app: AppOptions) -> tuple[CentraSe
             server.swap_engine(new)
             metrics.set_version(version)
 
-        watcher = ModelWatcher(Path(model), engine.version, lambda f: load_engine(f, options.max_batch), swap,
+        watcher = ModelWatcher(Path(model), engine.version,
+                               lambda f: load_engine(f, options.max_batch, app.engine), swap,
                                on_result=lambda result: metrics.reloads.labels(result=result).inc(),
                                interval=app.watch_interval)
     return server, metrics, watcher

@@ -1,0 +1,314 @@
+"""ONNX export of a merged model, in the layout of centra.runtime.onnx.graph_layout, with parity checks.
+
+Each graph (embeddings; trunk layers between consecutive attach layers; one per task branch) is
+exported with `torch.onnx.export(..., dynamo=True)` with dynamic batch and sequence axes, and checked
+against PyTorch right away, before the next one is exported: padded batches of mixed lengths (batch 1,
+3 and 8; none the shape of the export's example, so fixed shapes would show) through the ONNX Runtime
+session the engine uses. Then the composed engine (OnnxRunner) is checked against MergedModel on the
+same batches, each task asked for by a different subset of rows. Any difference above FP32_TOLERANCE
+refuses the export with one line naming the graph. int8 graphs are checked by label agreement
+(centra.export.int8).
+
+`onnx_extender` is `write_merged`'s hook: the graphs land in the staged version's onnx/ folder and are
+hashed and published with the torch files, in the same atomic step.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from centra.core.backbone import Embeddings, EncoderConfig, EncoderLayer, attention_bias, check_state, load_safetensors
+from centra.core.graph import MergedModel
+from centra.core.merge import TRUNK_FILE
+from centra.core.task import load_task, max_positions
+from centra.errors import CentraError
+from centra.progress import progress_bar, progress_line
+from centra.runtime.engine import Engine
+from centra.runtime.onnx import ENGINE_NAME, PRECISIONS, OnnxRunner, graph_layout, open_session
+
+FP32_TOLERANCE = 1e-4  # max |onnx - torch| of any graph's output (hidden states or logits), fp32
+OPSET = 20
+ONNX_DIR = "onnx"
+PARITY_SHAPES = ((1, 7), (3, 19), (8, None))  # (batch, length); None: the longest max_length of the tasks
+EXAMPLE_SHAPE = (2, 8)  # the export's example: 1 would be specialised, so it is not used
+# Op types ONNX Runtime's optimiser fuses patterns into (or the exporter emits whole), counted by `fusions`.
+FUSED_OPS = ("Attention", "MultiHeadAttention", "QAttention", "EmbedLayerNormalization", "LayerNormalization",
+             "SkipLayerNormalization", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "Gelu",
+             "FastGelu", "BiasGelu", "QuickGelu", "BiasSoftmax", "FusedMatMul", "FusedGemm", "MatMulIntegerToFloat",
+             "DynamicQuantizeMatMul", "MatMulInteger", "DynamicQuantizeLinear")
+
+
+class EmbeddingsGraph(nn.Module):
+    def __init__(self, embeddings: Embeddings):
+        super().__init__()
+        self.embeddings = embeddings
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        return self.embeddings(input_ids, token_type_ids)
+
+
+class SegmentGraph(nn.Module):
+    """Trunk layers first..last; the additive attention bias is computed inside from the 0/1 mask."""
+
+    def __init__(self, layers: list[EncoderLayer]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        bias = attention_bias(attention_mask)
+        for layer in self.layers:
+            hidden = layer(hidden, bias)
+        return hidden
+
+
+class BranchGraph(nn.Module):
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden, attention_bias(attention_mask), attention_mask)
+
+
+def graph_module(model: MergedModel, graph: dict) -> tuple[nn.Module, tuple[str, str], str]:
+    """The torch module of one graph of the layout, its input names and its output name."""
+    if graph["kind"] == "embeddings":
+        return EmbeddingsGraph(model.embeddings), ("input_ids", "token_type_ids"), "hidden"
+    if graph["kind"] == "segment":
+        return SegmentGraph(list(model.trunk[graph["first"] - 1: graph["last"]])), ("hidden", "attention_mask"), \
+            "hidden_out"  # an output may not share its input's name
+    return BranchGraph(model.heads[graph["task"]]), ("hidden", "attention_mask"), "logits"
+
+
+def export_graph(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path, input_names: tuple[str, str],
+                 output_name: str) -> None:
+    """torch.onnx.export (dynamo) with dynamic batch and sequence axes on every input, weights inside the
+    file (one file per graph, well under ONNX's 2 GB)."""
+    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    dynamic = tuple({0: batch, 1: sequence} for _ in example)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "torch.__trace")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)  # the exporter logs optional-dependency notes on every call
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module.eval(), example, str(path), dynamo=True, external_data=False, verbose=False,
+                              opset_version=OPSET, input_names=list(input_names), output_names=[output_name],
+                              dynamic_shapes=dynamic)
+    except Exception as exc:  # the exporter raises many types; one line for the user, --debug for the rest
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CentraError(f"{path.stem}: ONNX export failed ({type(exc).__name__}: {first})") from None
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def parity_batches(model: MergedModel, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Padded batches of mixed lengths (input_ids, attention_mask, token_type_ids), random real tokens:
+    the first row of each batch full length, the others shorter; odd rows carry a second segment."""
+    cfg = model.cfg
+    longest = min(max((s.max_length for s in model.specs.values()), default=32), max_positions(cfg))
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for batch, length in PARITY_SHAPES:
+        length = min(length or longest, longest)
+        ids = torch.randint(0, cfg.vocab_size, (batch, length), generator=gen)
+        ids[ids == cfg.pad_token_id] = (cfg.pad_token_id + 1) % cfg.vocab_size
+        mask = torch.ones(batch, length, dtype=torch.long)
+        types = torch.zeros(batch, length, dtype=torch.long)
+        for row in range(1, batch):
+            n = int(torch.randint(2, length + 1, (1,), generator=gen))
+            mask[row, n:] = 0
+            if row % 2 and cfg.type_vocab_size > 1:
+                types[row, n // 2: n] = 1
+        ids[mask == 0] = cfg.pad_token_id
+        batches.append((ids, mask, types))
+    return batches
+
+
+def example_inputs(cfg: EncoderConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The export's example batch: EXAMPLE_SHAPE, the second row padded."""
+    batch, length = EXAMPLE_SHAPE
+    ids = torch.full((batch, length), (cfg.pad_token_id + 1) % cfg.vocab_size, dtype=torch.long)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[1:, length // 2:] = 0
+    ids[mask == 0] = cfg.pad_token_id
+    return ids, mask, torch.zeros(batch, length, dtype=torch.long)
+
+
+@torch.inference_mode()
+def reference_states(model: MergedModel, batches: list) -> list[dict[int, torch.Tensor]]:
+    """Per batch, PyTorch's hidden state at layer 0 (embeddings) .. the trunk's depth."""
+    states = []
+    for ids, mask, types in batches:
+        bias = attention_bias(mask)
+        hidden = {0: model.embeddings(ids, types)}
+        for k, layer in enumerate(model.trunk, start=1):
+            hidden[k] = layer(hidden[k - 1], bias)
+        states.append(hidden)
+    return states
+
+
+@torch.inference_mode()
+def graph_parity(model: MergedModel, graph: dict, session, batches: list, states: list) -> float:
+    """max |onnx - torch| of one graph's output over the parity batches."""
+    worst = 0.0
+    for (ids, mask, types), hidden in zip(batches, states):
+        if graph["kind"] == "embeddings":
+            feeds, expected = {"input_ids": ids.numpy(), "token_type_ids": types.numpy()}, hidden[0]
+        elif graph["kind"] == "segment":
+            feeds, expected = {"hidden": hidden[graph["first"] - 1].numpy(), "attention_mask": mask.numpy()}, \
+                hidden[graph["last"]]
+        else:
+            k = model.specs[graph["task"]].attach_layer
+            feeds = {"hidden": hidden[k].numpy(), "attention_mask": mask.numpy()}
+            expected = model.heads[graph["task"]](hidden[k], attention_bias(mask), mask)
+        try:
+            got = torch.from_numpy(session.run(None, feeds)[0])
+        except Exception as exc:  # e.g. a shape fixed at export: ORT refuses any other
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CentraError(f"ONNX graph {graph['name']!r} fails on a {ids.shape[0]} x {ids.shape[1]} batch "
+                              f"({first}): refusing the export; nothing was published") from None
+        if got.shape != expected.shape:
+            return float("inf")
+        worst = max(worst, (got - expected).abs().max().item())
+    return worst
+
+
+@torch.inference_mode()
+def composed_parity(model: MergedModel, runner: OnnxRunner, batches: list, seed: int = 0) -> float:
+    """max |OnnxRunner - MergedModel| of forward_rows, every task on all rows, then on random row subsets
+    (so branches run on row subsets and rows leave the trunk early)."""
+    gen = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for ids, mask, types in batches:
+        n = ids.shape[0]
+        subsets = {name: torch.arange(n) for name in model.specs}
+        picked = {name: torch.nonzero(torch.rand(n, generator=gen) < 0.5).flatten() for name in model.specs}
+        for wants in (subsets, {k: v if len(v) else torch.tensor([n - 1]) for k, v in picked.items()}):
+            expected = model.forward_rows(ids, mask, types, wants)
+            got = runner.forward_rows(ids, mask, types, wants)
+            for name, value in expected.items():
+                if got[name].shape != value.shape:
+                    return float("inf")
+                worst = max(worst, (got[name] - value).abs().max().item())
+    return worst
+
+
+def refuse(name: str, diff: float, tolerance: float) -> CentraError:
+    return CentraError(f"ONNX graph {name!r} differs from PyTorch by {diff:.3e} (max |onnx - torch| on padded "
+                       f"batches, tolerance {tolerance:g}): refusing the export; nothing was published")
+
+
+def export_onnx(model: MergedModel, folder: Path, precision: str = "fp32", tokenizer=None,
+                tolerance: float = FP32_TOLERANCE, progress: bool = True) -> dict:
+    """Export every graph into folder/onnx/fp32 (and onnx/int8), each checked as it is written; return the
+    manifest's "engine" field (file paths relative to folder)."""
+    if precision not in PRECISIONS:
+        raise CentraError(f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
+    if precision == "int8" and tokenizer is None:
+        raise CentraError("the int8 check needs the model's tokenizer")
+    folder = Path(folder)
+    layout = graph_layout(model.specs)
+    batches = parity_batches(model)
+    states = reference_states(model, batches)
+    ids, mask, types = example_inputs(model.cfg)
+    with torch.inference_mode():
+        hidden = model.embeddings(ids, types)
+    sessions, parity, graphs = {}, {}, []
+    for graph in progress_bar(layout, desc="export ONNX", enabled=progress):
+        module, names, output = graph_module(model, graph)
+        rel = f"{ONNX_DIR}/fp32/{graph['name']}.onnx"
+        inputs = (ids, types) if graph["kind"] == "embeddings" else (hidden, mask)
+        export_graph(module, inputs, folder / rel, names, output)
+        sessions[graph["name"]] = open_session(folder / rel)
+        diff = graph_parity(model, graph, sessions[graph["name"]], batches, states)
+        if not diff <= tolerance:
+            raise refuse(graph["name"], diff, tolerance)
+        parity[graph["name"]] = float(f"{diff:.3e}")
+        graphs.append({**graph, "fp32": rel})
+        progress_line(f"onnx: {graph['name']} exported, max |onnx - torch| {diff:.1e}", progress)
+    runner = OnnxRunner(model.specs, model.cfg, sessions, layout, "fp32", model)
+    diff = composed_parity(model, runner, batches)
+    if not diff <= tolerance:
+        raise refuse("composed (OnnxRunner.forward_rows)", diff, tolerance)
+    parity["composed"] = float(f"{diff:.3e}")
+    info = {"name": ENGINE_NAME, "precision": precision, "opset": OPSET, "exporter": f"torch {torch.__version__} "
+            "dynamo", "tolerance": tolerance, "graphs": graphs, "parity": parity,
+            "fusions": {"fp32": total_fusions(folder / g["fp32"] for g in graphs)}}
+    if precision == "int8":
+        add_int8(folder, info, model, Engine(runner, tokenizer, batch_size=8), progress)
+    return info
+
+
+def add_int8(folder: Path, info: dict, model: MergedModel, fp32: Engine, progress: bool = True) -> None:
+    """Quantize the fp32 graphs of `info` into folder/onnx/int8, check them against the fp32 engine
+    (centra.export.int8.check_int8, refusing below its floor) and record files, report and fusions in info."""
+    from centra.export.int8 import check_int8, quantize_graph
+
+    for graph in progress_bar(info["graphs"], desc="quantize int8", enabled=progress):
+        rel = f"{ONNX_DIR}/int8/{graph['name']}.onnx"
+        graph["int8"] = rel if quantize_graph(folder / graph["fp32"], folder / rel) else graph["fp32"]
+    int8 = OnnxRunner.load(folder, {"engine": info}, model, precision="int8")
+    info["int8"] = check_int8(fp32, Engine(int8, fp32.tokenizer, batch_size=fp32.batch_size))
+    info["fusions"]["int8"] = total_fusions(folder / g["int8"] for g in info["graphs"])
+
+
+def fusions(path: Path) -> dict[str, int]:
+    """Op types ONNX Runtime's full graph optimisation (ORT_ENABLE_ALL, the engine's setting) leaves in the
+    graph at `path` that are fused or whole-block ops (FUSED_OPS and any com.microsoft op), with counts."""
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix="centra-fusions-") as tmp:
+        optimized = Path(tmp) / "optimized.onnx"
+        open_session(Path(path), optimized_path=optimized)
+        graph = onnx.load(str(optimized), load_external_data=False).graph
+    counts = Counter(n.op_type for n in graph.node if n.op_type in FUSED_OPS or n.domain == "com.microsoft")
+    return dict(sorted(counts.items()))
+
+
+def total_fusions(paths) -> dict[str, int]:
+    total: Counter = Counter()
+    for path in paths:
+        total.update(fusions(path))
+    return dict(sorted(total.items()))
+
+
+def load_staged(stage: Path, manifest: dict) -> MergedModel:
+    """The MergedModel of a staged version (its manifest not yet written): the files `load_merged` reads."""
+    cfg = EncoderConfig(**manifest["encoder"])
+    holder = nn.Module()
+    holder.embeddings = Embeddings(cfg)
+    holder.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(manifest["trunk_depth"]))
+    state = load_safetensors(stage / TRUNK_FILE)
+    check_state(holder.state_dict(), state, str(stage / TRUNK_FILE))
+    holder.load_state_dict(state)
+    heads = {e["name"]: load_task(stage / "tasks" / e["name"], cfg, manifest_sha256=e.get("head_sha256"))[1]
+             for e in manifest["tasks"]}
+    return MergedModel(cfg, holder.embeddings, holder.layers, heads).eval().requires_grad_(False)
+
+
+def onnx_extender(precision: str = "fp32", progress: bool = True) -> Callable[[Path, dict], dict]:
+    """write_merged's `extend`: export the staged version's graphs into its onnx/ folder and return the
+    manifest's "engine" field."""
+    from centra.core.backbone import load_tokenizer
+
+    if precision not in PRECISIONS:
+        raise CentraError(f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
+
+    def extend(stage: Path, manifest: dict) -> dict:
+        model = load_staged(stage, manifest)
+        tokenizer = load_tokenizer(stage / "tokenizer") if precision == "int8" else None
+        return {"engine": export_onnx(model, stage, precision, tokenizer, progress=progress)}
+
+    return extend

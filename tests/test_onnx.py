@@ -1,0 +1,256 @@
+"""ONNX export and the ONNX Runtime engine: parity with PyTorch at export, the torch engine's row subsets and
+early exits, int8 agreement, and refusals (a graph that differs, a published graph that was changed).
+
+Tolerances: fp32 ONNX vs PyTorch, any graph's output and the composed engine's logits: 1e-4 (the
+export's own FP32_TOLERANCE). int8 vs fp32: label agreement, floor centra.export.int8.MIN_AGREEMENT.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")  # torch's dynamo exporter needs it
+
+import torch
+from conftest import PAIRS, TEXTS, snapshot
+from helpers import STANDARD_TASKS, make_tasks, perturb
+
+from centra.cli import main
+from centra.core.backbone import Backbone
+from centra.core.merge import MANIFEST, model_folder, plan_merge, write_merged
+from centra.core.task import init_task, save_task
+from centra.errors import CentraError
+from centra.export import onnx as export_onnx
+from centra.runtime.engine import Engine, Row
+from centra.runtime.onnx import OnnxRunner, graph_layout
+
+TOLERANCE = 1e-4  # fp32, ONNX Runtime vs PyTorch
+
+
+@pytest.fixture(scope="module")
+def bert_onnx(tiny_models, tmp_path_factory) -> Path:
+    """`centra merge --engine onnx` of the standard tasks (attach layers 0-3, a pair task) on tiny BERT."""
+    root = tmp_path_factory.mktemp("onnx-bert")
+    make_tasks(Backbone.load(tiny_models["bert"]), root / "tasks")
+    assert main(["merge", "--tasks-dir", str(root / "tasks"), "--out", str(root / "out"), "--engine", "onnx"]) == 0
+    return root / "out"
+
+
+def manifest_of(out: Path) -> dict:
+    return json.loads((model_folder(out) / MANIFEST).read_text())
+
+
+def test_export_layout_parity_and_dynamic_axes(bert_onnx):
+    import onnx
+
+    info = manifest_of(bert_onnx)["engine"]
+    assert info["name"] == "onnx" and info["precision"] == "fp32" and "int8" not in info
+    names = [g["name"] for g in info["graphs"]]
+    assert names == ["embeddings", "layers_1-1", "layers_2-2", "layers_3-3", "task_alpha", "task_beta",
+                     "task_delta", "task_epsilon", "task_gamma"]  # tasks in the manifest's order
+    assert set(info["parity"]) == {*names, "composed"}
+    assert all(0 <= diff <= TOLERANCE for diff in info["parity"].values()), info["parity"]
+    for graph in info["graphs"]:
+        inputs = onnx.load(str(model_folder(bert_onnx) / graph["fp32"])).graph.input
+        for tensor in inputs:  # dynamic batch and sequence axes, not the export example's 2 x 8
+            assert [d.dim_param for d in tensor.type.tensor_type.shape.dim[:2]] == ["batch", "sequence"], graph
+
+
+def test_onnx_engine_equals_torch_on_shapes_unlike_the_example(bert_onnx):
+    onnx_engine, torch_engine = Engine.load(bert_onnx, batch_size=5), Engine.load(bert_onnx, engine="torch")
+    assert onnx_engine.runtime == "onnxruntime fp32" and torch_engine.runtime == "torch fp32"
+    for texts, pairs in ((TEXTS[:1], PAIRS[:1]), (TEXTS, PAIRS)):  # batch 1; a batch of 5 and one of 1
+        got, expected = onnx_engine.logits(texts, pairs), torch_engine.logits(texts, pairs)
+        assert set(got) == {row[0] for row in STANDARD_TASKS}
+        for name in got:
+            assert got[name].shape == expected[name].shape
+            assert (got[name] - expected[name]).abs().max().item() <= TOLERANCE, name
+
+
+def test_runner_runs_each_branch_on_its_rows_and_drops_rows_early(bert_onnx):
+    onnx_engine, torch_engine = Engine.load(bert_onnx), Engine.load(bert_onnx, engine="torch")
+    runner = onnx_engine.model
+    assert isinstance(runner, OnnxRunner)
+    calls: list[tuple[str, int]] = []
+    run_graph = runner.run_graph
+
+    def counting(name, **inputs):
+        calls.append((name, next(iter(inputs.values())).shape[0]))
+        return run_graph(name, **inputs)
+
+    runner.run_graph = counting
+    enc = onnx_engine.encode(TEXTS, None, 48)
+    batch = enc.batch(list(range(len(TEXTS))), onnx_engine.tokenizer.pad_token_id)
+    # epsilon attaches at 0, alpha at 1, beta at 2, gamma at 3
+    wants = {"epsilon": [0, 1, 2, 3, 4, 5], "alpha": [0, 2], "beta": [1], "gamma": [0, 3]}
+    wants = {k: torch.tensor(v) for k, v in wants.items()}
+    got = runner.forward_rows(*batch, wants)
+    expected = torch_engine.model.forward_rows(*batch, wants)
+    for name in wants:
+        assert got[name].shape == (len(wants[name]), torch_engine.specs[name].num_outputs)
+        assert (got[name] - expected[name]).abs().max().item() <= TOLERANCE, name
+    # rows leave the trunk once no task they asked for attaches deeper: 6 -> 4 -> 3 -> 2
+    assert sorted(calls) == sorted([("embeddings", 6), ("task_epsilon", 6), ("layers_1-1", 4), ("task_alpha", 2),
+                                    ("layers_2-2", 3), ("task_beta", 1), ("layers_3-3", 2), ("task_gamma", 2)])
+    calls.clear()
+    runner.forward_rows(*batch, {"alpha": torch.tensor([1, 4])})
+    assert calls == [("embeddings", 6), ("layers_1-1", 2), ("task_alpha", 2)], "trunk stops at layer 1"
+
+    # the Engine with a different task set per row (calls of a server batch) equals the torch engine
+    rows = [Row(TEXTS[i], PAIRS[i], tasks) for i, tasks in enumerate(
+        [("alpha",), ("beta", "delta"), ("gamma",), ("epsilon", "alpha"), ("delta",), ("beta", "gamma")])]
+    for a, b in zip(onnx_engine.run(rows), torch_engine.run(rows)):
+        assert set(a.logits) == set(b.logits)
+        for name in a.logits:
+            assert (a.logits[name] - b.logits[name]).abs().max().item() <= TOLERANCE
+
+
+def test_cli_predict_with_the_manifest_engine_equals_torch(bert_onnx, capsys):
+    args = ["predict", "--model", str(bert_onnx), *[x for p in PAIRS for x in ("--pair", p)], *TEXTS]
+    assert main(args) == 0
+    onnx_lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert main([*args, "--engine", "torch"]) == 0
+    torch_lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(onnx_lines) == len(torch_lines) == len(TEXTS) * len(STANDARD_TASKS)
+    for a, b in zip(onnx_lines, torch_lines):
+        assert (a["task"], a.get("label"), a.get("labels")) == (b["task"], b.get("label"), b.get("labels"))
+        assert a["scores"].keys() == b["scores"].keys()
+        assert all(abs(a["scores"][k] - b["scores"][k]) <= TOLERANCE for k in a["scores"])
+    assert main(["verify", "--model", str(bert_onnx), "--engine", "onnx", "--tolerance", "1e-4"]) == 0
+    assert "(onnxruntime fp32)" in capsys.readouterr().out
+
+
+def test_fusions_are_counted(bert_onnx):
+    folder = model_folder(bert_onnx)
+    info = manifest_of(bert_onnx)["engine"]
+    segment = export_onnx.fusions(folder / "onnx/fp32/layers_1-1.onnx")
+    assert segment and all(isinstance(n, int) and n > 0 for n in segment.values()), segment
+    # ORT fuses each residual Add + LayerNorm of a layer into SkipLayerNormalization
+    assert segment.get("SkipLayerNormalization", 0) + segment.get("LayerNormalization", 0) >= 2, segment
+    total = export_onnx.total_fusions(folder / g["fp32"] for g in info["graphs"])
+    assert total == info["fusions"]["fp32"]
+
+
+def test_int8_reports_agreement_and_refuses_below_the_floor(bert_onnx, tmp_path, monkeypatch):
+    from centra.export import int8
+
+    folder = shutil.copytree(model_folder(bert_onnx), tmp_path / "version")
+    manifest = manifest_of(bert_onnx)
+    fp32 = Engine.load(bert_onnx, batch_size=8)
+    info = json.loads(json.dumps(manifest["engine"]))
+    export_onnx.add_int8(folder, info, fp32.model.reference, fp32, progress=False)
+    assert {g["name"]: g["int8"] for g in info["graphs"]}["embeddings"] == "onnx/fp32/embeddings.onnx"
+    assert all((folder / g["int8"]).is_file() for g in info["graphs"])
+    assert info["fusions"]["int8"].get("DynamicQuantizeMatMul", 0) + \
+        info["fusions"]["int8"].get("MatMulIntegerToFloat", 0) > 0, info["fusions"]["int8"]
+    report = info["int8"]["tasks"]
+    assert set(report) == {row[0] for row in STANDARD_TASKS}
+    for name, r in report.items():
+        assert r["decided_agreement"] is None or r["decided_agreement"] >= int8.MIN_AGREEMENT, (name, r)
+        assert 0 < r["max_abs_diff"] < 0.5, (name, r)
+
+    # a quantized graph that answers otherwise is refused, naming the task
+    int8_engine = Engine(OnnxRunner.load(folder, {"engine": info}, fp32.model.reference, "int8"), fp32.tokenizer)
+    forward = int8_engine.model.forward_rows
+    monkeypatch.setattr(int8_engine.model, "forward_rows", lambda *a: {k: -v for k, v in forward(*a).items()})
+    with pytest.raises(CentraError, match=r"int8 graphs of task '\w+' agree with fp32 on only 0%"):
+        int8.check_int8(fp32, int8_engine)
+
+
+def test_xlmr_int8_merge_two_max_lengths_and_attach_0(tiny_models, tmp_path, capsys):
+    bb = Backbone.load(tiny_models["xlmr"])
+    for i, (name, kind, labels, input_kind, attach, layers, pooling, max_length) in enumerate([
+            ("one", "multiclass", ["a", "b", "c"], "single", 0, 1, "mean", 48),
+            ("two", "multilabel", ["x", "y"], "pair", 2, 1, "cls", 24)]):
+        spec, head = init_task(bb, name, kind, labels, attach, layers, input=input_kind, pooling=pooling,
+                               max_length=max_length, seed=i)
+        save_task(tmp_path / "tasks" / name, spec, perturb(head, i))
+    assert main(["merge", "--tasks-dir", str(tmp_path / "tasks"), "--out", str(tmp_path / "out"), "--engine", "onnx",
+                 "--precision", "int8"]) == 0
+    out = capsys.readouterr().out
+    assert "onnx: int8 one: label agreement with fp32" in out and "onnx: fp32 graphs after ORT_ENABLE_ALL" in out
+    info = manifest_of(tmp_path / "out")["engine"]
+    assert [g["name"] for g in info["graphs"]] == ["embeddings", "layers_1-2", "task_one", "task_two"]
+    assert max(info["parity"].values()) <= TOLERANCE and info["precision"] == "int8"
+    assert set(info["int8"]["tasks"]) == {"one", "two"}
+
+    folder = model_folder(tmp_path / "out")
+    torch_engine = Engine.load(folder, batch_size=4, engine="torch")
+    fp32 = Engine(OnnxRunner.load(folder, manifest_of(tmp_path / "out"), torch_engine.model, "fp32"),
+                  torch_engine.tokenizer, batch_size=4)
+    expected, got = torch_engine.logits(TEXTS, PAIRS), fp32.logits(TEXTS, PAIRS)
+    for name in expected:
+        assert (got[name] - expected[name]).abs().max().item() <= TOLERANCE, name
+    int8_engine = Engine.load(tmp_path / "out", batch_size=4)  # the manifest's precision
+    assert int8_engine.runtime == "onnxruntime int8"
+    assert int8_engine.logits(TEXTS, PAIRS)["one"].shape == (len(TEXTS), 3)
+
+
+def test_a_graph_that_differs_is_refused_and_out_untouched(bert_path, tmp_path, monkeypatch, capsys):
+    import onnx
+    from onnx import numpy_helper
+
+    make_tasks(Backbone.load(bert_path), tmp_path / "tasks", STANDARD_TASKS[:1])
+    write_merged(plan_merge([tmp_path / "tasks"]), tmp_path / "out")  # a published torch version
+    before = snapshot(tmp_path / "out")
+    export_graph = export_onnx.export_graph
+
+    def broken(module, example, path, *args):  # one weight of the written graph moved by 1e-2
+        export_graph(module, example, path, *args)
+        model = onnx.load(str(path))
+        init = next(t for t in model.graph.initializer if len(t.dims) == 2 and "word" in t.name)
+        array = numpy_helper.to_array(init).copy()
+        array[:, 0] += 1e-2
+        init.CopyFrom(numpy_helper.from_array(array, init.name))
+        onnx.save(model, str(path))
+
+    monkeypatch.setattr(export_onnx, "export_graph", broken)
+    assert main(["merge", "--tasks-dir", str(tmp_path / "tasks"), "--out", str(tmp_path / "out"),
+                 "--engine", "onnx"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "ONNX graph 'embeddings' differs from PyTorch by" in err, err
+    assert "Traceback" not in err
+    assert snapshot(tmp_path / "out") == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_published_graphs_are_hashed_and_engine_choices_checked(bert_onnx, bert_path, tmp_path):
+    out = shutil.copytree(bert_onnx, tmp_path / "out", symlinks=True)
+    graph = model_folder(out) / "onnx/fp32/task_beta.onnx"
+    data = bytearray(graph.read_bytes())
+    data[-5] ^= 0x01
+    graph.write_bytes(bytes(data))
+    for engine in ("onnx", "torch"):
+        with pytest.raises(CentraError, match=r"task_beta\.onnx: sha256 differs from the manifest"):
+            Engine.load(out, engine=engine)
+
+    make_tasks(Backbone.load(bert_path), tmp_path / "tasks", STANDARD_TASKS[:1])
+    write_merged(plan_merge([tmp_path / "tasks"]), tmp_path / "plain")
+    assert Engine.load(tmp_path / "plain").runtime == "torch fp32"
+    with pytest.raises(CentraError, match="no ONNX graphs"):
+        Engine.load(tmp_path / "plain", engine="onnx")
+    with pytest.raises(CentraError, match="unknown engine 'tensorrt'"):
+        Engine.load(tmp_path / "plain", engine="tensorrt")
+    assert main(["merge", "--tasks-dir", str(tmp_path / "tasks"), "--out", str(tmp_path / "o2"),
+                 "--precision", "int8"]) == 2
+    assert not (tmp_path / "o2").exists()
+
+
+def test_serve_loads_the_engine_asked_for(bert_onnx):
+    from centra.serve.app import load_engine
+
+    assert load_engine(model_folder(bert_onnx), 4).runtime == "onnxruntime fp32"
+    assert load_engine(model_folder(bert_onnx), 4, "torch").runtime == "torch fp32"
+
+
+def test_layout_segments_end_at_every_attach_layer(bert_onnx):
+    specs = Engine.load(bert_onnx, engine="torch").specs
+    layout = graph_layout(specs)
+    assert [(g["first"], g["last"]) for g in layout if g["kind"] == "segment"] == [(1, 1), (2, 2), (3, 3)]
+    only_deep = graph_layout([specs["gamma"], specs["epsilon"]])
+    assert [(g["first"], g["last"]) for g in only_deep if g["kind"] == "segment"] == [(1, 3)]

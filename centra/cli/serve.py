@@ -14,11 +14,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
     from centra.serve.app import AppOptions, serve_model
-    from centra.serve.server import ServeOptions
+    from centra.serve.server import ServeOptions, host_port
 
     options = ServeOptions(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                            max_queue=args.max_queue, max_inputs_per_call=args.max_inputs_per_call,
-                           max_call_bytes=args.max_call_bytes)
+                           max_call_bytes=args.max_call_bytes, drain_s=args.drain_s, grace_s=args.grace_s)
     app = AppOptions(metrics_host=args.host, metrics_port=None if args.no_metrics else args.metrics_port,
                      watch=not args.no_watch, tls_cert=_path(args.tls_cert), tls_key=_path(args.tls_key),
                      token_file=_path(args.token_file), engine=args.engine)
@@ -28,8 +28,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     def ready(server, metrics_port) -> None:
         print(f"serving {len(server.engine.specs)} tasks of {args.model} version {server.engine.version} "
-              f"({server.engine.runtime}) on {options.host}:{server.port}", flush=True)
-        extras = [f"metrics at http://{args.host}:{metrics_port}/metrics" if metrics_port is not None else
+              f"({server.engine.runtime}) on {host_port(options.host, server.port)}", flush=True)
+        extras = [f"metrics at http://{host_port(args.host, metrics_port)}/metrics" if metrics_port is not None else
                   "no metrics", "follows new versions (SIGHUP: check now)" if not args.no_watch else "no reload",
                   "TLS" if args.tls_cert else "plaintext", "token required" if args.token_file else "no token"]
         print(f"  {'; '.join(extras)}", flush=True)
@@ -105,8 +105,13 @@ def add_parsers(sub, common) -> None:
     p.add_argument("--max-call-bytes", type=positive_int, default=1 << 20,
                    help="UTF-8 bytes of texts, pairs and ids in one call (default 1 MiB)")
     p.add_argument("--metrics-port", type=port_number, default=9400,
-                   help="Prometheus /metrics on --host at this port (default 9400; 0: any free port)")
+                   help="Prometheus /metrics on --host at this port, plain HTTP with no token (default 9400; 0: any "
+                   "free port)")
     p.add_argument("--no-metrics", action="store_true", help="no metrics endpoint")
+    p.add_argument("--drain-s", type=non_negative_float, default=1.0,
+                   help="on SIGTERM, health says NOT_SERVING this long before the port closes (default 1)")
+    p.add_argument("--grace-s", type=non_negative_float, default=5.0,
+                   help="then in-flight calls get this long to finish (default 5)")
     p.add_argument("--no-watch", action="store_true",
                    help="do not follow the published `current` pointer (default: reload new versions; SIGHUP "
                    "checks at once)")

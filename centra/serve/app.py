@@ -18,7 +18,7 @@ from centra.errors import CentraError
 from centra.runtime.engine import Engine, Row
 from centra.serve.metrics import Metrics, metrics_interceptor
 from centra.serve.reload import DEFAULT_INTERVAL, ModelWatcher
-from centra.serve.server import CentraServer, ServeOptions
+from centra.serve.server import CentraServer, ServeOptions, host_port
 
 log = logging.getLogger("centra.serve")
 
@@ -41,6 +41,14 @@ class AppOptions:
             raise CentraError(f"--metrics-port must be in 0..65535, not {self.metrics_port}")
         if not self.watch_interval > 0:
             raise CentraError(f"the watch interval must be > 0 seconds, not {self.watch_interval}")
+        if self.tls_cert is not None:
+            from centra.serve.security import check_tls
+
+            check_tls(self.tls_cert, self.tls_key)  # before the model loads
+        if self.token_file is not None:
+            from centra.serve.security import read_token
+
+            read_token(self.token_file)
 
 
 def load_engine(folder: Path, batch_size: int, engine_name: str | None = None) -> Engine:
@@ -88,20 +96,29 @@ async def serve_model(model: Path, options: ServeOptions, app: AppOptions,
                       ready: Callable[[CentraServer, int | None], None] | None = None) -> None:
     """Serve until SIGTERM or SIGINT; SIGHUP checks the published pointer at once."""
     server, metrics, watcher = await asyncio.to_thread(build, model, options, app)
-    await server.start()
-    http = metrics.serve_http(app.metrics_host, app.metrics_port) if app.metrics_port is not None else None
+    http = None
+    if app.metrics_port is not None:  # bound first: a busy metrics port leaves nothing listening
+        try:
+            http = metrics.serve_http(app.metrics_host, app.metrics_port)
+        except OSError as exc:
+            raise CentraError(f"cannot serve metrics on {host_port(app.metrics_host, app.metrics_port)} "
+                              f"({exc.strerror or exc})") from None
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    if watcher is not None:
-        watcher.start()
-        loop.add_signal_handler(signal.SIGHUP, watcher.poke)
     try:
+        await server.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        if watcher is not None:
+            watcher.start()
+        # SIGHUP checks for a new version at once; without a watcher it must not kill the server either
+        loop.add_signal_handler(signal.SIGHUP, watcher.poke if watcher is not None else
+                                lambda: log.info("SIGHUP: reload is off (--no-watch, or a version folder served)"))
         if ready is not None:
             ready(server, http.server_port if http is not None else None)
         await stopping.wait()
-        log.info("shutting down: NOT_SERVING, %.1f s grace for in-flight calls", options.grace_s)
+        log.info("shutting down: NOT_SERVING for %.1f s, then %.1f s grace for in-flight calls", options.drain_s,
+                 options.grace_s)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
@@ -110,3 +127,4 @@ async def serve_model(model: Path, options: ServeOptions, app: AppOptions,
         await server.stop()
         if http is not None:
             http.shutdown()
+            http.server_close()

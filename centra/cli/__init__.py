@@ -34,7 +34,7 @@ def positive_int(value: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from centra.cli import demo, models, results, serve, tasks
+    from centra.cli import bench, bench_server, demo, models, results, serve, tasks, triton
 
     common = Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(sub, common)
     results.add_parser(sub, common)
     serve.add_parsers(sub, common)
+    bench_server.add_parsers(sub, common)
+    bench.add_parsers(sub, common)
+    triton.add_parsers(sub, common)
     return parser
 
 

@@ -1,0 +1,39 @@
+"""`centra export-triton`: a Triton Inference Server model repository of a merged model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+ENGINES = ("onnx",)  # centra.export.triton.ENGINES, without importing torch to build the parser
+
+
+def cmd_export_triton(args: argparse.Namespace) -> int:
+    from centra.export.triton import export_triton
+
+    summary = export_triton(Path(args.model), Path(args.repo), engine=args.engine, precision=args.precision,
+                            max_batch=args.max_batch)
+    models = [m for g in summary["groups"] for m in (g["tokenizer_model"], g["graph_model"])]
+    tasks = sum(len(g["tasks"]) for g in summary["groups"])
+    print(f"wrote Triton model repository {args.repo} from version {summary['source_version']} "
+          f"({summary['graphs_from']}): ensemble {summary['ensemble']!r} over {', '.join(models)}; "
+          f"{tasks} tasks, max_batch_size {summary['max_batch_size']}")
+    for graph, diff in summary["parity"].items():
+        print(f"triton: {graph}: max |triton graph - {summary['reference']}| {diff:.1e} on the sample texts "
+              f"(tolerance {summary['tolerance']:g}); token ids equal centra's")
+    print(f"run: tritonserver --model-repository {Path(args.repo).resolve()}")
+    return 0
+
+
+def add_parsers(sub, common) -> None:
+    from centra.cli import positive_int
+
+    p = sub.add_parser("export-triton", parents=[common],
+                       help="write a Triton Inference Server model repository of a merged model")
+    p.add_argument("--model", required=True, help="merged model folder (its current version is exported)")
+    p.add_argument("--repo", required=True, help="model repository folder to write (replaced only if it is one)")
+    p.add_argument("--engine", choices=ENGINES, default="onnx", help="graph format (default onnx: onnxruntime_onnx)")
+    p.add_argument("--precision", choices=("fp32", "int8"),
+                   help="graph precision (default: the version's ONNX precision, else fp32)")
+    p.add_argument("--max-batch", type=positive_int, default=32, help="max_batch_size of every model (default 32)")
+    p.set_defaults(func=cmd_export_triton)

@@ -1,0 +1,370 @@
+"""Triton Inference Server model repository of a merged model (`centra export-triton`).
+
+Per token group (input kind, max_length; tasks of one group read the same tokens) two models: a python
+backend tokenizer (1/model.py = centra/export/triton_model.py, 1/tokenizer/ = the version's tokenizer
+files: TEXT (+ TEXT_PAIR) -> input_ids, attention_mask, token_type_ids) and an onnxruntime_onnx graph
+(1/model.onnx: the ids -> LOGITS_<task> of the group's tasks, the trunk once as deep as its deepest task,
+then each branch). They are centra_tokenizer and centra_graph, suffixed _<input>_<max_length> when there
+is more than one group. The ensemble `centra` runs them all: TEXT (and TEXT_PAIR) in, LOGITS_<task> out.
+README.md and centra-triton.json (tasks, labels, checks, file hashes) sit beside the models.
+
+Each graph model is composed, not re-exported: the version's checked ONNX graphs (embeddings, trunk
+segments, branches; fp32 or int8) joined into one graph, tensors prefixed by graph name, wired with
+Identity nodes (ONNX Runtime removes them). A version without ONNX graphs at that precision gets them
+exported and checked first (centra.export.onnx, into a temporary folder). Before publishing (through
+centra.io.publish_folder), each group's staged tokenizer model and graph run on sample texts: the ids
+must equal centra.core.tokens.encode's and the logits the engine's on the same batch within TOLERANCE.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import secrets
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from centra import io
+from centra.core.backbone import load_tokenizer
+from centra.core.merge import load_merged, model_folder
+from centra.core.task import TaskSpec
+from centra.core.tokens import encode
+from centra.errors import CentraError
+from centra.export.onnx import FP32_TOLERANCE, export_onnx
+from centra.runtime.engine import Engine
+from centra.runtime.onnx import ENGINE_NAME, PRECISIONS, OnnxRunner, graph_layout, open_session
+from centra.runtime.verify import SAMPLE_PAIRS, SAMPLE_TEXTS
+
+KIND = "triton repository"
+ENGINES = (ENGINE_NAME,)
+ENSEMBLE = "centra"
+TOKENIZER_MODEL = "centra_tokenizer"
+GRAPH_MODEL = "centra_graph"
+SUMMARY = "centra-triton.json"
+README = "README.md"
+DEFAULT_MAX_BATCH = 32
+TOLERANCE = FP32_TOLERANCE  # max |triton graph - centra engine| of any logit, same precision
+MODEL_SOURCE = Path(__file__).with_name("triton_model.py")
+ID_TENSORS = ("input_ids", "attention_mask", "token_type_ids")
+EXTERNAL_DATA_ABOVE = 1_800_000_000  # bytes: protobuf's 2 GB limit; weights go to model.onnx.data
+
+
+def output_name(task: str) -> str:
+    return f"LOGITS_{task}"
+
+
+@dataclass
+class Group:
+    """One token group: its tasks (manifest order) and the two models that serve it."""
+
+    input: str
+    max_length: int
+    tasks: list[str]
+    depth: int
+    tokenizer: str = TOKENIZER_MODEL
+    graph: str = GRAPH_MODEL
+
+    @property
+    def key(self) -> str:
+        return f"{self.input}_{self.max_length}"
+
+
+def token_groups(specs: dict[str, TaskSpec]) -> list[Group]:
+    """Tasks by (input kind, max_length), in the order their first task appears; suffixed model names
+    when there is more than one group."""
+    groups: dict[tuple[str, int], Group] = {}
+    for spec in specs.values():
+        group = groups.setdefault(spec.encoding_key, Group(spec.input, spec.max_length, [], 0))
+        group.tasks.append(spec.name)
+        group.depth = max(group.depth, spec.attach_layer)
+    found = list(groups.values())
+    if len(found) > 1:
+        for group in found:
+            group.tokenizer, group.graph = f"{TOKENIZER_MODEL}_{group.key}", f"{GRAPH_MODEL}_{group.key}"
+    return found
+
+
+def source_graphs(folder: Path, manifest: dict, merged, tokenizer, precision: str, tmp: Path,
+                  progress: bool) -> tuple[dict[str, Path], Engine, str]:
+    """The ONNX file of every graph of the layout at `precision` (the version's own, else exported and
+    checked into tmp), the engine the Triton graphs must match, and where the graphs came from."""
+    info = manifest.get("engine")
+    if isinstance(info, dict) and info.get("name") == ENGINE_NAME and all(
+            isinstance(g, dict) and isinstance(g.get(precision), str) for g in info.get("graphs", [])):
+        base, engine_manifest, origin = folder, manifest, f"the version's {precision} ONNX graphs"
+    else:
+        info = export_onnx(merged, tmp, precision, tokenizer, progress=progress)
+        base, engine_manifest, origin = tmp, {"engine": info}, f"{precision} ONNX graphs exported from torch"
+    paths = {g["name"]: base / g[precision] for g in info["graphs"]}
+    missing = [g["name"] for g in graph_layout(merged.specs) if g["name"] not in paths]
+    if missing:
+        raise CentraError(f"{folder / 'manifest.json'}: no {precision} ONNX graph for {missing[0]!r}")
+    runner = merged if precision == "fp32" else OnnxRunner.load(base, engine_manifest, merged, precision=precision)
+    return paths, Engine(runner, tokenizer, batch_size=8), origin
+
+
+def compose_group(paths: dict[str, Path], specs: dict[str, TaskSpec], group: Group):
+    """One ONNX model for a token group: input_ids, attention_mask, token_type_ids [batch, sequence] ->
+    LOGITS_<task> [batch, outputs] for each of its tasks, from the layout's graphs up to its depth."""
+    import onnx
+    from onnx import TensorProto, compose, helper
+
+    nodes, initializers, infos, opsets, ir_version, outputs = [], [], [], {}, 0, []
+    hidden_at: dict[int, str] = {}  # trunk layer -> the tensor holding its hidden state
+    for graph in graph_layout(specs):
+        kind, name, prefix = graph["kind"], graph["name"], f"{graph['name']}/"
+        if (kind == "segment" and graph["last"] > group.depth) or (kind == "branch" and graph["task"] not in
+                                                                   group.tasks):
+            continue
+        model = compose.add_prefix(onnx.load(str(paths[name])), prefix)
+        sources = {n: n for n in ID_TENSORS}
+        if kind == "segment":
+            sources["hidden"] = hidden_at[graph["first"] - 1]
+        elif kind == "branch":
+            sources["hidden"] = hidden_at[specs[graph["task"]].attach_layer]
+        for tensor in model.graph.input:  # Identity nodes feed the graph's inputs
+            local = tensor.name[len(prefix):]
+            if local not in sources:
+                raise CentraError(f"{paths[name]}: unexpected input {local!r} in ONNX graph {name!r}")
+            nodes.append(helper.make_node("Identity", [sources[local]], [tensor.name], name=f"wire/{tensor.name}"))
+        nodes.extend(model.graph.node)
+        initializers.extend(model.graph.initializer)
+        infos.extend(model.graph.value_info)
+        for opset in model.opset_import:
+            if opsets.setdefault(opset.domain, opset.version) != opset.version:
+                raise CentraError(f"{paths[name]}: opset {opset.domain or 'ai.onnx'} {opset.version} differs from "
+                                  f"the other graphs' {opsets[opset.domain]}")
+        ir_version = max(ir_version, model.ir_version)
+        (result,) = model.graph.output
+        if kind == "embeddings":
+            hidden_at[0] = result.name
+        elif kind == "segment":
+            hidden_at[graph["last"]] = result.name
+        else:
+            out = onnx.ValueInfoProto()
+            out.CopyFrom(result)
+            out.name = output_name(graph["task"])
+            nodes.append(helper.make_node("Identity", [result.name], [out.name], name=f"wire/{out.name}"))
+            outputs.append(out)
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"]) for n in ID_TENSORS]
+    body = helper.make_graph(nodes, f"centra_{group.key}", inputs, outputs, initializer=initializers,
+                             value_info=infos)
+    return helper.make_model(body, opset_imports=[helper.make_opsetid(d, v) for d, v in sorted(opsets.items())],
+                             ir_version=ir_version, producer_name="centra export-triton")
+
+
+def save_onnx(model, path: Path) -> None:
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if model.ByteSize() > EXTERNAL_DATA_ABOVE:
+        onnx.save_model(model, str(path), save_as_external_data=True, location=f"{path.name}.data")
+    else:
+        onnx.checker.check_model(model)
+        onnx.save_model(model, str(path))
+
+
+# ------------------------------------------------------------------------------- config.pbtxt
+
+
+def _tensor(name: str, dtype: str, dims: list[int]) -> str:
+    return f'  {{ name: {json.dumps(name)} data_type: {dtype} dims: [ {", ".join(map(str, dims))} ] }}'
+
+
+def _tensors(items: list[str]) -> str:
+    return "[\n" + ",\n".join(items) + "\n]"
+
+
+def text_inputs(pair: bool) -> list[str]:
+    return [_tensor("TEXT", "TYPE_STRING", [1])] + ([_tensor("TEXT_PAIR", "TYPE_STRING", [1])] if pair else [])
+
+
+def tokenizer_config(group: Group, max_batch: int, params: dict) -> str:
+    ids = [_tensor(n, "TYPE_INT64", [-1]) for n in ID_TENSORS]
+    parameters = "".join(f'parameters {{ key: {json.dumps(k)} value {{ string_value: {json.dumps(str(v))} }} }}\n'
+                         for k, v in params.items())
+    return (f'name: {json.dumps(group.tokenizer)}\nbackend: "python"\nmax_batch_size: {max_batch}\n'
+            f"dynamic_batching {{ }}\ninput {_tensors(text_inputs(group.input == 'pair'))}\n"
+            f"output {_tensors(ids)}\ninstance_group [ {{ kind: KIND_CPU count: 1 }} ]\n{parameters}")
+
+
+def graph_config(group: Group, max_batch: int, specs: dict[str, TaskSpec], precision: str) -> str:
+    ids = [_tensor(n, "TYPE_INT64", [-1]) for n in ID_TENSORS]
+    outs = [_tensor(output_name(t), "TYPE_FP32", [specs[t].num_outputs]) for t in group.tasks]
+    # dynamically quantized int8 graphs are CPU graphs; fp32 runs where Triton places it (a GPU if any)
+    instances = "instance_group [ { kind: KIND_CPU } ]\n" if precision == "int8" else ""
+    return (f'name: {json.dumps(group.graph)}\nplatform: "onnxruntime_onnx"\nmax_batch_size: {max_batch}\n'
+            f"dynamic_batching {{ }}\ninput {_tensors(ids)}\noutput {_tensors(outs)}\n{instances}")
+
+
+def ensemble_config(groups: list[Group], max_batch: int, specs: dict[str, TaskSpec]) -> str:
+    pair = any(g.input == "pair" for g in groups)
+    outs = [_tensor(output_name(t), "TYPE_FP32", [specs[t].num_outputs]) for g in groups for t in g.tasks]
+    steps = []
+    for g in groups:
+        texts = ["TEXT", "TEXT_PAIR"] if g.input == "pair" else ["TEXT"]
+        feed = "".join(f' input_map {{ key: "{n}" value: "{n}" }}' for n in texts)
+        ids = "".join(f' output_map {{ key: "{n}" value: "{g.key}_{n}" }}' for n in ID_TENSORS)
+        steps.append(f'  {{ model_name: "{g.tokenizer}" model_version: -1{feed}{ids} }}')
+        ids = "".join(f' input_map {{ key: "{n}" value: "{g.key}_{n}" }}' for n in ID_TENSORS)
+        logits = "".join(f' output_map {{ key: "{output_name(t)}" value: "{output_name(t)}" }}' for t in g.tasks)
+        steps.append(f'  {{ model_name: "{g.graph}" model_version: -1{ids}{logits} }}')
+    return (f'name: "{ENSEMBLE}"\nplatform: "ensemble"\nmax_batch_size: {max_batch}\n'
+            f"input {_tensors(text_inputs(pair))}\noutput {_tensors(outs)}\n"
+            f"ensemble_scheduling {{\n step {_tensors(steps)}\n}}\n")
+
+
+# --------------------------------------------------------------------------------------- export
+
+
+def load_model_module(path: Path):
+    """A tokenizer model's model.py as a module (no Triton needed)."""
+    spec = importlib.util.spec_from_file_location(f"centra_triton_tokenizer_{secrets.token_hex(4)}", str(path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@torch.inference_mode()
+def group_parity(stage: Path, group: Group, params: dict, reference: Engine) -> float:
+    """max |staged graph - reference runner| on the sample texts tokenized by the staged tokenizer model
+    (all at once, then one at a time), the reference fed the same padded batch (int8's activation scales
+    are per batch); refuses ids that differ from centra's tokenization."""
+    module = load_model_module(stage / group.tokenizer / "1" / "model.py")
+    tokenizer = module.load_tokenizer(stage / group.tokenizer / "1" / module.TOKENIZER_DIR)
+    texts = [*SAMPLE_TEXTS, " ".join(SAMPLE_TEXTS * 4)]  # the last one longer than any max_length: truncated
+    pairs = [*SAMPLE_PAIRS, *SAMPLE_PAIRS][: len(texts) - 1] + [" ".join(SAMPLE_PAIRS * 4)]
+    pairs = pairs if group.input == "pair" else None
+    expected_ids = encode(reference.tokenizer, reference.model.cfg.type_vocab_size, texts, pairs, group.max_length)
+    session = open_session(stage / group.graph / "1" / "model.onnx")
+    names = [output_name(t) for t in group.tasks]
+    worst = 0.0
+    for rows in [list(range(len(texts))), [len(texts) - 1], [3]]:
+        chosen = None if pairs is None else [pairs[i] for i in rows]
+        feeds = module.tokenize(tokenizer, [texts[i] for i in rows], chosen, params["max_length"],
+                                params["type_vocab_size"], params["pad_id"])
+        for j, i in enumerate(rows):
+            n = int(feeds["attention_mask"][j].sum())
+            if feeds["input_ids"][j, :n].tolist() != expected_ids.input_ids[i] or \
+                    feeds["token_type_ids"][j, :n].tolist() != expected_ids.token_type_ids[i]:
+                raise CentraError(f"triton: {group.tokenizer} tokenizes sample {i} unlike centra: refusing the "
+                                  "export; nothing was published")
+        batch = [torch.from_numpy(feeds[n]) for n in ID_TENSORS]
+        expected = reference.model.forward_rows(*batch, {t: torch.arange(len(rows)) for t in group.tasks})
+        for name, got in zip(group.tasks, session.run(names, feeds)):
+            worst = max(worst, (torch.from_numpy(got) - expected[name]).abs().max().item())
+    return worst
+
+
+def write_readme(path: Path, groups: list[Group], specs: dict[str, TaskSpec], summary: dict) -> None:
+    pair = any(g.input == "pair" for g in groups)
+    opsets = ", ".join(f"{domain} {version}" for domain, version in summary["onnx"]["opset"].items())
+    lines = [f"# centra Triton model repository ({summary['source_version']}, {summary['precision']})", "",
+             f"Written by `centra export-triton` from `{summary['source']}` ({summary['graphs_from']}); each "
+             f"graph matched {summary['reference']} within {summary['tolerance']:g} and each tokenizer model's ids "
+             "matched `centra predict`'s on sample texts.", "", "## Run", "", "```",
+             f"tritonserver --model-repository {summary['repository']}", "```", "",
+             "The tokenizer models run on Triton's python backend and need `transformers` (and numpy) in its "
+             "Python: `pip install transformers` in the server image, or a packed execution environment "
+             "(parameter EXECUTION_ENV_PATH). The graph models run on the onnxruntime backend; they are ONNX "
+             f"IR version {summary['onnx']['ir_version']}, opsets {opsets}, which the server's ONNX Runtime must "
+             "read (IR 10 needs ONNX Runtime 1.18 or later).", "", "## Models", "",
+             f"- `{ENSEMBLE}` (ensemble; call this one): input `TEXT`" + (
+                 " and `TEXT_PAIR` (Triton ensembles take no optional inputs: send it with every request; ask only "
+                 "for the outputs you want and Triton runs only the models they need)" if pair else "")
+             + ", strings of shape [batch, 1]; one output `LOGITS_<task>` (fp32, [batch, outputs]) per task; "
+             f"max_batch_size {summary['max_batch_size']}."]
+    for g in groups:
+        lines += [f"- `{g.tokenizer}` (python backend): {'TEXT + TEXT_PAIR' if g.input == 'pair' else 'TEXT'} -> "
+                  f"input_ids, attention_mask, token_type_ids (int64), truncated at {g.max_length} tokens, padded "
+                  "to the longest text of what it tokenizes at once (a dynamic batch).",
+                  f"- `{g.graph}` (onnxruntime_onnx, {summary['precision']}): the ids -> " + ", ".join(
+                      f"`{output_name(t)}` ({specs[t].kind}, {specs[t].num_outputs})" for t in g.tasks)
+                  + f"; the trunk once, {g.depth} layers deep, then each task's branch."]
+    if summary["precision"] == "int8":
+        lines += ["", "int8 graphs are dynamically quantized CPU graphs (instance_group KIND_CPU): activation "
+                  "scales are computed per batch, so a row's logits move slightly with the rows batched with it."]
+    lines += ["", "Outputs are logits: softmax (multiclass), sigmoid against the task's thresholds (multilabel) or "
+              f"the value (regression) give `centra predict`'s answers; labels and thresholds are in `{SUMMARY}`.", ""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def export_triton(model: Path, repo: Path, engine: str = ENGINE_NAME, precision: str | None = None,
+                  max_batch: int = DEFAULT_MAX_BATCH, progress: bool = True) -> dict:
+    """Publish the Triton model repository of OUT's current version at repo; return its summary."""
+    if engine not in ENGINES:
+        raise CentraError(f"export-triton: unknown engine {engine!r} (known: {', '.join(ENGINES)})")
+    if precision is not None and precision not in PRECISIONS:
+        raise CentraError(f"export-triton: unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
+    if max_batch < 1:
+        raise CentraError(f"export-triton: --max-batch must be >= 1, not {max_batch}")
+    repo = Path(repo)
+    io.check_writable_parent(repo)
+    io.check_replaceable(repo, KIND)  # before any work: never over a user's folder
+    folder = model_folder(Path(model))
+    manifest, merged = load_merged(folder)
+    tokenizer = load_tokenizer(folder / "tokenizer")
+    info = manifest.get("engine")
+    precision = precision or (info.get("precision") if isinstance(info, dict) else None) or "fp32"
+    specs = merged.specs
+    groups = token_groups(specs)
+    summary: dict = {}
+    with tempfile.TemporaryDirectory(prefix="centra-triton-") as tmp:
+        paths, reference, origin = source_graphs(folder, manifest, merged, tokenizer, precision, Path(tmp), progress)
+
+        def build(stage: Path) -> None:
+            parity, params = {}, {}
+            for g in groups:
+                params[g.key] = {"input": g.input, "max_length": g.max_length,
+                                 "type_vocab_size": merged.cfg.type_vocab_size, "pad_id": tokenizer.pad_token_id or 0}
+                version = stage / g.tokenizer / "1"
+                version.mkdir(parents=True)
+                io.copy_verified(MODEL_SOURCE, version / "model.py")
+                (version / "tokenizer").mkdir()
+                for rel, digest in manifest["files"].items():  # hashed by load_merged, re-hashed when copied
+                    if rel.startswith("tokenizer/"):
+                        io.copy_verified(folder / rel, version / rel, digest)
+                (stage / g.tokenizer / "config.pbtxt").write_text(tokenizer_config(g, max_batch, params[g.key]))
+                composed = compose_group(paths, specs, g)
+                onnx_format = {"ir_version": composed.ir_version, "opset": {o.domain or "ai.onnx": o.version
+                                                                            for o in composed.opset_import}}
+                save_onnx(composed, stage / g.graph / "1" / "model.onnx")
+                (stage / g.graph / "config.pbtxt").write_text(graph_config(g, max_batch, specs, precision))
+            (stage / ENSEMBLE / "1").mkdir(parents=True)  # an ensemble's version folder is empty
+            (stage / ENSEMBLE / "config.pbtxt").write_text(ensemble_config(groups, max_batch, specs))
+            for g in groups:
+                diff = group_parity(stage, g, params[g.key], reference)
+                if not diff <= TOLERANCE:
+                    raise CentraError(f"triton: {g.graph} differs from the centra engine ({reference.runtime}) by "
+                                      f"{diff:.3e} > {TOLERANCE:g}: refusing the export; nothing was published")
+                parity[g.graph] = float(f"{diff:.3e}")
+            summary.update({
+                "format": "centra-triton", "repository": str(repo.resolve()), "source": str(folder),
+                "source_version": manifest["version"], "backbone": manifest["backbone"]["id"], "precision": precision,
+                "graphs_from": origin, "max_batch_size": max_batch, "ensemble": ENSEMBLE, "tolerance": TOLERANCE,
+                "reference": reference.runtime, "parity": parity, "onnx": onnx_format,
+                "groups": [describe(g, specs) for g in groups]})
+            write_readme(stage / README, groups, specs, summary)
+            summary["files"] = io.hash_tree(stage)
+            io.write_json(stage / SUMMARY, summary)
+
+        io.publish_folder(repo, KIND, build, lambda stage: check_repository(stage, groups))
+    return summary
+
+
+def describe(g: Group, specs: dict[str, TaskSpec]) -> dict:
+    return {"input": g.input, "max_length": g.max_length, "trunk_depth": g.depth, "tokenizer_model": g.tokenizer,
+            "graph_model": g.graph, "tasks": {t: {"output": output_name(t), "kind": specs[t].kind,
+                                                  "labels": specs[t].labels, "thresholds": specs[t].thresholds}
+                                              for t in g.tasks}}
+
+
+def check_repository(stage: Path, groups: list[Group]) -> None:
+    """What was staged (its graphs and tokenizer models ran in `build`): every file as hashed, every config."""
+    io.check_tree(stage, io.read_json(stage / SUMMARY)["files"], skip=(SUMMARY, io.ARTIFACT_FILE))
+    for name in [ENSEMBLE, *(m for g in groups for m in (g.tokenizer, g.graph))]:
+        if not (stage / name / "config.pbtxt").is_file():
+            raise CentraError(f"{stage / name}: no config.pbtxt")

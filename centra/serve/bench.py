@@ -1,0 +1,272 @@
+"""Load benchmark: the gRPC server under concurrent one-text calls against the same engine in process.
+
+`bench_server` starts a CentraServer on a free loopback port in its own event-loop thread (no metrics, no
+reload), runs `concurrency` client threads (one channel and one connection each, the raw stub) calling
+Classify with one text and a task set that varies between calls, first for a warm-up and then for the
+measured window; then runs `engine.run` in process over batches of the server's mean batch size (rows) on
+the same calls. The clients share this process, and its cores, with the server: the figures are those of
+server and clients on one machine, a lower bound for a server on its own.
+
+Only the serve layer is used (no CLI, no data files): the caller gives the engine, the texts and a
+progress callback. grpc is imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from centra.errors import CentraError
+from centra.runtime.engine import Engine, Row
+from centra.serve.batcher import BatchRecord
+from centra.serve.server import CentraServer, ServeOptions
+
+MODES = ("mixed", "all")
+WORKLOAD_CALLS = 1024  # distinct (text, task set) calls, cycled through by every client and in process
+Call = tuple[str, tuple[str, ...]]  # one input's text, and the tasks it asks for
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    concurrency: int = 16
+    seconds: float = 10.0
+    warmup: float = 2.0
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+    tasks_per_call: str = "mixed"  # mixed: random non-empty subsets of the single-text tasks; all: every one
+    seed: int = 0
+    call_timeout_s: float = 30.0
+
+    def check(self) -> None:
+        """One-line refusals, before anything is loaded."""
+        if self.concurrency < 1:
+            raise CentraError(f"--concurrency must be >= 1, not {self.concurrency}")
+        if not (self.seconds > 0 and math.isfinite(self.seconds)):
+            raise CentraError(f"--seconds must be a finite number > 0, not {self.seconds}")
+        if not (self.warmup >= 0 and math.isfinite(self.warmup)):
+            raise CentraError(f"--warmup must be a finite number >= 0, not {self.warmup}")
+        if self.tasks_per_call not in MODES:
+            raise CentraError(f"--tasks-per-call must be one of {', '.join(MODES)}, not {self.tasks_per_call!r}")
+        self.serve_options.check()
+
+    @property
+    def serve_options(self) -> ServeOptions:
+        return ServeOptions(port=0, max_batch=self.max_batch, max_wait_ms=self.max_wait_ms)
+
+
+def single_tasks(engine: Engine) -> list[str]:
+    names = [spec.name for spec in engine.specs.values() if spec.input == "single"]
+    if not names:
+        raise CentraError("the model has no single-text task: bench-server sends one text per call")
+    return names
+
+
+def workload(texts: list[str], tasks: list[str], mode: str, seed: int = 0, size: int = WORKLOAD_CALLS) -> list[Call]:
+    """`size` calls (seeded): texts in a shuffled cycle, each with its task set (mixed: a random non-empty
+    subset of `tasks` in their order; all: every one)."""
+    if not texts or not tasks:
+        raise CentraError("bench-server needs at least one text and one task")
+    rng = random.Random(seed)
+    order = list(range(len(texts)))
+    rng.shuffle(order)
+    calls = []
+    for i in range(size):
+        chosen = tuple(tasks)
+        if mode == "mixed":
+            while True:
+                chosen = tuple(t for t in tasks if rng.random() < 0.5)
+                if chosen:
+                    break
+        calls.append((texts[order[i % len(order)]], chosen))
+    return calls
+
+
+@dataclass
+class Window:
+    """What the server did in the measured window."""
+
+    seconds: float
+    calls: int = 0  # answered within the window
+    errors: int = 0
+    first_error: str = ""
+    latencies: list[float] = field(default_factory=list)  # seconds, calls started within the window
+    batches: int = 0
+    rows: int = 0
+    batch_calls: int = 0
+    compute_s: float = 0.0  # engine time of the batches formed within the window
+    queue_wait_s: float = 0.0  # summed over calls
+
+
+class ServerThread:
+    """A CentraServer on a free loopback port, in its own event loop thread (a context manager)."""
+
+    def __init__(self, engine: Engine, options: ServeOptions):
+        self.server = CentraServer(engine, options)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="centra-bench-server", daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        try:
+            port = asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(30)
+        except BaseException:
+            self._stop_loop()
+            raise
+        self.target = f"127.0.0.1:{port}"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            asyncio.run_coroutine_threadsafe(self.server.stop(1.0), self.loop).result(30)
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
+def drive(running: ServerThread, calls: list[Call], options: BenchOptions) -> Window:
+    """`concurrency` client threads calling Classify back to back: a warm-up, then the measured window."""
+    import grpc
+
+    from centra.serve.v1 import centra_pb2 as pb
+    from centra.serve.v1 import centra_pb2_grpc
+
+    window = Window(options.seconds)
+    lock = threading.Lock()
+    batcher = running.server.batcher
+    ready = threading.Barrier(options.concurrency + 1)
+    clock: dict[str, float] = {}  # start, end of the measured window (perf_counter), set before the barrier
+
+    def on_batch(record: BatchRecord) -> None:  # in the server's loop, right after the batch ran
+        if clock["start"] <= time.perf_counter() <= clock["end"]:
+            window.compute_s += record.compute_s
+            window.queue_wait_s += sum(record.waits)
+
+    def client(index: int) -> None:
+        first = index * len(calls) // options.concurrency  # the clients start at different calls
+        requests = [pb.ClassifyRequest(inputs=[pb.Input(text=text)], tasks=list(tasks))
+                    for text, tasks in calls[first:] + calls[:first]]
+        # A channel of its own and a connection of its own (not grpc's process-wide subchannel pool).
+        channel = grpc.insecure_channel(running.target, options=[("grpc.use_local_subchannel_pool", 1)])
+        classify = centra_pb2_grpc.ClassifierStub(channel).Classify
+        latencies, answered, errors, first_error = [], 0, 0, ""
+        try:
+            ready.wait()
+            start, end, i = clock["start"], clock["end"], 0
+            while (sent := time.perf_counter()) < end:
+                try:
+                    reply = classify(requests[i % len(requests)], timeout=options.call_timeout_s)
+                    ok = len(reply.results) == 1
+                except grpc.RpcError as exc:
+                    ok, first_error = False, first_error or f"{exc.code().name}: {exc.details()}"
+                done = time.perf_counter()
+                i += 1
+                if sent >= start:
+                    latencies.append(done - sent)
+                if start <= done <= end:
+                    answered += ok
+                    errors += not ok
+        finally:
+            channel.close()
+            with lock:
+                window.calls += answered
+                window.errors += errors
+                window.first_error = window.first_error or first_error
+                window.latencies += latencies
+
+    threads = [threading.Thread(target=client, args=(i,), name=f"centra-bench-client-{i}", daemon=True)
+               for i in range(options.concurrency)]
+    for thread in threads:
+        thread.start()
+    clock["start"] = time.perf_counter() + options.warmup
+    clock["end"] = clock["start"] + options.seconds
+    batcher.listeners.append(on_batch)
+    ready.wait()
+    try:
+        time.sleep(max(0.0, clock["start"] - time.perf_counter()))
+        before = _counts(running)
+        time.sleep(max(0.0, clock["end"] - time.perf_counter()))
+        after = _counts(running)
+    finally:
+        for thread in threads:
+            thread.join(options.call_timeout_s + 10)
+        batcher.listeners.remove(on_batch)
+    window.batches, window.batch_calls, window.rows = (a - b for a, b in zip(after, before))
+    return window
+
+
+def _counts(running: ServerThread) -> tuple[int, int, int]:
+    """The batcher's counters, read in its own loop (one consistent snapshot)."""
+    async def read() -> tuple[int, int, int]:
+        stats = running.server.batcher.stats
+        return stats.batches, stats.calls, stats.rows
+    return asyncio.run_coroutine_threadsafe(read(), running.loop).result(30)
+
+
+def in_process(engine: Engine, calls: list[Call], batch_rows: int, seconds: float, warmup: float) -> float:
+    """Inputs per second of `engine.run` over batches of `batch_rows` of the calls, after a warm-up."""
+    rows = [Row(text, None, tasks) for text, tasks in calls]
+    batches = [[rows[(start + j) % len(rows)] for j in range(batch_rows)] for start in range(0, len(rows), batch_rows)]
+    done, i = 0, 0
+    for phase in (warmup, seconds):
+        done, started = 0, time.perf_counter()
+        end = started + phase
+        while phase and time.perf_counter() < end:
+            engine.run(batches[i % len(batches)])
+            done, i = done + batch_rows, i + 1
+        elapsed = time.perf_counter() - started
+    return done / elapsed
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100), linear between the closest ranks; NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def bench_server(engine: Engine, texts: list[str], options: BenchOptions,
+                 progress: Callable[[str], None] = lambda line: None) -> dict:
+    """Server, then in process; the figures of `centra bench-server`'s JSON line (and a few more)."""
+    options.check()
+    tasks = single_tasks(engine)
+    calls = workload(texts, tasks, options.tasks_per_call, options.seed)
+    with ServerThread(engine, options.serve_options) as running:
+        progress(f"server on {running.target}: {options.concurrency} clients, {options.warmup:g} s warm-up, "
+                 f"then {options.seconds:g} s measured")
+        window = drive(running, calls, options)
+    if not window.calls:
+        raise CentraError(f"no call was answered in {options.seconds:g} s"
+                          + (f" ({window.errors} failed; first: {window.first_error})" if window.errors else ""))
+    rows_per_batch = window.rows / window.batches if window.batches else float("nan")
+    batch_rows = max(1, round(rows_per_batch)) if window.batches else 1
+    progress(f"in process: engine.run over batches of {batch_rows} rows, {options.warmup:g} s warm-up, "
+             f"then {options.seconds:g} s measured")
+    local = in_process(engine, calls, batch_rows, options.seconds, options.warmup)
+    inputs_per_s = window.calls / window.seconds  # one text per call
+    return {"concurrency": options.concurrency, "seconds": options.seconds,
+            "calls_per_s": round(window.calls / window.seconds, 2), "inputs_per_s": round(inputs_per_s, 2),
+            "p50_ms": round(percentile(window.latencies, 50) * 1000, 3),
+            "p95_ms": round(percentile(window.latencies, 95) * 1000, 3),
+            "p99_ms": round(percentile(window.latencies, 99) * 1000, 3),
+            "mean_batch_rows": round(rows_per_batch, 3),
+            "mean_batch_calls": round(window.batch_calls / window.batches, 3) if window.batches else float("nan"),
+            "inprocess_batch_rows": batch_rows, "inprocess_inputs_per_s": round(local, 2),
+            "ratio": round(inputs_per_s / local, 4), "model_version": engine.version, "tasks": tasks,
+            "tasks_per_call": options.tasks_per_call, "max_batch": options.max_batch,
+            "max_wait_ms": options.max_wait_ms, "errors": window.errors,
+            "engine_busy": round(window.compute_s / window.seconds, 4),
+            "mean_queue_wait_ms": round(window.queue_wait_s / max(window.batch_calls, 1) * 1000, 3)}

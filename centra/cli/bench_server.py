@@ -81,12 +81,13 @@ def cmd_bench_server(args: argparse.Namespace) -> int:
 
     from centra.serve.app import load_engine
     from centra.serve.bench import bench_server
+    from centra.serve.reload import in_fresh_thread
 
     def progress(line: str) -> None:
         progress_line(f"bench-server: {line}")
 
     progress(f"loading {folder} (max batch {options.max_batch}); {source}")
-    engine = load_engine(folder, options.max_batch)
+    engine = in_fresh_thread(load_engine, folder, options.max_batch)  # as `centra serve` does
     print_figures(bench_server(engine, texts, options, progress))
     return 0
 

@@ -6,7 +6,7 @@ tokenised once, sorted by length and batched, so a batch carries little padding.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -46,10 +46,12 @@ class Row:
 
 @dataclass
 class RowResult:
-    """Per task: the row's logits (num_outputs,) and whether its tokens were truncated."""
+    """Per task: the row's logits (num_outputs,), whether its tokens were truncated, and (once
+    `interpret_all` ran) its answer: label / labels / value and scores."""
 
     logits: dict[str, torch.Tensor]
     truncated: dict[str, bool]
+    answers: dict[str, dict] = field(default_factory=dict)
 
 
 class Engine:
@@ -145,6 +147,14 @@ class Engine:
                         j = chunk[pos]
                         results[members[j]].logits[task] = value
                         results[members[j]].truncated[task] = bool(enc.truncated[j]) if enc.truncated else False
+        return results
+
+    def interpret_all(self, results: list[RowResult]) -> list[RowResult]:
+        """Fill every result's answers (on the caller's thread: the server does it on its engine worker,
+        keeping tensor work off the event loop)."""
+        for result in results:
+            for name, values in result.logits.items():
+                result.answers[name] = interpret(self.specs[name], values)
         return results
 
     def logits(self, texts: list[str], pairs: list[str] | None = None,

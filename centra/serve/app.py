@@ -17,7 +17,7 @@ from pathlib import Path
 from centra.errors import CentraError
 from centra.runtime.engine import Engine, Row
 from centra.serve.metrics import Metrics, metrics_interceptor
-from centra.serve.reload import DEFAULT_INTERVAL, ModelWatcher
+from centra.serve.reload import DEFAULT_INTERVAL, ModelWatcher, in_fresh_thread
 from centra.serve.server import CentraServer, ServeOptions, host_port
 
 log = logging.getLogger("centra.serve")
@@ -95,7 +95,7 @@ def build(model: Path, options: ServeOptions, app: AppOptions) -> tuple[CentraSe
 async def serve_model(model: Path, options: ServeOptions, app: AppOptions,
                       ready: Callable[[CentraServer, int | None], None] | None = None) -> None:
     """Serve until SIGTERM or SIGINT; SIGHUP checks the published pointer at once."""
-    server, metrics, watcher = await asyncio.to_thread(build, model, options, app)
+    server, metrics, watcher = await asyncio.to_thread(in_fresh_thread, build, model, options, app)
     http = None
     if app.metrics_port is not None:  # bound first: a busy metrics port leaves nothing listening
         try:

@@ -287,7 +287,8 @@ class Batcher:
 
 
 def _run_engine(engine: Engine, rows: list[Row]) -> list[RowResult]:
+    """On the engine worker: run the rows and interpret their logits (no tensor work on the event loop)."""
     results = engine.run(rows)
     if len(results) != len(rows):
         raise RuntimeError(f"the engine returned {len(results)} results for {len(rows)} rows")
-    return results
+    return engine.interpret_all(results)

@@ -143,7 +143,7 @@ def drive(running: ServerThread, calls: list[Call], options: BenchOptions) -> Wi
     window = Window(options.seconds)
     lock = threading.Lock()
     batcher = running.server.batcher
-    ready = threading.Barrier(options.concurrency + 1)
+    ready = threading.Barrier(options.concurrency + 1, timeout=60)  # broken if a client cannot start
     clock: dict[str, float] = {}  # start, end of the measured window (perf_counter), set before the barrier
 
     def on_batch(record: BatchRecord) -> None:  # in the server's loop, right after the batch ran
@@ -152,15 +152,22 @@ def drive(running: ServerThread, calls: list[Call], options: BenchOptions) -> Wi
             window.queue_wait_s += sum(record.waits)
 
     def client(index: int) -> None:
-        first = index * len(calls) // options.concurrency  # the clients start at different calls
-        requests = [pb.ClassifyRequest(inputs=[pb.Input(text=text)], tasks=list(tasks))
-                    for text, tasks in calls[first:] + calls[:first]]
-        # A channel of its own and a connection of its own (not grpc's process-wide subchannel pool).
-        channel = grpc.insecure_channel(running.target, options=[("grpc.use_local_subchannel_pool", 1)])
-        classify = centra_pb2_grpc.ClassifierStub(channel).Classify
+        try:
+            first = index * len(calls) // options.concurrency  # the clients start at different calls
+            requests = [pb.ClassifyRequest(inputs=[pb.Input(text=text)], tasks=list(tasks))
+                        for text, tasks in calls[first:] + calls[:first]]
+            # A channel of its own and a connection of its own (not grpc's process-wide subchannel pool).
+            channel = grpc.insecure_channel(running.target, options=[("grpc.use_local_subchannel_pool", 1)])
+            classify = centra_pb2_grpc.ClassifierStub(channel).Classify
+        except BaseException:
+            ready.abort()
+            raise
         latencies, answered, errors, first_error = [], 0, 0, ""
         try:
-            ready.wait()
+            try:
+                ready.wait()
+            except threading.BrokenBarrierError:  # another client could not start: the run is off
+                return
             start, end, i = clock["start"], clock["end"], 0
             while (sent := time.perf_counter()) < end:
                 try:
@@ -190,8 +197,11 @@ def drive(running: ServerThread, calls: list[Call], options: BenchOptions) -> Wi
     clock["start"] = time.perf_counter() + options.warmup
     clock["end"] = clock["start"] + options.seconds
     batcher.listeners.append(on_batch)
-    ready.wait()
     try:
+        try:
+            ready.wait()
+        except threading.BrokenBarrierError:
+            raise CentraError("bench-server: a client thread could not start (see the log)") from None
         time.sleep(max(0.0, clock["start"] - time.perf_counter()))
         before = _counts(running)
         time.sleep(max(0.0, clock["end"] - time.perf_counter()))

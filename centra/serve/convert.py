@@ -115,7 +115,7 @@ def response_to_pb(request, rows: list[Row], engine: Engine, results: list[RowRe
     for item, row, result in zip(request.inputs, rows, results, strict=True):
         entry = response.results.add(id=item.id)
         for name in row.tasks:
-            answer = interpret(engine.specs[name], result.logits[name])
+            answer = result.answers.get(name) or interpret(engine.specs[name], result.logits[name])
             task = entry.tasks.add(task=name, truncated=result.truncated.get(name, False),
                                    scores=list(answer["scores"].values()))  # dict in the task's label order
             if "label" in answer:

@@ -22,6 +22,29 @@ log = logging.getLogger("centra.serve")
 DEFAULT_INTERVAL = 1.0
 
 
+def in_fresh_thread(fn: Callable, *args):
+    """fn(*args) on a new thread that exits when it is done. Torch gives every thread that computes its
+    own OpenMP pool, and two live pools slow each forward pass by about a quarter on 2 cores: loading and
+    warming a model here leaves only the batcher's worker with a pool."""
+    import threading
+
+    outcome: list = []
+
+    def target() -> None:
+        try:
+            outcome.append((True, fn(*args)))
+        except BaseException as exc:  # handed to the caller
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=target, name="centra-load", daemon=True)
+    thread.start()
+    thread.join()
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
+
+
 class ModelWatcher:
     def __init__(self, model_dir: Path, version: str, load: Callable[[Path], object],
                  swap: Callable[[object, str], None], on_result: Callable[[str], None] | None = None,
@@ -79,7 +102,7 @@ class ModelWatcher:
             return False
         name, folder = found
         try:
-            engine = await asyncio.to_thread(self.load, folder)  # load and warm up, beside the old one
+            engine = await asyncio.to_thread(in_fresh_thread, self.load, folder)  # beside the old one
         except Exception as exc:  # corrupt, invalid, or failing its warm-up: the old version keeps serving
             self.failed = name
             reason = " ".join(str(exc).split()) if isinstance(exc, CentraError) else f"{type(exc).__name__}: {exc}"

@@ -151,14 +151,21 @@ def test_int8_reports_agreement_and_refuses_below_the_floor(bert_onnx, tmp_path,
     report = info["int8"]["tasks"]
     assert set(report) == {row[0] for row in STANDARD_TASKS}
     for name, r in report.items():
-        assert r["decided_agreement"] is None or r["decided_agreement"] >= int8.MIN_AGREEMENT, (name, r)
+        assert r["decided"] < int8.MIN_DECIDED or r["decided_agreement"] >= int8.MIN_AGREEMENT, (name, r)
+        assert r["relative_error"] <= int8.MAX_RELATIVE_ERROR, (name, r)
         assert 0 < r["max_abs_diff"] < 0.5, (name, r)
 
     # a quantized graph that answers otherwise is refused, naming the task
     int8_engine = Engine(OnnxRunner.load(folder, {"engine": info}, fp32.model.reference, "int8"), fp32.tokenizer)
     forward = int8_engine.model.forward_rows
     monkeypatch.setattr(int8_engine.model, "forward_rows", lambda *a: {k: -v for k, v in forward(*a).items()})
-    with pytest.raises(CentraError, match=r"int8 graphs of task '\w+' agree with fp32 on only 0%"):
+    with pytest.raises(CentraError, match=r"int8 graphs of task '\w+': a mean error of \d+% of fp32's logit"):
+        int8.check_int8(fp32, int8_engine)
+    # even a task fp32 decides on no sample (delta, a two-class pair task here) is checked
+    undecided = min(report, key=lambda n: report[n]["decided"])
+    monkeypatch.setattr(int8_engine.model, "forward_rows",
+                        lambda *a: {k: (-v if k == undecided else v) for k, v in forward(*a).items()})
+    with pytest.raises(CentraError, match=f"int8 graphs of task '{undecided}': a mean error"):
         int8.check_int8(fp32, int8_engine)
 
 

@@ -54,8 +54,9 @@ def print_engine(info: dict) -> None:
         for name, r in info["int8"]["tasks"].items():
             clear = "n/a" if r["decided_agreement"] is None else f"{r['decided_agreement']:.0%}"
             print(f"onnx: int8 {name}: label agreement with fp32 {r['agreement']:.0%} of {info['int8']['samples']} "
-                  f"samples, {clear} of the {r['decided']} fp32 decides clearly (floor {floor:.0%}); "
-                  f"max |int8 - fp32| {r['max_abs_diff']:.1e}")
+                  f"samples, {clear} of the {r['decided']} answers fp32 decides clearly (floor {floor:.0%}); "
+                  f"mean error {r['relative_error']:.0%} of the logit size; max |int8 - fp32| "
+                  f"{r['max_abs_diff']:.1e}")
 
 
 def read_texts(args: argparse.Namespace) -> list[str]:

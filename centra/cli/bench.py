@@ -324,8 +324,13 @@ def write_plot(path: Path, results: list, title: str, fixed: int) -> bool:
     fig.suptitle(f"centra bench: {title}")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(str(path), dpi=120)
-    plt.close(fig)
+    staged = Path(path).with_name(f".{Path(path).name}.tmp")
+    try:
+        fig.savefig(str(staged), dpi=120, format="png")
+        os.replace(staged, path)  # a killed run never leaves a half-written plot under the name asked for
+    finally:
+        staged.unlink(missing_ok=True)
+        plt.close(fig)
     return True
 
 

@@ -301,9 +301,13 @@ def test_tokenizer_model_executes_a_dynamic_batch(repos, monkeypatch):
                  "TEXT_PAIR": FakeTensor("TEXT_PAIR", strings(PAIRS[:2]))},
                 {"TEXT": FakeTensor("TEXT", np.array([[b"\xff"]], dtype=object)),
                  "TEXT_PAIR": FakeTensor("TEXT_PAIR", strings(["x"]))},
+                {"TEXT": FakeTensor("TEXT", strings(["  "])), "TEXT_PAIR": FakeTensor("TEXT_PAIR", strings(["x"]))},
+                {"TEXT": FakeTensor("TEXT", strings(["no pair"]))},
                 {"TEXT": FakeTensor("TEXT", strings([LONG])), "TEXT_PAIR": FakeTensor("TEXT_PAIR", strings([LONG]))}]
-    first, bad, last = model.execute(requests)
+    first, bad, empty, unpaired, last = model.execute(requests)
     assert bad["error"] == ("error", "TEXT row 0 is not UTF-8 text") and bad["tensors"] == {}
+    assert empty["error"] == ("error", "TEXT row 0 is empty"), "refused like `centra predict` refuses it"
+    assert unpaired["error"] == ("error", "input TEXT_PAIR is missing"), "each bad request fails alone"
     assert first["error"] is None and last["error"] is None
     assert first["tensors"]["input_ids"].shape == (2, 48) and last["tensors"]["input_ids"].shape == (1, 48), \
         "one dynamic batch is padded to one width, so Triton can batch the graph requests"

@@ -77,6 +77,18 @@ def settings(model_config: dict) -> dict:
     return found
 
 
+def request_strings(pb_utils, request, name: str) -> list[str]:
+    """One request's strings of tensor `name`: present, UTF-8, not empty (as `centra predict` requires)."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        raise ValueError(f"input {name} is missing")
+    items = as_strings(tensor.as_numpy(), name)
+    for i, item in enumerate(items):
+        if not item.strip():
+            raise ValueError(f"{name} row {i} is empty")
+    return items
+
+
 class TritonPythonModel:
     """The python backend's entry point: one tokenizer per model instance."""
 
@@ -93,16 +105,15 @@ class TritonPythonModel:
         s = self.settings
         texts, pairs, spans, errors = [], [], [], {}
         for r, request in enumerate(requests):
-            try:
-                mine = as_strings(pb_utils.get_input_tensor_by_name(request, "TEXT").as_numpy(), "TEXT")
+            try:  # every check is per request: a bad request fails alone
+                mine = request_strings(pb_utils, request, "TEXT")
                 other = None
                 if s["input"] == "pair":
-                    other = as_strings(pb_utils.get_input_tensor_by_name(request, "TEXT_PAIR").as_numpy(),
-                                       "TEXT_PAIR")
+                    other = request_strings(pb_utils, request, "TEXT_PAIR")
                     if len(other) != len(mine):
                         raise ValueError(f"{len(mine)} texts but {len(other)} pair texts")
-            except ValueError as exc:
-                errors[r] = str(exc)
+            except Exception as exc:
+                errors[r] = str(exc) or type(exc).__name__
                 continue
             spans.append((r, len(texts), len(texts) + len(mine)))
             texts += mine

@@ -8,6 +8,7 @@ this layer imports every other one, and nothing imports it.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import traceback
@@ -30,6 +31,16 @@ def positive_int(value: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
+    return number
+
+
+def positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not (number > 0 and math.isfinite(number)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
     return number
 
 

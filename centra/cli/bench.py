@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
 from pathlib import Path
 
+from centra.cli import positive_float
 from centra.errors import CentraError
 
 ENGINES = ("separate_torch_fp32", "separate_onnx_int8", "merged_torch_fp32", "merged_onnx_fp32", "merged_onnx_int8")
@@ -31,16 +31,6 @@ DEFAULT_SECONDS = 3.0
 DISTURBED = 5.0  # p99 / p50 above which a measurement is flagged as stalled (see `disturbed_lines`)
 SST2_DEV = Path("glue") / "SST-2" / "dev.tsv"
 MRPC_DEV = Path("glue") / "MRPC" / "dev.tsv"
-
-
-def positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if not (number > 0 and math.isfinite(number)):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
-    return number
 
 
 def read_texts_file(path: Path) -> tuple[list[str], list[tuple[str, str]]]:

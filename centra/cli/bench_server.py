@@ -8,22 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
+from centra.cli import positive_float
+from centra.cli.bench import SST2_DEV
 from centra.errors import CentraError
-
-SST2_DEV = Path("glue") / "SST-2" / "dev.tsv"
-
-
-def positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if not (number > 0 and math.isfinite(number)):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
-    return number
 
 
 def read_lines(path: Path) -> list[str]:

@@ -13,6 +13,17 @@ from centra.core.task import TaskHead, TaskSpec
 from centra.errors import CentraError
 
 
+def tasks_by_layer(specs: dict[str, TaskSpec], names) -> dict[int, list[str]]:
+    """The named tasks grouped by attach layer (the order of a trunk pass); unknown names refused."""
+    unknown = [n for n in names if n not in specs]
+    if unknown:
+        raise CentraError(f"unknown task {unknown[0]!r} (known: {', '.join(sorted(specs))})")
+    by_layer: dict[int, list[str]] = {}
+    for name in names:
+        by_layer.setdefault(specs[name].attach_layer, []).append(name)
+    return by_layer
+
+
 class MergedModel(nn.Module):
     """Embeddings + trunk layers computed once; each task's branch reads its attach layer."""
 
@@ -42,12 +53,7 @@ class MergedModel(nn.Module):
         Calls that ask for different task sets share this one trunk pass; each branch runs only on its
         rows, and rows drop out of the trunk once no task they asked for attaches deeper.
         """
-        unknown = [n for n in wants if n not in self.specs]
-        if unknown:
-            raise CentraError(f"unknown task {unknown[0]!r} (known: {', '.join(sorted(self.specs))})")
-        by_layer: dict[int, list[str]] = {}
-        for name in wants:
-            by_layer.setdefault(self.specs[name].attach_layer, []).append(name)
+        by_layer = tasks_by_layer(self.specs, wants)
         depth = max(by_layer, default=0)
         batch = input_ids.shape[0]
         position = torch.arange(batch)  # batch row -> its row in the live tensors (-1: dropped)

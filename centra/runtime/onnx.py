@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from centra.core.backbone import EncoderConfig
-from centra.core.graph import MergedModel
+from centra.core.graph import MergedModel, tasks_by_layer
 from centra.core.task import TaskSpec
 from centra.errors import CentraError
 
@@ -177,12 +177,7 @@ class OnnxRunner:
         """MergedModel.forward_rows over the graphs: the trunk once, segment by segment and only as deep
         as the deepest task asked for; each branch on its rows; rows drop out of the trunk once no task
         they asked for attaches deeper."""
-        unknown = [n for n in wants if n not in self.specs]
-        if unknown:
-            raise CentraError(f"unknown task {unknown[0]!r} (known: {', '.join(sorted(self.specs))})")
-        by_layer: dict[int, list[str]] = {}
-        for name in wants:
-            by_layer.setdefault(self.specs[name].attach_layer, []).append(name)
+        by_layer = tasks_by_layer(self.specs, wants)
         rows = {name: np.asarray(r, dtype=np.int64) for name, r in wants.items()}
         batch = input_ids.shape[0]
         position = np.arange(batch)  # batch row -> its row in the live arrays (-1: dropped)

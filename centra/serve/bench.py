@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 
 from centra.errors import CentraError
 from centra.runtime.engine import Engine, Row
+from centra.serve.background import BackgroundServer
 from centra.serve.batcher import BatchRecord
-from centra.serve.server import CentraServer, ServeOptions
+from centra.serve.server import ServeOptions
 
 MODES = ("mixed", "all")
 WORKLOAD_CALLS = 1024  # distinct (text, task set) calls, cycled through by every client and in process
@@ -102,38 +103,7 @@ class Window:
     queue_wait_s: float = 0.0  # summed over calls
 
 
-class ServerThread:
-    """A CentraServer on a free loopback port, in its own event loop thread (a context manager)."""
-
-    def __init__(self, engine: Engine, options: ServeOptions):
-        self.server = CentraServer(engine, options)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="centra-bench-server", daemon=True)
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        try:
-            port = asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(30)
-        except BaseException:
-            self._stop_loop()
-            raise
-        self.target = f"127.0.0.1:{port}"
-        return self
-
-    def __exit__(self, *exc) -> None:
-        try:
-            asyncio.run_coroutine_threadsafe(self.server.stop(1.0), self.loop).result(30)
-        finally:
-            self._stop_loop()
-
-    def _stop_loop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(30)
-        if not self.thread.is_alive():
-            self.loop.close()
-
-
-def drive(running: ServerThread, calls: list[Call], options: BenchOptions) -> Window:
+def drive(running: BackgroundServer, calls: list[Call], options: BenchOptions) -> Window:
     """`concurrency` client threads calling Classify back to back: a warm-up, then the measured window."""
     import grpc
 
@@ -214,7 +184,7 @@ def drive(running: ServerThread, calls: list[Call], options: BenchOptions) -> Wi
     return window
 
 
-def _counts(running: ServerThread) -> tuple[int, int, int]:
+def _counts(running: BackgroundServer) -> tuple[int, int, int]:
     """The batcher's counters, read in its own loop (one consistent snapshot)."""
     async def read() -> tuple[int, int, int]:
         stats = running.server.batcher.stats
@@ -254,7 +224,7 @@ def bench_server(engine: Engine, texts: list[str], options: BenchOptions,
     options.check()
     tasks = single_tasks(engine)
     calls = workload(texts, tasks, options.tasks_per_call, options.seed)
-    with ServerThread(engine, options.serve_options) as running:
+    with BackgroundServer(engine, options.serve_options) as running:
         progress(f"server on {running.target}: {options.concurrency} clients, {options.warmup:g} s warm-up, "
                  f"then {options.seconds:g} s measured")
         window = drive(running, calls, options)

@@ -261,3 +261,103 @@ def test_layout_segments_end_at_every_attach_layer(bert_onnx):
     assert [(g["first"], g["last"]) for g in layout if g["kind"] == "segment"] == [(1, 1), (2, 2), (3, 3)]
     only_deep = graph_layout([specs["gamma"], specs["epsilon"]])
     assert [(g["first"], g["last"]) for g in only_deep if g["kind"] == "segment"] == [(1, 3)]
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_new", "relu"])
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_fused_graphs_equal_the_layer_code(act, pooling):
+    """centra.export.fused writes each layer in ORT's fused ops; its maths must be EncoderLayer's and
+    TaskHead's, for every activation and pooling, on a padded batch."""
+    import dataclasses
+
+    import onnxruntime as ort
+
+    from centra.core.backbone import EncoderConfig, attention_bias
+    from centra.core.task import TaskHead, TaskSpec
+    from centra.export.fused import branch_model, segment_model
+
+    cfg = EncoderConfig("bert", 50, 32, 2, 4, 48, 64, 2, 1e-12, 0, act)
+    spec = TaskSpec(name="t", kind="multilabel", labels=["x", "y", "z"], attach_layer=1, task_layers=2,
+                    backbone={}, pooling=pooling)
+    torch.manual_seed(0)
+    head = perturb(TaskHead(spec, cfg), seed=1).eval()
+    hidden = torch.randn(4, 9, 32)
+    mask = torch.ones(4, 9, dtype=torch.long)
+    mask[1, 5:], mask[2, 2:], mask[3, 8:] = 0, 0, 0
+    feeds = {"hidden": hidden.numpy(), "attention_mask": mask.numpy()}
+    with torch.no_grad():
+        expected = {"segment": head.layers[1](head.layers[0](hidden, attention_bias(mask)), attention_bias(mask)),
+                    "branch": head(hidden, attention_bias(mask), mask)}
+        models = {"segment": segment_model(list(head.layers), cfg, "segment"),
+                  "branch": branch_model(head, cfg, "branch")}
+    for name, model in models.items():
+        ops = {n.op_type for n in model.graph.node}
+        assert {"Attention", "SkipLayerNormalization"} <= ops, ops
+        assert {"gelu": "BiasGelu", "gelu_new": "FastGelu", "relu": "Relu"}[act] in ops
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(None, feeds)[0])
+        assert got.shape == expected[name].shape
+        assert (got - expected[name]).abs().max().item() <= TOLERANCE, name
+    assert dataclasses.replace(cfg, hidden_act="silu").hidden_act == "silu"
+    with pytest.raises(CentraError, match="no fused ONNX form for hidden_act 'silu'"):
+        segment_model(list(head.layers), dataclasses.replace(cfg, hidden_act="silu"), "segment")
+
+
+def test_merge_writes_fused_graphs_and_int8_fuses_attention(bert_onnx, tmp_path):
+    import onnx
+
+    folder = model_folder(bert_onnx)
+    info = manifest_of(bert_onnx)["engine"]
+    assert info["style"] == "fused"
+    for graph in info["graphs"][1:]:  # every layer stack; the embeddings are exported
+        ops = {n.op_type for n in onnx.load(str(folder / graph["fp32"])).graph.node}
+        if graph["kind"] == "segment" or graph["task"] != "epsilon" and graph["kind"] == "branch":
+            assert {"Attention", "SkipLayerNormalization", "BiasGelu"} <= ops, (graph["name"], ops)
+    assert info["fusions"]["fp32"]["Attention"] == 3 + sum(row[5] for row in STANDARD_TASKS)
+    fp32 = Engine.load(bert_onnx, batch_size=8)
+    version = shutil.copytree(folder, tmp_path / "version")
+    int8 = json.loads(json.dumps(info))
+    export_onnx.add_int8(version, int8, fp32.model.reference, fp32, progress=False)
+    assert int8["fusions"]["int8"].get("QAttention", 0) == int8["fusions"]["fp32"]["Attention"], int8["fusions"]
+
+
+def test_portable_graphs_use_standard_ops_only(bert_path, tmp_path):
+    """The "portable" style (for runtimes without ONNX Runtime's contrib ops, TensorRT) exports every graph
+    and passes the same parity check."""
+    import onnx
+
+    make_tasks(Backbone.load(bert_path), tmp_path / "tasks", STANDARD_TASKS[:2])
+    write_merged(plan_merge([tmp_path / "tasks"]), tmp_path / "out")
+    engine = Engine.load(tmp_path / "out", engine="torch")
+    info = export_onnx.export_onnx(engine.model, tmp_path / "graphs", progress=False, style="portable")
+    assert info["style"] == "portable" and max(info["parity"].values()) <= TOLERANCE
+    for graph in info["graphs"]:
+        model = onnx.load(str(tmp_path / "graphs" / graph["fp32"]))
+        assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}, graph["name"]
+    with pytest.raises(CentraError, match="unknown ONNX graph style 'fast'"):
+        export_onnx.export_onnx(engine.model, tmp_path / "g2", progress=False, style="fast")
+
+
+def test_a_fused_graph_that_differs_is_refused(bert_path, tmp_path, monkeypatch, capsys):
+    from centra.export import fused
+
+    make_tasks(Backbone.load(bert_path), tmp_path / "tasks", STANDARD_TASKS[:1])  # alpha: attach 1, 1 layer
+    add_layer = fused.add_layer
+
+    def no_output_bias(b, layer, cfg, x, prefix):  # the attention output's bias left out
+        saved = layer.o.bias.clone()
+        with torch.no_grad():
+            layer.o.bias.zero_()
+        try:
+            return add_layer(b, layer, cfg, x, prefix)
+        finally:
+            with torch.no_grad():
+                layer.o.bias.copy_(saved)
+
+    monkeypatch.setattr(fused, "add_layer", no_output_bias)
+    assert main(["merge", "--tasks-dir", str(tmp_path / "tasks"), "--out", str(tmp_path / "out"),
+                 "--engine", "onnx"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # progress lines, then the error
+    assert err[-1].startswith("centra: error: ONNX graph 'task_alpha' differs from PyTorch by"), err
+    assert not any("Traceback" in line for line in err)  # (the tiny trunk's biases are 0: its layers pass)
+    assert not (tmp_path / "out").exists()

@@ -1,13 +1,15 @@
 """ONNX export of a merged model, in the layout of centra.runtime.onnx.graph_layout, with parity checks.
 
-Each graph (embeddings; trunk layers between consecutive attach layers; one per task branch) is
-exported with `torch.onnx.export(..., dynamo=True)` with dynamic batch and sequence axes, and checked
-against PyTorch right away, before the next one is exported: padded batches of mixed lengths (batch 1,
-3 and 8; none the shape of the export's example, so fixed shapes would show) through the ONNX Runtime
-session the engine uses. Then the composed engine (OnnxRunner) is checked against MergedModel on the
-same batches, each task asked for by a different subset of rows. Any difference above FP32_TOLERANCE
-refuses the export with one line naming the graph. int8 graphs are checked by label agreement
-(centra.export.int8).
+Each graph (embeddings; trunk layers between consecutive attach layers; one per task branch) has dynamic
+batch and sequence axes. The embeddings are exported with `torch.onnx.export(..., dynamo=True)`; the
+layer stacks are written in ONNX Runtime's fused operators (style "fused", centra.export.fused: the
+exporter's attention is not fused by ORT) or exported too (style "portable": standard ops only, for
+runtimes other than ONNX Runtime). Each graph is checked against PyTorch right away, before the next one
+is written: padded batches of mixed lengths (batch 1, 3 and 8; none the shape of the export's example, so
+fixed shapes would show) through the ONNX Runtime session the engine uses. Then the composed engine
+(OnnxRunner) is checked against MergedModel on the same batches, each task asked for by a different
+subset of rows. Any difference above FP32_TOLERANCE refuses the export with one line naming the graph.
+int8 graphs are checked by label agreement (centra.export.int8).
 
 `onnx_extender` is `write_merged`'s hook: the graphs land in the staged version's onnx/ folder and are
 hashed and published with the torch files, in the same atomic step.
@@ -38,6 +40,7 @@ FP32_TOLERANCE = 1e-4  # max |onnx - torch| of any graph's output (hidden states
 OPSET = 20
 ONNX_DIR = "onnx"
 PARITY_SHAPES = ((1, 7), (3, 19), (8, None))  # (batch, length); None: the longest max_length of the tasks
+STYLES = ("fused", "portable")
 EXAMPLE_SHAPE = (2, 8)  # the export's example: 1 would be specialised, so it is not used
 # Op types ONNX Runtime's optimiser fuses patterns into (or the exporter emits whole), counted by `fusions`.
 FUSED_OPS = ("Attention", "MultiHeadAttention", "QAttention", "EmbedLayerNormalization", "LayerNormalization",
@@ -211,11 +214,15 @@ def refuse(name: str, diff: float, tolerance: float) -> CentraError:
 
 
 def export_onnx(model: MergedModel, folder: Path, precision: str = "fp32", tokenizer=None,
-                tolerance: float = FP32_TOLERANCE, progress: bool = True) -> dict:
+                tolerance: float = FP32_TOLERANCE, progress: bool = True, style: str = "fused") -> dict:
     """Export every graph into folder/onnx/fp32 (and onnx/int8), each checked as it is written; return the
     manifest's "engine" field (file paths relative to folder)."""
+    from centra.export.fused import write_fused
+
     if precision not in PRECISIONS:
         raise CentraError(f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
+    if style not in STYLES:
+        raise CentraError(f"unknown ONNX graph style {style!r} (known: {', '.join(STYLES)})")
     if precision == "int8" and tokenizer is None:
         raise CentraError("the int8 check needs the model's tokenizer")
     folder = Path(folder)
@@ -229,8 +236,11 @@ def export_onnx(model: MergedModel, folder: Path, precision: str = "fp32", token
     for graph in progress_bar(layout, desc="export ONNX", enabled=progress):
         module, names, output = graph_module(model, graph)
         rel = f"{ONNX_DIR}/fp32/{graph['name']}.onnx"
-        inputs = (ids, types) if graph["kind"] == "embeddings" else (hidden, mask)
-        export_graph(module, inputs, folder / rel, names, output)
+        if graph["kind"] == "embeddings" or style == "portable":
+            inputs = (ids, types) if graph["kind"] == "embeddings" else (hidden, mask)
+            export_graph(module, inputs, folder / rel, names, output)
+        else:
+            write_fused(module, model.cfg, folder / rel, graph["name"])
         sessions[graph["name"]] = open_session(folder / rel)
         diff = graph_parity(model, graph, sessions[graph["name"]], batches, states)
         if not diff <= tolerance:
@@ -244,7 +254,7 @@ def export_onnx(model: MergedModel, folder: Path, precision: str = "fp32", token
         raise refuse("composed (OnnxRunner.forward_rows)", diff, tolerance)
     parity["composed"] = float(f"{diff:.3e}")
     info = {"name": ENGINE_NAME, "precision": precision, "opset": OPSET, "exporter": f"torch {torch.__version__} "
-            "dynamo", "tolerance": tolerance, "graphs": graphs, "parity": parity,
+            "dynamo", "style": style, "tolerance": tolerance, "graphs": graphs, "parity": parity,
             "fusions": {"fp32": total_fusions(folder / g["fp32"] for g in graphs)}}
     if precision == "int8":
         add_int8(folder, info, model, Engine(runner, tokenizer, batch_size=8), progress)

@@ -27,7 +27,8 @@ from centra.core.task import init_task, save_task
 from centra.errors import CentraError
 from centra.export import onnx as export_onnx
 from centra.runtime.engine import Engine, Row
-from centra.runtime.onnx import OnnxRunner, graph_layout
+from centra.runtime.graphs import graph_layout
+from centra.runtime.onnx import OnnxRunner
 
 TOLERANCE = 1e-4  # fp32, ONNX Runtime vs PyTorch
 

@@ -152,7 +152,8 @@ def separate_onnx(cfg, heads: dict, embeddings, layers: list, tokenizer, tmp: Pa
     from centra.export.onnx import export_onnx
     from centra.progress import progress_line
     from centra.runtime.bench import full_depth_head, runner_engine, separate_engine
-    from centra.runtime.onnx import OnnxRunner, graph_layout, open_session
+    from centra.runtime.graphs import graph_layout
+    from centra.runtime.onnx import OnnxRunner, open_session
 
     progress_line(f"bench: exporting {len(heads)} separate {len(layers)}-layer models to {tmp} (fp32 + int8)")
     full = {name: full_depth_head(head, len(layers)) for name, head in heads.items()}

@@ -34,7 +34,8 @@ from centra.core.task import load_task, max_positions
 from centra.errors import CentraError
 from centra.progress import progress_bar, progress_line
 from centra.runtime.engine import Engine
-from centra.runtime.onnx import ENGINE_NAME, PRECISIONS, OnnxRunner, graph_layout, open_session
+from centra.runtime.graphs import graph_layout
+from centra.runtime.onnx import ENGINE_NAME, PRECISIONS, OnnxRunner, open_session
 
 FP32_TOLERANCE = 1e-4  # max |onnx - torch| of any graph's output (hidden states or logits), fp32
 OPSET = 20

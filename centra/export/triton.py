@@ -35,7 +35,8 @@ from centra.core.tokens import encode
 from centra.errors import CentraError
 from centra.export.onnx import FP32_TOLERANCE, export_onnx
 from centra.runtime.engine import Engine
-from centra.runtime.onnx import ENGINE_NAME, PRECISIONS, OnnxRunner, graph_layout, open_session
+from centra.runtime.graphs import graph_layout
+from centra.runtime.onnx import ENGINE_NAME, PRECISIONS, OnnxRunner, open_session
 from centra.runtime.verify import SAMPLE_PAIRS, SAMPLE_TEXTS
 
 KIND = "triton repository"

@@ -1,0 +1,134 @@
+"""What every graph engine shares: the layout of a merged model as graphs, and running it with the torch
+engine's savings.
+
+The layout (`graph_layout`) is one graph for the embeddings, one per trunk segment between consecutive
+attach layers, and one per task branch, so a call runs only the trunk its tasks need and only their
+branches, and each branch runs only on the rows that asked for it (rows leave the trunk at the attach
+layer of the deepest task they asked for), exactly as `MergedModel.forward_rows` does. `GraphRunner`
+implements that walk once over torch tensors (on the CPU for ONNX Runtime, on the GPU for TensorRT); an
+engine supplies `run_graph`, one graph on one batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from centra.core.backbone import EncoderConfig
+from centra.core.graph import MergedModel, tasks_by_layer
+from centra.core.task import TaskSpec
+from centra.errors import CentraError
+
+EMBEDDINGS = "embeddings"
+
+
+def segment_name(first: int, last: int) -> str:
+    return f"layers_{first}-{last}"
+
+
+def branch_name(task: str) -> str:
+    return f"task_{task}"
+
+
+def graph_layout(specs: dict[str, TaskSpec] | list[TaskSpec]) -> list[dict]:
+    """The graphs of a merged model: embeddings, trunk segments ending at each attach layer (layers
+    first..last, 1-based, inclusive), one branch per task. Segments end at every attach layer of the
+    model, so any call's early exits (which happen only at its own tasks' attach layers) fall on one."""
+    specs = list(specs.values()) if isinstance(specs, dict) else list(specs)
+    graphs: list[dict] = [{"name": EMBEDDINGS, "kind": "embeddings"}]
+    start = 0
+    for end in sorted({s.attach_layer for s in specs} - {0}):
+        graphs.append({"name": segment_name(start + 1, end), "kind": "segment", "first": start + 1, "last": end})
+        start = end
+    graphs += [{"name": branch_name(s.name), "kind": "branch", "task": s.name} for s in specs]
+    return graphs
+
+
+class GraphRunner:
+    """The Runner protocol over the graphs of `graph_layout`; subclasses run one graph (`run_graph`)."""
+
+    device = torch.device("cpu")  # where run_graph takes and gives tensors
+
+    def __init__(self, specs: dict[str, TaskSpec], cfg: EncoderConfig, layout: list[dict], precision: str,
+                 reference: MergedModel | None = None):
+        self.specs = specs
+        self.cfg = cfg
+        self.layout = layout
+        self.precision = precision
+        self.reference = reference
+        # trunk segments by the layer they start after: 0 -> the first segment, ...
+        self.segments = {g["first"] - 1: (g["name"], g["last"]) for g in layout if g["kind"] == "segment"}
+
+    def eval(self):  # the Engine calls model.eval(); graphs have no training mode
+        return self
+
+    # What `verify` and the demo read from a torch MergedModel: the torch files of the same version.
+    @property
+    def heads(self):
+        return self._reference().heads
+
+    @property
+    def embeddings(self):
+        return self._reference().embeddings
+
+    @property
+    def trunk(self):
+        return self._reference().trunk
+
+    def _reference(self) -> MergedModel:
+        if self.reference is None:
+            raise CentraError(f"this {type(self).__name__} was built without its torch reference")
+        return self.reference
+
+    def depth_for(self, names: list[str]) -> int:
+        return max((self.specs[n].attach_layer for n in names), default=0)
+
+    def run_graph(self, name: str, **inputs: torch.Tensor) -> torch.Tensor:
+        """One graph on one batch (the single place graphs run: tests count calls here)."""
+        raise NotImplementedError
+
+    def warm_up(self) -> None:
+        """Every graph once, so the first real call pays no allocation or kernel-selection cost."""
+        ids = torch.full((1, 2), self.cfg.pad_token_id + 1, dtype=torch.long, device=self.device)
+        ones = torch.ones((1, 2), dtype=torch.long, device=self.device)
+        hidden = self.run_graph(EMBEDDINGS, input_ids=ids, token_type_ids=torch.zeros_like(ids))
+        for name, _ in self.segments.values():
+            self.run_graph(name, hidden=hidden, attention_mask=ones)
+        for task in self.specs:
+            self.run_graph(branch_name(task), hidden=hidden, attention_mask=ones)
+
+    def forward_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
+                     wants: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """MergedModel.forward_rows over the graphs: the trunk once, segment by segment and only as deep
+        as the deepest task asked for; each branch on its rows; rows drop out of the trunk once no task
+        they asked for attaches deeper. Logits come back on the CPU."""
+        device = self.device
+        by_layer = tasks_by_layer(self.specs, wants)
+        rows = {name: torch.as_tensor(r, dtype=torch.long).to(device) for name, r in wants.items()}
+        batch = input_ids.shape[0]
+        position = torch.arange(batch, device=device)  # batch row -> its row in the live tensors (-1: dropped)
+        mask = attention_mask.to(device=device, dtype=torch.long).contiguous()
+        hidden = self.run_graph(EMBEDDINGS, input_ids=input_ids.to(device=device, dtype=torch.long).contiguous(),
+                                token_type_ids=token_type_ids.to(device=device, dtype=torch.long).contiguous())
+        out: dict[str, torch.Tensor] = {}
+        k = 0
+        while True:
+            for name in by_layer.get(k, ()):
+                live = position[rows[name]]
+                if len(live) == hidden.shape[0] and torch.equal(live, torch.arange(len(live), device=device)):
+                    h, m = hidden, mask
+                else:
+                    h, m = hidden[live].contiguous(), mask[live].contiguous()
+                out[name] = self.run_graph(branch_name(name), hidden=h, attention_mask=m).float().cpu()
+            deeper = [rows[n] for layer, names in by_layer.items() if layer > k for n in names]
+            if not deeper:
+                return out
+            needed = torch.unique(torch.cat(deeper))
+            if len(needed) < hidden.shape[0]:  # rows no deeper task wants leave the trunk here
+                keep = position[needed]
+                hidden, mask = hidden[keep].contiguous(), mask[keep].contiguous()
+                position = torch.full((batch,), -1, dtype=torch.long, device=device)
+                position[needed] = torch.arange(len(needed), device=device)
+            if k not in self.segments:
+                raise CentraError(f"{type(self).__name__}: no trunk segment starts after layer {k}")
+            name, k = self.segments[k]
+            hidden = self.run_graph(name, hidden=hidden, attention_mask=mask)

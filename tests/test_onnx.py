@@ -242,8 +242,10 @@ def test_published_graphs_are_hashed_and_engine_choices_checked(bert_onnx, bert_
     assert Engine.load(tmp_path / "plain").runtime == "torch fp32"
     with pytest.raises(CentraError, match="no ONNX graphs"):
         Engine.load(tmp_path / "plain", engine="onnx")
-    with pytest.raises(CentraError, match="unknown engine 'tensorrt'"):
+    with pytest.raises(CentraError, match="no TensorRT plans"):
         Engine.load(tmp_path / "plain", engine="tensorrt")
+    with pytest.raises(CentraError, match="unknown engine 'openvino'"):
+        Engine.load(tmp_path / "plain", engine="openvino")
     assert main(["merge", "--tasks-dir", str(tmp_path / "tasks"), "--out", str(tmp_path / "o2"),
                  "--precision", "int8"]) == 2
     assert not (tmp_path / "o2").exists()

@@ -10,7 +10,8 @@ from pathlib import Path
 from centra.errors import CentraError
 
 DEFAULT_TASKS_DIR = "tasks"
-ENGINES = ("torch", "onnx")  # centra.runtime.engine.ENGINES, without importing torch to build the parser
+ENGINES = ("torch", "onnx", "tensorrt")  # centra.runtime.engine.ENGINES, without importing torch for the parser
+PRECISIONS = {"onnx": ("fp32", "int8"), "tensorrt": ("fp32", "fp16", "int8")}
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -21,13 +22,25 @@ def cmd_merge(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_writable_parent(out)
     check_replaceable(out, MODEL_KIND)  # before any work: never over a user's file or folder
-    if args.precision is not None and args.engine != "onnx":
-        raise CentraError("merge: --precision applies to --engine onnx")
+    if args.precision is not None and args.precision not in PRECISIONS.get(args.engine, ()):
+        known = "; ".join(f"--engine {e}: {', '.join(p)}" for e, p in PRECISIONS.items())
+        raise CentraError(f"merge: --precision {args.precision} does not apply to --engine {args.engine} ({known})")
+    if (args.calibration or args.max_batch) and args.engine != "tensorrt":
+        raise CentraError("merge: --calibration and --max-batch apply to --engine tensorrt")
     extend = None
     if args.engine == "onnx":
         from centra.export.onnx import onnx_extender
 
         extend = onnx_extender(args.precision or "fp32")
+    elif args.engine == "tensorrt":
+        from centra.export.tensorrt import DEFAULT_MAX_BATCH, tensorrt_extender
+
+        calibration = None
+        if args.calibration:
+            from centra.cli.bench import read_texts_file
+
+            calibration = read_texts_file(Path(args.calibration))
+        extend = tensorrt_extender(args.precision or "fp16", calibration, args.max_batch or DEFAULT_MAX_BATCH)
     plan = plan_merge([Path(d) for d in args.tasks_dir or [DEFAULT_TASKS_DIR]], args.backbone)
     manifest = write_merged(plan, out, keep_versions=args.keep_versions, extend=extend)
     print(f"merged {len(manifest['tasks'])} tasks on {manifest['backbone']['id']} into {out} "
@@ -41,7 +54,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def print_engine(info: dict) -> None:
-    """The ONNX export's checks and the fusions ONNX Runtime made, as merge's last lines."""
+    """The export's checks (and for ONNX the fusions ONNX Runtime made), as merge's last lines."""
+    if info.get("name") == "tensorrt":
+        print(f"tensorrt {info['tensorrt']} on {info['device']}: {len(info['graphs'])} {info['precision']} plans, "
+              f"batch 1-{info['max_batch']}, sequence 1-{info['max_length']}")
+        for name, r in info["check"]["tasks"].items():
+            print(f"tensorrt: {name}: label agreement with PyTorch fp32 {r['agreement']:.0%}; mean error "
+                  f"{r['relative_error']:.1%} of the logit size; max |tensorrt - torch| {r['max_abs_diff']:.1e}")
+        return
     parity = info["parity"]
     worst = max(parity, key=parity.get)
     print(f"onnx: {len(info['graphs'])} graphs (opset {info['opset']}), fp32 parity: max |onnx - torch| "
@@ -139,10 +159,16 @@ def add_parsers(sub, common) -> None:
     p.add_argument("--backbone", help="backbone folder or 'default' (default: the one the tasks name)")
     p.add_argument("--keep-versions", type=positive_int, default=3, help="versions kept in OUT (default 3)")
     p.add_argument("--engine", choices=ENGINES, default="torch",
-                   help="runtime the version is served with by default: torch, or onnx (ONNX graphs exported and "
-                   "checked against torch; the torch files are always kept)")
-    p.add_argument("--precision", choices=("fp32", "int8"),
-                   help="with --engine onnx: fp32 (default) or int8 (dynamic quantization, checked by label agreement)")
+                   help="runtime the version is served with by default: torch, onnx (ONNX graphs exported and "
+                   "checked against torch) or tensorrt (plans built on this machine's GPU); the torch files are "
+                   "always kept")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"),
+                   help="onnx: fp32 (default) or int8 (dynamic quantization, checked by label agreement); tensorrt: "
+                   "fp16 (default), fp32 or int8 (QDQ calibrated on --calibration)")
+    p.add_argument("--calibration", help="tensorrt int8: texts to calibrate on, one per line (text<TAB>second text "
+                   "for pair tasks; default: verify's samples; give a few hundred dev texts)")
+    p.add_argument("--max-batch", type=positive_int, help="tensorrt: the largest batch of the plans' profile "
+                   "(default 64; larger batches run in slices)")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("predict", parents=[common],

@@ -129,9 +129,18 @@ def check_int8(fp32: Engine, int8: Engine, min_agreement: float = MIN_AGREEMENT)
     """Per task on the sample inputs: label agreement of int8 with fp32 (on all samples, and on those fp32
     decides clearly) and max |int8 - fp32| of the logits; a one-line CentraError when the agreement on
     the decided samples is below min_agreement."""
+    return check_precision(fp32, int8, "int8", min_agreement=min_agreement,
+                           refusal="refusing the int8 export (export fp32 instead)")
+
+
+def check_precision(fp32: Engine, other: Engine, label: str, min_agreement: float = MIN_AGREEMENT,
+                    max_relative_error: float = MAX_RELATIVE_ERROR, max_abs_diff: float | None = None,
+                    refusal: str = "refusing the export") -> dict:
+    """check_int8's check of any engine against the fp32 reference: the relative error bound, the
+    agreement floor on decided answers and, when given, a bound on max |other - fp32| of any logit."""
     texts, pairs = sample_inputs()
     names = list(fp32.specs)
-    ref, got = fp32.logits(texts, pairs, names), int8.logits(texts, pairs, names)
+    ref, got = fp32.logits(texts, pairs, names), other.logits(texts, pairs, names)
     report = {}
     for name in names:
         spec, r, g = fp32.specs[name], ref[name].double(), got[name].double()
@@ -145,14 +154,16 @@ def check_int8(fp32: Engine, int8: Engine, min_agreement: float = MIN_AGREEMENT)
                         "relative_error": round(relative, 4)}
     for name, r in report.items():
         problem = None
-        if r["relative_error"] > MAX_RELATIVE_ERROR:
-            problem = f"a mean error of {r['relative_error']:.0%} of fp32's logit size (> {MAX_RELATIVE_ERROR:.0%})"
+        if r["relative_error"] > max_relative_error:
+            problem = f"a mean error of {r['relative_error']:.0%} of fp32's logit size (> {max_relative_error:.0%})"
+        elif max_abs_diff is not None and r["max_abs_diff"] > max_abs_diff:
+            problem = f"a logit differing from fp32 by {r['max_abs_diff']:.2e} (> {max_abs_diff:g})"
         elif r["decided"] >= MIN_DECIDED and r["decided_agreement"] < min_agreement:
             problem = (f"agreement with fp32 on only {r['decided_agreement']:.0%} of the {r['decided']} answers fp32 "
                        f"decides clearly (< {min_agreement:.0%})")
         if problem:
-            raise CentraError(f"int8 graphs of task {name!r}: {problem}; max |int8 - fp32| {r['max_abs_diff']:.2e}: "
-                              "refusing the int8 export (export fp32 instead)")
+            raise CentraError(f"{label} graphs of task {name!r}: {problem}; max |{label} - fp32| "
+                              f"{r['max_abs_diff']:.2e}: {refusal}")
     return {"min_agreement": min_agreement, "decided_margin": DECIDED_MARGIN, "min_decided": MIN_DECIDED,
-            "max_relative_error": MAX_RELATIVE_ERROR, "samples": len(texts),
+            "max_relative_error": max_relative_error, "max_abs_diff": max_abs_diff, "samples": len(texts),
             "per_channel": PER_CHANNEL, "tasks": report}

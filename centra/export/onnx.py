@@ -67,7 +67,7 @@ class SegmentGraph(nn.Module):
         self.layers = nn.ModuleList(layers)
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        bias = attention_bias(attention_mask)
+        bias = attention_bias(attention_mask, hidden.dtype)
         for layer in self.layers:
             hidden = layer(hidden, bias)
         return hidden
@@ -79,7 +79,7 @@ class BranchGraph(nn.Module):
         self.head = head
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden, attention_bias(attention_mask), attention_mask)
+        return self.head(hidden, attention_bias(attention_mask, hidden.dtype), attention_mask)
 
 
 def graph_module(model: MergedModel, graph: dict) -> tuple[nn.Module, tuple[str, str], str]:

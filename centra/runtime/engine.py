@@ -21,7 +21,7 @@ from centra.core.tokens import Encoded, check_texts, encode
 from centra.errors import CentraError
 
 DEFAULT_BATCH_SIZE = 32
-ENGINES = ("torch", "onnx")
+ENGINES = ("torch", "onnx", "tensorrt")
 
 
 class Runner(Protocol):
@@ -69,7 +69,8 @@ class Engine:
     @classmethod
     def load(cls, out: Path, batch_size: int = DEFAULT_BATCH_SIZE, engine: str | None = None) -> Engine:
         """Load a version with the runner its manifest names ("engine"; torch when absent), or `engine`:
-        "torch" always works (the torch files are in every version), "onnx" needs the version's graphs."""
+        "torch" always works (the torch files are in every version), "onnx" needs the version's graphs,
+        "tensorrt" its plans (and the GPU they were built for)."""
         from centra.core.backbone import load_tokenizer
 
         if engine is not None and engine not in ENGINES:
@@ -83,6 +84,10 @@ class Engine:
             from centra.runtime.onnx import OnnxRunner
 
             runner = OnnxRunner.load(folder, manifest, model)
+        elif name == "tensorrt":
+            from centra.runtime.tensorrt import TensorRTRunner
+
+            runner = TensorRTRunner.load(folder, manifest, model)
         elif name != "torch":
             raise CentraError(f"{folder / 'manifest.json'}: unknown engine {name!r} (known: {', '.join(ENGINES)})")
         return cls(runner, load_tokenizer(folder / "tokenizer"), batch_size, manifest)

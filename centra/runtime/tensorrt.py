@@ -1,0 +1,148 @@
+"""TensorRT engine (GPU): the merged model's graphs as serialized TensorRT engines, run with the torch
+engine's savings.
+
+`centra merge --engine tensorrt --precision fp32|fp16|int8` (centra.export.tensorrt) builds one plan per
+graph of `graph_layout` on the GPU it runs on and records them in the manifest's "engine" field; the
+files are hashed with the rest of the version. A plan runs only on the GPU model and TensorRT version it
+was built with: loading refuses others with one line (merge again on the serving machine).
+
+GraphRunner walks the graphs; here each graph is an execution context whose tensors live in torch CUDA
+memory on torch's current stream, so hidden states stay on the GPU from graph to graph and only the
+logits come back. Graph inputs and outputs are fp32 (ids and mask int64) whatever the precision inside.
+A batch larger than the plan's optimization profile is run in slices of the profile's largest batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from centra.core.graph import MergedModel
+from centra.errors import CentraError
+from centra.runtime.graphs import GraphRunner, graph_layout
+
+ENGINE_NAME = "tensorrt"
+PRECISIONS = ("fp32", "fp16", "int8")
+TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "INT64": torch.int64, "INT32": torch.int32,
+                "BOOL": torch.bool, "INT8": torch.int8}
+
+
+def import_tensorrt():
+    """tensorrt and a CUDA device, or one line saying which is missing."""
+    try:
+        import tensorrt
+    except ImportError:
+        raise CentraError("the TensorRT engine needs the tensorrt package (pip install tensorrt) and a CUDA "
+                          "GPU") from None
+    if not torch.cuda.is_available():
+        raise CentraError("the TensorRT engine needs a CUDA GPU; torch sees none")
+    return tensorrt
+
+
+def trt_logger(trt):
+    return trt.Logger(trt.Logger.ERROR)
+
+
+class Plan:
+    """One deserialized engine and its execution context: names, dtypes and the profile's largest batch."""
+
+    def __init__(self, trt, runtime, path: Path, device: torch.device):
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise CentraError(f"{path}: cannot read the TensorRT plan ({exc.strerror or exc})") from None
+        with torch.cuda.device(device):
+            self.engine = runtime.deserialize_cuda_engine(data)
+            if self.engine is None:
+                raise CentraError(f"{path}: TensorRT {trt.__version__} cannot load this plan (built by another "
+                                  f"TensorRT version or for another GPU?): merge again on this machine")
+            self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if len(outputs) != 1:
+            raise CentraError(f"{path}: a centra plan has one output; this one has {len(outputs)}")
+        self.output = outputs[0]
+        self.dtypes = {n: TORCH_DTYPES.get(self.engine.get_tensor_dtype(n).name) for n in names}
+        unknown = [n for n, d in self.dtypes.items() if d is None]
+        if unknown:
+            raise CentraError(f"{path}: tensor {unknown[0]!r} has a type centra does not feed")
+        # profile 0's largest shape of the first input: (batch, sequence[, hidden])
+        self.max_batch = int(self.engine.get_tensor_profile_shape(self.inputs[0], 0)[2][0])
+
+
+class TensorRTRunner(GraphRunner):
+    """The Runner protocol over TensorRT plans, one per graph of `graph_layout`, on one CUDA device."""
+
+    def __init__(self, specs, cfg, plans: dict[str, Plan], layout: list[dict], precision: str,
+                 reference: MergedModel | None = None, device: torch.device | None = None):
+        super().__init__(specs, cfg, layout, precision, reference)
+        self.plans = plans
+        self.device = device or torch.device("cuda", torch.cuda.current_device())
+        missing = [g["name"] for g in layout if g["name"] not in plans]
+        if missing:
+            raise CentraError(f"TensorRT engine: no plan for graph {missing[0]!r}")
+
+    @classmethod
+    def load(cls, folder: Path, manifest: dict, reference: MergedModel, warm: bool = True) -> TensorRTRunner:
+        """Plans of a version folder (the manifest's "engine" field), deserialized on the current GPU."""
+        folder = Path(folder)
+        source = folder / "manifest.json"
+        info = manifest.get("engine")
+        if not isinstance(info, dict) or info.get("name") != ENGINE_NAME:
+            raise CentraError(f"{source}: this version has no TensorRT plans (merge with --engine tensorrt)")
+        precision = info.get("precision")
+        if precision not in PRECISIONS:
+            raise CentraError(f"{source}: unknown TensorRT precision {precision!r} (known: {', '.join(PRECISIONS)})")
+        trt = import_tensorrt()
+        built = info.get("tensorrt")
+        if built and built != trt.__version__:
+            raise CentraError(f"{source}: the plans were built by TensorRT {built}; this is {trt.__version__}: "
+                              "merge again on this machine")
+        graphs = {g.get("name"): g for g in info.get("graphs", []) if isinstance(g, dict)}
+        layout = graph_layout(reference.specs)
+        device = torch.device("cuda", torch.cuda.current_device())
+        runtime = trt.Runtime(trt_logger(trt))
+        plans = {}
+        for graph in layout:
+            rel = graphs.get(graph["name"], {}).get("plan")
+            if not isinstance(rel, str):
+                raise CentraError(f"{source}: malformed engine field (no plan for graph {graph['name']!r})")
+            if "files" in manifest and rel not in manifest["files"]:
+                raise CentraError(f"{source}: graph {graph['name']!r} names {rel!r}, not a file of this version")
+            plans[graph["name"]] = Plan(trt, runtime, folder / rel, device)
+        runner = cls(reference.specs, reference.cfg, plans, layout, precision, reference, device)
+        runner.runtime_handle = runtime  # plans need their runtime alive
+        if warm:
+            runner.warm_up()
+        return runner
+
+    @property
+    def runtime(self) -> str:
+        return f"tensorrt {self.precision}"
+
+    def run_graph(self, name: str, **inputs: torch.Tensor) -> torch.Tensor:
+        plan = self.plans[name]
+        batch = next(iter(inputs.values())).shape[0]
+        if batch > plan.max_batch:  # the profile's limit: slices of it, joined
+            parts = [self.run_graph(name, **{k: v[s: s + plan.max_batch] for k, v in inputs.items()})
+                     for s in range(0, batch, plan.max_batch)]
+            return torch.cat(parts)
+        context = plan.context
+        fed = []  # kept alive until the work is queued
+        for key in plan.inputs:
+            if key not in inputs:
+                raise CentraError(f"TensorRT graph {name!r} takes {key!r}, which the engine did not give")
+            tensor = inputs[key].to(device=self.device, dtype=plan.dtypes[key]).contiguous()
+            fed.append(tensor)
+            if not context.set_input_shape(key, tuple(tensor.shape)):
+                raise CentraError(f"TensorRT graph {name!r}: input {key!r} of shape {tuple(tensor.shape)} is "
+                                  "outside the plan's optimization profile")
+            context.set_tensor_address(key, tensor.data_ptr())
+        out = torch.empty(tuple(context.get_tensor_shape(plan.output)), dtype=plan.dtypes[plan.output],
+                          device=self.device)
+        context.set_tensor_address(plan.output, out.data_ptr())
+        if not context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+            raise CentraError(f"TensorRT graph {name!r} failed on a batch of {batch}")
+        return out.float()

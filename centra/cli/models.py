@@ -127,8 +127,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from centra.cli.tasks import columns_from
     from centra.runtime.engine import Engine
-    from centra.train.data import load_examples, parse_label_names
-    from centra.train.metrics import compute
+    from centra.train.data import load_examples, parse_label_names, read_segments
+    from centra.train.metrics import by_segment, compute
 
     columns = columns_from(args)
     engine = Engine.load(Path(args.model), batch_size=args.batch_size, engine=args.engine)
@@ -138,10 +138,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     labels = None if spec.kind == "regression" else spec.labels
     examples, _ = load_examples(Path(args.data), spec.kind, columns, labels=labels,
                                 label_names=parse_label_names(args.label_names))
+    segments = read_segments(Path(args.data), columns, args.by) if args.by is not None else None
     logits = engine.logits(examples.texts, examples.pairs, [args.task])[args.task].numpy()
     scores = compute(spec.kind, logits, examples.targets, spec.thresholds)
-    print(json.dumps({"task": args.task, "examples": len(examples), **{k: round(v, 6) for k, v in scores.items()}}))
+    result = {"task": args.task, "examples": len(examples), **rounded(scores)}
+    if segments is not None:
+        parts = by_segment(spec.kind, logits, examples.targets, segments, spec.thresholds)
+        result |= {"by": args.by, "segments": {v: rounded(m) for v, m in parts.items()}}
+        print(segment_table(result))
+    print(json.dumps(result, ensure_ascii=False))
     return 0
+
+
+def rounded(scores: dict) -> dict:
+    return {k: round(v, 6) if isinstance(v, float) else v for k, v in scores.items()}
+
+
+def segment_table(result: dict) -> str:
+    """One row per segment and one for all rows: examples, then each metric in points (x100)."""
+    metrics = [k for k in next(iter(result["segments"].values())) if k != "examples"]
+    rows = [(result["by"], "examples", *metrics)]
+    for value, m in [*result["segments"].items(), ("(all)", result)]:
+        rows.append((value, str(m["examples"]), *(f"{100 * m[k]:.2f}" for k in metrics)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [f"task {result['task']!r} by {result['by']!r} (metrics x100)"]
+    for row in rows:
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                     .rstrip())
+    return "\n".join(lines)
 
 
 def add_engine_arg(p) -> None:
@@ -188,11 +212,14 @@ def add_parsers(sub, common) -> None:
     add_engine_arg(p)
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("evaluate", parents=[common], help="dev metrics of one task of a merged model on a file")
+    p = sub.add_parser("evaluate", parents=[common], help="dev metrics of one task of a merged model on a file "
+                       "(--by COLUMN: per segment)")
     p.add_argument("--model", required=True, help="merged model folder")
     p.add_argument("--task", required=True)
     p.add_argument("--data", required=True, help="labelled file (.tsv, .csv, .jsonl)")
     p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--by", metavar="COLUMN", help="also break the metrics down by the values of this column "
+                   "(language, channel, product): a table, then the JSON line")
     add_engine_arg(p)
     add_column_args(p)
     p.set_defaults(func=cmd_evaluate)

@@ -143,7 +143,7 @@ def summarize(report: dict) -> str:
              f"dev {metric} (x100)"]
     if "reference" in report:
         lines.append(f"  full fine-tuning ({report['reference']['layers']} layers): "
-                     f"{100 * report['reference']['dev'][metric]:.2f}")
+                     f"{100 * report['reference']['dev'][metric]:.2f}{tuned_note(report['reference'])}")
     for t in report["teachers"]:
         if "trainable_layers" in t:
             mark = "  <- teacher" if t["chosen"] else ""
@@ -153,12 +153,21 @@ def summarize(report: dict) -> str:
         lines.append(f"  student l={s['task_layers']}: {100 * s['dev'][metric]:.2f}")
     c = report["chosen"]
     lines.append(f"chosen: attach layer {c['attach_layer']}, {c['task_layers']} task layers, "
-                 f"dev {metric} {100 * c[metric]:.2f}")
+                 f"dev {metric} {100 * c[metric]:.2f}{tuned_note(report)}")
     cache = report["cache"]
     lines.append(f"trunk cache: {cache['seconds']:.1f} s, {cache['bytes'] / 2**20:.0f} MiB; recomputing the "
                  f"frozen layers every epoch would have cost ~{cache['estimated_seconds_without_cache']:.1f} s")
     lines.append("wall times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["seconds"].items()))
     return "\n".join(lines)
+
+
+def tuned_note(run: dict) -> str:
+    """'; thresholds tuned on dev: micro_f1 a -> b, macro_f1 c -> d' for a multilabel run, else ''."""
+    if "thresholds" not in run:
+        return ""
+    t = run["thresholds"]
+    return "; thresholds tuned on dev: " + ", ".join(f"{m} {100 * v:.2f} -> {100 * t['tuned'][m]:.2f}"
+                                                     for m, v in t["at_0.5"].items())
 
 
 def add_column_args(p) -> None:

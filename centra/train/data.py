@@ -228,6 +228,38 @@ def load_examples(path: Path, kind: str, cols: Columns, labels: list[str] | None
     return Examples(texts, pairs, targets, lines, str(path)), labels
 
 
+def read_segments(path: Path, cols: Columns, column: str) -> list[str]:
+    """The value of `column` in every example row, in load_examples' order (the same header decision),
+    to break a metric down by it (language, channel, product). Every row must hold a value."""
+    path = Path(path)
+    rows = read_rows(path)
+    jsonl = isinstance(rows[0][1], dict)
+    if jsonl:
+        col: int | str = column
+        if not any(column in row for _, row in rows):
+            keys = list(dict.fromkeys(k for _, row in rows for k in row))
+            raise CentraError(f"{path}: no column {column!r} (columns: {', '.join(keys)})")
+    else:
+        header = None
+        if _has_header(rows, cols):
+            header, rows = rows[0][1], rows[1:]
+        col = _resolve(path, column, header, jsonl)
+        widest = max((len(row) for _, row in rows), default=0)
+        if col >= widest:
+            raise CentraError(f"{path}: no column {col} (rows have at most {widest} columns)")
+    values = []
+    for n, row in rows:
+        value = row.get(col) if jsonl else (row[col] if col < len(row) else None)
+        if isinstance(value, (list, dict)):
+            raise CentraError(f"{path}:{n}: column {column!r} holds a JSON {type(value).__name__}, expected a value")
+        text = "" if value is None else str(value).strip()
+        if not text:
+            raise CentraError(f"{path}:{n}: no value in column {column!r} (every row needs one to be counted "
+                              "in a segment)")
+        values.append(text)
+    return values
+
+
 def _named(path: Path, n: int, value: str, label_names: list[str] | None) -> str:
     """Integer label ids become names when names are given (e.g. GoEmotions' emotions.txt)."""
     if label_names and value.lstrip("-").isdigit():

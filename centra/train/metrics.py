@@ -26,6 +26,17 @@ def compute(kind: str, logits: np.ndarray, targets: list, thresholds: list[float
     return {"pearson": pearson(pred, gold), "spearman": pearson(_ranks(pred), _ranks(gold))}
 
 
+def by_segment(kind: str, logits: np.ndarray, targets: list, segments: list[str],
+               thresholds: list[float] | None = None) -> dict[str, dict]:
+    """compute() on each segment's rows: {value: {"examples": n, metric: value}}, largest segment first."""
+    rows: dict[str, list[int]] = {}
+    for i, value in enumerate(segments):
+        rows.setdefault(value, []).append(i)
+    order = sorted(rows, key=lambda v: (-len(rows[v]), v))
+    return {v: {"examples": len(rows[v]),
+                **compute(kind, logits[rows[v]], [targets[i] for i in rows[v]], thresholds)} for v in order}
+
+
 def _f1(tp: float, fp: float, fn: float) -> float:
     return float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else 0.0
 

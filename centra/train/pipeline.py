@@ -36,6 +36,7 @@ from centra.train.data import Columns, Examples, load_examples
 from centra.train.distill import distill_students, logits_table, read_teacher_logits
 from centra.train.finetune import TrainConfig, train_branch
 from centra.train.metrics import DEFAULT_METRIC, METRICS
+from centra.train.thresholds import tune_head
 
 
 @dataclass
@@ -193,9 +194,9 @@ def train_task(job: TaskJob, backbone: Backbone, tasks_dir: Path) -> tuple[dict,
             cache.build(0 if job.reference or soft is not None else n - checked.hi)
         if job.reference:
             clock = time.perf_counter()
-            _, log = run.train_branch(run.new_head(0, n), "reference")
-            report["reference"] = {"layers": n, "overhead": n, **log}
+            head, log = run.train_branch(run.new_head(0, n), "reference")
             run.times["reference"] = time.perf_counter() - clock
+            report["reference"] = {"layers": n, "overhead": n, **log, **tuned(head, caches[1], dev.targets)}
         if soft is None:
             teacher, report["teachers"] = search_teachers(run)
             for cache in caches:
@@ -214,6 +215,7 @@ def train_task(job: TaskJob, backbone: Backbone, tasks_dir: Path) -> tuple[dict,
                                                        caches[1], dev.targets, tc, job.student_layers,
                                                        job.threshold)
         run.times["students"] = time.perf_counter() - clock
+        report.update(tuned(student, caches[1], dev.targets))
         report["cache"] = cache_report(caches, budget, report.get("teachers", []), tc.epochs)
     finally:
         for cache in caches:
@@ -229,12 +231,20 @@ def finish(job: TaskJob, student: TaskHead, report: dict, tasks_dir: Path) -> di
     spec.trained = True
     spec.metrics = {"metric": report["metric"], **{m: round(chosen["dev"][m], 6) for m in METRICS[job.kind]}}
     spec.source = dict(job.source)
+    if "thresholds" in report:  # served at the tuned thresholds; the metrics above stay at 0.5, like every run's
+        spec.thresholds = report["thresholds"]["values"]
+        spec.metrics["tuned"] = {m: round(v, 6) for m, v in report["thresholds"]["tuned"].items()}
     report["chosen"] = {"attach_layer": spec.attach_layer, "task_layers": spec.task_layers,
                         "overhead": spec.attach_layer + spec.task_layers, **spec.metrics}
     student.spec = spec
     extra = {REPORT_FILE: report, **({RECIPE_FILE: job.recipe} if job.recipe is not None else {})}
     save_task(tasks_dir / job.name, spec, student, extra_files=extra)
     return report
+
+
+def tuned(head: TaskHead, dev: ActivationCache, targets: list) -> dict:
+    """A multilabel branch's per-label thresholds tuned on dev, with its dev metrics at 0.5 and tuned."""
+    return {"thresholds": tune_head(head, dev, targets)} if head.spec.kind == "multilabel" else {}
 
 
 def search_teachers(run: Run) -> tuple[TaskHead, list[dict]]:

@@ -364,3 +364,23 @@ def test_a_fused_graph_that_differs_is_refused(bert_path, tmp_path, monkeypatch,
     assert err[-1].startswith("centra: error: ONNX graph 'task_alpha' differs from PyTorch by"), err
     assert not any("Traceback" in line for line in err)  # (the tiny trunk's biases are 0: its layers pass)
     assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_against_another_engine(bert_onnx, tmp_path, capsys, monkeypatch):
+    """`evaluate --engine onnx --against torch`: both engines' metrics, the share of answers alike and the
+    deltas; an engine that answers otherwise shows in the agreement."""
+    data = tmp_path / "dev.tsv"
+    data.write_text("text\tlabel\n" + "".join(f"{t}\t{lab}\n" for t, lab in zip(TEXTS, ["neg", "neu", "pos"] * 3)))
+    args = ["evaluate", "--model", str(bert_onnx), "--task", "alpha", "--data", str(data), "--engine", "onnx",
+            "--text-column", "text", "--label-column", "label"]
+    assert main([*args, "--against", "torch"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    other = result["against"]
+    assert other["engine"] == "torch fp32" and other["agreement"] == 1.0  # fp32 ONNX: parity 1e-4
+    assert other["delta"]["accuracy"] == pytest.approx(result["accuracy"] - other["accuracy"], abs=1e-6)
+
+    logits = OnnxRunner.forward_rows
+    monkeypatch.setattr(OnnxRunner, "forward_rows", lambda self, *a: {k: -v for k, v in logits(self, *a).items()})
+    assert main([*args, "--against", "torch"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert result["against"]["agreement"] < 0.5, result  # negated logits: the argmax moves on most rows

@@ -142,12 +142,35 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     logits = engine.logits(examples.texts, examples.pairs, [args.task])[args.task].numpy()
     scores = compute(spec.kind, logits, examples.targets, spec.thresholds)
     result = {"task": args.task, "examples": len(examples), **rounded(scores)}
+    if args.against is not None:
+        result["against"] = against(args, engine, spec, examples, logits)
     if segments is not None:
         parts = by_segment(spec.kind, logits, examples.targets, segments, spec.thresholds)
         result |= {"by": args.by, "segments": {v: rounded(m) for v, m in parts.items()}}
         print(segment_table(result))
     print(json.dumps(result, ensure_ascii=False))
     return 0
+
+
+def against(args: argparse.Namespace, engine, spec, examples, logits) -> dict:
+    """The same examples through another engine of the same version: its metrics, the share of examples
+    answered alike (labels_agree: the same label, the same label set, a value within 10% of the spread)
+    and the metric deltas (engine - other), e.g. int8 against the torch reference."""
+    import torch
+
+    from centra.export.int8 import labels_agree
+    from centra.runtime.engine import Engine
+    from centra.train.metrics import compute
+
+    other = Engine.load(Path(args.model), batch_size=args.batch_size, engine=args.against)
+    if other.version != engine.version:  # the pointer moved between the two loads
+        raise CentraError(f"{args.model}: a new version was published while evaluating; run again")
+    theirs = other.logits(examples.texts, examples.pairs, [args.task])[args.task]
+    scores = compute(spec.kind, theirs.numpy(), examples.targets, spec.thresholds)
+    ours = compute(spec.kind, logits, examples.targets, spec.thresholds)
+    same = labels_agree(spec, theirs.double(), torch.from_numpy(logits).double())
+    return {"engine": other.runtime, **rounded(scores), "agreement": round(same.float().mean().item(), 6),
+            "delta": {k: round(ours[k] - v, 6) for k, v in scores.items() if isinstance(v, float) and k in ours}}
 
 
 def rounded(scores: dict) -> dict:
@@ -221,5 +244,8 @@ def add_parsers(sub, common) -> None:
     p.add_argument("--by", metavar="COLUMN", help="also break the metrics down by the values of this column "
                    "(language, channel, product): a table, then the JSON line")
     add_engine_arg(p)
+    p.add_argument("--against", choices=ENGINES, help="also run another engine of the same version on the data and "
+                   "report its metrics, the share of answers alike and the metric deltas (e.g. --engine onnx "
+                   "against torch for int8)")
     add_column_args(p)
     p.set_defaults(func=cmd_evaluate)

@@ -7,7 +7,9 @@ Engines (every one on the same pre-tokenised batches; centra.runtime.bench measu
   torch and int8 label agreement checked at export), in a temporary folder: the strong baseline;
 - merged_torch_fp32, merged_onnx_fp32, merged_onnx_int8: the merged graph (the ONNX graphs of OUT when
   its manifest has both precisions, else exported into a temporary folder; OUT is never written);
-- with a GPU, torch fp32 on it for both separate and merged.
+- with a CUDA GPU: torch fp32 and fp16 (autocast) on it, separate and merged, and when tensorrt is
+  importable merged_tensorrt_fp16 / _int8 (plans built into a temporary folder, int8 calibrated on the
+  bench's texts).
 Texts: SST-2 dev sentences for single-text tasks and MRPC dev pairs for pair tasks (when found under
 the data root), else verify's sample texts; or --texts FILE (a line: a text, or text<TAB>second text).
 """
@@ -170,8 +172,6 @@ def separate_onnx(cfg, heads: dict, embeddings, layers: list, tokenizer, tmp: Pa
 
 
 def build_engines(options: dict, engine, skip_separate: bool, tmp: Path) -> dict:
-    import copy
-
     import torch
 
     from centra.core.merge import read_manifest
@@ -195,10 +195,37 @@ def build_engines(options: dict, engine, skip_separate: bool, tmp: Path) -> dict
     engines.update({"merged_torch_fp32": runner_engine(model), "merged_onnx_fp32": runner_engine(onnx["fp32"]),
                     "merged_onnx_int8": runner_engine(onnx["int8"])})
     if torch.cuda.is_available():
-        if separate:
-            engines["separate_torch_cuda_fp32"] = standalone_engine(
-                {n: copy.deepcopy(m).to("cuda") for n, m in separate.items()}, "cuda")
-        engines["merged_torch_cuda_fp32"] = runner_engine(copy.deepcopy(model).to("cuda"), "cuda")
+        engines.update(gpu_engines(options, engine, separate, tmp))
+    return engines
+
+
+def gpu_engines(options: dict, engine, separate: dict, tmp: Path) -> dict:
+    """On a CUDA GPU: PyTorch fp32 and fp16 (autocast), separate and merged; TensorRT fp16 and int8 plans of
+    the merged graph (built into tmp, int8 calibrated on the bench's texts) when tensorrt is importable."""
+    import copy
+    import importlib.util
+
+    from centra.progress import progress_line
+    from centra.runtime.bench import autocast_engine, runner_engine, standalone_engine
+
+    engines = {}
+    if separate:
+        on_gpu = standalone_engine({n: copy.deepcopy(m).to("cuda") for n, m in separate.items()}, "cuda")
+        engines |= {"separate_torch_cuda_fp32": on_gpu, "separate_torch_cuda_fp16": autocast_engine(on_gpu)}
+    merged = runner_engine(copy.deepcopy(engine.model).to("cuda"), "cuda")
+    engines |= {"merged_torch_cuda_fp32": merged, "merged_torch_cuda_fp16": autocast_engine(merged)}
+    if importlib.util.find_spec("tensorrt") is None:
+        progress_line("bench: tensorrt is not installed: no TensorRT rows")
+        return engines
+    from centra.export.tensorrt import build_tensorrt
+    from centra.runtime.tensorrt import TensorRTRunner
+
+    calibration = (options["texts"][:512], options["pairs"][:512])
+    for precision in ("fp16", "int8"):
+        folder = tmp / f"tensorrt-{precision}"
+        info = build_tensorrt(engine.model, engine.tokenizer, folder, precision, calibration)
+        engines[f"merged_tensorrt_{precision}"] = runner_engine(TensorRTRunner.load(folder, {"engine": info},
+                                                                                      engine.model))
     return engines
 
 

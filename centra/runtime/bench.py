@@ -182,6 +182,17 @@ def standalone_engine(models: dict[str, StandaloneModel], device: str | None = N
     return run
 
 
+def autocast_engine(engine: BenchEngine) -> BenchEngine:
+    """A CUDA engine run under torch.autocast fp16 (PyTorch's mixed precision: matmuls and attention in
+    half precision, reductions in fp32)."""
+
+    def run(batch: Batch) -> dict[str, torch.Tensor]:
+        with torch.autocast("cuda", dtype=torch.float16):
+            return {k: v.float() for k, v in engine(batch).items()}
+
+    return run
+
+
 def measure(engines: dict[str, BenchEngine], batches: list[Batch], lengths: str, seconds: float | None = None,
             repeats: int | None = None, chunk: int = CHUNK) -> list[Result]:
     """Every engine on the same batches, in whole passes: `repeats` passes, or passes until `seconds` per

@@ -371,3 +371,34 @@ def test_refuses_a_user_folder_and_replaces_its_own(repos, tmp_path, capsys):
         with pytest.raises(CentraError, match="tokenizes sample .* unlike centra"):
             triton.export_triton(out, repo, progress=False)
     assert snapshot(repo) == before and not list(repo.parent.glob(f".{repo.name}.*")), "no staging left behind"
+
+
+def test_tensorrt_repository_runs_standard_ops_through_the_tensorrt_provider(bert_out, tmp_path, capsys):
+    """--engine tensorrt: the same repository with standard-op graphs (checked here at fp32) and ONNX
+    Runtime's TensorRT execution accelerator on KIND_GPU instances, fp16 by default."""
+    import onnx
+
+    repo = tmp_path / "trt"
+    assert main(["export-triton", "--model", str(bert_out), "--repo", str(repo), "--engine", "tensorrt"]) == 0
+    summary = summary_of(repo)
+    assert summary["engine"] == "tensorrt" and summary["precision"] == "fp16"
+    assert summary["graphs_from"] == "fp32 portable ONNX graphs exported from torch"
+    assert max(summary["parity"].values()) <= triton.TOLERANCE
+    configs = configs_of(repo)
+    assert wiring_problems(configs) == []
+    graphs = [name for name, cfg in configs.items() if cfg.platform == "onnxruntime_onnx"]
+    assert len(graphs) == 2
+    for name in graphs:
+        cfg = configs[name]
+        assert [g.kind for g in cfg.instance_group] == [cfg.instance_group[0].KIND_GPU]
+        (accelerator,) = cfg.optimization.execution_accelerators.gpu_execution_accelerator
+        assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP16"
+        model = onnx.load(str(repo / name / "1" / "model.onnx"))
+        assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}, "TensorRT parses standard ops only"
+    assert "TensorRT execution provider" in (repo / "README.md").read_text()
+    capsys.readouterr()
+    assert main(["export-triton", "--model", str(bert_out), "--repo", str(tmp_path / "t2"), "--engine", "tensorrt",
+                 "--precision", "int8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "precision 'int8' does not apply to --engine tensorrt" in err, err
+    assert not (tmp_path / "t2").exists()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-ENGINES = ("onnx",)  # centra.export.triton.ENGINES, without importing torch to build the parser
+ENGINES = ("onnx", "tensorrt")  # centra.export.triton.ENGINES, without importing torch to build the parser
 
 
 def cmd_export_triton(args: argparse.Namespace) -> int:
@@ -32,8 +32,11 @@ def add_parsers(sub, common) -> None:
                        help="write a Triton Inference Server model repository of a merged model")
     p.add_argument("--model", required=True, help="merged model folder (its current version is exported)")
     p.add_argument("--repo", required=True, help="model repository folder to write (replaced only if it is one)")
-    p.add_argument("--engine", choices=ENGINES, default="onnx", help="graph format (default onnx: onnxruntime_onnx)")
-    p.add_argument("--precision", choices=("fp32", "int8"),
-                   help="graph precision (default: the version's ONNX precision, else fp32)")
+    p.add_argument("--engine", choices=ENGINES, default="onnx",
+                   help="onnx (default: onnxruntime_onnx graphs, CPU or GPU) or tensorrt (the same graphs in standard "
+                   "ops, run by ONNX Runtime's TensorRT execution provider on the server's GPU)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"),
+                   help="onnx: fp32 or int8 (default: the version's ONNX precision, else fp32); tensorrt: fp16 "
+                   "(default) or fp32")
     p.add_argument("--max-batch", type=positive_int, default=32, help="max_batch_size of every model (default 32)")
     p.set_defaults(func=cmd_export_triton)

@@ -8,6 +8,12 @@ then each branch). They are centra_tokenizer and centra_graph, suffixed _<input>
 is more than one group. The ensemble `centra` runs them all: TEXT (and TEXT_PAIR) in, LOGITS_<task> out.
 README.md and centra-triton.json (tasks, labels, checks, file hashes) sit beside the models.
 
+`--engine tensorrt` (GPU servers) writes the same repository with "portable" graphs (standard ONNX ops
+only, exported and checked at fp32 here) and asks Triton's onnxruntime backend to run them through
+ONNX Runtime's TensorRT execution provider (`gpu_execution_accelerator` "tensorrt", precision_mode FP16
+or FP32, engines cached): the TensorRT engines are built by the server on its own GPU at first load, so
+the repository is not tied to one GPU model or TensorRT version.
+
 Each graph model is composed, not re-exported: the version's checked ONNX graphs (embeddings, trunk
 segments, branches; fp32 or int8) joined into one graph, tensors prefixed by graph name, wired with
 Identity nodes (ONNX Runtime removes them). A version without ONNX graphs at that precision gets them
@@ -40,7 +46,10 @@ from centra.runtime.onnx import ENGINE_NAME, PRECISIONS, OnnxRunner, open_sessio
 from centra.runtime.verify import SAMPLE_PAIRS, SAMPLE_TEXTS
 
 KIND = "triton repository"
-ENGINES = (ENGINE_NAME,)
+TENSORRT = "tensorrt"
+ENGINES = (ENGINE_NAME, TENSORRT)
+ENGINE_PRECISIONS = {ENGINE_NAME: PRECISIONS, TENSORRT: ("fp32", "fp16")}
+TRT_WORKSPACE_BYTES = 4 << 30
 ENSEMBLE = "centra"
 TOKENIZER_MODEL = "centra_tokenizer"
 GRAPH_MODEL = "centra_graph"
@@ -89,16 +98,18 @@ def token_groups(specs: dict[str, TaskSpec]) -> list[Group]:
 
 
 def source_graphs(folder: Path, manifest: dict, merged, tokenizer, precision: str, tmp: Path,
-                  progress: bool) -> tuple[dict[str, Path], Engine, str]:
+                  progress: bool, style: str = "fused") -> tuple[dict[str, Path], Engine, str]:
     """The ONNX file of every graph of the layout at `precision` (the version's own, else exported and
-    checked into tmp), the engine the Triton graphs must match, and where the graphs came from."""
+    checked into tmp; "portable" graphs are always exported), the engine the Triton graphs must match,
+    and where the graphs came from."""
     info = manifest.get("engine")
-    if isinstance(info, dict) and info.get("name") == ENGINE_NAME and all(
-            isinstance(g, dict) and isinstance(g.get(precision), str) for g in info.get("graphs", [])):
+    if style == "fused" and isinstance(info, dict) and info.get("name") == ENGINE_NAME and \
+            info.get("style", "fused") == style and \
+            all(isinstance(g, dict) and isinstance(g.get(precision), str) for g in info.get("graphs", [])):
         base, engine_manifest, origin = folder, manifest, f"the version's {precision} ONNX graphs"
     else:
-        info = export_onnx(merged, tmp, precision, tokenizer, progress=progress)
-        base, engine_manifest, origin = tmp, {"engine": info}, f"{precision} ONNX graphs exported from torch"
+        info = export_onnx(merged, tmp, precision, tokenizer, progress=progress, style=style)
+        base, engine_manifest, origin = tmp, {"engine": info}, f"{precision} {style} ONNX graphs exported from torch"
     paths = {g["name"]: base / g[precision] for g in info["graphs"]}
     missing = [g["name"] for g in graph_layout(merged.specs) if g["name"] not in paths]
     if missing:
@@ -192,11 +203,18 @@ def tokenizer_config(group: Group, max_batch: int, params: dict) -> str:
             f"output {_tensors(ids)}\ninstance_group [ {{ kind: KIND_CPU count: 1 }} ]\n{parameters}")
 
 
-def graph_config(group: Group, max_batch: int, specs: dict[str, TaskSpec], precision: str) -> str:
+def graph_config(group: Group, max_batch: int, specs: dict[str, TaskSpec], precision: str,
+                 engine: str = ENGINE_NAME) -> str:
     ids = [_tensor(n, "TYPE_INT64", [-1]) for n in ID_TENSORS]
     outs = [_tensor(output_name(t), "TYPE_FP32", [specs[t].num_outputs]) for t in group.tasks]
     # dynamically quantized int8 graphs are CPU graphs; fp32 runs where Triton places it (a GPU if any)
     instances = "instance_group [ { kind: KIND_CPU } ]\n" if precision == "int8" else ""
+    if engine == TENSORRT:  # ONNX Runtime's TensorRT execution provider, on the server's GPU
+        instances = ('instance_group [ { kind: KIND_GPU } ]\noptimization { execution_accelerators {\n'
+                     ' gpu_execution_accelerator : [ {\n  name : "tensorrt"\n'
+                     f'  parameters {{ key: "precision_mode" value: "{precision.upper()}" }}\n'
+                     f'  parameters {{ key: "max_workspace_size_bytes" value: "{TRT_WORKSPACE_BYTES}" }}\n'
+                     '  parameters { key: "trt_engine_cache_enable" value: "1" }\n } ]\n} }\n')
     return (f'name: {json.dumps(group.graph)}\nplatform: "onnxruntime_onnx"\nmax_batch_size: {max_batch}\n'
             f"dynamic_batching {{ }}\ninput {_tensors(ids)}\noutput {_tensors(outs)}\n{instances}")
 
@@ -288,6 +306,12 @@ def write_readme(path: Path, groups: list[Group], specs: dict[str, TaskSpec], su
     if summary["precision"] == "int8":
         lines += ["", "int8 graphs are dynamically quantized CPU graphs (instance_group KIND_CPU): activation "
                   "scales are computed per batch, so a row's logits move slightly with the rows batched with it."]
+    if summary.get("engine") == TENSORRT:
+        lines += ["", f"The graph models run on the GPU through ONNX Runtime's TensorRT execution provider "
+                  f"(precision_mode {summary['precision'].upper()}): the server builds the TensorRT engines at first "
+                  "load (minutes) and caches them; the graphs use standard ONNX ops only and were checked here in "
+                  "fp32 on ONNX Runtime's CPU provider, so fp16 answers may differ from them by half precision's "
+                  "rounding. Needs a Triton image whose onnxruntime backend has TensorRT (NVIDIA's images do)."]
     lines += ["", "Outputs are logits: softmax (multiclass), sigmoid against the task's thresholds (multilabel) or "
               f"the value (regression) give `centra predict`'s answers; labels and thresholds are in `{SUMMARY}`.", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
@@ -298,8 +322,10 @@ def export_triton(model: Path, repo: Path, engine: str = ENGINE_NAME, precision:
     """Publish the Triton model repository of OUT's current version at repo; return its summary."""
     if engine not in ENGINES:
         raise CentraError(f"export-triton: unknown engine {engine!r} (known: {', '.join(ENGINES)})")
-    if precision is not None and precision not in PRECISIONS:
-        raise CentraError(f"export-triton: unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
+    known = ENGINE_PRECISIONS[engine]
+    if precision is not None and precision not in known:
+        raise CentraError(f"export-triton: precision {precision!r} does not apply to --engine {engine} (known: "
+                          f"{', '.join(known)})")
     if max_batch < 1:
         raise CentraError(f"export-triton: --max-batch must be >= 1, not {max_batch}")
     repo = Path(repo)
@@ -309,12 +335,17 @@ def export_triton(model: Path, repo: Path, engine: str = ENGINE_NAME, precision:
     manifest, merged = load_merged(folder)
     tokenizer = load_tokenizer(folder / "tokenizer")
     info = manifest.get("engine")
-    precision = precision or (info.get("precision") if isinstance(info, dict) else None) or "fp32"
+    if engine == TENSORRT:  # the server builds fp16 from the fp32 graphs checked here
+        precision, graph_precision, style = precision or "fp16", "fp32", "portable"
+    else:
+        precision = precision or (info.get("precision") if isinstance(info, dict) else None) or "fp32"
+        graph_precision, style = precision, "fused"
     specs = merged.specs
     groups = token_groups(specs)
     summary: dict = {}
     with tempfile.TemporaryDirectory(prefix="centra-triton-") as tmp:
-        paths, reference, origin = source_graphs(folder, manifest, merged, tokenizer, precision, Path(tmp), progress)
+        paths, reference, origin = source_graphs(folder, manifest, merged, tokenizer, graph_precision, Path(tmp),
+                                                 progress, style)
 
         def build(stage: Path) -> None:
             parity, params = {}, {}
@@ -333,7 +364,7 @@ def export_triton(model: Path, repo: Path, engine: str = ENGINE_NAME, precision:
                 onnx_format = {"ir_version": composed.ir_version, "opset": {o.domain or "ai.onnx": o.version
                                                                             for o in composed.opset_import}}
                 save_onnx(composed, stage / g.graph / "1" / "model.onnx")
-                (stage / g.graph / "config.pbtxt").write_text(graph_config(g, max_batch, specs, precision))
+                (stage / g.graph / "config.pbtxt").write_text(graph_config(g, max_batch, specs, precision, engine))
             (stage / ENSEMBLE / "1").mkdir(parents=True)  # an ensemble's version folder is empty
             (stage / ENSEMBLE / "config.pbtxt").write_text(ensemble_config(groups, max_batch, specs))
             for g in groups:
@@ -344,7 +375,8 @@ def export_triton(model: Path, repo: Path, engine: str = ENGINE_NAME, precision:
                 parity[g.graph] = float(f"{diff:.3e}")
             summary.update({
                 "format": "centra-triton", "repository": str(repo.resolve()), "source": str(folder),
-                "source_version": manifest["version"], "backbone": manifest["backbone"]["id"], "precision": precision,
+                "source_version": manifest["version"], "backbone": manifest["backbone"]["id"], "engine": engine,
+                "precision": precision,
                 "graphs_from": origin, "max_batch_size": max_batch, "ensemble": ENSEMBLE, "tolerance": TOLERANCE,
                 "reference": reference.runtime, "parity": parity, "onnx": onnx_format,
                 "groups": [describe(g, specs) for g in groups]})

@@ -150,3 +150,20 @@ def test_demo_trains_only_what_is_missing_or_stale(bert_path, data, tmp_path, ca
     assert snapshot(tasks / "mood") == mood, "an up-to-date task is not touched"
     assert (model_folder(tmp_path / "out" / "model") / "tasks" / "same" / TASK_FILE).is_file()
     assert model_folder(tmp_path / "out" / "model").name == "v000002"
+
+
+def test_search_setting_is_saved_and_a_recipe_without_it_keeps_its_sha256(bert_path, data, tmp_path):
+    from centra.train.recipe import job_from
+
+    plain = write_recipe(tmp_path / "tasks", "mood", recipe(bert_path, "mood"))
+    before = read_recipe(plain)
+    assert "search" not in before.to_dict()["training"], "written only when set: older recipes hash as before"
+    assert job_from(before, data, "fp").search == "halving"
+    content = recipe(bert_path, "mood")
+    content["training"]["search"] = "full"
+    full = read_recipe(write_recipe(tmp_path / "other", "mood", content))
+    assert full.to_dict()["training"]["search"] == "full" and full.sha256 != before.sha256
+    assert job_from(full, data, "fp").search == "full"
+    content["training"]["search"] = 1
+    with pytest.raises(CentraError, match="training.search must be str or null"):
+        read_recipe(write_recipe(tmp_path / "bad", "mood", content))

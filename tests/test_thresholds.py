@@ -91,6 +91,14 @@ def test_trained_multilabel_task_carries_and_serves_tuned_thresholds(tiny_models
     assert reference["at_0.5"] == pytest.approx({m: report["reference"]["dev"][m] for m in reference["at_0.5"]},
                                                 abs=1e-6)
     assert json.loads((tmp_path / "tasks" / "topics" / "report.json").read_text())["thresholds"] == tuned
+    # every kept candidate (for `centra plan`) carries thresholds tuned for its own head
+    kept = {p.name: json.loads((p / "task.json").read_text())
+            for p in sorted((tmp_path / "tasks" / "topics" / "candidates").iterdir())}
+    assert set(kept) == {"student-l1", "teacher-L1"}, kept
+    assert kept["student-l1"]["thresholds"] == spec.thresholds
+    for cand in kept.values():
+        assert len(cand["thresholds"]) == len(spec.labels) and "tuned" in cand["metrics"], cand
+        assert cand["thresholds"] != [0.5] * len(spec.labels)
     printed = [line for line in summarize(report).splitlines() if "thresholds tuned on dev: micro_f1" in line]
     assert [line.split(":")[0] for line in printed] == ["  full fine-tuning (4 layers)", "chosen"]
     # served: the merged engine's logits, read against the task's thresholds, give the tuned dev metrics

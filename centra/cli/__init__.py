@@ -1,4 +1,4 @@
-"""`centra` command line: add-task, merge, predict, verify, evaluate, demo, results.
+"""`centra` command line: add-task, plan, merge, predict, verify, evaluate, demo, results.
 
 Every command is a thin wrapper over package functions. Options are checked before any compute.
 Bad input prints one line (`centra: error: ...`) and exits 2; `--debug` adds the traceback. Only
@@ -45,13 +45,14 @@ def positive_float(value: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from centra.cli import bench, bench_server, demo, models, results, serve, tasks, triton
+    from centra.cli import bench, bench_server, demo, models, plan, results, serve, tasks, triton
 
     common = Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser = Parser(prog="centra", description="Serve many BERT-family classifiers that share one frozen encoder.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     tasks.add_parsers(sub, common)
+    plan.add_parsers(sub, common)
     models.add_parsers(sub, common)
     demo.add_parser(sub, common)
     results.add_parser(sub, common)

@@ -62,8 +62,9 @@ def run(args: argparse.Namespace) -> dict:
             continue
         job = TaskJob(name=name, kind=kind, train=root / train, dev=root / dev, columns=cols,
                       label_names=parse_label_names(names, root), reference=True, threshold=1.0,
-                      max_train_examples=cap, train_config=TrainConfig(epochs=args.epochs, metric=metric,
-                                                                      seed=args.seed, progress=args.progress))
+                      search=args.search, max_train_examples=cap,
+                      train_config=TrainConfig(epochs=args.epochs, metric=metric, seed=args.seed,
+                                               progress=args.progress))
         start = time.perf_counter()
         report, _ = train_task(job, backbone, out / "tasks")
         report["wall_seconds"] = round(time.perf_counter() - start, 1)
@@ -203,6 +204,8 @@ def add_parser(sub, common) -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", help="comma-separated task names")
+    p.add_argument("--search", choices=["full", "halving"], default="full",
+                   help="teacher search [full: every L trained to the end, as the tables show]")
     p.add_argument("--progress", action="store_true", help="show progress")
     p.add_argument("--table", action="store_true", help="only print the tables of OUT/results.json")
     p.set_defaults(func=cmd_results)

@@ -11,9 +11,9 @@ from centra.errors import CentraError
 
 DEFAULT_TASKS_DIR = "tasks"
 # add-task flags that are training settings (recipe.training), by their dest name
-SETTINGS = ("layers", "student_layers", "threshold", "epochs", "batch_size", "lr", "head_lr", "metric", "alpha",
-            "temperature", "seed", "max_train_examples", "max_length", "pooling", "reference", "teacher_logits",
-            "attach_layer", "cache_gb")
+SETTINGS = ("layers", "search", "student_layers", "threshold", "epochs", "batch_size", "lr", "head_lr", "metric",
+            "alpha", "temperature", "seed", "max_train_examples", "max_length", "pooling", "reference",
+            "teacher_logits", "attach_layer", "cache_gb")
 DATA_FLAGS = ("kind", "train", "dev", "text_column", "pair_column", "label_column", "label_names", "header",
               "label_delimiter")
 
@@ -147,13 +147,22 @@ def summarize(report: dict) -> str:
     for t in report["teachers"]:
         if "trainable_layers" in t:
             mark = "  <- teacher" if t["chosen"] else ""
+            epochs = f" ({t['epochs_trained']} epoch{'s' if t['epochs_trained'] != 1 else ''})" \
+                if "epochs_trained" in t else ""
             lines.append(f"  teacher L={t['trainable_layers']} (attach {t['attach_layer']}): "
-                         f"{100 * t['dev'][metric]:.2f}{mark}")
+                         f"{100 * t['dev'][metric]:.2f}{epochs}{mark}")
     for s in report["students"]:
         lines.append(f"  student l={s['task_layers']}: {100 * s['dev'][metric]:.2f}")
+    if "search" in report:
+        s = report["search"]
+        lines.append(f"teacher search ({s['method']}): {s['epochs_trained']} epochs of {s['epochs_full_search']} "
+                     f"({s['layer_epochs']} of {s['layer_epochs_full_search']} layer-epochs), {s['seconds']:.1f} s"
+                     + (f", {s['per_reference']:.2f}x the full fine-tuning" if "per_reference" in s else ""))
     c = report["chosen"]
     lines.append(f"chosen: attach layer {c['attach_layer']}, {c['task_layers']} task layers, "
                  f"dev {metric} {100 * c[metric]:.2f}{tuned_note(report)}")
+    if report.get("candidates"):
+        lines.append(f"kept for `centra plan`: {', '.join(c['id'] for c in report['candidates'])}")
     cache = report["cache"]
     lines.append(f"trunk cache: {cache['seconds']:.1f} s, {cache['bytes'] / 2**20:.0f} MiB; recomputing the "
                  f"frozen layers every epoch would have cost ~{cache['estimated_seconds_without_cache']:.1f} s")
@@ -208,6 +217,8 @@ def add_parsers(sub, common) -> None:
     g.add_argument("--max-train-examples", type=positive_int, help="random subset of the training file (seeded)")
     g = p.add_argument_group("training (defaults in brackets; given flags are saved in the recipe)")
     g.add_argument("--layers", help="teacher search: trainable top layers MIN:MAX [1:5 on 6 layers]")
+    g.add_argument("--search", choices=["halving", "full"], help="teacher search: successive halving (every L "
+                   "one epoch, the better half goes on, resumed) or every L for all epochs [halving]")
     g.add_argument("--student-layers", type=int, help="fix the student's task layers l (1-3)")
     g.add_argument("--threshold", type=float, help="mixed allocation: add a layer while it gains >= c dev "
                    "points [1.0]")

@@ -33,6 +33,7 @@ HEAD_FILE = "head.safetensors"
 REPORT_FILE = "report.json"
 RECIPE_FILE = "recipe.json"
 TASK_KIND = "task"
+CANDIDATES_DIR = "candidates"  # trained heads kept for `centra plan` (see core/candidates.py)
 
 
 @dataclass
@@ -237,27 +238,44 @@ def is_legacy_task(folder: Path) -> bool:
     return TASK_FILE in names and names <= {TASK_FILE, HEAD_FILE, REPORT_FILE, RECIPE_FILE}
 
 
-def save_task(folder: Path, spec: TaskSpec, head: TaskHead, extra_files: dict[str, dict] | None = None) -> None:
+def save_task(folder: Path, spec: TaskSpec, head: TaskHead, extra_files: dict[str, dict] | None = None,
+              candidates: dict[str, tuple[TaskSpec, TaskHead]] | None = None) -> None:
     """Publish the task folder: staged, re-loaded, then swapped in as one step. A crash leaves the
-    previous version intact; the folder's recipe.json is carried over unchanged."""
-    from safetensors.torch import save_file
-
+    previous version intact; the folder's recipe.json is carried over unchanged. `candidates`: other
+    trained heads to keep beside the active one, each in candidates/ID/ as a task folder of its own
+    (`centra plan` activates one of them)."""
     folder = Path(folder)
     spec = copy.deepcopy(spec)
+    kept = {name: (copy.deepcopy(s), h) for name, (s, h) in (candidates or {}).items()}
+    for name in kept:
+        if not NAME_RE.match(name):
+            raise CentraError(f"candidate id {name!r} must be letters, digits, '_' or '-'")
 
     def build(tmp: Path) -> None:
-        state = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
-        save_file(state, str(tmp / HEAD_FILE))
-        spec.head_sha256 = sha256_file(tmp / HEAD_FILE)
-        write_json(tmp / TASK_FILE, spec.to_dict())
+        write_head(tmp, spec, head)
         for name, data in (extra_files or {}).items():
             write_json(tmp / name, data)
+        for name, (cand_spec, cand_head) in kept.items():
+            (tmp / CANDIDATES_DIR / name).mkdir(parents=True)
+            write_head(tmp / CANDIDATES_DIR / name, cand_spec, cand_head)
 
     def check(tmp: Path) -> None:
         load_task(tmp, head.cfg, check_fingerprint=False, name=folder.name)
+        for name in kept:
+            load_task(tmp / CANDIDATES_DIR / name, head.cfg, check_fingerprint=False, name=folder.name)
 
     publish_folder(folder, TASK_KIND, build, check, keep=(RECIPE_FILE,), legacy=is_legacy_task)
     head.spec.head_sha256 = spec.head_sha256
+
+
+def write_head(folder: Path, spec: TaskSpec, head: TaskHead) -> None:
+    """head.safetensors and task.json (with the head's sha256, set on `spec`) into folder."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
+    save_file(state, str(Path(folder) / HEAD_FILE))
+    spec.head_sha256 = sha256_file(Path(folder) / HEAD_FILE)
+    write_json(Path(folder) / TASK_FILE, spec.to_dict())
 
 
 def remove_task(folder: Path) -> None:

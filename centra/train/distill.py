@@ -9,7 +9,7 @@ once per task; any teacher can fill it (--teacher-logits: a JSONL file, one row 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,16 +66,24 @@ def student_from(teacher: TaskHead, layers: int, cfg: EncoderConfig) -> TaskHead
     return student
 
 
+@dataclass
+class Distilled:
+    chosen: TaskHead
+    logs: list[dict]  # one per student trained
+    students: dict[int, TaskHead]  # every student trained, by task layers (candidates for `centra plan`)
+
+
 def distill_students(teacher: TaskHead, cfg: EncoderConfig, soft: np.ndarray, train: ActivationCache,
                      train_targets: list, dev: ActivationCache, dev_targets: list, tc: TrainConfig,
-                     student_layers: int | None, threshold: float) -> tuple[TaskHead, list[dict]]:
+                     student_layers: int | None, threshold: float) -> Distilled:
     """Train students; with `student_layers` fixed, that one; else add layers while each gains >= threshold
-    dev points (the 'mixed' allocation). Returns the chosen student and a log per student tried."""
+    dev points (the 'mixed' allocation)."""
     most = min(3, teacher.spec.task_layers)
     if student_layers is not None and not 1 <= student_layers <= most:
         raise CentraError(f"--student-layers must be in 1..{most} (the teacher has "
                           f"{teacher.spec.task_layers} task layers)")
     tried: list[tuple[TaskHead, dict]] = []
+    chosen = None
     for layers in ([student_layers] if student_layers else range(1, most + 1)):
         student, log = train_branch(student_from(teacher, layers, cfg), train, train_targets, dev, dev_targets,
                                     tc, f"student l={layers}", soft=soft)
@@ -83,8 +91,9 @@ def distill_students(teacher: TaskHead, cfg: EncoderConfig, soft: np.ndarray, tr
         if student_layers is None:
             keep = mixed_layers({t[1]["task_layers"]: t[1]["dev"][tc.metric] for t in tried}, threshold)
             if keep < layers:
-                return tried[keep - 1][0], [t[1] for t in tried]
-    return tried[-1][0], [t[1] for t in tried]
+                chosen = tried[keep - 1][0]
+                break
+    return Distilled(chosen or tried[-1][0], [t[1] for t in tried], {t[1]["task_layers"]: t[0] for t in tried})
 
 
 def mixed_layers(scores: dict[int, float], threshold: float) -> int:

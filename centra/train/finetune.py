@@ -129,49 +129,89 @@ def train_branch(head: TaskHead, train: ActivationCache, train_targets: list, de
                  dev_targets: list, cfg: TrainConfig, desc: str, soft: np.ndarray | None = None
                  ) -> tuple[TaskHead, dict]:
     """Train a branch attached at the caches' layer; keep the epoch best on dev. Returns (head, log)."""
-    assert train.layer == dev.layer == head.spec.attach_layer, "caches must sit at the attach layer"
-    kind = head.spec.kind
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    head = head.train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(param_groups(head, cfg))
-    steps = cfg.epochs * math.ceil(len(train_targets) / cfg.batch_size)
-    warm = max(1, int(cfg.warmup * steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
-    targets = _target_tensor(kind, train_targets)
-    soft_t = torch.from_numpy(soft) if soft is not None else None
-    n_train = sum(p.numel() for p in head.parameters())
-    log = {"trainable_parameters": n_train, "epochs": [], "losses": []}
-    best, best_score, start = None, -math.inf, time.perf_counter()
-    for epoch in range(cfg.epochs):
+    trainer = BranchTrainer(head, train, train_targets, dev, dev_targets, cfg, desc, soft)
+    trainer.run(cfg.epochs)
+    return trainer.finish()
+
+
+class BranchTrainer:
+    """One branch's training, resumable epoch by epoch: `run(k)` trains k more epochs of the cfg.epochs
+    schedule (optimizer, learning-rate schedule, batch order and dropout RNG carried over), so a search
+    can interleave several branches and a branch trained in pieces ends exactly as one trained straight
+    through. The caches must sit at the branch's attach layer whenever it runs."""
+
+    def __init__(self, head: TaskHead, train: ActivationCache, train_targets: list, dev: ActivationCache,
+                 dev_targets: list, cfg: TrainConfig, desc: str, soft: np.ndarray | None = None):
+        self.head, self.train, self.dev, self.dev_targets = head, train, dev, dev_targets
+        self.cfg, self.desc = cfg, desc
+        torch.manual_seed(cfg.seed)
+        self.rng = torch.get_rng_state()  # dropout's stream, restored whenever this branch resumes
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        head.train().requires_grad_(True)
+        self.optimizer = torch.optim.AdamW(param_groups(head, cfg))
+        steps = cfg.epochs * math.ceil(len(train_targets) / cfg.batch_size)
+        warm = max(1, int(cfg.warmup * steps))
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+        self.targets = _target_tensor(head.spec.kind, train_targets)
+        self.soft = torch.from_numpy(soft) if soft is not None else None
+        self.n_train = sum(p.numel() for p in head.parameters())
+        self.log: dict = {"trainable_parameters": self.n_train, "epochs": [], "losses": []}
+        self.best: dict | None = None
+        self.best_score = -math.inf
+        self.seconds = 0.0
+
+    @property
+    def epochs_done(self) -> int:
+        return len(self.log["epochs"])
+
+    def run(self, epochs: int) -> float:
+        """Train up to `epochs` more epochs (never past cfg.epochs); return the best dev score so far."""
+        head, cfg = self.head, self.cfg
+        assert self.train.layer == self.dev.layer == head.spec.attach_layer, "caches must sit at the attach layer"
+        start = time.perf_counter()
+        torch.set_rng_state(self.rng)
+        head.train().requires_grad_(True)
+        for epoch in range(self.epochs_done, min(cfg.epochs, self.epochs_done + epochs)):
+            self._epoch(epoch)
+        self.rng = torch.get_rng_state()
+        self.seconds += time.perf_counter() - start
+        return self.best_score
+
+    def _epoch(self, epoch: int) -> None:
+        head, cfg, log = self.head, self.cfg, self.log
         head.train()
         epoch_start = time.perf_counter()
-        batches = make_batches(train.lengths, cfg.batch_size, gen)
-        bar = progress_bar(batches, f"{desc} epoch {epoch + 1}/{cfg.epochs} ({n_train / 1e6:.1f}M trainable)",
-                           cfg.progress)
+        batches = make_batches(self.train.lengths, cfg.batch_size, self.gen)
+        bar = progress_bar(batches, f"{self.desc} epoch {epoch + 1}/{cfg.epochs} ({self.n_train / 1e6:.1f}M "
+                           "trainable)", cfg.progress)
         total = 0.0
         for rows in bar:
-            hidden, mask = train.batch(rows)
+            hidden, mask = self.train.batch(rows)
             logits = head(hidden, attention_bias(mask), mask)
-            loss = loss_fn(kind, logits, targets[rows], soft_t[rows] if soft_t is not None else None,
-                           cfg.alpha, cfg.temperature)
-            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(head.spec.kind, logits, self.targets[rows],
+                           self.soft[rows] if self.soft is not None else None, cfg.alpha, cfg.temperature)
+            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
+            self.optimizer.step()
+            self.schedule.step()
             total += loss.item()
             log["losses"].append(round(loss.item(), 6))
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        scores = evaluate(head, dev, dev_targets)
+        scores = evaluate(head, self.dev, self.dev_targets)
         log["epochs"].append({"epoch": epoch + 1, "train_loss": total / max(1, len(batches)), **scores})
-        progress_line(f"{desc} epoch {epoch + 1}/{cfg.epochs}: train loss {total / max(1, len(batches)):.4f}, "
+        progress_line(f"{self.desc} epoch {epoch + 1}/{cfg.epochs}: train loss {total / max(1, len(batches)):.4f}, "
                       f"dev {cfg.metric} {100 * scores[cfg.metric]:.2f} ({time.perf_counter() - epoch_start:.1f} s)",
                       cfg.progress)
-        if best is None or scores[cfg.metric] > best_score:
-            best_score, best = scores[cfg.metric], copy.deepcopy(head.state_dict())
-    head.load_state_dict(best)
-    log["dev"] = next((e for e in log["epochs"] if e[cfg.metric] == best_score), log["epochs"][-1])
-    log["seconds"] = round(time.perf_counter() - start, 2)
-    return head.eval().requires_grad_(False), log
+        if self.best is None or scores[cfg.metric] > self.best_score:
+            self.best_score, self.best = scores[cfg.metric], copy.deepcopy(head.state_dict())
+
+    def finish(self) -> tuple[TaskHead, dict]:
+        """The head at its best epoch on dev, frozen, and its log; the optimizer state is dropped."""
+        cfg, log = self.cfg, self.log
+        self.head.load_state_dict(self.best)
+        log["dev"] = next((e for e in log["epochs"] if e[cfg.metric] == self.best_score), log["epochs"][-1])
+        log["seconds"] = round(self.seconds, 2)
+        self.optimizer = self.schedule = None  # type: ignore[assignment]
+        return self.head.eval().requires_grad_(False), log

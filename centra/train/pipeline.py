@@ -23,6 +23,7 @@ from centra.core.task import (
     REPORT_FILE,
     TASK_KIND,
     TaskHead,
+    TaskSpec,
     init_task,
     is_legacy_task,
     max_positions,
@@ -34,8 +35,9 @@ from centra.io import check_replaceable
 from centra.train.cache import ActivationCache, CacheBudget
 from centra.train.data import Columns, Examples, load_examples
 from centra.train.distill import distill_students, logits_table, read_teacher_logits
-from centra.train.finetune import TrainConfig, train_branch
+from centra.train.finetune import BranchTrainer, TrainConfig, train_branch
 from centra.train.metrics import DEFAULT_METRIC, METRICS
+from centra.train.search import SEARCHES, search_teachers
 from centra.train.thresholds import tune_head
 
 
@@ -48,6 +50,7 @@ class TaskJob:
     columns: Columns
     label_names: list[str] | None = None
     layers: tuple[int, int] | None = None  # teacher search range (MIN, MAX) of trainable top layers
+    search: str = "halving"  # how the teacher search goes: halving | full (see train/search.py)
     student_layers: int | None = None
     threshold: float = 1.0
     reference: bool = False
@@ -98,6 +101,8 @@ def validate_job(job: TaskJob, cfg: EncoderConfig) -> CheckedJob:
     lo, hi = job.layers or default_layer_range(n)
     if not 1 <= lo <= hi <= n:
         raise CentraError(f"--layers {lo}:{hi} must satisfy 1 <= MIN <= MAX <= {n}")
+    if job.search not in SEARCHES:
+        raise CentraError(f"--search {job.search!r} must be one of {', '.join(SEARCHES)}")
     if job.teacher_logits is None and job.attach_layer is not None:
         raise CentraError("--attach-layer is for students of an external teacher (--teacher-logits)")
     most = min(3, lo)  # the fewest task layers any teacher of the search has
@@ -169,6 +174,11 @@ class Run:
         return train_branch(head, self.caches[0], self.train.targets, self.caches[1], self.dev.targets,
                             self.checked.tc, desc, soft=soft)
 
+    def trainer(self, head: TaskHead, desc: str) -> BranchTrainer:
+        """A resumable training of `head` on the run's caches (the teacher search interleaves them)."""
+        return BranchTrainer(head, self.caches[0], self.train.targets, self.caches[1], self.dev.targets,
+                             self.checked.tc, desc)
+
 
 def train_task(job: TaskJob, backbone: Backbone, tasks_dir: Path) -> tuple[dict, TaskHead]:
     """Run the whole pipeline for one task and publish tasks_dir/NAME; return report.json's contents
@@ -197,8 +207,13 @@ def train_task(job: TaskJob, backbone: Backbone, tasks_dir: Path) -> tuple[dict,
             head, log = run.train_branch(run.new_head(0, n), "reference")
             run.times["reference"] = time.perf_counter() - clock
             report["reference"] = {"layers": n, "overhead": n, **log, **tuned(head, caches[1], dev.targets)}
+        kept: dict[str, TaskHead] = {}
         if soft is None:
-            teacher, report["teachers"] = search_teachers(run)
+            search = search_teachers(run, job.search)
+            teacher, report["teachers"], report["search"] = search.best, search.logs, search.cost
+            if "reference" in run.times:  # the search's cost in full fine-tunes, the issue's measure
+                report["search"]["per_reference"] = round(run.times["teacher_search"] / run.times["reference"], 3)
+            kept = {f"teacher-L{layers}": head for layers, head in search.kept.items()}
             for cache in caches:
                 cache.advance_to(teacher.spec.attach_layer)
             clock = time.perf_counter()
@@ -211,35 +226,66 @@ def train_task(job: TaskJob, backbone: Backbone, tasks_dir: Path) -> tuple[dict,
             teacher = run.new_head(k, min(3, n - k))  # the external teacher's student starts here
             report["teachers"] = [{"external": str(job.teacher_logits), "attach_layer": k}]
         clock = time.perf_counter()
-        student, report["students"] = distill_students(teacher, backbone.cfg, soft, caches[0], train.targets,
-                                                       caches[1], dev.targets, tc, job.student_layers,
-                                                       job.threshold)
+        distilled = distill_students(teacher, backbone.cfg, soft, caches[0], train.targets, caches[1],
+                                     dev.targets, tc, job.student_layers, job.threshold)
+        student, report["students"] = distilled.chosen, distilled.logs
+        kept.update({f"student-l{layers}": head for layers, head in distilled.students.items()})
         run.times["students"] = time.perf_counter() - clock
         report.update(tuned(student, caches[1], dev.targets))
+        candidate_thresholds = tune_candidates(kept, caches[1], dev.targets)
         report["cache"] = cache_report(caches, budget, report.get("teachers", []), tc.epochs)
     finally:
         for cache in caches:
             cache.close()
     report["seconds"] = {k: round(v, 2) for k, v in run.times.items()}
-    return finish(job, student, report, Path(tasks_dir)), student
+    return finish(job, student, report, Path(tasks_dir), kept, candidate_thresholds), student
 
 
-def finish(job: TaskJob, student: TaskHead, report: dict, tasks_dir: Path) -> dict:
-    """Mark the chosen student trained, record its dev metrics, publish the task folder."""
-    spec = copy.deepcopy(student.spec)
-    chosen = next(s for s in report["students"] if s["task_layers"] == spec.task_layers)
+def trained_spec(job: TaskJob, head: TaskHead, log: dict, metric: str) -> TaskSpec:
+    """The head's task.json: trained, its dev metrics at its best epoch, what it was trained from."""
+    spec = copy.deepcopy(head.spec)
     spec.trained = True
-    spec.metrics = {"metric": report["metric"], **{m: round(chosen["dev"][m], 6) for m in METRICS[job.kind]}}
+    spec.metrics = {"metric": metric, **{m: round(log["dev"][m], 6) for m in METRICS[job.kind]}}
     spec.source = dict(job.source)
+    return spec
+
+
+def finish(job: TaskJob, student: TaskHead, report: dict, tasks_dir: Path,
+           kept: dict[str, TaskHead] | None = None, candidate_thresholds: dict[str, dict] | None = None) -> dict:
+    """Mark the chosen student trained, record its dev metrics, publish the task folder with the
+    candidates kept (teachers with L <= 3 and every student, for `centra plan`)."""
+    logs = {f"student-l{s['task_layers']}": s for s in report["students"]}
+    logs.update({f"teacher-L{t['trainable_layers']}": t for t in report["teachers"] if "trainable_layers" in t})
+    spec = trained_spec(job, student, logs[f"student-l{student.spec.task_layers}"], report["metric"])
     if "thresholds" in report:  # served at the tuned thresholds; the metrics above stay at 0.5, like every run's
         spec.thresholds = report["thresholds"]["values"]
         spec.metrics["tuned"] = {m: round(v, 6) for m, v in report["thresholds"]["tuned"].items()}
     report["chosen"] = {"attach_layer": spec.attach_layer, "task_layers": spec.task_layers,
-                        "overhead": spec.attach_layer + spec.task_layers, **spec.metrics}
+                        "overhead": spec.attach_layer + spec.task_layers,
+                        "candidate": f"student-l{spec.task_layers}", **spec.metrics}
+    candidates = {name: (trained_spec(job, head, logs[name], report["metric"]), head)
+                  for name, head in sorted((kept or {}).items())}
+    for name, found in (candidate_thresholds or {}).items():  # a multilabel candidate serves at its own
+        cand = candidates[name][0]
+        cand.thresholds = found["values"]
+        cand.metrics["tuned"] = {m: round(v, 6) for m, v in found["tuned"].items()}
+    report["candidates"] = [{"id": name, "attach_layer": s.attach_layer, "task_layers": s.task_layers,
+                             report["metric"]: s.metrics[report["metric"]]} for name, (s, _) in candidates.items()]
     student.spec = spec
     extra = {REPORT_FILE: report, **({RECIPE_FILE: job.recipe} if job.recipe is not None else {})}
-    save_task(tasks_dir / job.name, spec, student, extra_files=extra)
+    save_task(tasks_dir / job.name, spec, student, extra_files=extra, candidates=candidates)
     return report
+
+
+def tune_candidates(kept: dict[str, TaskHead], dev: ActivationCache, targets: list) -> dict[str, dict]:
+    """Per-label thresholds of every kept multilabel candidate, so that `centra plan` activating one
+    serves it at its own thresholds: the dev cache climbs to each candidate's attach layer in turn."""
+    found = {}
+    for name, head in sorted(kept.items(), key=lambda item: item[1].spec.attach_layer):
+        if head.spec.kind == "multilabel":
+            dev.advance_to(head.spec.attach_layer)
+            found[name] = tune_head(head, dev, targets)
+    return found
 
 
 def tuned(head: TaskHead, dev: ActivationCache, targets: list) -> dict:
@@ -247,31 +293,12 @@ def tuned(head: TaskHead, dev: ActivationCache, targets: list) -> dict:
     return {"thresholds": tune_head(head, dev, targets)} if head.spec.kind == "multilabel" else {}
 
 
-def search_teachers(run: Run) -> tuple[TaskHead, list[dict]]:
-    """Teachers for L = MAX..MIN (the cache climbs one layer between them); the best on dev wins,
-    ties going to fewer layers. Returns the best teacher and one log per teacher."""
-    tc, n = run.checked.tc, run.backbone.cfg.num_layers
-    logs, best, best_score = [], None, None
-    for layers in range(run.checked.hi, run.checked.lo - 1, -1):
-        for cache in run.caches:
-            cache.advance_to(n - layers)
-        clock = time.perf_counter()
-        head, log = run.train_branch(run.new_head(n - layers, layers), f"teacher L={layers}")
-        run.times[f"teacher_L{layers}"] = time.perf_counter() - clock
-        logs.append({"trainable_layers": layers, "attach_layer": n - layers, **log})
-        if best_score is None or log["dev"][tc.metric] >= best_score:
-            best, best_score = head, log["dev"][tc.metric]
-    for log in logs:
-        log["chosen"] = log["trainable_layers"] == best.spec.task_layers
-    return best, logs
-
-
 def cache_report(caches: list[ActivationCache], budget: CacheBudget, teachers: list[dict], epochs: int) -> dict:
     """What the cache cost and what recomputing the frozen layers every epoch would have cost."""
     per_layer = [c.seconds / max(1, c.layer) if not c.layer_seconds else float(np.mean(c.layer_seconds))
                  for c in caches]
-    frozen = sum(t.get("attach_layer", 0) for t in teachers if "trainable_layers" in t)
-    without = epochs * frozen * sum(per_layer)
+    frozen = sum(t["attach_layer"] * t.get("epochs_trained", epochs) for t in teachers if "trainable_layers" in t)
+    without = frozen * sum(per_layer)
     spent = sum(c.seconds for c in caches)
     return {"seconds": round(spent, 2), "bytes": int(sum(c.nbytes for c in caches)),
             "peak_memory_bytes": budget.peak, "cap_bytes": budget.cap,

@@ -30,6 +30,7 @@ class Training:
     """The training settings a recipe may hold (None: the pipeline's default)."""
 
     layers: str | None = None  # teacher search MIN:MAX
+    search: str | None = None  # teacher search: halving (None: the default) | full
     student_layers: int | None = None
     threshold: float | None = None
     epochs: int = 3
@@ -51,13 +52,17 @@ class Training:
 
 # the JSON types each training setting takes (ints are accepted for floats; bools only where named)
 SETTING_TYPES: dict[str, tuple[type, ...]] = {
-    "layers": (str,), "student_layers": (int,), "threshold": (int, float), "epochs": (int,), "batch_size": (int,),
+    "layers": (str,), "search": (str,), "student_layers": (int,), "threshold": (int, float), "epochs": (int,),
+    "batch_size": (int,),
     "lr": (int, float), "head_lr": (int, float), "metric": (str,), "alpha": (int, float),
     "temperature": (int, float), "seed": (int,), "max_train_examples": (int,), "max_length": (int,),
     "pooling": (str,), "reference": (bool,), "teacher_logits": (str,), "attach_layer": (int,),
     "cache_gb": (int, float),
 }
 OPTIONAL_SETTINGS = {name for name, value in vars(Training()).items() if value is None}
+# settings added after schema 1: written only when set, so that a recipe written before them keeps its
+# sha256 and the tasks trained from it stay up to date
+LATER_SETTINGS = {"search"}
 
 
 @dataclass
@@ -69,7 +74,8 @@ class Recipe:
     backbone: str = "default"
 
     def to_dict(self) -> dict:
-        training = {f.name: getattr(self.training, f.name) for f in fields(Training)}
+        training = {f.name: getattr(self.training, f.name) for f in fields(Training)
+                    if f.name not in LATER_SETTINGS or getattr(self.training, f.name) is not None}
         return {"schema_version": RECIPE_VERSION, "kind": self.kind, "backbone": self.backbone,
                 "data": self.data, "training": training}
 
@@ -190,7 +196,7 @@ def job_from(recipe: Recipe, root: Path, fingerprint: str) -> TaskJob:
                      metric=t.metric, alpha=t.alpha, temperature=t.temperature)
     return TaskJob(name=recipe.name, kind=recipe.kind, train=files["train"], dev=files["dev"], columns=columns,
                    label_names=parse_label_names(d.get("label_names"), Path(root)),
-                   layers=parse_range(t.layers), student_layers=t.student_layers,
+                   layers=parse_range(t.layers), search=t.search or "halving", student_layers=t.student_layers,
                    threshold=1.0 if t.threshold is None else float(t.threshold), reference=t.reference,
                    teacher_logits=files.get("teacher_logits"),
                    attach_layer=t.attach_layer, max_train_examples=t.max_train_examples, max_length=t.max_length,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import snapshot
 from test_training import synthetic, write_split
@@ -140,6 +141,13 @@ def test_demo_trains_only_what_is_missing_or_stale(bert_path, data, tmp_path, ca
     out = capsys.readouterr().out
     assert "mood        not trained yet: training" in out and "same        not trained yet: training" in out
     assert "(equals the manifest's" in out
+    # every task's dev metric beside its constant-answer baseline, read from report.json
+    for name in ("mood", "same"):
+        report = json.loads((tasks / name / "report.json").read_text())
+        metric = report["chosen"]["metric"]
+        line = next(x for x in out.splitlines() if x.startswith(f"  {name} ") and "baseline" in x)
+        assert f"{100 * report['baseline'][metric]:5.1f} (the train set's majority class)" in line, line
+        assert f"{metric} {100 * report['chosen'][metric]:5.1f}" in line, line
     mood = snapshot(tasks / "mood")
     edited = recipe(bert_path, "same", pair=True)
     edited["training"]["seed"] = 4
@@ -167,3 +175,38 @@ def test_search_setting_is_saved_and_a_recipe_without_it_keeps_its_sha256(bert_p
     content["training"]["search"] = 1
     with pytest.raises(CentraError, match="training.search must be str or null"):
         read_recipe(write_recipe(tmp_path / "bad", "mood", content))
+
+
+def test_baselines_are_the_constant_answers_of_a_model_that_learned_nothing():
+    from centra.train.metrics import baseline, compute
+
+    base = baseline("multiclass", 3, [2, 2, 1, 0, 2], [0, 2, 2, 1])  # train majority: class 2
+    assert base["accuracy"] == 0.5 and base["answer"] == "the train set's majority class"
+    assert base["mcc"] == 0.0
+    gold = [[1, 0, 1], [0, 0, 1], [1, 0, 0], [0, 1, 1]]
+    base = baseline("multilabel", 3, [[0, 0, 1], [1, 0, 1], [0, 0, 1]], gold)  # most frequent: label 2
+    # label 2 on every row: tp 3, fp 1, fn 3 (labels 0, 0 and 1 missed)
+    assert base["micro_f1"] == pytest.approx(2 * 3 / (2 * 3 + 1 + 3))
+    assert base == {"answer": "the train set's most frequent label",
+                    **compute("multilabel", np.array([[-9.0, -9.0, 9.0]] * 4), gold)}
+    assert baseline("regression", 1, [1.0, 3.0], [0.5, 2.5, 4.0])["pearson"] == 0.0
+
+
+def test_demo_flags_a_task_that_does_not_beat_its_baseline(tmp_path):
+    from centra.cli.demo import quality_lines
+
+    def report(name, value, base, **extra):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "report.json").write_text(json.dumps(
+            {"chosen": {"metric": "accuracy", "accuracy": value, **extra},
+             "baseline": {"answer": "the train set's majority class", "accuracy": base}}))
+
+    report("learned", 0.80, 0.51)
+    report("stuck", 0.695, 0.695)
+    report("tuned", 0.08, 0.02, tuned={"accuracy": 0.30})
+    lines = quality_lines(tmp_path, ["learned", "stuck", "tuned", "missing"])
+    assert "DOES NOT BEAT" not in lines[1] and "accuracy  80.0; baseline  51.0" in lines[1]
+    assert lines[2].endswith("<- DOES NOT BEAT ITS BASELINE")
+    assert "accuracy  30.0 (8.0 at 0.5, thresholds tuned on dev)" in lines[3] and "DOES NOT" not in lines[3]
+    assert "no dev metric and baseline" in lines[4]

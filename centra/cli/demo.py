@@ -80,6 +80,8 @@ def run_demo(tasks_dir: Path, workdir: Path, data: Path | None = None, untrained
             print(f"  {recipe.name:<11} dev {chosen['metric']} {100 * chosen[chosen['metric']]:.1f}, attach layer "
                   f"{chosen['attach_layer']} + {chosen['task_layers']} task layer(s), "
                   f"{time.perf_counter() - start:.0f} s")
+        for line in quality_lines(tasks_dir, [r.name for r in recipes]):
+            print(line)
     plan = plan_merge([merge_dir])
     backbone = plan.backbone
     manifest = write_merged(plan, out)
@@ -105,6 +107,33 @@ def run_demo(tasks_dir: Path, workdir: Path, data: Path | None = None, untrained
     return 0
 
 
+SHOWN_LABELS = 3  # labels of a multilabel answer printed per text
+MIN_GAIN = 0.01  # a trained task within 1 point of its baseline learned nothing worth showing
+
+
+def quality_lines(tasks_dir: Path, names: list[str]) -> list[str]:
+    """Each task's dev metric (at its tuned thresholds for multilabel tasks, as served) beside the same
+    metric of a model that learned nothing (report.json's baseline), flagging a task that does not beat it."""
+    from centra.core.task import REPORT_FILE
+    from centra.io import read_json
+
+    lines = ["\ndev metrics of the served branches, against a constant answer (a model that learned nothing):"]
+    for name in names:
+        path = Path(tasks_dir) / name / REPORT_FILE
+        report = read_json(path) if path.is_file() else {}
+        chosen, base = report.get("chosen", {}), report.get("baseline", {})
+        metric = chosen.get("metric")
+        if metric is None or metric not in base:
+            lines.append(f"  {name:<11} no dev metric and baseline in {path}")
+            continue
+        served = chosen.get("tuned", {}).get(metric, chosen[metric])
+        tuned = f" ({100 * chosen[metric]:.1f} at 0.5, thresholds tuned on dev)" if "tuned" in chosen else ""
+        verdict = "" if served - base[metric] >= MIN_GAIN else "  <- DOES NOT BEAT ITS BASELINE"
+        lines.append(f"  {name:<11} {metric} {100 * served:5.1f}{tuned}; baseline {100 * base[metric]:5.1f} "
+                     f"({base['answer']}){verdict}")
+    return lines
+
+
 def _through_grpc(out: Path, texts: list[str], pairs: list[str], label: str, local: list[dict]) -> None:
     """Serve the published model on a free loopback port, ask it through the client, stop it."""
     from centra.client import Client
@@ -124,8 +153,10 @@ def _through_grpc(out: Path, texts: list[str], pairs: list[str], label: str, loc
         by_text: dict[str, list[str]] = {}
         for answer in answers:
             shown = answer.get("label", answer.get("labels", answer.get("value")))
-            if isinstance(shown, list):
-                shown = "+".join(shown) or "-"
+            if isinstance(shown, list):  # the most likely labels first; a long set is cut for the screen
+                shown = sorted(shown, key=lambda name: -answer["scores"][name])
+                more = f"(+{len(shown) - SHOWN_LABELS} more)" if len(shown) > SHOWN_LABELS else ""
+                shown = "+".join(shown[:SHOWN_LABELS]) + more or "-"
             by_text.setdefault(answer["text"], []).append(f"{answer['task']}={shown}")
         for text, parts in by_text.items():
             print(f"  {text[:58]!r}")

@@ -26,6 +26,24 @@ def compute(kind: str, logits: np.ndarray, targets: list, thresholds: list[float
     return {"pearson": pearson(pred, gold), "spearman": pearson(_ranks(pred), _ranks(gold))}
 
 
+BASELINES = {"multiclass": "the train set's majority class", "multilabel": "the train set's most frequent label",
+             "regression": "the train set's mean"}
+
+
+def baseline(kind: str, outputs: int, train_targets: list, dev_targets: list) -> dict:
+    """Dev metrics of the constant answer of a model that learned nothing (BASELINES[kind]): what a
+    trained task must beat. A constant regression output has no correlation (0 by convention)."""
+    n = len(dev_targets)
+    logits = np.full((n, outputs), -10.0)
+    if kind == "multiclass":
+        logits[:, int(np.bincount(np.asarray(train_targets, dtype=np.int64), minlength=outputs).argmax())] = 10.0
+    elif kind == "multilabel":
+        logits[:, int((np.asarray(train_targets) > 0.5).sum(0).argmax())] = 10.0
+    else:
+        logits[:, 0] = float(np.mean(np.asarray(train_targets, dtype=np.float64)))
+    return {"answer": BASELINES[kind], **compute(kind, logits, dev_targets)}
+
+
 def by_segment(kind: str, logits: np.ndarray, targets: list, segments: list[str],
                thresholds: list[float] | None = None) -> dict[str, dict]:
     """compute() on each segment's rows: {value: {"examples": n, metric: value}}, largest segment first."""

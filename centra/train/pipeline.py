@@ -36,7 +36,7 @@ from centra.train.cache import ActivationCache, CacheBudget
 from centra.train.data import Columns, Examples, load_examples
 from centra.train.distill import distill_students, logits_table, read_teacher_logits
 from centra.train.finetune import BranchTrainer, TrainConfig, train_branch
-from centra.train.metrics import DEFAULT_METRIC, METRICS
+from centra.train.metrics import DEFAULT_METRIC, METRICS, baseline
 from centra.train.search import SEARCHES, search_teachers
 from centra.train.thresholds import tune_head
 
@@ -198,7 +198,9 @@ def train_task(job: TaskJob, backbone: Backbone, tasks_dir: Path) -> tuple[dict,
     report: dict = {"task": job.name, "kind": job.kind, "backbone": backbone.backbone_id, "labels": labels,
                     "train_examples": len(train), "dev_examples": len(dev), "metric": tc.metric,
                     "train_config": {k: v for k, v in vars(tc).items() if k != "progress"},
-                    "data": {"train": str(job.train), "dev": str(job.dev), "max_length": checked.max_length}}
+                    "data": {"train": str(job.train), "dev": str(job.dev), "max_length": checked.max_length},
+                    "baseline": baseline(job.kind, 1 if job.kind == "regression" else len(labels), train.targets,
+                                         dev.targets)}
     try:
         for cache in caches:
             cache.build(0 if job.reference or soft is not None else n - checked.hi)

@@ -26,6 +26,7 @@ from centra.core.backbone import Backbone
 from centra.core.merge import MANIFEST, model_folder, plan_merge, write_merged
 from centra.errors import CentraError
 from centra.export import tensorrt as export_trt
+from centra.export.int8 import MAX_RELATIVE_ERROR
 from centra.export.onnx import export_onnx
 from centra.runtime.engine import Engine
 from centra.runtime.graphs import graph_layout
@@ -113,6 +114,11 @@ def test_merge_without_tensorrt_is_one_line_and_publishes_nothing(merged, tmp_pa
     assert "--precision fp16 does not apply to --engine onnx" in capsys.readouterr().err
     assert main([*args, "--engine", "onnx", "--max-batch", "8"]) == 2
     assert "apply to --engine tensorrt" in capsys.readouterr().err
+    assert main([*args, "--engine", "tensorrt", "--precision", "int8"]) == 2  # calibrated on what it is checked on
+    assert "--precision int8 needs --calibration FILE" in capsys.readouterr().err
+    (tmp_path / "texts.txt").write_text("a text\n")
+    assert main([*args, "--engine", "tensorrt", "--calibration", str(tmp_path / "texts.txt")]) == 2  # fp16
+    assert "--calibration applies to int8 only" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
@@ -131,8 +137,9 @@ def test_a_tensorrt_version_without_tensorrt_is_one_line(merged, tmp_path):
 def test_tensorrt_merge_predict_and_slices(merged, tmp_path, precision, capsys):
     calibration = tmp_path / "calibration.txt"
     calibration.write_text("".join(f"{t}\t{p}\n" for t, p in zip(TEXTS * 4, PAIRS * 4)))
+    extra = ["--calibration", str(calibration)] if precision == "int8" else []
     assert main(["merge", "--tasks-dir", str(merged / "tasks"), "--out", str(tmp_path / "out"), "--engine", "tensorrt",
-                 "--precision", precision, "--max-batch", "4", "--calibration", str(calibration)]) == 0
+                 "--precision", precision, "--max-batch", "4", *extra]) == 0
     assert f"{precision} plans" in capsys.readouterr().out
     info = json.loads((model_folder(tmp_path / "out") / MANIFEST).read_text())["engine"]
     assert info["name"] == "tensorrt" and info["precision"] == precision and info["max_batch"] == 4
@@ -146,4 +153,5 @@ def test_tensorrt_merge_predict_and_slices(merged, tmp_path, precision, capsys):
             assert (got[name] - expected[name]).abs().max().item() <= export_trt.FP32_TOLERANCE, name
         else:
             error = (got[name] - expected[name]).abs().mean() / expected[name].pow(2).mean().sqrt().clamp(min=1e-6)
-            assert error.item() <= (export_trt.FP16_MAX_RELATIVE_ERROR if precision == "fp16" else 0.25), name
+            bound = export_trt.FP16_MAX_RELATIVE_ERROR if precision == "fp16" else MAX_RELATIVE_ERROR
+            assert error.item() <= bound, name

@@ -393,6 +393,10 @@ def test_tensorrt_repository_runs_standard_ops_through_the_tensorrt_provider(ber
         assert [g.kind for g in cfg.instance_group] == [cfg.instance_group[0].KIND_GPU]
         (accelerator,) = cfg.optimization.execution_accelerators.gpu_execution_accelerator
         assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP16"
+        length = summary["groups"][0]["max_length"]
+        assert accelerator.parameters["trt_profile_max_shapes"] == ",".join(
+            f"{n}:32x{length}" for n in ("input_ids", "attention_mask", "token_type_ids"))
+        assert accelerator.parameters["trt_profile_min_shapes"].count(":1x1") == 3
         model = onnx.load(str(repo / name / "1" / "model.onnx"))
         assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}, "TensorRT parses standard ops only"
     assert "TensorRT execution provider" in (repo / "README.md").read_text()

@@ -223,7 +223,8 @@ def gpu_engines(options: dict, engine, separate: dict, tmp: Path) -> dict:
     calibration = (options["texts"][:512], options["pairs"][:512])
     for precision in ("fp16", "int8"):
         folder = tmp / f"tensorrt-{precision}"
-        info = build_tensorrt(engine.model, engine.tokenizer, folder, precision, calibration)
+        info = build_tensorrt(engine.model, engine.tokenizer, folder, precision, calibration,
+                              max_batch=max(options["batches"]))  # the bench never measures slicing
         engines[f"merged_tensorrt_{precision}"] = runner_engine(TensorRTRunner.load(folder, {"engine": info},
                                                                                       engine.model))
     return engines

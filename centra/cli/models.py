@@ -27,6 +27,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise CentraError(f"merge: --precision {args.precision} does not apply to --engine {args.engine} ({known})")
     if (args.calibration or args.max_batch) and args.engine != "tensorrt":
         raise CentraError("merge: --calibration and --max-batch apply to --engine tensorrt")
+    if args.engine == "tensorrt" and (args.precision == "int8") != bool(args.calibration):
+        raise CentraError("merge: --engine tensorrt --precision int8 needs --calibration FILE (a few hundred dev "
+                          "texts, one per line), and --calibration applies to int8 only")
     extend = None
     if args.engine == "onnx":
         from centra.export.onnx import onnx_extender
@@ -134,6 +137,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     engine = Engine.load(Path(args.model), batch_size=args.batch_size, engine=args.engine)
     if args.task not in engine.specs:
         raise CentraError(f"unknown task {args.task!r} (known: {', '.join(sorted(engine.specs))})")
+    other = None
+    if args.against is not None:  # loaded (and refused) before any work
+        other = Engine.load(Path(args.model), batch_size=args.batch_size, engine=args.against)
+        if other.version != engine.version:  # the pointer moved between the two loads
+            raise CentraError(f"{args.model}: a new version was published while loading; run again")
     spec = engine.specs[args.task]
     labels = None if spec.kind == "regression" else spec.labels
     examples, _ = load_examples(Path(args.data), spec.kind, columns, labels=labels,
@@ -142,8 +150,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     logits = engine.logits(examples.texts, examples.pairs, [args.task])[args.task].numpy()
     scores = compute(spec.kind, logits, examples.targets, spec.thresholds)
     result = {"task": args.task, "examples": len(examples), **rounded(scores)}
-    if args.against is not None:
-        result["against"] = against(args, engine, spec, examples, logits)
+    if other is not None:
+        result["against"] = against(args.task, other, spec, examples, logits)
     if segments is not None:
         parts = by_segment(spec.kind, logits, examples.targets, segments, spec.thresholds)
         result |= {"by": args.by, "segments": {v: rounded(m) for v, m in parts.items()}}
@@ -152,20 +160,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def against(args: argparse.Namespace, engine, spec, examples, logits) -> dict:
+def against(task: str, other, spec, examples, logits) -> dict:
     """The same examples through another engine of the same version: its metrics, the share of examples
     answered alike (labels_agree: the same label, the same label set, a value within 10% of the spread)
     and the metric deltas (engine - other), e.g. int8 against the torch reference."""
     import torch
 
     from centra.export.int8 import labels_agree
-    from centra.runtime.engine import Engine
     from centra.train.metrics import compute
 
-    other = Engine.load(Path(args.model), batch_size=args.batch_size, engine=args.against)
-    if other.version != engine.version:  # the pointer moved between the two loads
-        raise CentraError(f"{args.model}: a new version was published while evaluating; run again")
-    theirs = other.logits(examples.texts, examples.pairs, [args.task])[args.task]
+    theirs = other.logits(examples.texts, examples.pairs, [task])[task]
     scores = compute(spec.kind, theirs.numpy(), examples.targets, spec.thresholds)
     ours = compute(spec.kind, logits, examples.targets, spec.thresholds)
     same = labels_agree(spec, theirs.double(), torch.from_numpy(logits).double())

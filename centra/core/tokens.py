@@ -23,8 +23,9 @@ class Encoded:
     token_type_ids: list[list[int]]
     truncated: list[bool] | None = None
 
-    def batch(self, rows: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        width = max(len(self.input_ids[r]) for r in rows)
+    def batch(self, rows: list[int], pad_id: int, width: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The rows padded to their longest (or to `width` when that is longer)."""
+        width = max(width, *(len(self.input_ids[r]) for r in rows))
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         types = torch.zeros((len(rows), width), dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)

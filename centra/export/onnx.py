@@ -1,4 +1,4 @@
-"""ONNX export of a merged model, in the layout of centra.runtime.onnx.graph_layout, with parity checks.
+"""ONNX export of a merged model, in the layout of centra.runtime.graphs.graph_layout, with parity checks.
 
 Each graph (embeddings; trunk layers between consecutive attach layers; one per task branch) has dynamic
 batch and sequence axes. The embeddings are exported with `torch.onnx.export(..., dynamo=True)`; the
@@ -254,8 +254,10 @@ def export_onnx(model: MergedModel, folder: Path, precision: str = "fp32", token
     if not diff <= tolerance:
         raise refuse("composed (OnnxRunner.forward_rows)", diff, tolerance)
     parity["composed"] = float(f"{diff:.3e}")
-    info = {"name": ENGINE_NAME, "precision": precision, "opset": OPSET, "exporter": f"torch {torch.__version__} "
-            "dynamo", "style": style, "tolerance": tolerance, "graphs": graphs, "parity": parity,
+    exporter = f"torch {torch.__version__} dynamo" + (" (embeddings); layer stacks written by centra.export.fused"
+                                                       if style == "fused" else "")
+    info = {"name": ENGINE_NAME, "precision": precision, "opset": OPSET, "exporter": exporter, "style": style,
+            "tolerance": tolerance, "graphs": graphs, "parity": parity,
             "fusions": {"fp32": total_fusions(folder / g["fp32"] for g in graphs)}}
     if precision == "int8":
         add_int8(folder, info, model, Engine(runner, tokenizer, batch_size=8), progress)

@@ -11,8 +11,9 @@ README.md and centra-triton.json (tasks, labels, checks, file hashes) sit beside
 `--engine tensorrt` (GPU servers) writes the same repository with "portable" graphs (standard ONNX ops
 only, exported and checked at fp32 here) and asks Triton's onnxruntime backend to run them through
 ONNX Runtime's TensorRT execution provider (`gpu_execution_accelerator` "tensorrt", precision_mode FP16
-or FP32, engines cached): the TensorRT engines are built by the server on its own GPU at first load, so
-the repository is not tied to one GPU model or TensorRT version.
+or FP32, one optimization profile over batch 1..max_batch_size and sequence 1..max_length, engines
+cached): the server builds the TensorRT engines on its own GPU at the first request (minutes) and never
+again for a larger shape, so the repository is not tied to one GPU model or TensorRT version.
 
 Each graph model is composed, not re-exported: the version's checked ONNX graphs (embeddings, trunk
 segments, branches; fp32 or int8) joined into one graph, tensors prefixed by graph name, wired with
@@ -210,11 +211,20 @@ def graph_config(group: Group, max_batch: int, specs: dict[str, TaskSpec], preci
     # dynamically quantized int8 graphs are CPU graphs; fp32 runs where Triton places it (a GPU if any)
     instances = "instance_group [ { kind: KIND_CPU } ]\n" if precision == "int8" else ""
     if engine == TENSORRT:  # ONNX Runtime's TensorRT execution provider, on the server's GPU
+        # one profile over every shape the group can get, so the engine is built once, not again whenever a
+        # request is longer or larger than the ones before
+        def shapes(batch: int, length: int) -> str:
+            return ",".join(f"{n}:{batch}x{length}" for n in ID_TENSORS)
+
+        profile = {"trt_profile_min_shapes": shapes(1, 1),
+                   "trt_profile_opt_shapes": shapes(min(32, max_batch), min(64, group.max_length)),
+                   "trt_profile_max_shapes": shapes(max_batch, group.max_length)}
+        parameters = {"precision_mode": precision.upper(), "max_workspace_size_bytes": str(TRT_WORKSPACE_BYTES),
+                      "trt_engine_cache_enable": "1", **profile}
         instances = ('instance_group [ { kind: KIND_GPU } ]\noptimization { execution_accelerators {\n'
                      ' gpu_execution_accelerator : [ {\n  name : "tensorrt"\n'
-                     f'  parameters {{ key: "precision_mode" value: "{precision.upper()}" }}\n'
-                     f'  parameters {{ key: "max_workspace_size_bytes" value: "{TRT_WORKSPACE_BYTES}" }}\n'
-                     '  parameters { key: "trt_engine_cache_enable" value: "1" }\n } ]\n} }\n')
+                     + "".join(f'  parameters {{ key: "{k}" value: "{v}" }}\n' for k, v in parameters.items())
+                     + ' } ]\n} }\n')
     return (f'name: {json.dumps(group.graph)}\nplatform: "onnxruntime_onnx"\nmax_batch_size: {max_batch}\n'
             f"dynamic_batching {{ }}\ninput {_tensors(ids)}\noutput {_tensors(outs)}\n{instances}")
 
@@ -307,11 +317,13 @@ def write_readme(path: Path, groups: list[Group], specs: dict[str, TaskSpec], su
         lines += ["", "int8 graphs are dynamically quantized CPU graphs (instance_group KIND_CPU): activation "
                   "scales are computed per batch, so a row's logits move slightly with the rows batched with it."]
     if summary.get("engine") == TENSORRT:
-        lines += ["", f"The graph models run on the GPU through ONNX Runtime's TensorRT execution provider "
-                  f"(precision_mode {summary['precision'].upper()}): the server builds the TensorRT engines at first "
-                  "load (minutes) and caches them; the graphs use standard ONNX ops only and were checked here in "
-                  "fp32 on ONNX Runtime's CPU provider, so fp16 answers may differ from them by half precision's "
-                  "rounding. Needs a Triton image whose onnxruntime backend has TensorRT (NVIDIA's images do)."]
+        lines += ["", "The graph models run on the GPU through ONNX Runtime's TensorRT execution provider "
+                  f"(precision_mode {summary['precision'].upper()}): the server builds the TensorRT engines at the "
+                  "first request (minutes; one optimization profile covers every batch and length, so never "
+                  "again) and caches them in its working directory (add the trt_engine_cache_path parameter to "
+                  "choose); the graphs use standard ONNX ops only and were checked here in fp32 on ONNX Runtime's "
+                  "CPU provider, so fp16 answers may differ from them by half precision's rounding. Needs a "
+                  "Triton image whose onnxruntime backend has TensorRT (NVIDIA's images do)."]
     lines += ["", "Outputs are logits: softmax (multiclass), sigmoid against the task's thresholds (multilabel) or "
               f"the value (regression) give `centra predict`'s answers; labels and thresholds are in `{SUMMARY}`.", ""]
     path.write_text("\n".join(lines), encoding="utf-8")

@@ -103,9 +103,11 @@ class GraphRunner:
         they asked for attaches deeper. Logits come back on the CPU."""
         device = self.device
         by_layer = tasks_by_layer(self.specs, wants)
-        rows = {name: torch.as_tensor(r, dtype=torch.long).to(device) for name, r in wants.items()}
+        # row bookkeeping stays on the CPU (no device sync); only index tensors go to the device
+        rows = {name: torch.as_tensor(r, dtype=torch.long).cpu() for name, r in wants.items()}
         batch = input_ids.shape[0]
-        position = torch.arange(batch, device=device)  # batch row -> its row in the live tensors (-1: dropped)
+        position = torch.arange(batch)  # batch row -> its row in the live tensors (-1: dropped)
+        live_rows = batch
         mask = attention_mask.to(device=device, dtype=torch.long).contiguous()
         hidden = self.run_graph(EMBEDDINGS, input_ids=input_ids.to(device=device, dtype=torch.long).contiguous(),
                                 token_type_ids=token_type_ids.to(device=device, dtype=torch.long).contiguous())
@@ -114,20 +116,22 @@ class GraphRunner:
         while True:
             for name in by_layer.get(k, ()):
                 live = position[rows[name]]
-                if len(live) == hidden.shape[0] and torch.equal(live, torch.arange(len(live), device=device)):
+                if len(live) == live_rows and torch.equal(live, torch.arange(live_rows)):
                     h, m = hidden, mask
                 else:
-                    h, m = hidden[live].contiguous(), mask[live].contiguous()
-                out[name] = self.run_graph(branch_name(name), hidden=h, attention_mask=m).float().cpu()
+                    index = live.to(device)
+                    h, m = hidden[index].contiguous(), mask[index].contiguous()
+                out[name] = self.run_graph(branch_name(name), hidden=h, attention_mask=m)
             deeper = [rows[n] for layer, names in by_layer.items() if layer > k for n in names]
             if not deeper:
-                return out
+                return {name: logits.float().cpu() for name, logits in out.items()}
             needed = torch.unique(torch.cat(deeper))
-            if len(needed) < hidden.shape[0]:  # rows no deeper task wants leave the trunk here
-                keep = position[needed]
+            if len(needed) < live_rows:  # rows no deeper task wants leave the trunk here
+                keep = position[needed].to(device)
                 hidden, mask = hidden[keep].contiguous(), mask[keep].contiguous()
-                position = torch.full((batch,), -1, dtype=torch.long, device=device)
-                position[needed] = torch.arange(len(needed), device=device)
+                position = torch.full((batch,), -1, dtype=torch.long)
+                position[needed] = torch.arange(len(needed))
+                live_rows = len(needed)
             if k not in self.segments:
                 raise CentraError(f"{type(self).__name__}: no trunk segment starts after layer {k}")
             name, k = self.segments[k]

@@ -4,11 +4,12 @@ engine's savings.
 `centra merge --engine tensorrt --precision fp32|fp16|int8` (centra.export.tensorrt) builds one plan per
 graph of `graph_layout` on the GPU it runs on and records them in the manifest's "engine" field; the
 files are hashed with the rest of the version. A plan runs only on the GPU model and TensorRT version it
-was built with: loading refuses others with one line (merge again on the serving machine).
+was built with: loading refuses another TensorRT version or GPU compute capability with one line (merge
+again on the serving machine).
 
 GraphRunner walks the graphs; here each graph is an execution context whose tensors live in torch CUDA
-memory on torch's current stream, so hidden states stay on the GPU from graph to graph and only the
-logits come back. Graph inputs and outputs are fp32 (ids and mask int64) whatever the precision inside.
+memory, run on the runner's own stream, so hidden states stay on the GPU from graph to graph and only
+the logits come back. Graph inputs and outputs are fp32 (ids and mask int64) whatever the precision inside.
 A batch larger than the plan's optimization profile is run in slices of the profile's largest batch.
 """
 
@@ -40,8 +41,32 @@ def import_tensorrt():
     return tensorrt
 
 
+_LOGGER = None
+_ERRORS: list[str] = []
+
+
 def trt_logger(trt):
-    return trt.Logger(trt.Logger.ERROR)
+    """One logger for every builder and runtime (as NVIDIA's samples keep one). TensorRT's own logger
+    prints to stdout, beside centra's JSON lines; this one keeps its errors for centra's one-line
+    messages (`last_error`) and prints nothing."""
+    global _LOGGER
+    if _LOGGER is None:
+        class Collecting(trt.ILogger):
+            def __init__(self):
+                trt.ILogger.__init__(self)
+
+            def log(self, severity, msg):
+                if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
+                    _ERRORS.append(str(msg).strip().splitlines()[0] if str(msg).strip() else "error")
+                    del _ERRORS[:-8]
+
+        _LOGGER = Collecting()
+    return _LOGGER
+
+
+def last_error() -> str:
+    """TensorRT's last error message, for a one-line CentraError."""
+    return _ERRORS[-1] if _ERRORS else "no message from TensorRT"
 
 
 class Plan:
@@ -55,8 +80,8 @@ class Plan:
         with torch.cuda.device(device):
             self.engine = runtime.deserialize_cuda_engine(data)
             if self.engine is None:
-                raise CentraError(f"{path}: TensorRT {trt.__version__} cannot load this plan (built by another "
-                                  f"TensorRT version or for another GPU?): merge again on this machine")
+                raise CentraError(f"{path}: TensorRT {trt.__version__} cannot load this plan ({last_error()}): "
+                                  "merge again on this machine")
             self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -80,6 +105,7 @@ class TensorRTRunner(GraphRunner):
         super().__init__(specs, cfg, layout, precision, reference)
         self.plans = plans
         self.device = device or torch.device("cuda", torch.cuda.current_device())
+        self.stream = torch.cuda.Stream(self.device)  # TensorRT syncs more on the legacy default stream
         missing = [g["name"] for g in layout if g["name"] not in plans]
         if missing:
             raise CentraError(f"TensorRT engine: no plan for graph {missing[0]!r}")
@@ -100,10 +126,15 @@ class TensorRTRunner(GraphRunner):
         if built and built != trt.__version__:
             raise CentraError(f"{source}: the plans were built by TensorRT {built}; this is {trt.__version__}: "
                               "merge again on this machine")
+        device = torch.device("cuda", torch.cuda.current_device())
+        here = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        if info.get("compute_capability") and info["compute_capability"] != here:
+            raise CentraError(f"{source}: the plans were built on {info.get('device')} (compute capability "
+                              f"{info['compute_capability']}); this GPU is {torch.cuda.get_device_name(device)} "
+                              f"({here}): merge again on this machine")
         graphs = {g.get("name"): g for g in info.get("graphs", []) if isinstance(g, dict)}
         layout = graph_layout(reference.specs)
-        device = torch.device("cuda", torch.cuda.current_device())
-        runtime = trt.Runtime(trt_logger(trt))
+        runtime = trt.Runtime(trt_logger(trt))  # kept alive by the engines it deserializes
         plans = {}
         for graph in layout:
             rel = graphs.get(graph["name"], {}).get("plan")
@@ -113,7 +144,6 @@ class TensorRTRunner(GraphRunner):
                 raise CentraError(f"{source}: graph {graph['name']!r} names {rel!r}, not a file of this version")
             plans[graph["name"]] = Plan(trt, runtime, folder / rel, device)
         runner = cls(reference.specs, reference.cfg, plans, layout, precision, reference, device)
-        runner.runtime_handle = runtime  # plans need their runtime alive
         if warm:
             runner.warm_up()
         return runner
@@ -121,6 +151,15 @@ class TensorRTRunner(GraphRunner):
     @property
     def runtime(self) -> str:
         return f"tensorrt {self.precision}"
+
+    def forward_rows(self, *args, **kwargs):
+        with torch.cuda.stream(self.stream):
+            return super().forward_rows(*args, **kwargs)
+
+    def warm_up(self) -> None:
+        with torch.cuda.stream(self.stream):
+            super().warm_up()
+        self.stream.synchronize()
 
     def run_graph(self, name: str, **inputs: torch.Tensor) -> torch.Tensor:
         plan = self.plans[name]
@@ -138,11 +177,11 @@ class TensorRTRunner(GraphRunner):
             fed.append(tensor)
             if not context.set_input_shape(key, tuple(tensor.shape)):
                 raise CentraError(f"TensorRT graph {name!r}: input {key!r} of shape {tuple(tensor.shape)} is "
-                                  "outside the plan's optimization profile")
+                                  f"outside the plan's optimization profile ({last_error()})")
             context.set_tensor_address(key, tensor.data_ptr())
         out = torch.empty(tuple(context.get_tensor_shape(plan.output)), dtype=plan.dtypes[plan.output],
                           device=self.device)
         context.set_tensor_address(plan.output, out.data_ptr())
         if not context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
-            raise CentraError(f"TensorRT graph {name!r} failed on a batch of {batch}")
+            raise CentraError(f"TensorRT graph {name!r} failed on a batch of {batch} ({last_error()})")
         return out.float()

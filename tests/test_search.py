@@ -128,3 +128,24 @@ def test_train_task_records_the_search_and_keeps_candidates(bert, tmp_path):
     assert all(t["epochs_trained"] == 3 for t in report["teachers"])
     with pytest.raises(CentraError, match="--search 'fast' must be one of halving, full"):
         train_task(job_for(tmp_path, "v", "multiclass", False, search="fast"), bert, tmp_path / "tasks")
+
+
+def test_multilabel_rungs_are_ranked_at_tuned_thresholds(bert, tmp_path, monkeypatch):
+    """A multilabel metric at 0.5 sits near 0 for a slow starter after one epoch; halving ranks multilabel
+    arms by the metric at thresholds tuned on dev instead (here made to favour L = 1, the arm the scores
+    at 0.5 would not keep)."""
+    from centra.train import search
+
+    tuned_calls = []
+
+    def fake_tune(head, dev, targets):
+        tuned_calls.append(head.spec.task_layers)
+        return {"tuned": {"micro_f1": 1.0 / head.spec.task_layers}}  # fewer layers: better
+
+    monkeypatch.setattr(search, "tune_head", fake_tune)
+    job = job_for(tmp_path, "m", "multilabel", False, layers=(1, 3), student_layers=1)
+    report, _ = train_task(job, bert, tmp_path / "tasks")
+    first = report["search"]["rounds"][0]
+    assert sorted(tuned_calls[:3]) == [1, 2, 3], tuned_calls  # every arm scored after its first epoch
+    assert first["kept"] == [1] and first["scores"]["1"] == 1.0, first
+    assert next(t for t in report["teachers"] if t["chosen"])["trainable_layers"] == 1

@@ -13,14 +13,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from centra.core.task import TaskHead
 from centra.train.finetune import BranchTrainer
+from centra.train.job import Run
 from centra.train.thresholds import tune_head
-
-if TYPE_CHECKING:
-    from centra.train.pipeline import Run
 
 SEARCHES = ("halving", "full")
 MAX_CANDIDATE_LAYERS = 3  # teachers kept as plan candidates (centra plan): at most this many task layers

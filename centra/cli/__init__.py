@@ -24,6 +24,24 @@ class Parser(argparse.ArgumentParser):
         raise CentraError(f"{command}: {message}" if command else message)
 
 
+def save_figure(fig, path) -> None:
+    """A matplotlib figure written as PNG through a temp file and a rename, so a killed run never leaves
+    a half-written plot under the name asked for; the figure is closed either way."""
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(str(staged), dpi=120, format="png")
+        os.replace(staged, path)
+    finally:
+        staged.unlink(missing_ok=True)
+        plt.close(fig)
+
+
 def positive_int(value: str) -> int:
     try:
         number = int(value)

@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from centra.cli import positive_float
+from centra.cli import positive_float, save_figure
 from centra.errors import CentraError
 
 ENGINES = ("separate_torch_fp32", "separate_onnx_int8", "merged_torch_fp32", "merged_onnx_fp32", "merged_onnx_int8")
@@ -342,14 +342,7 @@ def write_plot(path: Path, results: list, title: str, fixed: int) -> bool:
     axes[0].legend(fontsize=8)
     fig.suptitle(f"centra bench: {title}")
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(path).with_name(f".{Path(path).name}.tmp")
-    try:
-        fig.savefig(str(staged), dpi=120, format="png")
-        os.replace(staged, path)  # a killed run never leaves a half-written plot under the name asked for
-    finally:
-        staged.unlink(missing_ok=True)
-        plt.close(fig)
+    save_figure(fig, path)
     return True
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from pathlib import Path
 
+from centra.cli import save_figure
 from centra.errors import CentraError
 
 DEFAULT_TASKS_DIR = "tasks"
@@ -197,14 +197,7 @@ def write_plot(path: Path, plans: list, chosen, points: dict, budget: int, full:
     ax.legend(fontsize=8, loc="best")
     ax.set_title("centra plan: cost/quality frontier")
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(path).with_name(f".{Path(path).name}.tmp")
-    try:
-        fig.savefig(str(staged), dpi=120, format="png")
-        os.replace(staged, path)  # a killed run never leaves a half-written plot under the name asked for
-    finally:
-        staged.unlink(missing_ok=True)
-        plt.close(fig)
+    save_figure(fig, path)
     return True
 
 

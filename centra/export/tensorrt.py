@@ -141,11 +141,14 @@ def calibration_batches(model: MergedModel, tokenizer, texts: list[str], pairs: 
                   for i in range(0, len(enc.input_ids) - size + 1, size)] for key, enc in encoded.items()}
 
 
-def calibration_feeds(model: MergedModel, batches: dict, graph: dict) -> list[dict]:
+def calibration_feeds(model: MergedModel, batches: dict, graph: dict, states: dict | None = None) -> list[dict]:
     """One graph's inputs on every calibration batch, computed by PyTorch (fp32): what its activation
-    ranges are calibrated on."""
+    ranges are calibrated on. `states`: reference_states per token group, when already computed (one
+    trunk pass per batch serves every graph)."""
     from centra.export.onnx import reference_states
 
+    if states is None:
+        states = {key: reference_states(model, group) for key, group in batches.items()}
     if graph["kind"] == "embeddings":
         return [{"input_ids": ids.numpy(), "token_type_ids": types.numpy()}
                 for group in batches.values() for ids, _, types in group]
@@ -153,9 +156,8 @@ def calibration_feeds(model: MergedModel, batches: dict, graph: dict) -> list[di
     layer = graph["first"] - 1 if graph["kind"] == "segment" else model.specs[graph["task"]].attach_layer
     feeds = []
     for key in keys:
-        states = reference_states(model, batches[key])
         feeds += [{"hidden": s[layer].numpy(), "attention_mask": mask.numpy()}
-                  for s, (_, mask, _) in zip(states, batches[key])]
+                  for s, (_, mask, _) in zip(states[key], batches[key])]
     return feeds
 
 
@@ -231,12 +233,16 @@ def precision_graphs(model: MergedModel, tokenizer, folder: Path, info: dict, pr
     sources = {g["name"]: g["fp32"] for g in info["graphs"]}
     if precision == "fp32":
         return sources
+    from centra.export.onnx import reference_states
+
     batches = calibration_batches(model, tokenizer, *calibration) if precision == "int8" else {}
+    states = {key: reference_states(model, group) for key, group in batches.items()}
     for graph in progress_bar(graph_layout(model.specs), desc=f"ONNX {precision} for TensorRT", enabled=progress):
         rel = f"onnx/{precision}-qdq/{graph['name']}.onnx" if precision == "int8" else \
             f"onnx/fp16/{graph['name']}.onnx"
         if precision == "int8":
-            if qdq_graph(folder / sources[graph["name"]], folder / rel, calibration_feeds(model, batches, graph)):
+            feeds = calibration_feeds(model, batches, graph, states)
+            if qdq_graph(folder / sources[graph["name"]], folder / rel, feeds):
                 sources[graph["name"]] = rel
         else:
             half_graph(model, graph, folder / rel)

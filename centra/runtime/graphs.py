@@ -11,6 +11,8 @@ engine supplies `run_graph`, one graph on one batch.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from centra.core.backbone import EncoderConfig
@@ -41,6 +43,22 @@ def graph_layout(specs: dict[str, TaskSpec] | list[TaskSpec]) -> list[dict]:
         start = end
     graphs += [{"name": branch_name(s.name), "kind": "branch", "task": s.name} for s in specs]
     return graphs
+
+
+def layout_files(folder: Path, manifest: dict, info: dict, layout: list[dict], key: str) -> dict[str, Path]:
+    """Per graph of the layout, the file the manifest's engine field `info` names under `key` ("fp32",
+    "plan", ...), refused in one line when missing or not a file the manifest hashed."""
+    source = Path(folder) / "manifest.json"
+    graphs = {g.get("name"): g for g in info.get("graphs", []) if isinstance(g, dict)}
+    files = {}
+    for graph in layout:
+        rel = graphs.get(graph["name"], {}).get(key)
+        if not isinstance(rel, str):
+            raise CentraError(f"{source}: malformed engine field (no {key} file for graph {graph['name']!r})")
+        if "files" in manifest and rel not in manifest["files"]:  # only files the manifest hashed
+            raise CentraError(f"{source}: graph {graph['name']!r} names {rel!r}, not a file of this version")
+        files[graph["name"]] = Path(folder) / rel
+    return files
 
 
 class GraphRunner:

@@ -18,7 +18,7 @@ from centra.core.backbone import EncoderConfig
 from centra.core.graph import MergedModel
 from centra.core.task import TaskSpec
 from centra.errors import CentraError
-from centra.runtime.graphs import GraphRunner, graph_layout
+from centra.runtime.graphs import GraphRunner, graph_layout, layout_files
 
 ENGINE_NAME = "onnx"
 PRECISIONS = ("fp32", "int8")
@@ -84,17 +84,8 @@ class OnnxRunner(GraphRunner):
         if precision not in PRECISIONS:
             raise CentraError(f"{source}: unknown ONNX precision {precision!r} (known: {', '.join(PRECISIONS)})")
         layout = graph_layout(reference.specs)
-        graphs = {g.get("name"): g for g in info.get("graphs", []) if isinstance(g, dict)}
-        sessions = {}
-        for graph in layout:
-            entry = graphs.get(graph["name"], {})
-            rel = entry.get(precision)
-            if not isinstance(rel, str):
-                raise CentraError(f"{source}: malformed engine field (no {precision} file for graph "
-                                  f"{graph['name']!r})")
-            if "files" in manifest and rel not in manifest["files"]:  # only files the manifest hashed
-                raise CentraError(f"{source}: graph {graph['name']!r} names {rel!r}, not a file of this version")
-            sessions[graph["name"]] = open_session(folder / rel, threads)
+        sessions = {name: open_session(path, threads)
+                    for name, path in layout_files(folder, manifest, info, layout, precision).items()}
         runner = cls(reference.specs, reference.cfg, sessions, layout, precision, reference)
         if warm:
             runner.warm_up()

@@ -21,7 +21,7 @@ import torch
 
 from centra.core.graph import MergedModel
 from centra.errors import CentraError
-from centra.runtime.graphs import GraphRunner, graph_layout
+from centra.runtime.graphs import GraphRunner, graph_layout, layout_files
 
 ENGINE_NAME = "tensorrt"
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -132,17 +132,10 @@ class TensorRTRunner(GraphRunner):
             raise CentraError(f"{source}: the plans were built on {info.get('device')} (compute capability "
                               f"{info['compute_capability']}); this GPU is {torch.cuda.get_device_name(device)} "
                               f"({here}): merge again on this machine")
-        graphs = {g.get("name"): g for g in info.get("graphs", []) if isinstance(g, dict)}
         layout = graph_layout(reference.specs)
         runtime = trt.Runtime(trt_logger(trt))  # kept alive by the engines it deserializes
-        plans = {}
-        for graph in layout:
-            rel = graphs.get(graph["name"], {}).get("plan")
-            if not isinstance(rel, str):
-                raise CentraError(f"{source}: malformed engine field (no plan for graph {graph['name']!r})")
-            if "files" in manifest and rel not in manifest["files"]:
-                raise CentraError(f"{source}: graph {graph['name']!r} names {rel!r}, not a file of this version")
-            plans[graph["name"]] = Plan(trt, runtime, folder / rel, device)
+        plans = {name: Plan(trt, runtime, path, device)
+                 for name, path in layout_files(folder, manifest, info, layout, "plan").items()}
         runner = cls(reference.specs, reference.cfg, plans, layout, precision, reference, device)
         if warm:
             runner.warm_up()

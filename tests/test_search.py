@@ -18,29 +18,41 @@ from centra.errors import CentraError
 from centra.train.cache import ActivationCache
 from centra.train.finetune import BranchTrainer, TrainConfig, train_branch
 from centra.train.pipeline import train_task
-from centra.train.search import successive_halving
+from centra.train.search import rungs, successive_halving
 
 
 class Curves:
-    """Injected training: arm L's dev score after e epochs is final[L] * (1 - 0.5 ** e) (every arm learns
-    at the same pace, so the ranking after one epoch is the final one); records every epoch trained."""
+    """Injected training: arm L's dev score after e epochs (fractions too) is final[L] * (1 - 0.5 ** e)
+    (every arm learns at the same pace, so the ranking after the first rung is the final one); records
+    the epochs each arm has trained."""
 
     def __init__(self, final: dict[int, float]):
-        self.final, self.epochs = final, {arm: 0 for arm in final}
+        self.final, self.epochs = final, {arm: 0.0 for arm in final}
 
-    def __call__(self, arm: int) -> float:
-        self.epochs[arm] += 1  # resumed: one more epoch on top of those it has
-        return self.final[arm] * (1 - 0.5 ** self.epochs[arm])
+    def __call__(self, arm: int, epochs: float) -> float:
+        assert epochs > self.epochs[arm], "resumed: an arm only trains on"
+        self.epochs[arm] = epochs
+        return self.final[arm] * (1 - 0.5 ** epochs)
 
 
-def test_halving_picks_the_best_layers_for_fewer_epochs():
+def test_rungs_start_below_an_epoch_and_end_at_the_last():
+    assert rungs(5, 2) == [0.25, 1.0, 2] and rungs(5, 3) == [0.25, 1.0, 3]
+    assert rungs(7, 3) == [0.25, 1.0, 3]  # 7 -> 3 -> 1: the last cut at the end
+    assert rungs(16, 20) == [0.25, 1.0, 4.0, 16.0, 20]  # 16 -> 8 -> 4 -> 2 -> 1
+    assert rungs(1, 3) == [3] and rungs(2, 1) == [0.25, 1]
+    assert rungs(5, 2, first=1, growth=2) == [1, 2]  # rungs never pass the epochs
+
+
+def test_halving_picks_the_best_layers_for_a_fraction_of_the_epochs():
     curves = Curves({5: 0.85, 4: 0.80, 3: 0.90, 2: 0.70, 1: 0.60})
     dropped = []
-    winner, rounds = successive_halving([5, 4, 3, 2, 1], 3, curves, dropped.append)
+    winner, rounds = successive_halving([5, 4, 3, 2, 1], rungs(5, 3), curves, dropped.append)
     assert winner == 3
-    assert curves.epochs == {5: 2, 4: 1, 3: 3, 2: 1, 1: 1}, "5 arms -> 2 -> 1, the last one to the end"
+    assert curves.epochs == {5: 1.0, 4: 0.25, 3: 3, 2: 0.25, 1: 0.25}, "5 arms -> 2 -> 1, the last one to the end"
     assert sorted(dropped) == [1, 2, 4, 5] and [r["kept"] for r in rounds] == [[5, 3], [3], [3]]
-    assert sum(curves.epochs.values()) == 8 < 5 * 3
+    assert [r["epochs"] for r in rounds] == [0.25, 1.0, 3]
+    layer_epochs = sum(arm * e for arm, e in curves.epochs.items())
+    assert layer_epochs == 5 + 0.25 * (4 + 2 + 1) + 3 * 3 < 6 * 3, "under one 6-layer fine-tune's layer-epochs"
 
 
 def test_halving_agrees_with_the_full_search_on_random_curves():
@@ -50,23 +62,23 @@ def test_halving_agrees_with_the_full_search_on_random_curves():
         final = {arm: round(rng.random(), rng.choice([1, 3])) for arm in arms}  # coarse: ties, fewer layers win
         epochs = rng.randint(1, 5)
         curves = Curves(final)
-        winner, _ = successive_halving(arms, epochs, curves)
+        winner, _ = successive_halving(arms, rungs(len(arms), epochs), curves)
         full = max(arms, key=lambda arm: (final[arm], -arm))
         assert winner == full, (final, epochs)
         assert curves.epochs[winner] == epochs and all(0 < e <= epochs for e in curves.epochs.values())
-        assert sum(curves.epochs.values()) <= min(len(arms) * epochs, 2 * len(arms) + epochs)
+        assert sum(curves.epochs.values()) <= epochs + 0.25 * len(arms) + 0.75 * (len(arms) // 2) + 3 * 4
 
 
 def test_halving_keeps_a_fast_starter_over_a_slow_one():
-    """What halving gives up: an arm that is behind after one epoch is not trained further."""
-    scores = {2: [0.6, 0.62, 0.63], 1: [0.5, 0.7, 0.9]}
-    trained = {2: 0, 1: 0}
+    """What halving gives up: an arm that is behind at the first rung is not trained further."""
+    scores = {2: lambda e: 0.6 + 0.01 * e, 1: lambda e: 0.3 * e}
+    trained = {2: 0.0, 1: 0.0}
 
-    def train(arm: int) -> float:
-        trained[arm] += 1
-        return max(scores[arm][: trained[arm]])
+    def train_to(arm: int, epochs: float) -> float:
+        trained[arm] = epochs
+        return scores[arm](epochs)
 
-    assert successive_halving([2, 1], 3, train)[0] == 2 and trained == {2: 3, 1: 1}
+    assert successive_halving([2, 1], rungs(2, 3), train_to)[0] == 2 and trained == {2: 3, 1: 0.25}
 
 
 @pytest.fixture(scope="module")
@@ -90,13 +102,16 @@ def test_a_branch_trained_in_pieces_equals_one_trained_straight(bert):
     straight, log = train_branch(head(1), caches[0], targets, caches[1], targets, cfg, "straight")
     pieces = BranchTrainer(head(1), caches[0], targets, caches[1], targets, cfg, "pieces")
     other = BranchTrainer(head(2), caches[0], targets, caches[1], targets, cfg, "other")
-    pieces.run(1)
+    first = pieces.run(0.4)  # stops mid-epoch (2 of 5 steps) and scores the weights as they stand
+    assert pieces.steps == 2 and pieces.epochs_done == 0 and first == pieces.partial["accuracy"]
     other.run(2)  # draws from the batch order and dropout streams in between
-    pieces.run(1)
+    pieces.run(0.6)
     other.run(1)
+    pieces.run(1.2)  # ends an epoch and stops one step into the next
     pieces.run(5)  # never past cfg.epochs
     resumed, log2 = pieces.finish()
     assert len(log2["epochs"]) == 3 and log2["losses"] == log["losses"] and log2["dev"] == log["dev"]
+    assert log2["epochs_trained"] == 3 and log2["best_epoch"] == log["best_epoch"]
     for key, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
     for cache in caches:
@@ -108,10 +123,16 @@ def test_train_task_records_the_search_and_keeps_candidates(bert, tmp_path):
     report, student = train_task(job, bert, tmp_path / "tasks")
     search = report["search"]
     assert search["method"] == "halving" and search["epochs_full_search"] == 9
-    assert search["epochs_trained"] == 3 + 1 + 1 == sum(t["epochs_trained"] for t in report["teachers"])
+    assert [r["epochs"] for r in search["rounds"]] == [0.25, 3] and len(search["rounds"][0]["scores"]) == 3
+    assert search["epochs_trained"] == 3 + 0.25 + 0.25 == sum(t["epochs_trained"] for t in report["teachers"])
     assert search["layer_epochs"] < search["layer_epochs_full_search"] == 18 and search["seconds"] > 0
     chosen = next(t for t in report["teachers"] if t["chosen"])
-    assert chosen["epochs_trained"] == 3 and [r["epoch"] for r in search["rounds"]] == [1, 2, 3]
+    assert chosen["epochs_trained"] == 3 and search["rounds"][-1]["kept"] == [chosen["trainable_layers"]]
+    for teacher in report["teachers"]:  # a teacher cut at the first rung is scored as it stood then
+        if not teacher["chosen"]:
+            assert teacher["epochs"] == [] and teacher["dev"]["epochs_trained"] == 0.25
+            assert search["rounds"][0]["scores"][str(teacher["trainable_layers"])] == \
+                round(teacher["dev"]["accuracy"], 6)
     kept = {p.name for p in (tmp_path / "tasks" / "t" / CANDIDATES_DIR).iterdir()}
     best = chosen["trainable_layers"]
     assert kept == {"teacher-L1", "teacher-L2", "teacher-L3"} | {f"student-l{x}" for x in range(1, best + 1)}
@@ -130,22 +151,37 @@ def test_train_task_records_the_search_and_keeps_candidates(bert, tmp_path):
         train_task(job_for(tmp_path, "v", "multiclass", False, search="fast"), bert, tmp_path / "tasks")
 
 
-def test_multilabel_rungs_are_ranked_at_tuned_thresholds(bert, tmp_path, monkeypatch):
-    """A multilabel metric at 0.5 sits near 0 for a slow starter after one epoch; halving ranks multilabel
-    arms by the metric at thresholds tuned on dev instead (here made to favour L = 1, the arm the scores
-    at 0.5 would not keep)."""
-    from centra.train import search
+def test_multilabel_branches_are_chosen_at_tuned_thresholds(bert, tmp_path, monkeypatch):
+    """A multilabel task is served at tuned thresholds, so its best epoch, its teacher (rungs and the final
+    pick) and its student are chosen by the metric at them: here a made-up tuned metric that picks the
+    first or the last epoch, which the metric at 0.5 (the same training both times) cannot both pick."""
+    from centra.train import finetune
 
-    tuned_calls = []
+    rows = synthetic("multilabel", False, 40, 5)
+    targets = [[float(topic in label.split(",")) for topic in ("billing", "app")] for _, label in rows]
+    tok = bert.tokenizer()
+    enc = encode(tok, bert.cfg.type_vocab_size, [text for text, _ in rows], None, 32)
+    caches = [ActivationCache(bert, enc, tok.pad_token_id, 1 << 30, progress=False) for _ in range(2)]
+    for cache in caches:
+        cache.build(2)
+    cfg = TrainConfig(epochs=3, batch_size=8, lr=1e-3, head_lr=1e-2, metric="micro_f1", progress=False)
+    for made_up, best in (([0.9, 0.1, 0.2], 1), ([0.1, 0.2, 0.9], 3)):
+        values = iter(made_up)
+        monkeypatch.setattr(finetune, "tune_logits",
+                            lambda logits, targets, v=values: {"tuned": {"micro_f1": next(v), "macro_f1": 0.0}})
+        head = init_task(bert, "m", "multilabel", ["billing", "app"], 2, 1)[1]
+        _, log = train_branch(head, caches[0], targets, caches[1], targets, cfg, "m")
+        assert log["best_epoch"] == best and log["dev"]["tuned"]["micro_f1"] == 0.9
+    for cache in caches:
+        cache.close()
+    monkeypatch.undo()
 
-    def fake_tune(head, dev, targets):
-        tuned_calls.append(head.spec.task_layers)
-        return {"tuned": {"micro_f1": 1.0 / head.spec.task_layers}}  # fewer layers: better
-
-    monkeypatch.setattr(search, "tune_head", fake_tune)
-    job = job_for(tmp_path, "m", "multilabel", False, layers=(1, 3), student_layers=1)
-    report, _ = train_task(job, bert, tmp_path / "tasks")
-    first = report["search"]["rounds"][0]
-    assert sorted(tuned_calls[:3]) == [1, 2, 3], tuned_calls  # every arm scored after its first epoch
-    assert first["kept"] == [1] and first["scores"]["1"] == 1.0, first
-    assert next(t for t in report["teachers"] if t["chosen"])["trainable_layers"] == 1
+    report, _ = train_task(job_for(tmp_path, "m", "multilabel", False, layers=(1, 3)), bert, tmp_path / "tasks")
+    rounds, teachers = report["search"]["rounds"], {t["trainable_layers"]: t for t in report["teachers"]}
+    for layers, teacher in teachers.items():  # every rung score is the tuned metric, not the one at 0.5
+        if not teacher["chosen"]:
+            assert rounds[0]["scores"][str(layers)] == round(teacher["dev"]["tuned"]["micro_f1"], 6)
+    assert any(t["dev"]["tuned"]["micro_f1"] != t["dev"]["micro_f1"] for t in teachers.values())
+    chosen = next(t for t in teachers.values() if t["chosen"])
+    assert chosen["dev"] == chosen["epochs"][chosen["best_epoch"] - 1]
+    assert chosen["dev"]["tuned"]["micro_f1"] == max(e["tuned"]["micro_f1"] for e in chosen["epochs"])

@@ -100,7 +100,8 @@ def test_trained_multilabel_task_carries_and_serves_tuned_thresholds(tiny_models
         assert len(cand["thresholds"]) == len(spec.labels) and "tuned" in cand["metrics"], cand
         assert cand["thresholds"] != [0.5] * len(spec.labels)
     printed = [line for line in summarize(report).splitlines() if "thresholds tuned on dev: micro_f1" in line]
-    assert [line.split(":")[0] for line in printed] == ["  full fine-tuning (4 layers)", "chosen"]
+    assert [line.split(":")[0] for line in printed] == ["  full fine-tuning (4 layers and embeddings, 3 epochs)",
+                                                        "chosen"]
     # served: the merged engine's logits, read against the task's thresholds, give the tuned dev metrics
     write_merged(plan_merge([tmp_path / "tasks"]), tmp_path / "model")
     dev, _ = load_examples(job.dev, "multilabel", job.columns, labels=spec.labels)

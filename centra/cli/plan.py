@@ -132,7 +132,8 @@ def reference_points(tasks: list, options: dict, full: int) -> dict[str, tuple[i
     for t in tasks:
         try:
             report = read_json(t.folder / "report.json")
-            scores.append(float(report["reference"]["dev"][t.metric]))
+            reference = report["reference"]  # as served: a multilabel reference at its tuned thresholds
+            scores.append(float(reference.get("thresholds", {}).get("tuned", reference["dev"])[t.metric]))
         except (CentraError, KeyError, TypeError, ValueError):
             break
     if len(scores) == len(tasks):

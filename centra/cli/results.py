@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> dict:
             continue
         job = TaskJob(name=name, kind=kind, train=root / train, dev=root / dev, columns=cols,
                       label_names=parse_label_names(names, root), reference=True, threshold=1.0,
-                      search=args.search, max_train_examples=cap,
+                      search=args.search, max_train_examples=cap, reference_epochs=args.reference_epochs,
                       train_config=TrainConfig(epochs=args.epochs, metric=metric, seed=args.seed,
                                                progress=args.progress))
         start = time.perf_counter()
@@ -175,8 +175,9 @@ def cmd_results(args: argparse.Namespace) -> int:
     from centra.io import check_replaceable, check_writable_parent
     from centra.train.recipe import data_root
 
-    if args.epochs < 1:
-        raise CentraError(f"--epochs must be >= 1, not {args.epochs}")
+    if args.epochs < 1 or args.reference_epochs < 1:
+        raise CentraError(f"--epochs and --reference-epochs must be >= 1, not {args.epochs} and "
+                          f"{args.reference_epochs}")
     known = [name for name, *_ in TASKS]
     unknown = sorted(set(args.only.split(",")) - set(known)) if args.only else []
     if unknown:
@@ -202,6 +203,8 @@ def add_parser(sub, common) -> None:
     p.add_argument("--data", help="data folder (default: $CENTRA_DATA or ../shared/data)")
     p.add_argument("--out", default="runs/glue")
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--reference-epochs", type=int, default=3,
+                   help="epochs of the full fine-tuning reference (embeddings and every layer trained) [3]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", help="comma-separated task names")
     p.add_argument("--search", choices=["full", "halving"], default="full",

@@ -142,12 +142,14 @@ def summarize(report: dict) -> str:
     lines = [f"task {report['task']!r}: {report['train_examples']} train / {report['dev_examples']} dev examples, "
              f"dev {metric} (x100)"]
     if "reference" in report:
-        lines.append(f"  full fine-tuning ({report['reference']['layers']} layers): "
+        ref = report["reference"]
+        lines.append(f"  full fine-tuning ({ref['layers']} layers{' and embeddings' if 'embeddings' in ref else ''}, "
+                     f"{ref.get('epochs_setting', len(ref['epochs']))} epochs): "
                      f"{100 * report['reference']['dev'][metric]:.2f}{tuned_note(report['reference'])}")
     for t in report["teachers"]:
         if "trainable_layers" in t:
             mark = "  <- teacher" if t["chosen"] else ""
-            epochs = f" ({t['epochs_trained']} epoch{'s' if t['epochs_trained'] != 1 else ''})" \
+            epochs = f" ({t['epochs_trained']:.3g} epoch{'s' if t['epochs_trained'] != 1 else ''})" \
                 if "epochs_trained" in t else ""
             lines.append(f"  teacher L={t['trainable_layers']} (attach {t['attach_layer']}): "
                          f"{100 * t['dev'][metric]:.2f}{epochs}{mark}")
@@ -155,8 +157,8 @@ def summarize(report: dict) -> str:
         lines.append(f"  student l={s['task_layers']}: {100 * s['dev'][metric]:.2f}")
     if "search" in report:
         s = report["search"]
-        lines.append(f"teacher search ({s['method']}): {s['epochs_trained']} epochs of {s['epochs_full_search']} "
-                     f"({s['layer_epochs']} of {s['layer_epochs_full_search']} layer-epochs), {s['seconds']:.1f} s"
+        lines.append(f"teacher search ({s['method']}): {s['epochs_trained']:.3g} epochs of {s['epochs_full_search']} "
+                     f"({s['layer_epochs']:.3g} of {s['layer_epochs_full_search']} layer-epochs), {s['seconds']:.1f} s"
                      + (f", {s['per_reference']:.2f}x the full fine-tuning" if "per_reference" in s else ""))
     c = report["chosen"]
     lines.append(f"chosen: attach layer {c['attach_layer']}, {c['task_layers']} task layers, "
@@ -230,7 +232,8 @@ def add_parsers(sub, common) -> None:
     g.add_argument("--alpha", type=float, help=f"weight of the distillation loss [{defaults['alpha']}]")
     g.add_argument("--temperature", type=float, help=f"distillation temperature F [{defaults['temperature']}]")
     g.add_argument("--teacher-logits", help="JSONL table of an external teacher's logits, one row per train row")
-    g.add_argument("--reference", action="store_const", const=True, help="also fine-tune all layers, to compare")
+    g.add_argument("--reference", action="store_const", const=True,
+                   help="also fine-tune the whole model (embeddings and every layer, 3 epochs), to compare")
     g.add_argument("--cache-gb", type=float, help=f"memory cap of the run's trunk caches, then disk "
                    f"[{defaults['cache_gb']}]")
     g = p.add_argument_group("untrained tasks")

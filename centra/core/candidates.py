@@ -42,7 +42,9 @@ class Candidate:
 
     @property
     def score(self) -> float:
-        return float(self.spec.metrics[self.spec.metrics["metric"]])
+        """Its dev metric as served: a multilabel head's at its tuned thresholds (recorded as "tuned")."""
+        metrics = self.spec.metrics
+        return float(metrics.get("tuned", metrics)[metrics["metric"]])
 
 
 @dataclass

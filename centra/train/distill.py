@@ -18,7 +18,7 @@ from centra.core.backbone import EncoderConfig
 from centra.core.task import TaskHead
 from centra.errors import CentraError
 from centra.train.cache import ActivationCache
-from centra.train.finetune import TrainConfig, predict_cache, train_branch
+from centra.train.finetune import TrainConfig, predict_cache, selection_score, train_branch
 
 
 def logits_table(teacher: TaskHead, cache: ActivationCache, progress: bool = True) -> np.ndarray:
@@ -89,7 +89,8 @@ def distill_students(teacher: TaskHead, cfg: EncoderConfig, soft: np.ndarray, tr
                                     tc, f"student l={layers}", soft=soft)
         tried.append((student, {"task_layers": layers, **log}))
         if student_layers is None:
-            keep = mixed_layers({t[1]["task_layers"]: t[1]["dev"][tc.metric] for t in tried}, threshold)
+            keep = mixed_layers({t[1]["task_layers"]: selection_score(teacher.spec.kind, t[1]["dev"], tc.metric)
+                                 for t in tried}, threshold)
             if keep < layers:
                 chosen = tried[keep - 1][0]
                 break

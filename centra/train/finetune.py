@@ -3,7 +3,12 @@
 A teacher that trains the top L of N layers is a branch attached at layer N - L with L task layers,
 so teachers and students share one training loop. The frozen part is computed once: the cache holds
 every example's hidden state at one trunk layer and climbs one layer at a time (one forward pass
-each), so a search over L = MAX..MIN never recomputes the frozen bottom per epoch.
+each), so a search over L = MAX..MIN never recomputes the frozen bottom per epoch. (The full
+fine-tuning reference, whose embeddings train too, feeds the same loop token ids: train/reference.py.)
+
+A multilabel branch is served at per-label thresholds tuned on dev, so it is also chosen at them: its
+best epoch, the search's L and the mixed allocation's student all compare `selection_score`, the
+metric at tuned thresholds (the metrics at 0.5 are still logged and reported).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from centra.errors import CentraError
 from centra.progress import progress_bar, progress_line
 from centra.train.cache import ActivationCache
 from centra.train.metrics import compute
+from centra.train.thresholds import tune_logits
 
 
 @dataclass
@@ -54,12 +60,16 @@ class TrainConfig:
             raise CentraError("weight decay must be in [0, 1) and warm-up in [0, 1]")
 
 
-def param_groups(head: TaskHead, cfg: TrainConfig) -> list[dict]:
-    """Task layers at cfg.lr, pooler + classifier at cfg.head_lr; weight decay on matrices only
-    (never on biases or LayerNorm weights)."""
+HEAD_MODULES = ("pooler", "classifier")  # trained at cfg.head_lr; everything else at cfg.lr
+
+
+def param_groups(head: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
+    """Transformer layers (and the reference's embeddings) at cfg.lr, pooler + classifier at
+    cfg.head_lr; weight decay on matrices only (never on biases or LayerNorm weights)."""
     groups = []
     for is_layer, lr in ((True, cfg.lr), (False, cfg.head_lr)):
-        params = [(n, p) for n, p in head.named_parameters() if p.requires_grad and n.startswith("layers.") == is_layer]
+        params = [(n, p) for n, p in head.named_parameters()
+                  if p.requires_grad and (n.split(".")[-2] not in HEAD_MODULES) == is_layer]
         decay = [p for _, p in params if p.dim() >= 2]
         no_decay = [p for _, p in params if p.dim() < 2]
         groups += [{"params": decay, "lr": lr, "weight_decay": cfg.weight_decay},
@@ -121,8 +131,22 @@ def predict_cache(head: TaskHead, cache: ActivationCache, batch_size: int = 128,
     return out
 
 
+def dev_scores(kind: str, logits: np.ndarray, targets: list, thresholds: list[float] | None = None) -> dict:
+    """Every metric of the kind; a multilabel task's also at thresholds tuned on these logits ("tuned")."""
+    scores = compute(kind, logits, targets, thresholds)
+    if kind == "multilabel":
+        scores["tuned"] = tune_logits(logits, targets)["tuned"]
+    return scores
+
+
+def selection_score(kind: str, scores: dict, metric: str) -> float:
+    """What chooses between epochs, teachers and students: the dev metric as the task will be served
+    (a multilabel task at its tuned thresholds)."""
+    return float((scores["tuned"] if kind == "multilabel" else scores)[metric])
+
+
 def evaluate(head: TaskHead, cache: ActivationCache, targets: list) -> dict:
-    return compute(head.spec.kind, predict_cache(head, cache), targets, head.spec.thresholds)
+    return dev_scores(head.spec.kind, predict_cache(head, cache), targets, head.spec.thresholds)
 
 
 def train_branch(head: TaskHead, train: ActivationCache, train_targets: list, dev: ActivationCache,
@@ -135,21 +159,23 @@ def train_branch(head: TaskHead, train: ActivationCache, train_targets: list, de
 
 
 class BranchTrainer:
-    """One branch's training, resumable epoch by epoch: `run(k)` trains k more epochs of the cfg.epochs
-    schedule (optimizer, learning-rate schedule, batch order and dropout RNG carried over), so a search
-    can interleave several branches and a branch trained in pieces ends exactly as one trained straight
-    through. The caches must sit at the branch's attach layer whenever it runs."""
+    """One branch's training, resumable at any step: `run(e)` trains e more epochs of the cfg.epochs
+    schedule, a fraction of an epoch stopping mid-epoch (optimizer, learning-rate schedule, batch order,
+    position in the epoch and dropout RNG carried over), so a search can interleave several branches
+    and a branch trained in pieces ends exactly as one trained straight through. The best epoch is
+    chosen at epoch ends only. The caches must sit at the branch's attach layer whenever it runs."""
 
     def __init__(self, head: TaskHead, train: ActivationCache, train_targets: list, dev: ActivationCache,
                  dev_targets: list, cfg: TrainConfig, desc: str, soft: np.ndarray | None = None):
         self.head, self.train, self.dev, self.dev_targets = head, train, dev, dev_targets
-        self.cfg, self.desc = cfg, desc
+        self.cfg, self.desc, self.kind = cfg, desc, head.spec.kind
         torch.manual_seed(cfg.seed)
         self.rng = torch.get_rng_state()  # dropout's stream, restored whenever this branch resumes
         self.gen = torch.Generator().manual_seed(cfg.seed)
         head.train().requires_grad_(True)
         self.optimizer = torch.optim.AdamW(param_groups(head, cfg))
-        steps = cfg.epochs * math.ceil(len(train_targets) / cfg.batch_size)
+        self.steps_per_epoch = math.ceil(len(train_targets) / cfg.batch_size)
+        steps = cfg.epochs * self.steps_per_epoch
         warm = max(1, int(cfg.warmup * steps))
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
@@ -160,32 +186,55 @@ class BranchTrainer:
         self.best: dict | None = None
         self.best_score = -math.inf
         self.seconds = 0.0
+        self.steps = 0  # optimizer steps taken
+        self.batches: list[list[int]] = []  # the current epoch's batch order
+        self.epoch_loss = 0.0  # its summed loss so far
+        self.epoch_seconds = 0.0
+        self.partial: dict | None = None  # dev scores taken mid-epoch (a search's first rung), before any epoch ended
 
     @property
     def epochs_done(self) -> int:
         return len(self.log["epochs"])
 
-    def run(self, epochs: int) -> float:
-        """Train up to `epochs` more epochs (never past cfg.epochs); return the best dev score so far."""
+    @property
+    def epochs_trained(self) -> float:
+        """Epochs trained so far, fractional mid-epoch."""
+        return self.steps / self.steps_per_epoch
+
+    def run(self, epochs: float) -> float:
+        """Train up to `epochs` more epochs (never past cfg.epochs; a fraction stops mid-epoch) and
+        return the branch's selection score: its best epoch's, or the current weights' before its first
+        epoch has ended."""
         head, cfg = self.head, self.cfg
         assert self.train.layer == self.dev.layer == head.spec.attach_layer, "caches must sit at the attach layer"
+        target = min(cfg.epochs * self.steps_per_epoch, self.steps + max(0, round(epochs * self.steps_per_epoch)))
         start = time.perf_counter()
         torch.set_rng_state(self.rng)
-        head.train().requires_grad_(True)
-        for epoch in range(self.epochs_done, min(cfg.epochs, self.epochs_done + epochs)):
-            self._epoch(epoch)
+        while self.steps < target:
+            self._piece(target)
         self.rng = torch.get_rng_state()
         self.seconds += time.perf_counter() - start
-        return self.best_score
+        if self.epochs_done:
+            return self.best_score
+        if self.partial is None or self.partial["epochs_trained"] != round(self.epochs_trained, 4):
+            self.partial = {"epochs_trained": round(self.epochs_trained, 4),
+                            **evaluate(head, self.dev, self.dev_targets)}
+        return selection_score(self.kind, self.partial, cfg.metric)
 
-    def _epoch(self, epoch: int) -> None:
+    def _piece(self, target: int) -> None:
+        """Train from the current step to `target` or the end of the current epoch, whichever is first."""
         head, cfg, log = self.head, self.cfg, self.log
+        epoch, pos = divmod(self.steps, self.steps_per_epoch)
+        if pos == 0:
+            self.batches = make_batches(self.train.lengths, cfg.batch_size, self.gen)
+            assert len(self.batches) == self.steps_per_epoch
+            self.epoch_loss = self.epoch_seconds = 0.0
+        end = min(self.steps_per_epoch, pos + target - self.steps)
+        start = time.perf_counter()
         head.train()
-        epoch_start = time.perf_counter()
-        batches = make_batches(self.train.lengths, cfg.batch_size, self.gen)
-        bar = progress_bar(batches, f"{self.desc} epoch {epoch + 1}/{cfg.epochs} ({self.n_train / 1e6:.1f}M "
-                           "trainable)", cfg.progress)
-        total = 0.0
+        bar = progress_bar(self.batches[pos:end], f"{self.desc} epoch {epoch + 1}/{cfg.epochs} "
+                           f"({self.n_train / 1e6:.1f}M trainable)", cfg.progress, initial=pos,
+                           total=self.steps_per_epoch)
         for rows in bar:
             hidden, mask = self.train.batch(rows)
             logits = head(hidden, attention_bias(mask), mask)
@@ -196,22 +245,40 @@ class BranchTrainer:
             torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
             self.optimizer.step()
             self.schedule.step()
-            total += loss.item()
+            self.steps += 1
+            self.epoch_loss += loss.item()
             log["losses"].append(round(loss.item(), 6))
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        scores = evaluate(head, self.dev, self.dev_targets)
-        log["epochs"].append({"epoch": epoch + 1, "train_loss": total / max(1, len(batches)), **scores})
-        progress_line(f"{self.desc} epoch {epoch + 1}/{cfg.epochs}: train loss {total / max(1, len(batches)):.4f}, "
-                      f"dev {cfg.metric} {100 * scores[cfg.metric]:.2f} ({time.perf_counter() - epoch_start:.1f} s)",
-                      cfg.progress)
-        if self.best is None or scores[cfg.metric] > self.best_score:
-            self.best_score, self.best = scores[cfg.metric], copy.deepcopy(head.state_dict())
+        self.epoch_seconds += time.perf_counter() - start
+        if end == self.steps_per_epoch:
+            self._end_epoch(epoch)
+
+    def _end_epoch(self, epoch: int) -> None:
+        cfg = self.cfg
+        start = time.perf_counter()
+        scores = evaluate(self.head, self.dev, self.dev_targets)
+        loss = self.epoch_loss / self.steps_per_epoch
+        self.log["epochs"].append({"epoch": epoch + 1, "train_loss": loss, **scores})
+        tuned = f" ({100 * scores['tuned'][cfg.metric]:.2f} tuned)" if "tuned" in scores else ""
+        progress_line(f"{self.desc} epoch {epoch + 1}/{cfg.epochs}: train loss {loss:.4f}, dev {cfg.metric} "
+                      f"{100 * scores[cfg.metric]:.2f}{tuned} "
+                      f"({self.epoch_seconds + time.perf_counter() - start:.1f} s)", cfg.progress)
+        score = selection_score(self.kind, scores, cfg.metric)
+        if self.best is None or score > self.best_score:
+            self.best_score, self.best = score, copy.deepcopy(self.head.state_dict())
+            self.log["best_epoch"] = epoch + 1
 
     def finish(self) -> tuple[TaskHead, dict]:
-        """The head at its best epoch on dev, frozen, and its log; the optimizer state is dropped."""
-        cfg, log = self.cfg, self.log
-        self.head.load_state_dict(self.best)
-        log["dev"] = next((e for e in log["epochs"] if e[cfg.metric] == self.best_score), log["epochs"][-1])
+        """The head at its best epoch on dev (or as it stands, when no epoch ended: a search dropped it
+        mid-epoch), frozen, and its log; the optimizer state is dropped."""
+        log = self.log
+        if self.best is not None:
+            self.head.load_state_dict(self.best)
+            log["dev"] = log["epochs"][log["best_epoch"] - 1]
+        else:
+            log["dev"] = self.partial or {"epochs_trained": round(self.epochs_trained, 4),
+                                          **evaluate(self.head, self.dev, self.dev_targets)}
+        log["epochs_trained"] = round(self.epochs_trained, 4)
         log["seconds"] = round(self.seconds, 2)
         self.optimizer = self.schedule = None  # type: ignore[assignment]
         return self.head.eval().requires_grad_(False), log

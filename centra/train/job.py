@@ -28,7 +28,8 @@ class TaskJob:
     search: str = "halving"  # how the teacher search goes: halving | full (see train/search.py)
     student_layers: int | None = None
     threshold: float = 1.0
-    reference: bool = False
+    reference: bool = False  # also fine-tune the whole model (train/reference.py), to compare against
+    reference_epochs: int = 3
     teacher_logits: Path | None = None
     attach_layer: int | None = None  # students' attach layer with an external teacher
     max_train_examples: int | None = None

@@ -34,10 +34,12 @@ from centra.io import check_replaceable
 from centra.train.cache import ActivationCache, CacheBudget
 from centra.train.data import Examples, load_examples
 from centra.train.distill import distill_students, logits_table, read_teacher_logits
+from centra.train.finetune import predict_cache
 from centra.train.job import CheckedJob, Run, TaskJob
 from centra.train.metrics import DEFAULT_METRIC, METRICS, baseline
+from centra.train.reference import TokenSource, train_reference
 from centra.train.search import SEARCHES, search_teachers
-from centra.train.thresholds import tune_head
+from centra.train.thresholds import tune_logits
 
 
 def default_layer_range(num_layers: int) -> tuple[int, int]:
@@ -77,6 +79,8 @@ def validate_job(job: TaskJob, cfg: EncoderConfig) -> CheckedJob:
     max_length = job.max_length if job.max_length is not None else min(128, limit)
     if not 4 <= max_length <= limit:
         raise CentraError(f"--max-length {max_length} must be in 4..{limit} (the backbone's position embeddings)")
+    if job.reference_epochs < 1:
+        raise CentraError(f"--reference-epochs must be >= 1, not {job.reference_epochs}")
     if job.max_train_examples is not None and job.max_train_examples < 1:
         raise CentraError(f"--max-train-examples must be >= 1, not {job.max_train_examples}")
     if not job.cache_gb >= 0:
@@ -133,13 +137,19 @@ def train_task(job: TaskJob, backbone: Backbone, tasks_dir: Path) -> tuple[dict,
                     "baseline": baseline(job.kind, 1 if job.kind == "regression" else len(labels), train.targets,
                                          dev.targets)}
     try:
-        for cache in caches:
-            cache.build(0 if job.reference or soft is not None else n - checked.hi)
         if job.reference:
             clock = time.perf_counter()
-            head, log = run.train_branch(run.new_head(0, n), "reference")
+            sources = [TokenSource(e, tok.pad_token_id or 0) for e in encoded]
+            model, log = train_reference(backbone, run.new_head(0, n), sources[0], train.targets, sources[1],
+                                         dev.targets, tc, job.reference_epochs)
             run.times["reference"] = time.perf_counter() - clock
-            report["reference"] = {"layers": n, "overhead": n, **log, **tuned(head, caches[1], dev.targets)}
+            report["reference"] = {"layers": n, "overhead": n, "embeddings": "trained",
+                                   "epochs_setting": job.reference_epochs, **log}
+            if job.kind == "multilabel":
+                report["reference"]["thresholds"] = tune_logits(predict_cache(model, sources[1]), dev.targets)
+            del model
+        for cache in caches:
+            cache.build(0 if soft is not None else n - checked.hi)
         kept: dict[str, TaskHead] = {}
         if soft is None:
             search = search_teachers(run, job.search)
@@ -217,13 +227,13 @@ def tune_candidates(kept: dict[str, TaskHead], dev: ActivationCache, targets: li
     for name, head in sorted(kept.items(), key=lambda item: item[1].spec.attach_layer):
         if head.spec.kind == "multilabel":
             dev.advance_to(head.spec.attach_layer)
-            found[name] = tune_head(head, dev, targets)
+            found[name] = tune_logits(predict_cache(head, dev), targets)
     return found
 
 
 def tuned(head: TaskHead, dev: ActivationCache, targets: list) -> dict:
     """A multilabel branch's per-label thresholds tuned on dev, with its dev metrics at 0.5 and tuned."""
-    return {"thresholds": tune_head(head, dev, targets)} if head.spec.kind == "multilabel" else {}
+    return {"thresholds": tune_logits(predict_cache(head, dev), targets)} if head.spec.kind == "multilabel" else {}
 
 
 def cache_report(caches: list[ActivationCache], budget: CacheBudget, teachers: list[dict], epochs: int) -> dict:

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from centra.core.task import TaskHead
-from centra.train.cache import ActivationCache
-from centra.train.finetune import predict_cache
 from centra.train.metrics import compute
 
 DEFAULT_THRESHOLD = 0.5
@@ -43,11 +40,10 @@ def best_threshold(p: np.ndarray, gold: np.ndarray) -> float:
     return float(cuts[best[np.argmin(np.abs(cuts[best] - DEFAULT_THRESHOLD))]])
 
 
-def tune_head(head: TaskHead, dev: ActivationCache, targets: list, min_positives: int = MIN_POSITIVES) -> dict:
-    """Thresholds for a multilabel branch from its dev predictions (the cache at its attach layer), and
-    the dev metrics at 0.5 and at the tuned thresholds, as report.json records them."""
-    logits = predict_cache(head, dev)
-    probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+def tune_logits(logits: np.ndarray, targets: list, min_positives: int = MIN_POSITIVES) -> dict:
+    """Thresholds for a multilabel branch from its dev logits, and the dev metrics at 0.5 and at the
+    tuned thresholds, as report.json records them."""
+    probs = 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
     thresholds = tune_thresholds(probs, np.asarray(targets), min_positives)
     positives = (np.asarray(targets) > 0.5).sum(0)
     return {"values": thresholds, "min_positives": min_positives, "positives": [int(x) for x in positives],

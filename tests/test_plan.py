@@ -219,7 +219,7 @@ def test_add_task_keeps_candidates_plan_activates_predict_serves(bert_path, tmp_
     data.mkdir()
     common = ["--backbone", str(bert_path), "--epochs", "2", "--batch-size", "8", "--lr", "1e-3", "--head-lr", "1e-2",
               "--text-column", "text", "--label-column", "label", "--kind", "multiclass"]
-    for name, pair, extra in (("mood", False, ["--layers", "2:3", "--threshold", "-100"]),
+    for name, pair, extra in (("mood", False, ["--layers", "2:3", "--threshold", "-100", "--first-rung", "0.25"]),
                               ("same", True, ["--layers", "4:4", "--student-layers", "1", "--search", "full"])):
         write_split(data / f"{name}-train.tsv", synthetic("multiclass", pair, 48, 1), pair)
         write_split(data / f"{name}-dev.tsv", synthetic("multiclass", pair, 24, 2), pair)

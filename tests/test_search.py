@@ -5,6 +5,7 @@ real run records what its search cost."""
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -35,18 +36,24 @@ class Curves:
         return self.final[arm] * (1 - 0.5 ** epochs)
 
 
-def test_rungs_start_below_an_epoch_and_end_at_the_last():
-    assert rungs(5, 2) == [0.25, 1.0, 2] and rungs(5, 3) == [0.25, 1.0, 3]
-    assert rungs(7, 3) == [0.25, 1.0, 3]  # 7 -> 3 -> 1: the last cut at the end
-    assert rungs(16, 20) == [0.25, 1.0, 4.0, 16.0, 20]  # 16 -> 8 -> 4 -> 2 -> 1
-    assert rungs(1, 3) == [3] and rungs(2, 1) == [0.25, 1]
-    assert rungs(5, 2, first=1, growth=2) == [1, 2]  # rungs never pass the epochs
+def test_rungs_double_from_the_first_and_end_at_the_last():
+    assert rungs(5, 2) == [1, 2] and rungs(5, 3) == [1, 2, 3]  # one cut per epoch, as the search was designed
+    assert rungs(16, 20) == [1, 2, 4, 8, 20]  # 16 -> 8 -> 4 -> 2 -> 1
+    assert rungs(1, 3) == [3] and rungs(2, 1) == [1]
+    assert rungs(5, 3, first=0.25, growth=4) == [0.25, 1.0, 3]
+    assert rungs(7, 3, first=0.25, growth=4) == [0.25, 1.0, 3]  # 7 -> 3 -> 1: the last cut at the end
+    assert rungs(5, 1, first=0.5) == [0.5, 1]  # rungs never pass the epochs
 
 
 def test_halving_picks_the_best_layers_for_a_fraction_of_the_epochs():
-    curves = Curves({5: 0.85, 4: 0.80, 3: 0.90, 2: 0.70, 1: 0.60})
-    dropped = []
-    winner, rounds = successive_halving([5, 4, 3, 2, 1], rungs(5, 3), curves, dropped.append)
+    final = {5: 0.85, 4: 0.80, 3: 0.90, 2: 0.70, 1: 0.60}
+    curves = Curves(final)
+    winner, rounds = successive_halving([5, 4, 3, 2, 1], rungs(5, 3), curves)
+    assert winner == 3 and curves.epochs == {5: 2, 4: 1, 3: 3, 2: 1, 1: 1}, "5 arms -> 2 -> 1, one cut per epoch"
+    assert [r["kept"] for r in rounds] == [[5, 3], [3], [3]] and [r["epochs"] for r in rounds] == [1, 2, 3]
+
+    curves, dropped = Curves(final), []  # a first rung of a quarter epoch
+    winner, rounds = successive_halving([5, 4, 3, 2, 1], rungs(5, 3, 0.25, 4), curves, dropped.append)
     assert winner == 3
     assert curves.epochs == {5: 1.0, 4: 0.25, 3: 3, 2: 0.25, 1: 0.25}, "5 arms -> 2 -> 1, the last one to the end"
     assert sorted(dropped) == [1, 2, 4, 5] and [r["kept"] for r in rounds] == [[5, 3], [3], [3]]
@@ -62,11 +69,13 @@ def test_halving_agrees_with_the_full_search_on_random_curves():
         final = {arm: round(rng.random(), rng.choice([1, 3])) for arm in arms}  # coarse: ties, fewer layers win
         epochs = rng.randint(1, 5)
         curves = Curves(final)
-        winner, _ = successive_halving(arms, rungs(len(arms), epochs), curves)
+        first = rng.choice([1, 0.5, 0.25])
+        winner, _ = successive_halving(arms, rungs(len(arms), epochs, first), curves)
         full = max(arms, key=lambda arm: (final[arm], -arm))
         assert winner == full, (final, epochs)
         assert curves.epochs[winner] == epochs and all(0 < e <= epochs for e in curves.epochs.values())
-        assert sum(curves.epochs.values()) <= epochs + 0.25 * len(arms) + 0.75 * (len(arms) // 2) + 3 * 4
+        n = len(arms)  # each rung adds at most half the arms' epochs: n * first at the first
+        assert sum(curves.epochs.values()) <= min(n * epochs, n * first * (1 + math.ceil(math.log2(n)) / 2) + epochs)
 
 
 def test_halving_keeps_a_fast_starter_over_a_slow_one():
@@ -78,7 +87,7 @@ def test_halving_keeps_a_fast_starter_over_a_slow_one():
         trained[arm] = epochs
         return scores[arm](epochs)
 
-    assert successive_halving([2, 1], rungs(2, 3), train_to)[0] == 2 and trained == {2: 3, 1: 0.25}
+    assert successive_halving([2, 1], rungs(2, 3, first=0.25), train_to)[0] == 2 and trained == {2: 3, 1: 0.25}
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +128,7 @@ def test_a_branch_trained_in_pieces_equals_one_trained_straight(bert):
 
 
 def test_train_task_records_the_search_and_keeps_candidates(bert, tmp_path):
-    job = job_for(tmp_path, "t", "multiclass", False, layers=(1, 3), threshold=-100.0)
+    job = job_for(tmp_path, "t", "multiclass", False, layers=(1, 3), threshold=-100.0, first_rung=0.25)
     report, student = train_task(job, bert, tmp_path / "tasks")
     search = report["search"]
     assert search["method"] == "halving" and search["epochs_full_search"] == 9
@@ -149,6 +158,9 @@ def test_train_task_records_the_search_and_keeps_candidates(bert, tmp_path):
     assert all(t["epochs_trained"] == 3 for t in report["teachers"])
     with pytest.raises(CentraError, match="--search 'fast' must be one of halving, full"):
         train_task(job_for(tmp_path, "v", "multiclass", False, search="fast"), bert, tmp_path / "tasks")
+    for bad in (0, 3.5):
+        with pytest.raises(CentraError, match=rf"--first-rung must be in \(0, --epochs 3\], not {bad}"):
+            train_task(job_for(tmp_path, "v", "multiclass", False, first_rung=bad), bert, tmp_path / "tasks")
 
 
 def test_multilabel_branches_are_chosen_at_tuned_thresholds(bert, tmp_path, monkeypatch):

@@ -1,10 +1,13 @@
 """`centra results`: train GLUE + GoEmotions tasks on the default backbone, merge them, and print the
 tables of docs/results.md.
 
-    centra results [--data ../shared/data] [--out runs/glue] [--epochs 2] [--only sst2,cola] [--table]
+    centra results [--data ../shared/data] [--out runs/glue] [--epochs 2] [--reference-epochs 3]
+                   [--only sst2,cola] [--search full|halving] [--table]
 
-Per task: full fine-tuning reference, the teacher for each L, students (KD-1, KD-2, ...) and the mixed
-choice (c = 1.0), all dev metrics, then the merged model's dev metric (which must equal the student's).
+Per task: full fine-tuning reference (embeddings and every layer trained), the teacher for each L,
+students (KD-1, KD-2, ...) and the mixed choice (c = 1.0), all dev metrics, then the merged model's dev
+metric (which must equal the student's). A multilabel task's figures are at thresholds tuned on dev, as it
+is chosen and served.
 Tasks whose files are absent are skipped. Writes OUT/tasks/*, OUT/merged, OUT/results.json.
 Overheads count one trunk pass per token group (single texts and text pairs read other tokens).
 """
@@ -108,19 +111,20 @@ def markdown(results: dict) -> str:
         m = r["metric"]
         teachers = {t["trainable_layers"]: t for t in r["teachers"] if "trainable_layers" in t}
         best = next(t for t in teachers.values() if t["chosen"])
-        students = {s["task_layers"]: s["dev"][m] for s in r["students"]}
+        students = {s["task_layers"]: served(r, s["dev"]) for s in r["students"]}
         chosen = r["chosen"]
-        cells = [name, m, str(r["train_examples"]), pct(r["reference"]["dev"][m])]
-        cells += [pct(teachers[i]["dev"][m]) + ("*" if teachers[i]["chosen"] else "") if i in teachers else "-"
-                  for i in range(1, n)]
-        cells += [pct(students.get(1)), pct(students.get(2)), f"{pct(chosen[m])} ({chosen['task_layers']})",
+        reference = served(r, r["reference"].get("thresholds", {}).get("tuned", r["reference"]["dev"]))
+        cells = [name, m + (" (tuned)" if tuned_rows(r) else ""), str(r["train_examples"]), pct(reference)]
+        cells += [pct(served(r, teachers[i]["dev"])) + ("*" if teachers[i]["chosen"] else "") if i in teachers
+                  else "-" for i in range(1, n)]
+        cells += [pct(students.get(1)), pct(students.get(2)), f"{pct(served(r, chosen))} ({chosen['task_layers']})",
                   pct(r.get("merged_dev", {}).get(m))]
         lines.append("| " + " | ".join(cells) + " |")
-        cols["full"].append(r["reference"]["dev"][m])
-        cols["teacher"].append(best["dev"][m])
-        cols["kd1"].append(students.get(1, best["dev"][m]))
+        cols["full"].append(reference)
+        cols["teacher"].append(served(r, best["dev"]))
+        cols["kd1"].append(students.get(1, served(r, best["dev"])))
         cols["kd2"].append(students.get(2, students.get(1)))
-        cols["mixed"].append(chosen[m])
+        cols["mixed"].append(served(r, chosen))
         k, big_l = best["attach_layer"], best["trainable_layers"]
         overhead["trunk"].append((INPUTS[name], k))
         overhead["teacher"].append(big_l)
@@ -135,7 +139,7 @@ def markdown(results: dict) -> str:
         picks = []
         for name in tasks:
             r = results[name]
-            students = {s["task_layers"]: s["dev"][r["metric"]] for s in r["students"]}
+            students = {s["task_layers"]: served(r, s["dev"]) for s in r["students"]}
             picks.append((mixed_layers(students, c), students))
         derived.append((f"mixed (c = {c:g}), read off the same students", trunk + sum(p for p, _ in picks),
                         [st[p] for p, st in picks]))
@@ -156,6 +160,16 @@ def markdown(results: dict) -> str:
         verdict = "equal" if merged == mixed else f"DIFFERENT: the table's count is wrong ({mixed})"
         table.append(f"\nThe merged model's manifest (counting every trunk pass) says {merged} layers: {verdict}.")
     return "\n".join(lines) + "\n\n" + "\n".join(table) + "\n"
+
+
+def tuned_rows(r: dict) -> bool:
+    """A multilabel task recorded with tuned figures: chosen and served at its tuned thresholds."""
+    return r["kind"] == "multilabel" and "tuned" in r["chosen"]
+
+
+def served(r: dict, entry: dict) -> float:
+    """The task's metric in a dev entry as the task is chosen and served (multilabel: tuned thresholds)."""
+    return float((entry["tuned"] if tuned_rows(r) and "tuned" in entry else entry)[r["metric"]])
 
 
 def trunk_layers(attached: list[tuple[str, int]]) -> int:

@@ -11,8 +11,8 @@ from centra.errors import CentraError
 
 DEFAULT_TASKS_DIR = "tasks"
 # add-task flags that are training settings (recipe.training), by their dest name
-SETTINGS = ("layers", "search", "student_layers", "threshold", "epochs", "batch_size", "lr", "head_lr", "metric",
-            "alpha", "temperature", "seed", "max_train_examples", "max_length", "pooling", "reference",
+SETTINGS = ("layers", "search", "first_rung", "student_layers", "threshold", "epochs", "batch_size", "lr", "head_lr",
+            "metric", "alpha", "temperature", "seed", "max_train_examples", "max_length", "pooling", "reference",
             "teacher_logits", "attach_layer", "cache_gb")
 DATA_FLAGS = ("kind", "train", "dev", "text_column", "pair_column", "label_column", "label_names", "header",
               "label_delimiter")
@@ -139,6 +139,10 @@ def given_settings(args: argparse.Namespace) -> bool:
 
 def summarize(report: dict) -> str:
     metric = report["metric"]
+
+    def score(dev: dict) -> str:  # a multilabel branch is chosen at its tuned thresholds: show both
+        return f"{100 * dev[metric]:.2f}" + (f" ({100 * dev['tuned'][metric]:.2f} tuned)" if "tuned" in dev else "")
+
     lines = [f"task {report['task']!r}: {report['train_examples']} train / {report['dev_examples']} dev examples, "
              f"dev {metric} (x100)"]
     if "reference" in report:
@@ -149,16 +153,17 @@ def summarize(report: dict) -> str:
     for t in report["teachers"]:
         if "trainable_layers" in t:
             mark = "  <- teacher" if t["chosen"] else ""
-            epochs = f" ({t['epochs_trained']:.3g} epoch{'s' if t['epochs_trained'] != 1 else ''})" \
-                if "epochs_trained" in t else ""
+            trained = round(t.get("epochs_trained", 0), 2)
+            epochs = f" ({trained:g} epoch{'s' if trained != 1 else ''})" if "epochs_trained" in t else ""
             lines.append(f"  teacher L={t['trainable_layers']} (attach {t['attach_layer']}): "
-                         f"{100 * t['dev'][metric]:.2f}{epochs}{mark}")
+                         f"{score(t['dev'])}{epochs}{mark}")
     for s in report["students"]:
-        lines.append(f"  student l={s['task_layers']}: {100 * s['dev'][metric]:.2f}")
+        lines.append(f"  student l={s['task_layers']}: {score(s['dev'])}")
     if "search" in report:
         s = report["search"]
-        lines.append(f"teacher search ({s['method']}): {s['epochs_trained']:.3g} epochs of {s['epochs_full_search']} "
-                     f"({s['layer_epochs']:.3g} of {s['layer_epochs_full_search']} layer-epochs), {s['seconds']:.1f} s"
+        lines.append(f"teacher search ({s['method']}): {round(s['epochs_trained'], 2):g} epochs of "
+                     f"{s['epochs_full_search']} ({round(s['layer_epochs'], 2):g} of {s['layer_epochs_full_search']} "
+                     f"layer-epochs), {s['seconds']:.1f} s"
                      + (f", {s['per_reference']:.2f}x the full fine-tuning" if "per_reference" in s else ""))
     c = report["chosen"]
     lines.append(f"chosen: attach layer {c['attach_layer']}, {c['task_layers']} task layers, "
@@ -221,6 +226,8 @@ def add_parsers(sub, common) -> None:
     g.add_argument("--layers", help="teacher search: trainable top layers MIN:MAX [1:5 on 6 layers]")
     g.add_argument("--search", choices=["halving", "full"], help="teacher search: successive halving (every L "
                    "one epoch, the better half goes on, resumed) or every L for all epochs [halving]")
+    g.add_argument("--first-rung", type=float, metavar="EPOCHS", help="halving: epochs every L trains before the "
+                   "first cut; later rungs double it. Below 1 only on large training sets [1]")
     g.add_argument("--student-layers", type=int, help="fix the student's task layers l (1-3)")
     g.add_argument("--threshold", type=float, help="mixed allocation: add a layer while it gains >= c dev "
                    "points [1.0]")

@@ -207,19 +207,20 @@ class BranchTrainer:
         epoch has ended."""
         head, cfg = self.head, self.cfg
         assert self.train.layer == self.dev.layer == head.spec.attach_layer, "caches must sit at the attach layer"
-        target = min(cfg.epochs * self.steps_per_epoch, self.steps + max(0, round(epochs * self.steps_per_epoch)))
+        more = epochs * self.steps_per_epoch
+        more = max(1, round(more)) if more > 1e-9 else 0  # a first rung of a tiny set still takes a step
+        target = min(cfg.epochs * self.steps_per_epoch, self.steps + more)
         start = time.perf_counter()
         torch.set_rng_state(self.rng)
         while self.steps < target:
             self._piece(target)
         self.rng = torch.get_rng_state()
-        self.seconds += time.perf_counter() - start
-        if self.epochs_done:
-            return self.best_score
-        if self.partial is None or self.partial["epochs_trained"] != round(self.epochs_trained, 4):
+        if not self.epochs_done and (self.partial is None or
+                                     self.partial["epochs_trained"] != round(self.epochs_trained, 4)):
             self.partial = {"epochs_trained": round(self.epochs_trained, 4),
                             **evaluate(head, self.dev, self.dev_targets)}
-        return selection_score(self.kind, self.partial, cfg.metric)
+        self.seconds += time.perf_counter() - start
+        return self.best_score if self.epochs_done else selection_score(self.kind, self.partial, cfg.metric)
 
     def _piece(self, target: int) -> None:
         """Train from the current step to `target` or the end of the current epoch, whichever is first."""

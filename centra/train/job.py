@@ -26,6 +26,7 @@ class TaskJob:
     label_names: list[str] | None = None
     layers: tuple[int, int] | None = None  # teacher search range (MIN, MAX) of trainable top layers
     search: str = "halving"  # how the teacher search goes: halving | full (see train/search.py)
+    first_rung: float = 1.0  # halving: epochs every L trains before the first cut
     student_layers: int | None = None
     threshold: float = 1.0
     reference: bool = False  # also fine-tune the whole model (train/reference.py), to compare against

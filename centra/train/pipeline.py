@@ -65,6 +65,8 @@ def validate_job(job: TaskJob, cfg: EncoderConfig) -> CheckedJob:
         raise CentraError(f"--layers {lo}:{hi} must satisfy 1 <= MIN <= MAX <= {n}")
     if job.search not in SEARCHES:
         raise CentraError(f"--search {job.search!r} must be one of {', '.join(SEARCHES)}")
+    if not 0 < job.first_rung <= tc.epochs:
+        raise CentraError(f"--first-rung must be in (0, --epochs {tc.epochs}], not {job.first_rung}")
     if job.teacher_logits is None and job.attach_layer is not None:
         raise CentraError("--attach-layer is for students of an external teacher (--teacher-logits)")
     most = min(3, lo)  # the fewest task layers any teacher of the search has

@@ -31,6 +31,7 @@ class Training:
 
     layers: str | None = None  # teacher search MIN:MAX
     search: str | None = None  # teacher search: halving (None: the default) | full
+    first_rung: float | None = None  # halving: epochs every L trains before the first cut (None: 1)
     student_layers: int | None = None
     threshold: float | None = None
     epochs: int = 3
@@ -52,8 +53,8 @@ class Training:
 
 # the JSON types each training setting takes (ints are accepted for floats; bools only where named)
 SETTING_TYPES: dict[str, tuple[type, ...]] = {
-    "layers": (str,), "search": (str,), "student_layers": (int,), "threshold": (int, float), "epochs": (int,),
-    "batch_size": (int,),
+    "layers": (str,), "search": (str,), "first_rung": (int, float), "student_layers": (int,),
+    "threshold": (int, float), "epochs": (int,), "batch_size": (int,),
     "lr": (int, float), "head_lr": (int, float), "metric": (str,), "alpha": (int, float),
     "temperature": (int, float), "seed": (int,), "max_train_examples": (int,), "max_length": (int,),
     "pooling": (str,), "reference": (bool,), "teacher_logits": (str,), "attach_layer": (int,),
@@ -62,7 +63,7 @@ SETTING_TYPES: dict[str, tuple[type, ...]] = {
 OPTIONAL_SETTINGS = {name for name, value in vars(Training()).items() if value is None}
 # settings added after schema 1: written only when set, so that a recipe written before them keeps its
 # sha256 and the tasks trained from it stay up to date
-LATER_SETTINGS = {"search"}
+LATER_SETTINGS = {"search", "first_rung"}
 
 
 @dataclass
@@ -197,6 +198,7 @@ def job_from(recipe: Recipe, root: Path, fingerprint: str) -> TaskJob:
     return TaskJob(name=recipe.name, kind=recipe.kind, train=files["train"], dev=files["dev"], columns=columns,
                    label_names=parse_label_names(d.get("label_names"), Path(root)),
                    layers=parse_range(t.layers), search=t.search or "halving", student_layers=t.student_layers,
+                   first_rung=1.0 if t.first_rung is None else float(t.first_rung),
                    threshold=1.0 if t.threshold is None else float(t.threshold), reference=t.reference,
                    teacher_logits=files.get("teacher_logits"),
                    attach_layer=t.attach_layer, max_train_examples=t.max_train_examples, max_length=t.max_length,

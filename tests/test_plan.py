@@ -211,6 +211,24 @@ def test_plan_prints_the_table_and_plots_the_frontier(world, tmp_path, capsys):
     assert "activated 0 tasks; 3 unchanged" in out
 
 
+def test_multilabel_heads_and_the_reference_are_planned_at_tuned_thresholds(world, capsys):
+    """beta (multilabel) is served at tuned thresholds, so the plan scores its heads, and the full
+    fine-tuning point its reference, by the metric at them, not at 0.5."""
+    beta = world["tasks"] / "beta"
+    for path in [beta / "task.json", *sorted((beta / CANDIDATES_DIR).glob("*/task.json"))]:
+        spec = json.loads(path.read_text())
+        spec["metrics"]["tuned"] = {"micro_f1": spec["metrics"]["micro_f1"] - 0.5}  # tuned: 0.3, 0.2, 0.25
+        path.write_text(json.dumps(spec))
+    for name, at_half, tuned in (("alpha", 0.9, 0.9), ("beta", 0.9, 0.3), ("gamma", 0.9, 0.9)):
+        metric = {"alpha": "accuracy", "beta": "micro_f1", "gamma": "pearson"}[name]
+        reference = {"dev": {metric: at_half}, **({"thresholds": {"tuned": {metric: tuned}}} if name == "beta" else {})}
+        (world["tasks"] / name / "report.json").write_text(json.dumps({"task": name, "reference": reference}))
+    assert main(["plan", "--tasks-dir", str(world["tasks"]), "--budget-layers", "100", "--no-plot", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "average dev 63.33" in out, out  # (0.8 + 0.3 + 0.8) / 3, beta's best head at its tuned 0.3
+    assert "full fine-tuning 12 layers 70.00" in out, out  # (0.9 + 0.3 + 0.9) / 3
+
+
 # ------------------------------------------------------------------------------------- end to end
 
 

@@ -193,7 +193,7 @@ def test_multilabel_branches_are_chosen_at_tuned_thresholds(bert, tmp_path, monk
     for layers, teacher in teachers.items():  # every rung score is the tuned metric, not the one at 0.5
         if not teacher["chosen"]:
             assert rounds[0]["scores"][str(layers)] == round(teacher["dev"]["tuned"]["micro_f1"], 6)
-    assert any(t["dev"]["tuned"]["micro_f1"] != t["dev"]["micro_f1"] for t in teachers.values())
+    assert any(t["dev"]["tuned"]["micro_f1"] != t["dev"]["micro_f1"] for t in teachers.values() if not t["chosen"])
     chosen = next(t for t in teachers.values() if t["chosen"])
-    assert chosen["dev"] == chosen["epochs"][chosen["best_epoch"] - 1]
-    assert chosen["dev"]["tuned"]["micro_f1"] == max(e["tuned"]["micro_f1"] for e in chosen["epochs"])
+    tuned = [e["tuned"]["micro_f1"] for e in chosen["epochs"]]
+    assert chosen["best_epoch"] == 1 + tuned.index(max(tuned)) and chosen["dev"]["tuned"]["micro_f1"] == max(tuned)

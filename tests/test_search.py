@@ -43,6 +43,9 @@ def test_rungs_double_from_the_first_and_end_at_the_last():
     assert rungs(5, 3, first=0.25, growth=4) == [0.25, 1.0, 3]
     assert rungs(7, 3, first=0.25, growth=4) == [0.25, 1.0, 3]  # 7 -> 3 -> 1: the last cut at the end
     assert rungs(5, 1, first=0.5) == [0.5, 1]  # rungs never pass the epochs
+    assert rungs(5, 3, first=0.75) == [0.75, 2, 3] and rungs(5, 3, first=1.5) == [2, 3]  # whole epochs past 1
+    assert rungs(9, 9, first=0.3, growth=1.5) == pytest.approx([0.3, 0.45, 0.675, 9])  # 9 -> 4 -> 2 -> 1
+    assert rungs(16, 9, first=0.8, growth=1.2) == [0.8, 0.96, 2, 3, 9]  # 1.15 to 1.99 all round to 2: one mark
 
 
 def test_halving_picks_the_best_layers_for_a_fraction_of_the_epochs():

@@ -78,9 +78,12 @@ class TaskCandidates:
 
 
 def has_score(spec: TaskSpec) -> bool:
+    """Trained, with a finite dev metric (and a finite tuned one, when it records one: that one is planned)."""
     metric = spec.metrics.get("metric")
-    value = spec.metrics.get(metric) if isinstance(metric, str) else None
-    return spec.trained and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    tuned = spec.metrics.get("tuned", spec.metrics)
+    values = [m.get(metric) if isinstance(metric, str) and isinstance(m, dict) else None for m in (spec.metrics, tuned)]
+    return spec.trained and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                for v in values)
 
 
 def read_candidates(folder: Path) -> TaskCandidates:

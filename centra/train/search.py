@@ -12,6 +12,7 @@ dev, as it is served). Teachers run in order of attach layer so the trunk cache 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,11 +32,18 @@ RUNG_GROWTH = 2  # each later rung trains its survivors to this many times the p
 def rungs(arms: int, epochs: int, first: float = FIRST_RUNG, growth: float = RUNG_GROWTH) -> list[float]:
     """The epochs (cumulative) at which halving ranks `arms` arms: first, first * growth, ... up to the
     cuts that leave one arm (keeping the better half each time), then `epochs`, where the last cut is made
-    if arms remain. 5 arms over 3 epochs: [1, 2, 3]; with a first rung of 0.25 and growth 4: [0.25, 1, 3]."""
+    if arms remain. 5 arms over 3 epochs: [1, 2, 3]; with a first rung of 0.25 and growth 4: [0.25, 1, 3].
+    A mark past the first epoch is rounded up to a whole epoch: a branch with an epoch behind it is ranked
+    by its best epoch, so a part epoch more would be trained for nothing."""
     marks, alive, at = [], arms, first
-    while alive > 1 and at < epochs:
-        marks.append(at)
-        alive, at = max(1, alive // 2), at * growth
+    while alive > 1:
+        mark = at if at <= 1 else math.ceil(at - 1e-9)
+        if mark >= epochs:
+            break
+        if not marks or mark > marks[-1]:
+            marks.append(mark)
+            alive = max(1, alive // 2)
+        at *= growth
     return marks + [epochs]
 
 

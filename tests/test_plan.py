@@ -198,6 +198,13 @@ def test_plan_errors_are_one_line(world, tmp_path, capsys):
     assert main(["plan", "--tasks-dir", str(tmp_path / "empty"), "--budget-layers", "9"]) == 2
     assert "task.json: file not found" in capsys.readouterr().err
     assert snapshot(tasks) == before
+    alt = tasks / "beta" / CANDIDATES_DIR / "student-alt" / "task.json"  # a tuned metric that is no number
+    spec = json.loads(alt.read_text())
+    spec["metrics"]["tuned"] = {"micro_f1": "high"}
+    alt.write_text(json.dumps(spec))
+    assert main([*base, "--budget-layers", "9"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "student-alt" in err and "not a trained candidate with a dev metric" in err, err
 
 
 def test_plan_prints_the_table_and_plots_the_frontier(world, tmp_path, capsys):

@@ -183,7 +183,8 @@ def test_multilabel_branches_are_chosen_at_tuned_thresholds(bert, tmp_path, monk
     for made_up, best in (([0.9, 0.1, 0.2], 1), ([0.1, 0.2, 0.9], 3)):
         values = iter(made_up)
         monkeypatch.setattr(finetune, "tune_logits",
-                            lambda logits, targets, v=values: {"tuned": {"micro_f1": next(v), "macro_f1": 0.0}})
+                            lambda logits, targets, v=values: {"tuned": {"micro_f1": next(v), "macro_f1": 0.0},
+                                                               "values": [0.5, 0.5]})
         head = init_task(bert, "m", "multilabel", ["billing", "app"], 2, 1)[1]
         _, log = train_branch(head, caches[0], targets, caches[1], targets, cfg, "m")
         assert log["best_epoch"] == best and log["dev"]["tuned"]["micro_f1"] == 0.9

@@ -40,6 +40,12 @@ class CacheBudget:
         self.used -= nbytes
 
 
+def batches_by_length(lengths: np.ndarray, batch_size: int) -> list[list[int]]:
+    """Row indices in batches of similar lengths, shortest first (passes that need no shuffling)."""
+    order = np.argsort(lengths, kind="stable").tolist()
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 class ActivationCache:
     """Hidden states of every example at trunk layer `layer` (0 = embeddings), unpadded.
 
@@ -84,8 +90,7 @@ class ActivationCache:
             self.spilled.unlink(missing_ok=True)
 
     def rows_in_batches(self, batch_size: int = 64) -> list[list[int]]:
-        order = np.argsort(self.lengths, kind="stable").tolist()
-        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        return batches_by_length(self.lengths, batch_size)
 
     def _write(self, rows: list[int], hidden: torch.Tensor) -> None:
         for i, r in enumerate(rows):

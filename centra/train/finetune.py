@@ -132,10 +132,12 @@ def predict_cache(head: TaskHead, cache: ActivationCache, batch_size: int = 128,
 
 
 def dev_scores(kind: str, logits: np.ndarray, targets: list, thresholds: list[float] | None = None) -> dict:
-    """Every metric of the kind; a multilabel task's also at thresholds tuned on these logits ("tuned")."""
+    """Every metric of the kind; a multilabel task's also the thresholds tuned on these logits
+    ("thresholds") and the metrics at them ("tuned"): the branch is served at the ones of its best epoch."""
     scores = compute(kind, logits, targets, thresholds)
     if kind == "multilabel":
-        scores["tuned"] = tune_logits(logits, targets)["tuned"]
+        found = tune_logits(logits, targets)
+        scores["tuned"], scores["thresholds"] = found["tuned"], found["values"]
     return scores
 
 

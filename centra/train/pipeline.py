@@ -34,12 +34,11 @@ from centra.io import check_replaceable
 from centra.train.cache import ActivationCache, CacheBudget
 from centra.train.data import Examples, load_examples
 from centra.train.distill import distill_students, logits_table, read_teacher_logits
-from centra.train.finetune import predict_cache
 from centra.train.job import CheckedJob, Run, TaskJob
 from centra.train.metrics import DEFAULT_METRIC, METRICS, baseline
 from centra.train.reference import TokenSource, train_reference
 from centra.train.search import SEARCHES, search_teachers
-from centra.train.thresholds import tune_logits
+from centra.train.thresholds import threshold_report
 
 
 def default_layer_range(num_layers: int) -> tuple[int, int]:
@@ -142,14 +141,13 @@ def train_task(job: TaskJob, backbone: Backbone, tasks_dir: Path) -> tuple[dict,
         if job.reference:
             clock = time.perf_counter()
             sources = [TokenSource(e, tok.pad_token_id or 0) for e in encoded]
-            model, log = train_reference(backbone, run.new_head(0, n), sources[0], train.targets, sources[1],
-                                         dev.targets, tc, job.reference_epochs)
+            _, log = train_reference(backbone, run.new_head(0, n), sources[0], train.targets, sources[1],
+                                     dev.targets, tc, job.reference_epochs)
             run.times["reference"] = time.perf_counter() - clock
             report["reference"] = {"layers": n, "overhead": n, "embeddings": "trained",
                                    "epochs_setting": job.reference_epochs, **log}
             if job.kind == "multilabel":
-                report["reference"]["thresholds"] = tune_logits(predict_cache(model, sources[1]), dev.targets)
-            del model
+                report["reference"]["thresholds"] = threshold_report(log["dev"], dev.targets)
         for cache in caches:
             cache.build(0 if soft is not None else n - checked.hi)
         kept: dict[str, TaskHead] = {}
@@ -176,14 +174,15 @@ def train_task(job: TaskJob, backbone: Backbone, tasks_dir: Path) -> tuple[dict,
         student, report["students"] = distilled.chosen, distilled.logs
         kept.update({f"student-l{layers}": head for layers, head in distilled.students.items()})
         run.times["students"] = time.perf_counter() - clock
-        report.update(tuned(student, caches[1], dev.targets))
-        candidate_thresholds = tune_candidates(kept, caches[1], dev.targets)
+        if job.kind == "multilabel":  # served at its best epoch's tuned thresholds
+            chosen = next(s for s in report["students"] if s["task_layers"] == student.spec.task_layers)
+            report["thresholds"] = threshold_report(chosen["dev"], dev.targets)
         report["cache"] = cache_report(caches, budget, report.get("teachers", []), tc.epochs)
     finally:
         for cache in caches:
             cache.close()
     report["seconds"] = {k: round(v, 2) for k, v in run.times.items()}
-    return finish(job, student, report, Path(tasks_dir), kept, candidate_thresholds), student
+    return finish(job, student, report, Path(tasks_dir), kept), student
 
 
 def trained_spec(job: TaskJob, head: TaskHead, log: dict, metric: str) -> TaskSpec:
@@ -196,7 +195,7 @@ def trained_spec(job: TaskJob, head: TaskHead, log: dict, metric: str) -> TaskSp
 
 
 def finish(job: TaskJob, student: TaskHead, report: dict, tasks_dir: Path,
-           kept: dict[str, TaskHead] | None = None, candidate_thresholds: dict[str, dict] | None = None) -> dict:
+           kept: dict[str, TaskHead] | None = None) -> dict:
     """Mark the chosen student trained, record its dev metrics, publish the task folder with the
     candidates kept (teachers with L <= 3 and every student, for `centra plan`)."""
     logs = {f"student-l{s['task_layers']}": s for s in report["students"]}
@@ -210,32 +209,16 @@ def finish(job: TaskJob, student: TaskHead, report: dict, tasks_dir: Path,
                         "candidate": f"student-l{spec.task_layers}", **spec.metrics}
     candidates = {name: (trained_spec(job, head, logs[name], report["metric"]), head)
                   for name, head in sorted((kept or {}).items())}
-    for name, found in (candidate_thresholds or {}).items():  # a multilabel candidate serves at its own
-        cand = candidates[name][0]
-        cand.thresholds = found["values"]
-        cand.metrics["tuned"] = {m: round(v, 6) for m, v in found["tuned"].items()}
+    for name, (cand, _) in candidates.items():  # a multilabel candidate serves at its own tuned thresholds
+        if job.kind == "multilabel":
+            cand.thresholds = logs[name]["dev"]["thresholds"]
+            cand.metrics["tuned"] = {m: round(v, 6) for m, v in logs[name]["dev"]["tuned"].items()}
     report["candidates"] = [{"id": name, "attach_layer": s.attach_layer, "task_layers": s.task_layers,
                              report["metric"]: s.metrics[report["metric"]]} for name, (s, _) in candidates.items()]
     student.spec = spec
     extra = {REPORT_FILE: report, **({RECIPE_FILE: job.recipe} if job.recipe is not None else {})}
     save_task(tasks_dir / job.name, spec, student, extra_files=extra, candidates=candidates)
     return report
-
-
-def tune_candidates(kept: dict[str, TaskHead], dev: ActivationCache, targets: list) -> dict[str, dict]:
-    """Per-label thresholds of every kept multilabel candidate, so that `centra plan` activating one
-    serves it at its own thresholds: the dev cache climbs to each candidate's attach layer in turn."""
-    found = {}
-    for name, head in sorted(kept.items(), key=lambda item: item[1].spec.attach_layer):
-        if head.spec.kind == "multilabel":
-            dev.advance_to(head.spec.attach_layer)
-            found[name] = tune_logits(predict_cache(head, dev), targets)
-    return found
-
-
-def tuned(head: TaskHead, dev: ActivationCache, targets: list) -> dict:
-    """A multilabel branch's per-label thresholds tuned on dev, with its dev metrics at 0.5 and tuned."""
-    return {"thresholds": tune_logits(predict_cache(head, dev), targets)} if head.spec.kind == "multilabel" else {}
 
 
 def cache_report(caches: list[ActivationCache], budget: CacheBudget, teachers: list[dict], epochs: int) -> dict:

@@ -18,6 +18,7 @@ from centra.errors import CentraError
 from centra.io import read_json, sha256_bytes, sha256_file
 from centra.train.data import Columns, parse_label_names
 from centra.train.finetune import TrainConfig
+from centra.train.job import FIRST_RUNG
 from centra.train.pipeline import KINDS, TaskJob
 
 RECIPE_VERSION = 1
@@ -198,7 +199,7 @@ def job_from(recipe: Recipe, root: Path, fingerprint: str) -> TaskJob:
     return TaskJob(name=recipe.name, kind=recipe.kind, train=files["train"], dev=files["dev"], columns=columns,
                    label_names=parse_label_names(d.get("label_names"), Path(root)),
                    layers=parse_range(t.layers), search=t.search or "halving", student_layers=t.student_layers,
-                   first_rung=1.0 if t.first_rung is None else float(t.first_rung),
+                   first_rung=FIRST_RUNG if t.first_rung is None else float(t.first_rung),
                    threshold=1.0 if t.threshold is None else float(t.threshold), reference=t.reference,
                    teacher_logits=files.get("teacher_logits"),
                    attach_layer=t.attach_layer, max_train_examples=t.max_train_examples, max_length=t.max_length,

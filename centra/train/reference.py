@@ -20,6 +20,7 @@ from torch import nn
 from centra.core.backbone import Backbone
 from centra.core.task import TaskHead, TaskSpec
 from centra.core.tokens import Encoded
+from centra.train.cache import batches_by_length
 from centra.train.finetune import BranchTrainer, TrainConfig
 
 REFERENCE_EPOCHS = 3
@@ -35,8 +36,7 @@ class TokenSource:
         self.lengths = np.array([len(ids) for ids in enc.input_ids])
 
     def rows_in_batches(self, batch_size: int = 64) -> list[list[int]]:
-        order = np.argsort(self.lengths, kind="stable").tolist()
-        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        return batches_by_length(self.lengths, batch_size)
 
     def batch(self, rows: list[int]) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
         ids, mask, types = self.enc.batch(rows, self.pad_id)

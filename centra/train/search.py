@@ -19,13 +19,10 @@ from dataclasses import dataclass, field
 
 from centra.core.task import TaskHead
 from centra.train.finetune import BranchTrainer, selection_score
-from centra.train.job import Run
+from centra.train.job import FIRST_RUNG, Run
 
 SEARCHES = ("halving", "full")
 MAX_CANDIDATE_LAYERS = 3  # teachers kept as plan candidates (centra plan): at most this many task layers
-# A quarter-epoch first rung cut the full search's winner on CoLA and RTE (2,500-8,500 examples: every L
-# still near chance then; docs/results.md), so the default ranks after one epoch, as the search was designed.
-FIRST_RUNG = 1.0  # epochs every L trains before the first cut
 RUNG_GROWTH = 2  # each later rung trains its survivors to this many times the previous rung's epochs
 
 

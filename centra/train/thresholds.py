@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from centra.train.metrics import compute
+from centra.train.metrics import METRICS, compute
 
 DEFAULT_THRESHOLD = 0.5
 MIN_POSITIVES = 5  # positive dev examples a label needs before its threshold is tuned
@@ -40,12 +40,17 @@ def best_threshold(p: np.ndarray, gold: np.ndarray) -> float:
     return float(cuts[best[np.argmin(np.abs(cuts[best] - DEFAULT_THRESHOLD))]])
 
 
-def tune_logits(logits: np.ndarray, targets: list, min_positives: int = MIN_POSITIVES) -> dict:
-    """Thresholds for a multilabel branch from its dev logits, and the dev metrics at 0.5 and at the
-    tuned thresholds, as report.json records them."""
+def tune_logits(logits: np.ndarray, targets: list) -> dict:
+    """Per-label thresholds tuned on a multilabel branch's dev logits ("values") and the dev metrics at
+    them ("tuned")."""
     probs = 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
-    thresholds = tune_thresholds(probs, np.asarray(targets), min_positives)
+    thresholds = tune_thresholds(probs, np.asarray(targets))
+    return {"values": thresholds, "tuned": compute("multilabel", logits, targets, thresholds)}
+
+
+def threshold_report(dev: dict, targets: list) -> dict:
+    """report.json's record of a multilabel branch's thresholds, read off its dev entry (the scores
+    finetune.dev_scores took when that epoch ended): values, dev metrics at 0.5 and tuned."""
     positives = (np.asarray(targets) > 0.5).sum(0)
-    return {"values": thresholds, "min_positives": min_positives, "positives": [int(x) for x in positives],
-            "at_0.5": compute("multilabel", logits, targets), "tuned": compute("multilabel", logits, targets,
-                                                                              thresholds)}
+    return {"values": dev["thresholds"], "min_positives": MIN_POSITIVES, "positives": [int(x) for x in positives],
+            "at_0.5": {m: dev[m] for m in METRICS["multilabel"]}, "tuned": dev["tuned"]}

@@ -22,6 +22,15 @@ class RemoteError(CentraError):
         self.code = code
 
 
+KEPT_CATALOGS = 8
+
+
+def model_key(reply) -> tuple[str, str]:
+    """What a reply's model is known by: its model_id (content id); its version name only from a server
+    that sends no model_id."""
+    return ("id", reply.model_id) if reply.model_id else ("version", reply.model_version)
+
+
 class Client:
     def __init__(self, target: str, timeout: float = 10.0, *, credentials=None,
                  metadata: Sequence[tuple[str, str]] = ()):
@@ -39,7 +48,9 @@ class Client:
         self._channel = (grpc.secure_channel(target, credentials) if credentials is not None
                          else grpc.insecure_channel(target))
         self._stub = centra_pb2_grpc.ClassifierStub(self._channel)
-        self._catalogs: dict[str, dict[str, dict]] = {}  # model version -> its tasks (from ListTasks)
+        # model (its content id, see model_key) -> its tasks (from ListTasks): a model rebuilt under the
+        # same version name has another id, so its answers are never read with the old labels
+        self._catalogs: dict[tuple[str, str], dict[str, dict]] = {}
 
     def __enter__(self) -> Client:
         return self
@@ -51,16 +62,20 @@ class Client:
         self._channel.close()
 
     def list_tasks(self) -> dict:
-        """The served model: version, backbone, overhead and every task (name, kind, labels, input, ...)."""
+        """The served model: version, model_id (its content id: a rebuild under the same version name has
+        another), backbone, overhead and every task (name, kind, labels, input, ...)."""
         from centra.serve.v1 import centra_pb2 as pb
 
         reply = self._call(self._stub.ListTasks, pb.ListTasksRequest())
         tasks = [{"name": t.name, "kind": t.kind, "labels": list(t.labels), "input": t.input,
                   "max_length": t.max_length, "attach_layer": t.attach_layer, "task_layers": t.task_layers}
                  for t in reply.tasks]
-        # one assignment per version: threads sharing this client never see a half-updated catalog
-        self._catalogs = {**self._catalogs, reply.model_version: {t["name"]: t for t in tasks}}
-        return {"model_version": reply.model_version, "backbone_id": reply.backbone_id,
+        # one assignment per model: threads sharing this client never see a half-updated catalog; the
+        # newest few models are kept (a server reloading for months must not grow this client)
+        key = model_key(reply)
+        kept = [item for item in self._catalogs.items() if item[0] != key][-(KEPT_CATALOGS - 1):]
+        self._catalogs = {**dict(kept), key: {t["name"]: t for t in tasks}}
+        return {"model_version": reply.model_version, "model_id": reply.model_id, "backbone_id": reply.backbone_id,
                 "backbone_fingerprint": reply.backbone_fingerprint, "overhead_layers": reply.overhead_layers,
                 "tasks": tasks}
 
@@ -74,9 +89,9 @@ class Client:
         request = self._request(texts, tasks, pairs, ids)
         for _ in range(2):  # a reload between the answer and ListTasks: ask once more
             reply = self._call(self._stub.Classify, request)
-            if reply.model_version not in self._catalogs:
-                self.list_tasks()  # the labels that name the scores, for that version
-            catalog = self._catalogs.get(reply.model_version)
+            if model_key(reply) not in self._catalogs:
+                self.list_tasks()  # the labels that name the scores, for that model
+            catalog = self._catalogs.get(model_key(reply))
             if catalog is not None:
                 break
         else:
@@ -134,6 +149,10 @@ class Client:
                 message = f"cannot reach the centra server at {self.target} ({details})"
             elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 message = f"{self.target} gave no answer within {self.timeout:g} s"
+            elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+                # gRPC's own refusal of a message over the server's receive limit: not "busy"
+                message = (f"{self.target}: the call is too large for the server ({details}); do not retry it: "
+                           "send fewer inputs or shorter texts per call")
             else:
                 message = f"{self.target}: {code.name}: {details}"
             raise RemoteError(message, code.name) from None

@@ -126,17 +126,49 @@ def hash_tree(root: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
             if p.is_file() and p.relative_to(root).as_posix() not in skip}
 
 
-def check_tree(root: Path, files: dict[str, str], skip: tuple[str, ...] = ()) -> None:
-    """Every listed file present with its sha256 and no unlisted file: else a one-line CentraError."""
+def shorten(text: str, limit: int = 80) -> str:
+    """A name echoed in an error, cut to about `limit` characters."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def bad_relative_path(rel: str) -> str | None:
+    """Why `rel` is not a plain relative POSIX path that stays inside its root (None when it is one):
+    no absolute path, no backslash or NUL, no empty, "." or ".." component."""
+    if not rel:
+        return "is empty"
+    if "\\" in rel or "\0" in rel:
+        return "holds a backslash or NUL"
+    if rel.startswith("/"):
+        return "is an absolute path"
+    if any(part in ("", ".", "..") for part in rel.split("/")):
+        return "is not a plain relative path (an empty, '.' or '..' component)"
+    return None
+
+
+def check_tree(root: Path, files: dict[str, str], skip: tuple[str, ...] = (),
+               listed_in: str = "the manifest") -> None:
+    """Every listed file present with its sha256 and no unlisted file: else a one-line CentraError.
+    Every listed path must be relative and stay inside root through plain folders: a symbolic link
+    anywhere under root (or on the way to a listed file) is refused before anything is read through it."""
     root = Path(root)
     for rel, expected in files.items():
-        path = root / rel
+        why = bad_relative_path(rel)
+        if why is not None:
+            raise CentraError(f"{listed_in}: files entry {shorten(rel)!r} {why}")
+        path = root
+        for part in rel.split("/"):
+            path = path / part
+            if path.is_symlink():
+                raise CentraError(f"{path}: a symbolic link (listed in {listed_in} as {shorten(rel)!r}); a "
+                                  "published folder holds only plain files inside it")
         if not path.is_file():
             raise CentraError(f"{path}: file not found (listed in the manifest)")
         if sha256_file(path) != expected:
             raise CentraError(f"{path}: sha256 differs from the manifest (corrupt or replaced file)")
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root).as_posix()
+        if path.is_symlink():
+            raise CentraError(f"{path}: a symbolic link; a published folder holds only plain files")
         if path.is_file() and rel not in files and rel not in skip:
             raise CentraError(f"{path}: not listed in the manifest (a file added after publishing)")
 

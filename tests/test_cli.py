@@ -16,7 +16,7 @@ from helpers import make_tasks
 from centra.cli import main
 from centra.core.answers import interpret
 from centra.core.backbone import Backbone
-from centra.core.merge import MANIFEST, model_folder, plan_merge, write_merged
+from centra.core.merge import MANIFEST, content_id, model_folder, plan_merge, write_merged
 from centra.core.task import TaskSpec
 from centra.core.tokens import MAX_TEXT_CHARS
 from centra.runtime.engine import Engine
@@ -98,6 +98,7 @@ def test_verify_passes_and_catches_a_bad_trunk(merged, capsys):
     save_file(state, str(trunk))
     manifest = json.loads((version / MANIFEST).read_text())
     manifest["files"]["trunk.safetensors"] = sha256_file(trunk)
+    manifest["content_id"] = content_id(manifest)  # a consistent manifest: only the numbers are wrong
     (version / MANIFEST).write_text(json.dumps(manifest))
     assert main(["verify", "--model", str(merged)]) == 1
     captured = capsys.readouterr()

@@ -222,7 +222,9 @@ BAD = [  # name, request, code, part of the message
     ("blank pair", request(["a"], ["delta"], [" "]), CODE.INVALID_ARGUMENT, "pair text 0 is empty"),
     ("unknown task", request(["a"], ["alpha", "nope"]), CODE.NOT_FOUND, "unknown task 'nope'"),
     ("too many inputs", request(["a"] * 257), CODE.INVALID_ARGUMENT, "257 inputs in one call"),
-    ("too many bytes", request(["xy " * 33_000] * 11), CODE.INVALID_ARGUMENT, "1,089,000 bytes"),
+    ("too many bytes", request(["xy " * 33_000] * 10 + ["z" * 60_000]), CODE.INVALID_ARGUMENT, "1,050,000 bytes"),
+    ("too large a message", request(["xy " * 33_000] * 11), CODE.INVALID_ARGUMENT,
+     "the ClassifyRequest has 1,089,"),
 ]
 
 
@@ -314,24 +316,19 @@ def test_batcher_checks_deadlines_when_it_forms_a_batch(engine):
 
 
 def test_batcher_loop_survives_a_fault_outside_the_engine(engine):
-    """A fault of the loop itself (here: the engine's task table) fails that batch's calls, not the loop."""
-
-    class Faulty:
-        faults = 1
-
-        def __getattr__(self, name):
-            return getattr(engine, name)
-
-        @property
-        def specs(self):
-            if Faulty.faults:
-                Faulty.faults -= 1
-                raise KeyError("task table gone")
-            return engine.specs
+    """A fault of the loop itself (here: binding a call to the engine) fails that batch's calls, not the loop."""
 
     async def scenario():
-        batcher = Batcher(Faulty(), max_batch=8, max_wait_ms=0, max_queue=16)
+        batcher = Batcher(engine, max_batch=8, max_wait_ms=0, max_queue=16)
         batcher.listeners.append(lambda record: 1 / 0)  # a failing listener is logged and ignored
+        bind, faults = batcher._bind, [KeyError("task table gone")]
+
+        def faulty_bind(call, bound):
+            if faults:
+                raise faults.pop()
+            return bind(call, bound)
+
+        batcher._bind = faulty_bind
         await batcher.start()
         with pytest.raises(KeyError):
             await asyncio.wait_for(batcher.submit([Row("first", None, ("alpha",))]), 20)

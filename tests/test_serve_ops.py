@@ -18,7 +18,7 @@ from helpers import STANDARD_TASKS, make_task, make_tasks
 
 from centra.cli import main
 from centra.core.backbone import Backbone
-from centra.core.merge import MANIFEST, plan_merge, write_merged
+from centra.core.merge import MANIFEST, content_id, plan_merge, write_merged
 from centra.io import CURRENT, VERSIONS, current_version
 from centra.runtime.engine import Engine
 from centra.serve.app import AppOptions, build
@@ -124,7 +124,7 @@ def test_reload_under_load_loses_no_call_and_switches_version(published, tiny_mo
     new = Engine.load(published / "out").predict([TEXTS[0]], tasks=["alpha"])[0]
     assert abs(replies[-1][1] - list(new["scores"].values())[0]) < 1e-5, "answers come from the new version"
     assert 'centra_reloads_total{result="ok"} 1.0' in app.scrape()
-    assert 'centra_model_version{version="v000002"} 1.0' in app.scrape()
+    assert f'centra_model_version{{id="{app.server.engine.content_id}",version="v000002"}} 1.0' in app.scrape()
 
 
 def test_a_bad_reload_keeps_the_old_version_serving(published, apps, caplog):
@@ -132,8 +132,8 @@ def test_a_bad_reload_keeps_the_old_version_serving(published, apps, caplog):
     out = published / "out"
     bad = out / VERSIONS / "v000002"
     shutil.copytree(out / VERSIONS / "v000001", bad)
-    manifest = json.loads((bad / MANIFEST).read_text())
-    (bad / MANIFEST).write_text(json.dumps({**manifest, "version": "v000002"}))
+    manifest = {**json.loads((bad / MANIFEST).read_text()), "version": "v000002"}
+    (bad / MANIFEST).write_text(json.dumps({**manifest, "content_id": content_id(manifest)}))
     (bad / "trunk.safetensors").write_bytes(b"not weights")  # corrupt: its sha256 differs from the manifest
     (out / "next").symlink_to(f"{VERSIONS}/v000002")
     (out / "next").replace(out / CURRENT)
@@ -144,7 +144,8 @@ def test_a_bad_reload_keeps_the_old_version_serving(published, apps, caplog):
         threading.Event().wait(0.05)
     assert 'centra_reloads_total{result="failed"} 1.0' in app.scrape()
     assert classify(app.stub).model_version == "v000001", "the old version keeps serving"
-    assert any("reload of v000002 failed, still serving v000001" in r.getMessage() for r in caplog.records)
+    assert any("reload of v000002 (" in r.getMessage() and "failed, still serving v000001 (" in r.getMessage()
+               and "trunk.safetensors: sha256 differs" in r.getMessage() for r in caplog.records)
     threading.Event().wait(0.3)
     assert 'centra_reloads_total{result="failed"} 1.0' in app.scrape(), "a failed version is not retried"
     app.loop.call_soon_threadsafe(app.watcher.poke)  # SIGHUP: retry now
@@ -169,7 +170,7 @@ def test_metrics_count_calls_by_code_batches_and_inputs(published, apps):
     assert 'centra_inputs_total{task="alpha"} 3.0' in text
     assert "centra_batch_rows_count 3.0" in text and "centra_queue_seconds_count 3.0" in text
     assert 'centra_call_seconds_count{method="Classify"} 4.0' in text
-    assert 'centra_model_version{version="v000001"} 1.0' in text
+    assert f'centra_model_version{{id="{app.server.engine.content_id}",version="v000001"}} 1.0' in text
 
 
 def test_token_is_required_and_never_logged(published, apps, tmp_path, caplog, capsys):

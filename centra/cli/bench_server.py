@@ -106,8 +106,8 @@ def add_parsers(sub, common) -> None:
     p.add_argument("--seconds", type=positive_float, default=10.0, help="measured seconds per phase (default 10)")
     p.add_argument("--texts", help="texts, one per line (default: SST-2 dev sentences, else sample texts)")
     p.add_argument("--max-batch", type=positive_int, default=32, help="the server's rows per engine run (default 32)")
-    p.add_argument("--max-wait-ms", type=non_negative_float, default=5.0,
-                   help="the server's batching wait (default 5)")
+    p.add_argument("--max-wait-ms", type=non_negative_float, default=0.0,
+                   help="the server's --max-wait-ms (default 0)")
     p.add_argument("--tasks-per-call", choices=("mixed", "all"), default="mixed",
                    help="mixed: random non-empty subsets of the single-text tasks (seeded); all: every one")
     p.add_argument("--warmup", type=non_negative_float, default=2.0, help="seconds of warm-up per phase (default 2)")

@@ -10,6 +10,13 @@ from centra.errors import CentraError
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        # Until the server's own handlers are installed (imports and checks take seconds), a SIGHUP ("check
+        # for a new model") must not take its default action, which ends the process.
+        signal.signal(signal.SIGHUP, lambda signum, frame: None)
     import asyncio
     import logging
 
@@ -18,7 +25,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     options = ServeOptions(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                            max_queue=args.max_queue, max_inputs_per_call=args.max_inputs_per_call,
-                           max_call_bytes=args.max_call_bytes, drain_s=args.drain_s, grace_s=args.grace_s)
+                           max_call_bytes=args.max_call_bytes, max_concurrent_rpcs=args.max_concurrent_rpcs,
+                           drain_s=args.drain_s, grace_s=args.grace_s)
     app = AppOptions(metrics_host=args.host, metrics_port=None if args.no_metrics else args.metrics_port,
                      watch=not args.no_watch, tls_cert=_path(args.tls_cert), tls_key=_path(args.tls_key),
                      token_file=_path(args.token_file), engine=args.engine)
@@ -97,13 +105,17 @@ def add_parsers(sub, common) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
     p.add_argument("--port", type=port_number, default=50051, help="default 50051; 0: any free port")
     p.add_argument("--max-batch", type=positive_int, default=32, help="rows per engine run (default 32)")
-    p.add_argument("--max-wait-ms", type=non_negative_float, default=5.0,
-                   help="how long a call may wait for others to share its batch (default 5)")
+    p.add_argument("--max-wait-ms", type=non_negative_float, default=0.0,
+                   help="calls queued behind a running batch form the next batch when it ends; this lets them wait "
+                   "at most so long past its end for more calls (default 0). A call that finds the engine idle "
+                   "always runs at once")
     p.add_argument("--max-queue", type=positive_int, default=1024,
                    help="queued rows beyond which calls are refused with RESOURCE_EXHAUSTED (default 1024)")
     p.add_argument("--max-inputs-per-call", type=positive_int, default=256)
     p.add_argument("--max-call-bytes", type=positive_int, default=1 << 20,
-                   help="UTF-8 bytes of texts, pairs and ids in one call (default 1 MiB)")
+                   help="UTF-8 bytes of texts, pairs, ids and task names in one call (default 1 MiB)")
+    p.add_argument("--max-concurrent-rpcs", type=positive_int, default=128,
+                   help="calls in progress at once; more get RESOURCE_EXHAUSTED from gRPC (default 128)")
     p.add_argument("--metrics-port", type=port_number, default=9400,
                    help="Prometheus /metrics on --host at this port, plain HTTP with no token (default 9400; 0: any "
                    "free port)")

@@ -8,6 +8,7 @@ missing, changed or added file, naming it. A refused or crashed merge leaves OUT
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,16 +18,19 @@ from torch import nn
 from centra.core.backbone import Backbone, Embeddings, EncoderConfig, EncoderLayer, check_state, load_safetensors
 from centra.core.graph import MergedModel
 from centra.core.overhead import overhead_layers, trunk_passes
-from centra.core.task import HEAD_FILE, TASK_FILE, TaskSpec, load_task, read_task_json, task_dirs
+from centra.core.task import HEAD_FILE, NAME_RE, TASK_FILE, TaskSpec, load_task, read_task_json, task_dirs
 from centra.errors import CentraError
 from centra.io import (
     DEFAULT_KEEP_VERSIONS,
+    bad_relative_path,
     check_tree,
     copy_verified,
     current_version,
     hash_tree,
     publish_version,
     read_json,
+    sha256_bytes,
+    shorten,
     write_json,
 )
 
@@ -136,6 +140,7 @@ def write_merged(plan: MergePlan, out: Path, keep_versions: int = DEFAULT_KEEP_V
         if extend is not None:
             written.update(extend(stage, dict(written)))
         written["files"] = hash_tree(stage)
+        written["content_id"] = content_id(written)
         write_json(stage / MANIFEST, written)
 
     publish_version(Path(out), MODEL_KIND, build, lambda stage: load_merged(stage), keep_versions)
@@ -162,13 +167,31 @@ def model_folder(out: Path) -> Path:
     return current[1]
 
 
+def content_id(manifest: dict) -> str:
+    """What a version is known by: "sha256:<hex>" of the manifest's canonical JSON (keys sorted, compact,
+    UTF-8), less its own "content_id" key. The manifest lists the sha256 of every other file of the
+    version, so two versions with the same id hold the same bytes, whatever their names."""
+    body = {key: value for key, value in manifest.items() if key != "content_id"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return sha256_bytes(text.encode("utf-8"))
+
+
+def short_id(content: str) -> str:
+    """The first 12 hex digits of a content id, for log lines."""
+    return content.removeprefix("sha256:")[:12] or "none"
+
+
 REQUIRED = {"format": str, "schema_version": int, "version": str, "backbone": dict, "encoder": dict,
             "trunk_depth": int, "tasks": list, "files": dict, "overhead_layers": int, "single_task_layers": int}
 
 
 def read_manifest(folder: Path) -> dict:
-    """The manifest of one version folder, with every field checked (one line naming the file)."""
+    """The manifest of one version folder, with every field checked (one line naming the file): task names
+    by the task-name rule and unique, every `files` entry a relative path inside the version, and its
+    content_id (filled in when an earlier centra wrote none). Reads this one file only."""
     path = Path(folder) / MANIFEST
+    if path.is_symlink():
+        raise CentraError(f"{path}: a symbolic link; a version holds only plain files")
     manifest = read_json(path)
     if manifest.get("format") != FORMAT:
         raise CentraError(f"{path}: not a centra merged model manifest")
@@ -183,9 +206,27 @@ def read_manifest(folder: Path) -> dict:
             raise CentraError(f"{path}: malformed manifest ({key!r} must be {typ.__name__})")
     if not {"id", "fingerprint", "num_layers"} <= set(manifest["backbone"]):
         raise CentraError(f"{path}: malformed manifest (backbone needs id, fingerprint, num_layers)")
+    seen: set[str] = set()
     for entry in manifest["tasks"]:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise CentraError(f"{path}: malformed manifest (each task needs a name)")
+        name = entry["name"]
+        if not NAME_RE.fullmatch(name):  # fullmatch: the rule's "$" would let a trailing newline through
+            raise CentraError(f"{path}: malformed manifest (task name {shorten(name)!r} must be 1-64 letters, "
+                              "digits, '_' or '-')")
+        if name.lower() in seen:
+            raise CentraError(f"{path}: malformed manifest (duplicate task name {name!r})")
+        seen.add(name.lower())
+    for rel, digest in manifest["files"].items():
+        why = bad_relative_path(rel)
+        if why is not None:
+            raise CentraError(f"{path}: malformed manifest (files entry {shorten(rel)!r} {why})")
+        if not isinstance(digest, str):
+            raise CentraError(f"{path}: malformed manifest (files entry {shorten(rel)!r} needs a sha256 string)")
+    expected = content_id(manifest)
+    stored = manifest.setdefault("content_id", expected)
+    if stored != expected:
+        raise CentraError(f"{path}: content_id differs from the manifest's content (edited after publishing)")
     return manifest
 
 
@@ -193,7 +234,7 @@ def load_merged(out: Path) -> tuple[dict, MergedModel]:
     """Load OUT's current version (or a version folder), checking every file's sha256."""
     folder = model_folder(out)
     manifest = read_manifest(folder)
-    check_tree(folder, manifest["files"], skip=(MANIFEST,))
+    check_tree(folder, manifest["files"], skip=(MANIFEST,), listed_in=str(folder / MANIFEST))
     try:
         cfg = EncoderConfig(**manifest["encoder"])
     except TypeError as exc:

@@ -97,6 +97,12 @@ class Engine:
         return self.manifest.get("version", "")
 
     @property
+    def content_id(self) -> str:
+        """What the version is known by ("sha256:<hex>" of its manifest, see core/merge.content_id): a
+        version rebuilt under the same name has another one."""
+        return self.manifest.get("content_id", "")
+
+    @property
     def specs(self) -> dict[str, TaskSpec]:
         return self.model.specs
 

@@ -71,7 +71,7 @@ def build(model: Path, options: ServeOptions, app: AppOptions) -> tuple[CentraSe
     folder = model_folder(model)  # the pointer read once: the version loaded is the version watched from
     engine = load_engine(folder, options.max_batch, app.engine)
     metrics = Metrics()
-    metrics.set_version(engine.version)
+    metrics.set_version(engine.version, engine.content_id)
     interceptors = [metrics_interceptor(metrics)]
     if token is not None:
         interceptors.append(token_interceptor(token))  # after metrics: refused calls are counted too
@@ -83,48 +83,88 @@ def build(model: Path, options: ServeOptions, app: AppOptions) -> tuple[CentraSe
     if versioned:
         def swap(new: Engine, version: str) -> None:
             server.swap_engine(new)
-            metrics.set_version(version)
+            metrics.set_version(version, new.content_id)
 
         watcher = ModelWatcher(Path(model), engine.version,
                                lambda f: load_engine(f, options.max_batch, app.engine), swap,
                                on_result=lambda result: metrics.reloads.labels(result=result).inc(),
-                               interval=app.watch_interval)
+                               interval=app.watch_interval, content_id=engine.content_id)
     return server, metrics, watcher
 
 
 async def serve_model(model: Path, options: ServeOptions, app: AppOptions,
                       ready: Callable[[CentraServer, int | None], None] | None = None) -> None:
-    """Serve until SIGTERM or SIGINT; SIGHUP checks the published pointer at once."""
-    server, metrics, watcher = await asyncio.to_thread(in_fresh_thread, build, model, options, app)
-    http = None
-    if app.metrics_port is not None:  # bound first: a busy metrics port leaves nothing listening
-        try:
-            http = metrics.serve_http(app.metrics_host, app.metrics_port)
-        except OSError as exc:
-            raise CentraError(f"cannot serve metrics on {host_port(app.metrics_host, app.metrics_port)} "
-                              f"({exc.strerror or exc})") from None
+    """Serve until SIGTERM or SIGINT; SIGHUP checks the published pointer at once. The handlers are
+    installed before the model loads and stay until the server has drained: a signal at any stage is
+    handled (SIGTERM while loading: stop once loaded, before listening; SIGHUP while loading or
+    draining: logged and ignored), never the default action that kills the process mid-work."""
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
+    stage = {"now": "loading", "watcher": None}
+
+    def on_stop() -> None:
+        if stopping.is_set():
+            log.info("already shutting down (%s)", stage["now"])
+        stopping.set()
+
+    def on_hup() -> None:
+        watcher = stage["watcher"]
+        if stage["now"] != "serving":
+            log.info("SIGHUP while %s: ignored", stage["now"])
+        elif watcher is None:
+            log.info("SIGHUP: reload is off (--no-watch, or a version folder served)")
+        else:
+            watcher.poke()
+
+    previous = install_handlers(loop, on_stop, on_hup)
+    http = server = None
     try:
+        server, metrics, watcher = await asyncio.to_thread(in_fresh_thread, build, model, options, app)
+        if stopping.is_set():
+            log.info("stopped while loading: never listened")
+            return
+        if app.metrics_port is not None:  # bound first: a busy metrics port leaves nothing listening
+            try:
+                http = metrics.serve_http(app.metrics_host, app.metrics_port)
+            except OSError as exc:
+                raise CentraError(f"cannot serve metrics on {host_port(app.metrics_host, app.metrics_port)} "
+                                  f"({exc.strerror or exc})") from None
         await server.start()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stopping.set)
         if watcher is not None:
             watcher.start()
-        # SIGHUP checks for a new version at once; without a watcher it must not kill the server either
-        loop.add_signal_handler(signal.SIGHUP, watcher.poke if watcher is not None else
-                                lambda: log.info("SIGHUP: reload is off (--no-watch, or a version folder served)"))
+        stage.update(now="serving", watcher=watcher)
         if ready is not None:
             ready(server, http.server_port if http is not None else None)
         await stopping.wait()
         log.info("shutting down: NOT_SERVING for %.1f s, then %.1f s grace for in-flight calls", options.drain_s,
                  options.grace_s)
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
-        if watcher is not None:
-            await watcher.stop()
-        await server.stop()
+        stage["now"] = "shutting down"
+        if stage["watcher"] is not None:
+            await stage["watcher"].stop()
+        if server is not None:
+            await server.stop()
         if http is not None:
             http.shutdown()
             http.server_close()
+        restore_handlers(loop, previous)
+
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def install_handlers(loop: asyncio.AbstractEventLoop, on_stop: Callable[[], None],
+                     on_hup: Callable[[], None]) -> dict:
+    """SIGTERM and SIGINT -> on_stop, SIGHUP -> on_hup, in the loop; returns the handlers they replace."""
+    previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_stop)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    return previous
+
+
+def restore_handlers(loop: asyncio.AbstractEventLoop, previous: dict) -> None:
+    for sig in SIGNALS:
+        loop.remove_signal_handler(sig)
+        if previous.get(sig) is not None:
+            signal.signal(sig, previous[sig])

@@ -1,14 +1,20 @@
 """Dynamic batching: rows of concurrent calls merged into one engine run (asyncio, in the server's loop).
 
 The shape of Ray Serve's `_BatchQueue`: each call waits on its own future; one loop task forms a batch
-(calls until `max_batch` rows are queued or `max_wait_ms` has passed since the oldest queued call), runs
-`engine.run` on all its rows in one worker thread, so the event loop keeps accepting calls, and hands
-each call its slice of the results. Added to that shape:
-- admission control at enqueue: more than `max_queue` queued rows -> RESOURCE_EXHAUSTED at once;
-- calls cancelled by their caller, or past their deadline, are dropped when a batch is formed, before any
-  compute (DEADLINE_EXCEEDED);
+and runs `engine.run` on all its rows in one worker thread, so the event loop keeps accepting calls, and
+hands each call its slice of the results. Batches form while the engine is busy, never by waiting on
+an idle one: a call that arrives while the engine is idle runs at once; calls that arrive while a batch
+runs queue, and form the next batch (up to `max_batch` rows) as soon as it ends. `max_wait_ms` (default
+0) lets that next batch wait at most so long past the end of the one they queued behind, for more
+company: a ceiling, never a floor, and never applied to a call that found the engine idle. Added to
+that shape:
+- admission control at enqueue: more than `max_queue` live queued rows -> RESOURCE_EXHAUSTED at once;
+  a call that is cancelled, or whose deadline passes, gives its queue space back at that moment (a
+  timer per deadline), not when the next batch forms;
 - one error slot per call: when a batch of several calls fails, each call is re-run alone, so a bad call
   fails alone;
+- a call checked against one engine that is bound to another (a reload in between) is checked again
+  against the engine that will run it (`recheck`), before any compute;
 - the loop catches everything and goes on (a dead loop would leave every caller waiting forever).
 The loop sleeps on an asyncio.Event between calls; nothing polls.
 
@@ -33,9 +39,11 @@ log = logging.getLogger("centra.serve")
 
 @dataclass(frozen=True)
 class Computed:
-    """What a call gets back: its results, and the engine that computed them (labels, version)."""
+    """What a call gets back: its rows as they ran, their results, and the engine that computed them
+    (labels, version)."""
 
     engine: Engine
+    rows: list[Row]
     results: list[RowResult]
 
 
@@ -73,16 +81,23 @@ class BatchStats:
     failed_calls: int = 0
 
 
-@dataclass
+Recheck = Callable[[Engine], list[Row]]
+
+
+@dataclass(eq=False)
 class _Call:
     rows: list[Row]
     deadline: float | None  # on the loop's clock
     future: asyncio.Future
     enqueued: float
+    checked: Engine | None  # the engine its rows were checked against
+    recheck: Recheck | None  # the same check against another engine (a reload happened meanwhile)
+    timer: asyncio.TimerHandle | None = None
+    released: bool = False  # its rows no longer count as queued
 
 
 class Batcher:
-    def __init__(self, engine: Engine, max_batch: int = 32, max_wait_ms: float = 5.0, max_queue: int = 1024):
+    def __init__(self, engine: Engine, max_batch: int = 32, max_wait_ms: float = 0.0, max_queue: int = 1024):
         if max_batch < 1 or max_queue < 1 or not max_wait_ms >= 0:
             raise ValueError(f"bad batcher limits: max_batch={max_batch} max_queue={max_queue} "
                              f"max_wait_ms={max_wait_ms}")
@@ -98,11 +113,13 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._closing = False
         self._busy = False  # a batch is being run
+        self._idle_since = 0.0  # loop time the last batch ended: calls queued before it waited on a busy engine
         # One worker: batches run one at a time (the engine is one model on shared cores).
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="centra-engine")
 
     @property
     def queued_rows(self) -> int:
+        """Rows of live queued calls (cancelled and expired ones are not counted)."""
         return self._queued_rows
 
     async def start(self) -> None:
@@ -111,8 +128,12 @@ class Batcher:
             self._wakeup = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="centra-batcher")
 
-    async def submit(self, rows: list[Row], deadline: float | None = None) -> Computed:
-        """Queue one call's rows and wait for their results. `deadline`: on the event loop's clock."""
+    async def submit(self, rows: list[Row], deadline: float | None = None, *, checked: Engine | None = None,
+                     recheck: Recheck | None = None) -> Computed:
+        """Queue one call's rows and wait for their results. `deadline`: on the event loop's clock.
+        `checked`: the engine the rows were checked against (default: the one served now); `recheck(engine)`
+        checks the call again and returns its rows for another engine (default: its tasks must exist there
+        and take the inputs the rows carry)."""
         if self._task is None or self._closing:
             raise ServeError("the server is shutting down", "UNAVAILABLE")
         if not rows:
@@ -122,13 +143,33 @@ class Batcher:
             raise ServeError(f"the server is busy ({self._queued_rows:,} rows queued, limit {self.max_queue:,}); "
                              f"retry later", "RESOURCE_EXHAUSTED")
         loop = asyncio.get_running_loop()
-        call = _Call(list(rows), deadline, loop.create_future(), loop.time())
+        call = _Call(list(rows), deadline, loop.create_future(), loop.time(), checked or self.engine, recheck)
+        if deadline is not None:
+            call.timer = loop.call_at(deadline, self._expire, call)
+        call.future.add_done_callback(lambda _future: self._release(call))  # cancelled: its space is free
         self._pending.append(call)
         self._queued_rows += len(call.rows)
         self._wakeup.set()
-        # If the caller is cancelled (client gone, deadline), awaiting cancels the future too: the batch
-        # loop sees it done and drops the call.
+        # If the caller is cancelled (client gone, deadline), awaiting cancels the future too.
         return await call.future
+
+    def _release(self, call: _Call) -> None:
+        """The call leaves the queue's count (taken into a batch, cancelled, expired, settled)."""
+        if not call.released:
+            call.released = True
+            self._queued_rows -= len(call.rows)
+            if call.future.cancelled():
+                self.stats.cancelled += 1
+        if call.timer is not None:
+            call.timer.cancel()
+            call.timer = None
+
+    def _expire(self, call: _Call) -> None:
+        """Its deadline passed while queued: answered now, and its queue space freed now."""
+        call.timer = None
+        if not call.released and not call.future.done():
+            self.stats.expired += 1
+            self._settle(call, ServeError("the deadline passed while the call was queued", "DEADLINE_EXCEEDED"))
 
     async def close(self, timeout: float | None = None) -> None:
         """Refuse new calls, run the queued ones (at most `timeout` seconds), stop the loop."""
@@ -146,7 +187,6 @@ class Batcher:
         finally:
             while self._pending:
                 self._settle(self._pending.popleft(), ServeError("the server is shutting down", "UNAVAILABLE"))
-            self._queued_rows = 0
             self._executor.shutdown(wait=False)
 
     async def _loop(self) -> None:
@@ -168,53 +208,62 @@ class Batcher:
                 for call in calls:
                     self._settle(call, exc)
             finally:
+                if self._busy:
+                    self._idle_since = asyncio.get_running_loop().time()
                 self._busy = False
 
     async def _next_batch(self) -> list[_Call] | None:
-        """Wait for a call, then for more until max_batch rows are queued or the oldest call has waited
-        max_wait; None once closing with nothing queued."""
+        """Wait for a live call. One that arrived at an idle engine runs at once, with whatever else is
+        queued; calls that queued behind a running batch go as soon as it ended, or, with max_wait > 0,
+        once max_batch rows are queued or max_wait has passed since it ended. None once closing with
+        nothing queued."""
         loop = asyncio.get_running_loop()
-        while not self._pending:
+        while True:
+            while self._pending and self._pending[0].released:
+                self._pending.popleft()  # cancelled or expired while queued: already answered
+            if self._pending:
+                break
             if self._closing:
                 return None
             self._wakeup.clear()
             await self._wakeup.wait()
-        end = self._pending[0].enqueued + self.max_wait
-        while self._queued_rows < self.max_batch and not self._closing:
-            remaining = end - loop.time()
-            if remaining <= 0:
-                break
-            self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
-            except asyncio.TimeoutError:
-                break
+        if self.max_wait and self._pending[0].enqueued < self._idle_since:  # queued behind a batch
+            end = self._idle_since + self.max_wait
+            while self._queued_rows < self.max_batch and not self._closing:
+                remaining = end - loop.time()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
         return self._take(loop.time())
 
     def _take(self, now: float) -> list[_Call]:
-        """Calls from the head of the queue up to max_batch rows (the first always), dropping the ones
-        whose caller is gone or whose deadline has passed."""
+        """Live calls from the head of the queue up to max_batch rows (the first always); a call whose
+        deadline has passed is answered DEADLINE_EXCEEDED, never run."""
         calls: list[_Call] = []
         rows = 0
         while self._pending:
             call = self._pending[0]
+            if call.released:
+                self._pending.popleft()
+                continue
             if calls and rows + len(call.rows) > self.max_batch:
                 break
             self._pending.popleft()
-            self._queued_rows -= len(call.rows)
-            if call.future.done():
-                self.stats.cancelled += 1
-            elif call.deadline is not None and now >= call.deadline:
-                self.stats.expired += 1
-                self._settle(call, ServeError("the deadline passed while the call was queued", "DEADLINE_EXCEEDED"))
-            else:
-                calls.append(call)
-                rows += len(call.rows)
+            if call.deadline is not None and now >= call.deadline:
+                self._expire(call)
+                continue
+            self._release(call)
+            calls.append(call)
+            rows += len(call.rows)
         return calls
 
     async def _run(self, calls: list[_Call]) -> None:
         engine = self.engine  # bound once: a swap while this batch runs applies to the next batch
-        calls = [call for call in calls if self._known_tasks(call, engine)]
+        calls = [call for call in calls if self._bind(call, engine)]
         if not calls:
             return
         loop = asyncio.get_running_loop()
@@ -240,11 +289,11 @@ class Batcher:
                         self._settle(call, call_exc)
                         failed += 1
                     else:
-                        self._settle(call, Computed(engine, alone))
+                        self._settle(call, Computed(engine, call.rows, alone))
         else:
             offset = 0
             for call in calls:
-                self._settle(call, Computed(engine, results[offset:offset + len(call.rows)]))
+                self._settle(call, Computed(engine, call.rows, results[offset:offset + len(call.rows)]))
                 offset += len(call.rows)
         tasks: dict[str, int] = {}
         for row in rows:
@@ -253,15 +302,27 @@ class Batcher:
         self._record(BatchRecord(len(calls), len(rows), tuple(started - c.enqueued for c in calls), tasks,
                                  loop.time() - started, failed, retried))
 
-    def _known_tasks(self, call: _Call, engine: Engine) -> bool:
-        """A call checked against an older engine may name a task the bound engine no longer has."""
-        missing = sorted({t for row in call.rows for t in row.tasks} - set(engine.specs))
-        if missing:
-            self._settle(call, ServeError(f"unknown task {missing[0]!r} (the served model changed)", "NOT_FOUND"))
-        return not missing
+    def _bind(self, call: _Call, engine: Engine) -> bool:
+        """A call checked against another engine (a reload in between) is checked again against this one,
+        the check its caller gave (or `fits`); refused calls are answered here, never run."""
+        if call.checked is engine:
+            return True
+        try:
+            rows = call.recheck(engine) if call.recheck is not None else fits(call.rows, engine)
+        except ServeError as exc:
+            self._settle(call, ServeError(f"{exc} (the served model changed while the call was queued)", exc.code))
+            return False
+        except Exception as exc:
+            self._settle(call, exc)
+            return False
+        if len(rows) != len(call.rows):
+            self._settle(call, RuntimeError(f"the recheck gave {len(rows)} rows for {len(call.rows)}"))
+            return False
+        call.rows, call.checked = rows, engine
+        return True
 
-    @staticmethod
-    def _settle(call: _Call, outcome: Computed | BaseException) -> None:
+    def _settle(self, call: _Call, outcome: Computed | BaseException) -> None:
+        self._release(call)
         if call.future.done():  # the caller went away meanwhile
             return
         if isinstance(outcome, BaseException):
@@ -284,6 +345,21 @@ class Batcher:
                 listener(record)
             except Exception:
                 log.exception("batcher: a batch listener failed (ignored)")
+
+
+def fits(rows: list[Row], engine: Engine) -> list[Row]:
+    """The rows unchanged when every task they name exists in `engine` and takes the inputs they carry
+    (a pair iff the task reads pairs); else a ServeError, as the servicer's check would give."""
+    specs = engine.specs
+    for i, row in enumerate(rows):
+        for name in row.tasks:
+            spec = specs.get(name)
+            if spec is None:
+                raise ServeError(f"unknown task {name!r}", "NOT_FOUND")
+            if (spec.input == "pair") != (row.pair is not None):
+                takes = "text pairs" if spec.input == "pair" else "single texts"
+                raise ServeError(f"input {i}: task {name!r} takes {takes}")
+    return rows
 
 
 def _run_engine(engine: Engine, rows: list[Row]) -> list[RowResult]:

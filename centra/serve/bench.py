@@ -38,7 +38,7 @@ class BenchOptions:
     seconds: float = 10.0
     warmup: float = 2.0
     max_batch: int = 32
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 0.0
     tasks_per_call: str = "mixed"  # mixed: random non-empty subsets of the single-text tasks; all: every one
     seed: int = 0
     call_timeout_s: float = 30.0

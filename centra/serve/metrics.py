@@ -27,12 +27,14 @@ class Metrics:
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.batch_seconds = Histogram("centra_batch_seconds", "Engine time per batch", buckets=LATENCY_BUCKETS,
                                        registry=r)
-        self.model = Gauge("centra_model_version", "The served model version (value 1)", ["version"], registry=r)
+        self.model = Gauge("centra_model_version", "The served model: version name and content id (value 1)",
+                           ["version", "id"], registry=r)
         self.reloads = Counter("centra_reloads", "Model reloads, by result (ok, failed)", ["result"], registry=r)
 
-    def set_version(self, version: str) -> None:
+    def set_version(self, version: str, content_id: str = "") -> None:
+        """The served model: its version name and content id (what a same-name rebuild changes)."""
         self.model.clear()
-        self.model.labels(version=version or "unversioned").set(1)
+        self.model.labels(version=version or "unversioned", id=content_id or "none").set(1)
 
     def observe_batch(self, rows: int, calls: int, waits: list[float], seconds: float,
                       tasks: dict[str, int]) -> None:

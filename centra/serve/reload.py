@@ -1,11 +1,14 @@
 """Zero-downtime reload: follow the merged model's `current` pointer.
 
 `centra merge` into the served folder is all a user does. The watcher reads the pointer every
-`interval` seconds (a readlink; SIGHUP checks at once); on a new version it loads it beside the old one
-in a worker thread, warms it up, and hands it over in one assignment (`swap`). Batches already formed
-keep the engine they bound to, so in-flight calls finish on the old version. A version that fails to
-load (corrupt, invalid) keeps the old one serving: one log line, a metric, and no retry until the
-pointer moves again or SIGHUP asks.
+`interval` seconds (a readlink, then that version's manifest: its content id, no file hashed; SIGHUP
+checks at once). Versions are known by content: a version rebuilt under the same name (`rm -rf out &&
+centra merge --out out`) has another content id and is loaded like a new one. A new version is loaded
+beside the old one in a worker thread, warmed up, and handed over in one assignment (`swap`). Batches
+already formed keep the engine they bound to, so in-flight calls finish on the old version. A version
+that fails to load (corrupt, invalid, a manifest that does not check) keeps the old one serving: one log
+line, a metric, and no retry until its name or content id changes or SIGHUP asks. A pointer to a version
+folder without a manifest (being removed) is skipped quietly.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from centra.core.merge import MANIFEST, read_manifest, short_id
 from centra.errors import CentraError
-from centra.io import current_version
+from centra.io import current_version, sha256_file
 
 log = logging.getLogger("centra.serve")
 DEFAULT_INTERVAL = 1.0
@@ -45,15 +49,34 @@ def in_fresh_thread(fn: Callable, *args):
     return value
 
 
+def published_id(folder: Path) -> tuple[str, CentraError | None]:
+    """The content id of the version in `folder` (its manifest parsed and checked, no other file read),
+    or, when the manifest does not check, a stand-in naming its bytes and the error."""
+    try:
+        return read_manifest(folder)["content_id"], None
+    except CentraError as exc:
+        try:
+            return "unreadable:" + sha256_file(Path(folder) / MANIFEST), exc
+        except (CentraError, OSError):
+            return "unreadable", exc
+
+
+def described(version: str, content_id: str) -> str:
+    """"v000002 (0123456789ab)": a version's name and the first 12 hex digits of its content id."""
+    return f"{version} ({short_id(content_id)})" if content_id.startswith("sha256:") else version
+
+
 class ModelWatcher:
     def __init__(self, model_dir: Path, version: str, load: Callable[[Path], object],
                  swap: Callable[[object, str], None], on_result: Callable[[str], None] | None = None,
-                 interval: float = DEFAULT_INTERVAL):
+                 interval: float = DEFAULT_INTERVAL, content_id: str = ""):
+        """`version` and `content_id`: what serves now; `load(folder)` returns an engine (its `content_id`,
+        when it has one, is what served afterwards); `swap(engine, version)` puts it in service."""
         self.model_dir = Path(model_dir)
-        self.version = version
+        self.version, self.content_id = version, content_id
         self.load, self.swap, self.on_result = load, swap, on_result or (lambda result: None)
         self.interval = interval
-        self.failed: str | None = None  # a version that failed: not retried until asked
+        self.failed: tuple[str, str] | None = None  # (version, content id) that failed: not retried until asked
         self._wake = asyncio.Event()
         self._forced = False
         self._task: asyncio.Task | None = None
@@ -98,19 +121,33 @@ class ModelWatcher:
         """Load and swap in the published version when it changed; True when a new one serves."""
         forced, self._forced = self._forced, False
         found = current_version(self.model_dir)
-        if found is None or found[0] == self.version or (found[0] == self.failed and not forced):
+        if found is None:
             return False
         name, folder = found
-        try:
-            engine = await asyncio.to_thread(in_fresh_thread, self.load, folder)  # beside the old one
-        except Exception as exc:  # corrupt, invalid, or failing its warm-up: the old version keeps serving
-            self.failed = name
-            reason = " ".join(str(exc).split()) if isinstance(exc, CentraError) else f"{type(exc).__name__}: {exc}"
-            log.error("centra: reload of %s failed, still serving %s: %s", name, self.version, reason)
+        if not (folder / MANIFEST).exists():  # not a published version (a folder being removed)
+            return False
+        content_id, error = await asyncio.to_thread(published_id, folder)
+        key = (name, content_id)
+        if key == (self.version, self.content_id) or (key == self.failed and not forced):
+            return False
+        serving = described(self.version, self.content_id)
+        engine = None
+        if error is None:
+            try:
+                engine = await asyncio.to_thread(in_fresh_thread, self.load, folder)  # beside the old one
+            except Exception as exc:  # corrupt, invalid, or failing its warm-up: the old version keeps serving
+                error = exc
+        if error is not None:
+            self.failed = key
+            reason = (" ".join(str(error).split()) if isinstance(error, CentraError)
+                      else f"{type(error).__name__}: {error}")
+            log.error("centra: reload of %s failed, still serving %s: %s", described(*key), serving, reason)
             self.on_result("failed")
             return False
-        old, self.version, self.failed = self.version, name, None
+        # what was loaded, should the folder have been rebuilt again between the manifest read and the load
+        loaded = getattr(engine, "content_id", "") or content_id
+        self.version, self.content_id, self.failed = name, loaded, None
         self.swap(engine, name)
-        log.info("centra: reloaded %s -> %s", old, name)
+        log.info("centra: reloaded %s -> %s", serving, described(name, loaded))
         self.on_result("ok")
         return True

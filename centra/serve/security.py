@@ -59,8 +59,15 @@ def channel_credentials(ca: Path):
     return grpc.ssl_channel_credentials(root_certificates=read_secret(ca, "TLS CA"))
 
 
+def unread(data: bytes) -> None:
+    """The deserializer of a refused call: its message is never parsed (gRPC has received its bytes, within
+    the receive limit, but parsing them would be work done for a caller without the token)."""
+    return None
+
+
 def token_interceptor(token: str):
-    """Refuse, UNAUTHENTICATED, a call without `authorization: Bearer <token>` (health checks excepted)."""
+    """Refuse, UNAUTHENTICATED, a call without `authorization: Bearer <token>` (health checks excepted),
+    from its metadata alone: the refused call's message is not parsed."""
     import grpc
 
     expected = f"Bearer {token}".encode()
@@ -79,21 +86,21 @@ def token_interceptor(token: str):
             if handler is None:
                 return None
             if handler.unary_unary is not None:
-                return grpc.unary_unary_rpc_method_handler(refuse, request_deserializer=handler.request_deserializer,
+                return grpc.unary_unary_rpc_method_handler(refuse, request_deserializer=unread,
                                                            response_serializer=handler.response_serializer)
             if handler.unary_stream is not None:  # server reflection streams
                 async def refuse_stream(request, context):
                     await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
                     yield  # pragma: no cover
                 return grpc.unary_stream_rpc_method_handler(refuse_stream,
-                                                            request_deserializer=handler.request_deserializer,
+                                                            request_deserializer=unread,
                                                             response_serializer=handler.response_serializer)
             if handler.stream_stream is not None:
                 async def refuse_streams(requests, context):
                     await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
                     yield  # pragma: no cover
                 return grpc.stream_stream_rpc_method_handler(refuse_streams,
-                                                             request_deserializer=handler.request_deserializer,
+                                                             request_deserializer=unread,
                                                              response_serializer=handler.response_serializer)
             return handler
 

@@ -27,6 +27,8 @@ from centra.serve.convert import Limits, ServeError, parser, response_to_pb, row
 
 log = logging.getLogger("centra.serve")
 SERVICE = "centra.v1.Classifier"
+MAX_MESSAGE = 1000  # characters of an error message sent to a caller
+RECEIVE_FACTOR = 4  # gRPC's receive limit, in largest valid calls
 
 
 @dataclass(frozen=True)
@@ -34,10 +36,11 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 50051  # 0: any free port (CentraServer.start returns the one bound)
     max_batch: int = 32  # rows per engine run (a single larger call still runs whole)
-    max_wait_ms: float = 5.0  # how long the oldest queued call may wait for others to join its batch
+    max_wait_ms: float = 0.0  # how long past the end of a batch the calls queued behind it may wait for more
     max_queue: int = 1024  # queued rows beyond which calls are refused (RESOURCE_EXHAUSTED)
     max_inputs_per_call: int = 256
-    max_call_bytes: int = 1 << 20  # UTF-8 bytes of texts, pairs and ids in one call
+    max_call_bytes: int = 1 << 20  # UTF-8 bytes of texts, pairs, ids and task names in one call
+    max_concurrent_rpcs: int = 128  # calls in progress at once; more are refused by gRPC (RESOURCE_EXHAUSTED)
     grace_s: float = 5.0  # on shutdown, in-flight calls get this long to finish
     drain_s: float = 1.0  # on shutdown, health says NOT_SERVING this long before the port closes
 
@@ -47,7 +50,7 @@ class ServeOptions:
             raise CentraError("--host must not be empty")
         if not 0 <= self.port <= 65535:
             raise CentraError(f"--port must be in 0..65535, not {self.port}")
-        for name in ("max_batch", "max_queue", "max_inputs_per_call", "max_call_bytes"):
+        for name in ("max_batch", "max_queue", "max_inputs_per_call", "max_call_bytes", "max_concurrent_rpcs"):
             if getattr(self, name) < 1:
                 raise CentraError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(self, name)}")
         for name in ("max_wait_ms", "grace_s", "drain_s"):
@@ -61,14 +64,27 @@ class ServeOptions:
     def limits(self) -> Limits:
         return Limits(self.max_inputs_per_call, self.max_call_bytes)
 
+    @property
+    def receive_bytes(self) -> int:
+        """gRPC's receive limit: RECEIVE_FACTOR x the largest valid call, so a call up to that size is
+        refused INVALID_ARGUMENT on its length alone, unparsed, with our limit named; a larger one gets
+        gRPC's own RESOURCE_EXHAUSTED ("Received message larger than max") before any of it is handed over."""
+        return RECEIVE_FACTOR * self.limits.wire_bytes
+
 
 def status_of(exc: BaseException) -> tuple[str, str]:
-    """centra's errors -> (gRPC status code name, one-line message). Anything else is a server fault."""
+    """centra's errors -> (gRPC status code name, one-line message of at most MAX_MESSAGE characters, far
+    under gRPC's metadata limit). Anything else is a server fault."""
     if isinstance(exc, ServeError):
-        return exc.code, " ".join(str(exc).split())
+        return exc.code, one_line(str(exc))
     if isinstance(exc, CentraError):
-        return "INVALID_ARGUMENT", " ".join(str(exc).split())
+        return "INVALID_ARGUMENT", one_line(str(exc))
     return "INTERNAL", "internal error; the server log has the details"
+
+
+def one_line(message: str) -> str:
+    message = " ".join(message.split())
+    return message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE - 3] + "..."
 
 
 def mapped(method):
@@ -99,26 +115,30 @@ class ClassifierServicer:
 
     @mapped
     async def Classify(self, request, context):
-        rows = rows_from_pb(request, self.batcher.engine, self.limits)
+        engine = self.batcher.engine
+        rows = rows_from_pb(request, engine, self.limits)
         remaining = context.time_remaining()
         deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
-        done = await self.batcher.submit(rows, deadline)
-        return response_to_pb(request, rows, done.engine, done.results)
+        done = await self.batcher.submit(rows, deadline, checked=engine,
+                                         recheck=lambda other: rows_from_pb(request, other, self.limits))
+        return response_to_pb(request, done.rows, done.engine, done.results)
 
     @mapped
     async def ListTasks(self, request, context):
         return tasks_to_pb(self.batcher.engine)
 
 
-def add_classifier(server, servicer: ClassifierServicer) -> None:
-    """Register the servicer. Unlike the generated add_ClassifierServicer_to_server, requests that do not
-    parse (bad UTF-8) reach the servicer as `Unparsed` and get INVALID_ARGUMENT, not UNKNOWN."""
+def add_classifier(server, servicer: ClassifierServicer, max_bytes: int | None = None) -> None:
+    """Register the servicer. Unlike the generated add_ClassifierServicer_to_server, requests over
+    `max_bytes` (never parsed) or that do not parse (bad UTF-8) reach the servicer as `Unparsed` and get
+    INVALID_ARGUMENT, not UNKNOWN."""
     import grpc
 
     from centra.serve.v1 import centra_pb2 as pb
 
     handlers = {
-        name: grpc.unary_unary_rpc_method_handler(getattr(servicer, name), request_deserializer=parser(request),
+        name: grpc.unary_unary_rpc_method_handler(getattr(servicer, name),
+                                                  request_deserializer=parser(request, max_bytes),
                                                   response_serializer=response.SerializeToString)
         for name, request, response in (("Classify", pb.ClassifyRequest, pb.ClassifyResponse),
                                         ("ListTasks", pb.ListTasksRequest, pb.ListTasksResponse))}
@@ -157,12 +177,11 @@ class CentraServer:
         from grpc_reflection.v1alpha import reflection
 
         opts = self.options
-        # grpc's own size limit sits above ours, so an oversized call gets our one-line INVALID_ARGUMENT.
-        receive = max(4 << 20, 2 * opts.max_call_bytes + (64 << 10))
-        server = grpc.aio.server(interceptors=self.interceptors, options=[
-            ("grpc.max_receive_message_length", receive),
-            ("grpc.so_reuseport", 0)])  # a port already in use is an error, not a second server sharing it
-        add_classifier(server, ClassifierServicer(self.batcher, opts.limits))
+        server = grpc.aio.server(interceptors=self.interceptors, maximum_concurrent_rpcs=opts.max_concurrent_rpcs,
+                                 options=[("grpc.max_receive_message_length", opts.receive_bytes),
+                                          # a port in use is an error, not a second server sharing it
+                                          ("grpc.so_reuseport", 0)])
+        add_classifier(server, ClassifierServicer(self.batcher, opts.limits), opts.limits.wire_bytes)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

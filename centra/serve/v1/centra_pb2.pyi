@@ -25,12 +25,14 @@ class Input(_message.Message):
     def __init__(self, text: _Optional[str] = ..., text_pair: _Optional[str] = ..., id: _Optional[str] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
-    __slots__ = ("results", "model_version")
+    __slots__ = ("results", "model_version", "model_id")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[InputResult]
     model_version: str
-    def __init__(self, results: _Optional[_Iterable[_Union[InputResult, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...
+    model_id: str
+    def __init__(self, results: _Optional[_Iterable[_Union[InputResult, _Mapping]]] = ..., model_version: _Optional[str] = ..., model_id: _Optional[str] = ...) -> None: ...
 
 class InputResult(_message.Message):
     __slots__ = ("id", "tasks")
@@ -79,15 +81,17 @@ class TaskInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., input: _Optional[str] = ..., max_length: _Optional[int] = ..., attach_layer: _Optional[int] = ..., task_layers: _Optional[int] = ...) -> None: ...
 
 class ListTasksResponse(_message.Message):
-    __slots__ = ("tasks", "backbone_id", "backbone_fingerprint", "model_version", "overhead_layers")
+    __slots__ = ("tasks", "backbone_id", "backbone_fingerprint", "model_version", "overhead_layers", "model_id")
     TASKS_FIELD_NUMBER: _ClassVar[int]
     BACKBONE_ID_FIELD_NUMBER: _ClassVar[int]
     BACKBONE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     OVERHEAD_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     tasks: _containers.RepeatedCompositeFieldContainer[TaskInfo]
     backbone_id: str
     backbone_fingerprint: str
     model_version: str
     overhead_layers: int
-    def __init__(self, tasks: _Optional[_Iterable[_Union[TaskInfo, _Mapping]]] = ..., backbone_id: _Optional[str] = ..., backbone_fingerprint: _Optional[str] = ..., model_version: _Optional[str] = ..., overhead_layers: _Optional[int] = ...) -> None: ...
+    model_id: str
+    def __init__(self, tasks: _Optional[_Iterable[_Union[TaskInfo, _Mapping]]] = ..., backbone_id: _Optional[str] = ..., backbone_fingerprint: _Optional[str] = ..., model_version: _Optional[str] = ..., overhead_layers: _Optional[int] = ..., model_id: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,369 @@
+"""A server that cannot be knocked over: work bounded before any check, refusals for size that do not say
+"retry", queue space given back by callers that gave up, queued calls checked again against the model
+that runs them, signals at every stage, and no wait on an idle engine."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+from helpers import make_task, make_tasks
+from test_serve import Gated, Running, request, wait_until
+
+import centra.serve.server as server_module
+from centra.client import Client, RemoteError
+from centra.core.backbone import Backbone
+from centra.core.merge import plan_merge, write_merged
+from centra.runtime.engine import Engine, Row
+from centra.serve.batcher import Batcher
+from centra.serve.convert import Limits, Unparsed, parser
+from centra.serve.security import token_interceptor
+from centra.serve.server import CentraServer, ServeOptions
+from centra.serve.v1 import centra_pb2 as pb
+from centra.serve.v1 import centra_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+CODE = grpc.StatusCode
+
+
+@pytest.fixture(scope="module")
+def model_out(tiny_models, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("hardened")
+    make_tasks(Backbone.load(tiny_models["bert"]), root / "tasks")
+    write_merged(plan_merge([root / "tasks"]), root / "out")
+    return root / "out"
+
+
+@pytest.fixture(scope="module")
+def engine(model_out) -> Engine:
+    return Engine.load(model_out)
+
+
+@pytest.fixture(scope="module")
+def flipped(tiny_models, tmp_path_factory) -> Engine:
+    """Another model whose task 'alpha' reads text pairs and 'delta' single texts (the reverse of engine's)."""
+    root = tmp_path_factory.mktemp("flipped")
+    bb = Backbone.load(tiny_models["bert"])
+    make_task(bb, root / "tasks", ("alpha", "multiclass", ["neg", "neu", "pos"], "pair", 1, 1, "mean"))
+    make_task(bb, root / "tasks", ("delta", "multiclass", ["different", "same"], "single", 2, 1, "cls"), seed=3)
+    write_merged(plan_merge([root / "tasks"]), root / "out")
+    return Engine.load(root / "out")
+
+
+@pytest.fixture
+def serve():
+    started: list[Running] = []
+    yield lambda engine, **options: started.append(Running(engine, **options)) or started[-1]
+    for running in started:
+        running.close()
+
+
+# --- bounded work before any check -------------------------------------------------------------------
+
+
+def test_a_message_over_the_limit_is_refused_on_its_length_unparsed():
+    class NeverParsed:
+        class DESCRIPTOR:
+            name = "ClassifyRequest"
+
+        @staticmethod
+        def FromString(data):
+            raise AssertionError("parsed a message over the limit")
+
+    refused = parser(NeverParsed, 100)(b"x" * 101)
+    assert isinstance(refused, Unparsed) and "101 bytes; the limit is 100" in refused.message
+    limits = Limits(max_inputs=4, max_bytes=1000, max_task_names=8)
+    largest = pb.ClassifyRequest(inputs=[pb.Input(text="x" * 247, text_pair="y", id="z")] * 4, tasks=["t" * 1] * 8)
+    assert len(largest.SerializeToString()) <= limits.wire_bytes, "a valid call always fits the wire limit"
+
+
+def test_four_megabytes_of_empty_inputs_are_refused_by_size(serve, engine):
+    run = serve(engine)
+    flood = pb.ClassifyRequest(inputs=[pb.Input()] * 2_000_000)
+    assert len(flood.SerializeToString()) == 4_000_000
+    with pytest.raises(grpc.RpcError) as err:
+        run.stub.Classify(flood, timeout=20)
+    assert err.value.code() == CODE.INVALID_ARGUMENT, err.value.details()
+    assert "the ClassifyRequest has 4,000,000 bytes; the limit is" in err.value.details()
+    assert run.server.batcher.stats.calls == 0
+    assert len(run.stub.Classify(request(["still serving"]), timeout=10).results) == 1
+
+
+def test_beyond_the_receive_limit_grpc_refuses_and_the_client_says_it_is_too_large(serve, engine):
+    options = ServeOptions(max_inputs_per_call=4, max_call_bytes=1000)
+    assert options.receive_bytes == server_module.RECEIVE_FACTOR * options.limits.wire_bytes
+    run = serve(engine, max_inputs_per_call=4, max_call_bytes=1000)
+    with pytest.raises(grpc.RpcError) as err:  # over our limit, under gRPC's: ours, by length
+        run.stub.Classify(request(["x" * (options.limits.wire_bytes + 10)]), timeout=10)
+    assert err.value.code() == CODE.INVALID_ARGUMENT and "the limit is" in err.value.details()
+    with pytest.raises(RemoteError, match="too large") as remote:  # over gRPC's own limit
+        Client(run.target).classify(["x" * (options.receive_bytes + 10)])
+    assert remote.value.code == "RESOURCE_EXHAUSTED" and "not retry" in str(remote.value)
+
+
+def test_task_names_count_toward_the_bytes_and_their_number_is_bounded(serve, engine):
+    run = serve(engine)
+    texts = ["xy " * 33_000] * 10 + ["z" * 55_000]  # 1,045,000 bytes: under 1 MiB alone
+    assert len(run.stub.Classify(request(texts, ["alpha"]), timeout=30).results) == 11
+    with pytest.raises(grpc.RpcError) as err:
+        run.stub.Classify(request(texts, ["alpha"] * 1000), timeout=30)
+    assert err.value.code() == CODE.INVALID_ARGUMENT and "1,050,000 bytes" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        run.stub.Classify(request(["a"], ["alpha"] * 1025), timeout=10)
+    assert err.value.code() == CODE.INVALID_ARGUMENT and "1,025 task names" in err.value.details()
+
+
+def test_a_huge_task_name_is_not_found_in_a_short_message(serve, engine):
+    run = serve(engine)
+    with pytest.raises(grpc.RpcError) as err:
+        run.stub.Classify(request(["a"], ["n" * 20_000]), timeout=10)
+    assert err.value.code() == CODE.NOT_FOUND, err.value.details()
+    assert "(20,000 characters): not a task name" in err.value.details() and len(err.value.details()) < 400
+
+
+def test_a_caller_without_the_token_is_refused_before_its_message_is_parsed(engine, monkeypatch):
+    parsed: list[int] = []
+
+    def counting(message_type, max_bytes=None):
+        parse = parser(message_type, max_bytes)
+        return lambda data: parsed.append(len(data)) or parse(data)
+
+    monkeypatch.setattr(server_module, "parser", counting)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = CentraServer(engine, ServeOptions(port=0), interceptors=[token_interceptor("s3cret")])
+    port = asyncio.run_coroutine_threadsafe(server.start(), loop).result(20)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = centra_pb2_grpc.ClassifierStub(channel)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Classify(request(["x" * 500_000]), timeout=10, metadata=(("authorization", "Bearer nope"),))
+            assert err.value.code() == CODE.UNAUTHENTICATED
+            assert parsed == [], "the message of a caller without the token was parsed"
+            stub.Classify(request(["fine"]), timeout=10, metadata=(("authorization", "Bearer s3cret"),))
+            assert len(parsed) == 1
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(0.5), loop).result(20)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+def test_calls_in_progress_are_bounded(serve, engine):
+    gated = Gated(engine)
+    run = serve(gated, max_concurrent_rpcs=2)
+    gated.gate.clear()
+    held = [run.stub.Classify.future(request([f"held {i}"]), timeout=20) for i in range(2)]
+    wait_until(lambda: gated.entered.is_set() and run.server.batcher.queued_rows == 1)
+    with pytest.raises(grpc.RpcError) as err:
+        run.stub.Classify(request(["third"]), timeout=10)
+    assert err.value.code() == CODE.RESOURCE_EXHAUSTED  # busy: retrying later is right
+    gated.gate.set()
+    assert all(len(f.result(timeout=20).results) == 1 for f in held)
+
+
+# --- queue space and the model a queued call runs on --------------------------------------------------
+
+
+def test_callers_that_gave_up_free_their_queue_space_at_once(engine):
+    gated = Gated(engine)
+    gated.gate.clear()
+
+    async def scenario():
+        batcher = Batcher(gated, max_batch=4, max_wait_ms=0, max_queue=4)
+        await batcher.start()
+        loop = asyncio.get_running_loop()
+        first = asyncio.ensure_future(batcher.submit([Row("computing", None, ("alpha",))]))
+        await asyncio.to_thread(gated.entered.wait, 10)
+        late = asyncio.ensure_future(batcher.submit([Row("late", None, ("alpha",))] * 3, loop.time() + 0.2))
+        gone = asyncio.ensure_future(batcher.submit([Row("gone", None, ("alpha",))]))
+        await asyncio.sleep(0.05)
+        assert batcher.queued_rows == 4
+        gone.cancel()
+        with pytest.raises(Exception, match="deadline passed"):
+            await asyncio.wait_for(late, 5)  # answered at its deadline, while the engine is still busy
+        assert batcher.queued_rows == 0 and not gated.gate.is_set()
+        fresh = asyncio.ensure_future(batcher.submit([Row("fresh", None, ("alpha",))] * 4))  # fits now
+        await asyncio.sleep(0.05)
+        gated.gate.set()
+        done = await asyncio.wait_for(fresh, 20)
+        await asyncio.wait_for(first, 20)
+        await batcher.close(5)
+        return done, batcher.stats
+
+    done, stats = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert len(done.results) == 4 and stats.expired == 1 and stats.cancelled == 1 and stats.rejected == 0
+    assert "late" not in gated.seen and "gone" not in gated.seen
+
+
+@pytest.mark.parametrize("texts,pairs,tasks,message", [
+    (["single text"], None, ["alpha"], "input 0 has no text_pair; task 'alpha' takes text pairs"),
+    (["first"], ["second"], ["delta"], "input 0 has a text_pair but no task asked for takes pairs"),
+])
+def test_a_queued_call_is_checked_again_against_the_model_that_runs_it(serve, engine, flipped, texts, pairs,
+                                                                       tasks, message):
+    gated = Gated(engine)
+    run = serve(gated)
+    gated.gate.clear()
+    first = run.stub.Classify.future(request(["computing"]), timeout=20)
+    assert gated.entered.wait(10)
+    queued = run.stub.Classify.future(request(texts, tasks, pairs), timeout=20)
+    wait_until(lambda: run.server.batcher.queued_rows == 1)
+    run.server.swap_engine(flipped)  # a reload while the call waits
+    gated.gate.set()
+    first.result(timeout=20)
+    with pytest.raises(grpc.RpcError) as err:
+        queued.result(timeout=20)
+    assert err.value.code() == CODE.INVALID_ARGUMENT, err.value.details()
+    assert message in err.value.details() and "the served model changed" in err.value.details()
+
+
+def test_a_queued_call_without_tasks_gets_the_tasks_of_the_model_that_runs_it(serve, engine, flipped):
+    gated = Gated(engine)
+    run = serve(gated)
+    gated.gate.clear()
+    first = run.stub.Classify.future(request(["computing"]), timeout=20)
+    assert gated.entered.wait(10)
+    queued = run.stub.Classify.future(request(["every task that fits"]), timeout=20)
+    wait_until(lambda: run.server.batcher.queued_rows == 1)
+    run.server.swap_engine(flipped)
+    gated.gate.set()
+    first.result(timeout=20)
+    reply = queued.result(timeout=20)
+    assert [t.task for t in reply.results[0].tasks] == ["delta"]  # flipped's only single-text task
+    assert reply.model_version == flipped.version
+
+
+# --- batch when busy ----------------------------------------------------------------------------------
+
+
+def test_a_call_at_an_idle_engine_runs_at_once_and_calls_queued_behind_a_batch_share_one(serve, engine):
+    idle = serve(engine, max_wait_ms=60_000, max_batch=64)  # were it a floor, the call would time out
+    assert len(idle.stub.Classify(request(["alone"]), timeout=20).results) == 1
+    gated = Gated(engine)
+    run = serve(gated, max_batch=64)
+    gated.gate.clear()
+    first = run.stub.Classify.future(request(["computing"]), timeout=30)
+    assert gated.entered.wait(10)
+    behind = [run.stub.Classify.future(request([f"behind {i}"]), timeout=30) for i in range(5)]
+    wait_until(lambda: run.server.batcher.queued_rows == 5)
+    batches = run.server.batcher.stats.batches
+    gated.gate.set()
+    first.result(timeout=30)
+    assert all(len(f.result(timeout=30).results) == 1 for f in behind)
+    wait_until(lambda: run.server.batcher.stats.batches == batches + 2)  # the first, then the five together
+
+
+# --- signals at every stage ---------------------------------------------------------------------------
+
+
+def start_serve(model: Path, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "centra.cli", "serve", "--model", str(model), "--port", "0",
+                             "--no-metrics", *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def serving_target(proc: subprocess.Popen, during=None) -> str:
+    """Read the server's output until its 'serving ... on HOST:PORT' line; `during()` runs between lines."""
+    found: list[str] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            if line.startswith("serving "):
+                found.append(line.rsplit(" on ", 1)[1].strip())
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    begin = time.monotonic()  # no program handles a signal before its interpreter has started (~0.1 s)
+    while reader.is_alive() and time.monotonic() < begin + 60:
+        if during is not None and proc.poll() is None and time.monotonic() > begin + 0.4:
+            during()
+        reader.join(0.2)
+    assert found, f"the server never served (exit code {proc.poll()})"
+    return found[0]
+
+
+def test_sighup_while_loading_and_while_draining_kills_nothing(model_out):
+    proc = start_serve(model_out, "--drain-s", "1", "--grace-s", "5")
+    try:
+        target = serving_target(proc, during=lambda: proc.send_signal(signal.SIGHUP))  # every 0.2 s of start-up
+        stop = threading.Event()
+        started_before_term: list[float] = []
+        outcomes: list[tuple[float, str]] = []
+
+        def caller() -> None:
+            with grpc.insecure_channel(target) as channel:
+                stub = centra_pb2_grpc.ClassifierStub(channel)
+                while not stop.is_set():
+                    began = time.monotonic()
+                    try:
+                        stub.Classify(request(["in flight"]), timeout=20)
+                        outcomes.append((began, "OK"))
+                    except grpc.RpcError as exc:
+                        outcomes.append((began, exc.code().name))
+                        if exc.code() == CODE.UNAVAILABLE:
+                            return
+
+        with ThreadPoolExecutor(8) as pool:
+            for _ in range(8):
+                pool.submit(caller)
+            time.sleep(1.0)
+            started_before_term.append(time.monotonic())
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGHUP)  # while draining
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGHUP)
+            assert proc.wait(timeout=30) == 0, proc.stdout.read()
+            stop.set()
+        before = [code for began, code in outcomes if began < started_before_term[0]]
+        assert len(before) > 8 and set(before) == {"OK"}, "calls sent before SIGTERM must all be answered"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def test_signals_while_loading_are_handled_and_sigterm_stops_before_listening(model_out, monkeypatch):
+    import centra.serve.app as app_module
+    from centra.serve.metrics import Metrics
+
+    outer: list[int] = []  # what the process would do without serve_model's handlers (here: record)
+    record = lambda signum, frame: outer.append(signum)  # noqa: E731
+    before = {sig: signal.signal(sig, record) for sig in (signal.SIGHUP, signal.SIGTERM)}
+    started: list[bool] = []
+
+    class NeverStarted:
+        async def start(self):
+            started.append(True)
+
+        async def stop(self, grace=None):
+            pass
+
+    def slow_build(*args):  # the load, on its own thread
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGHUP):
+            time.sleep(0.3)
+            os.kill(os.getpid(), sig)
+        time.sleep(0.3)
+        return NeverStarted(), Metrics(), None
+
+    monkeypatch.setattr(app_module, "build", slow_build)
+    try:
+        asyncio.run(asyncio.wait_for(app_module.serve_model(model_out, ServeOptions(port=0),
+                                                            app_module.AppOptions(metrics_port=None)), 30))
+        assert outer == [] and started == []
+        assert signal.getsignal(signal.SIGHUP) is record, "the handlers in place before are restored"
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)

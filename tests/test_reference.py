@@ -52,6 +52,6 @@ def test_train_task_reports_the_reference(bert, tmp_path):
     assert ref["layers"] == bert.cfg.num_layers and ref["dev"]["accuracy"] == max(accuracy)
     assert ref["best_epoch"] == 1 + accuracy.index(max(accuracy))
     assert report["search"]["per_reference"] > 0
-    with pytest.raises(CentraError, match="--reference-epochs must be >= 1, not 0"):
+    with pytest.raises(CentraError, match="reference_epochs must be >= 1, not 0"):
         train_task(job_for(tmp_path, "u", "multiclass", False, reference=True, reference_epochs=0), bert,
                    tmp_path / "tasks")

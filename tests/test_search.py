@@ -159,10 +159,10 @@ def test_train_task_records_the_search_and_keeps_candidates(bert, tmp_path):
     report, _ = train_task(full, bert, tmp_path / "tasks")
     assert report["search"]["method"] == "full" and report["search"]["epochs_trained"] == 9
     assert all(t["epochs_trained"] == 3 for t in report["teachers"])
-    with pytest.raises(CentraError, match="--search 'fast' must be one of halving, full"):
+    with pytest.raises(CentraError, match="search 'fast' must be one of halving, full"):
         train_task(job_for(tmp_path, "v", "multiclass", False, search="fast"), bert, tmp_path / "tasks")
     for bad in (0, 3.5):
-        with pytest.raises(CentraError, match=rf"--first-rung must be in \(0, --epochs 3\], not {bad}"):
+        with pytest.raises(CentraError, match=rf"first_rung must be in \(0, epochs 3\], not {bad}"):
             train_task(job_for(tmp_path, "v", "multiclass", False, first_rung=bad), bert, tmp_path / "tasks")
 
 

@@ -23,8 +23,9 @@ from centra.core.tokens import encode
 from centra.errors import CentraError
 from centra.train.cache import ActivationCache
 from centra.train.data import Columns
-from centra.train.finetune import TrainConfig, loss_fn
-from centra.train.pipeline import TaskJob, train_task
+from centra.train.finetune import loss_fn
+from centra.train.job import TaskJob
+from centra.train.pipeline import train_task
 
 POSITIVE = ["great product", "i love it", "very happy", "support answered quickly", "best purchase"]
 NEGATIVE = ["the box was damaged", "the app crashes", "arrived broken", "the delivery was late", "refund please"]
@@ -63,10 +64,11 @@ def write_split(path: Path, rows: list[list[str]], pair: bool) -> Path:
 def job_for(tmp_path: Path, name: str, kind: str, pair: bool, seed: int = 0, **kwargs) -> TaskJob:
     train = write_split(tmp_path / f"{name}-train.tsv", synthetic(kind, pair, 64, 1), pair)
     dev = write_split(tmp_path / f"{name}-dev.tsv", synthetic(kind, pair, 32, 2), pair)
-    tc = TrainConfig(epochs=3, batch_size=8, lr=1e-3, head_lr=1e-2, seed=seed, progress=False)
+    lo, hi = kwargs.pop("layers", (1, 2))
     return TaskJob(name=name, kind=kind, train=train, dev=dev,
-                   columns=Columns("text", ["label"], pair="pair" if pair else None),
-                   **{"layers": (1, 2), "train_config": tc, **kwargs})
+                   columns=Columns("text", ["label"], pair="pair" if pair else None), layers=f"{lo}:{hi}",
+                   **{"epochs": 3, "batch_size": 8, "lr": 1e-3, "head_lr": 1e-2, "seed": seed, "progress": False,
+                      **kwargs})
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +101,7 @@ def test_each_kind_trains_and_reloads_exactly(bert, tmp_path, kind, pair):
 
 def test_multiclass_learns_the_keywords(bert, tmp_path):
     job = job_for(tmp_path, "t", "multiclass", False, student_layers=1)
-    job.train_config.epochs = 5
+    job.epochs = 5
     report, _ = train_task(job, bert, tmp_path / "tasks")
     # Chance is about 0.5 on these 32 dev examples; a tiny random model is sensitive to float noise.
     assert report["chosen"]["accuracy"] >= 0.7, report["chosen"]

@@ -22,6 +22,7 @@ from centra.errors import CentraError
 from centra.train.cache import ActivationCache, CacheBudget
 from centra.train.data import Columns, load_examples
 from centra.train.finetune import TrainConfig, loss_fn, param_groups
+from centra.train.metrics import DEFAULT_METRIC
 from centra.train.pipeline import train_task, validate_job
 
 LOGITS = [[2.0, -1.0, 0.5], [0.1, 0.7, -0.3], [-1.2, 0.4, 1.5]]  # student
@@ -116,7 +117,7 @@ def test_validate_job_leaves_the_callers_job_alone(bert, tmp_path):
     before = copy.deepcopy(dataclasses.asdict(job))
     checked = validate_job(job, bert.cfg)
     assert job.train_config.metric is None and dataclasses.asdict(job) == before
-    assert checked.tc.metric == pipeline.DEFAULT_METRIC["multilabel"] and checked.job is not job
+    assert checked.tc.metric == DEFAULT_METRIC["multilabel"] and checked.job is not job
 
 
 def _set_teacher(job, tmp_path):
@@ -125,10 +126,10 @@ def _set_teacher(job, tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda job, _: setattr(job.train_config, "epochs", 0), "--epochs must be >= 1"),
-    (lambda job, _: setattr(job.train_config, "batch_size", 0), "--batch-size must be >= 1"),
-    (lambda job, _: setattr(job, "max_length", 65), "--max-length 65 must be in 4..64"),
-    (_set_teacher, "--attach-layer 4 must be in 0..3"),
+    (lambda job, _: setattr(job, "epochs", 0), "epochs must be >= 1"),
+    (lambda job, _: setattr(job, "batch_size", 0), "batch_size must be >= 1"),
+    (lambda job, _: setattr(job, "max_length", 65), "max_length 65 must be in 4..64"),
+    (_set_teacher, "attach_layer 4 must be in 0..3"),
 ])
 def test_options_refused_before_compute(bert, tmp_path, monkeypatch, change, message):
     def no_compute(*_args, **_kwargs):
@@ -178,7 +179,7 @@ def test_caches_share_one_budget(bert, tmp_path):
 def test_run_stays_under_the_cache_cap(bert, tmp_path):
     job = job_for(tmp_path, "t", "multiclass", False, student_layers=1, cache_dir=tmp_path)
     job.train, job.dev = job.dev, job.train  # train 32 examples, dev 64: the smaller cache comes first
-    job.train_config.epochs = 1
+    job.epochs = 1
     checked = validate_job(job, bert.cfg)
     sizes = []
     for path in (job.train, job.dev):
@@ -228,7 +229,7 @@ def test_non_utf8_data_names_file_and_line(tmp_path, bom):
 
 def test_progress_is_plain_lines_off_a_terminal(bert, tmp_path, capsys):
     job = job_for(tmp_path, "t", "multiclass", False, layers=(1, 1), student_layers=1)
-    job.train_config.epochs, job.train_config.progress = 2, True
+    job.epochs, job.progress = 2, True
     capsys.readouterr()
     train_task(job, bert, tmp_path / "tasks")
     err = capsys.readouterr().err

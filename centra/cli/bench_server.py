@@ -59,7 +59,7 @@ def cmd_bench_server(args: argparse.Namespace) -> int:
 
     options = BenchOptions(concurrency=args.concurrency, seconds=args.seconds, warmup=args.warmup,
                            max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                           tasks_per_call=args.tasks_per_call)
+                           tasks_per_call=args.tasks_per_call, flood=args.flood)
     options.check()  # options, texts and the model folder are checked before the model loads
     if args.texts:
         texts = read_lines(Path(args.texts))
@@ -92,6 +92,13 @@ def print_figures(f: dict) -> None:
     print(f"in process: engine.run over batches of {f['inprocess_batch_rows']} rows: "
           f"{f['inprocess_inputs_per_s']:,.1f} inputs/s")
     print(f"server / in process: {f['ratio']:.1%}")
+    if "flood_calls" in f:
+        codes = ", ".join(f"{code} {n}" for code, n in f["flood_codes"].items())
+        print(f"flood:      {f['flood_calls']} calls of 4 MB from {f['flood_senders']} threads ({codes}): answered in "
+              f"p50 {f['flood_refusal_p50_ms']:.1f} ms, max {f['flood_refusal_max_ms']:.1f} ms; a valid client's p50 "
+              f"{f['probe_p50_ms_before']:.2f} ms alone, {f['probe_p50_ms_during']:.2f} ms during (p99 "
+              f"{f['probe_p99_ms_during']:.2f}); RSS {f['rss_mb_before']:.0f} MB before, peak "
+              f"{f['rss_mb_peak']:.0f}, after {f['rss_mb_after']:.0f}")
     print(json.dumps(f))
 
 
@@ -111,4 +118,7 @@ def add_parsers(sub, common) -> None:
     p.add_argument("--tasks-per-call", choices=("mixed", "all"), default="mixed",
                    help="mixed: random non-empty subsets of the single-text tasks (seeded); all: every one")
     p.add_argument("--warmup", type=non_negative_float, default=2.0, help="seconds of warm-up per phase (default 2)")
+    p.add_argument("--flood", type=int, default=0, metavar="N",
+                   help="then N threads send 4 MB calls (2,000,000 empty inputs) beside one valid client: how fast "
+                   "they are refused, the valid calls' latency, the process's RSS (default 0: skip)")
     p.set_defaults(func=cmd_bench_server)

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from centra.core import DEFAULT_TASKS_DIR
 from centra.errors import CentraError
 
 if TYPE_CHECKING:  # the heavy imports happen when the demo runs, not when the CLI parses
@@ -76,10 +77,9 @@ def run_demo(tasks_dir: Path, workdir: Path, data: Path | None = None, untrained
                   f"{recipe.training.max_train_examples or 'all'} train examples)...")
             start = time.perf_counter()
             report, _ = train_task(job_from(recipe, root, bb.fingerprint), bb, tasks_dir)
-            chosen = report["chosen"]
-            print(f"  {recipe.name:<11} dev {chosen['metric']} {100 * chosen[chosen['metric']]:.1f}, attach layer "
-                  f"{chosen['attach_layer']} + {chosen['task_layers']} task layer(s), "
-                  f"{time.perf_counter() - start:.0f} s")
+            chosen = report.chosen
+            print(f"  {recipe.name:<11} dev {chosen.metric} {100 * chosen.scores[chosen.metric]:.1f}, attach layer "
+                  f"{chosen.attach_layer} + {chosen.task_layers} task layer(s), {time.perf_counter() - start:.0f} s")
         for line in quality_lines(tasks_dir, [r.name for r in recipes]):
             print(line)
     plan = plan_merge([merge_dir])
@@ -115,21 +115,20 @@ def quality_lines(tasks_dir: Path, names: list[str]) -> list[str]:
     """Each task's dev metric (at its tuned thresholds for multilabel tasks, as served) beside the same
     metric of a model that learned nothing (report.json's baseline), flagging a task that does not beat it."""
     from centra.core.task import REPORT_FILE
-    from centra.io import read_json
+    from centra.train.report import TrainingReport, read_report
 
     lines = ["\ndev metrics of the served branches, against a constant answer (a model that learned nothing):"]
     for name in names:
         path = Path(tasks_dir) / name / REPORT_FILE
-        report = read_json(path) if path.is_file() else {}
-        chosen, base = report.get("chosen", {}), report.get("baseline", {})
-        metric = chosen.get("metric")
+        report = read_report(path) if path.is_file() else TrainingReport()
+        chosen, base = report.chosen, report.baseline
+        metric = chosen.metric if chosen is not None else None
         if metric is None or metric not in base:
             lines.append(f"  {name:<11} no dev metric and baseline in {path}")
             continue
-        served = chosen.get("tuned", {}).get(metric, chosen[metric])
-        tuned = f" ({100 * chosen[metric]:.1f} at 0.5, thresholds tuned on dev)" if "tuned" in chosen else ""
-        verdict = "" if served - base[metric] >= MIN_GAIN else "  <- DOES NOT BEAT ITS BASELINE"
-        lines.append(f"  {name:<11} {metric} {100 * served:5.1f}{tuned}; baseline {100 * base[metric]:5.1f} "
+        tuned = "" if chosen.tuned is None else f" ({100 * chosen.scores[metric]:.1f} at 0.5, thresholds tuned on dev)"
+        verdict = "" if chosen.served - base[metric] >= MIN_GAIN else "  <- DOES NOT BEAT ITS BASELINE"
+        lines.append(f"  {name:<11} {metric} {100 * chosen.served:5.1f}{tuned}; baseline {100 * base[metric]:5.1f} "
                      f"({base['answer']}){verdict}")
     return lines
 
@@ -230,12 +229,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if untrained.is_dir():
         for folder in untrained.iterdir():
             check_replaceable(folder, TASK_KIND)
-    return run_demo(Path(args.tasks_dir), workdir, Path(args.data) if args.data else None, args.untrained)
+    from centra.train.settings import SettingError, flag_of
+
+    try:
+        return run_demo(Path(args.tasks_dir), workdir, Path(args.data) if args.data else None, args.untrained)
+    except SettingError as exc:  # settings come from the recipes (named as there); the data root is --data
+        raise CentraError(exc.named(lambda name: flag_of(name) if name == "data" else name)) from None
 
 
 def add_parser(sub, common) -> None:
     p = sub.add_parser("demo", parents=[common], help="train what is missing in tasks/, merge, classify texts")
-    p.add_argument("--tasks-dir", default="tasks", help="folder of task recipes (default: tasks)")
+    p.add_argument("--tasks-dir", default=DEFAULT_TASKS_DIR, help=f"folder of task recipes (default: "
+                   f"{DEFAULT_TASKS_DIR})")
     p.add_argument("--workdir", default="demo-output", help="where the merged model goes (default: demo-output)")
     p.add_argument("--data", help="folder the recipes' data paths are relative to (default: $CENTRA_DATA or "
                    "../shared/data)")

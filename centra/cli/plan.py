@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 from centra.cli import save_figure
+from centra.core import DEFAULT_TASKS_DIR
 from centra.errors import CentraError
 
-DEFAULT_TASKS_DIR = "tasks"
 DEFAULT_PLOT = "plan.png"
 DEFAULT_LENGTH = 64  # tokens of a typical request (a review, an utterance) for --budget-ms
 
@@ -116,7 +116,6 @@ def option(task: str, candidate, active_id: str | None):
 def reference_points(tasks: list, options: dict, full: int) -> dict[str, tuple[int, float]]:
     """(layers, average dev) of the heads active now, of KD-l for every task (when each has it), and of
     full fine-tuning (when every task's report.json has its reference run)."""
-    from centra.io import read_json
     from centra.train.plan import Plan
 
     points = {}
@@ -128,17 +127,23 @@ def reference_points(tasks: list, options: dict, full: int) -> dict[str, tuple[i
         if all(picks.values()):
             plan = Plan({name: found[0] for name, found in picks.items()})
             points[f"KD-{layers}"] = (plan.cost, plan.average)
-    scores = []
-    for t in tasks:
-        try:
-            report = read_json(t.folder / "report.json")
-            reference = report["reference"]  # as served: a multilabel reference at its tuned thresholds
-            scores.append(float(reference.get("thresholds", {}).get("tuned", reference["dev"])[t.metric]))
-        except (CentraError, KeyError, TypeError, ValueError):
-            break
-    if len(scores) == len(tasks):
+    scores = [reference_score(t) for t in tasks]
+    if None not in scores:
         points["full fine-tuning"] = (full, sum(scores) / len(scores))
     return points
+
+
+def reference_score(task) -> float | None:
+    """The task's full fine-tuning reference as served (a multilabel one at its tuned thresholds), from
+    its report.json; None when it has none."""
+    from centra.core.task import REPORT_FILE
+    from centra.train.report import read_report
+
+    try:
+        reference = read_report(task.folder / REPORT_FILE).reference
+        return None if reference is None else reference.served(task.metric)
+    except (CentraError, KeyError, TypeError, ValueError):  # no report, or no score of the task's metric
+        return None
 
 
 def table(tasks: list, chosen, plans: list, points: dict, budget: int, full: int) -> str:

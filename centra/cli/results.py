@@ -23,6 +23,7 @@ from pathlib import Path
 from centra.errors import CentraError
 from centra.io import read_json
 from centra.train.data import Columns  # light; the heavy imports happen inside run()
+from centra.train.report import TrainingReport
 
 # name, kind, folder, train, dev, columns, metric, label names, max train examples
 TASKS = [
@@ -46,9 +47,9 @@ def run(args: argparse.Namespace) -> dict:
     from centra.core.merge import plan_merge, write_merged
     from centra.runtime.engine import Engine
     from centra.train.data import load_examples, parse_label_names
-    from centra.train.finetune import TrainConfig
+    from centra.train.job import TaskJob
     from centra.train.metrics import compute
-    from centra.train.pipeline import TaskJob, train_task
+    from centra.train.pipeline import train_task
     from centra.train.recipe import data_root
 
     backbone = Backbone.load("default")
@@ -66,14 +67,12 @@ def run(args: argparse.Namespace) -> dict:
         job = TaskJob(name=name, kind=kind, train=root / train, dev=root / dev, columns=cols,
                       label_names=parse_label_names(names, root), reference=True, threshold=1.0,
                       search=args.search, max_train_examples=cap, reference_epochs=args.reference_epochs,
-                      train_config=TrainConfig(epochs=args.epochs, metric=metric, seed=args.seed,
-                                               progress=args.progress))
+                      epochs=args.epochs, metric=metric, seed=args.seed, progress=args.progress)
         start = time.perf_counter()
         report, _ = train_task(job, backbone, out / "tasks")
-        report["wall_seconds"] = round(time.perf_counter() - start, 1)
-        results[name] = report
+        results[name] = {**report.to_dict(), "wall_seconds": round(time.perf_counter() - start, 1)}
         (out / "results.json").write_text(json.dumps(results, indent=1))
-        print(f"{name}: {report['chosen']} in {report['wall_seconds']:.0f} s", flush=True)
+        print(f"{name}: {results[name]['chosen']} in {results[name]['wall_seconds']:.0f} s", flush=True)
     manifest = write_merged(plan_merge([out / "tasks"]), out / "merged")
     engine = Engine.load(out / "merged")
     for name, kind, folder, _, dev, cols, _metric, names, _ in TASKS:
@@ -97,80 +96,83 @@ def pct(x: float | None) -> str:
 
 def markdown(results: dict) -> str:
     """The paper's Table 2 shape: per task dev metric per setting, then overhead per setting."""
+    reports = {name: TrainingReport.from_dict(results[name]) for name, *_ in TASKS if name in results}
+    lines = ["| task | metric | train ex. | full FT (6) | " + " | ".join(f"L={i}" for i in range(1, LAYERS)) +
+             " | KD-1 | KD-2 | mixed c=1.0 (l) | merged |",
+             "|" + "---|" * (LAYERS + 7)]
+    lines += [task_row(name, r, results[name].get("merged_dev", {})) for name, r in reports.items()]
+    return "\n".join(lines) + "\n\n" + settings_rows(reports, results.get("_merged", {}).get("overhead_layers")) + "\n"
+
+
+LAYERS = 6  # the default backbone's
+
+
+def task_row(name: str, r: TrainingReport, merged_dev: dict) -> str:
+    """One task's dev metric in every setting (x100; `*`: the teacher the search kept)."""
+    teachers = {t.trainable_layers: t for t in r.teachers if t.log is not None}
+    students = student_scores(r)
+    cells = [name, r.metric + (" (tuned)" if tuned_rows(r) else ""), str(r.train_examples), pct(reference_score(r))]
+    cells += [pct(served(r, teachers[i].log.dev)) + ("*" if teachers[i].chosen else "") if i in teachers else "-"
+              for i in range(1, LAYERS)]
+    cells += [pct(students.get(1)), pct(students.get(2)), f"{pct(served(r, r.chosen.dev))} ({r.chosen.task_layers})",
+              pct(merged_dev.get(r.metric))]
+    return "| " + " | ".join(cells) + " |"
+
+
+def settings_rows(reports: dict[str, TrainingReport], merged: int | None) -> str:
+    """Overhead and average dev metric of each setting over the tasks, against full fine-tuning."""
     from centra.train.distill import mixed_layers
 
-    tasks = [name for name, *_ in TASKS if name in results]
-    n = 6
-    lines = ["| task | metric | train ex. | full FT (6) | " + " | ".join(f"L={i}" for i in range(1, n)) +
-             " | KD-1 | KD-2 | mixed c=1.0 (l) | merged |",
-             "|" + "---|" * (n + 7)]
-    cols: dict[str, list[float]] = {k: [] for k in ("full", "teacher", "kd1", "kd2", "mixed")}
-    overhead = {"kd1": [], "kd2": [], "mixed": [], "teacher": [], "trunk": []}
-    for name in tasks:
-        r = results[name]
-        m = r["metric"]
-        teachers = {t["trainable_layers"]: t for t in r["teachers"] if "trainable_layers" in t}
-        best = next(t for t in teachers.values() if t["chosen"])
-        students = {s["task_layers"]: served(r, s["dev"]) for s in r["students"]}
-        chosen = r["chosen"]
-        reference = served(r, r["reference"].get("thresholds", {}).get("tuned", r["reference"]["dev"]))
-        cells = [name, m + (" (tuned)" if tuned_rows(r) else ""), str(r["train_examples"]), pct(reference)]
-        cells += [pct(served(r, teachers[i]["dev"])) + ("*" if teachers[i]["chosen"] else "") if i in teachers
-                  else "-" for i in range(1, n)]
-        cells += [pct(students.get(1)), pct(students.get(2)), f"{pct(served(r, chosen))} ({chosen['task_layers']})",
-                  pct(r.get("merged_dev", {}).get(m))]
-        lines.append("| " + " | ".join(cells) + " |")
-        cols["full"].append(reference)
-        cols["teacher"].append(served(r, best["dev"]))
-        cols["kd1"].append(students.get(1, served(r, best["dev"])))
-        cols["kd2"].append(students.get(2, students.get(1)))
-        cols["mixed"].append(served(r, chosen))
-        k, big_l = best["attach_layer"], best["trainable_layers"]
-        overhead["trunk"].append((INPUTS[name], k))
-        overhead["teacher"].append(big_l)
-        overhead["kd1"].append(1)
-        overhead["kd2"].append(min(2, big_l))
-        overhead["mixed"].append(chosen["task_layers"])
-    t = len(tasks)
-    full_avg = sum(cols["full"]) / t
-    trunk = trunk_layers(overhead["trunk"])
-    derived = []
+    t, full = len(reports), LAYERS * len(reports)
+    best = {name: r.chosen_teacher for name, r in reports.items()}
+    students = {name: student_scores(r) for name, r in reports.items()}
+    teacher = [served(r, best[name].log.dev) for name, r in reports.items()]
+    trunk = trunk_layers([(INPUTS[name], best[name].attach_layer) for name in reports])
+    rows = [("full fine-tuning, one model per task", full, [reference_score(r) for r in reports.values()]),
+            ("teachers (best L per task) on the same trunk passes",
+             trunk + sum(b.trainable_layers for b in best.values()), teacher),
+            ("KD-1 students on the same trunk passes", trunk + t,
+             [students[name].get(1, score) for name, score in zip(reports, teacher)]),
+            ("KD-2 students on the same trunk passes", trunk + sum(min(2, b.trainable_layers) for b in best.values()),
+             [s.get(2, s.get(1)) for s in students.values()]),
+            ("mixed (c = 1.0): the merged model", trunk + sum(r.chosen.task_layers for r in reports.values()),
+             [served(r, r.chosen.dev) for r in reports.values()])]
     for c in (2.0, 5.0):  # other thresholds, read off the same students (not separately merged)
-        picks = []
-        for name in tasks:
-            r = results[name]
-            students = {s["task_layers"]: served(r, s["dev"]) for s in r["students"]}
-            picks.append((mixed_layers(students, c), students))
-        derived.append((f"mixed (c = {c:g}), read off the same students", trunk + sum(p for p, _ in picks),
-                        [st[p] for p, st in picks]))
-    rows = [("full fine-tuning, one model per task", n * t, cols["full"]),
-            ("teachers (best L per task) on the same trunk passes", trunk + sum(overhead["teacher"]), cols["teacher"]),
-            ("KD-1 students on the same trunk passes", trunk + sum(overhead["kd1"]), cols["kd1"]),
-            ("KD-2 students on the same trunk passes", trunk + sum(overhead["kd2"]), cols["kd2"]),
-            ("mixed (c = 1.0): the merged model", trunk + sum(overhead["mixed"]), cols["mixed"]), *derived]
+        picks = [(mixed_layers(s, c), s) for s in students.values()]
+        rows.append((f"mixed (c = {c:g}), read off the same students", trunk + sum(p for p, _ in picks),
+                     [s[p] for p, s in picks]))
+    full_avg = sum(rows[0][2]) / t
     table = ["| setting | overhead (layers) | % of full FT overhead | average dev metric | % of full FT average |",
              "|---|---|---|---|---|"]
     for label, layers, values in rows:
         avg = sum(values) / t
-        table.append(f"| {label} | {layers} | {100 * layers / (n * t):.0f}% | {100 * avg:.2f} | "
+        table.append(f"| {label} | {layers} | {100 * layers / full:.0f}% | {100 * avg:.2f} | "
                      f"{100 * avg / full_avg:.1f}% |")
-    merged = results.get("_merged", {}).get("overhead_layers")
     if merged is not None:
-        mixed = next(layers for label, layers, _ in rows if label.startswith("mixed (c = 1.0)"))
+        mixed = rows[4][1]
         verdict = "equal" if merged == mixed else f"DIFFERENT: the table's count is wrong ({mixed})"
         table.append(f"\nThe merged model's manifest (counting every trunk pass) says {merged} layers: {verdict}.")
-    return "\n".join(lines) + "\n\n" + "\n".join(table) + "\n"
+    return "\n".join(table)
 
 
-def tuned_rows(r: dict) -> bool:
+def student_scores(r: TrainingReport) -> dict[int, float]:
+    return {s.task_layers: served(r, s.log.dev) for s in r.students}
+
+
+def reference_score(r: TrainingReport) -> float:
+    ref = r.reference
+    return served(r, ref.thresholds.tuned if ref.thresholds else ref.log.dev)
+
+
+def tuned_rows(r: TrainingReport) -> bool:
     """A multilabel task recorded with tuned figures everywhere: chosen and served at its tuned thresholds
     (a run from before choices were made at them has them for the chosen student only: shown at 0.5)."""
-    return r["kind"] == "multilabel" and "tuned" in r["chosen"] and all("tuned" in s["dev"] for s in r["students"])
+    return r.kind == "multilabel" and r.chosen.tuned is not None and all("tuned" in s.log.dev for s in r.students)
 
 
-def served(r: dict, entry: dict) -> float:
+def served(r: TrainingReport, entry: dict) -> float:
     """The task's metric in a dev entry as the task is chosen and served (multilabel: tuned thresholds)."""
-    return float((entry["tuned"] if tuned_rows(r) and "tuned" in entry else entry)[r["metric"]])
+    return float((entry["tuned"] if tuned_rows(r) and "tuned" in entry else entry)[r.metric])
 
 
 def trunk_layers(attached: list[tuple[str, int]]) -> int:

@@ -1,1 +1,9 @@
-"""The core: backbone, task folder, merged graph, tokens, answers, overhead. Imports only errors and io."""
+"""The core: backbone, task folder, merged graph, tokens, answers, overhead. Imports only errors and io.
+
+The names every layer shares and that the CLI needs while it builds its parsers live here, where
+importing them costs nothing (the modules of the core import torch)."""
+
+DEFAULT_TASKS_DIR = "tasks"  # the folder of task folders, unless a command is told another
+KINDS = ("multiclass", "multilabel", "regression")
+INPUTS = ("single", "pair")
+POOLINGS = ("mean", "cls")

@@ -12,20 +12,18 @@ from __future__ import annotations
 import copy
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from centra.core import INPUTS, KINDS, POOLINGS
 from centra.core.backbone import Backbone, EncoderConfig, EncoderLayer, check_state, load_safetensors
 from centra.errors import CentraError
 from centra.io import publish_folder, remove_artifact, sha256_bytes, sha256_file, write_json
 
 SCHEMA_VERSION = 1
-KINDS = ("multiclass", "multilabel", "regression")
-INPUTS = ("single", "pair")
-POOLINGS = ("mean", "cls")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")  # \Z: no trailing newline
 DEFAULT_MAX_LENGTH = 128
 TASK_FILE = "task.json"
@@ -166,6 +164,13 @@ class TaskHead(nn.Module):
             pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
         return self.classifier(self.drop(torch.tanh(self.pooler(pooled))))
 
+    def with_spec(self, spec: TaskSpec) -> TaskHead:
+        """This branch (the same modules and weights) described by `spec`, as a new head object: a
+        trained or published spec is handed back, never assigned to a head a caller holds."""
+        head = copy.copy(self)
+        head.spec = spec
+        return head
+
 
 def task_dirs(tasks_dir: Path) -> list[Path]:
     """Task folders under tasks_dir, by name; dot-folders are in-progress or discarded writes."""
@@ -239,43 +244,44 @@ def is_legacy_task(folder: Path) -> bool:
 
 
 def save_task(folder: Path, spec: TaskSpec, head: TaskHead, extra_files: dict[str, dict] | None = None,
-              candidates: dict[str, tuple[TaskSpec, TaskHead]] | None = None) -> None:
-    """Publish the task folder: staged, re-loaded, then swapped in as one step. A crash leaves the
+              candidates: dict[str, tuple[TaskSpec, TaskHead]] | None = None) -> TaskSpec:
+    """Publish the task folder: staged, re-loaded, then swapped in as one step; return the spec as
+    written (with its head's sha256; `spec` and `head` are left as they were). A crash leaves the
     previous version intact; the folder's recipe.json is carried over unchanged. `candidates`: other
     trained heads to keep beside the active one, each in candidates/ID/ as a task folder of its own
     (`centra plan` activates one of them)."""
     folder = Path(folder)
-    spec = copy.deepcopy(spec)
-    kept = {name: (copy.deepcopy(s), h) for name, (s, h) in (candidates or {}).items()}
-    for name in kept:
+    for name in candidates or {}:
         if not NAME_RE.match(name):
             raise CentraError(f"candidate id {name!r} must be letters, digits, '_' or '-'")
+    written: list[TaskSpec] = []
 
     def build(tmp: Path) -> None:
-        write_head(tmp, spec, head)
+        written[:] = [write_head(tmp, spec, head)]
         for name, data in (extra_files or {}).items():
             write_json(tmp / name, data)
-        for name, (cand_spec, cand_head) in kept.items():
+        for name, (cand_spec, cand_head) in (candidates or {}).items():
             (tmp / CANDIDATES_DIR / name).mkdir(parents=True)
             write_head(tmp / CANDIDATES_DIR / name, cand_spec, cand_head)
 
     def check(tmp: Path) -> None:
         load_task(tmp, head.cfg, check_fingerprint=False, name=folder.name)
-        for name in kept:
+        for name in candidates or {}:
             load_task(tmp / CANDIDATES_DIR / name, head.cfg, check_fingerprint=False, name=folder.name)
 
     publish_folder(folder, TASK_KIND, build, check, keep=(RECIPE_FILE,), legacy=is_legacy_task)
-    head.spec.head_sha256 = spec.head_sha256
+    return written[0]
 
 
-def write_head(folder: Path, spec: TaskSpec, head: TaskHead) -> None:
-    """head.safetensors and task.json (with the head's sha256, set on `spec`) into folder."""
+def write_head(folder: Path, spec: TaskSpec, head: TaskHead) -> TaskSpec:
+    """head.safetensors and task.json into folder; return the spec written (`spec` with the head's sha256)."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
     save_file(state, str(Path(folder) / HEAD_FILE))
-    spec.head_sha256 = sha256_file(Path(folder) / HEAD_FILE)
-    write_json(Path(folder) / TASK_FILE, spec.to_dict())
+    written = replace(spec, head_sha256=sha256_file(Path(folder) / HEAD_FILE))
+    write_json(Path(folder) / TASK_FILE, written.to_dict())
+    return written
 
 
 def remove_task(folder: Path) -> None:

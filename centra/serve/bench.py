@@ -42,6 +42,7 @@ class BenchOptions:
     tasks_per_call: str = "mixed"  # mixed: random non-empty subsets of the single-text tasks; all: every one
     seed: int = 0
     call_timeout_s: float = 30.0
+    flood: int = 0  # after the window: threads sending 4 MB calls beside one valid client (0: none)
 
     def check(self) -> None:
         """One-line refusals, before anything is loaded."""
@@ -51,6 +52,8 @@ class BenchOptions:
             raise CentraError(f"--seconds must be a finite number > 0, not {self.seconds}")
         if not (self.warmup >= 0 and math.isfinite(self.warmup)):
             raise CentraError(f"--warmup must be a finite number >= 0, not {self.warmup}")
+        if self.flood < 0:
+            raise CentraError(f"--flood must be >= 0, not {self.flood}")
         if self.tasks_per_call not in MODES:
             raise CentraError(f"--tasks-per-call must be one of {', '.join(MODES)}, not {self.tasks_per_call!r}")
         self.serve_options.check()
@@ -228,6 +231,11 @@ def bench_server(engine: Engine, texts: list[str], options: BenchOptions,
         progress(f"server on {running.target}: {options.concurrency} clients, {options.warmup:g} s warm-up, "
                  f"then {options.seconds:g} s measured")
         window = drive(running, calls, options)
+        flooded = {}
+        if options.flood:
+            progress(f"flood: one client alone for {options.seconds:g} s, then beside {options.flood} threads "
+                     f"sending 4 MB calls for {options.seconds:g} s")
+            flooded = flood(running, calls, options.flood, options.seconds)
     if not window.calls:
         raise CentraError(f"no call was answered in {options.seconds:g} s"
                           + (f" ({window.errors} failed; first: {window.first_error})" if window.errors else ""))
@@ -249,4 +257,94 @@ def bench_server(engine: Engine, texts: list[str], options: BenchOptions,
             "tasks_per_call": options.tasks_per_call, "max_batch": options.max_batch,
             "max_wait_ms": options.max_wait_ms, "errors": window.errors,
             "engine_busy": round(window.compute_s / window.seconds, 4),
-            "mean_queue_wait_ms": round(window.queue_wait_s / max(window.batch_calls, 1) * 1000, 3)}
+            "mean_queue_wait_ms": round(window.queue_wait_s / max(window.batch_calls, 1) * 1000, 3), **flooded}
+
+
+FLOOD_INPUTS = 2_000_000  # empty inputs: a 4,000,000-byte ClassifyRequest
+
+
+def rss_mb() -> float:
+    """This process's resident memory now (Linux /proc), in MB; NaN where there is no /proc."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def flood(running: BackgroundServer, calls: list[Call], senders: int = 4, seconds: float = 3.0) -> dict:
+    """Oversized calls against the running server while one client keeps sending valid one-text calls:
+    first `seconds` of the valid calls alone, then as long again with `senders` threads sending 4 MB
+    ClassifyRequests (2,000,000 empty inputs) back to back. Figures: how each flood call was answered and
+    how fast, the valid calls' latency before and during, and this process's RSS (server and clients)."""
+    import grpc
+
+    from centra.serve.v1 import centra_pb2 as pb
+
+    huge = pb.ClassifyRequest(inputs=[pb.Input()] * FLOOD_INPUTS).SerializeToString()
+    valid = [pb.ClassifyRequest(inputs=[pb.Input(text=text)], tasks=list(tasks)).SerializeToString()
+             for text, tasks in calls[:64]]
+    phase = {"name": "before"}
+    probe: dict[str, list[float]] = {"before": [], "during": []}
+    refusals: list[float] = []
+    codes: dict[str, int] = {}
+    peak = [rss_mb()]
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def raw(channel):
+        return channel.unary_unary("/centra.v1.Classifier/Classify", request_serializer=None,
+                                   response_deserializer=None)
+
+    def prober() -> None:
+        with grpc.insecure_channel(running.target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            call, i = raw(channel), 0
+            while not stop.is_set():
+                sent = time.perf_counter()
+                try:
+                    call(valid[i % len(valid)], timeout=30)
+                    probe[phase["name"]].append(time.perf_counter() - sent)
+                except grpc.RpcError:
+                    pass
+                i += 1
+
+    def sender() -> None:
+        with grpc.insecure_channel(running.target, options=[("grpc.use_local_subchannel_pool", 1),
+                                                            ("grpc.max_send_message_length", -1)]) as channel:
+            call = raw(channel)
+            while not stop.is_set():
+                sent = time.perf_counter()
+                try:
+                    call(huge, timeout=30)
+                    code = "OK"
+                except grpc.RpcError as exc:
+                    code = exc.code().name
+                with lock:
+                    refusals.append(time.perf_counter() - sent)
+                    codes[code] = codes.get(code, 0) + 1
+
+    threads = [threading.Thread(target=prober, daemon=True)]
+    threads[0].start()
+    before = rss_mb()
+    time.sleep(seconds)
+    phase["name"] = "during"
+    threads += [threading.Thread(target=sender, daemon=True) for _ in range(senders)]
+    for thread in threads[1:]:
+        thread.start()
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        peak.append(rss_mb())
+        time.sleep(0.05)
+    stop.set()
+    for thread in threads:
+        thread.join(60)
+    return {"flood_calls": len(refusals), "flood_codes": codes, "flood_senders": senders,
+            "flood_refusal_p50_ms": round(percentile(refusals, 50) * 1000, 2),
+            "flood_refusal_max_ms": round(max(refusals, default=float("nan")) * 1000, 2),
+            "probe_p50_ms_before": round(percentile(probe["before"], 50) * 1000, 3),
+            "probe_p50_ms_during": round(percentile(probe["during"], 50) * 1000, 3),
+            "probe_p99_ms_during": round(percentile(probe["during"], 99) * 1000, 3),
+            "rss_mb_before": round(before, 1), "rss_mb_peak": round(max(peak), 1), "rss_mb_after": round(rss_mb(), 1)}

@@ -1,2 +1,2 @@
-"""Training: data readers, metrics, activation cache, fine-tuning, distillation, recipes, the pipeline.
-Imports only the core (and errors, io, progress)."""
+"""Training: settings, data readers, metrics, activation cache, fine-tuning, distillation, recipes, the
+pipeline and its report. Imports only the core (and errors, io, progress)."""

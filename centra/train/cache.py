@@ -2,7 +2,7 @@
 
 A teacher search over L = MAX..MIN climbs the cache one layer at a time (one forward pass of one
 layer each) instead of recomputing the frozen bottom every epoch. All caches of a run draw memory
-from one `CacheBudget` (`--cache-gb`): the train and dev caches and the snapshots kept for going back
+from one `CacheBudget` (the `cache_gb` setting): the train and dev caches and the snapshots kept for going back
 down share the cap, and a cache that does not fit spills to a memory-mapped file.
 """
 

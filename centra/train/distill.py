@@ -3,7 +3,7 @@
 Student = the teacher's bottom k + l layers: k frozen (shared trunk) layers and l task layers that
 start from the teacher's layers k+1..k+l, with the teacher's pooler and classifier. It trains on
 hard loss + alpha * F^2 * KL(teacher || student) (see finetune.loss_fn). The logits table is computed
-once per task; any teacher can fill it (--teacher-logits: a JSONL file, one row per train example).
+once per task; any teacher can fill it (teacher_logits: a JSONL file, one row per train example).
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ from centra.core.backbone import EncoderConfig
 from centra.core.task import TaskHead
 from centra.errors import CentraError
 from centra.train.cache import ActivationCache
-from centra.train.finetune import TrainConfig, predict_cache, selection_score, train_branch
+from centra.train.finetune import predict_cache, selection_score
+from centra.train.job import Run
+from centra.train.report import BranchLog, Student
+from centra.train.settings import Name, SettingError
 
 
 def logits_table(teacher: TaskHead, cache: ActivationCache, progress: bool = True) -> np.ndarray:
@@ -69,32 +72,29 @@ def student_from(teacher: TaskHead, layers: int, cfg: EncoderConfig) -> TaskHead
 @dataclass
 class Distilled:
     chosen: TaskHead
-    logs: list[dict]  # one per student trained
-    students: dict[int, TaskHead]  # every student trained, by task layers (candidates for `centra plan`)
+    students: list[Student]  # one per student trained
+    heads: dict[int, TaskHead]  # every student trained, by task layers (candidates for `centra plan`)
 
 
-def distill_students(teacher: TaskHead, cfg: EncoderConfig, soft: np.ndarray, train: ActivationCache,
-                     train_targets: list, dev: ActivationCache, dev_targets: list, tc: TrainConfig,
-                     student_layers: int | None, threshold: float) -> Distilled:
-    """Train students; with `student_layers` fixed, that one; else add layers while each gains >= threshold
-    dev points (the 'mixed' allocation)."""
+def distill_students(run: Run, teacher: TaskHead, soft: np.ndarray) -> Distilled:
+    """Train students of `teacher` on its logits table `soft`; with the job's student_layers, that one;
+    else add layers while each gains >= the job's threshold dev points (the 'mixed' allocation)."""
+    fixed, metric = run.job.student_layers, run.checked.tc.metric
     most = min(3, teacher.spec.task_layers)
-    if student_layers is not None and not 1 <= student_layers <= most:
-        raise CentraError(f"--student-layers must be in 1..{most} (the teacher has "
-                          f"{teacher.spec.task_layers} task layers)")
-    tried: list[tuple[TaskHead, dict]] = []
-    chosen = None
-    for layers in ([student_layers] if student_layers else range(1, most + 1)):
-        student, log = train_branch(student_from(teacher, layers, cfg), train, train_targets, dev, dev_targets,
-                                    tc, f"student l={layers}", soft=soft)
-        tried.append((student, {"task_layers": layers, **log}))
-        if student_layers is None:
-            keep = mixed_layers({t[1]["task_layers"]: selection_score(teacher.spec.kind, t[1]["dev"], tc.metric)
-                                 for t in tried}, threshold)
+    if fixed is not None and not 1 <= fixed <= most:
+        raise SettingError(Name("student_layers"), f" must be in 1..{most} (the teacher has "
+                           f"{teacher.spec.task_layers} task layers)")
+    tried: list[tuple[TaskHead, Student]] = []
+    for layers in [fixed] if fixed else range(1, most + 1):
+        student, log = run.train_branch(student_from(teacher, layers, run.backbone.cfg), f"student l={layers}",
+                                        soft=soft)
+        tried.append((student, Student(layers, BranchLog.from_dict(log))))
+        if fixed is None:
+            keep = mixed_layers({s.task_layers: selection_score(teacher.spec.kind, s.log.dev, metric)
+                                 for _, s in tried}, run.job.threshold)
             if keep < layers:
-                chosen = tried[keep - 1][0]
-                break
-    return Distilled(chosen or tried[-1][0], [t[1] for t in tried], {t[1]["task_layers"]: t[0] for t in tried})
+                return Distilled(tried[keep - 1][0], [s for _, s in tried], {s.task_layers: h for h, s in tried})
+    return Distilled(tried[-1][0], [s for _, s in tried], {s.task_layers: h for h, s in tried})
 
 
 def mixed_layers(scores: dict[int, float], threshold: float) -> int:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -24,40 +24,36 @@ import torch.nn.functional as F
 
 from centra.core.backbone import attention_bias
 from centra.core.task import TaskHead
-from centra.errors import CentraError
 from centra.progress import progress_bar, progress_line
 from centra.train.cache import ActivationCache
 from centra.train.metrics import compute
+from centra.train.settings import Settings
 from centra.train.thresholds import tune_logits
 
+_DEFAULT = Settings()
 
-@dataclass
+
+@dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 3
-    batch_size: int = 32
-    lr: float = 1e-4
-    head_lr: float = 1e-3
+    """What the training loop reads: settings (their defaults declared in centra.train.settings, their
+    checks made there before any compute) and two optimizer constants."""
+
+    epochs: int = _DEFAULT.epochs
+    batch_size: int = _DEFAULT.batch_size
+    lr: float = _DEFAULT.lr
+    head_lr: float = _DEFAULT.head_lr
     weight_decay: float = 0.01
-    warmup: float = 0.1
-    seed: int = 0
-    metric: str | None = None  # None: the kind's default (metrics.DEFAULT_METRIC)
-    alpha: float = 1.0
-    temperature: float = 2.0
+    warmup: float = 0.1  # the share of the steps over which the learning rate climbs
+    seed: int = _DEFAULT.seed
+    metric: str | None = _DEFAULT.metric  # None: the kind's default (metrics.DEFAULT_METRIC)
+    alpha: float = _DEFAULT.alpha
+    temperature: float = _DEFAULT.temperature
     progress: bool = True
 
-    def check(self) -> None:
-        """Refuse settings that cannot train, before any compute (one line each)."""
-        if self.epochs < 1:
-            raise CentraError(f"--epochs must be >= 1, not {self.epochs}")
-        if self.batch_size < 1:
-            raise CentraError(f"--batch-size must be >= 1, not {self.batch_size}")
-        for flag, value in (("--lr", self.lr), ("--head-lr", self.head_lr), ("--temperature", self.temperature)):
-            if not value > 0 or not math.isfinite(value):
-                raise CentraError(f"{flag} must be a positive number, not {value}")
-        if not self.alpha >= 0 or not math.isfinite(self.alpha):
-            raise CentraError(f"--alpha must be >= 0, not {self.alpha}")
-        if not 0 <= self.weight_decay < 1 or not 0 <= self.warmup <= 1:
-            raise CentraError("weight decay must be in [0, 1) and warm-up in [0, 1]")
+    @classmethod
+    def of(cls, source: object) -> TrainConfig:
+        """The config taking every field of that name from `source` (a job or settings), the rest default."""
+        return cls(**{f.name: getattr(source, f.name) for f in fields(cls) if hasattr(source, f.name)})
 
 
 HEAD_MODULES = ("pooler", "classifier")  # trained at cfg.head_lr; everything else at cfg.lr

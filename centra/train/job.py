@@ -1,65 +1,68 @@
-"""What a training run is given and holds: the job (TaskJob), the job once checked (CheckedJob, made by
-centra.train.pipeline.validate_job) and the run in progress (Run: data, caches, a head factory), shared
-by the pipeline and the teacher search (centra.train.search)."""
+"""What a training run is given and holds: the job (TaskJob: the settings, and what they train on), the
+job once checked (CheckedJob, made by centra.train.pipeline.validate_job) and the run in progress (Run:
+data, caches, a head factory), shared by the pipeline, the teacher search and the distillation."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
 from centra.core.backbone import Backbone
 from centra.core.task import TaskHead, init_task
-from centra.train.cache import ActivationCache
+from centra.train.cache import ActivationCache, CacheBudget
 from centra.train.data import Columns, Examples
 from centra.train.finetune import BranchTrainer, TrainConfig, train_branch
-
-# A quarter-epoch first rung cut the full search's winner on CoLA and RTE (2,500-8,500 examples: every L
-# still near chance then; docs/results.md), so the default ranks after one epoch, as the search was designed.
-FIRST_RUNG = 1.0  # halving: epochs every L trains before the first cut (--first-rung)
+from centra.train.settings import REFERENCE_EPOCHS, Settings
 
 
-@dataclass
-class TaskJob:
+@dataclass(kw_only=True)
+class TaskJob(Settings):
+    """One task to train: its settings (inherited, with their defaults: centra.train.settings) and what
+    they train on. Its teacher_logits is a file path (a recipe's is relative to the data root)."""
+
     name: str
     kind: str
     train: Path
     dev: Path
     columns: Columns
     label_names: list[str] | None = None
-    layers: tuple[int, int] | None = None  # teacher search range (MIN, MAX) of trainable top layers
-    search: str = "halving"  # how the teacher search goes: halving | full (see train/search.py)
-    first_rung: float = FIRST_RUNG  # halving: epochs every L trains before the first cut
-    student_layers: int | None = None
-    threshold: float = 1.0
-    reference: bool = False  # also fine-tune the whole model (train/reference.py), to compare against
-    reference_epochs: int = 3
-    teacher_logits: Path | None = None
-    attach_layer: int | None = None  # students' attach layer with an external teacher
-    max_train_examples: int | None = None
-    max_length: int | None = None
-    pooling: str = "mean"
-    cache_gb: float = 4.0
+    reference_epochs: int = REFERENCE_EPOCHS  # of the full fine-tuning reference (centra results sets it)
     cache_dir: Path | None = None  # where an over-cap cache spills (default: the system temp dir)
     source: dict = field(default_factory=dict)  # recorded in task.json: recipe and data sha256
     recipe: dict | None = None  # a new recipe.json to publish with the task (None: keep the folder's)
-    train_config: TrainConfig = field(default_factory=TrainConfig)
+    progress: bool = True  # progress bars and per-epoch lines
+
+    @classmethod
+    def of(cls, settings: Settings, **inputs) -> TaskJob:
+        """The job training on `inputs` (name, kind, train, dev, columns...) with `settings`."""
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(Settings)}, **inputs)
+
+    @property
+    def settings(self) -> Settings:
+        """The job's settings alone."""
+        return Settings(**{f.name: getattr(self, f.name) for f in fields(Settings)})
+
+    @property
+    def train_config(self) -> TrainConfig:
+        """What the training loop takes of the job (its settings of that name, and progress)."""
+        return TrainConfig.of(self)
 
 
 @dataclass(frozen=True)
 class CheckedJob:
-    """A job whose every option was checked against the backbone, with defaults filled in."""
+    """A job whose every setting was checked against the backbone, with its defaults resolved."""
 
-    job: TaskJob
-    lo: int
+    job: TaskJob  # its metric filled in
+    lo: int  # the teacher search's range of trainable top layers
     hi: int
     max_length: int
+    attach: int | None  # the students' attach layer under an external teacher (None: no external teacher)
 
     @property
     def tc(self) -> TrainConfig:
         return self.job.train_config
-
 
 
 @dataclass
@@ -72,13 +75,19 @@ class Run:
     dev: Examples
     labels: list[str]
     caches: list[ActivationCache]
+    budget: CacheBudget
+    soft: np.ndarray | None = None  # an external teacher's logits table (None: the search's teacher fills it)
     times: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def job(self) -> TaskJob:
+        return self.checked.job
+
     def new_head(self, attach: int, layers: int) -> TaskHead:
-        job = self.checked.job
+        job = self.job
         _, head = init_task(self.backbone, job.name, job.kind, self.labels, attach, layers,
                             input="pair" if job.columns.pair else "single", max_length=self.checked.max_length,
-                            pooling=job.pooling, seed=self.checked.tc.seed)
+                            pooling=job.pooling, seed=job.seed)
         return head
 
     def train_branch(self, head: TaskHead, desc: str, soft: np.ndarray | None = None) -> tuple[TaskHead, dict]:
@@ -89,3 +98,11 @@ class Run:
         """A resumable training of `head` on the run's caches (the teacher search interleaves them)."""
         return BranchTrainer(head, self.caches[0], self.train.targets, self.caches[1], self.dev.targets,
                              self.checked.tc, desc)
+
+    def advance_to(self, layer: int) -> None:
+        for cache in self.caches:
+            cache.advance_to(layer)
+
+    def close(self) -> None:
+        for cache in self.caches:
+            cache.close()

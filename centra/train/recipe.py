@@ -10,76 +10,52 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from centra.core import KINDS
 from centra.core.task import HEAD_FILE, RECIPE_FILE, TASK_FILE
 from centra.errors import CentraError
-from centra.io import read_json, sha256_bytes, sha256_file
+from centra.io import check_writable_parent, read_json, sha256_bytes, sha256_file
 from centra.train.data import Columns, parse_label_names
-from centra.train.finetune import TrainConfig
-from centra.train.job import FIRST_RUNG
-from centra.train.pipeline import KINDS, TaskJob
+from centra.train.job import TaskJob
+from centra.train.settings import RECIPE_KEYS, Name, SettingError, Settings, recipe_block, settings_from
+
+if TYPE_CHECKING:
+    from centra.core.task import TaskHead
+    from centra.train.report import TrainingReport
 
 RECIPE_VERSION = 1
 DATA_KEYS = {"train": str, "dev": str, "text_column": str, "pair_column": (str, type(None)),
              "label_column": list, "label_names": (str, type(None)), "header": str, "label_delimiter": str}
 
 
-@dataclass
-class Training:
-    """The training settings a recipe may hold (None: the pipeline's default)."""
-
-    layers: str | None = None  # teacher search MIN:MAX
-    search: str | None = None  # teacher search: halving (None: the default) | full
-    first_rung: float | None = None  # halving: epochs every L trains before the first cut (None: 1)
-    student_layers: int | None = None
-    threshold: float | None = None
-    epochs: int = 3
-    batch_size: int = 32
-    lr: float = 1e-4
-    head_lr: float = 1e-3
-    metric: str | None = None
-    alpha: float = 1.0
-    temperature: float = 2.0
-    seed: int = 0
-    max_train_examples: int | None = None
-    max_length: int | None = None
-    pooling: str = "mean"
-    reference: bool = False
-    teacher_logits: str | None = None
-    attach_layer: int | None = None
-    cache_gb: float = 4.0
-
-
-# the JSON types each training setting takes (ints are accepted for floats; bools only where named)
-SETTING_TYPES: dict[str, tuple[type, ...]] = {
-    "layers": (str,), "search": (str,), "first_rung": (int, float), "student_layers": (int,),
-    "threshold": (int, float), "epochs": (int,), "batch_size": (int,),
-    "lr": (int, float), "head_lr": (int, float), "metric": (str,), "alpha": (int, float),
-    "temperature": (int, float), "seed": (int,), "max_train_examples": (int,), "max_length": (int,),
-    "pooling": (str,), "reference": (bool,), "teacher_logits": (str,), "attach_layer": (int,),
-    "cache_gb": (int, float),
-}
-OPTIONAL_SETTINGS = {name for name, value in vars(Training()).items() if value is None}
-# settings added after schema 1: written only when set, so that a recipe written before them keeps its
-# sha256 and the tasks trained from it stay up to date
-LATER_SETTINGS = {"search", "first_rung"}
-
-
-@dataclass
+@dataclass(frozen=True)
 class Recipe:
+    """A task's recipe.json. `given`: its training block as written (null: not given); `training`: the
+    settings it comes to (centra.train.settings)."""
+
     name: str
     kind: str
     data: dict
-    training: Training = field(default_factory=Training)
+    given: dict = field(default_factory=dict)
     backbone: str = "default"
 
+    def __post_init__(self) -> None:
+        settings_from(self.given)  # every value type-checked (a SettingError naming it)
+
+    @property
+    def training(self) -> Settings:
+        return settings_from(self.given)
+
+    def with_settings(self, given: dict) -> Recipe:
+        """The recipe with settings (by field name) set."""
+        return replace(self, given={**self.given, **{RECIPE_KEYS.get(k, k): v for k, v in given.items()}})
+
     def to_dict(self) -> dict:
-        training = {f.name: getattr(self.training, f.name) for f in fields(Training)
-                    if f.name not in LATER_SETTINGS or getattr(self.training, f.name) is not None}
         return {"schema_version": RECIPE_VERSION, "kind": self.kind, "backbone": self.backbone,
-                "data": self.data, "training": training}
+                "data": self.data, "training": recipe_block(self.given)}
 
     @property
     def sha256(self) -> str:
@@ -113,22 +89,16 @@ def read_recipe(folder: Path) -> Recipe:
             raise bad(f"data.{key} has the wrong type")
     if set(block) - set(DATA_KEYS):
         raise bad(f"unknown field data.{sorted(set(block) - set(DATA_KEYS))[0]}")
-    settings = data.get("training", {})
-    if not isinstance(settings, dict):
+    given = data.get("training", {})
+    if not isinstance(given, dict):
         raise bad("'training' must be an object")
-    for key, value in settings.items():
-        if key not in SETTING_TYPES:
-            raise bad(f"unknown setting training.{key}")
-        allowed = SETTING_TYPES[key]
-        ok = value is None and key in OPTIONAL_SETTINGS or \
-            isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
-        if not ok:
-            names = " or ".join(t.__name__ for t in allowed) + (" or null" if key in OPTIONAL_SETTINGS else "")
-            raise bad(f"training.{key} must be {names}, not {json.dumps(value)}")
     label_names = block.get("label_names")
     if isinstance(label_names, str) and label_names.startswith("@") and len(label_names) == 1:
         raise bad("data.label_names '@' names no file")
-    return Recipe(Path(folder).name, data["kind"], block, Training(**settings), data.get("backbone", "default"))
+    try:
+        return Recipe(Path(folder).name, data["kind"], block, given, data.get("backbone", "default"))
+    except SettingError as exc:
+        raise bad(exc.named(lambda name: f"training.{name}")) from None
 
 
 def data_root(explicit: Path | None = None) -> Path:
@@ -158,8 +128,8 @@ def source_of(recipe: Recipe, root: Path, fingerprint: str) -> dict:
     files = data_files(recipe, root)
     missing = [p for p in files.values() if not p.is_file()]
     if missing:
-        raise CentraError(f"{missing[0]}: file not found (data of recipe {recipe.name!r}; set --data or "
-                          "$CENTRA_DATA to the folder its paths are relative to)")
+        raise SettingError(f"{missing[0]}: file not found (data of recipe {recipe.name!r}; set the data root (",
+                           Name("data"), ") or $CENTRA_DATA to the folder its paths are relative to)")
     digest = sha256_bytes("".join(f"{role}={sha256_file(path)}\n" for role, path in sorted(files.items())).encode())
     return {"recipe_sha256": recipe.sha256, "data_sha256": digest, "backbone_fingerprint": fingerprint}
 
@@ -188,30 +158,78 @@ def stale_reason(folder: Path, recipe: Recipe, root: Path, fingerprint: str) -> 
 
 def job_from(recipe: Recipe, root: Path, fingerprint: str) -> TaskJob:
     """The training job a recipe describes, with its data paths resolved against `root`."""
-    d, t = recipe.data, recipe.training
-    if t.student_layers is not None and t.threshold is not None:
-        raise CentraError("give --student-layers or --threshold, not both")
-    files = data_files(recipe, root)
+    d, files = recipe.data, data_files(recipe, root)
     columns = Columns(text=d["text_column"], labels=list(d["label_column"]), pair=d.get("pair_column"),
                       header=d.get("header", "auto"), label_delimiter=d.get("label_delimiter", ","))
-    tc = TrainConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, head_lr=t.head_lr, seed=t.seed,
-                     metric=t.metric, alpha=t.alpha, temperature=t.temperature)
-    return TaskJob(name=recipe.name, kind=recipe.kind, train=files["train"], dev=files["dev"], columns=columns,
-                   label_names=parse_label_names(d.get("label_names"), Path(root)),
-                   layers=parse_range(t.layers), search=t.search or "halving", student_layers=t.student_layers,
-                   first_rung=FIRST_RUNG if t.first_rung is None else float(t.first_rung),
-                   threshold=1.0 if t.threshold is None else float(t.threshold), reference=t.reference,
-                   teacher_logits=files.get("teacher_logits"),
-                   attach_layer=t.attach_layer, max_train_examples=t.max_train_examples, max_length=t.max_length,
-                   pooling=t.pooling, cache_gb=t.cache_gb, source=source_of(recipe, root, fingerprint),
-                   train_config=tc)
+    teacher = files.get("teacher_logits")
+    settings = replace(recipe.training, teacher_logits=str(teacher) if teacher else None)
+    return TaskJob.of(settings, name=recipe.name, kind=recipe.kind, train=files["train"], dev=files["dev"],
+                      columns=columns, label_names=parse_label_names(d.get("label_names"), Path(root)),
+                      source=source_of(recipe, root, fingerprint))
 
 
-def parse_range(value: str | None) -> tuple[int, int] | None:
-    if value is None:
-        return None
+def recipe_from_settings(name: str, data: dict, given: dict, root: Path, backbone: str | None = None) -> Recipe:
+    """A new recipe: `data` says the kind, the train and dev files, the columns (text_column,
+    label_column, pair_column, header, label_delimiter) and label_names; `given` the settings set (by
+    field name). Files are stored relative to the data root `root` when they lie under it."""
+    missing = [key for key in ("kind", "train", "dev") if data.get(key) is None]
+    if missing:
+        names = [part for key in missing for part in (", ", Name(key))][1:]
+        raise SettingError("a new recipe needs ", *names, " (or a recipe in the task folder)")
+    if not data.get("text_column") or not data.get("label_column"):
+        raise SettingError("give ", Name("text_column"), " and ", Name("label_column"))
+    label_names = data.get("label_names")
+    if label_names and label_names.startswith("@"):  # a names file: stored like the data files
+        label_names = "@" + data_path(label_names[1:], root)
+    block = {"train": data_path(data["train"], root), "dev": data_path(data["dev"], root),
+             "text_column": data["text_column"], "pair_column": data.get("pair_column"),
+             "label_column": data["label_column"], "label_names": label_names,
+             "header": data.get("header") or "auto", "label_delimiter": data.get("label_delimiter") or ","}
+    if given.get("teacher_logits"):
+        given = {**given, "teacher_logits": data_path(given["teacher_logits"], root)}
+    return Recipe(name, data["kind"], block, backbone=backbone or "default").with_settings(given)
+
+
+def data_path(value: str, root: Path) -> str:
+    """Stored relative to the data root when the file lies under it, else absolute."""
+    path = Path(value).resolve()
+    if not path.is_file():
+        raise CentraError(f"{value}: file not found")
     try:
-        lo, _, hi = str(value).partition(":")
-        return int(lo), int(hi or lo)
+        return path.relative_to(Path(root).resolve()).as_posix()
     except ValueError:
-        raise CentraError(f"--layers {value!r}: expected MIN:MAX, e.g. 1:5") from None
+        return str(path)
+
+
+def task_recipe(folder: Path, root: Path, data: dict | None = None, given: dict | None = None,
+                backbone: str | None = None) -> tuple[Recipe, bool]:
+    """The recipe task `folder` trains from, and whether it is new or changed (then it is published with
+    the task): a new one when `data` is given (recipe_from_settings), else the folder's recipe.json with
+    the settings `given` (by field name; None: not given) and the `backbone` set."""
+    folder, given = Path(folder), {k: v for k, v in (given or {}).items() if v is not None}
+    if data:
+        return recipe_from_settings(folder.name, data, given, root, backbone), True
+    if not (folder / RECIPE_FILE).is_file():
+        raise SettingError(f"{folder / RECIPE_FILE}: file not found: give a recipe, or ", Name("kind"), ", ",
+                           Name("train"), ", ", Name("dev"), ", ", Name("text_column"), " and ",
+                           Name("label_column"), " (which write one)")
+    recipe = read_recipe(folder).with_settings(given)
+    if backbone is not None:
+        recipe = replace(recipe, backbone=backbone)
+    return recipe, bool(given) or backbone is not None
+
+
+def add_task(tasks_dir: Path, name: str, *, data: dict | None = None, given: dict | None = None,
+             backbone: str | None = None, root: Path | None = None) -> tuple[TrainingReport, TaskHead]:
+    """Train task `name` in `tasks_dir` from its recipe (task_recipe: a new one from `data`, or the
+    folder's with the settings `given`), with its data files under the data root (data_root(root)),
+    and publish it; the training report and the chosen student (see pipeline.train_task)."""
+    from centra.core.backbone import Backbone
+    from centra.train.pipeline import train_task
+
+    root = data_root(root)
+    recipe, changed = task_recipe(Path(tasks_dir) / name, root, data, given, backbone)
+    check_writable_parent(Path(tasks_dir) / name)
+    loaded = Backbone.load(recipe.backbone)
+    job = job_from(recipe, root, loaded.fingerprint)
+    return train_task(replace(job, recipe=recipe.to_dict()) if changed else job, loaded, tasks_dir)

@@ -22,8 +22,7 @@ from centra.core.task import TaskHead, TaskSpec
 from centra.core.tokens import Encoded
 from centra.train.cache import batches_by_length
 from centra.train.finetune import BranchTrainer, TrainConfig
-
-REFERENCE_EPOCHS = 3
+from centra.train.settings import REFERENCE_EPOCHS
 
 
 class TokenSource:

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 
 from centra.core.task import TaskHead
 from centra.train.finetune import BranchTrainer, selection_score
-from centra.train.job import FIRST_RUNG, Run
+from centra.train.job import Run
+from centra.train.report import BranchLog, SearchCost, Teacher
+from centra.train.settings import FIRST_RUNG
 
-SEARCHES = ("halving", "full")
 MAX_CANDIDATE_LAYERS = 3  # teachers kept as plan candidates (centra plan): at most this many task layers
 RUNG_GROWTH = 2  # each later rung trains its survivors to this many times the previous rung's epochs
 
@@ -66,15 +67,15 @@ def successive_halving(arms: list[int], marks: list[float], train_to: Callable[[
 @dataclass
 class SearchResult:
     best: TaskHead
-    logs: list[dict]  # one per L, MAX..MIN
+    teachers: list[Teacher]  # one per L, MAX..MIN
+    cost: SearchCost  # method, epochs trained (and what the full search trains), seconds
     kept: dict[int, TaskHead] = field(default_factory=dict)  # trained teachers with L <= 3, by L
-    cost: dict = field(default_factory=dict)  # method, epochs trained (and what the full search trains), seconds
 
 
-def search_teachers(run: Run, method: str = "halving") -> SearchResult:
-    """Teachers for L = MAX..MIN on the run's caches; the best on dev wins (full) or the last one halving
-    keeps, ties going to fewer layers."""
-    tc, n = run.checked.tc, run.backbone.cfg.num_layers
+def search_teachers(run: Run) -> SearchResult:
+    """Teachers for L = MAX..MIN on the run's caches, searched as the job says (its `search`): the best
+    on dev wins (full) or the last one halving keeps, ties going to fewer layers."""
+    tc, n, method = run.checked.tc, run.backbone.cfg.num_layers, run.job.search
     arms = list(range(run.checked.hi, run.checked.lo - 1, -1))  # attach layer n - L rising: the cache climbs
     trainers: dict[int, BranchTrainer] = {}
     logs: dict[int, dict] = {}
@@ -83,15 +84,14 @@ def search_teachers(run: Run, method: str = "halving") -> SearchResult:
 
     def train_to(layers: int, epochs: float) -> float:
         """Train teacher L on until it has trained `epochs` epochs; its dev score."""
-        for cache in run.caches:
-            cache.advance_to(n - layers)
+        run.advance_to(n - layers)
         if layers not in trainers:
             trainers[layers] = run.trainer(run.new_head(n - layers, layers), f"teacher L={layers}")
         trainer = trainers[layers]
         return trainer.run(epochs - trainer.epochs_trained)
 
     def score(layers: int) -> tuple[float, int]:
-        return selection_score(run.checked.job.kind, logs[layers]["dev"], tc.metric), -layers
+        return selection_score(run.job.kind, logs[layers]["dev"], tc.metric), -layers
 
     def finish(layers: int) -> None:  # frees the optimizer at once; the head only when no longer needed
         heads[layers], logs[layers] = trainers.pop(layers).finish()
@@ -107,26 +107,22 @@ def search_teachers(run: Run, method: str = "halving") -> SearchResult:
             finish(layers)
         best = max(logs, key=score)
     else:  # the winner, not the best score on record: an arm cut mid-epoch may have scored higher then
-        marks = rungs(len(arms), tc.epochs, run.checked.job.first_rung)
+        marks = rungs(len(arms), tc.epochs, run.job.first_rung)
         best, rounds = successive_halving(arms, marks, train_to, finish)
         finish(best)
     run.times["teacher_search"] = time.perf_counter() - clock
-    report = [{"trainable_layers": layers, "attach_layer": n - layers, "chosen": layers == best, **logs[layers]}
-              for layers in arms]
-    return SearchResult(heads[best], report, {k: h for k, h in heads.items() if k <= MAX_CANDIDATE_LAYERS},
-                        search_cost(method, arms, report, tc.epochs, run.times["teacher_search"], rounds))
+    teachers = [Teacher(n - layers, layers, layers == best, BranchLog.from_dict(logs[layers])) for layers in arms]
+    cost = search_cost(method, teachers, tc.epochs, run.times["teacher_search"], rounds)
+    return SearchResult(heads[best], teachers, cost, {k: h for k, h in heads.items() if k <= MAX_CANDIDATE_LAYERS})
 
 
-def search_cost(method: str, arms: list[int], logs: list[dict], epochs: int, seconds: float,
-                rounds: list[dict] | None) -> dict:
+def search_cost(method: str, teachers: list[Teacher], epochs: int, seconds: float,
+                rounds: list[dict] | None) -> SearchCost:
     """What the search cost, in epochs and layer-epochs (epochs x trainable layers, the measure of its
     compute), against what the full search trains."""
-    trained = {log["trainable_layers"]: log["epochs_trained"] for log in logs}
-    cost = {"method": method, "seconds": round(seconds, 2), "epochs_trained": round(sum(trained.values()), 4),
-            "epochs_full_search": epochs * len(arms),
-            "layer_epochs": round(sum(layers * e for layers, e in trained.items()), 4),
-            "layer_epochs_full_search": epochs * sum(arms)}
-    if rounds is not None:
-        cost["rounds"] = [{"epochs": r["epochs"], "kept": r["kept"],
-                           "scores": {str(k): round(v, 6) for k, v in r["scores"].items()}} for r in rounds]
-    return cost
+    trained = {t.trainable_layers: t.log.epochs_trained for t in teachers}
+    recorded = None if rounds is None else [{"epochs": r["epochs"], "kept": r["kept"],
+                                             "scores": {str(k): round(v, 6) for k, v in r["scores"].items()}}
+                                            for r in rounds]
+    return SearchCost(method, round(seconds, 2), round(sum(trained.values()), 4), epochs * len(trained),
+                      round(sum(layers * e for layers, e in trained.items()), 4), epochs * sum(trained), recorded)

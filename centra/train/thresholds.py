@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from centra.train.metrics import METRICS, compute
+from centra.train.report import Thresholds
 
 DEFAULT_THRESHOLD = 0.5
 MIN_POSITIVES = 5  # positive dev examples a label needs before its threshold is tuned
@@ -48,9 +49,9 @@ def tune_logits(logits: np.ndarray, targets: list) -> dict:
     return {"values": thresholds, "tuned": compute("multilabel", logits, targets, thresholds)}
 
 
-def threshold_report(dev: dict, targets: list) -> dict:
-    """report.json's record of a multilabel branch's thresholds, read off its dev entry (the scores
+def threshold_report(dev: dict, targets: list) -> Thresholds:
+    """The report's record of a multilabel branch's thresholds, read off its dev entry (the scores
     finetune.dev_scores took when that epoch ended): values, dev metrics at 0.5 and tuned."""
     positives = (np.asarray(targets) > 0.5).sum(0)
-    return {"values": dev["thresholds"], "min_positives": MIN_POSITIVES, "positives": [int(x) for x in positives],
-            "at_0.5": {m: dev[m] for m in METRICS["multilabel"]}, "tuned": dev["tuned"]}
+    return Thresholds(dev["thresholds"], MIN_POSITIVES, [int(x) for x in positives],
+                      {m: dev[m] for m in METRICS["multilabel"]}, dev["tuned"])

@@ -63,7 +63,7 @@ def positive_float(value: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from centra.cli import bench, bench_server, demo, models, plan, results, serve, tasks, triton
+    from centra.cli import bench, bench_server, demo, models, plan, results, serve, soak, tasks, triton
 
     common = Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_parser(sub, common)
     serve.add_parsers(sub, common)
     bench_server.add_parsers(sub, common)
+    soak.add_parsers(sub, common)
     bench.add_parsers(sub, common)
     triton.add_parsers(sub, common)
     return parser

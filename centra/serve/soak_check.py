@@ -1,0 +1,236 @@
+"""The soak's answer check: every OK answer against in-process `Engine.predict` of the version that answered.
+
+`References` keeps a copy of every version the soak published (hard links, as the served folder prunes old
+versions; the file of a version the soak corrupts on purpose gets its published bytes back), keyed by
+content id ("sha256:...", what a response's `model_id` names) and by version name (for a response without
+one). `Checker` is one thread that takes answered calls off a bounded queue (a full queue makes the clients
+wait: the check keeps up, or the load drops), groups them by version, task set and input kind, runs
+`Engine.predict` on the copy and compares: the task set, labels, label sets and values, and the scores within
+SCORE_TOLERANCE (they travel as float32 rounded to 6 decimals). A label that differs only where the reference
+is tied within that tolerance (or a score sits on its threshold) is not counted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import shutil
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from centra.core.merge import read_manifest
+from centra.core.task import TaskSpec
+from centra.errors import CentraError
+from centra.runtime.engine import Engine
+
+SCORE_TOLERANCE = 1e-4
+ENGINE_CACHE = 3  # reference engines kept loaded (answers of old and new versions interleave around a reload)
+UNKNOWN_WAIT_S = 20.0  # an answer naming a version not registered yet waits this long for its copy
+SHOWN = 5  # wrong answers described in the report
+
+
+@dataclass(frozen=True)
+class Answered:
+    """One OK call as plain values: what was asked and what came back (per input: task -> answer dict with
+    label, labels, value, scores, truncated)."""
+
+    model_id: str
+    version: str
+    texts: tuple[str, ...]
+    pairs: tuple[str, ...] | None
+    tasks: tuple[str, ...]  # as asked; empty: every task that fits the inputs
+    ids: tuple[str, ...]
+    got_ids: tuple[str, ...]
+    results: tuple[dict[str, dict], ...]
+
+
+def answered_from_pb(request, response) -> Answered:
+    inputs = list(request.inputs)
+    pairs = tuple(item.text_pair for item in inputs) if inputs and all(i.text_pair for i in inputs) else None
+    results = tuple({t.task: {"label": t.label if t.HasField("label") else None, "labels": list(t.labels),
+                              "value": t.value if t.HasField("value") else None, "scores": list(t.scores),
+                              "truncated": t.truncated} for t in result.tasks} for result in response.results)
+    return Answered(getattr(response, "model_id", ""), response.model_version, tuple(i.text for i in inputs),
+                    pairs, tuple(request.tasks), tuple(i.id for i in inputs), tuple(r.id for r in response.results),
+                    results)
+
+
+def link_tree(src: Path, dest: Path) -> None:
+    """A copy of a folder whose files are hard links where the file system allows (copies elsewhere)."""
+    def link(s, d):
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+    shutil.copytree(src, dest, copy_function=link)
+
+
+class References:
+    """Copies of published versions, found by content id or name, and their engines (loaded on demand)."""
+
+    def __init__(self, root: Path, engine: str | None = None, batch_size: int = 32):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.engine_name, self.batch_size = engine, batch_size
+        self.by_id: dict[str, Path] = {}
+        self.by_name: dict[str, Path] = {}  # the newest copy of each name
+        self._engines: OrderedDict[Path, Engine] = OrderedDict()
+        self._lock = threading.Lock()
+        self._copies = itertools.count()
+
+    def add(self, version_folder: Path) -> tuple[str, str, Path]:
+        """Copy a published version aside and register it; (version name, content id, the copy)."""
+        dest = self.root / f"{next(self._copies):05d}-{Path(version_folder).name}"  # a name may come back
+        link_tree(Path(version_folder), dest)
+        manifest = read_manifest(dest)
+        version, content = manifest["version"], str(manifest.get("content_id", ""))
+        with self._lock:
+            self.by_name[version] = dest
+            if content:
+                self.by_id[content] = dest
+        return version, content, dest
+
+    def find(self, model_id: str, version: str) -> Path | None:
+        with self._lock:
+            return self.by_id.get(model_id) if model_id else self.by_name.get(version)
+
+    def engine(self, folder: Path) -> Engine:
+        """The reference engine of a copy; only the checker thread calls this."""
+        if folder in self._engines:
+            self._engines.move_to_end(folder)
+            return self._engines[folder]
+        engine = Engine.load(folder, batch_size=self.batch_size, engine=self.engine_name)
+        self._engines[folder] = engine
+        while len(self._engines) > ENGINE_CACHE:
+            self._engines.popitem(last=False)
+        return engine
+
+
+def compare(engine: Engine, item: Answered, expected: list[dict]) -> list[str]:
+    """What is wrong with one answered call, given the reference's predict output for it (text-major)."""
+    if item.got_ids != item.ids:
+        return [f"{len(item.got_ids)} results with ids {list(item.got_ids)[:4]}, asked {list(item.ids)[:4]}"]
+    names = list(dict.fromkeys(answer["task"] for answer in expected))
+    problems = []
+    for i, got in enumerate(item.results):
+        if sorted(got) != sorted(names):
+            problems.append(f"input {i}: tasks {sorted(got)}, the version has {sorted(names)} for this call")
+            continue
+        for j, name in enumerate(names):
+            problem = compare_task(engine.specs[name], expected[i * len(names) + j], got[name])
+            if problem:
+                problems.append(f"input {i} task {name}: {problem}")
+    return problems
+
+
+def compare_task(spec: TaskSpec, ref: dict, got: dict, tol: float = SCORE_TOLERANCE) -> str | None:
+    """One task's answer against the reference's (None: they agree)."""
+    scores = list(ref["scores"].values())
+    if len(got["scores"]) != len(scores):
+        return f"{len(got['scores'])} scores, the reference has {len(scores)} ({', '.join(spec.labels)})"
+    worst = max((abs(a - b) for a, b in zip(got["scores"], scores)), default=0.0)
+    if not worst <= tol:  # NaN too
+        return f"scores {got['scores']} differ from {scores} by {worst:.2e}"
+    if got["truncated"] != ref["truncated"]:
+        return f"truncated {got['truncated']}, the reference {ref['truncated']}"
+    if spec.kind == "regression":
+        ok = got["value"] is not None and abs(got["value"] - ref["value"]) <= tol
+        return None if ok else f"value {got['value']}, the reference {ref['value']}"
+    if spec.kind == "multiclass":
+        label = got["label"]
+        tied = label in ref["scores"] and abs(ref["scores"][label] - ref["scores"][ref["label"]]) <= tol
+        return None if label == ref["label"] or tied else f"label {label!r}, the reference {ref['label']!r}"
+    thresholds = dict(zip(spec.labels, spec.thresholds or [0.5] * len(spec.labels)))
+    differ = set(got["labels"]) ^ set(ref["labels"])
+    if all(lab in thresholds and abs(ref["scores"][lab] - thresholds[lab]) <= tol for lab in differ):
+        return None
+    return f"labels {sorted(got['labels'])}, the reference {sorted(ref['labels'])}"
+
+
+class Checker:
+    """One thread checking answered calls against their version's reference engine."""
+
+    def __init__(self, references: References, max_group: int = 64):
+        self.references = references
+        self.max_group = max_group
+        self.queue: queue.Queue[Answered] = queue.Queue(maxsize=512)
+        self.checked = self.wrong = 0
+        self.examples: list[str] = []
+        self.versions: dict[str, int] = {}  # "version id" -> answers checked
+        self._pending: list[tuple[float, Answered]] = []  # version not registered yet
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="centra-soak-checker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def put(self, item: Answered) -> None:
+        self.queue.put(item)  # blocks while the checker is behind: back-pressure on the clients
+
+    def finish(self, timeout: float) -> bool:
+        """Check what is queued, then stop; False when that took longer than `timeout`."""
+        self._done.set()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        while not (self._done.is_set() and self.queue.empty() and not self._pending):
+            batch = self._take()
+            if batch:
+                self._check(batch)
+
+    def _take(self) -> list[tuple[Path, Answered]]:
+        waiting, self._pending = self._pending, []
+        fresh = []
+        try:
+            fresh.append(self.queue.get(timeout=0.2))
+            while len(fresh) < self.max_group:
+                fresh.append(self.queue.get_nowait())
+        except queue.Empty:
+            pass
+        now, ready = time.monotonic(), []
+        for first, item in waiting + [(now, item) for item in fresh]:
+            folder = self.references.find(item.model_id, item.version)
+            if folder is not None:
+                ready.append((folder, item))
+            elif now - first < UNKNOWN_WAIT_S and not self._done.is_set():
+                self._pending.append((first, item))
+            else:
+                self._flag(item, [f"answered by {item.version} {item.model_id or '(no model_id)'}, a version "
+                                  "the soak never published"])
+        return ready
+
+    def _check(self, batch: list[tuple[Path, Answered]]) -> None:
+        groups: dict[tuple, list[Answered]] = {}
+        for folder, item in batch:
+            groups.setdefault((folder, item.tasks, item.pairs is not None), []).append(item)
+        for (folder, tasks, _), items in groups.items():
+            try:
+                engine = self.references.engine(folder)
+                texts = [t for item in items for t in item.texts]
+                pairs = [p for item in items for p in item.pairs] if items[0].pairs is not None else None
+                expected = engine.predict(texts, pairs, list(tasks) or None)
+            except Exception as exc:  # e.g. a task the version does not have: the server answered it anyway
+                why = str(exc) if isinstance(exc, CentraError) else f"{type(exc).__name__}: {exc}"
+                for item in items:
+                    self._flag(item, [f"the reference refuses the call: {why}"])
+                continue
+            per_text = len(expected) // len(texts)
+            start = 0
+            for item in items:
+                end = start + len(item.texts) * per_text
+                self._flag(item, compare(engine, item, expected[start:end]))
+                start = end
+
+    def _flag(self, item: Answered, problems: list[str]) -> None:
+        self.checked += 1
+        key = f"{item.version} {item.model_id}".strip()
+        self.versions[key] = self.versions.get(key, 0) + 1
+        if problems:
+            self.wrong += 1
+            if len(self.examples) < SHOWN:
+                self.examples.append(f"{key} tasks {list(item.tasks)}: {'; '.join(problems[:3])}")

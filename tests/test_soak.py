@@ -1,0 +1,106 @@
+"""centra soak: the answer check catches a wrong answer; a short soak on a tiny model ends clean."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+from conftest import snapshot
+from helpers import STANDARD_TASKS, make_tasks
+
+from centra.cli import main
+from centra.core.backbone import Backbone
+from centra.core.merge import model_folder, plan_merge, write_merged
+from centra.runtime.engine import Engine
+from centra.serve.soak_calls import EXPECTED
+from centra.serve.soak_check import Answered, Checker, References, compare_task
+
+
+@pytest.fixture
+def merged(tiny_models, tmp_path) -> Path:
+    """A tiny merged model of four tasks: multiclass, multilabel, regression, and a text-pair task."""
+    make_tasks(Backbone.load(tiny_models["bert"]), tmp_path / "tasks", STANDARD_TASKS[:4])
+    write_merged(plan_merge([tmp_path / "tasks"]), tmp_path / "out")
+    return tmp_path / "out"
+
+
+def answered(engine: Engine, texts: list[str], tasks: list[str], pairs: list[str] | None = None) -> Answered:
+    """A call answered exactly as in-process predict answers it, in the shape the soak reads off the wire."""
+    expected = engine.predict(texts, pairs, tasks)
+    names = list(dict.fromkeys(a["task"] for a in expected))
+    results = tuple({a["task"]: {"label": a.get("label"), "labels": a.get("labels", []), "value": a.get("value"),
+                                 "scores": list(a["scores"].values()), "truncated": a["truncated"]}
+                     for a in expected[i * len(names):(i + 1) * len(names)]} for i in range(len(texts)))
+    ids = tuple(f"id-{i}" for i in range(len(texts)))
+    return Answered(engine.manifest.get("content_id", ""), engine.version, tuple(texts),
+                    tuple(pairs) if pairs else None, tuple(tasks), ids, ids, results)
+
+
+def test_checker_flags_a_wrong_answer(merged, tmp_path):
+    references = References(tmp_path / "refs")
+    references.add(model_folder(merged))
+    references.add(model_folder(merged))  # the same content again (a rebuild can bring it back): a copy of its own
+    engine = Engine.load(model_folder(merged))
+    good = answered(engine, ["great product", "where is my order"], ["alpha", "beta", "gamma"])
+    pair = answered(engine, ["great product"], ["delta"], ["the product is great"])
+    wrong_label = answered(engine, ["great product"], ["alpha"])
+    got = wrong_label.results[0]["alpha"]
+    got["label"] = next(label for label in ("neg", "neu", "pos") if label != got["label"])
+    wrong_score = answered(engine, ["i love it"], ["gamma"])
+    wrong_score.results[0]["gamma"]["scores"][0] += 1e-3
+    unknown = dataclasses.replace(good, model_id="sha256:" + "0" * 64)  # a version the soak never published
+    checker = Checker(references)
+    checker.start()
+    for item in (good, pair, wrong_label, wrong_score, unknown):
+        checker.put(item)
+    assert checker.finish(120)
+    assert (checker.checked, checker.wrong) == (5, 3), checker.examples
+    assert any("label" in line for line in checker.examples)
+    assert any("scores" in line for line in checker.examples)
+    assert any("never published" in line for line in checker.examples)
+
+
+def test_compare_task_tolerates_ties_only(merged):
+    engine = Engine.load(model_folder(merged))
+    spec = engine.specs["alpha"]
+    ref = {"label": "pos", "scores": {"neg": 0.1, "neu": 0.45, "pos": 0.45}, "truncated": False}
+    got = {"label": "neu", "labels": [], "value": None, "scores": [0.1, 0.45, 0.45], "truncated": False}
+    assert compare_task(spec, ref, got) is None  # tied within the tolerance: either label is right
+    ref["scores"] = {"neg": 0.1, "neu": 0.3, "pos": 0.6}
+    got["scores"] = [0.1, 0.3, 0.6]
+    assert "label" in compare_task(spec, ref, got)
+    assert "scores" in compare_task(spec, ref, {**got, "label": "pos", "scores": [0.1, 0.6]})
+
+
+def test_soak_refuses_bad_options_in_one_line(tmp_path, capsys):
+    assert main(["soak", "--model", str(tmp_path / "missing"), "--minutes", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no such merged model folder" in err
+    assert main(["soak", "--model", str(tmp_path), "--minutes", "0"]) == 2
+    assert "--minutes" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_short_soak_is_clean(merged, tmp_path, capsys, monkeypatch):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    before = snapshot(merged)
+    code = main(["soak", "--model", str(merged), "--minutes", "0.3", "--clients", "4", "--json-only"])
+    out = capsys.readouterr().out.strip().splitlines()
+    figures = json.loads(out[-1])
+    assert len(out) == 1  # --json-only: the JSON line alone
+    assert set(figures["classes"]) == set(EXPECTED)
+    assert all(entry["calls"] > 0 for entry in figures["classes"].values()), figures["classes"]
+    assert figures["checked"] > 0 and figures["wrong_answers"] == 0, figures["wrong_examples"]
+    assert figures["unexpected_codes"] == 0, figures["unexpected_examples"]
+    assert all(figures["actions"][action] > 0 for action in ("merge", "sighup", "corrupt", "rebuild"))
+    assert figures["reloads"]["failed"] >= 1  # the corrupt version was refused
+    assert len(figures["versions_answered"]) >= 2
+    assert figures["rss_mb"]["peak"] >= figures["rss_mb"]["start"] > 0
+    assert figures["server_exit_code"] == 0 and figures["ok"] and code == 0
+    assert snapshot(merged) == before  # the model given is never touched
+    assert list(scratch.iterdir()) == []  # the scratch folder is gone

@@ -367,3 +367,44 @@ def test_signals_while_loading_are_handled_and_sigterm_stops_before_listening(mo
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+
+
+# --- memory that follows the served model -------------------------------------------------------------
+
+
+def test_a_replaced_model_is_freed_after_its_reload(tiny_models, tmp_path, monkeypatch):
+    """Refused calls leave reference cycles (exception, traceback, the frame that checked the call against
+    the engine of the moment) that pin an old engine until a full collection; the watcher collects and
+    trims a tick after each reload."""
+    import gc
+    import weakref
+
+    from test_serve_ops import App
+    from test_serve_ops import classify as classify_alpha
+
+    import centra.serve.reload as reload_module
+
+    released: list[bool] = []
+    real = reload_module.release_memory
+    monkeypatch.setattr(reload_module, "release_memory", lambda: released.append(True) or real())
+    bb = Backbone.load(tiny_models["bert"])
+    make_tasks(bb, tmp_path / "tasks", [("alpha", "multiclass", ["neg", "neu", "pos"], "single", 1, 1, "mean")])
+    write_merged(plan_merge([tmp_path / "tasks"]), tmp_path / "out")
+    app = App(tmp_path / "out", watch_interval=0.05)
+    try:
+        gc.disable()  # only the watcher's collection may free what the refused calls pin
+        old = weakref.ref(app.server.engine)
+        for _ in range(5):
+            with pytest.raises(grpc.RpcError):  # refused: checked against the engine of the moment
+                app.stub.Classify(request([""], ["alpha"]), timeout=10)
+        classify_alpha(app.stub)
+        make_task(bb, tmp_path / "tasks", ("alpha", "multiclass", ["neg", "neu", "pos"], "single", 1, 1, "mean"),
+                  seed=7)
+        write_merged(plan_merge([tmp_path / "tasks"]), tmp_path / "out")
+        wait_until(lambda: app.server.engine.version == "v000002", 30)
+        classify_alpha(app.stub)
+        wait_until(lambda: released, 10)
+        wait_until(lambda: old() is None, 10)
+    finally:
+        gc.enable()
+        app.close()

@@ -21,6 +21,7 @@ from pathlib import Path
 from centra.core.merge import MANIFEST, read_manifest, short_id
 from centra.errors import CentraError
 from centra.io import current_version, sha256_file
+from centra.serve.memory import release_memory
 
 log = logging.getLogger("centra.serve")
 DEFAULT_INTERVAL = 1.0
@@ -81,6 +82,7 @@ class ModelWatcher:
         self._forced = False
         self._task: asyncio.Task | None = None
         self._last_error: str | None = None
+        self._release_due = False
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="centra-model-watcher")
@@ -105,6 +107,9 @@ class ModelWatcher:
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
+            if self._release_due:  # a model was loaded or refused a tick ago: its leftovers are garbage now
+                self._release_due = False
+                await asyncio.to_thread(release_memory)
             try:
                 await self.check()
             except asyncio.CancelledError:
@@ -137,6 +142,7 @@ class ModelWatcher:
                 engine = await asyncio.to_thread(in_fresh_thread, self.load, folder)  # beside the old one
             except Exception as exc:  # corrupt, invalid, or failing its warm-up: the old version keeps serving
                 error = exc
+            self._release_due = True
         if error is not None:
             self.failed = key
             reason = (" ".join(str(error).split()) if isinstance(error, CentraError)

@@ -16,7 +16,8 @@ from helpers import make_tasks
 from centra.cli import main
 from centra.core.answers import interpret
 from centra.core.backbone import Backbone
-from centra.core.merge import MANIFEST, content_id, model_folder, plan_merge, write_merged
+from centra.core.manifest import content_id
+from centra.core.merge import MANIFEST, model_folder, plan_merge, write_merged
 from centra.core.task import TaskSpec
 from centra.core.tokens import MAX_TEXT_CHARS
 from centra.runtime.engine import Engine

@@ -48,7 +48,7 @@ def test_default_backbone_merge_and_verify(minilm, tmp_path):
     make_tasks(minilm, tmp_path / "tasks", TASKS)
     manifest = write_merged(plan_merge([tmp_path / "tasks"]), tmp_path / "out")
     # the single-text pass runs to layer 5, the pair task's own pass to layer 1
-    assert manifest["trunk_depth"] == 5 and manifest["overhead_layers"] == 5 + 1 + 7
+    assert manifest.trunk_depth == 5 and manifest.overhead_layers == 5 + 1 + 7
     engine = Engine.load(tmp_path / "out")
     checks = verify(engine)
     assert checks[0].reference.startswith("backbone folder")

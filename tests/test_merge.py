@@ -13,7 +13,8 @@ from helpers import STANDARD_TASKS, make_task, make_tasks
 
 from centra.core.backbone import Backbone, EncoderLayer
 from centra.core.graph import StandaloneModel
-from centra.core.merge import MANIFEST, load_merged, model_folder, plan_merge, write_merged
+from centra.core.manifest import content_id
+from centra.core.merge import MANIFEST, load_merged, model_folder, plan_merge, read_manifest, write_merged
 from centra.core.task import HEAD_FILE, TASK_FILE
 from centra.errors import CentraError
 from centra.runtime.engine import Engine
@@ -116,6 +117,18 @@ def test_manifest_contents(bert_path, tmp_path):
         assert (model_folder(tmp_path / "out") / "tasks" / name / HEAD_FILE).read_bytes() == \
             (tmp_path / "tasks" / name / HEAD_FILE).read_bytes()
         assert entry["head_sha256"].startswith("sha256:")
+
+
+def test_the_manifest_record_writes_the_file_it_reads(bert_path, tmp_path):
+    """read_manifest -> Manifest -> to_dict gives back manifest.json key for key, in order, byte for byte."""
+    build(Backbone.load(bert_path), tmp_path)
+    folder = model_folder(tmp_path / "out")
+    manifest = read_manifest(folder)
+    text = (folder / MANIFEST).read_text()
+    assert json.dumps(manifest.to_dict(), indent=2, ensure_ascii=False) + "\n" == text
+    assert manifest.content_id == content_id(json.loads(text)) and manifest.engine is None
+    assert [t.name for t in manifest.tasks] == [row[0] for row in sorted(STANDARD_TASKS)]
+    assert manifest.backbone.num_layers == 4 and manifest.trunk_passes[0].tasks == ("alpha", "beta", "epsilon", "gamma")
 
 
 def corrupt(path: Path, data: bytes) -> None:

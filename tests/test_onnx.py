@@ -22,7 +22,8 @@ from helpers import STANDARD_TASKS, make_tasks, perturb
 
 from centra.cli import main
 from centra.core.backbone import Backbone
-from centra.core.merge import MANIFEST, model_folder, plan_merge, write_merged
+from centra.core.manifest import EngineInfo
+from centra.core.merge import MANIFEST, model_folder, plan_merge, read_manifest, write_merged
 from centra.core.task import init_task, save_task
 from centra.errors import CentraError
 from centra.export import onnx as export_onnx
@@ -60,6 +61,17 @@ def test_export_layout_parity_and_dynamic_axes(bert_onnx):
         inputs = onnx.load(str(model_folder(bert_onnx) / graph["fp32"])).graph.input
         for tensor in inputs:  # dynamic batch and sequence axes, not the export example's 2 x 8
             assert [d.dim_param for d in tensor.type.tensor_type.shape.dim[:2]] == ["batch", "sequence"], graph
+
+
+def test_the_engine_field_is_read_once_and_written_back_as_it_was(bert_onnx):
+    folder = model_folder(bert_onnx)
+    manifest = read_manifest(folder)
+    assert json.dumps(manifest.to_dict(), indent=2, ensure_ascii=False) + "\n" == (folder / MANIFEST).read_text()
+    info = manifest.engine
+    assert info.name == "onnx" and info.precision == "fp32" and info.int8 is None and info.tensorrt is None
+    assert info.files("fp32")["task_alpha"] == "onnx/fp32/task_alpha.onnx" and not info.has_files("int8")
+    with pytest.raises(CentraError, match=r"malformed manifest \(engine 'graphs' must be list\)"):
+        EngineInfo.from_dict({**manifest_of(bert_onnx)["engine"], "graphs": "onnx/"}, MANIFEST)
 
 
 def test_onnx_engine_equals_torch_on_shapes_unlike_the_example(bert_onnx):
@@ -143,13 +155,13 @@ def test_int8_reports_agreement_and_refuses_below_the_floor(bert_onnx, tmp_path,
     folder = shutil.copytree(model_folder(bert_onnx), tmp_path / "version")
     manifest = manifest_of(bert_onnx)
     fp32 = Engine.load(bert_onnx, batch_size=8)
-    info = json.loads(json.dumps(manifest["engine"]))
-    export_onnx.add_int8(folder, info, fp32.model.reference, fp32, progress=False)
-    assert {g["name"]: g["int8"] for g in info["graphs"]}["embeddings"] == "onnx/fp32/embeddings.onnx"
-    assert all((folder / g["int8"]).is_file() for g in info["graphs"])
-    assert info["fusions"]["int8"].get("DynamicQuantizeMatMul", 0) + \
-        info["fusions"]["int8"].get("MatMulIntegerToFloat", 0) > 0, info["fusions"]["int8"]
-    report = info["int8"]["tasks"]
+    info = EngineInfo.from_dict(manifest["engine"], MANIFEST)
+    info = export_onnx.add_int8(folder, info, fp32.model.reference, fp32, progress=False)
+    assert {g["name"]: g["int8"] for g in info.graphs}["embeddings"] == "onnx/fp32/embeddings.onnx"
+    assert all((folder / g["int8"]).is_file() for g in info.graphs)
+    assert info.fusions["int8"].get("DynamicQuantizeMatMul", 0) + \
+        info.fusions["int8"].get("MatMulIntegerToFloat", 0) > 0, info.fusions["int8"]
+    report = info.int8["tasks"]
     assert set(report) == {row[0] for row in STANDARD_TASKS}
     for name, r in report.items():
         assert r["decided"] < int8.MIN_DECIDED or r["decided_agreement"] >= int8.MIN_AGREEMENT, (name, r)
@@ -157,7 +169,7 @@ def test_int8_reports_agreement_and_refuses_below_the_floor(bert_onnx, tmp_path,
         assert 0 < r["max_abs_diff"] < 0.5, (name, r)
 
     # a quantized graph that answers otherwise is refused, naming the task
-    int8_engine = Engine(OnnxRunner.load(folder, {"engine": info}, fp32.model.reference, "int8"), fp32.tokenizer)
+    int8_engine = Engine(OnnxRunner.load(folder, info, fp32.model.reference, "int8"), fp32.tokenizer)
     forward = int8_engine.model.forward_rows
     monkeypatch.setattr(int8_engine.model, "forward_rows", lambda *a: {k: -v for k, v in forward(*a).items()})
     with pytest.raises(CentraError, match=r"int8 graphs of task '\w+': a mean error of \d+% of fp32's logit"):
@@ -189,7 +201,8 @@ def test_xlmr_int8_merge_two_max_lengths_and_attach_0(tiny_models, tmp_path, cap
 
     folder = model_folder(tmp_path / "out")
     torch_engine = Engine.load(folder, batch_size=4, engine="torch")
-    fp32 = Engine(OnnxRunner.load(folder, manifest_of(tmp_path / "out"), torch_engine.model, "fp32"),
+    manifest = read_manifest(folder)
+    fp32 = Engine(OnnxRunner.load(folder, manifest.engine, torch_engine.model, "fp32", files=manifest.files),
                   torch_engine.tokenizer, batch_size=4)
     expected, got = torch_engine.logits(TEXTS, PAIRS), fp32.logits(TEXTS, PAIRS)
     for name in expected:
@@ -318,9 +331,9 @@ def test_merge_writes_fused_graphs_and_int8_fuses_attention(bert_onnx, tmp_path)
     assert info["fusions"]["fp32"]["Attention"] == 3 + sum(row[5] for row in STANDARD_TASKS)
     fp32 = Engine.load(bert_onnx, batch_size=8)
     version = shutil.copytree(folder, tmp_path / "version")
-    int8 = json.loads(json.dumps(info))
-    export_onnx.add_int8(version, int8, fp32.model.reference, fp32, progress=False)
-    assert int8["fusions"]["int8"].get("QAttention", 0) == int8["fusions"]["fp32"]["Attention"], int8["fusions"]
+    int8 = export_onnx.add_int8(version, EngineInfo.from_dict(info, MANIFEST), fp32.model.reference, fp32,
+                                progress=False)
+    assert int8.fusions["int8"].get("QAttention", 0) == int8.fusions["fp32"]["Attention"], int8.fusions
 
 
 def test_portable_graphs_use_standard_ops_only(bert_path, tmp_path):
@@ -332,8 +345,8 @@ def test_portable_graphs_use_standard_ops_only(bert_path, tmp_path):
     write_merged(plan_merge([tmp_path / "tasks"]), tmp_path / "out")
     engine = Engine.load(tmp_path / "out", engine="torch")
     info = export_onnx.export_onnx(engine.model, tmp_path / "graphs", progress=False, style="portable")
-    assert info["style"] == "portable" and max(info["parity"].values()) <= TOLERANCE
-    for graph in info["graphs"]:
+    assert info.style == "portable" and max(info.parity.values()) <= TOLERANCE
+    for graph in info.graphs:
         model = onnx.load(str(tmp_path / "graphs" / graph["fp32"]))
         assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}, graph["name"]
     with pytest.raises(CentraError, match="unknown ONNX graph style 'fast'"):

@@ -40,11 +40,11 @@ def merged(bert_path, tmp_path):
 
 def test_manifest_counts_every_trunk_pass(merged):
     plan = plan_merge([merged / "tasks"])
-    assert [(p["input"], p["max_length"], p["depth"]) for p in trunk_passes(plan.specs)] == \
+    assert [(p.input, p.max_length, p.depth) for p in trunk_passes(plan.specs)] == \
         [("single", 32, 3), ("single", 48, 2), ("pair", 48, 2)]
     manifest = write_merged(plan, merged / "out")
-    assert manifest["overhead_layers"] == overhead_layers(plan.specs) == EXPECTED
-    assert manifest["trunk_depth"] == 3 and manifest["single_task_layers"] == 4 * len(ROWS)
+    assert manifest.overhead_layers == overhead_layers(plan.specs) == EXPECTED
+    assert manifest.trunk_depth == 3 and manifest.single_task_layers == 4 * len(ROWS)
 
 
 def test_hook_count_of_a_real_call_equals_the_manifest(merged):
@@ -78,3 +78,22 @@ def test_one_token_group_has_no_warning(merged):
     singles48 = [s for s in plan.specs if s.encoding_key == ("single", 48)]
     assert extra_pass_warnings(singles48) == []
     assert overhead_layers(singles48) == 2 + 1 + 2
+
+
+def test_one_token_group_type_everywhere(merged):
+    """The engine, the manifest and bench group tasks by the same TokenGroup, built from the specs."""
+    from centra.core.overhead import TokenGroup, token_groups
+    from centra.runtime.bench import make_batches
+
+    plan = plan_merge([merged / "tasks"])
+    groups = token_groups(plan.specs)
+    assert groups == [TokenGroup("single", 48, ("alpha", "beta"), 2), TokenGroup("pair", 48, ("delta", "eps"), 2),
+                      TokenGroup("single", 32, ("gamma",), 3)]  # in the order their first task appears
+    assert trunk_passes(plan.specs) == [groups[2], groups[0], groups[1]]  # deepest first; ties: single texts
+    manifest = write_merged(plan, merged / "out")
+    assert list(manifest.trunk_passes) == trunk_passes(plan.specs)
+    engine = Engine.load(merged / "out")
+    assert engine.groups == token_groups(engine.specs.values()) and engine.group_of["eps"] is engine.groups[1]
+    batches = make_batches(engine.tokenizer, engine.model.cfg, engine.specs, TEXTS, list(zip(TEXTS, PAIRS)), 2,
+                           "realistic")
+    assert list(batches[0].groups) == [g.key for g in groups]

@@ -88,14 +88,14 @@ def test_merge_killed_at_each_step(world, tmp_path, bert_path, step):
     name, folder = io.current_version(out)
     manifest, _ = load_merged(out)
     if step in OLD_VISIBLE:
-        assert name == manifest["version"] == "v000001" and snapshot(folder) == old
+        assert name == manifest.version == "v000001" and snapshot(folder) == old
     else:
-        assert name == manifest["version"] == "v000002" and len(manifest["tasks"]) == 3
+        assert name == manifest.version == "v000002" and len(manifest.tasks) == 3
     assert bool(leftovers(out)) == (step in TEMP_LEFT)
 
     manifest = write_merged(plan_merge([world / "tasks"]), out, keep_versions=1)
-    assert io.versions_of(out) == [manifest["version"]] == [load_merged(out)[0]["version"]]
-    assert len(manifest["tasks"]) == 3 and leftovers(tmp_path) == []
+    assert io.versions_of(out) == [manifest.version] == [load_merged(out)[0].version]
+    assert len(manifest.tasks) == 3 and leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize("step", ["copy", "pointer"])
@@ -104,8 +104,8 @@ def test_first_merge_killed_leaves_nothing(world, tmp_path, step):
     done = cli(CLI, ["merge", "--tasks-dir", str(world / "tasks"), "--out", str(out)], step)
     assert done.returncode == -signal.SIGKILL, done.stderr
     assert not out.exists() and leftovers(world), "the whole OUT is staged beside it, then renamed in"
-    assert write_merged(plan_merge([world / "tasks"]), out)["version"] == "v000001"
-    assert load_merged(out)[0]["version"] == "v000001" and leftovers(tmp_path) == []
+    assert write_merged(plan_merge([world / "tasks"]), out).version == "v000001"
+    assert load_merged(out)[0].version == "v000001" and leftovers(tmp_path) == []
 
 
 TASK_REACHED = {"stage", "copy", "staged", "swap"}  # "copy": carrying recipe.json over; no pointer, no pruning
@@ -189,16 +189,16 @@ def test_add_task_refuses_unknown_files_and_keeps_a_recipe(tmp_path, bert_path, 
 
 def test_versions_are_pruned_and_a_resolved_version_stays_whole(world):
     out, plan = world / "out2", plan_merge([world / "tasks"])
-    assert [write_merged(plan, out, keep_versions=2)["version"] for _ in range(3)] == \
+    assert [write_merged(plan, out, keep_versions=2).version for _ in range(3)] == \
         ["v000001", "v000002", "v000003"]
     assert sorted(os.listdir(out / "versions")) == io.versions_of(out) == ["v000002", "v000003"]
     assert os.readlink(out / io.CURRENT) == "versions/v000003"
-    assert load_merged(out)[0]["version"] == "v000003"
+    assert load_merged(out)[0].version == "v000003"
 
     resolved = model_folder(out)  # a reader resolved current once; then another publish happens
-    assert write_merged(plan, out, keep_versions=3)["version"] == "v000004"
-    assert load_merged(resolved)[0]["version"] == "v000003"
-    assert load_merged(out)[0]["version"] == "v000004"
+    assert write_merged(plan, out, keep_versions=3).version == "v000004"
+    assert load_merged(resolved)[0].version == "v000003"
+    assert load_merged(out)[0].version == "v000004"
     assert io.versions_of(out) == ["v000002", "v000003", "v000004"] and leftovers(world) == []
     with pytest.raises(CentraError, match="keep at least 1"):
         write_merged(plan, out, keep_versions=0)

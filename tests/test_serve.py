@@ -163,7 +163,7 @@ def test_round_trip_equals_engine_predict(running, reference):
                                   "input": "single", "max_length": 48, "attach_layer": 1, "task_layers": 1}
     manifest = reference.manifest
     assert (listed["model_version"], listed["backbone_fingerprint"], listed["overhead_layers"]) == \
-        (manifest["version"], manifest["backbone"]["fingerprint"], manifest["overhead_layers"])
+        (manifest.version, manifest.backbone.fingerprint, manifest.overhead_layers)
 
 
 CALLS = [  # texts, tasks, pairs: different task sets, single and pair tokens

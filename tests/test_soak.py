@@ -35,7 +35,7 @@ def answered(engine: Engine, texts: list[str], tasks: list[str], pairs: list[str
                                  "scores": list(a["scores"].values()), "truncated": a["truncated"]}
                      for a in expected[i * len(names):(i + 1) * len(names)]} for i in range(len(texts)))
     ids = tuple(f"id-{i}" for i in range(len(texts)))
-    return Answered(engine.manifest.get("content_id", ""), engine.version, tuple(texts),
+    return Answered(engine.content_id, engine.version, tuple(texts),
                     tuple(pairs) if pairs else None, tuple(tasks), ids, ids, results)
 
 

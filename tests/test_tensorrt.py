@@ -23,6 +23,7 @@ from helpers import STANDARD_TASKS, make_tasks
 
 from centra.cli import main
 from centra.core.backbone import Backbone
+from centra.core.manifest import EngineInfo
 from centra.core.merge import MANIFEST, model_folder, plan_merge, write_merged
 from centra.errors import CentraError
 from centra.export import tensorrt as export_trt
@@ -81,9 +82,9 @@ def test_graphs_tensorrt_builds_from_agree_with_pytorch(merged, tmp_path, precis
 
     engine = Engine.load(merged / "out", engine="torch")
     info = export_onnx(engine.model, tmp_path, "fp32", progress=False, style="portable")
-    sources = export_trt.precision_graphs(engine.model, engine.tokenizer, tmp_path, info, precision, CALIBRATION,
-                                          progress=False)
-    report = info["onnx_checks"][precision]
+    sources, checks = export_trt.precision_graphs(engine.model, engine.tokenizer, tmp_path, info, precision,
+                                                  CALIBRATION, progress=False)
+    report = checks[precision]
     assert set(report["tasks"]) == {row[0] for row in STANDARD_TASKS}
     bound = export_trt.FP16_MAX_RELATIVE_ERROR if precision == "fp16" else report["max_relative_error"]
     assert all(r["relative_error"] <= bound for r in report["tasks"].values()), report["tasks"]
@@ -126,7 +127,8 @@ def test_a_tensorrt_version_without_tensorrt_is_one_line(merged, tmp_path):
     if HAVE_GPU_TRT:
         pytest.skip("tensorrt and a GPU are present here")
     fake = {"name": "tensorrt", "precision": "fp16", "graphs": []}
-    write_merged(plan_merge([merged / "tasks"]), tmp_path / "out", extend=lambda stage, manifest: {"engine": fake})
+    write_merged(plan_merge([merged / "tasks"]), tmp_path / "out",
+                 extend=lambda stage, manifest: EngineInfo.from_dict(fake, MANIFEST))
     with pytest.raises(CentraError, match="TensorRT engine needs"):
         Engine.load(tmp_path / "out")
     assert Engine.load(tmp_path / "out", engine="torch").runtime == "torch fp32"  # the torch files still serve

@@ -23,7 +23,8 @@ from helpers import STANDARD_TASKS, make_tasks
 
 from centra.client import Client, RemoteError
 from centra.core.backbone import Backbone
-from centra.core.merge import MANIFEST, content_id, load_merged, model_folder, plan_merge, read_manifest, write_merged
+from centra.core.manifest import Manifest, content_id
+from centra.core.merge import MANIFEST, load_merged, model_folder, plan_merge, read_manifest, write_merged
 from centra.errors import CentraError
 from centra.io import CURRENT, VERSIONS, sha256_file
 from centra.runtime.engine import Engine
@@ -44,13 +45,13 @@ def published(tiny_models, tmp_path) -> Path:
     return tmp_path
 
 
-def rebuild(root: Path, tiny_models, rows=REBUILT, tasks: str = "tasks-rebuilt", out: str = "out") -> dict:
+def rebuild(root: Path, tiny_models, rows=REBUILT, tasks: str = "tasks-rebuilt", out: str = "out") -> Manifest:
     """`rm -rf out && centra merge --tasks-dir OTHER --out out`: v000001 again, with other tasks or labels."""
     if not (root / tasks).exists():
         make_tasks(Backbone.load(tiny_models["bert"]), root / tasks, rows)
     shutil.rmtree(root / out, ignore_errors=True)
     manifest = write_merged(plan_merge([root / tasks]), root / out)
-    assert manifest["version"] == "v000001"
+    assert manifest.version == "v000001"
     return manifest
 
 
@@ -122,23 +123,24 @@ def wait_for(condition, seconds: float = 20.0) -> bool:
 
 def test_content_id_is_stable_and_names_the_content(published, tiny_models):
     manifest = read_manifest(model_folder(published / "out"))
-    cid = manifest["content_id"]
+    cid = manifest.content_id
     assert cid.startswith("sha256:") and len(cid) == len("sha256:") + 64
-    assert content_id(manifest) == cid == content_id(dict(reversed(manifest.items()))), "key order is not content"
-    assert content_id({k: v for k, v in manifest.items() if k != "content_id"}) == cid, "the id is not hashed"
+    data = manifest.to_dict()
+    assert content_id(data) == cid == content_id(dict(reversed(data.items()))), "key order is not content"
+    assert content_id({k: v for k, v in data.items() if k != "content_id"}) == cid, "the id is not hashed"
     assert Engine.load(published / "out").content_id == cid
     # the same tasks merged again (same version name): the same id
     write_merged(plan_merge([published / "tasks"]), published / "again")
-    assert read_manifest(model_folder(published / "again"))["content_id"] == cid
+    assert read_manifest(model_folder(published / "again")).content_id == cid
     # another task set under the same name: another id
     other = rebuild(published, tiny_models, out="other")
-    assert other["version"] == manifest["version"] and other["content_id"] != cid
+    assert other.version == manifest.version and other.content_id != cid
     # a version written by an earlier centra (no content_id) still loads; its id is computed
     folder = model_folder(published / "again")
     stored = json.loads((folder / MANIFEST).read_text())
     del stored["content_id"]
     (folder / MANIFEST).write_text(json.dumps(stored))
-    assert load_merged(folder)[0]["content_id"] == cid
+    assert load_merged(folder)[0].content_id == cid
 
 
 @pytest.mark.parametrize("edit", ["content_id", "labels"])
@@ -161,19 +163,19 @@ def test_a_tampered_manifest_is_refused_at_load(published, edit):
 
 def test_a_same_name_rebuild_is_served_by_a_running_watcher(published, tiny_models, serve):
     app = serve(published / "out", watch_interval=0.05)
-    old_id = content_id(read_manifest(model_folder(published / "out")))
+    old_id = content_id(read_manifest(model_folder(published / "out")).to_dict())
     before = app.stub.ListTasks(pb.ListTasksRequest(), timeout=10)
     assert app.labels() == OLD_LABELS
     rebuilt = rebuild(published, tiny_models)
     assert wait_for(lambda: app.labels() == NEW_LABELS), "the rebuilt v000001 is never served"
     assert before.model_id == old_id
     after = app.stub.ListTasks(pb.ListTasksRequest(), timeout=10)
-    assert (after.model_version, after.model_id) == ("v000001", rebuilt["content_id"]) != (before.model_version,
+    assert (after.model_version, after.model_id) == ("v000001", rebuilt.content_id) != (before.model_version,
                                                                                          before.model_id)
     reply = app.stub.Classify(pb.ClassifyRequest(inputs=[pb.Input(text=TEXTS[0])], tasks=["alpha"]), timeout=10)
-    assert reply.model_id == rebuilt["content_id"] and reply.results[0].tasks[0].label in NEW_LABELS
+    assert reply.model_id == rebuilt.content_id and reply.results[0].tasks[0].label in NEW_LABELS
     text = app.scrape()
-    assert f'centra_model_version{{id="{rebuilt["content_id"]}",version="v000001"}} 1.0' in text
+    assert f'centra_model_version{{id="{rebuilt.content_id}",version="v000001"}} 1.0' in text
     assert 'centra_reloads_total{result="ok"} 1.0' in text
 
 
@@ -188,7 +190,7 @@ def test_sighup_loads_a_same_name_rebuild_and_retries_a_failed_one(published, ti
     app.loop.call_soon_threadsafe(app.watcher.poke)
     assert wait_for(lambda: 'centra_reloads_total{result="failed"} 1.0' in app.scrape())
     assert app.labels() == OLD_LABELS, "the old model keeps serving"
-    short = bad["content_id"].removeprefix("sha256:")[:12]
+    short = bad.content_id.removeprefix("sha256:")[:12]
     assert any(f"reload of v000001 ({short}) failed, still serving v000001 (" in r.getMessage()
                for r in caplog.records), "the log names the version and its short id"
     app.loop.call_soon_threadsafe(app.watcher.poke)  # SIGHUP retries a failed one
@@ -241,7 +243,7 @@ def test_a_long_lived_client_reads_a_restarted_server_with_the_new_labels(publis
         assert list(answer["scores"]) == NEW_LABELS, "scores named by the old model's labels"
         assert answer["label"] == expected["label"] and answer["scores"] == pytest.approx(expected["scores"], abs=1e-5)
         listed = client.list_tasks()
-        assert (listed["model_version"], listed["model_id"]) == ("v000001", rebuilt["content_id"])
+        assert (listed["model_version"], listed["model_id"]) == ("v000001", rebuilt.content_id)
     finally:
         client.close()
 

@@ -22,9 +22,13 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from centra.cli import positive_float, save_figure
 from centra.errors import CentraError
+
+if TYPE_CHECKING:
+    from centra.core.manifest import Manifest
 
 ENGINES = ("separate_torch_fp32", "separate_onnx_int8", "merged_torch_fp32", "merged_onnx_fp32", "merged_onnx_int8")
 BASELINES = ("separate_torch_fp32", "separate_onnx_int8")
@@ -106,7 +110,7 @@ def check_options(args: argparse.Namespace) -> dict:
         check_writable_parent(plot)
     folder = model_folder(Path(args.model))
     manifest = read_manifest(folder)
-    inputs = {t.get("input", "single") for t in manifest["tasks"]}
+    inputs = {t.input for t in manifest.tasks}
     if args.texts:
         texts, pairs = read_texts_file(Path(args.texts))
         if "pair" in inputs and not pairs:
@@ -119,30 +123,27 @@ def check_options(args: argparse.Namespace) -> dict:
     counts = ([len(texts)] if "single" in inputs else []) + ([len(pairs)] if "pair" in inputs else [])
     n = max(min(counts), *sizes)  # one sequence per text; cycled when fewer than the largest batch
     texts, pairs = [texts[i % len(texts)] for i in range(n)], [pairs[i % len(pairs)] for i in range(n)] if pairs else []
-    bb = manifest["backbone"]
-    if not args.skip_separate and manifest["trunk_depth"] < bb["num_layers"] and \
-            not (bb.get("path") and Path(bb["path"]).is_dir()):
-        raise CentraError(f"bench: the separate models need all {bb['num_layers']} layers of backbone "
-                          f"{bb['id']!r}, but its folder {bb.get('path')} is gone and the merged trunk has "
-                          f"{manifest['trunk_depth']}: give --skip-separate")
+    bb = manifest.backbone
+    if not args.skip_separate and manifest.trunk_depth < bb.num_layers and not (bb.path and Path(bb.path).is_dir()):
+        raise CentraError(f"bench: the separate models need all {bb.num_layers} layers of backbone "
+                          f"{bb.id!r}, but its folder {bb.path} is gone and the merged trunk has "
+                          f"{manifest.trunk_depth}: give --skip-separate")
     return {"folder": folder, "texts": texts, "pairs": pairs, "source": f"{n} sequences: {source}", "plot": plot,
             "batches": sizes, "seconds": None if args.repeats else (args.seconds or DEFAULT_SECONDS),
             "repeats": args.repeats}
 
 
-def merged_onnx(folder: Path, manifest: dict, model, tokenizer, tmp: Path) -> dict:
+def merged_onnx(folder: Path, manifest: Manifest, model, tokenizer, tmp: Path) -> dict:
     """OnnxRunners (fp32, int8) of the merged graph: OUT's graphs when it has both, else exported to tmp."""
     from centra.export.onnx import export_onnx
     from centra.progress import progress_line
     from centra.runtime.onnx import OnnxRunner
 
-    info = manifest.get("engine")
-    graphs = info.get("graphs") if isinstance(info, dict) and info.get("name") == "onnx" else None
-    if not (isinstance(graphs, list) and graphs and all(isinstance(g, dict) and "fp32" in g and "int8" in g
-                                                        for g in graphs)):
+    info, files = manifest.engine, manifest.files
+    if not (info is not None and info.name == "onnx" and info.graphs and info.has_files("fp32", "int8")):
         progress_line(f"bench: {folder} has no ONNX fp32 + int8 graphs: exporting the merged model to {tmp}")
-        folder, manifest = tmp, {"engine": export_onnx(model, tmp, "int8", tokenizer)}
-    return {p: OnnxRunner.load(folder, manifest, model, precision=p) for p in ("fp32", "int8")}
+        folder, info, files = tmp, export_onnx(model, tmp, "int8", tokenizer), None
+    return {p: OnnxRunner.load(folder, info, model, precision=p, files=files) for p in ("fp32", "int8")}
 
 
 def separate_onnx(cfg, heads: dict, embeddings, layers: list, tokenizer, tmp: Path):
@@ -160,7 +161,7 @@ def separate_onnx(cfg, heads: dict, embeddings, layers: list, tokenizer, tmp: Pa
     progress_line(f"bench: exporting {len(heads)} separate {len(layers)}-layer models to {tmp} (fp32 + int8)")
     full = {name: full_depth_head(head, len(layers)) for name, head in heads.items()}
     info = export_onnx(MergedModel(cfg, embeddings, nn.ModuleList(layers), full).eval(), tmp, "int8", tokenizer)
-    files = {g["name"]: g["int8"] for g in info["graphs"]}
+    files = info.files("int8")
     engines = {}
     for name, head in full.items():
         layout = graph_layout({name: head.spec})  # embeddings, layers 1..N, its branch: sessions of its own
@@ -225,8 +226,7 @@ def gpu_engines(options: dict, engine, separate: dict, tmp: Path) -> dict:
         folder = tmp / f"tensorrt-{precision}"
         info = build_tensorrt(engine.model, engine.tokenizer, folder, precision, calibration,
                               max_batch=max(options["batches"]))  # the bench never measures slicing
-        engines[f"merged_tensorrt_{precision}"] = runner_engine(TensorRTRunner.load(folder, {"engine": info},
-                                                                                      engine.model))
+        engines[f"merged_tensorrt_{precision}"] = runner_engine(TensorRTRunner.load(folder, info, engine.model))
     return engines
 
 
@@ -256,10 +256,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                               f"{result.sequences_per_s:10.1f} seq/s, p50 {result.p50_ms:.2f} ms, "
                               f"p99 {result.p99_ms:.2f} ms")
     load_after = os.getloadavg()[0]
-    names = [t["name"] for t in manifest["tasks"]]
-    print(f"model {manifest['version']} ({options['folder']}): {len(names)} tasks ({', '.join(names)}) on "
-          f"{manifest['backbone']['id']}; overhead {manifest['overhead_layers']} layers per sequence vs "
-          f"{manifest['single_task_layers']} as separate {manifest['backbone']['num_layers']}-layer models")
+    names = manifest.task_names
+    print(f"model {manifest.version} ({options['folder']}): {len(names)} tasks ({', '.join(names)}) on "
+          f"{manifest.backbone.id}; overhead {manifest.overhead_layers} layers per sequence vs "
+          f"{manifest.single_task_layers} as separate {manifest.backbone.num_layers}-layer models")
     fixed = max(fixed_width(spec.max_length) for spec in engine.specs.values())
     print(f"texts: {options['source']}; fixed: every batch padded to {fixed} tokens; tokenisation not timed; "
           f"{torch.get_num_threads()} torch/ORT threads; load average {load_before:.2f} before, {load_after:.2f} "
@@ -268,7 +268,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     figures = summary(results, names, manifest)
     for line in ratio_lines(figures) + disturbed_lines(results):
         print(line)
-    title = f"{len(names)} tasks, {manifest['backbone']['id']}, {torch.get_num_threads()} threads"
+    title = f"{len(names)} tasks, {manifest.backbone.id}, {torch.get_num_threads()} threads"
     if options["plot"] is not None and write_plot(options["plot"], results, title, fixed):
         print(f"plot: {options['plot']}")
     print(json.dumps(figures))
@@ -288,15 +288,15 @@ def table(results: list) -> str:
                      .rstrip() for row in rows)
 
 
-def summary(results: list, names: list[str], manifest: dict) -> dict:
+def summary(results: list, names: list[str], manifest: Manifest) -> dict:
     """The JSON line: sequences/s of each engine at the largest batch, realistic lengths; tasks; overhead."""
     largest = max(r.batch for r in results)
     figures: dict = {name: None for name in ENGINES}
     for r in results:
         if r.batch == largest and r.lengths == "realistic":
             figures[r.engine] = round(r.sequences_per_s, 2)
-    return {**figures, "batch": largest, "tasks": names, "overhead_layers": manifest["overhead_layers"],
-            "single_task_layers": manifest["single_task_layers"]}
+    return {**figures, "batch": largest, "tasks": names, "overhead_layers": manifest.overhead_layers,
+            "single_task_layers": manifest.single_task_layers}
 
 
 def ratio_lines(figures: dict) -> list[str]:

@@ -85,7 +85,7 @@ def run_demo(tasks_dir: Path, workdir: Path, data: Path | None = None, untrained
     plan = plan_merge([merge_dir])
     backbone = plan.backbone
     manifest = write_merged(plan, out)
-    print(f"\nmerged {len(manifest['tasks'])} tasks into {out} (version {manifest['version']})")
+    print(f"\nmerged {len(manifest.tasks)} tasks into {out} (version {manifest.version})")
     print(overhead_table(manifest))
     for line in extra_pass_warnings(plan.specs):
         print(f"  note: {line}")
@@ -93,8 +93,8 @@ def run_demo(tasks_dir: Path, workdir: Path, data: Path | None = None, untrained
     engine = Engine.load(out)
     counted = count_layers_run(engine, SAMPLE_TEXTS, SAMPLE_PAIRS)
     print(f"layers run for one request of every task, counted by forward hooks: {counted} "
-          f"({'equals' if counted == manifest['overhead_layers'] else 'DIFFERS from'} the manifest's "
-          f"{manifest['overhead_layers']})")
+          f"({'equals' if counted == manifest.overhead_layers else 'DIFFERS from'} the manifest's "
+          f"{manifest.overhead_layers})")
     texts, pairs = SAMPLE_TEXTS[:6], SAMPLE_PAIRS[:6]
     label = "answers (untrained)" if merge_dir != tasks_dir else "answers"
     _through_grpc(out, texts, pairs, label, engine.predict(texts, pairs))

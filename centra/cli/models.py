@@ -6,8 +6,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from centra.errors import CentraError
+
+if TYPE_CHECKING:
+    from centra.core.manifest import EngineInfo
 
 DEFAULT_TASKS_DIR = "tasks"
 ENGINES = ("torch", "onnx", "tensorrt")  # centra.runtime.engine.ENGINES, without importing torch for the parser
@@ -46,37 +50,36 @@ def cmd_merge(args: argparse.Namespace) -> int:
         extend = tensorrt_extender(args.precision or "fp16", calibration, args.max_batch or DEFAULT_MAX_BATCH)
     plan = plan_merge([Path(d) for d in args.tasks_dir or [DEFAULT_TASKS_DIR]], args.backbone)
     manifest = write_merged(plan, out, keep_versions=args.keep_versions, extend=extend)
-    print(f"merged {len(manifest['tasks'])} tasks on {manifest['backbone']['id']} into {out} "
-          f"(version {manifest['version']})")
+    print(f"merged {len(manifest.tasks)} tasks on {manifest.backbone.id} into {out} (version {manifest.version})")
     print(overhead_table(manifest))
-    if "engine" in manifest:
-        print_engine(manifest["engine"])
+    if manifest.engine is not None:
+        print_engine(manifest.engine)
     for line in extra_pass_warnings(plan.specs):
         print(f"centra: warning: {line}", file=sys.stderr)
     return 0
 
 
-def print_engine(info: dict) -> None:
+def print_engine(info: EngineInfo) -> None:
     """The export's checks (and for ONNX the fusions ONNX Runtime made), as merge's last lines."""
-    if info.get("name") == "tensorrt":
-        print(f"tensorrt {info['tensorrt']} on {info['device']}: {len(info['graphs'])} {info['precision']} plans, "
-              f"batch 1-{info['max_batch']}, sequence 1-{info['max_length']}")
-        for name, r in info["check"]["tasks"].items():
+    if info.name == "tensorrt":
+        print(f"tensorrt {info.tensorrt} on {info.device}: {len(info.graphs)} {info.precision} plans, "
+              f"batch 1-{info.max_batch}, sequence 1-{info.max_length}")
+        for name, r in info.check["tasks"].items():
             print(f"tensorrt: {name}: label agreement with PyTorch fp32 {r['agreement']:.0%}; mean error "
                   f"{r['relative_error']:.1%} of the logit size; max |tensorrt - torch| {r['max_abs_diff']:.1e}")
         return
-    parity = info["parity"]
+    parity = info.parity
     worst = max(parity, key=parity.get)
-    print(f"onnx: {len(info['graphs'])} graphs (opset {info['opset']}), fp32 parity: max |onnx - torch| "
-          f"{parity[worst]:.1e} ({worst}; tolerance {info['tolerance']:g})")
-    for precision, counts in info["fusions"].items():
+    print(f"onnx: {len(info.graphs)} graphs (opset {info.opset}), fp32 parity: max |onnx - torch| "
+          f"{parity[worst]:.1e} ({worst}; tolerance {info.tolerance:g})")
+    for precision, counts in info.fusions.items():
         found = ", ".join(f"{op} {n}" for op, n in counts.items()) or "none"
         print(f"onnx: {precision} graphs after ORT_ENABLE_ALL: {found}")
-    if "int8" in info:
-        floor = info["int8"]["min_agreement"]
-        for name, r in info["int8"]["tasks"].items():
+    if info.int8 is not None:
+        floor = info.int8["min_agreement"]
+        for name, r in info.int8["tasks"].items():
             clear = "n/a" if r["decided_agreement"] is None else f"{r['decided_agreement']:.0%}"
-            print(f"onnx: int8 {name}: label agreement with fp32 {r['agreement']:.0%} of {info['int8']['samples']} "
+            print(f"onnx: int8 {name}: label agreement with fp32 {r['agreement']:.0%} of {info.int8['samples']} "
                   f"samples, {clear} of the {r['decided']} answers fp32 decides clearly (floor {floor:.0%}); "
                   f"mean error {r['relative_error']:.0%} of the logit size; max |int8 - fp32| "
                   f"{r['max_abs_diff']:.1e}")

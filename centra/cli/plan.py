@@ -55,15 +55,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
                           f"({cheapest.cost} layers, average dev {100 * cheapest.average:.2f})")
     full = backbone.cfg.num_layers * len(tasks)
     points = reference_points(tasks, options, full)
+    picks = {t.name: next(c for c in t.options() if c.id == chosen.choice[t.name].id) for t in tasks}
     if note:
         print(note)
-    print(table(tasks, chosen, plans, points, budget, full))
+    print(table(tasks, chosen, [picks[name].spec for name in chosen.choice], plans, points, budget, full))
     if plot is not None and write_plot(plot, plans, chosen, points, budget, full):
         print(f"plot: {plot}")
     if args.dry_run:
         print("dry run: nothing activated")
         return 0
-    picks = {t.name: next(c for c in t.options() if c.id == chosen.choice[t.name].id) for t in tasks}
     for t in tasks:  # every chosen head loaded in full before any folder changes
         check_candidate(t, picks[t.name], backbone)
     changed = [t.name for t in tasks if activate(t, picks[t.name], backbone.cfg)]
@@ -146,8 +146,11 @@ def reference_score(task) -> float | None:
         return None
 
 
-def table(tasks: list, chosen, plans: list, points: dict, budget: int, full: int) -> str:
+def table(tasks: list, chosen, specs: list, plans: list, points: dict, budget: int, full: int) -> str:
+    """The chosen plan (`specs`: its candidates' specs), its trunk passes, the frontier and the reference
+    points."""
     from centra.core.candidates import ACTIVE
+    from centra.core.overhead import token_groups
 
     rows = [("task", "metric", "before", "chosen", "attach", "layers", "dev")]
     for t in tasks:
@@ -156,12 +159,10 @@ def table(tasks: list, chosen, plans: list, points: dict, budget: int, full: int
                      f"{100 * o.score:.2f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    depths: dict[tuple, int] = {}
-    for o in chosen.choice.values():
-        depths[o.group] = max(depths.get(o.group, 0), o.attach)
-    trunk = " + ".join(f"{d} [{g[0]}, max_length {g[1]}]" for g, d in sorted(depths.items(), key=lambda x: -x[1]))
+    groups = sorted(token_groups(specs), key=lambda g: -g.depth)
+    trunk = " + ".join(f"{g.depth} [{g.input}, max_length {g.max_length}]" for g in groups)
     lines.append(f"plan: {chosen.cost} layers per request of a budget of {budget} (trunk passes: {trunk}; task "
-                 f"layers: {chosen.cost - sum(depths.values())}), {100 * chosen.cost / full:.0f}% of {full} as "
+                 f"layers: {chosen.cost - sum(g.depth for g in groups)}), {100 * chosen.cost / full:.0f}% of {full} as "
                  f"{len(tasks)} separate models; average dev {100 * chosen.average:.2f}")
     lines.append("frontier (layers: best average dev):")
     for p in plans:

@@ -84,8 +84,9 @@ def run(args: argparse.Namespace) -> dict:
                                     label_names=parse_label_names(names, root))
         logits = engine.logits(examples.texts, examples.pairs, [name])[name].numpy()
         results[name]["merged_dev"] = compute(kind, logits, examples.targets, spec.thresholds)
-    results["_merged"] = {k: manifest[k] for k in ("trunk_depth", "trunk_passes", "overhead_layers",
-                                                   "single_task_layers")}
+    merged = manifest.to_dict()  # results.json keeps the manifest's JSON form of these
+    results["_merged"] = {k: merged[k] for k in ("trunk_depth", "trunk_passes", "overhead_layers",
+                                                 "single_task_layers")}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     return results
 

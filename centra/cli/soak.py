@@ -19,16 +19,15 @@ def merge_extend(model: Path, engine: str | None):
     Runtime (by --engine onnx, or by the model's manifest), else none."""
     from centra.core.merge import model_folder, read_manifest
 
-    info = read_manifest(model_folder(model)).get("engine")
-    info = info if isinstance(info, dict) else {}
-    name = engine or info.get("name") or "torch"
+    info = read_manifest(model_folder(model)).engine
+    name = engine or (info.name if info is not None else "torch")
     if name == "torch":
         return None
     if name != "onnx":
         raise CentraError(f"soak: the model is served by {name!r}; soak runs --engine torch or onnx")
     from centra.export.onnx import onnx_extender
 
-    return onnx_extender(info.get("precision", "fp32"), progress=False)
+    return onnx_extender((info.precision if info is not None else None) or "fp32", progress=False)
 
 
 def cmd_soak(args: argparse.Namespace) -> int:

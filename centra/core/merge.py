@@ -8,37 +8,32 @@ missing, changed or added file, naming it. A refused or crashed merge leaves OUT
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from torch import nn
 
 from centra.core.backbone import Backbone, Embeddings, EncoderConfig, EncoderLayer, check_state, load_safetensors
 from centra.core.graph import MergedModel
+from centra.core.manifest import BackboneInfo, EngineInfo, Manifest, ManifestTask
 from centra.core.overhead import overhead_layers, trunk_passes
-from centra.core.task import HEAD_FILE, NAME_RE, TASK_FILE, TaskSpec, load_task, read_task_json, task_dirs
+from centra.core.task import HEAD_FILE, TASK_FILE, TaskSpec, load_task, read_task_json, task_dirs
 from centra.errors import CentraError
 from centra.io import (
     DEFAULT_KEEP_VERSIONS,
-    bad_relative_path,
     check_tree,
     copy_verified,
     current_version,
     hash_tree,
     publish_version,
     read_json,
-    sha256_bytes,
-    shorten,
     write_json,
 )
 
 MANIFEST = "manifest.json"
 TRUNK_FILE = "trunk.safetensors"
-FORMAT = "centra-merged"
 MODEL_KIND = "merged model"
-MANIFEST_VERSION = 2
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".h5", ".msgpack", ".onnx", ".ot", ".pt", ".md")
 
 
@@ -96,17 +91,17 @@ def _backbone_hint(spec: TaskSpec) -> str:
 
 
 def write_merged(plan: MergePlan, out: Path, keep_versions: int = DEFAULT_KEEP_VERSIONS,
-                 extend: Callable[[Path, dict], dict] | None = None) -> dict:
+                 extend: Callable[[Path, Manifest], EngineInfo] | None = None) -> Manifest:
     """Publish a new version of OUT from a validated plan; return its manifest.
 
     `extend(stage, manifest)`, when given, runs after the torch files are staged and before anything is
-    hashed: it writes what another runtime needs into the staged version (e.g. ONNX graphs, checked for
-    parity there) and returns fields to add to the manifest (e.g. {"engine": {...}}). Its files are
+    hashed (the manifest has no files yet): it writes what another runtime needs into the staged version
+    (e.g. ONNX graphs, checked for parity there) and returns the manifest's engine field. Its files are
     hashed and published with the rest, in the same atomic step."""
     from safetensors.torch import save_file
 
     bb, depth = plan.backbone, plan.trunk_depth
-    written: dict = {}
+    written: list[Manifest] = []
 
     def build(stage: Path, version: str) -> None:
         trunk = {f"embeddings.{k}": v for k, v in bb.embeddings.state_dict().items()}
@@ -114,37 +109,31 @@ def write_merged(plan: MergePlan, out: Path, keep_versions: int = DEFAULT_KEEP_V
             trunk.update({f"layers.{i}.{k}": v for k, v in bb.layers[i].state_dict().items()})
         save_file({k: v.contiguous() for k, v in trunk.items()}, str(stage / TRUNK_FILE))
         _copy_tokenizer(bb.path, stage / "tokenizer")
-        entries = []
         for task in plan.tasks:
-            spec, dest = task.spec, stage / "tasks" / task.spec.name
+            dest = stage / "tasks" / task.spec.name
             dest.mkdir(parents=True)
             copy_verified(task.folder / TASK_FILE, dest / TASK_FILE, task.task_json_sha256)
-            copy_verified(task.folder / HEAD_FILE, dest / HEAD_FILE, spec.head_sha256)
-            entries.append({"name": spec.name, "kind": spec.kind, "labels": spec.labels, "input": spec.input,
-                            "max_length": spec.max_length, "attach_layer": spec.attach_layer,
-                            "task_layers": spec.task_layers, "trained": spec.trained,
-                            "head_sha256": spec.head_sha256, "source": str(task.folder.resolve())})
-        written.update({
-            "format": FORMAT,
-            "schema_version": MANIFEST_VERSION,
-            "version": version,
-            "backbone": {"id": bb.backbone_id, "fingerprint": bb.fingerprint, "path": str(bb.path),
-                         "num_layers": bb.cfg.num_layers},
-            "encoder": bb.cfg.to_dict(),
-            "trunk_depth": depth,
-            "trunk_passes": trunk_passes(plan.specs),
-            "tasks": entries,
-            "overhead_layers": plan.overhead_layers,
-            "single_task_layers": plan.single_task_layers,
-        })
+            copy_verified(task.folder / HEAD_FILE, dest / HEAD_FILE, task.spec.head_sha256)
+        manifest = Manifest(
+            version=version,
+            backbone=BackboneInfo(bb.backbone_id, bb.fingerprint, bb.cfg.num_layers, str(bb.path)),
+            encoder=bb.cfg.to_dict(), trunk_depth=depth, trunk_passes=tuple(trunk_passes(plan.specs)),
+            tasks=tuple(manifest_task(task) for task in plan.tasks), overhead_layers=plan.overhead_layers,
+            single_task_layers=plan.single_task_layers)
         if extend is not None:
-            written.update(extend(stage, dict(written)))
-        written["files"] = hash_tree(stage)
-        written["content_id"] = content_id(written)
-        write_json(stage / MANIFEST, written)
+            manifest = replace(manifest, engine=extend(stage, manifest))
+        manifest = replace(manifest, files=hash_tree(stage)).with_content_id()
+        write_json(stage / MANIFEST, manifest.to_dict())
+        written[:] = [manifest]
 
     publish_version(Path(out), MODEL_KIND, build, lambda stage: load_merged(stage), keep_versions)
-    return written
+    return written[0]
+
+
+def manifest_task(task: PlannedTask) -> ManifestTask:
+    spec = task.spec
+    return ManifestTask(spec.name, spec.kind, tuple(spec.labels), spec.input, spec.max_length, spec.attach_layer,
+                        spec.task_layers, spec.trained, spec.head_sha256, str(task.folder.resolve()))
 
 
 def _copy_tokenizer(src: Path, dest: Path) -> None:
@@ -167,79 +156,25 @@ def model_folder(out: Path) -> Path:
     return current[1]
 
 
-def content_id(manifest: dict) -> str:
-    """What a version is known by: "sha256:<hex>" of the manifest's canonical JSON (keys sorted, compact,
-    UTF-8), less its own "content_id" key. The manifest lists the sha256 of every other file of the
-    version, so two versions with the same id hold the same bytes, whatever their names."""
-    body = {key: value for key, value in manifest.items() if key != "content_id"}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return sha256_bytes(text.encode("utf-8"))
-
-
-def short_id(content: str) -> str:
-    """The first 12 hex digits of a content id, for log lines."""
-    return content.removeprefix("sha256:")[:12] or "none"
-
-
-REQUIRED = {"format": str, "schema_version": int, "version": str, "backbone": dict, "encoder": dict,
-            "trunk_depth": int, "tasks": list, "files": dict, "overhead_layers": int, "single_task_layers": int}
-
-
-def read_manifest(folder: Path) -> dict:
-    """The manifest of one version folder, with every field checked (one line naming the file): task names
-    by the task-name rule and unique, every `files` entry a relative path inside the version, and its
-    content_id (filled in when an earlier centra wrote none). Reads this one file only."""
+def read_manifest(folder: Path) -> Manifest:
+    """The manifest of one version folder, every field checked by `Manifest.from_dict` (one line naming
+    the file). Reads this one file only."""
     path = Path(folder) / MANIFEST
     if path.is_symlink():
         raise CentraError(f"{path}: a symbolic link; a version holds only plain files")
-    manifest = read_json(path)
-    if manifest.get("format") != FORMAT:
-        raise CentraError(f"{path}: not a centra merged model manifest")
-    if manifest.get("schema_version") != MANIFEST_VERSION:
-        raise CentraError(f"{path}: a merged model in the layout of an earlier centra (schema_version "
-                          f"{manifest.get('schema_version')!r}, expected {MANIFEST_VERSION}): merge the tasks again "
-                          "into a new --out folder")
-    for key, typ in REQUIRED.items():
-        if key not in manifest:
-            raise CentraError(f"{path}: malformed manifest (missing {key!r})")
-        if not isinstance(manifest[key], typ):
-            raise CentraError(f"{path}: malformed manifest ({key!r} must be {typ.__name__})")
-    if not {"id", "fingerprint", "num_layers"} <= set(manifest["backbone"]):
-        raise CentraError(f"{path}: malformed manifest (backbone needs id, fingerprint, num_layers)")
-    seen: set[str] = set()
-    for entry in manifest["tasks"]:
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-            raise CentraError(f"{path}: malformed manifest (each task needs a name)")
-        name = entry["name"]
-        if not NAME_RE.fullmatch(name):  # fullmatch: the rule's "$" would let a trailing newline through
-            raise CentraError(f"{path}: malformed manifest (task name {shorten(name)!r} must be 1-64 letters, "
-                              "digits, '_' or '-')")
-        if name.lower() in seen:
-            raise CentraError(f"{path}: malformed manifest (duplicate task name {name!r})")
-        seen.add(name.lower())
-    for rel, digest in manifest["files"].items():
-        why = bad_relative_path(rel)
-        if why is not None:
-            raise CentraError(f"{path}: malformed manifest (files entry {shorten(rel)!r} {why})")
-        if not isinstance(digest, str):
-            raise CentraError(f"{path}: malformed manifest (files entry {shorten(rel)!r} needs a sha256 string)")
-    expected = content_id(manifest)
-    stored = manifest.setdefault("content_id", expected)
-    if stored != expected:
-        raise CentraError(f"{path}: content_id differs from the manifest's content (edited after publishing)")
-    return manifest
+    return Manifest.from_dict(read_json(path), str(path))
 
 
-def load_merged(out: Path) -> tuple[dict, MergedModel]:
+def load_merged(out: Path) -> tuple[Manifest, MergedModel]:
     """Load OUT's current version (or a version folder), checking every file's sha256."""
     folder = model_folder(out)
     manifest = read_manifest(folder)
-    check_tree(folder, manifest["files"], skip=(MANIFEST,), listed_in=str(folder / MANIFEST))
+    check_tree(folder, manifest.files, skip=(MANIFEST,), listed_in=str(folder / MANIFEST))
     try:
-        cfg = EncoderConfig(**manifest["encoder"])
+        cfg = EncoderConfig(**manifest.encoder)
     except TypeError as exc:
         raise CentraError(f"{folder / MANIFEST}: malformed manifest (encoder: {exc})") from None
-    depth = manifest["trunk_depth"]
+    depth = manifest.trunk_depth
     trunk_file = folder / TRUNK_FILE
     embeddings, layers = Embeddings(cfg), nn.ModuleList(EncoderLayer(cfg) for _ in range(depth))
     holder = nn.Module()
@@ -248,10 +183,10 @@ def load_merged(out: Path) -> tuple[dict, MergedModel]:
     check_state(holder.state_dict(), state, str(trunk_file))
     holder.load_state_dict(state)
     heads = {}
-    for entry in manifest["tasks"]:
-        task_folder = folder / "tasks" / entry["name"]
-        spec, heads[entry["name"]] = load_task(task_folder, cfg, manifest_sha256=entry.get("head_sha256"))
-        if spec.backbone["fingerprint"] != manifest["backbone"]["fingerprint"]:
+    for entry in manifest.tasks:
+        task_folder = folder / "tasks" / entry.name
+        spec, heads[entry.name] = load_task(task_folder, cfg, manifest_sha256=entry.head_sha256)
+        if spec.backbone["fingerprint"] != manifest.backbone.fingerprint:
             raise CentraError(f"{task_folder / TASK_FILE}: trained on another backbone than the manifest's")
         if spec.attach_layer > depth:
             raise CentraError(f"{task_folder / TASK_FILE}: attaches at layer {spec.attach_layer} but the trunk "
@@ -260,19 +195,19 @@ def load_merged(out: Path) -> tuple[dict, MergedModel]:
     return manifest, model
 
 
-def overhead_table(manifest: dict) -> str:
+def overhead_table(manifest: Manifest) -> str:
     """The task table and the overhead against serving each task as its own model."""
     rows = [("task", "kind", "input", "max_len", "labels", "attach", "layers", "trained")]
-    for t in manifest["tasks"]:
-        rows.append((t["name"], t["kind"], t["input"], str(t["max_length"]), str(len(t["labels"])),
-                     str(t["attach_layer"]), str(t["task_layers"]), "yes" if t.get("trained") else "NO (untrained)"))
+    for t in manifest.tasks:
+        rows.append((t.name, t.kind, t.input, str(t.max_length), str(len(t.labels)), str(t.attach_layer),
+                     str(t.task_layers), "yes" if t.trained else "NO (untrained)"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    merged, single = manifest["overhead_layers"], manifest["single_task_layers"]
-    passes = manifest["trunk_passes"]
-    trunk = sum(p["depth"] for p in passes)
-    shape = " + ".join(f"{p['depth']} [{p['input']}, max_length {p['max_length']}]" for p in passes)
+    merged, single = manifest.overhead_layers, manifest.single_task_layers
+    passes = manifest.trunk_passes
+    trunk = sum(p.depth for p in passes)
+    shape = " + ".join(f"{p.depth} [{p.input}, max_length {p.max_length}]" for p in passes)
     lines.append(f"overhead: {merged} layers per request (trunk passes: {shape}; task layers: {merged - trunk}) "
-                 f"vs {single} as {len(manifest['tasks'])} separate {manifest['backbone']['num_layers']}-layer "
+                 f"vs {single} as {len(manifest.tasks)} separate {manifest.backbone.num_layers}-layer "
                  f"models: {100.0 * merged / single:.0f}%")
     return "\n".join(lines)

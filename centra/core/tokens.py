@@ -1,7 +1,7 @@
 """Tokens: texts (or text pairs) -> unpadded token ids, checked input, and padded batches.
 
-Tasks that read the same tokens (same input kind and max_length) form one token group: the engine
-runs the trunk once per group.
+Tasks that read the same tokens (same input kind and max_length) form one token group
+(core.overhead.TokenGroup): the engine runs the trunk once per group.
 """
 
 from __future__ import annotations

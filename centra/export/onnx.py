@@ -22,6 +22,7 @@ import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from torch import nn
 
 from centra.core.backbone import Embeddings, EncoderConfig, EncoderLayer, attention_bias, check_state, load_safetensors
 from centra.core.graph import MergedModel
+from centra.core.manifest import EngineInfo, Manifest
 from centra.core.merge import TRUNK_FILE
 from centra.core.task import load_task, max_positions
 from centra.errors import CentraError
@@ -215,9 +217,9 @@ def refuse(name: str, diff: float, tolerance: float) -> CentraError:
 
 
 def export_onnx(model: MergedModel, folder: Path, precision: str = "fp32", tokenizer=None,
-                tolerance: float = FP32_TOLERANCE, progress: bool = True, style: str = "fused") -> dict:
+                tolerance: float = FP32_TOLERANCE, progress: bool = True, style: str = "fused") -> EngineInfo:
     """Export every graph into folder/onnx/fp32 (and onnx/int8), each checked as it is written; return the
-    manifest's "engine" field (file paths relative to folder)."""
+    manifest's engine field (file paths relative to folder)."""
     from centra.export.fused import write_fused
 
     if precision not in PRECISIONS:
@@ -256,25 +258,29 @@ def export_onnx(model: MergedModel, folder: Path, precision: str = "fp32", token
     parity["composed"] = float(f"{diff:.3e}")
     exporter = f"torch {torch.__version__} dynamo" + (" (embeddings); layer stacks written by centra.export.fused"
                                                        if style == "fused" else "")
-    info = {"name": ENGINE_NAME, "precision": precision, "opset": OPSET, "exporter": exporter, "style": style,
-            "tolerance": tolerance, "graphs": graphs, "parity": parity,
-            "fusions": {"fp32": total_fusions(folder / g["fp32"] for g in graphs)}}
+    info = EngineInfo(ENGINE_NAME, precision, tuple(graphs), opset=OPSET, exporter=exporter, style=style,
+                      tolerance=tolerance, parity=parity,
+                      fusions={"fp32": total_fusions(folder / g["fp32"] for g in graphs)})
     if precision == "int8":
-        add_int8(folder, info, model, Engine(runner, tokenizer, batch_size=8), progress)
+        info = add_int8(folder, info, model, Engine(runner, tokenizer, batch_size=8), progress)
     return info
 
 
-def add_int8(folder: Path, info: dict, model: MergedModel, fp32: Engine, progress: bool = True) -> None:
-    """Quantize the fp32 graphs of `info` into folder/onnx/int8, check them against the fp32 engine
-    (centra.export.int8.check_int8, refusing below its floor) and record files, report and fusions in info."""
+def add_int8(folder: Path, info: EngineInfo, model: MergedModel, fp32: Engine, progress: bool = True) -> EngineInfo:
+    """Quantize the fp32 graphs of `info` into folder/onnx/int8 and check them against the fp32 engine
+    (centra.export.int8.check_int8, refusing below its floor); return `info` with their files, the check's
+    report and their fusions."""
     from centra.export.int8 import check_int8, quantize_graph
 
-    for graph in progress_bar(info["graphs"], desc="quantize int8", enabled=progress):
+    graphs = []
+    for graph in progress_bar(info.graphs, desc="quantize int8", enabled=progress):
         rel = f"{ONNX_DIR}/int8/{graph['name']}.onnx"
-        graph["int8"] = rel if quantize_graph(folder / graph["fp32"], folder / rel) else graph["fp32"]
-    int8 = OnnxRunner.load(folder, {"engine": info}, model, precision="int8")
-    info["int8"] = check_int8(fp32, Engine(int8, fp32.tokenizer, batch_size=fp32.batch_size))
-    info["fusions"]["int8"] = total_fusions(folder / g["int8"] for g in info["graphs"])
+        graphs.append({**graph, "int8": rel if quantize_graph(folder / graph["fp32"], folder / rel) else graph["fp32"]})
+    info = replace(info, graphs=tuple(graphs))
+    int8 = OnnxRunner.load(folder, info, model, precision="int8")
+    report = check_int8(fp32, Engine(int8, fp32.tokenizer, batch_size=fp32.batch_size))
+    fusions = {**(info.fusions or {}), "int8": total_fusions(folder / g["int8"] for g in graphs)}
+    return replace(info, int8=report, fusions=fusions)
 
 
 def fusions(path: Path) -> dict[str, int]:
@@ -297,31 +303,31 @@ def total_fusions(paths) -> dict[str, int]:
     return dict(sorted(total.items()))
 
 
-def load_staged(stage: Path, manifest: dict) -> MergedModel:
+def load_staged(stage: Path, manifest: Manifest) -> MergedModel:
     """The MergedModel of a staged version (its manifest not yet written): the files `load_merged` reads."""
-    cfg = EncoderConfig(**manifest["encoder"])
+    cfg = EncoderConfig(**manifest.encoder)
     holder = nn.Module()
     holder.embeddings = Embeddings(cfg)
-    holder.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(manifest["trunk_depth"]))
+    holder.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(manifest.trunk_depth))
     state = load_safetensors(stage / TRUNK_FILE)
     check_state(holder.state_dict(), state, str(stage / TRUNK_FILE))
     holder.load_state_dict(state)
-    heads = {e["name"]: load_task(stage / "tasks" / e["name"], cfg, manifest_sha256=e.get("head_sha256"))[1]
-             for e in manifest["tasks"]}
+    heads = {e.name: load_task(stage / "tasks" / e.name, cfg, manifest_sha256=e.head_sha256)[1]
+             for e in manifest.tasks}
     return MergedModel(cfg, holder.embeddings, holder.layers, heads).eval().requires_grad_(False)
 
 
-def onnx_extender(precision: str = "fp32", progress: bool = True) -> Callable[[Path, dict], dict]:
+def onnx_extender(precision: str = "fp32", progress: bool = True) -> Callable[[Path, Manifest], EngineInfo]:
     """write_merged's `extend`: export the staged version's graphs into its onnx/ folder and return the
-    manifest's "engine" field."""
+    manifest's engine field."""
     from centra.core.backbone import load_tokenizer
 
     if precision not in PRECISIONS:
         raise CentraError(f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
 
-    def extend(stage: Path, manifest: dict) -> dict:
+    def extend(stage: Path, manifest: Manifest) -> EngineInfo:
         model = load_staged(stage, manifest)
         tokenizer = load_tokenizer(stage / "tokenizer") if precision == "int8" else None
-        return {"engine": export_onnx(model, stage, precision, tokenizer, progress=progress)}
+        return export_onnx(model, stage, precision, tokenizer, progress=progress)
 
     return extend

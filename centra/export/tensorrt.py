@@ -35,6 +35,8 @@ import torch
 from torch import nn
 
 from centra.core.graph import MergedModel
+from centra.core.manifest import EngineInfo, Manifest
+from centra.core.overhead import token_groups
 from centra.core.task import max_positions
 from centra.core.tokens import encode
 from centra.errors import CentraError
@@ -116,24 +118,22 @@ def build_plan(trt, onnx_path: Path, plan_path: Path, shapes: dict[str, tuple]) 
 
 
 def calibration_batches(model: MergedModel, tokenizer, texts: list[str], pairs: list[tuple[str, str]]) -> dict:
-    """Per token group (TaskSpec.encoding_key): padded batches (ids, mask, types) of the calibration texts
+    """Per token group (by TokenGroup.key): padded batches (ids, mask, types) of the calibration texts
     (the pairs for pair tasks). Every batch of every group has one shape (ONNX Runtime's calibrators
     stack what they collect, and a trunk segment sees every group): CALIBRATION_BATCH rows
     (fewer when there are fewer texts; a remainder is left out), padded to the longest row of all."""
     encoded = {}
-    for spec in model.specs.values():
-        key = spec.encoding_key
-        if key in encoded:
-            continue
-        if spec.input == "pair":
+    for group in token_groups(model.specs.values()):
+        if group.input == "pair":
             if not pairs:
-                raise CentraError(f"int8 calibration: task {spec.name!r} takes text pairs and no pairs were given")
-            encoded[key] = encode(tokenizer, model.cfg.type_vocab_size, [a for a, _ in pairs], [b for _, b in pairs],
-                                  spec.max_length)
+                raise CentraError(f"int8 calibration: task {group.tasks[0]!r} takes text pairs and no pairs were "
+                                  "given")
+            encoded[group.key] = encode(tokenizer, model.cfg.type_vocab_size, [a for a, _ in pairs],
+                                        [b for _, b in pairs], group.max_length)
         else:
             if not texts:
                 raise CentraError("int8 calibration: no calibration texts were given")
-            encoded[key] = encode(tokenizer, model.cfg.type_vocab_size, texts, None, spec.max_length)
+            encoded[group.key] = encode(tokenizer, model.cfg.type_vocab_size, texts, None, group.max_length)
     size = min(CALIBRATION_BATCH, *(len(enc.input_ids) for enc in encoded.values()))
     width = max(len(ids) for enc in encoded.values() for ids in enc.input_ids)
     pad = tokenizer.pad_token_id or 0
@@ -223,16 +223,18 @@ def half_graph(model: MergedModel, graph: dict, path: Path) -> None:
         export_graph(HalfGraph(module).eval(), example, path, names, output)
 
 
-def precision_graphs(model: MergedModel, tokenizer, folder: Path, info: dict, precision: str,
-                     calibration: tuple[list[str], list[tuple[str, str]]], progress: bool) -> dict[str, str]:
+def precision_graphs(model: MergedModel, tokenizer, folder: Path, info: EngineInfo, precision: str,
+                     calibration: tuple[list[str], list[tuple[str, str]]],
+                     progress: bool) -> tuple[dict[str, str], dict]:
     """Per graph, the ONNX file TensorRT builds from (relative to folder), checked on ONNX Runtime
-    against PyTorch fp32 (fp16 and int8: by check_precision on the sample inputs)."""
+    against PyTorch fp32 (fp16 and int8: by check_precision on the sample inputs), and the checks' reports
+    by precision (none for fp32)."""
     from centra.export.int8 import check_precision
     from centra.runtime.onnx import OnnxRunner, open_session
 
-    sources = {g["name"]: g["fp32"] for g in info["graphs"]}
+    sources = info.files("fp32")
     if precision == "fp32":
-        return sources
+        return sources, {}
     from centra.export.onnx import reference_states
 
     batches = calibration_batches(model, tokenizer, *calibration) if precision == "int8" else {}
@@ -253,16 +255,15 @@ def precision_graphs(model: MergedModel, tokenizer, folder: Path, info: dict, pr
     fp32 = Engine(model, tokenizer, batch_size=8)
     bounds = {"max_relative_error": FP16_MAX_RELATIVE_ERROR} if precision == "fp16" else {}
     report = check_precision(fp32, Engine(runner, tokenizer, batch_size=8), f"ONNX {precision}", **bounds)
-    info.setdefault("onnx_checks", {})[precision] = report
     progress_line(f"tensorrt: {precision} ONNX graphs agree with PyTorch fp32 on ONNX Runtime", progress)
-    return sources
+    return sources, {precision: report}
 
 
 def build_tensorrt(model: MergedModel, tokenizer, folder: Path, precision: str,
                    calibration: tuple[list[str], list[tuple[str, str]]] | None = None,
-                   max_batch: int = DEFAULT_MAX_BATCH, progress: bool = True) -> dict:
+                   max_batch: int = DEFAULT_MAX_BATCH, progress: bool = True) -> EngineInfo:
     """Portable ONNX graphs, the precision's graphs and one plan per graph into folder; the plans
-    checked behind the engine interface; return the manifest's "engine" field."""
+    checked behind the engine interface; return the manifest's engine field."""
     from centra.export.int8 import check_precision
     from centra.export.onnx import export_onnx
 
@@ -276,7 +277,7 @@ def build_tensorrt(model: MergedModel, tokenizer, folder: Path, precision: str,
     trt = import_tensorrt()
     folder = Path(folder)
     onnx_info = export_onnx(model, folder, "fp32", progress=progress, style="portable")
-    sources = precision_graphs(model, tokenizer, folder, onnx_info, precision, calibration, progress)
+    sources, onnx_checks = precision_graphs(model, tokenizer, folder, onnx_info, precision, calibration, progress)
     max_length = min(max(s.max_length for s in model.specs.values()), max_positions(model.cfg))
     layout = graph_layout(model.specs)
     graphs = []
@@ -295,18 +296,17 @@ def build_tensorrt(model: MergedModel, tokenizer, folder: Path, precision: str,
               "int8": {}}[precision]
     check = check_precision(fp32, Engine(runner, tokenizer, batch_size=8), f"TensorRT {precision}", **bounds)
     progress_line(f"tensorrt: {precision} plans agree with PyTorch fp32 on the sample inputs", progress)
-    return {"name": ENGINE_NAME, "precision": precision, "tensorrt": trt.__version__,
-            "device": torch.cuda.get_device_name(device),
-            "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(device))),
-            "calibrated_on": len(calibration[0]) + len(calibration[1]) if precision == "int8" else None,
-            "max_batch": max_batch, "max_length": max_length,
-            "graphs": graphs, "onnx_parity": onnx_info["parity"], "onnx_checks": onnx_info.get("onnx_checks", {}),
-            "check": check}
+    return EngineInfo(ENGINE_NAME, precision, tuple(graphs), tensorrt=trt.__version__,
+                      device=torch.cuda.get_device_name(device),
+                      compute_capability=".".join(map(str, torch.cuda.get_device_capability(device))),
+                      calibrated_on=len(calibration[0]) + len(calibration[1]) if precision == "int8" else None,
+                      max_batch=max_batch, max_length=max_length, onnx_parity=onnx_info.parity,
+                      onnx_checks=onnx_checks, check=check)
 
 
 def tensorrt_extender(precision: str = "fp16", calibration: tuple | None = None, max_batch: int = DEFAULT_MAX_BATCH,
-                      progress: bool = True) -> Callable[[Path, dict], dict]:
-    """write_merged's `extend`: build the staged version's plans and return the manifest's "engine"."""
+                      progress: bool = True) -> Callable[[Path, Manifest], EngineInfo]:
+    """write_merged's `extend`: build the staged version's plans and return the manifest's engine field."""
     from centra.core.backbone import load_tokenizer
     from centra.export.onnx import load_staged
 
@@ -314,9 +314,9 @@ def tensorrt_extender(precision: str = "fp16", calibration: tuple | None = None,
         raise CentraError(f"unknown TensorRT precision {precision!r} (known: {', '.join(PRECISIONS)})")
     import_tensorrt()  # before any work: a machine without TensorRT or a GPU is told at once
 
-    def extend(stage: Path, manifest: dict) -> dict:
+    def extend(stage: Path, manifest: Manifest) -> EngineInfo:
         model = load_staged(stage, manifest)
-        return {"engine": build_tensorrt(model, load_tokenizer(stage / "tokenizer"), stage, precision, calibration,
-                                         max_batch, progress)}
+        return build_tensorrt(model, load_tokenizer(stage / "tokenizer"), stage, precision, calibration, max_batch,
+                              progress)
 
     return extend

@@ -1,6 +1,6 @@
 """Triton Inference Server model repository of a merged model (`centra export-triton`).
 
-Per token group (input kind, max_length; tasks of one group read the same tokens) two models: a python
+Per token group (core.overhead.TokenGroup: tasks that read the same tokens) two models: a python
 backend tokenizer (1/model.py = centra/export/triton_model.py, 1/tokenizer/ = the version's tokenizer
 files: TEXT (+ TEXT_PAIR) -> input_ids, attention_mask, token_type_ids) and an onnxruntime_onnx graph
 (1/model.onnx: the ids -> LOGITS_<task> of the group's tasks, the trunk once as deep as its deepest task,
@@ -36,7 +36,9 @@ import torch
 
 from centra import io
 from centra.core.backbone import load_tokenizer
+from centra.core.manifest import Manifest
 from centra.core.merge import load_merged, model_folder
+from centra.core.overhead import TokenGroup, token_groups
 from centra.core.task import TaskSpec
 from centra.core.tokens import encode
 from centra.errors import CentraError
@@ -67,59 +69,44 @@ def output_name(task: str) -> str:
     return f"LOGITS_{task}"
 
 
-@dataclass
-class Group:
-    """One token group: its tasks (manifest order) and the two models that serve it."""
+@dataclass(frozen=True)
+class GroupModels:
+    """One token group (tasks in the manifest's order) and the names of the two models that serve it."""
 
-    input: str
-    max_length: int
-    tasks: list[str]
-    depth: int
+    tokens: TokenGroup
     tokenizer: str = TOKENIZER_MODEL
     graph: str = GRAPH_MODEL
 
-    @property
-    def key(self) -> str:
-        return f"{self.input}_{self.max_length}"
+
+def group_models(specs: dict[str, TaskSpec]) -> list[GroupModels]:
+    """The token groups of the tasks; suffixed model names when there is more than one group."""
+    groups = token_groups(specs.values())
+    if len(groups) == 1:
+        return [GroupModels(groups[0])]
+    return [GroupModels(g, f"{TOKENIZER_MODEL}_{g.label}", f"{GRAPH_MODEL}_{g.label}") for g in groups]
 
 
-def token_groups(specs: dict[str, TaskSpec]) -> list[Group]:
-    """Tasks by (input kind, max_length), in the order their first task appears; suffixed model names
-    when there is more than one group."""
-    groups: dict[tuple[str, int], Group] = {}
-    for spec in specs.values():
-        group = groups.setdefault(spec.encoding_key, Group(spec.input, spec.max_length, [], 0))
-        group.tasks.append(spec.name)
-        group.depth = max(group.depth, spec.attach_layer)
-    found = list(groups.values())
-    if len(found) > 1:
-        for group in found:
-            group.tokenizer, group.graph = f"{TOKENIZER_MODEL}_{group.key}", f"{GRAPH_MODEL}_{group.key}"
-    return found
-
-
-def source_graphs(folder: Path, manifest: dict, merged, tokenizer, precision: str, tmp: Path,
+def source_graphs(folder: Path, manifest: Manifest, merged, tokenizer, precision: str, tmp: Path,
                   progress: bool, style: str = "fused") -> tuple[dict[str, Path], Engine, str]:
     """The ONNX file of every graph of the layout at `precision` (the version's own, else exported and
     checked into tmp; "portable" graphs are always exported), the engine the Triton graphs must match,
     and where the graphs came from."""
-    info = manifest.get("engine")
-    if style == "fused" and isinstance(info, dict) and info.get("name") == ENGINE_NAME and \
-            info.get("style", "fused") == style and \
-            all(isinstance(g, dict) and isinstance(g.get(precision), str) for g in info.get("graphs", [])):
-        base, engine_manifest, origin = folder, manifest, f"the version's {precision} ONNX graphs"
+    info, files = manifest.engine, manifest.files
+    if style == "fused" and info is not None and info.name == ENGINE_NAME and (info.style or "fused") == style \
+            and info.has_files(precision):
+        base, origin = folder, f"the version's {precision} ONNX graphs"
     else:
         info = export_onnx(merged, tmp, precision, tokenizer, progress=progress, style=style)
-        base, engine_manifest, origin = tmp, {"engine": info}, f"{precision} {style} ONNX graphs exported from torch"
-    paths = {g["name"]: base / g[precision] for g in info["graphs"]}
+        base, files, origin = tmp, None, f"{precision} {style} ONNX graphs exported from torch"
+    paths = {name: base / rel for name, rel in info.files(precision).items()}
     missing = [g["name"] for g in graph_layout(merged.specs) if g["name"] not in paths]
     if missing:
         raise CentraError(f"{folder / 'manifest.json'}: no {precision} ONNX graph for {missing[0]!r}")
-    runner = merged if precision == "fp32" else OnnxRunner.load(base, engine_manifest, merged, precision=precision)
+    runner = merged if precision == "fp32" else OnnxRunner.load(base, info, merged, precision=precision, files=files)
     return paths, Engine(runner, tokenizer, batch_size=8), origin
 
 
-def compose_group(paths: dict[str, Path], specs: dict[str, TaskSpec], group: Group):
+def compose_group(paths: dict[str, Path], specs: dict[str, TaskSpec], group: TokenGroup):
     """One ONNX model for a token group: input_ids, attention_mask, token_type_ids [batch, sequence] ->
     LOGITS_<task> [batch, outputs] for each of its tasks, from the layout's graphs up to its depth."""
     import onnx
@@ -163,7 +150,7 @@ def compose_group(paths: dict[str, Path], specs: dict[str, TaskSpec], group: Gro
             nodes.append(helper.make_node("Identity", [result.name], [out.name], name=f"wire/{out.name}"))
             outputs.append(out)
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"]) for n in ID_TENSORS]
-    body = helper.make_graph(nodes, f"centra_{group.key}", inputs, outputs, initializer=initializers,
+    body = helper.make_graph(nodes, f"centra_{group.label}", inputs, outputs, initializer=initializers,
                              value_info=infos)
     return helper.make_model(body, opset_imports=[helper.make_opsetid(d, v) for d, v in sorted(opsets.items())],
                              ir_version=ir_version, producer_name="centra export-triton")
@@ -195,19 +182,19 @@ def text_inputs(pair: bool) -> list[str]:
     return [_tensor("TEXT", "TYPE_STRING", [1])] + ([_tensor("TEXT_PAIR", "TYPE_STRING", [1])] if pair else [])
 
 
-def tokenizer_config(group: Group, max_batch: int, params: dict) -> str:
+def tokenizer_config(group: GroupModels, max_batch: int, params: dict) -> str:
     ids = [_tensor(n, "TYPE_INT64", [-1]) for n in ID_TENSORS]
     parameters = "".join(f'parameters {{ key: {json.dumps(k)} value {{ string_value: {json.dumps(str(v))} }} }}\n'
                          for k, v in params.items())
     return (f'name: {json.dumps(group.tokenizer)}\nbackend: "python"\nmax_batch_size: {max_batch}\n'
-            f"dynamic_batching {{ }}\ninput {_tensors(text_inputs(group.input == 'pair'))}\n"
+            f"dynamic_batching {{ }}\ninput {_tensors(text_inputs(group.tokens.input == 'pair'))}\n"
             f"output {_tensors(ids)}\ninstance_group [ {{ kind: KIND_CPU count: 1 }} ]\n{parameters}")
 
 
-def graph_config(group: Group, max_batch: int, specs: dict[str, TaskSpec], precision: str,
+def graph_config(group: GroupModels, max_batch: int, specs: dict[str, TaskSpec], precision: str,
                  engine: str = ENGINE_NAME) -> str:
     ids = [_tensor(n, "TYPE_INT64", [-1]) for n in ID_TENSORS]
-    outs = [_tensor(output_name(t), "TYPE_FP32", [specs[t].num_outputs]) for t in group.tasks]
+    outs = [_tensor(output_name(t), "TYPE_FP32", [specs[t].num_outputs]) for t in group.tokens.tasks]
     # dynamically quantized int8 graphs are CPU graphs; fp32 runs where Triton places it (a GPU if any)
     instances = "instance_group [ { kind: KIND_CPU } ]\n" if precision == "int8" else ""
     if engine == TENSORRT:  # ONNX Runtime's TensorRT execution provider, on the server's GPU
@@ -217,8 +204,8 @@ def graph_config(group: Group, max_batch: int, specs: dict[str, TaskSpec], preci
             return ",".join(f"{n}:{batch}x{length}" for n in ID_TENSORS)
 
         profile = {"trt_profile_min_shapes": shapes(1, 1),
-                   "trt_profile_opt_shapes": shapes(min(32, max_batch), min(64, group.max_length)),
-                   "trt_profile_max_shapes": shapes(max_batch, group.max_length)}
+                   "trt_profile_opt_shapes": shapes(min(32, max_batch), min(64, group.tokens.max_length)),
+                   "trt_profile_max_shapes": shapes(max_batch, group.tokens.max_length)}
         parameters = {"precision_mode": precision.upper(), "max_workspace_size_bytes": str(TRT_WORKSPACE_BYTES),
                       "trt_engine_cache_enable": "1", **profile}
         instances = ('instance_group [ { kind: KIND_GPU } ]\noptimization { execution_accelerators {\n'
@@ -229,17 +216,17 @@ def graph_config(group: Group, max_batch: int, specs: dict[str, TaskSpec], preci
             f"dynamic_batching {{ }}\ninput {_tensors(ids)}\noutput {_tensors(outs)}\n{instances}")
 
 
-def ensemble_config(groups: list[Group], max_batch: int, specs: dict[str, TaskSpec]) -> str:
-    pair = any(g.input == "pair" for g in groups)
-    outs = [_tensor(output_name(t), "TYPE_FP32", [specs[t].num_outputs]) for g in groups for t in g.tasks]
+def ensemble_config(groups: list[GroupModels], max_batch: int, specs: dict[str, TaskSpec]) -> str:
+    pair = any(g.tokens.input == "pair" for g in groups)
+    outs = [_tensor(output_name(t), "TYPE_FP32", [specs[t].num_outputs]) for g in groups for t in g.tokens.tasks]
     steps = []
     for g in groups:
-        texts = ["TEXT", "TEXT_PAIR"] if g.input == "pair" else ["TEXT"]
+        texts = ["TEXT", "TEXT_PAIR"] if g.tokens.input == "pair" else ["TEXT"]
         feed = "".join(f' input_map {{ key: "{n}" value: "{n}" }}' for n in texts)
-        ids = "".join(f' output_map {{ key: "{n}" value: "{g.key}_{n}" }}' for n in ID_TENSORS)
+        ids = "".join(f' output_map {{ key: "{n}" value: "{g.tokens.label}_{n}" }}' for n in ID_TENSORS)
         steps.append(f'  {{ model_name: "{g.tokenizer}" model_version: -1{feed}{ids} }}')
-        ids = "".join(f' input_map {{ key: "{n}" value: "{g.key}_{n}" }}' for n in ID_TENSORS)
-        logits = "".join(f' output_map {{ key: "{output_name(t)}" value: "{output_name(t)}" }}' for t in g.tasks)
+        ids = "".join(f' input_map {{ key: "{n}" value: "{g.tokens.label}_{n}" }}' for n in ID_TENSORS)
+        logits = "".join(f' output_map {{ key: "{output_name(t)}" value: "{output_name(t)}" }}' for t in g.tokens.tasks)
         steps.append(f'  {{ model_name: "{g.graph}" model_version: -1{ids}{logits} }}')
     return (f'name: "{ENSEMBLE}"\nplatform: "ensemble"\nmax_batch_size: {max_batch}\n'
             f"input {_tensors(text_inputs(pair))}\noutput {_tensors(outs)}\n"
@@ -258,7 +245,7 @@ def load_model_module(path: Path):
 
 
 @torch.inference_mode()
-def group_parity(stage: Path, group: Group, params: dict, reference: Engine) -> float:
+def group_parity(stage: Path, group: GroupModels, params: dict, reference: Engine) -> float:
     """max |staged graph - reference runner| on the sample texts tokenized by the staged tokenizer model
     (all at once, then one at a time), the reference fed the same padded batch (int8's activation scales
     are per batch); refuses ids that differ from centra's tokenization."""
@@ -266,10 +253,11 @@ def group_parity(stage: Path, group: Group, params: dict, reference: Engine) -> 
     tokenizer = module.load_tokenizer(stage / group.tokenizer / "1" / module.TOKENIZER_DIR)
     texts = [*SAMPLE_TEXTS, " ".join(SAMPLE_TEXTS * 4)]  # the last one longer than any max_length: truncated
     pairs = [*SAMPLE_PAIRS, *SAMPLE_PAIRS][: len(texts) - 1] + [" ".join(SAMPLE_PAIRS * 4)]
-    pairs = pairs if group.input == "pair" else None
-    expected_ids = encode(reference.tokenizer, reference.model.cfg.type_vocab_size, texts, pairs, group.max_length)
+    tokens = group.tokens
+    pairs = pairs if tokens.input == "pair" else None
+    expected_ids = encode(reference.tokenizer, reference.model.cfg.type_vocab_size, texts, pairs, tokens.max_length)
     session = open_session(stage / group.graph / "1" / "model.onnx")
-    names = [output_name(t) for t in group.tasks]
+    names = [output_name(t) for t in tokens.tasks]
     worst = 0.0
     for rows in [list(range(len(texts))), [len(texts) - 1], [3]]:
         chosen = None if pairs is None else [pairs[i] for i in rows]
@@ -282,14 +270,14 @@ def group_parity(stage: Path, group: Group, params: dict, reference: Engine) -> 
                 raise CentraError(f"triton: {group.tokenizer} tokenizes sample {i} unlike centra: refusing the "
                                   "export; nothing was published")
         batch = [torch.from_numpy(feeds[n]) for n in ID_TENSORS]
-        expected = reference.model.forward_rows(*batch, {t: torch.arange(len(rows)) for t in group.tasks})
-        for name, got in zip(group.tasks, session.run(names, feeds)):
+        expected = reference.model.forward_rows(*batch, {t: torch.arange(len(rows)) for t in tokens.tasks})
+        for name, got in zip(tokens.tasks, session.run(names, feeds)):
             worst = max(worst, (torch.from_numpy(got) - expected[name]).abs().max().item())
     return worst
 
 
-def write_readme(path: Path, groups: list[Group], specs: dict[str, TaskSpec], summary: dict) -> None:
-    pair = any(g.input == "pair" for g in groups)
+def write_readme(path: Path, groups: list[GroupModels], specs: dict[str, TaskSpec], summary: dict) -> None:
+    pair = any(g.tokens.input == "pair" for g in groups)
     opsets = ", ".join(f"{domain} {version}" for domain, version in summary["onnx"]["opset"].items())
     lines = [f"# centra Triton model repository ({summary['source_version']}, {summary['precision']})", "",
              f"Written by `centra export-triton` from `{summary['source']}` ({summary['graphs_from']}); each "
@@ -306,13 +294,13 @@ def write_readme(path: Path, groups: list[Group], specs: dict[str, TaskSpec], su
                  "for the outputs you want and Triton runs only the models they need)" if pair else "")
              + ", strings of shape [batch, 1]; one output `LOGITS_<task>` (fp32, [batch, outputs]) per task; "
              f"max_batch_size {summary['max_batch_size']}."]
-    for g in groups:
-        lines += [f"- `{g.tokenizer}` (python backend): {'TEXT + TEXT_PAIR' if g.input == 'pair' else 'TEXT'} -> "
-                  f"input_ids, attention_mask, token_type_ids (int64), truncated at {g.max_length} tokens, padded "
+    for g, tokens in ((g, g.tokens) for g in groups):
+        lines += [f"- `{g.tokenizer}` (python backend): {'TEXT + TEXT_PAIR' if tokens.input == 'pair' else 'TEXT'} -> "
+                  f"input_ids, attention_mask, token_type_ids (int64), truncated at {tokens.max_length} tokens, padded "
                   "to the longest text of what it tokenizes at once (a dynamic batch).",
                   f"- `{g.graph}` (onnxruntime_onnx, {summary['precision']}): the ids -> " + ", ".join(
-                      f"`{output_name(t)}` ({specs[t].kind}, {specs[t].num_outputs})" for t in g.tasks)
-                  + f"; the trunk once, {g.depth} layers deep, then each task's branch."]
+                      f"`{output_name(t)}` ({specs[t].kind}, {specs[t].num_outputs})" for t in tokens.tasks)
+                  + f"; the trunk once, {tokens.depth} layers deep, then each task's branch."]
     if summary["precision"] == "int8":
         lines += ["", "int8 graphs are dynamically quantized CPU graphs (instance_group KIND_CPU): activation "
                   "scales are computed per batch, so a row's logits move slightly with the rows batched with it."]
@@ -346,14 +334,13 @@ def export_triton(model: Path, repo: Path, engine: str = ENGINE_NAME, precision:
     folder = model_folder(Path(model))
     manifest, merged = load_merged(folder)
     tokenizer = load_tokenizer(folder / "tokenizer")
-    info = manifest.get("engine")
     if engine == TENSORRT:  # the server builds fp16 from the fp32 graphs checked here
         precision, graph_precision, style = precision or "fp16", "fp32", "portable"
     else:
-        precision = precision or (info.get("precision") if isinstance(info, dict) else None) or "fp32"
+        precision = precision or (manifest.engine.precision if manifest.engine is not None else None) or "fp32"
         graph_precision, style = precision, "fused"
     specs = merged.specs
-    groups = token_groups(specs)
+    groups = group_models(specs)
     summary: dict = {}
     with tempfile.TemporaryDirectory(prefix="centra-triton-") as tmp:
         paths, reference, origin = source_graphs(folder, manifest, merged, tokenizer, graph_precision, Path(tmp),
@@ -362,17 +349,17 @@ def export_triton(model: Path, repo: Path, engine: str = ENGINE_NAME, precision:
         def build(stage: Path) -> None:
             parity, params = {}, {}
             for g in groups:
-                params[g.key] = {"input": g.input, "max_length": g.max_length,
-                                 "type_vocab_size": merged.cfg.type_vocab_size, "pad_id": tokenizer.pad_token_id or 0}
+                params[g.graph] = {"input": g.tokens.input, "max_length": g.tokens.max_length,
+                                   "type_vocab_size": merged.cfg.type_vocab_size, "pad_id": tokenizer.pad_token_id or 0}
                 version = stage / g.tokenizer / "1"
                 version.mkdir(parents=True)
                 io.copy_verified(MODEL_SOURCE, version / "model.py")
                 (version / "tokenizer").mkdir()
-                for rel, digest in manifest["files"].items():  # hashed by load_merged, re-hashed when copied
+                for rel, digest in manifest.files.items():  # hashed by load_merged, re-hashed when copied
                     if rel.startswith("tokenizer/"):
                         io.copy_verified(folder / rel, version / rel, digest)
-                (stage / g.tokenizer / "config.pbtxt").write_text(tokenizer_config(g, max_batch, params[g.key]))
-                composed = compose_group(paths, specs, g)
+                (stage / g.tokenizer / "config.pbtxt").write_text(tokenizer_config(g, max_batch, params[g.graph]))
+                composed = compose_group(paths, specs, g.tokens)
                 onnx_format = {"ir_version": composed.ir_version, "opset": {o.domain or "ai.onnx": o.version
                                                                             for o in composed.opset_import}}
                 save_onnx(composed, stage / g.graph / "1" / "model.onnx")
@@ -380,14 +367,14 @@ def export_triton(model: Path, repo: Path, engine: str = ENGINE_NAME, precision:
             (stage / ENSEMBLE / "1").mkdir(parents=True)  # an ensemble's version folder is empty
             (stage / ENSEMBLE / "config.pbtxt").write_text(ensemble_config(groups, max_batch, specs))
             for g in groups:
-                diff = group_parity(stage, g, params[g.key], reference)
+                diff = group_parity(stage, g, params[g.graph], reference)
                 if not diff <= TOLERANCE:
                     raise CentraError(f"triton: {g.graph} differs from the centra engine ({reference.runtime}) by "
                                       f"{diff:.3e} > {TOLERANCE:g}: refusing the export; nothing was published")
                 parity[g.graph] = float(f"{diff:.3e}")
             summary.update({
                 "format": "centra-triton", "repository": str(repo.resolve()), "source": str(folder),
-                "source_version": manifest["version"], "backbone": manifest["backbone"]["id"], "engine": engine,
+                "source_version": manifest.version, "backbone": manifest.backbone.id, "engine": engine,
                 "precision": precision,
                 "graphs_from": origin, "max_batch_size": max_batch, "ensemble": ENSEMBLE, "tolerance": TOLERANCE,
                 "reference": reference.runtime, "parity": parity, "onnx": onnx_format,
@@ -400,14 +387,15 @@ def export_triton(model: Path, repo: Path, engine: str = ENGINE_NAME, precision:
     return summary
 
 
-def describe(g: Group, specs: dict[str, TaskSpec]) -> dict:
-    return {"input": g.input, "max_length": g.max_length, "trunk_depth": g.depth, "tokenizer_model": g.tokenizer,
-            "graph_model": g.graph, "tasks": {t: {"output": output_name(t), "kind": specs[t].kind,
-                                                  "labels": specs[t].labels, "thresholds": specs[t].thresholds}
-                                              for t in g.tasks}}
+def describe(g: GroupModels, specs: dict[str, TaskSpec]) -> dict:
+    tokens = g.tokens
+    return {"input": tokens.input, "max_length": tokens.max_length, "trunk_depth": tokens.depth,
+            "tokenizer_model": g.tokenizer, "graph_model": g.graph,
+            "tasks": {t: {"output": output_name(t), "kind": specs[t].kind, "labels": specs[t].labels,
+                          "thresholds": specs[t].thresholds} for t in tokens.tasks}}
 
 
-def check_repository(stage: Path, groups: list[Group]) -> None:
+def check_repository(stage: Path, groups: list[GroupModels]) -> None:
     """What was staged (its graphs and tokenizer models ran in `build`): every file as hashed, every config."""
     io.check_tree(stage, io.read_json(stage / SUMMARY)["files"], skip=(SUMMARY, io.ARTIFACT_FILE))
     for name in [ENSEMBLE, *(m for g in groups for m in (g.tokenizer, g.graph))]:

@@ -2,7 +2,7 @@
 
 A *sequence* is one input classified by every task: its text for the single-text tasks and its text pair
 for the pair tasks (the two may be unrelated inputs, e.g. an SST-2 sentence and an MRPC pair). A batch
-holds, for every token group (tasks that read the same tokens: TaskSpec.encoding_key), one row per
+holds, for every token group (tasks that read the same tokens: core.overhead.TokenGroup), one row per
 sequence. Two length settings:
 
 - "realistic": each group's rows sorted by their own token length and cut into batches, each padded
@@ -30,6 +30,7 @@ from torch import nn
 
 from centra.core.backbone import EncoderConfig, EncoderLayer, attention_bias
 from centra.core.graph import StandaloneModel
+from centra.core.overhead import token_groups
 from centra.core.task import TaskHead, TaskSpec
 from centra.core.tokens import encode
 from centra.errors import CentraError
@@ -37,7 +38,7 @@ from centra.errors import CentraError
 FIXED_LENGTH = 128
 LENGTHS = ("realistic", "fixed")
 CHUNK = 8  # batches an engine runs in a row before the next engine's turn (see `measure`)
-GroupKey = tuple[str, int]  # (input kind, max_length): TaskSpec.encoding_key
+GroupKey = tuple[str, int]  # (input kind, max_length): TokenGroup.key
 Tensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids, attention_mask, token_type_ids
 
 
@@ -69,14 +70,6 @@ class Result:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in vars(self).items()}
 
 
-def token_groups(specs: dict[str, TaskSpec]) -> dict[GroupKey, list[str]]:
-    """Task names per token group, in the specs' order."""
-    groups: dict[GroupKey, list[str]] = {}
-    for name, spec in specs.items():
-        groups.setdefault(spec.encoding_key, []).append(name)
-    return groups
-
-
 def fixed_width(max_length: int) -> int:
     return min(FIXED_LENGTH, max_length)
 
@@ -96,18 +89,17 @@ def make_batches(tokenizer, cfg: EncoderConfig, specs: dict[str, TaskSpec], text
     is texts[i] for the single-text groups and pairs[i] for the pair groups."""
     if lengths not in LENGTHS:
         raise CentraError(f"unknown length setting {lengths!r} (known: {', '.join(LENGTHS)})")
-    groups = token_groups(specs)
-    kinds = {kind for kind, _ in groups}
+    groups = token_groups(specs.values())
+    kinds = {group.input for group in groups}
     counts = ([len(texts)] if "single" in kinds else []) + ([len(pairs)] if "pair" in kinds else [])
     n = min(counts, default=0)
     if n < batch_size:
         raise CentraError(f"{n} sequences are fewer than one batch of {batch_size}")
     pad_id = tokenizer.pad_token_id or 0
     per_group: dict[GroupKey, list[Tensors]] = {}
-    for key in groups:
-        kind, max_length = key
-        limit = max_length if lengths == "realistic" else fixed_width(max_length)
-        if kind == "pair":
+    for group in groups:
+        limit = group.max_length if lengths == "realistic" else fixed_width(group.max_length)
+        if group.input == "pair":
             enc = encode(tokenizer, cfg.type_vocab_size, [a for a, _ in pairs[:n]], [b for _, b in pairs[:n]], limit)
         else:
             enc = encode(tokenizer, cfg.type_vocab_size, texts[:n], None, limit)
@@ -115,9 +107,9 @@ def make_batches(tokenizer, cfg: EncoderConfig, specs: dict[str, TaskSpec], text
         if lengths == "realistic":
             order.sort(key=lambda i: len(enc.input_ids[i]))
         chunks = [order[start:start + batch_size] for start in range(0, n - batch_size + 1, batch_size)]
-        per_group[key] = [enc.batch(chunk, pad_id) if lengths == "realistic" else
-                          pad_to(enc.batch(chunk, pad_id), limit, pad_id) for chunk in chunks]
-    return [Batch(batch_size, {key: per_group[key][j] for key in groups}) for j in range(n // batch_size)]
+        per_group[group.key] = [enc.batch(chunk, pad_id) if lengths == "realistic" else
+                                pad_to(enc.batch(chunk, pad_id), limit, pad_id) for chunk in chunks]
+    return [Batch(batch_size, {key: per_group[key][j] for key in per_group}) for j in range(n // batch_size)]
 
 
 def _to(tensors: Tensors, device: str | None) -> Tensors:
@@ -127,14 +119,14 @@ def _to(tensors: Tensors, device: str | None) -> Tensors:
 def runner_engine(runner, device: str | None = None) -> BenchEngine:
     """A merged graph (MergedModel or any Runner: forward_rows): per token group one call, every task of
     the group on every row."""
-    groups = token_groups(runner.specs)
+    tasks = {group.key: group.tasks for group in token_groups(runner.specs.values())}
 
     @torch.inference_mode()
     def run(batch: Batch) -> dict[str, torch.Tensor]:
         rows = torch.arange(batch.size)
         out: dict[str, torch.Tensor] = {}
         for key, tensors in batch.groups.items():
-            names = groups.get(key, [])
+            names = tasks.get(key, ())
             if names:
                 out.update(runner.forward_rows(*_to(tensors, device), {name: rows for name in names}))
         return out if device is None else {k: v.cpu() for k, v in out.items()}  # .cpu(): waits for the GPU

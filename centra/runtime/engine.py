@@ -15,7 +15,9 @@ import torch
 from centra.core.answers import interpret
 from centra.core.backbone import EncoderConfig
 from centra.core.graph import MergedModel
+from centra.core.manifest import Manifest
 from centra.core.merge import load_merged, model_folder
+from centra.core.overhead import TokenGroup, token_groups
 from centra.core.task import TaskSpec
 from centra.core.tokens import Encoded, check_texts, encode
 from centra.errors import CentraError
@@ -58,13 +60,15 @@ class Engine:
     """Tokenise, run the merged model in length-sorted batches, turn logits into answers."""
 
     def __init__(self, model: Runner | MergedModel, tokenizer, batch_size: int = DEFAULT_BATCH_SIZE,
-                 manifest: dict | None = None):
+                 manifest: Manifest | None = None):
         if batch_size < 1:
             raise CentraError(f"batch size must be >= 1, not {batch_size}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        self.manifest = manifest or {}
+        self.manifest = manifest  # None: a model built in memory, not loaded from a version
+        self.groups = token_groups(self.model.specs.values())
+        self.group_of = {task: group for group in self.groups for task in group.tasks}
 
     @classmethod
     def load(cls, out: Path, batch_size: int = DEFAULT_BATCH_SIZE, engine: str | None = None) -> Engine:
@@ -77,30 +81,29 @@ class Engine:
             raise CentraError(f"unknown engine {engine!r} (known: {', '.join(ENGINES)})")
         folder = model_folder(Path(out))  # the pointer is read once: model and tokenizer of one version
         manifest, model = load_merged(folder)  # every file's sha256 checked, ONNX graphs included
-        info = manifest.get("engine")
-        name = engine or (info.get("name") if isinstance(info, dict) else None) or "torch"
+        name = engine or (manifest.engine.name if manifest.engine is not None else "torch")
         runner: Runner | MergedModel = model
         if name == "onnx":
             from centra.runtime.onnx import OnnxRunner
 
-            runner = OnnxRunner.load(folder, manifest, model)
+            runner = OnnxRunner.load(folder, manifest.engine, model, files=manifest.files)
         elif name == "tensorrt":
             from centra.runtime.tensorrt import TensorRTRunner
 
-            runner = TensorRTRunner.load(folder, manifest, model)
+            runner = TensorRTRunner.load(folder, manifest.engine, model, files=manifest.files)
         elif name != "torch":
             raise CentraError(f"{folder / 'manifest.json'}: unknown engine {name!r} (known: {', '.join(ENGINES)})")
         return cls(runner, load_tokenizer(folder / "tokenizer"), batch_size, manifest)
 
     @property
     def version(self) -> str:
-        return self.manifest.get("version", "")
+        return self.manifest.version if self.manifest is not None else ""
 
     @property
     def content_id(self) -> str:
         """What the version is known by ("sha256:<hex>" of its manifest, see core/merge.content_id): a
         version rebuilt under the same name has another one."""
-        return self.manifest.get("content_id", "")
+        return self.manifest.content_id if self.manifest is not None else ""
 
     @property
     def specs(self) -> dict[str, TaskSpec]:
@@ -135,21 +138,21 @@ class Engine:
         """Rows of any number of calls, each with its own task set: one trunk pass per token group per
         batch of at most batch_size rows (sorted by length), each branch only on the rows that asked."""
         results = [RowResult({}, {}) for _ in rows]
-        groups: dict[tuple[str, int], list[int]] = {}
+        groups: dict[TokenGroup, list[int]] = {}  # the rows that asked for a task of the group
         for i, row in enumerate(rows):
-            for key in dict.fromkeys(self.specs[t].encoding_key for t in row.tasks):
-                groups.setdefault(key, []).append(i)
+            for group in dict.fromkeys(self.group_of[t] for t in row.tasks):
+                groups.setdefault(group, []).append(i)
         pad_id = self.tokenizer.pad_token_id or 0
-        for (input_kind, max_length), members in groups.items():
-            pairs = [rows[i].pair for i in members] if input_kind == "pair" else None
-            enc = self.encode([rows[i].text for i in members], pairs, max_length)
+        for group, members in groups.items():
+            pairs = [rows[i].pair for i in members] if group.input == "pair" else None
+            enc = self.encode([rows[i].text for i in members], pairs, group.max_length)
             order = sorted(range(len(members)), key=lambda j: len(enc.input_ids[j]))
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start:start + self.batch_size]
                 wants: dict[str, list[int]] = {}
                 for pos, j in enumerate(chunk):
                     for task in rows[members[j]].tasks:
-                        if self.specs[task].encoding_key == (input_kind, max_length):
+                        if self.group_of[task] is group:
                             wants.setdefault(task, []).append(pos)
                 out = self.model.forward_rows(*enc.batch(chunk, pad_id),
                                               {t: torch.tensor(p, dtype=torch.long) for t, p in wants.items()})

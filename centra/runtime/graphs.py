@@ -11,12 +11,14 @@ engine supplies `run_graph`, one graph on one batch.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from centra.core.backbone import EncoderConfig
 from centra.core.graph import MergedModel, tasks_by_layer
+from centra.core.manifest import EngineInfo
 from centra.core.task import TaskSpec
 from centra.errors import CentraError
 
@@ -45,20 +47,21 @@ def graph_layout(specs: dict[str, TaskSpec] | list[TaskSpec]) -> list[dict]:
     return graphs
 
 
-def layout_files(folder: Path, manifest: dict, info: dict, layout: list[dict], key: str) -> dict[str, Path]:
-    """Per graph of the layout, the file the manifest's engine field `info` names under `key` ("fp32",
-    "plan", ...), refused in one line when missing or not a file the manifest hashed."""
+def layout_files(folder: Path, info: EngineInfo, layout: list[dict], key: str,
+                 files: Mapping[str, str] | None = None) -> dict[str, Path]:
+    """Per graph of the layout, the file the engine field `info` names under `key` ("fp32", "plan", ...),
+    refused in one line when missing or, with the manifest's `files`, not a file the manifest hashed."""
     source = Path(folder) / "manifest.json"
-    graphs = {g.get("name"): g for g in info.get("graphs", []) if isinstance(g, dict)}
-    files = {}
+    named = info.files(key)
+    found = {}
     for graph in layout:
-        rel = graphs.get(graph["name"], {}).get(key)
-        if not isinstance(rel, str):
+        rel = named.get(graph["name"])
+        if rel is None:
             raise CentraError(f"{source}: malformed engine field (no {key} file for graph {graph['name']!r})")
-        if "files" in manifest and rel not in manifest["files"]:  # only files the manifest hashed
+        if files is not None and rel not in files:  # only files the manifest hashed
             raise CentraError(f"{source}: graph {graph['name']!r} names {rel!r}, not a file of this version")
-        files[graph["name"]] = Path(folder) / rel
-    return files
+        found[graph["name"]] = Path(folder) / rel
+    return found
 
 
 class GraphRunner:

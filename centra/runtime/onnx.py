@@ -10,12 +10,14 @@ too: `reference` is the torch MergedModel, which `verify` builds its standalone 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from centra.core.backbone import EncoderConfig
 from centra.core.graph import MergedModel
+from centra.core.manifest import EngineInfo
 from centra.core.task import TaskSpec
 from centra.errors import CentraError
 from centra.runtime.graphs import GraphRunner, graph_layout, layout_files
@@ -72,20 +74,20 @@ class OnnxRunner(GraphRunner):
             raise CentraError(f"ONNX engine: no session for graph {missing[0]!r}")
 
     @classmethod
-    def load(cls, folder: Path, manifest: dict, reference: MergedModel, precision: str | None = None,
-             threads: int | None = None, warm: bool = True) -> OnnxRunner:
-        """Sessions for a version folder's graphs (the manifest's "engine" field), warmed up."""
+    def load(cls, folder: Path, info: EngineInfo | None, reference: MergedModel, precision: str | None = None,
+             threads: int | None = None, warm: bool = True, files: Mapping[str, str] | None = None) -> OnnxRunner:
+        """Sessions for a version folder's graphs (`info`: its manifest's engine field; `files`: the files
+        its manifest hashed, the only ones a graph may name), warmed up."""
         folder = Path(folder)
-        info = manifest.get("engine")
         source = folder / "manifest.json"
-        if not isinstance(info, dict) or info.get("name") != ENGINE_NAME:
+        if info is None or info.name != ENGINE_NAME:
             raise CentraError(f"{source}: this version has no ONNX graphs (merge with --engine onnx)")
-        precision = precision or info.get("precision", "fp32")
+        precision = precision or info.precision or "fp32"
         if precision not in PRECISIONS:
             raise CentraError(f"{source}: unknown ONNX precision {precision!r} (known: {', '.join(PRECISIONS)})")
         layout = graph_layout(reference.specs)
         sessions = {name: open_session(path, threads)
-                    for name, path in layout_files(folder, manifest, info, layout, precision).items()}
+                    for name, path in layout_files(folder, info, layout, precision, files).items()}
         runner = cls(reference.specs, reference.cfg, sessions, layout, precision, reference)
         if warm:
             runner.warm_up()

@@ -15,11 +15,13 @@ A batch larger than the plan's optimization profile is run in slices of the prof
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from centra.core.graph import MergedModel
+from centra.core.manifest import EngineInfo
 from centra.errors import CentraError
 from centra.runtime.graphs import GraphRunner, graph_layout, layout_files
 
@@ -111,32 +113,32 @@ class TensorRTRunner(GraphRunner):
             raise CentraError(f"TensorRT engine: no plan for graph {missing[0]!r}")
 
     @classmethod
-    def load(cls, folder: Path, manifest: dict, reference: MergedModel, warm: bool = True) -> TensorRTRunner:
-        """Plans of a version folder (the manifest's "engine" field), deserialized on the current GPU."""
+    def load(cls, folder: Path, info: EngineInfo | None, reference: MergedModel, warm: bool = True,
+             files: Mapping[str, str] | None = None) -> TensorRTRunner:
+        """Plans of a version folder (`info`: its manifest's engine field; `files`: the files its manifest
+        hashed), deserialized on the current GPU."""
         folder = Path(folder)
         source = folder / "manifest.json"
-        info = manifest.get("engine")
-        if not isinstance(info, dict) or info.get("name") != ENGINE_NAME:
+        if info is None or info.name != ENGINE_NAME:
             raise CentraError(f"{source}: this version has no TensorRT plans (merge with --engine tensorrt)")
-        precision = info.get("precision")
-        if precision not in PRECISIONS:
-            raise CentraError(f"{source}: unknown TensorRT precision {precision!r} (known: {', '.join(PRECISIONS)})")
+        if info.precision not in PRECISIONS:
+            raise CentraError(f"{source}: unknown TensorRT precision {info.precision!r} "
+                              f"(known: {', '.join(PRECISIONS)})")
         trt = import_tensorrt()
-        built = info.get("tensorrt")
-        if built and built != trt.__version__:
-            raise CentraError(f"{source}: the plans were built by TensorRT {built}; this is {trt.__version__}: "
-                              "merge again on this machine")
+        if info.tensorrt and info.tensorrt != trt.__version__:
+            raise CentraError(f"{source}: the plans were built by TensorRT {info.tensorrt}; this is "
+                              f"{trt.__version__}: merge again on this machine")
         device = torch.device("cuda", torch.cuda.current_device())
         here = ".".join(map(str, torch.cuda.get_device_capability(device)))
-        if info.get("compute_capability") and info["compute_capability"] != here:
-            raise CentraError(f"{source}: the plans were built on {info.get('device')} (compute capability "
-                              f"{info['compute_capability']}); this GPU is {torch.cuda.get_device_name(device)} "
+        if info.compute_capability and info.compute_capability != here:
+            raise CentraError(f"{source}: the plans were built on {info.device} (compute capability "
+                              f"{info.compute_capability}); this GPU is {torch.cuda.get_device_name(device)} "
                               f"({here}): merge again on this machine")
         layout = graph_layout(reference.specs)
         runtime = trt.Runtime(trt_logger(trt))  # kept alive by the engines it deserializes
         plans = {name: Plan(trt, runtime, path, device)
-                 for name, path in layout_files(folder, manifest, info, layout, "plan").items()}
-        runner = cls(reference.specs, reference.cfg, plans, layout, precision, reference, device)
+                 for name, path in layout_files(folder, info, layout, "plan", files).items()}
+        runner = cls(reference.specs, reference.cfg, plans, layout, info.precision, reference, device)
         if warm:
             runner.warm_up()
         return runner

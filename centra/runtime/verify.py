@@ -52,14 +52,14 @@ class TaskCheck:
 
 def reference_layers(engine: Engine) -> tuple[torch.nn.Module, list, str]:
     """Embeddings and layers to rebuild standalone models from, and where they came from."""
-    bb_info = engine.manifest.get("backbone", {})
-    path = bb_info.get("path")
+    info = engine.manifest.backbone if engine.manifest is not None else None
+    path = info.path if info is not None else None
     if path and Path(path).is_dir():
         try:
             bb = Backbone.load(path)
         except CentraError:
             bb = None
-        if bb is not None and bb.fingerprint == bb_info.get("fingerprint"):
+        if bb is not None and bb.fingerprint == info.fingerprint:
             return bb.embeddings, list(bb.layers), f"backbone folder {path}"
     return engine.model.embeddings, list(engine.model.trunk), "the merged folder's trunk"
 

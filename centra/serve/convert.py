@@ -177,9 +177,10 @@ def tasks_to_pb(engine: Engine):
     from centra.serve.v1 import centra_pb2 as pb
 
     manifest = engine.manifest
-    backbone = manifest.get("backbone", {})
+    backbone = manifest.backbone if manifest is not None else None
     return pb.ListTasksResponse(
         tasks=[pb.TaskInfo(name=s.name, kind=s.kind, labels=s.labels, input=s.input, max_length=s.max_length,
                            attach_layer=s.attach_layer, task_layers=s.task_layers) for s in engine.specs.values()],
-        backbone_id=backbone.get("id", ""), backbone_fingerprint=backbone.get("fingerprint", ""),
-        model_version=engine.version, model_id=engine.content_id, overhead_layers=manifest.get("overhead_layers", 0))
+        backbone_id=backbone.id if backbone else "", backbone_fingerprint=backbone.fingerprint if backbone else "",
+        model_version=engine.version, model_id=engine.content_id,
+        overhead_layers=manifest.overhead_layers if manifest is not None else 0)

@@ -18,7 +18,8 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from centra.core.merge import MANIFEST, read_manifest, short_id
+from centra.core.manifest import short_id
+from centra.core.merge import MANIFEST, read_manifest
 from centra.errors import CentraError
 from centra.io import current_version, sha256_file
 from centra.serve.memory import release_memory
@@ -54,7 +55,7 @@ def published_id(folder: Path) -> tuple[str, CentraError | None]:
     """The content id of the version in `folder` (its manifest parsed and checked, no other file read),
     or, when the manifest does not check, a stand-in naming its bytes and the error."""
     try:
-        return read_manifest(folder)["content_id"], None
+        return read_manifest(folder).content_id, None
     except CentraError as exc:
         try:
             return "unreadable:" + sha256_file(Path(folder) / MANIFEST), exc

@@ -91,7 +91,7 @@ def prepare(model: Path, scratch: Path) -> tuple[Path, Path, list[tuple[str, str
     shutil.copytree(source, work / VERSIONS / name)
     os.symlink(f"{VERSIONS}/{name}", work / CURRENT)
     shutil.copytree(source / "tasks", scratch / "tasks")
-    return work, scratch / "tasks", [(entry["name"], entry.get("input", "single")) for entry in manifest["tasks"]]
+    return work, scratch / "tasks", [(t.name, t.input) for t in manifest.tasks]
 
 
 def run_soak(model: Path, options: SoakOptions, extend: Callable | None = None,

@@ -87,7 +87,7 @@ class References:
         dest = self.root / f"{next(self._copies):05d}-{Path(version_folder).name}"  # a name may come back
         link_tree(Path(version_folder), dest)
         manifest = read_manifest(dest)
-        version, content = manifest["version"], str(manifest.get("content_id", ""))
+        version, content = manifest.version, manifest.content_id
         with self._lock:
             self.by_name[version] = dest
             if content:

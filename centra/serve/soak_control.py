@@ -204,7 +204,7 @@ class Control:
             (pick / name).symlink_to(pool / name, target_is_directory=True)
         work = self.served.work
         manifest = write_merged(plan_merge([pick]), work, keep_versions=self.keep_versions, extend=self.extend)
-        folder = work / "versions" / manifest["version"]
+        folder = work / "versions" / manifest.version
         flipped = flip_byte(folder / corrupt) if corrupt else None  # within moments of the pointer moving
         version, content, copy = self.references.add(folder)
         if flipped is not None:

@@ -1,11 +1,12 @@
 """Load benchmark: the gRPC server under concurrent one-text calls against the same engine in process.
 
 `bench_server` starts a CentraServer on a free loopback port in its own event-loop thread (no metrics, no
-reload), runs `concurrency` client threads (one channel and one connection each, the raw stub) calling
-Classify with one text and a task set that varies between calls, first for a warm-up and then for the
-measured window; then runs `engine.run` in process over batches of the server's mean batch size (rows) on
-the same calls. The clients share this process, and its cores, with the server: the figures are those of
-server and clients on one machine, a lower bound for a server on its own.
+reload), runs `concurrency` client threads in a process of their own (serve/bench_clients.py: one channel
+and one connection each, the raw stub) calling Classify with one text and a task set that varies between
+calls, first for a warm-up and then for the measured window; then runs `engine.run` in process over
+batches of the server's mean batch size (rows) on the same calls. The clients share the machine's cores
+with the server: the figures are those of server and clients on one machine, a lower bound for a server
+on its own.
 
 Only the serve layer is used (no CLI, no data files): the caller gives the engine, the texts and a
 progress callback. grpc is imported inside the functions.
@@ -107,82 +108,54 @@ class Window:
 
 
 def drive(running: BackgroundServer, calls: list[Call], options: BenchOptions) -> Window:
-    """`concurrency` client threads calling Classify back to back: a warm-up, then the measured window."""
-    import grpc
-
-    from centra.serve.v1 import centra_pb2 as pb
-    from centra.serve.v1 import centra_pb2_grpc
+    """`concurrency` client threads calling Classify back to back, in a process of their own
+    (serve/bench_clients.py): a warm-up, then the measured window."""
+    import json
+    import subprocess
+    import sys
 
     window = Window(options.seconds)
-    lock = threading.Lock()
     batcher = running.server.batcher
-    ready = threading.Barrier(options.concurrency + 1, timeout=60)  # broken if a client cannot start
-    clock: dict[str, float] = {}  # start, end of the measured window (perf_counter), set before the barrier
+    clock: dict[str, float] = {}  # start, end of the measured window (wall clock, shared with the clients)
 
     def on_batch(record: BatchRecord) -> None:  # in the server's loop, right after the batch ran
-        if clock["start"] <= time.perf_counter() <= clock["end"]:
+        if clock and clock["start"] <= time.time() <= clock["end"]:
             window.compute_s += record.compute_s
             window.queue_wait_s += sum(record.waits)
 
-    def client(index: int) -> None:
-        try:
-            first = index * len(calls) // options.concurrency  # the clients start at different calls
-            requests = [pb.ClassifyRequest(inputs=[pb.Input(text=text)], tasks=list(tasks))
-                        for text, tasks in calls[first:] + calls[:first]]
-            # A channel of its own and a connection of its own (not grpc's process-wide subchannel pool).
-            channel = grpc.insecure_channel(running.target, options=[("grpc.use_local_subchannel_pool", 1)])
-            classify = centra_pb2_grpc.ClassifierStub(channel).Classify
-        except BaseException:
-            ready.abort()
-            raise
-        latencies, answered, errors, first_error = [], 0, 0, ""
-        try:
-            try:
-                ready.wait()
-            except threading.BrokenBarrierError:  # another client could not start: the run is off
-                return
-            start, end, i = clock["start"], clock["end"], 0
-            while (sent := time.perf_counter()) < end:
-                try:
-                    reply = classify(requests[i % len(requests)], timeout=options.call_timeout_s)
-                    ok = len(reply.results) == 1
-                except grpc.RpcError as exc:
-                    ok, first_error = False, first_error or f"{exc.code().name}: {exc.details()}"
-                done = time.perf_counter()
-                i += 1
-                if sent >= start:
-                    latencies.append(done - sent)
-                if start <= done <= end:
-                    answered += ok
-                    errors += not ok
-        finally:
-            channel.close()
-            with lock:
-                window.calls += answered
-                window.errors += errors
-                window.first_error = window.first_error or first_error
-                window.latencies += latencies
-
-    threads = [threading.Thread(target=client, args=(i,), name=f"centra-bench-client-{i}", daemon=True)
-               for i in range(options.concurrency)]
-    for thread in threads:
-        thread.start()
-    clock["start"] = time.perf_counter() + options.warmup
-    clock["end"] = clock["start"] + options.seconds
+    job = {"target": running.target, "concurrency": options.concurrency, "timeout": options.call_timeout_s,
+           "calls": [[text, list(tasks)] for text, tasks in calls]}
+    proc = subprocess.Popen([sys.executable, "-m", "centra.serve.bench_clients"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
     batcher.listeners.append(on_batch)
     try:
-        try:
-            ready.wait()
-        except threading.BrokenBarrierError:
-            raise CentraError("bench-server: a client thread could not start (see the log)") from None
-        time.sleep(max(0.0, clock["start"] - time.perf_counter()))
+        proc.stdin.write(json.dumps(job) + "\n")
+        proc.stdin.flush()
+        if not proc.stdout.readline().strip():
+            raise CentraError("bench-server: the client process did not start (see the log)")
+        clock["start"] = time.time() + options.warmup
+        clock["end"] = clock["start"] + options.seconds
+        proc.stdin.write(json.dumps(clock) + "\n")
+        proc.stdin.flush()
+        time.sleep(max(0.0, clock["start"] - time.time()))
         before = _counts(running)
-        time.sleep(max(0.0, clock["end"] - time.perf_counter()))
+        time.sleep(max(0.0, clock["end"] - time.time()))
         after = _counts(running)
+        out = proc.stdout.readline()
+        if not out.strip():
+            raise CentraError("bench-server: the client process gave no figures (see the log)")
+        result = json.loads(out)
     finally:
-        for thread in threads:
-            thread.join(options.call_timeout_s + 10)
         batcher.listeners.remove(on_batch)
+        if proc.poll() is None:
+            proc.stdin.close()
+            try:
+                proc.wait(options.call_timeout_s + 10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    window.calls, window.errors = result["calls"], result["errors"]
+    window.first_error, window.latencies = result["first_error"], result["latencies"]
     window.batches, window.batch_calls, window.rows = (a - b for a, b in zip(after, before))
     return window
 

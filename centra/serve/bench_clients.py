@@ -1,0 +1,88 @@
+"""The clients of `centra bench-server`, in a process of their own: `python -m centra.serve.bench_clients`.
+
+A server does not share its process with its callers. Client threads in the server's process would
+compete with its event loop and engine worker for one interpreter lock, a cost no deployment pays (it
+took 5-7 points off the server/in-process ratio at 16 clients on 2 cores); they still share the
+machine's cores here, so the figures stay a lower bound for a server on a machine of its own.
+
+Protocol, one JSON object per line: the parent writes the job (target, concurrency, calls, timeout); this
+process, its imports done, writes {"ready": true}; the parent writes the window ({"start": t0, "end": t1},
+wall-clock seconds, t0 a warm-up away); the clients open one channel each, build their requests and call
+Classify back to back until t1 (the calls before t0 are the warm-up), and this process writes the result:
+calls answered within the window, errors, the first error, and the latency of every call started within
+it. Imports grpc and the generated messages only.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+
+
+def run(job: dict, window: dict) -> dict:
+    import grpc
+
+    from centra.serve.v1 import centra_pb2 as pb
+    from centra.serve.v1 import centra_pb2_grpc
+
+    calls = job["calls"]
+    concurrency = job["concurrency"]
+    lock = threading.Lock()
+    result = {"calls": 0, "errors": 0, "first_error": "", "latencies": []}
+    clients = []
+    for index in range(concurrency):
+        first = index * len(calls) // concurrency  # the clients start at different calls
+        requests = [pb.ClassifyRequest(inputs=[pb.Input(text=text)], tasks=tasks)
+                    for text, tasks in calls[first:] + calls[:first]]
+        # A channel of its own and a connection of its own (not grpc's process-wide subchannel pool).
+        channel = grpc.insecure_channel(job["target"], options=[("grpc.use_local_subchannel_pool", 1)])
+        clients.append((channel, centra_pb2_grpc.ClassifierStub(channel).Classify, requests))
+
+    def client(classify, requests) -> None:
+        start, end = window["start"], window["end"]
+        latencies, answered, errors, first_error, i = [], 0, 0, "", 0
+        while (sent := time.time()) < end:
+            try:
+                reply = classify(requests[i % len(requests)], timeout=job["timeout"])
+                ok = len(reply.results) == 1
+            except grpc.RpcError as exc:
+                ok, first_error = False, first_error or f"{exc.code().name}: {exc.details()}"
+            done = time.time()
+            i += 1
+            if sent >= start:
+                latencies.append(done - sent)
+            if start <= done <= end:
+                answered += ok
+                errors += not ok
+        with lock:
+            result["calls"] += answered
+            result["errors"] += errors
+            result["first_error"] = result["first_error"] or first_error
+            result["latencies"] += latencies
+
+    threads = [threading.Thread(target=client, args=(classify, requests), daemon=True)
+               for _channel, classify, requests in clients]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(window["end"] - time.time() + job["timeout"] + 10)
+    for channel, _classify, _requests in clients:
+        channel.close()
+    return result
+
+
+def main() -> None:
+    import grpc  # noqa: F401  (imported before "ready": the warm-up is not spent importing)
+
+    from centra.serve.v1 import centra_pb2  # noqa: F401
+
+    job = json.loads(sys.stdin.readline())
+    print(json.dumps({"ready": True}), flush=True)
+    window = json.loads(sys.stdin.readline())
+    print(json.dumps(run(job, window)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

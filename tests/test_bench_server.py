@@ -56,6 +56,19 @@ def test_a_short_run_gives_every_figure(model_out, texts_file, capsys):
     assert [line.split()[1] for line in phases] == ["loading", "server", "in"], err
 
 
+def test_flood_calls_are_refused_by_size_and_counted(model_out, texts_file, capsys):
+    code = main(["bench-server", "--model", str(model_out), "--concurrency", "1", "--seconds", "1",
+                 "--warmup", "0.2", "--texts", str(texts_file), "--flood", "2"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    figures = json.loads(out.strip().splitlines()[-1])
+    assert figures["flood_calls"] > 0 and figures["flood_senders"] == 2
+    assert figures["flood_codes"] == {"INVALID_ARGUMENT": figures["flood_calls"]}  # by size, never "busy"
+    assert figures["probe_p50_ms_before"] > 0 and figures["probe_p50_ms_during"] > 0
+    assert figures["rss_mb_peak"] >= figures["rss_mb_before"] > 0
+    assert "flood:" in out
+
+
 def test_workload_varies_task_sets_and_is_seeded():
     mixed = workload(TEXTS, SINGLE, "mixed", seed=3, size=200)
     assert mixed == workload(TEXTS, SINGLE, "mixed", seed=3, size=200)

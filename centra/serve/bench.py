@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -110,24 +109,40 @@ class Window:
 def drive(running: BackgroundServer, calls: list[Call], options: BenchOptions) -> Window:
     """`concurrency` client threads calling Classify back to back, in a process of their own
     (serve/bench_clients.py): a warm-up, then the measured window."""
-    import json
-    import subprocess
-    import sys
-
     window = Window(options.seconds)
     batcher = running.server.batcher
-    clock: dict[str, float] = {}  # start, end of the measured window (wall clock, shared with the clients)
+    clock: dict[str, float] = {}
 
     def on_batch(record: BatchRecord) -> None:  # in the server's loop, right after the batch ran
         if clock and clock["start"] <= time.time() <= clock["end"]:
             window.compute_s += record.compute_s
             window.queue_wait_s += sum(record.waits)
 
-    job = {"target": running.target, "concurrency": options.concurrency, "timeout": options.call_timeout_s,
-           "calls": [[text, list(tasks)] for text, tasks in calls]}
+    batcher.listeners.append(on_batch)
+    try:
+        result, counts, _rss = clients_process(running, calls, options.concurrency, options, clock)
+    finally:
+        batcher.listeners.remove(on_batch)
+    window.calls, window.errors = result["calls"], result["errors"]
+    window.first_error, window.latencies = result["first_error"], result["latencies"]
+    window.batches, window.batch_calls, window.rows = counts
+    return window
+
+
+def clients_process(running: BackgroundServer, calls: list[Call], concurrency: int, options: BenchOptions,
+                    clock: dict[str, float], flood_senders: int = 0) -> tuple[dict, tuple[int, ...], list[float]]:
+    """Run serve/bench_clients.py against the server: warm-up, then the window (`clock` gets its wall-clock
+    start and end). Returns the clients' result, the batcher's (batches, calls, rows) in the window, and
+    this process's RSS sampled through it (MB)."""
+    import json
+    import subprocess
+    import sys
+
+    job = {"target": running.target, "concurrency": concurrency, "timeout": options.call_timeout_s,
+           "calls": [[text, list(tasks)] for text, tasks in calls],
+           "flood_senders": flood_senders, "flood_inputs": FLOOD_INPUTS}
     proc = subprocess.Popen([sys.executable, "-m", "centra.serve.bench_clients"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
-    batcher.listeners.append(on_batch)
     try:
         proc.stdin.write(json.dumps(job) + "\n")
         proc.stdin.flush()
@@ -138,15 +153,15 @@ def drive(running: BackgroundServer, calls: list[Call], options: BenchOptions) -
         proc.stdin.write(json.dumps(clock) + "\n")
         proc.stdin.flush()
         time.sleep(max(0.0, clock["start"] - time.time()))
-        before = _counts(running)
-        time.sleep(max(0.0, clock["end"] - time.time()))
+        before, rss = _counts(running), [rss_mb()]
+        while time.time() < clock["end"]:
+            time.sleep(min(0.05, max(0.0, clock["end"] - time.time())))
+            rss.append(rss_mb())
         after = _counts(running)
         out = proc.stdout.readline()
         if not out.strip():
             raise CentraError("bench-server: the client process gave no figures (see the log)")
-        result = json.loads(out)
     finally:
-        batcher.listeners.remove(on_batch)
         if proc.poll() is None:
             proc.stdin.close()
             try:
@@ -154,10 +169,7 @@ def drive(running: BackgroundServer, calls: list[Call], options: BenchOptions) -
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-    window.calls, window.errors = result["calls"], result["errors"]
-    window.first_error, window.latencies = result["first_error"], result["latencies"]
-    window.batches, window.batch_calls, window.rows = (a - b for a, b in zip(after, before))
-    return window
+    return json.loads(out), tuple(a - b for a, b in zip(after, before)), rss
 
 
 def _counts(running: BackgroundServer) -> tuple[int, int, int]:
@@ -208,7 +220,7 @@ def bench_server(engine: Engine, texts: list[str], options: BenchOptions,
         if options.flood:
             progress(f"flood: one client alone for {options.seconds:g} s, then beside {options.flood} threads "
                      f"sending 4 MB calls for {options.seconds:g} s")
-            flooded = flood(running, calls, options.flood, options.seconds)
+            flooded = flood(running, calls, options.flood, options)
     if not window.calls:
         raise CentraError(f"no call was answered in {options.seconds:g} s"
                           + (f" ({window.errors} failed; first: {window.first_error})" if window.errors else ""))
@@ -248,76 +260,19 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def flood(running: BackgroundServer, calls: list[Call], senders: int = 4, seconds: float = 3.0) -> dict:
-    """Oversized calls against the running server while one client keeps sending valid one-text calls:
-    first `seconds` of the valid calls alone, then as long again with `senders` threads sending 4 MB
-    ClassifyRequests (2,000,000 empty inputs) back to back. Figures: how each flood call was answered and
-    how fast, the valid calls' latency before and during, and this process's RSS (server and clients)."""
-    import grpc
-
-    from centra.serve.v1 import centra_pb2 as pb
-
-    huge = pb.ClassifyRequest(inputs=[pb.Input()] * FLOOD_INPUTS).SerializeToString()
-    valid = [pb.ClassifyRequest(inputs=[pb.Input(text=text)], tasks=list(tasks)).SerializeToString()
-             for text, tasks in calls[:64]]
-    phase = {"name": "before"}
-    probe: dict[str, list[float]] = {"before": [], "during": []}
-    refusals: list[float] = []
-    codes: dict[str, int] = {}
-    peak = [rss_mb()]
-    stop = threading.Event()
-    lock = threading.Lock()
-
-    def raw(channel):
-        return channel.unary_unary("/centra.v1.Classifier/Classify", request_serializer=None,
-                                   response_deserializer=None)
-
-    def prober() -> None:
-        with grpc.insecure_channel(running.target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
-            call, i = raw(channel), 0
-            while not stop.is_set():
-                sent = time.perf_counter()
-                try:
-                    call(valid[i % len(valid)], timeout=30)
-                    probe[phase["name"]].append(time.perf_counter() - sent)
-                except grpc.RpcError:
-                    pass
-                i += 1
-
-    def sender() -> None:
-        with grpc.insecure_channel(running.target, options=[("grpc.use_local_subchannel_pool", 1),
-                                                            ("grpc.max_send_message_length", -1)]) as channel:
-            call = raw(channel)
-            while not stop.is_set():
-                sent = time.perf_counter()
-                try:
-                    call(huge, timeout=30)
-                    code = "OK"
-                except grpc.RpcError as exc:
-                    code = exc.code().name
-                with lock:
-                    refusals.append(time.perf_counter() - sent)
-                    codes[code] = codes.get(code, 0) + 1
-
-    threads = [threading.Thread(target=prober, daemon=True)]
-    threads[0].start()
-    before = rss_mb()
-    time.sleep(seconds)
-    phase["name"] = "during"
-    threads += [threading.Thread(target=sender, daemon=True) for _ in range(senders)]
-    for thread in threads[1:]:
-        thread.start()
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        peak.append(rss_mb())
-        time.sleep(0.05)
-    stop.set()
-    for thread in threads:
-        thread.join(60)
-    return {"flood_calls": len(refusals), "flood_codes": codes, "flood_senders": senders,
+def flood(running: BackgroundServer, calls: list[Call], senders: int, options: BenchOptions) -> dict:
+    """Oversized calls against the running server while one client keeps sending valid one-text calls
+    (both from the client process): a window of the valid calls alone, then one with `senders` threads
+    sending 4 MB ClassifyRequests (2,000,000 empty inputs) back to back. Figures: how each flood call was
+    answered and how fast, the valid calls' latency in both windows, and the server process's RSS."""
+    alone, _, rss_alone = clients_process(running, calls, 1, options, {})
+    beside, _, rss_beside = clients_process(running, calls, 1, options, {}, flood_senders=senders)
+    refusals = beside["flood_latencies"]
+    return {"flood_calls": len(refusals), "flood_codes": beside["flood_codes"], "flood_senders": senders,
             "flood_refusal_p50_ms": round(percentile(refusals, 50) * 1000, 2),
             "flood_refusal_max_ms": round(max(refusals, default=float("nan")) * 1000, 2),
-            "probe_p50_ms_before": round(percentile(probe["before"], 50) * 1000, 3),
-            "probe_p50_ms_during": round(percentile(probe["during"], 50) * 1000, 3),
-            "probe_p99_ms_during": round(percentile(probe["during"], 99) * 1000, 3),
-            "rss_mb_before": round(before, 1), "rss_mb_peak": round(max(peak), 1), "rss_mb_after": round(rss_mb(), 1)}
+            "probe_p50_ms_before": round(percentile(alone["latencies"], 50) * 1000, 3),
+            "probe_p50_ms_during": round(percentile(beside["latencies"], 50) * 1000, 3),
+            "probe_p99_ms_during": round(percentile(beside["latencies"], 99) * 1000, 3),
+            "rss_mb_before": round(rss_alone[-1], 1), "rss_mb_peak": round(max(rss_beside), 1),
+            "rss_mb_after": round(rss_mb(), 1)}

@@ -10,7 +10,8 @@ process, its imports done, writes {"ready": true}; the parent writes the window 
 wall-clock seconds, t0 a warm-up away); the clients open one channel each, build their requests and call
 Classify back to back until t1 (the calls before t0 are the warm-up), and this process writes the result:
 calls answered within the window, errors, the first error, and the latency of every call started within
-it. Imports grpc and the generated messages only.
+it. With "flood_senders": N, N more threads send ClassifyRequests of "flood_inputs" empty inputs back to
+back, and the result adds each one's time and status code. Imports grpc and the generated messages only.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import threading
 import time
 
 
-def run(job: dict, window: dict) -> dict:
+def run(job: dict, window: dict, huge: bytes = b"") -> dict:
     import grpc
 
     from centra.serve.v1 import centra_pb2 as pb
@@ -62,8 +63,34 @@ def run(job: dict, window: dict) -> dict:
             result["first_error"] = result["first_error"] or first_error
             result["latencies"] += latencies
 
+    def flooder(channel) -> None:  # oversized calls back to back, each answer's code and time kept
+        call = channel.unary_unary("/centra.v1.Classifier/Classify", request_serializer=None,
+                                   response_deserializer=None)
+        times, codes = [], {}
+        while (sent := time.time()) < window["end"]:
+            try:
+                call(huge, timeout=job["timeout"])
+                code = "OK"
+            except grpc.RpcError as exc:
+                code = exc.code().name
+            if sent >= window["start"]:
+                times.append(time.time() - sent)
+                codes[code] = codes.get(code, 0) + 1
+        with lock:
+            result["flood_latencies"] += times
+            for code, count in codes.items():
+                result["flood_codes"][code] = result["flood_codes"].get(code, 0) + count
+
     threads = [threading.Thread(target=client, args=(classify, requests), daemon=True)
                for _channel, classify, requests in clients]
+    flood = job.get("flood_senders", 0)
+    if flood:
+        result.update(flood_latencies=[], flood_codes={})
+        for _ in range(flood):
+            channel = grpc.insecure_channel(job["target"], options=[("grpc.use_local_subchannel_pool", 1),
+                                                                    ("grpc.max_send_message_length", -1)])
+            clients.append((channel, None, None))
+            threads.append(threading.Thread(target=flooder, args=(channel,), daemon=True))
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -76,12 +103,15 @@ def run(job: dict, window: dict) -> dict:
 def main() -> None:
     import grpc  # noqa: F401  (imported before "ready": the warm-up is not spent importing)
 
-    from centra.serve.v1 import centra_pb2  # noqa: F401
+    from centra.serve.v1 import centra_pb2
 
     job = json.loads(sys.stdin.readline())
+    huge = b""
+    if job.get("flood_senders"):  # built before "ready": it takes a second or two
+        huge = centra_pb2.ClassifyRequest(inputs=[centra_pb2.Input()] * job["flood_inputs"]).SerializeToString()
     print(json.dumps({"ready": True}), flush=True)
     window = json.loads(sys.stdin.readline())
-    print(json.dumps(run(job, window)), flush=True)
+    print(json.dumps(run(job, window, huge)), flush=True)
 
 
 if __name__ == "__main__":

@@ -104,3 +104,15 @@ def test_short_soak_is_clean(merged, tmp_path, capsys, monkeypatch):
     assert figures["server_exit_code"] == 0 and figures["ok"] and code == 0
     assert snapshot(merged) == before  # the model given is never touched
     assert list(scratch.iterdir()) == []  # the scratch folder is gone
+
+
+def test_rss_floors_see_through_a_reload_in_progress():
+    from centra.serve.soak import rss_figures
+
+    # 100 s: 400 MB at rest, 800 MB whenever a reload holds two models (every 10th sample), the last one too
+    samples = [(t * 0.5, 800.0 if t % 10 == 0 or t == 199 else 400.0) for t in range(200)]
+    rss = rss_figures(samples, 100.0)
+    assert rss["start"] == 800.0 and rss["end"] == 800.0 and rss["drift_pct"] == 0.0
+    assert rss["floor_first"] == rss["floor_last"] == 400.0 and rss["floor_drift_pct"] == 0.0
+    grown = [(t, mb + (50.0 if t >= 55 else 0.0)) for t, mb in samples]  # 50 MB that stays
+    assert rss_figures(grown, 100.0)["floor_drift_pct"] == 12.5

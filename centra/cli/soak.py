@@ -25,9 +25,9 @@ def merge_extend(model: Path, engine: str | None):
         return None
     if name != "onnx":
         raise CentraError(f"soak: the model is served by {name!r}; soak runs --engine torch or onnx")
-    from centra.export.onnx import onnx_extender
+    from centra.export.engines import extender
 
-    return onnx_extender((info.precision if info is not None else None) or "fp32", progress=False)
+    return extender("onnx", info.precision if info is not None else None, progress=False)
 
 
 def cmd_soak(args: argparse.Namespace) -> int:
@@ -66,7 +66,8 @@ def print_figures(f: dict) -> None:
     rss = f["rss_mb"]
     if rss.get("start") is not None:
         print(f"server RSS: start {rss['start']:.0f} MB (after {f['rss_warmup_s']:g} s), peak {rss['peak']:.0f} MB, "
-              f"end {rss['end']:.0f} MB: drift {f['rss_drift_pct']:+.1f}%")
+              f"end {rss['end']:.0f} MB: drift {f['rss_drift_pct']:+.1f}%; least in the first and last windows "
+              f"{rss['floor_first']:.0f} and {rss['floor_last']:.0f} MB: drift {f['rss_floor_drift_pct']:+.1f}%")
     print(f"server exit on SIGTERM: {f['server_exit_code']}; {'OK' if f['ok'] else 'FAILED'}")
 
 

@@ -195,14 +195,21 @@ def watch(server: ServerProcess, options: SoakOptions, started: float, parts: Pa
 
 def rss_figures(samples: list[tuple[float, float]], seconds: float) -> dict:
     """MB at the first sample, after the warm-up (a fifth of the run, at most 30 s), at the peak and at the
-    end; the drift, end vs after the warm-up, in %."""
+    end; the drift, end vs after the warm-up, in %. A reload holds two models for a while, so one sample
+    may catch one in progress: the floors (the least RSS in the first and in the last window of a fifth
+    of the run, at most 60 s, after the warm-up) and their drift say what stays."""
     if not samples:
-        return {"first": None, "start": None, "peak": None, "end": None, "drift_pct": None, "warmup_s": None}
-    warmup = min(30.0, seconds / 5)
+        return {"first": None, "start": None, "peak": None, "end": None, "drift_pct": None, "warmup_s": None,
+                "floor_first": None, "floor_last": None, "floor_drift_pct": None}
+    warmup, window = min(30.0, seconds / 5), min(60.0, seconds / 5)
     start = next((mb for t, mb in samples if t >= warmup), samples[-1][1])
-    end = samples[-1][1]
+    end, last = samples[-1][1], samples[-1][0]
+    first_floor = min((mb for t, mb in samples if warmup <= t <= warmup + window), default=start)
+    last_floor = min((mb for t, mb in samples if t >= last - window), default=end)
     return {"first": round(samples[0][1], 1), "start": round(start, 1), "peak": round(max(mb for _, mb in samples), 1),
-            "end": round(end, 1), "drift_pct": round((end - start) / start * 100, 2), "warmup_s": round(warmup, 1)}
+            "end": round(end, 1), "drift_pct": round((end - start) / start * 100, 2), "warmup_s": round(warmup, 1),
+            "floor_first": round(first_floor, 1), "floor_last": round(last_floor, 1),
+            "floor_drift_pct": round((last_floor - first_floor) / first_floor * 100, 2)}
 
 
 def report(model: Path, options: SoakOptions, elapsed: float, parts: Parts, reloads: dict,
@@ -222,6 +229,7 @@ def report(model: Path, options: SoakOptions, elapsed: float, parts: Parts, relo
             "unexpected_codes": out["unexpected"], "unexpected_examples": tally.examples, "busy": out["busy"],
             "stale_not_found": out["stale"], "versions_answered": checker.versions, "reloads": reloads,
             "actions": control.counts, "corrupt_served": control.corrupt_served,
-            "rss_mb": {k: rss[k] for k in ("first", "start", "peak", "end")}, "rss_drift_pct": rss["drift_pct"],
+            "rss_mb": {k: rss[k] for k in ("first", "start", "peak", "end", "floor_first", "floor_last")},
+            "rss_drift_pct": rss["drift_pct"], "rss_floor_drift_pct": rss["floor_drift_pct"],
             "rss_warmup_s": rss["warmup_s"], "server_exit_code": code,
             "ok": checker.wrong == 0 and out["unexpected"] == 0}

@@ -19,14 +19,16 @@ from conftest import PAIRS, TEXTS
 from helpers import make_tasks
 
 from centra.cli import main
-from centra.cli.bench import ENGINES, default_sequences, disturbed_lines
+from centra.cli.bench import disturbed_lines
 from centra.core.backbone import Backbone, load_safetensors
 from centra.core.graph import StandaloneModel
 from centra.core.merge import model_folder, plan_merge, write_merged
 from centra.core.task import HEAD_FILE, TaskHead
 from centra.core.tokens import encode
+from centra.export.bench import ENGINES
 from centra.runtime import bench
 from centra.runtime.engine import Engine
+from centra.train.texts import default_sequences
 
 # A 4-layer tiny BERT: a shallow task, a pair task, and one at the last layer with no task layers.
 TASKS = [

@@ -16,16 +16,17 @@ ALLOWED = {
     "export": {"core", "runtime"},
     "serve": {"core", "runtime"},
     "cli": {"core", "train", "runtime", "export", "serve"},
+    "api": {"core", "train", "runtime", "export", "serve"},  # the package root: the public API, never the CLI
 }
 # third-party packages that only their own layers may import, and only inside functions (lazily)
 HEAVY = {"grpc": {"serve"}, "grpc_health": {"serve"}, "grpc_reflection": {"serve"},
          "onnxruntime": {"runtime", "export"}, "tensorrt": {"runtime", "export"}, "onnx": {"export", "runtime"}}
 # modules outside a layer's folder that belong to it
-LAYER_OF_MODULE = {"centra.client": "serve"}
+LAYER_OF_MODULE = {"centra.client": "serve", "centra": "api"}
 # generated stubs (tools/gen_protos.py): the grpc module imports grpc at module level, as protoc writes it
 GENERATED = ("centra.serve.v1.",)
 # what each base module may import of centra's
-BASE_ALLOWED = {"centra": set(), "centra.errors": set(), "centra.io": {"centra.errors"}, "centra.progress": set()}
+BASE_ALLOWED = {"centra.errors": set(), "centra.io": {"centra.errors"}, "centra.progress": set()}
 
 
 def layer_of(module: str) -> str:
@@ -127,6 +128,9 @@ def test_the_checker_catches_each_kind_of_break():
         ("centra.client", "import grpc"): "at module level",
         ("centra.client", "from centra.train.data import Columns"): "(serve) imports centra.train",
         ("centra.serve.batcher", "from centra.cli import main"): "nothing imports the CLI",
+        ("centra", "from centra.cli import main"): "nothing imports the CLI",
+        ("centra", "import grpc"): "only ['serve'] may",
+        ("centra.core.task", "from centra import Engine"): "(core) imports centra.Engine",
     }
     for (module, line), message in cases.items():
         found = violations(line + "\n", module)
@@ -137,6 +141,8 @@ def test_the_checker_catches_each_kind_of_break():
             ("centra.io", "from centra.errors import CentraError\n"),
             ("centra.serve.v1.centra_pb2_grpc", "import grpc\nfrom centra.serve.v1 import centra_pb2\n"),
             ("centra.client", "def f():\n    import grpc\n"),
-            ("centra.serve.convert", "from centra.runtime.engine import Row\n")}
+            ("centra.serve.convert", "from centra.runtime.engine import Row\n"),
+            ("centra", "def f():\n    from centra.runtime.engine import Engine\n"),
+            ("centra.core.task", "from centra import io\n")}
     for module, source in fine:
         assert violations(source, module) == [], (module, source)

@@ -12,8 +12,10 @@ import math
 import os
 import sys
 import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
-from centra.errors import CentraError
+from centra.errors import CentraError, FieldError
 
 
 class Parser(argparse.ArgumentParser):
@@ -24,42 +26,47 @@ class Parser(argparse.ArgumentParser):
         raise CentraError(f"{command}: {message}" if command else message)
 
 
-def save_figure(fig, path) -> None:
-    """A matplotlib figure written as PNG through a temp file and a rename, so a killed run never leaves
-    a half-written plot under the name asked for; the figure is closed either way."""
-    from pathlib import Path
+def number_type(kind: type, low: float, inclusive: bool = False) -> Callable[[str], float]:
+    """An argparse type: a whole number (`kind` int) or a finite number (float) above `low`, or at least
+    `low` when `inclusive`."""
+    what, finite = ("a whole number", "") if kind is int else ("a number", "a finite number ")
 
-    import matplotlib.pyplot as plt
+    def parse(value: str):
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
+        if not (math.isfinite(number) and (number >= low if inclusive else number > low)):
+            shown = number if kind is int else value
+            raise argparse.ArgumentTypeError(f"must be {finite}{'>=' if inclusive else '>'} {low:g}, got {shown}")
+        return number
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staged = path.with_name(f".{path.name}.tmp")
+    return parse
+
+
+positive_int = number_type(int, 1, inclusive=True)
+positive_float = number_type(float, 0.0)
+non_negative_float = number_type(float, 0.0, inclusive=True)
+
+
+FIELD_FLAGS = {"pairs": "--pair", "batches": "--batch"}  # the fields whose flag is not --FIELD
+
+
+def field_flag(name: str) -> str:
+    """The flag that sets a library function's field: max_batch -> --max-batch."""
+    return FIELD_FLAGS.get(name) or "--" + name.replace("_", "-")
+
+
+@contextmanager
+def flags_named(command: str = "") -> Iterator[None]:
+    """Library refusals (FieldErrors, which name fields) raised inside re-raised with each field written as
+    the flag that sets it, prefixed with the command: `with flags_named("merge"): merge(...)`."""
     try:
-        fig.savefig(str(staged), dpi=120, format="png")
-        os.replace(staged, path)
-    finally:
-        staged.unlink(missing_ok=True)
-        plt.close(fig)
-
-
-def positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
-    return number
-
-
-def positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if not (number > 0 and math.isfinite(number)):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
-    return number
+        yield
+    except FieldError as exc:
+        message = exc.named(field_flag)
+        raise CentraError(f"{command}: {message}" if command and not message.startswith(f"{command}:")
+                          else message) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -171,8 +170,8 @@ def _timing(engine: Engine, backbone: Backbone, repeats: int = 3) -> None:
     import torch
 
     from centra.core.graph import StandaloneModel
-    from centra.core.task import TaskHead
-    from centra.runtime.verify import SAMPLE_PAIRS, SAMPLE_TEXTS
+    from centra.core.texts import SAMPLE_PAIRS, SAMPLE_TEXTS
+    from centra.runtime.bench import full_depth_head
 
     texts, pairs = (SAMPLE_TEXTS * 4)[:32], (SAMPLE_PAIRS * 4)[:32]
     engine.logits(texts, pairs)  # warm-up
@@ -191,9 +190,7 @@ def _timing(engine: Engine, backbone: Backbone, repeats: int = 3) -> None:
     separate = []
     for name, spec in engine.specs.items():
         # Serving a task as its own model: all N backbone layers under that task's classifier.
-        full_spec = replace(spec, attach_layer=backbone.cfg.num_layers, task_layers=0)
-        head = TaskHead(full_spec, backbone.cfg).eval()
-        head.pooler, head.classifier = engine.model.heads[name].pooler, engine.model.heads[name].classifier
+        head = full_depth_head(engine.model.heads[name], backbone.cfg.num_layers)
         enc = engine.encode(texts, pairs if spec.input == "pair" else None, spec.max_length)
         separate.append((StandaloneModel(backbone.embeddings, list(backbone.layers), head),
                          enc.batch(list(range(len(texts))), pad_id)))

@@ -5,160 +5,57 @@ plot the cost/quality frontier, and activate the choice in the task folders (no 
 from __future__ import annotations
 
 import argparse
-import math
-import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from centra.cli import save_figure
+from centra.cli import flags_named, positive_float, positive_int
+from centra.cli.plots import check_plot, pyplot, save_figure
 from centra.core import DEFAULT_TASKS_DIR
-from centra.errors import CentraError
+from centra.core.table import table
+from centra.train.planning import DEFAULT_LENGTH
+
+if TYPE_CHECKING:
+    from centra.train.planning import PlanResult
 
 DEFAULT_PLOT = "plan.png"
-DEFAULT_LENGTH = 64  # tokens of a typical request (a review, an utterance) for --budget-ms
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from centra.core.backbone import Backbone
-    from centra.core.candidates import activate, check_candidate, read_candidates
-    from centra.core.task import task_dirs
-    from centra.train.plan import best_plan, frontier
+    from centra.train.planning import activate_plan, plan_tasks
 
-    if (args.budget_layers is None) == (args.budget_ms is None):
-        raise CentraError("plan: give one budget: --budget-layers N or --budget-ms X" +
-                          (", not both" if args.budget_layers is not None else ""))
-    plot = check_plot(args.plot) if not args.no_plot else None
-    tasks = [read_candidates(folder) for folder in task_dirs(Path(args.tasks_dir))]
-    if not tasks:
-        raise CentraError(f"{args.tasks_dir}: no task folders")
-    if not any(t.candidates for t in tasks):
-        raise CentraError(f"{args.tasks_dir}: no candidates in any task folder (add-task keeps them in "
-                          "NAME/candidates/: train the tasks again with centra add-task)")
-    for t in tasks:
-        if not t.options():
-            raise CentraError(f"{t.folder}: no candidates and no dev metric (an untrained task): train it with "
-                              "centra add-task or remove it")
-    backbone = Backbone.load(args.backbone or backbone_hint(tasks[0].active))
-    for t in tasks:
-        if t.active.backbone.get("fingerprint") != backbone.fingerprint:
-            raise CentraError(f"{t.folder / 'task.json'}: trained on backbone {t.active.backbone.get('id')!r}, "
-                              f"not on {backbone.backbone_id!r} (every task of a plan shares one backbone)")
-    budget, note = args.budget_layers, None
-    if args.budget_ms is not None:
-        budget, note = ms_budget(args.budget_ms, backbone, args.length or default_length(tasks))
-    options = {t.name: [option(t.name, c, t.active_id) for c in t.options()] for t in tasks}
-    plans = frontier(options)
-    chosen = best_plan(options, budget)
-    if chosen is None:
-        cheapest = plans[0]
-        raise CentraError(f"plan: a budget of {budget} layer{'s' if budget != 1 else ''}"
-                          f"{f' ({args.budget_ms:g} ms)' if note else ''} is below the cheapest plan "
-                          f"({cheapest.cost} layers, average dev {100 * cheapest.average:.2f})")
-    full = backbone.cfg.num_layers * len(tasks)
-    points = reference_points(tasks, options, full)
-    picks = {t.name: next(c for c in t.options() if c.id == chosen.choice[t.name].id) for t in tasks}
-    if note:
-        print(note)
-    print(table(tasks, chosen, [picks[name].spec for name in chosen.choice], plans, points, budget, full))
-    if plot is not None and write_plot(plot, plans, chosen, points, budget, full):
+    plot = check_plot(args.plot, "plan") if not args.no_plot else None
+    with flags_named():
+        result = plan_tasks(Path(args.tasks_dir), args.budget_layers, args.budget_ms, args.length, args.backbone)
+    if result.note:
+        print(result.note)
+    print(plan_table(result))
+    if plot is not None and write_plot(plot, result):
         print(f"plot: {plot}")
     if args.dry_run:
         print("dry run: nothing activated")
         return 0
-    for t in tasks:  # every chosen head loaded in full before any folder changes
-        check_candidate(t, picks[t.name], backbone)
-    changed = [t.name for t in tasks if activate(t, picks[t.name], backbone.cfg)]
+    changed = activate_plan(result)
+    unchanged = len(result.tasks) - len(changed)
     print(f"activated {len(changed)} task{'s' if len(changed) != 1 else ''}"
-          f"{': ' + ', '.join(changed) if changed else ''}; {len(tasks) - len(changed)} unchanged"
+          f"{': ' + ', '.join(changed) if changed else ''}; {unchanged} unchanged"
           + ("; run `centra merge` to serve the plan" if changed else ""))
     return 0
 
 
-def check_plot(value: str) -> Path:
-    from centra.io import check_writable_parent
-
-    plot = Path(value)
-    if plot.suffix.lower() != ".png":
-        raise CentraError(f"plan: --plot {plot}: the plot is a PNG file (name it *.png)")
-    if plot.is_dir():
-        raise CentraError(f"plan: --plot {plot}: is a folder")
-    check_writable_parent(plot)
-    return plot
-
-
-def backbone_hint(spec) -> str:
-    path = spec.backbone.get("path")
-    return path if path and Path(path).is_dir() else spec.backbone["id"]
-
-
-def default_length(tasks: list) -> int:
-    return min(DEFAULT_LENGTH, max(t.active.max_length for t in tasks))
-
-
-def ms_budget(budget_ms: float, backbone, length: int) -> tuple[int, str]:
-    """Milliseconds -> layers at the cost of one encoder layer measured now (batch 1, `length` tokens)."""
-    from centra.runtime.bench import layer_ms
-
-    per_layer = layer_ms(backbone.layers[0], backbone.cfg.hidden_size, length)
-    layers = math.floor(budget_ms / per_layer)
-    return layers, (f"one layer costs {per_layer:.3f} ms here (batch 1 x {length} tokens, torch fp32, measured "
-                    f"now): a budget of {budget_ms:g} ms is {layers} layer{'s' if layers != 1 else ''} per request")
-
-
-def option(task: str, candidate, active_id: str | None):
-    from centra.core.candidates import ACTIVE
-    from centra.train.plan import Option
-
-    spec = candidate.spec
-    return Option(task, candidate.id, spec.encoding_key, spec.attach_layer, spec.task_layers, candidate.score,
-                  active=candidate.id in (active_id, ACTIVE))
-
-
-def reference_points(tasks: list, options: dict, full: int) -> dict[str, tuple[int, float]]:
-    """(layers, average dev) of the heads active now, of KD-l for every task (when each has it), and of
-    full fine-tuning (when every task's report.json has its reference run)."""
-    from centra.train.plan import Plan
-
-    points = {}
-    before = Plan({name: o for name, opts in options.items() for o in opts if o.active})
-    if len(before.choice) == len(tasks):
-        points["before"] = (before.cost, before.average)
-    for layers in (1, 2, 3):
-        picks = {name: [o for o in opts if o.id == f"student-l{layers}"] for name, opts in options.items()}
-        if all(picks.values()):
-            plan = Plan({name: found[0] for name, found in picks.items()})
-            points[f"KD-{layers}"] = (plan.cost, plan.average)
-    scores = [reference_score(t) for t in tasks]
-    if None not in scores:
-        points["full fine-tuning"] = (full, sum(scores) / len(scores))
-    return points
-
-
-def reference_score(task) -> float | None:
-    """The task's full fine-tuning reference as served (a multilabel one at its tuned thresholds), from
-    its report.json; None when it has none."""
-    from centra.core.task import REPORT_FILE
-    from centra.train.report import read_report
-
-    try:
-        reference = read_report(task.folder / REPORT_FILE).reference
-        return None if reference is None else reference.served(task.metric)
-    except (CentraError, KeyError, TypeError, ValueError):  # no report, or no score of the task's metric
-        return None
-
-
-def table(tasks: list, chosen, specs: list, plans: list, points: dict, budget: int, full: int) -> str:
-    """The chosen plan (`specs`: its candidates' specs), its trunk passes, the frontier and the reference
-    points."""
+def plan_table(result: PlanResult) -> str:
+    """The chosen plan, its trunk passes, the frontier and the reference points."""
     from centra.core.candidates import ACTIVE
     from centra.core.overhead import token_groups
 
+    tasks, chosen, plans, points = result.tasks, result.chosen, result.plans, result.points
+    budget, full = result.budget, result.full
+    specs = [result.picks[name].spec for name in chosen.choice]
     rows = [("task", "metric", "before", "chosen", "attach", "layers", "dev")]
     for t in tasks:
         o = chosen.choice[t.name]
         rows.append((t.name, t.metric or "-", t.active_id or ACTIVE, o.id, str(o.attach), str(o.layers),
                      f"{100 * o.score:.2f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines = [table(rows)]
     groups = sorted(token_groups(specs), key=lambda g: -g.depth)
     trunk = " + ".join(f"{g.depth} [{g.input}, max_length {g.max_length}]" for g in groups)
     lines.append(f"plan: {chosen.cost} layers per request of a budget of {budget} (trunk passes: {trunk}; task "
@@ -174,17 +71,15 @@ def table(tasks: list, chosen, specs: list, plans: list, points: dict, budget: i
     return "\n".join(lines)
 
 
-def write_plot(path: Path, plans: list, chosen, points: dict, budget: int, full: int) -> bool:
+def write_plot(path: Path, result: PlanResult) -> bool:
     """The frontier (best average dev per layers), the chosen plan, the budget and the reference points,
     as a PNG written beside its name and renamed; False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("centra: note: matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return False
+    import matplotlib
+
+    plans, chosen, points, budget, full = result.plans, result.chosen, result.points, result.budget, result.full
     fig, ax = plt.subplots(figsize=(7, 4.8))
     xs, ys = [p.cost for p in plans], [100 * p.average for p in plans]
     ax.step(xs, ys, where="post", color="tab:blue", alpha=0.5)
@@ -203,14 +98,10 @@ def write_plot(path: Path, plans: list, chosen, points: dict, budget: int, full:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     ax.set_title("centra plan: cost/quality frontier")
-    fig.tight_layout()
-    save_figure(fig, path)
-    return True
+    return save_figure(fig, path)
 
 
 def add_parsers(sub, common) -> None:
-    from centra.cli import positive_float, positive_int
-
     p = sub.add_parser("plan", parents=[common],
                        help="choose one kept candidate per task: best average dev metric under a budget")
     p.add_argument("--tasks-dir", default=DEFAULT_TASKS_DIR, help="folder of task folders (default: tasks)")

@@ -17,6 +17,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Until the server's own handlers are installed (imports and checks take seconds), a SIGHUP ("check
         # for a new model") must not take its default action, which ends the process.
         signal.signal(signal.SIGHUP, lambda signum, frame: None)
+    from centra.serve.memory import fix_mmap_threshold
+
+    fix_mmap_threshold()  # first, before the model and torch allocate (serve/memory.py)
     import asyncio
     import logging
 
@@ -51,15 +54,12 @@ def _path(value: str | None) -> Path | None:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from centra.cli.models import read_texts
+    from centra.cli.models import read_inputs
     from centra.client import Client
 
     if not args.timeout > 0:
         raise CentraError(f"classify: --timeout must be > 0 seconds, not {args.timeout}")
-    texts = read_texts(args)
-    pairs = args.pair
-    if pairs is not None and len(pairs) == 1 and len(texts) > 1:
-        pairs = pairs * len(texts)  # one --pair applies to every text, as in predict
+    texts, pairs = read_inputs(args)  # one --pair applies to every text, as in predict
     credentials, metadata = None, ()
     if args.tls_ca:
         from centra.serve.security import channel_credentials
@@ -86,19 +86,9 @@ def port_number(value: str) -> int:
     return number
 
 
-def non_negative_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if not number >= 0 or number == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
-    return number
-
-
 def add_parsers(sub, common) -> None:
-    from centra.cli import positive_int
-    from centra.cli.models import add_engine_arg
+    from centra.cli import non_negative_float, positive_int
+    from centra.cli.models import add_engine_arg, add_input_args
 
     p = sub.add_parser("serve", parents=[common], help="serve a merged model over gRPC (Ctrl-C or SIGTERM stops)")
     p.add_argument("--model", required=True, help="merged model folder")
@@ -136,10 +126,8 @@ def add_parsers(sub, common) -> None:
     p = sub.add_parser("classify", parents=[common],
                        help="classify texts with a running server, the JSON lines of `centra predict`")
     p.add_argument("--server", required=True, help="HOST:PORT of a `centra serve`")
-    p.add_argument("--task", action="append", help="task to run (repeatable; default: all that fit the input)")
-    p.add_argument("--pair", action="append", help="second text of a pair (once, or once per text)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer (default 10)")
     p.add_argument("--tls-ca", help="PEM root certificate to verify a TLS server (turns TLS on)")
     p.add_argument("--token-file", help="file holding the server's bearer token")
-    p.add_argument("texts", nargs="*", help="texts to classify ('-' or none: one per line on stdin)")
+    add_input_args(p)
     p.set_defaults(func=cmd_classify)

@@ -7,3 +7,5 @@ DEFAULT_TASKS_DIR = "tasks"  # the folder of task folders, unless a command is t
 KINDS = ("multiclass", "multilabel", "regression")
 INPUTS = ("single", "pair")
 POOLINGS = ("mean", "cls")
+ENGINES = ("torch", "onnx", "tensorrt")  # the runtimes a merged version runs on (centra.runtime)
+PRECISIONS = {"onnx": ("fp32", "int8"), "tensorrt": ("fp32", "fp16", "int8")}  # of each exported engine

@@ -24,6 +24,45 @@ def tasks_by_layer(specs: dict[str, TaskSpec], names) -> dict[int, list[str]]:
     return by_layer
 
 
+class TrunkRows:
+    """The row bookkeeping of one trunk pass that calls asking for different task sets share, kept once for
+    MergedModel.forward_rows and the graph runners (centra.runtime.graphs): which tasks read each attach
+    layer, which of the rows still in the trunk each reads, and which rows leave the trunk once no task
+    they asked for attaches deeper. Indices stay on the CPU (no device sync)."""
+
+    def __init__(self, specs: dict[str, TaskSpec], wants: dict[str, torch.Tensor], batch: int):
+        self.by_layer = tasks_by_layer(specs, wants)
+        self.depth = max(self.by_layer, default=0)  # the trunk runs this deep
+        self.rows = {name: torch.as_tensor(r, dtype=torch.long).cpu() for name, r in wants.items()}
+        self.batch = batch
+        self.position = torch.arange(batch)  # batch row -> its row in the live tensors (-1: dropped)
+        self.live = batch  # rows in the live tensors
+
+    def branches(self, layer: int) -> list[tuple[str, torch.Tensor | None]]:
+        """The tasks attached at `layer`, each with the live rows it reads (None: every live row, in order)."""
+        found = []
+        for name in self.by_layer.get(layer, ()):
+            live = self.position[self.rows[name]]
+            whole = len(live) == self.live and torch.equal(live, torch.arange(self.live))
+            found.append((name, None if whole else live))
+        return found
+
+    def leave_after(self, layer: int) -> torch.Tensor | None:
+        """Rows that no task attached deeper than `layer` asked for leave the trunk here: the live rows
+        that stay, to index the live tensors with (None: every row stays, or no task reads deeper)."""
+        deeper = [self.rows[n] for k, names in self.by_layer.items() if k > layer for n in names]
+        if not deeper:
+            return None
+        needed = torch.unique(torch.cat(deeper))
+        if len(needed) >= self.live:
+            return None
+        keep = self.position[needed]
+        self.position = torch.full((self.batch,), -1, dtype=torch.long)
+        self.position[needed] = torch.arange(len(needed))
+        self.live = len(needed)
+        return keep
+
+
 class MergedModel(nn.Module):
     """Embeddings + trunk layers computed once; each task's branch reads its attach layer."""
 
@@ -53,31 +92,20 @@ class MergedModel(nn.Module):
         Calls that ask for different task sets share this one trunk pass; each branch runs only on its
         rows, and rows drop out of the trunk once no task they asked for attaches deeper.
         """
-        by_layer = tasks_by_layer(self.specs, wants)
-        depth = max(by_layer, default=0)
-        batch = input_ids.shape[0]
-        position = torch.arange(batch)  # batch row -> its row in the live tensors (-1: dropped)
+        rows = TrunkRows(self.specs, wants, input_ids.shape[0])
         mask = attention_mask
         bias = attention_bias(mask)
         hidden = self.embeddings(input_ids, token_type_ids)
         out: dict[str, torch.Tensor] = {}
-        for k in range(depth + 1):
+        for k in range(rows.depth + 1):
             if k:
                 hidden = self.trunk[k - 1](hidden, bias)
-            for name in by_layer.get(k, ()):
-                live = position[wants[name]]
-                if len(live) == hidden.shape[0] and torch.equal(live, torch.arange(len(live))):
-                    out[name] = self.heads[name](hidden, bias, mask)
-                else:
-                    out[name] = self.heads[name](hidden[live], bias[live], mask[live])
-            deeper = [wants[n] for layer, names in by_layer.items() if layer > k for n in names]
-            if deeper:
-                needed = torch.unique(torch.cat(deeper))
-                if len(needed) < hidden.shape[0]:  # rows no deeper task wants leave the trunk here
-                    keep = position[needed]
-                    hidden, bias, mask = hidden[keep], bias[keep], mask[keep]
-                    position = torch.full((batch,), -1, dtype=torch.long)
-                    position[needed] = torch.arange(len(needed))
+            for name, live in rows.branches(k):
+                head = self.heads[name]
+                out[name] = head(hidden, bias, mask) if live is None else head(hidden[live], bias[live], mask[live])
+            keep = rows.leave_after(k)
+            if keep is not None:
+                hidden, bias, mask = hidden[keep], bias[keep], mask[keep]
         return out
 
     def depth_for(self, names: list[str]) -> int:

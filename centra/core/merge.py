@@ -18,6 +18,7 @@ from centra.core.backbone import Backbone, Embeddings, EncoderConfig, EncoderLay
 from centra.core.graph import MergedModel
 from centra.core.manifest import BackboneInfo, EngineInfo, Manifest, ManifestTask
 from centra.core.overhead import overhead_layers, trunk_passes
+from centra.core.table import table
 from centra.core.task import HEAD_FILE, TASK_FILE, TaskSpec, load_task, read_task_json, task_dirs
 from centra.errors import CentraError
 from centra.io import (
@@ -79,13 +80,14 @@ def plan_merge(tasks_dirs: list[Path], backbone: str | None = None) -> MergePlan
             raise CentraError(f"{task.folder / TASK_FILE}: duplicate task name {task.spec.name!r} "
                               f"(also {seen[key] / TASK_FILE})")
         seen[key] = task.folder
-    bb = Backbone.load(backbone if backbone is not None else _backbone_hint(planned[0].spec))
+    bb = Backbone.load(backbone if backbone is not None else backbone_hint(planned[0].spec))
     for task in planned:
         load_task(task.folder, bb)  # full validation: fingerprint, sha256, keys, shapes, finite values
     return MergePlan(bb, planned)
 
 
-def _backbone_hint(spec: TaskSpec) -> str:
+def backbone_hint(spec: TaskSpec) -> str:
+    """The backbone a task names: its folder while that is still there, else its id."""
     path = spec.backbone.get("path")
     return path if path and Path(path).is_dir() else spec.backbone["id"]
 
@@ -201,8 +203,7 @@ def overhead_table(manifest: Manifest) -> str:
     for t in manifest.tasks:
         rows.append((t.name, t.kind, t.input, str(t.max_length), str(len(t.labels)), str(t.attach_layer),
                      str(t.task_layers), "yes" if t.trained else "NO (untrained)"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines = [table(rows)]
     merged, single = manifest.overhead_layers, manifest.single_task_layers
     passes = manifest.trunk_passes
     trunk = sum(p.depth for p in passes)

@@ -78,9 +78,13 @@ def overhead_layers(specs: Iterable[TaskSpec]) -> int:
 
 
 def extra_pass_warnings(specs: Iterable[TaskSpec]) -> list[str]:
-    """One line per token group beyond the main one (the group with the most tasks; ties: single
-    texts, then the deeper pass): which tasks add a trunk pass and what it costs."""
-    passes = trunk_passes(specs)
+    """One line per token group beyond the main one: see `pass_warnings`."""
+    return pass_warnings(trunk_passes(specs))
+
+
+def pass_warnings(passes: list[TokenGroup]) -> list[str]:
+    """One line per trunk pass beyond the main one (the group with the most tasks; ties: single texts,
+    then the deeper pass): which tasks add a trunk pass and what it costs (a manifest's trunk passes)."""
     if not passes:
         return []
     main = max(passes, key=lambda g: (len(g.tasks), g.input == "single", g.depth))

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from centra.core.answers import labels_agree, threshold_logits
 from centra.core.task import TaskSpec
 from centra.errors import CentraError
 from centra.runtime.engine import Engine
@@ -45,10 +46,6 @@ MAX_RELATIVE_ERROR = 0.25
 # Fewer decided answers than this and the agreement floor would rest on too little: it is not applied,
 # and the relative error bound alone decides.
 MIN_DECIDED = 8
-# A regression output "agrees" when within this fraction of the spread of fp32's outputs on the samples
-# (at least one unit of the target: STS-B's 0..5 scale then allows 0.1, more on a wider spread); every
-# regression sample counts.
-REGRESSION_AGREEMENT = 0.1
 PER_CHANNEL = True
 # Attention: the fused graphs' (centra.export.fused) -> QAttention; Gemm: the exporter's 2-D pooler and classifier
 QUANTIZED_OPS = ["MatMul", "Gemm", "Attention"]
@@ -86,17 +83,6 @@ def quantize_graph(src: Path, dest: Path, per_channel: bool = PER_CHANNEL) -> bo
     return True
 
 
-def labels_agree(spec: TaskSpec, ref: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
-    """Per row: does `got` give the same answer as `ref` (logits (N, num_outputs))?"""
-    if spec.kind == "multiclass":
-        return ref.argmax(-1) == got.argmax(-1)
-    if spec.kind == "multilabel":
-        cut = threshold_logits(spec)
-        return ((ref >= cut) == (got >= cut)).all(-1)
-    spread = max((ref.max() - ref.min()).item(), 1.0)
-    return ((ref - got).abs() <= REGRESSION_AGREEMENT * spread).all(-1)
-
-
 def decided(spec: TaskSpec, ref: torch.Tensor, margin: float = DECIDED_MARGIN) -> torch.Tensor:
     """Per answer: is fp32's answer clear of its decision boundary by `margin` logits (always, for
     regression)? Rows for multiclass and regression; (row, label) pairs for multilabel."""
@@ -114,11 +100,6 @@ def answers_agree(spec: TaskSpec, ref: torch.Tensor, got: torch.Tensor) -> torch
         cut = threshold_logits(spec)
         return ((ref >= cut) == (got >= cut)).flatten()
     return labels_agree(spec, ref, got)
-
-
-def threshold_logits(spec: TaskSpec) -> torch.Tensor:
-    t = torch.tensor(spec.thresholds or [0.5] * spec.num_outputs, dtype=torch.float64).clamp(1e-6, 1 - 1e-6)
-    return torch.log(t / (1 - t)).float()  # sigmoid(x) >= t  <=>  x >= logit(t)
 
 
 def sample_inputs() -> tuple[list[str], list[str]]:

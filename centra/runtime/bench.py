@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from centra.core.backbone import EncoderConfig, EncoderLayer, attention_bias
+from centra.core.backbone import EncoderConfig, EncoderLayer
 from centra.core.graph import StandaloneModel
 from centra.core.overhead import token_groups
 from centra.core.task import TaskHead, TaskSpec
@@ -223,21 +223,3 @@ def measure(engines: dict[str, BenchEngine], batches: list[Batch], lengths: str,
         count = passes * len(batches) * size
         results.append(Result(name, size, lengths, count, total, count / total, float(p50), float(p99)))
     return results
-
-
-@torch.inference_mode()
-def layer_ms(layer: EncoderLayer, hidden_size: int, length: int, batch: int = 1, seconds: float = 1.0) -> float:
-    """Median milliseconds of one encoder layer on this machine (torch fp32, `batch` x `length` tokens):
-    what one more layer per request costs, for budgets given in milliseconds."""
-    hidden = torch.randn(batch, length, hidden_size)
-    bias = attention_bias(torch.ones(batch, length, dtype=torch.long))
-    layer = layer.eval()
-    for _ in range(3):
-        layer(hidden, bias)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < 10 or (time.perf_counter() - start < seconds and len(times) < 10_000):
-        begin = time.perf_counter()
-        layer(hidden, bias)
-        times.append(time.perf_counter() - begin)
-    return float(np.median(times)) * 1000.0

@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 
+from centra.core import ENGINES
 from centra.core.answers import interpret
 from centra.core.backbone import EncoderConfig
 from centra.core.graph import MergedModel
@@ -20,10 +21,9 @@ from centra.core.merge import load_merged, model_folder
 from centra.core.overhead import TokenGroup, token_groups
 from centra.core.task import TaskSpec
 from centra.core.tokens import Encoded, check_texts, encode
-from centra.errors import CentraError
+from centra.errors import CentraError, FieldError, Name
 
 DEFAULT_BATCH_SIZE = 32
-ENGINES = ("torch", "onnx", "tensorrt")
 
 
 class Runner(Protocol):
@@ -95,6 +95,15 @@ class Engine:
             raise CentraError(f"{folder / 'manifest.json'}: unknown engine {name!r} (known: {', '.join(ENGINES)})")
         return cls(runner, load_tokenizer(folder / "tokenizer"), batch_size, manifest)
 
+    @classmethod
+    def load_many(cls, out: Path, engines: list[str | None], batch_size: int = DEFAULT_BATCH_SIZE) -> list[Engine]:
+        """One Engine per runtime name (None: the one the manifest names), all of the same version of `out`
+        (e.g. int8 ONNX beside the torch reference); refused when a version is published between the loads."""
+        loaded = [cls.load(out, batch_size, engine) for engine in engines]
+        if any(e.version != loaded[0].version for e in loaded[1:]):  # the pointer moved between two loads
+            raise CentraError(f"{out}: a new version was published while loading; run again")
+        return loaded
+
     @property
     def version(self) -> str:
         return self.manifest.version if self.manifest is not None else ""
@@ -119,14 +128,14 @@ class Engine:
         if not names:
             chosen = [s for s in self.specs.values() if has_pair or s.input == "single"]
             if not chosen:
-                raise CentraError("every task takes text pairs: give the second texts (--pair)")
+                raise FieldError("every task takes text pairs: give the second texts (", Name("pairs"), ")")
             return chosen
         out = []
         for name in dict.fromkeys(names):
             if name not in self.specs:
                 raise CentraError(f"unknown task {name!r} (known: {', '.join(sorted(self.specs))})")
             if self.specs[name].input == "pair" and not has_pair:
-                raise CentraError(f"task {name!r} takes text pairs: give the second texts (--pair)")
+                raise FieldError(f"task {name!r} takes text pairs: give the second texts (", Name("pairs"), ")")
             out.append(self.specs[name])
         return out
 

@@ -11,13 +11,13 @@ engine supplies `run_graph`, one graph on one batch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 
 from centra.core.backbone import EncoderConfig
-from centra.core.graph import MergedModel, tasks_by_layer
+from centra.core.graph import MergedModel, TrunkRows
 from centra.core.manifest import EngineInfo
 from centra.core.task import TaskSpec
 from centra.errors import CentraError
@@ -45,6 +45,18 @@ def graph_layout(specs: dict[str, TaskSpec] | list[TaskSpec]) -> list[dict]:
         start = end
     graphs += [{"name": branch_name(s.name), "kind": "branch", "task": s.name} for s in specs]
     return graphs
+
+
+def check_engine_field(folder: Path, info: EngineInfo | None, name: str, what: str, precision: str | None,
+                       precisions: tuple[str, ...]) -> None:
+    """A version's engine field names engine `name` (its graphs: `what`) in one of its `precisions`, or a
+    one-line refusal naming the manifest."""
+    source = Path(folder) / "manifest.json"
+    if info is None or info.name != name:
+        raise CentraError(f"{source}: this version has no {what} (merge with engine {name!r})")
+    if precision not in precisions:
+        raise CentraError(f"{source}: unknown {what.split()[0]} precision {precision!r} "
+                          f"(known: {', '.join(precisions)})")
 
 
 def layout_files(folder: Path, info: EngineInfo, layout: list[dict], key: str,
@@ -78,6 +90,19 @@ class GraphRunner:
         self.reference = reference
         # trunk segments by the layer they start after: 0 -> the first segment, ...
         self.segments = {g["first"] - 1: (g["name"], g["last"]) for g in layout if g["kind"] == "segment"}
+
+    @classmethod
+    def open(cls, folder: Path, info: EngineInfo, key: str, open_graph: Callable[[Path], object],
+             specs: dict[str, TaskSpec], cfg: EncoderConfig, precision: str, reference: MergedModel | None = None,
+             warm: bool = True, files: Mapping[str, str] | None = None, **kwargs) -> GraphRunner:
+        """A runner over the graphs of `specs`' layout in `folder`: each the file the engine field `info`
+        names under `key` (layout_files), opened by `open_graph(path)` (a session, a plan), warmed up."""
+        layout = graph_layout(specs)
+        graphs = {name: open_graph(path) for name, path in layout_files(folder, info, layout, key, files).items()}
+        runner = cls(specs, cfg, graphs, layout, precision, reference, **kwargs)
+        if warm:
+            runner.warm_up()
+        return runner
 
     def eval(self):  # the Engine calls model.eval(); graphs have no training mode
         return self
@@ -123,36 +148,26 @@ class GraphRunner:
         as the deepest task asked for; each branch on its rows; rows drop out of the trunk once no task
         they asked for attaches deeper. Logits come back on the CPU."""
         device = self.device
-        by_layer = tasks_by_layer(self.specs, wants)
-        # row bookkeeping stays on the CPU (no device sync); only index tensors go to the device
-        rows = {name: torch.as_tensor(r, dtype=torch.long).cpu() for name, r in wants.items()}
-        batch = input_ids.shape[0]
-        position = torch.arange(batch)  # batch row -> its row in the live tensors (-1: dropped)
-        live_rows = batch
+        rows = TrunkRows(self.specs, wants, input_ids.shape[0])
         mask = attention_mask.to(device=device, dtype=torch.long).contiguous()
         hidden = self.run_graph(EMBEDDINGS, input_ids=input_ids.to(device=device, dtype=torch.long).contiguous(),
                                 token_type_ids=token_type_ids.to(device=device, dtype=torch.long).contiguous())
         out: dict[str, torch.Tensor] = {}
         k = 0
         while True:
-            for name in by_layer.get(k, ()):
-                live = position[rows[name]]
-                if len(live) == live_rows and torch.equal(live, torch.arange(live_rows)):
+            for name, live in rows.branches(k):
+                if live is None:
                     h, m = hidden, mask
                 else:
                     index = live.to(device)
                     h, m = hidden[index].contiguous(), mask[index].contiguous()
                 out[name] = self.run_graph(branch_name(name), hidden=h, attention_mask=m)
-            deeper = [rows[n] for layer, names in by_layer.items() if layer > k for n in names]
-            if not deeper:
+            if k >= rows.depth:
                 return {name: logits.float().cpu() for name, logits in out.items()}
-            needed = torch.unique(torch.cat(deeper))
-            if len(needed) < live_rows:  # rows no deeper task wants leave the trunk here
-                keep = position[needed].to(device)
+            keep = rows.leave_after(k)
+            if keep is not None:
+                keep = keep.to(device)
                 hidden, mask = hidden[keep].contiguous(), mask[keep].contiguous()
-                position = torch.full((batch,), -1, dtype=torch.long)
-                position[needed] = torch.arange(len(needed))
-                live_rows = len(needed)
             if k not in self.segments:
                 raise CentraError(f"{type(self).__name__}: no trunk segment starts after layer {k}")
             name, k = self.segments[k]

@@ -15,15 +15,16 @@ from pathlib import Path
 
 import torch
 
+from centra.core import PRECISIONS as ENGINE_PRECISIONS
 from centra.core.backbone import EncoderConfig
 from centra.core.graph import MergedModel
 from centra.core.manifest import EngineInfo
 from centra.core.task import TaskSpec
 from centra.errors import CentraError
-from centra.runtime.graphs import GraphRunner, graph_layout, layout_files
+from centra.runtime.graphs import GraphRunner, check_engine_field
 
 ENGINE_NAME = "onnx"
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ENGINE_PRECISIONS[ENGINE_NAME]
 PROVIDER = "CPUExecutionProvider"
 
 
@@ -78,20 +79,10 @@ class OnnxRunner(GraphRunner):
              threads: int | None = None, warm: bool = True, files: Mapping[str, str] | None = None) -> OnnxRunner:
         """Sessions for a version folder's graphs (`info`: its manifest's engine field; `files`: the files
         its manifest hashed, the only ones a graph may name), warmed up."""
-        folder = Path(folder)
-        source = folder / "manifest.json"
-        if info is None or info.name != ENGINE_NAME:
-            raise CentraError(f"{source}: this version has no ONNX graphs (merge with --engine onnx)")
-        precision = precision or info.precision or "fp32"
-        if precision not in PRECISIONS:
-            raise CentraError(f"{source}: unknown ONNX precision {precision!r} (known: {', '.join(PRECISIONS)})")
-        layout = graph_layout(reference.specs)
-        sessions = {name: open_session(path, threads)
-                    for name, path in layout_files(folder, info, layout, precision, files).items()}
-        runner = cls(reference.specs, reference.cfg, sessions, layout, precision, reference)
-        if warm:
-            runner.warm_up()
-        return runner
+        precision = precision or (info.precision if info is not None else None) or "fp32"
+        check_engine_field(folder, info, ENGINE_NAME, "ONNX graphs", precision, PRECISIONS)
+        return cls.open(folder, info, precision, lambda path: open_session(path, threads), reference.specs,
+                        reference.cfg, precision, reference, warm, files)
 
     @property
     def runtime(self) -> str:

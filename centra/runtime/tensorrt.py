@@ -20,13 +20,14 @@ from pathlib import Path
 
 import torch
 
+from centra.core import PRECISIONS as ENGINE_PRECISIONS
 from centra.core.graph import MergedModel
 from centra.core.manifest import EngineInfo
 from centra.errors import CentraError
-from centra.runtime.graphs import GraphRunner, graph_layout, layout_files
+from centra.runtime.graphs import GraphRunner, check_engine_field
 
 ENGINE_NAME = "tensorrt"
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ENGINE_PRECISIONS[ENGINE_NAME]
 TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "INT64": torch.int64, "INT32": torch.int32,
                 "BOOL": torch.bool, "INT8": torch.int8}
 
@@ -117,13 +118,8 @@ class TensorRTRunner(GraphRunner):
              files: Mapping[str, str] | None = None) -> TensorRTRunner:
         """Plans of a version folder (`info`: its manifest's engine field; `files`: the files its manifest
         hashed), deserialized on the current GPU."""
-        folder = Path(folder)
-        source = folder / "manifest.json"
-        if info is None or info.name != ENGINE_NAME:
-            raise CentraError(f"{source}: this version has no TensorRT plans (merge with --engine tensorrt)")
-        if info.precision not in PRECISIONS:
-            raise CentraError(f"{source}: unknown TensorRT precision {info.precision!r} "
-                              f"(known: {', '.join(PRECISIONS)})")
+        check_engine_field(folder, info, ENGINE_NAME, "TensorRT plans", info.precision if info else None, PRECISIONS)
+        source = Path(folder) / "manifest.json"
         trt = import_tensorrt()
         if info.tensorrt and info.tensorrt != trt.__version__:
             raise CentraError(f"{source}: the plans were built by TensorRT {info.tensorrt}; this is "
@@ -134,14 +130,9 @@ class TensorRTRunner(GraphRunner):
             raise CentraError(f"{source}: the plans were built on {info.device} (compute capability "
                               f"{info.compute_capability}); this GPU is {torch.cuda.get_device_name(device)} "
                               f"({here}): merge again on this machine")
-        layout = graph_layout(reference.specs)
         runtime = trt.Runtime(trt_logger(trt))  # kept alive by the engines it deserializes
-        plans = {name: Plan(trt, runtime, path, device)
-                 for name, path in layout_files(folder, info, layout, "plan", files).items()}
-        runner = cls(reference.specs, reference.cfg, plans, layout, info.precision, reference, device)
-        if warm:
-            runner.warm_up()
-        return runner
+        return cls.open(folder, info, "plan", lambda path: Plan(trt, runtime, path, device), reference.specs,
+                        reference.cfg, info.precision, reference, warm, files, device=device)
 
     @property
     def runtime(self) -> str:

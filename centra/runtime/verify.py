@@ -14,30 +14,9 @@ import torch
 
 from centra.core.backbone import Backbone, EncoderLayer
 from centra.core.graph import StandaloneModel
+from centra.core.texts import SAMPLE_PAIRS, SAMPLE_TEXTS
 from centra.errors import CentraError
 from centra.runtime.engine import Engine
-
-SAMPLE_TEXTS = [
-    "The delivery was late again and nobody answered my emails.",
-    "great product, works as described",
-    "How do I change the billing address on my account?",
-    "I love it!",
-    "The app crashes every time I open the settings page after the latest update, which makes it "
-    "impossible to switch notifications off, and support has not replied for a week.",
-    "Can you set an alarm for seven tomorrow morning?",
-    "meh",
-    "Refund please. The package arrived broken and the box was soaked.",
-]
-SAMPLE_PAIRS = [
-    "Shipping took far longer than promised.",
-    "The product is good.",
-    "Where can I update my payment details?",
-    "I hate it.",
-    "Updating the app broke the settings screen.",
-    "Wake me up at 7 am tomorrow.",
-    "It is fine, I guess.",
-    "The parcel was damaged on arrival, I want my money back.",
-]
 
 
 @dataclass

@@ -42,7 +42,7 @@ class BenchOptions:
     tasks_per_call: str = "mixed"  # mixed: random non-empty subsets of the single-text tasks; all: every one
     seed: int = 0
     call_timeout_s: float = 30.0
-    flood: int = 0  # after the window: threads sending 4 MB calls beside one valid client (0: none)
+    flood: int = 0  # after the window: 4 MB calls, this many at once every second, beside one valid client
 
     def check(self) -> None:
         """One-line refusals, before anything is loaded."""
@@ -218,8 +218,8 @@ def bench_server(engine: Engine, texts: list[str], options: BenchOptions,
         window = drive(running, calls, options)
         flooded = {}
         if options.flood:
-            progress(f"flood: one client alone for {options.seconds:g} s, then beside {options.flood} threads "
-                     f"sending 4 MB calls for {options.seconds:g} s")
+            progress(f"flood: one client alone for {options.seconds:g} s, then beside {options.flood} 4 MB calls "
+                     f"at once every second for {options.seconds:g} s")
             flooded = flood(running, calls, options.flood, options)
     if not window.calls:
         raise CentraError(f"no call was answered in {options.seconds:g} s"
@@ -262,9 +262,10 @@ def rss_mb() -> float:
 
 def flood(running: BackgroundServer, calls: list[Call], senders: int, options: BenchOptions) -> dict:
     """Oversized calls against the running server while one client keeps sending valid one-text calls
-    (both from the client process): a window of the valid calls alone, then one with `senders` threads
-    sending 4 MB ClassifyRequests (2,000,000 empty inputs) back to back. Figures: how each flood call was
-    answered and how fast, the valid calls' latency in both windows, and the server process's RSS."""
+    (both from the client process): a window of the valid calls alone, then one in which `senders` 4 MB
+    ClassifyRequests (2,000,000 empty inputs each) arrive at once at the start of every second. Figures:
+    how each flood call was answered and how fast, the valid calls' latency in both windows, and the
+    server process's RSS."""
     alone, _, rss_alone = clients_process(running, calls, 1, options, {})
     beside, _, rss_beside = clients_process(running, calls, 1, options, {}, flood_senders=senders)
     refusals = beside["flood_latencies"]

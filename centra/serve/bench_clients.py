@@ -10,8 +10,9 @@ process, its imports done, writes {"ready": true}; the parent writes the window 
 wall-clock seconds, t0 a warm-up away); the clients open one channel each, build their requests and call
 Classify back to back until t1 (the calls before t0 are the warm-up), and this process writes the result:
 calls answered within the window, errors, the first error, and the latency of every call started within
-it. With "flood_senders": N, N more threads send ClassifyRequests of "flood_inputs" empty inputs back to
-back, and the result adds each one's time and status code. Imports grpc and the generated messages only.
+it. With "flood_senders": N, N more threads each send one ClassifyRequest of "flood_inputs" empty inputs
+at the start of every second of the window (N at once), and the result adds each one's time and code.
+Imports grpc and the generated messages only.
 """
 
 from __future__ import annotations
@@ -63,19 +64,22 @@ def run(job: dict, window: dict, huge: bytes = b"") -> dict:
             result["first_error"] = result["first_error"] or first_error
             result["latencies"] += latencies
 
-    def flooder(channel) -> None:  # oversized calls back to back, each answer's code and time kept
+    def flooder(channel) -> None:  # oversized calls, each answer's code and time kept
         call = channel.unary_unary("/centra.v1.Classifier/Classify", request_serializer=None,
                                    response_deserializer=None)
-        times, codes = [], {}
+        times, codes, tick = [], {}, window["start"]
         while (sent := time.time()) < window["end"]:
+            if sent < tick:  # one call per sender per second, all senders at once: a burst every second
+                time.sleep(tick - sent)
+                continue
+            tick += 1.0
             try:
                 call(huge, timeout=job["timeout"])
                 code = "OK"
             except grpc.RpcError as exc:
                 code = exc.code().name
-            if sent >= window["start"]:
-                times.append(time.time() - sent)
-                codes[code] = codes.get(code, 0) + 1
+            times.append(time.time() - sent)
+            codes[code] = codes.get(code, 0) + 1
         with lock:
             result["flood_latencies"] += times
             for code, count in codes.items():

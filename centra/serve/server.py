@@ -24,6 +24,7 @@ from centra.errors import CentraError
 from centra.runtime.engine import Engine
 from centra.serve.batcher import Batcher
 from centra.serve.convert import Limits, ServeError, parser, response_to_pb, rows_from_pb, tasks_to_pb
+from centra.serve.memory import fix_mmap_threshold
 
 log = logging.getLogger("centra.serve")
 SERVICE = "centra.v1.Classifier"
@@ -177,6 +178,7 @@ class CentraServer:
         from grpc_reflection.v1alpha import reflection
 
         opts = self.options
+        fix_mmap_threshold()  # received messages of several MB go back to the system when freed (memory.py)
         server = grpc.aio.server(interceptors=self.interceptors, maximum_concurrent_rpcs=opts.max_concurrent_rpcs,
                                  options=[("grpc.max_receive_message_length", opts.receive_bytes),
                                           # a port in use is an error, not a second server sharing it

@@ -22,7 +22,7 @@ from types import NoneType, UnionType
 from typing import Any, get_args, get_type_hints
 
 from centra.core import POOLINGS
-from centra.errors import CentraError
+from centra.errors import FieldError, Name
 
 SEARCHES = ("halving", "full")
 # A quarter-epoch first rung cut the full search's winner on CoLA and RTE (2,500-8,500 examples: every L
@@ -31,21 +31,9 @@ FIRST_RUNG = 1.0
 REFERENCE_EPOCHS = 3  # the full fine-tuning reference trains as the papers do: 3 epochs
 
 
-class Name(str):
-    """A field's name inside an error message: whoever prints the message may write it another way
-    (the CLI as its flag, a recipe as training.KEY)."""
-
-
-class SettingError(CentraError):
+class SettingError(FieldError):
     """A setting, or another named input of a job, refused before any compute. The message names it
     by its field name; `named` writes each name another way."""
-
-    def __init__(self, *parts: str):
-        super().__init__("".join(parts))
-        self.parts = parts
-
-    def named(self, name: Callable[[str], str]) -> str:
-        return "".join(name(p) if isinstance(p, Name) else p for p in self.parts)
 
 
 def refused(name: str, detail: str) -> SettingError:

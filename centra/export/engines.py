@@ -1,0 +1,82 @@
+"""The runtime a merged version is built for, and `merge`: validate task folders, build the engine's files
+(ONNX graphs, TensorRT plans) into the staged version, publish it.
+
+The engine x precision rules live here, checked before any work. A refusal is a FieldError naming the
+inputs by field (engine, precision, calibration, max_batch); the CLI writes them as its flags. Light to
+import: torch, onnx and tensorrt are imported when a merge runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from centra.core import DEFAULT_TASKS_DIR, ENGINES, PRECISIONS
+from centra.errors import FieldError, Name
+from centra.io import DEFAULT_KEEP_VERSIONS
+
+if TYPE_CHECKING:
+    from centra.core.manifest import EngineInfo, Manifest
+
+DEFAULT_PRECISION = {"onnx": "fp32", "tensorrt": "fp16"}
+Sequences = tuple[list[str], list[tuple[str, str]]]  # texts, and text pairs (core.texts.read_sequences_file)
+
+
+def check_engine_options(engine: str, precision: str | None = None, calibration: object = None,
+                         max_batch: int | None = None) -> None:
+    """The engine x precision rules: a precision the engine has; calibration texts and max_batch for
+    TensorRT only; calibration texts exactly when TensorRT builds int8 plans."""
+    if engine not in ENGINES:
+        raise FieldError(Name("engine"), f" {engine!r} is unknown (known: {', '.join(ENGINES)})")
+    if precision is not None and precision not in PRECISIONS.get(engine, ()):
+        known = [part for e, p in PRECISIONS.items() for part in ("; ", Name("engine"), f" {e}: {', '.join(p)}")]
+        raise FieldError(Name("precision"), f" {precision} does not apply to ", Name("engine"), f" {engine} (",
+                         *known[1:], ")")
+    if max_batch is not None and max_batch < 1:
+        raise FieldError(Name("max_batch"), f" must be >= 1, not {max_batch}")
+    if (calibration or max_batch) and engine != "tensorrt":
+        raise FieldError(Name("calibration"), " and ", Name("max_batch"), " apply to ", Name("engine"), " tensorrt")
+    if engine == "tensorrt" and (precision == "int8") != bool(calibration):
+        raise FieldError(Name("engine"), " tensorrt ", Name("precision"), " int8 needs ", Name("calibration"),
+                         " FILE (a few hundred dev texts, one per line), and ", Name("calibration"),
+                         " applies to int8 only")
+
+
+def extender(engine: str, precision: str | None = None, calibration: Path | str | Sequences | None = None,
+             max_batch: int | None = None, progress: bool = True) -> Callable[[Path, Manifest], EngineInfo] | None:
+    """write_merged's `extend` for the engine (None for torch: its files are in every version). TensorRT
+    int8 calibrates on `calibration`: a texts file (text<TAB>second text for pair tasks) or its texts."""
+    check_engine_options(engine, precision, calibration, max_batch)
+    if engine == "onnx":
+        from centra.export.onnx import onnx_extender
+
+        return onnx_extender(precision or DEFAULT_PRECISION[engine], progress=progress)
+    if engine == "tensorrt":
+        from centra.core.texts import read_sequences_file
+        from centra.export.tensorrt import DEFAULT_MAX_BATCH, tensorrt_extender
+
+        texts = read_sequences_file(Path(calibration)) if isinstance(calibration, (str, Path)) else calibration
+        return tensorrt_extender(precision or DEFAULT_PRECISION[engine], texts, max_batch or DEFAULT_MAX_BATCH,
+                                 progress)
+    return None
+
+
+def merge(tasks_dirs: Sequence[Path | str] | Path | str | None, out: Path | str, *, engine: str = "torch",
+          precision: str | None = None, calibration: Path | str | Sequences | None = None,
+          max_batch: int | None = None, backbone: str | None = None,
+          keep_versions: int = DEFAULT_KEEP_VERSIONS, progress: bool = True) -> Manifest:
+    """Validate every task folder of `tasks_dirs` (default: tasks/), build the files `engine` runs (ONNX
+    graphs checked against torch; TensorRT plans on this GPU) and publish them as a new version of `out`;
+    its manifest. Every check comes before any work: OUT is never written over a user's file or folder."""
+    from centra.core.merge import MODEL_KIND, plan_merge, write_merged
+    from centra.io import check_replaceable, check_writable_parent
+
+    out = Path(out)
+    check_writable_parent(out)
+    check_replaceable(out, MODEL_KIND)
+    extend = extender(engine, precision, calibration, max_batch, progress)
+    if isinstance(tasks_dirs, (str, Path)):
+        tasks_dirs = [tasks_dirs]
+    plan = plan_merge([Path(d) for d in tasks_dirs or [DEFAULT_TASKS_DIR]], backbone)
+    return write_merged(plan, out, keep_versions=keep_versions, extend=extend)

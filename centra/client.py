@@ -45,8 +45,11 @@ class Client:
         self.target = target
         self.timeout = timeout
         self.metadata = tuple(metadata)
-        self._channel = (grpc.secure_channel(target, credentials) if credentials is not None
-                         else grpc.insecure_channel(target))
+        # No receive limit of the client's own: a valid call's answer (hundreds of tasks x 256 inputs) may
+        # pass gRPC's 4 MiB default; the server bounds what it sends by what it accepts.
+        options = [("grpc.max_receive_message_length", -1)]
+        self._channel = (grpc.secure_channel(target, credentials, options=options) if credentials is not None
+                         else grpc.insecure_channel(target, options=options))
         self._stub = centra_pb2_grpc.ClassifierStub(self._channel)
         # model (its content id, see model_key) -> its tasks (from ListTasks): a model rebuilt under the
         # same version name has another id, so its answers are never read with the old labels

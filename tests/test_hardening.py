@@ -81,6 +81,11 @@ def test_a_message_over_the_limit_is_refused_on_its_length_unparsed():
 
     refused = parser(NeverParsed, 100)(b"x" * 101)
     assert isinstance(refused, Unparsed) and "101 bytes; the limit is 100" in refused.message
+    # Under the byte limit, but more inputs than allowed: counted by walking the top-level fields, unparsed
+    empty = pb.ClassifyRequest(inputs=[pb.Input()] * 500_000, tasks=["alpha"]).SerializeToString()
+    counted = parser(NeverParsed, len(empty), {1: (256, "inputs"), 2: (1024, "task names")})(empty)
+    assert isinstance(counted, Unparsed) and counted.message == "more than 256 inputs in one call; the limit is 256"
+    assert parser(pb.ClassifyRequest, None, {1: (256, "inputs")})(b"\n\x00" * 256).inputs  # 256 pass
     limits = Limits(max_inputs=4, max_bytes=1000, max_task_names=8)
     largest = pb.ClassifyRequest(inputs=[pb.Input(text="x" * 247, text_pair="y", id="z")] * 4, tasks=["t" * 1] * 8)
     assert len(largest.SerializeToString()) <= limits.wire_bytes, "a valid call always fits the wire limit"
@@ -119,7 +124,7 @@ def test_task_names_count_toward_the_bytes_and_their_number_is_bounded(serve, en
     assert err.value.code() == CODE.INVALID_ARGUMENT and "1,050,000 bytes" in err.value.details()
     with pytest.raises(grpc.RpcError) as err:
         run.stub.Classify(request(["a"], ["alpha"] * 1025), timeout=10)
-    assert err.value.code() == CODE.INVALID_ARGUMENT and "1,025 task names" in err.value.details()
+    assert err.value.code() == CODE.INVALID_ARGUMENT and "more than 1,024 task names" in err.value.details()
 
 
 def test_a_huge_task_name_is_not_found_in_a_short_message(serve, engine):
@@ -133,8 +138,8 @@ def test_a_huge_task_name_is_not_found_in_a_short_message(serve, engine):
 def test_a_caller_without_the_token_is_refused_before_its_message_is_parsed(engine, monkeypatch):
     parsed: list[int] = []
 
-    def counting(message_type, max_bytes=None):
-        parse = parser(message_type, max_bytes)
+    def counting(message_type, *limits):
+        parse = parser(message_type, *limits)
         return lambda data: parsed.append(len(data)) or parse(data)
 
     monkeypatch.setattr(server_module, "parser", counting)

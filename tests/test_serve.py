@@ -221,7 +221,7 @@ BAD = [  # name, request, code, part of the message
     ("pairs on some inputs", request(["a", "b"], (), ["x", ""]), CODE.INVALID_ARGUMENT, "input 0 has a text_pair"),
     ("blank pair", request(["a"], ["delta"], [" "]), CODE.INVALID_ARGUMENT, "pair text 0 is empty"),
     ("unknown task", request(["a"], ["alpha", "nope"]), CODE.NOT_FOUND, "unknown task 'nope'"),
-    ("too many inputs", request(["a"] * 257), CODE.INVALID_ARGUMENT, "257 inputs in one call"),
+    ("too many inputs", request(["a"] * 257), CODE.INVALID_ARGUMENT, "more than 256 inputs in one call"),
     ("too many bytes", request(["xy " * 33_000] * 10 + ["z" * 60_000]), CODE.INVALID_ARGUMENT, "1,050,000 bytes"),
     ("too large a message", request(["xy " * 33_000] * 11), CODE.INVALID_ARGUMENT,
      "the ClassifyRequest has 1,089,"),

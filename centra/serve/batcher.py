@@ -247,8 +247,9 @@ class Batcher:
         rows = 0
         while self._pending:
             call = self._pending[0]
-            if call.released:
+            if call.released or call.future.done():  # cancelled, its release callback not run yet
                 self._pending.popleft()
+                self._release(call)
                 continue
             if calls and rows + len(call.rows) > self.max_batch:
                 break

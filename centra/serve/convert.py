@@ -1,9 +1,9 @@
 """Protocol buffers <-> the engine: a ClassifyRequest checked and turned into Rows before it is queued,
 RowResults turned into a ClassifyResponse, the served model described as a ListTasksResponse.
 
-Work per call is bounded before any check: the raw message is refused on its length alone before it is
-parsed (`parser`), then counts (inputs, task names) are read in O(1) before anything is materialised,
-then sizes. Names echoed in messages are cut (`shown`), so no refusal outgrows gRPC's metadata limit.
+Work per call is bounded before any check: the raw message is refused on its length alone, or on its
+count of inputs or task names (a walk over its top-level fields that stops at the limit), before it is
+parsed (`parser`); then sizes. Names echoed in messages are cut (`shown`), so no refusal outgrows gRPC's metadata limit.
 
 No grpc here; the generated message module (protobuf only) is imported inside the functions.
 """
@@ -61,9 +61,11 @@ class Unparsed:
         self.message = message
 
 
-def parser(message_type, max_bytes: int | None = None):
+def parser(message_type, max_bytes: int | None = None, max_counts: dict[int, tuple[int, str]] | None = None):
     """Request deserializer for a handler: bytes -> message, or Unparsed. Bytes over `max_bytes` are
-    never parsed."""
+    never parsed; nor is a message with more than N repeated top-level fields of a number in
+    `max_counts` ({field number: (N, what)}), counted by walking the top-level fields (the walk stops
+    at the first one over its limit, so it costs at most the limits, never the message's size)."""
     from google.protobuf.message import DecodeError
 
     name = message_type.DESCRIPTOR.name
@@ -72,11 +74,55 @@ def parser(message_type, max_bytes: int | None = None):
         if max_bytes is not None and len(data) > max_bytes:
             return Unparsed(f"the {name} has {len(data):,} bytes; the limit is {max_bytes:,} "
                             "(fewer inputs or shorter texts per call)")
+        over = over_count(data, max_counts) if max_counts else None
+        if over is not None:
+            return Unparsed(over)
         try:
             return message_type.FromString(data)
         except DecodeError:
             return Unparsed(f"the {name} could not be parsed (is every string valid UTF-8?)")
     return parse
+
+
+def over_count(data: bytes, max_counts: dict[int, tuple[int, str]]) -> str | None:
+    """Why the message carries too many of a counted field, or None (also for malformed bytes: the
+    parser then says so)."""
+    counts: dict[int, int] = {}
+    pos, end = 0, len(data)
+    while pos < end:
+        tag, pos = _varint(data, pos)
+        if tag is None:
+            return None
+        field, wire = tag >> 3, tag & 7
+        if wire == 2:
+            length, pos = _varint(data, pos)
+            if length is None:
+                return None
+            pos += length
+        elif wire == 0:
+            _, pos = _varint(data, pos)
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        else:
+            return None
+        if field in max_counts:
+            counts[field] = counts.get(field, 0) + 1
+            limit, what = max_counts[field]
+            if counts[field] > limit:
+                return f"more than {limit:,} {what} in one call; the limit is {limit:,}"
+    return None
+
+
+def _varint(data: bytes, pos: int) -> tuple[int | None, int]:
+    value, shift = 0, 0
+    while pos < len(data) and shift < 64:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+    return None, pos
 
 
 def shown(name: str) -> str:

@@ -24,12 +24,12 @@ from centra.errors import CentraError
 from centra.runtime.engine import Engine
 from centra.serve.batcher import Batcher
 from centra.serve.convert import Limits, ServeError, parser, response_to_pb, rows_from_pb, tasks_to_pb
-from centra.serve.memory import fix_mmap_threshold
 
 log = logging.getLogger("centra.serve")
 SERVICE = "centra.v1.Classifier"
 MAX_MESSAGE = 1000  # characters of an error message sent to a caller
 RECEIVE_FACTOR = 4  # gRPC's receive limit, in largest valid calls
+MAX_RECEIVE = 2**31 - 1  # gRPC's limits are C ints
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,9 @@ class ServeOptions:
         for name in ("max_wait_ms", "grace_s", "drain_s"):
             if not getattr(self, name) >= 0:  # also refuses NaN
                 raise CentraError(f"{name} must be >= 0, not {getattr(self, name)}")
+        if self.receive_bytes > MAX_RECEIVE:
+            raise CentraError(f"--max-call-bytes {self.max_call_bytes:,} with --max-inputs-per-call "
+                              f"{self.max_inputs_per_call:,} asks gRPC to receive more than {MAX_RECEIVE:,} bytes")
         if self.max_queue < self.max_inputs_per_call:
             raise CentraError(f"--max-queue ({self.max_queue}) must be >= --max-inputs-per-call "
                               f"({self.max_inputs_per_call}), or the largest allowed call could never be queued")
@@ -137,12 +140,14 @@ def add_classifier(server, servicer: ClassifierServicer, max_bytes: int | None =
 
     from centra.serve.v1 import centra_pb2 as pb
 
+    limits = servicer.limits
+    counts = {1: (limits.max_inputs, "inputs"), 2: (limits.max_task_names, "task names")}  # ClassifyRequest's
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(getattr(servicer, name),
-                                                  request_deserializer=parser(request, max_bytes),
+                                                  request_deserializer=parser(request, max_bytes, counted),
                                                   response_serializer=response.SerializeToString)
-        for name, request, response in (("Classify", pb.ClassifyRequest, pb.ClassifyResponse),
-                                        ("ListTasks", pb.ListTasksRequest, pb.ListTasksResponse))}
+        for name, request, response, counted in (("Classify", pb.ClassifyRequest, pb.ClassifyResponse, counts),
+                                                 ("ListTasks", pb.ListTasksRequest, pb.ListTasksResponse, None))}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
 
@@ -178,7 +183,6 @@ class CentraServer:
         from grpc_reflection.v1alpha import reflection
 
         opts = self.options
-        fix_mmap_threshold()  # received messages of several MB go back to the system when freed (memory.py)
         server = grpc.aio.server(interceptors=self.interceptors, maximum_concurrent_rpcs=opts.max_concurrent_rpcs,
                                  options=[("grpc.max_receive_message_length", opts.receive_bytes),
                                           # a port in use is an error, not a second server sharing it

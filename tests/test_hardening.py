@@ -176,6 +176,20 @@ def test_calls_in_progress_are_bounded(serve, engine):
     assert all(len(f.result(timeout=20).results) == 1 for f in held)
 
 
+def test_an_engine_fault_is_internal_even_when_it_is_a_centra_error(serve, engine, caplog):
+    from centra.errors import CentraError
+
+    class Broken(Gated):
+        def run(self, rows):
+            raise CentraError("graph file vanished")  # a server fault, not the caller's
+
+    run = serve(Broken(engine))
+    with pytest.raises(grpc.RpcError) as err:
+        run.stub.Classify(request(["fine text"]), timeout=10)
+    assert err.value.code() == CODE.INTERNAL and "vanished" not in err.value.details()
+    assert "graph file vanished" in caplog.text, "the fault goes to the server log"
+
+
 # --- queue space and the model a queued call runs on --------------------------------------------------
 
 

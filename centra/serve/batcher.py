@@ -31,6 +31,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from centra.errors import CentraError
 from centra.runtime.engine import Engine, Row, RowResult
 from centra.serve.convert import ServeError
 
@@ -364,8 +365,14 @@ def fits(rows: list[Row], engine: Engine) -> list[Row]:
 
 
 def _run_engine(engine: Engine, rows: list[Row]) -> list[RowResult]:
-    """On the engine worker: run the rows and interpret their logits (no tensor work on the event loop)."""
-    results = engine.run(rows)
+    """On the engine worker: run the rows and interpret their logits (no tensor work on the event loop).
+    The rows were checked before they were queued: whatever fails here is the server's fault, so a
+    CentraError (which the servicer would answer INVALID_ARGUMENT) becomes a server fault (INTERNAL,
+    logged)."""
+    try:
+        results = engine.run(rows)
+    except CentraError as exc:
+        raise RuntimeError(f"the engine failed on checked rows: {exc}") from exc
     if len(results) != len(rows):
         raise RuntimeError(f"the engine returned {len(results)} results for {len(rows)} rows")
     return engine.interpret_all(results)

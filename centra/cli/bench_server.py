@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from centra.cli import non_negative_float, positive_float, positive_int
+from centra.cli import flags_named, non_negative_float, positive_float, positive_int
 
 
 def cmd_bench_server(args: argparse.Namespace) -> int:
@@ -26,7 +26,8 @@ def cmd_bench_server(args: argparse.Namespace) -> int:
     options = BenchOptions(concurrency=args.concurrency, seconds=args.seconds, warmup=args.warmup,
                            max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                            tasks_per_call=args.tasks_per_call, flood=args.flood)
-    options.check()  # options, texts and the model folder are checked before the model loads
+    with flags_named():  # options, texts and the model folder are checked before the model loads
+        options.check()
     if args.texts:
         texts = read_texts_file(Path(args.texts))
         source = f"{len(texts)} texts of {args.texts}"

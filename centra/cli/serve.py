@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from centra.cli import flags_named
 from centra.errors import CentraError
 
 
@@ -33,8 +34,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = AppOptions(metrics_host=args.host, metrics_port=None if args.no_metrics else args.metrics_port,
                      watch=not args.no_watch, tls_cert=_path(args.tls_cert), tls_key=_path(args.tls_key),
                      token_file=_path(args.token_file), engine=args.engine)
-    options.check()  # before the model is loaded
-    app.check()
+    with flags_named():  # before the model is loaded
+        options.check()
+        app.check()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
     def ready(server, metrics_port) -> None:

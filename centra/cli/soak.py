@@ -11,6 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
+from centra.cli import flags_named
 from centra.errors import CentraError
 
 
@@ -35,7 +36,8 @@ def cmd_soak(args: argparse.Namespace) -> int:
     from centra.serve.soak import SoakOptions, run_soak
 
     options = SoakOptions(minutes=args.minutes, clients=args.clients, seed=args.seed, engine=args.engine)
-    options.check()
+    with flags_named("soak"):
+        options.check()
     extend = merge_extend(Path(args.model), args.engine)
 
     def progress(line: str) -> None:

@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from centra.cli import flags_named
+
 ENGINES = ("onnx", "tensorrt")  # centra.export.triton.ENGINES, without importing torch to build the parser
 
 
 def cmd_export_triton(args: argparse.Namespace) -> int:
     from centra.export.triton import export_triton
 
-    summary = export_triton(Path(args.model), Path(args.repo), engine=args.engine, precision=args.precision,
-                            max_batch=args.max_batch)
+    with flags_named("export-triton"):
+        summary = export_triton(Path(args.model), Path(args.repo), engine=args.engine, precision=args.precision,
+                                max_batch=args.max_batch)
     models = [m for g in summary["groups"] for m in (g["tokenizer_model"], g["graph_model"])]
     tasks = sum(len(g["tasks"]) for g in summary["groups"])
     print(f"wrote Triton model repository {args.repo} from version {summary['source_version']} "

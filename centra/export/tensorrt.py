@@ -39,7 +39,7 @@ from centra.core.manifest import EngineInfo, Manifest
 from centra.core.overhead import token_groups
 from centra.core.task import max_positions
 from centra.core.tokens import encode
-from centra.errors import CentraError
+from centra.errors import CentraError, FieldError, Name
 from centra.progress import progress_bar, progress_line
 from centra.runtime.engine import Engine
 from centra.runtime.graphs import graph_layout
@@ -270,10 +270,10 @@ def build_tensorrt(model: MergedModel, tokenizer, folder: Path, precision: str,
     if precision not in PRECISIONS:
         raise CentraError(f"unknown TensorRT precision {precision!r} (known: {', '.join(PRECISIONS)})")
     if max_batch < 1:
-        raise CentraError(f"--max-batch must be at least 1 (got {max_batch})")
+        raise FieldError(Name("max_batch"), f" must be at least 1 (got {max_batch})")
     if precision == "int8" and not calibration:
-        raise CentraError("TensorRT int8 needs calibration texts (--calibration FILE: a few hundred dev texts, "
-                          "one per line); the sample texts are what the build is checked on")
+        raise FieldError("TensorRT int8 needs calibration texts (", Name("calibration"), ": a file of a few hundred "
+                         "dev texts, one per line); the sample texts are what the build is checked on")
     trt = import_tensorrt()
     folder = Path(folder)
     onnx_info = export_onnx(model, folder, "fp32", progress=progress, style="portable")

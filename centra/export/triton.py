@@ -41,7 +41,7 @@ from centra.core.merge import load_merged, model_folder
 from centra.core.overhead import TokenGroup, token_groups
 from centra.core.task import TaskSpec
 from centra.core.tokens import encode
-from centra.errors import CentraError
+from centra.errors import CentraError, FieldError, Name
 from centra.export.onnx import FP32_TOLERANCE, export_onnx
 from centra.runtime.engine import Engine
 from centra.runtime.graphs import graph_layout
@@ -324,10 +324,10 @@ def export_triton(model: Path, repo: Path, engine: str = ENGINE_NAME, precision:
         raise CentraError(f"export-triton: unknown engine {engine!r} (known: {', '.join(ENGINES)})")
     known = ENGINE_PRECISIONS[engine]
     if precision is not None and precision not in known:
-        raise CentraError(f"export-triton: precision {precision!r} does not apply to --engine {engine} (known: "
-                          f"{', '.join(known)})")
+        raise FieldError(f"precision {precision!r} does not apply to ", Name("engine"), f" {engine} (known: "
+                         f"{', '.join(known)})")
     if max_batch < 1:
-        raise CentraError(f"export-triton: --max-batch must be >= 1, not {max_batch}")
+        raise FieldError(Name("max_batch"), f" must be >= 1, not {max_batch}")
     repo = Path(repo)
     io.check_writable_parent(repo)
     io.check_replaceable(repo, KIND)  # before any work: never over a user's folder

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from centra.errors import CentraError
+from centra.errors import CentraError, FieldError, Name
 from centra.runtime.engine import Engine, Row
 from centra.serve.metrics import Metrics, metrics_interceptor
 from centra.serve.reload import DEFAULT_INTERVAL, ModelWatcher, in_fresh_thread
@@ -36,9 +36,9 @@ class AppOptions:
 
     def check(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
-            raise CentraError("give both --tls-cert and --tls-key, or neither")
+            raise FieldError("give both ", Name("tls_cert"), " and ", Name("tls_key"), ", or neither")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            raise CentraError(f"--metrics-port must be in 0..65535, not {self.metrics_port}")
+            raise FieldError(Name("metrics_port"), f" must be in 0..65535, not {self.metrics_port}")
         if not self.watch_interval > 0:
             raise CentraError(f"the watch interval must be > 0 seconds, not {self.watch_interval}")
         if self.tls_cert is not None:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from centra.errors import CentraError
+from centra.errors import CentraError, FieldError, Name
 from centra.runtime.engine import Engine, Row
 from centra.serve.background import BackgroundServer
 from centra.serve.batcher import BatchRecord
@@ -47,15 +47,15 @@ class BenchOptions:
     def check(self) -> None:
         """One-line refusals, before anything is loaded."""
         if self.concurrency < 1:
-            raise CentraError(f"--concurrency must be >= 1, not {self.concurrency}")
+            raise FieldError(Name("concurrency"), f" must be >= 1, not {self.concurrency}")
         if not (self.seconds > 0 and math.isfinite(self.seconds)):
-            raise CentraError(f"--seconds must be a finite number > 0, not {self.seconds}")
+            raise FieldError(Name("seconds"), f" must be a finite number > 0, not {self.seconds}")
         if not (self.warmup >= 0 and math.isfinite(self.warmup)):
-            raise CentraError(f"--warmup must be a finite number >= 0, not {self.warmup}")
+            raise FieldError(Name("warmup"), f" must be a finite number >= 0, not {self.warmup}")
         if self.flood < 0:
-            raise CentraError(f"--flood must be >= 0, not {self.flood}")
+            raise FieldError(Name("flood"), f" must be >= 0, not {self.flood}")
         if self.tasks_per_call not in MODES:
-            raise CentraError(f"--tasks-per-call must be one of {', '.join(MODES)}, not {self.tasks_per_call!r}")
+            raise FieldError(Name("tasks_per_call"), f" must be one of {', '.join(MODES)}, not {self.tasks_per_call!r}")
         self.serve_options.check()
 
     @property

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from centra.errors import CentraError
+from centra.errors import CentraError, FieldError, Name
 from centra.runtime.engine import Engine
 from centra.serve.batcher import Batcher
 from centra.serve.convert import Limits, ServeError, parser, response_to_pb, rows_from_pb, tasks_to_pb
@@ -48,21 +48,21 @@ class ServeOptions:
     def check(self) -> None:
         """One-line refusals of bad options, before anything is loaded."""
         if not self.host:
-            raise CentraError("--host must not be empty")
+            raise FieldError(Name("host"), " must not be empty")
         if not 0 <= self.port <= 65535:
-            raise CentraError(f"--port must be in 0..65535, not {self.port}")
+            raise FieldError(Name("port"), f" must be in 0..65535, not {self.port}")
         for name in ("max_batch", "max_queue", "max_inputs_per_call", "max_call_bytes", "max_concurrent_rpcs"):
             if getattr(self, name) < 1:
-                raise CentraError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(self, name)}")
+                raise FieldError(Name(name), f" must be >= 1, not {getattr(self, name)}")
         for name in ("max_wait_ms", "grace_s", "drain_s"):
             if not getattr(self, name) >= 0:  # also refuses NaN
-                raise CentraError(f"{name} must be >= 0, not {getattr(self, name)}")
+                raise FieldError(Name(name), f" must be >= 0, not {getattr(self, name)}")
         if self.receive_bytes > MAX_RECEIVE:
-            raise CentraError(f"--max-call-bytes {self.max_call_bytes:,} with --max-inputs-per-call "
-                              f"{self.max_inputs_per_call:,} asks gRPC to receive more than {MAX_RECEIVE:,} bytes")
+            raise FieldError(Name("max_call_bytes"), f" {self.max_call_bytes:,} with ", Name("max_inputs_per_call"),
+                             f" {self.max_inputs_per_call:,} asks gRPC to receive more than {MAX_RECEIVE:,} bytes")
         if self.max_queue < self.max_inputs_per_call:
-            raise CentraError(f"--max-queue ({self.max_queue}) must be >= --max-inputs-per-call "
-                              f"({self.max_inputs_per_call}), or the largest allowed call could never be queued")
+            raise FieldError(Name("max_queue"), f" ({self.max_queue}) must be >= ", Name("max_inputs_per_call"),
+                             f" ({self.max_inputs_per_call}), or the largest allowed call could never be queued")
 
     @property
     def limits(self) -> Limits:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from centra.core.merge import MODEL_KIND, model_folder, read_manifest
-from centra.errors import CentraError
+from centra.errors import CentraError, FieldError, Name
 from centra.io import ARTIFACT_FILE, CURRENT, VERSION_RE, VERSIONS, write_json
 from centra.serve.soak_calls import EXPECTED, Tally, Workload, client_loop
 from centra.serve.soak_check import Checker, References, answered_from_pb
@@ -56,11 +56,11 @@ class SoakOptions:
 
     def check(self) -> None:
         if not (self.minutes > 0 and math.isfinite(self.minutes)):
-            raise CentraError(f"soak: --minutes must be a finite number > 0, not {self.minutes}")
+            raise FieldError(Name("minutes"), f" must be a finite number > 0, not {self.minutes}")
         if self.clients < 1:
-            raise CentraError(f"soak: --clients must be >= 1, not {self.clients}")
+            raise FieldError(Name("clients"), f" must be >= 1, not {self.clients}")
         if self.engine is not None and self.engine not in ENGINES:
-            raise CentraError(f"soak: --engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+            raise FieldError(Name("engine"), f" must be one of {', '.join(ENGINES)}, not {self.engine!r}")
 
     @property
     def seconds(self) -> float:

@@ -168,7 +168,8 @@ def test_calls_in_progress_are_bounded(serve, engine):
     run = serve(gated, max_concurrent_rpcs=2)
     gated.gate.clear()
     held = [run.stub.Classify.future(request([f"held {i}"]), timeout=20) for i in range(2)]
-    wait_until(lambda: gated.entered.is_set() and run.server.batcher.queued_rows == 1)
+    # both calls are in: one runs and one waits, or both arrived together and run in one batch
+    wait_until(lambda: gated.entered.is_set() and len(gated.seen) + run.server.batcher.queued_rows == 2)
     with pytest.raises(grpc.RpcError) as err:
         run.stub.Classify(request(["third"]), timeout=10)
     assert err.value.code() == CODE.RESOURCE_EXHAUSTED  # busy: retrying later is right

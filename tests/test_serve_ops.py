@@ -165,7 +165,12 @@ def test_metrics_count_calls_by_code_batches_and_inputs(published, apps):
     with pytest.raises(grpc.RpcError) as err:
         app.stub.Classify(pb.ClassifyRequest(inputs=[pb.Input(text="x")], tasks=["nope"]), timeout=10)
     assert err.value.code() == CODE.NOT_FOUND
-    text = app.scrape()
+    # a call is counted when its handler returns, which may be just after the caller got its answer
+    for _ in range(100):
+        text = app.scrape()
+        if 'centra_call_seconds_count{method="Classify"} 4.0' in text:
+            break
+        threading.Event().wait(0.05)
     assert 'centra_calls_total{code="OK",method="Classify"} 3.0' in text
     assert 'centra_calls_total{code="NOT_FOUND",method="Classify"} 1.0' in text
     assert 'centra_inputs_total{task="alpha"} 3.0' in text

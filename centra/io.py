@@ -119,6 +119,27 @@ def copy_verified(src: Path, dest: Path, expected: str | None = None) -> str:
     return got
 
 
+def link_verified(src: Path, dest: Path, expected: str) -> bool:
+    """Put src at dest as a hard link (no copy: a file an earlier version already holds costs no disk
+    twice), then hash what dest holds; False (dest removed) when it is not `expected` or src is gone.
+    Across file systems, a verified copy."""
+    try:
+        os.link(src, dest)
+    except FileNotFoundError:
+        return False
+    except OSError:  # another file system, or links not allowed: copy
+        try:
+            copy_verified(src, dest, expected)
+            return True
+        except CentraError:
+            dest.unlink(missing_ok=True)
+            return False
+    if sha256_file(dest) != expected:  # a corrupted earlier file is never reused
+        dest.unlink()
+        return False
+    return True
+
+
 def hash_tree(root: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
     """relative path -> sha256 of every file under root, in path order (names in `skip` left out)."""
     root = Path(root)

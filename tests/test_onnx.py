@@ -157,7 +157,9 @@ def test_int8_reports_agreement_and_refuses_below_the_floor(bert_onnx, tmp_path,
     fp32 = Engine.load(bert_onnx, batch_size=8)
     info = EngineInfo.from_dict(manifest["engine"], MANIFEST)
     info = export_onnx.add_int8(folder, info, fp32.model.reference, fp32, progress=False)
-    assert {g["name"]: g["int8"] for g in info.graphs}["embeddings"] == "onnx/fp32/embeddings.onnx"
+    # nothing to quantize in the embeddings: the int8 file is the fp32 graph, linked (no second copy on disk)
+    assert {g["name"]: g["int8"] for g in info.graphs}["embeddings"] == "onnx/int8/embeddings.onnx"
+    assert (folder / "onnx/int8/embeddings.onnx").stat().st_ino == (folder / "onnx/fp32/embeddings.onnx").stat().st_ino
     assert all((folder / g["int8"]).is_file() for g in info.graphs)
     assert info.fusions["int8"].get("DynamicQuantizeMatMul", 0) + \
         info.fusions["int8"].get("MatMulIntegerToFloat", 0) > 0, info.fusions["int8"]
@@ -191,7 +193,7 @@ def test_xlmr_int8_merge_two_max_lengths_and_attach_0(tiny_models, tmp_path, cap
                                max_length=max_length, seed=i)
         save_task(tmp_path / "tasks" / name, spec, perturb(head, i))
     assert main(["merge", "--tasks-dir", str(tmp_path / "tasks"), "--out", str(tmp_path / "out"), "--engine", "onnx",
-                 "--precision", "int8"]) == 0
+                 "--precision", "int8", "--keep-fp32"]) == 0
     out = capsys.readouterr().out
     assert "onnx: int8 one: label agreement with fp32" in out and "onnx: fp32 graphs after ORT_ENABLE_ALL" in out
     info = manifest_of(tmp_path / "out")["engine"]

@@ -295,9 +295,21 @@ def test_a_file_changed_after_validation_is_refused(world, name):
     assert changed != data
     path.write_bytes(changed)
     with pytest.raises(CentraError, match=f"beta/{name}: changed while it was being published"):
-        write_merged(plan, out)
-    assert snapshot(out) == before and tree(out) == listing and leftovers(world) == []
-    assert os.readlink(out / io.CURRENT) == "versions/v000001"
+        write_merged(plan, world / "fresh")  # nothing earlier holds the validated bytes: the source is read
+    assert not (world / "fresh").exists() and leftovers(world) == []
+    # OUT's v000001 holds the bytes validated: the new version links to them, never to the changed file
+    manifest = write_merged(plan, out)
+    published = out / "versions" / manifest.version / "tasks" / "beta" / name
+    assert published.read_bytes() == data and published.stat().st_ino == (
+        out / "versions" / "v000001" / "tasks" / "beta" / name).stat().st_ino
+    assert snapshot(out / "versions" / "v000001") == before_version(before, "v000001")  # untouched
+    assert [e for e in tree(out) if e.startswith("versions/v000001")] == \
+        [e for e in listing if e.startswith("versions/v000001")]
+
+
+def before_version(snap: dict, version: str) -> dict:
+    prefix = f"versions/{version}/"
+    return {k[len(prefix):]: v for k, v in snap.items() if k.startswith(prefix)}
 
 
 def test_a_version_never_served_does_not_outlive_the_served_one(world):

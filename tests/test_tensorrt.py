@@ -4,13 +4,20 @@ build, its parity check and serving through the engine interface.
 
 Tolerances: fp16 ONNX vs PyTorch fp32, relative logit error <= centra.export.tensorrt.FP16_MAX_RELATIVE_ERROR;
 int8 QDQ: the int8 check's bounds (centra.export.int8); TensorRT fp32: FP32_TOLERANCE.
+
+The graphs are held to what TensorRT's ONNX parser takes (TENSORRT_ONNX_OPS, `tensorrt_problems`), and the
+TensorRT logger, the per-build/run error reset and the GPU check run here against fakes of tensorrt.
 """
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import importlib.util
 import json
+import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -29,12 +36,71 @@ from centra.errors import CentraError
 from centra.export import tensorrt as export_trt
 from centra.export.int8 import MAX_RELATIVE_ERROR
 from centra.export.onnx import export_onnx
+from centra.runtime import tensorrt as runtime_trt
 from centra.runtime.engine import Engine
 from centra.runtime.graphs import graph_layout
 
 HAVE_GPU_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not HAVE_GPU_TRT, reason="needs tensorrt and a CUDA GPU")
 CALIBRATION = (TEXTS * 4, list(zip(TEXTS, PAIRS)) * 4)
+
+# The operators TensorRT's ONNX parser takes: the "Y" rows of onnx-tensorrt's docs/operators.md, branch
+# 10.1-GA (github.com/onnx/onnx-tensorrt, "TensorRT 10.0 supports operators in the inclusive range of
+# opset 9 to opset 20"). Its restrictions that centra's graphs could meet are checked in tensorrt_problems:
+# DequantizeLinear reads INT8, FP8 or INT4 with a zero x_zero_point; QuantizeLinear's y_zero_point is 0.
+TENSORRT_ONNX_OPS = frozenset("""
+    Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast CastLike Ceil
+    Celu Clip Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DeformConv DepthToSpace
+    DequantizeLinear Div Dropout Einsum Elu Equal Erf Exp Expand EyeLike Flatten Floor Gather GatherElements
+    GatherND Gelu Gemm GlobalAveragePool GlobalLpPool GlobalMaxPool Greater GreaterOrEqual GridSample
+    GroupNormalization GRU HardSigmoid HardSwish Hardmax Identity If ImageScaler InstanceNormalization IsInf
+    IsNaN LayerNormalization LeakyRelu Less LessOrEqual Log LogSoftmax Loop LRN LSTM LpNormalization LpPool
+    MatMul Max MaxPool Mean MeanVarianceNormalization Min Mish Mod Mul Neg NonMaxSuppression NonZero Not OneHot
+    Or Pad ParametricSoftplus Pow PRelu QuantizeLinear RandomNormal RandomNormalLike RandomUniform
+    RandomUniformLike Range Reciprocal ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean
+    ReduceMin ReduceProd ReduceSum ReduceSumSquare Relu Reshape Resize ReverseSequence RNN RoiAlign Round
+    ScaledTanh Scan Scatter ScatterElements ScatterND Selu Shape Shrink Sigmoid Sign Sin Sinh Size Slice Softmax
+    Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh ThresholdedRelu Tile TopK Transpose Trilu
+    Unsqueeze Upsample Where Xor""".split())
+TENSORRT_OPSETS = range(9, 21)  # the same page: opsets 9 to 20
+
+
+def tensorrt_problems(model) -> list[str]:
+    """What in an ONNX model TensorRT's parser would refuse, one line each (empty: none found)."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    dequantizable = {TensorProto.INT8, TensorProto.INT4, TensorProto.FLOAT8E4M3FN}  # IDequantizeLayer's inputs
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    problems = [f"opset {o.version}" for o in model.opset_import
+                if o.domain in ("", "ai.onnx") and o.version not in TENSORRT_OPSETS]
+    for node in model.graph.node:
+        where = f"{node.op_type} {node.name!r}"
+        if node.domain not in ("", "ai.onnx") or node.op_type not in TENSORRT_ONNX_OPS:
+            problems.append(f"{where}: not an operator TensorRT parses ({node.domain or 'ai.onnx'})")
+        if node.op_type == "DequantizeLinear" and types.get(node.input[0]) not in dequantizable:
+            name = TensorProto.DataType.Name(types[node.input[0]]) if node.input[0] in types else "unknown"
+            problems.append(f"{where}: dequantizes {name}, not int8/fp8/int4")
+        point = node.input[2] if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2 \
+            else ""
+        if point and (point not in constants or constants[point].any()):
+            problems.append(f"{where}: a zero point that is not a constant zero")
+    return problems
+
+
+def shared_dequantized(model) -> list[str]:
+    """DequantizeLinear outputs read by more than one quantized op (MatMul, Gemm): a Q/DQ pair shared
+    between consumers. (ONNX Runtime also lets a residual Add read the pair of a tensor with one quantized
+    consumer; that Add is no GEMM TensorRT fuses a pair into.)"""
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input if node.op_type in ("MatMul", "Gemm") else ():
+            readers[name] = readers.get(name, 0) + 1
+    return [n.name for n in model.graph.node if n.op_type == "DequantizeLinear" and readers.get(n.output[0], 0) > 1]
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +148,9 @@ def test_graphs_tensorrt_builds_from_agree_with_pytorch(merged, tmp_path, precis
 
     engine = Engine.load(merged / "out", engine="torch")
     info = export_onnx(engine.model, tmp_path, "fp32", progress=False, style="portable")
-    sources, checks = export_trt.precision_graphs(engine.model, engine.tokenizer, tmp_path, info, precision,
-                                                  CALIBRATION, progress=False)
+    sources, checks, runner = export_trt.precision_graphs(engine.model, engine.tokenizer, tmp_path, info,
+                                                          precision, CALIBRATION, progress=False)
+    assert runner.runtime == f"onnxruntime {precision}"  # the checked graphs, for Triton's repository
     report = checks[precision]
     assert set(report["tasks"]) == {row[0] for row in STANDARD_TASKS}
     bound = export_trt.FP16_MAX_RELATIVE_ERROR if precision == "fp16" else report["max_relative_error"]
@@ -93,6 +160,7 @@ def test_graphs_tensorrt_builds_from_agree_with_pytorch(merged, tmp_path, precis
         ops = {n.op_type for n in model.graph.node}
         io = [t.type.tensor_type.elem_type for t in [*model.graph.input, *model.graph.output]]
         assert onnx.TensorProto.FLOAT16 not in io, name  # graphs chain in fp32 whatever is inside
+        assert tensorrt_problems(model) == [], name
         if precision == "fp16":
             assert rel == f"onnx/fp16/{name}.onnx"
             assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer), name
@@ -100,7 +168,206 @@ def test_graphs_tensorrt_builds_from_agree_with_pytorch(merged, tmp_path, precis
             assert rel == "onnx/fp32/embeddings.onnx"  # no weight MatMul to quantize
         else:
             assert {"QuantizeLinear", "DequantizeLinear"} <= ops, name
-            assert not {n.domain for n in model.graph.node} - {"", "ai.onnx"}, name  # TensorRT parses them
+            assert shared_dequantized(model) == [], name  # Q, K and V each read their own pair
+
+
+def biased_gemms(path: Path) -> Path:
+    """A graph of two Gemm carrying their bias (C) and reading one input: what ONNX Runtime's default
+    QuantizeBias would give an int32 bias behind a DequantizeLinear, and one shared Q/DQ pair."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = torch.Generator().manual_seed(0)
+    weights = [numpy_helper.from_array(torch.randn(shape, generator=g).numpy(), name)
+               for name, shape in [("w1", (4, 8)), ("b1", (4,)), ("w2", (4, 8)), ("b2", (4,))]]
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["y1"], name="gemm1", transB=1),
+             helper.make_node("Gemm", ["x", "w2", "b2"], ["y2"], name="gemm2", transB=1),
+             helper.make_node("Add", ["y1", "y2"], ["y"], name="add")]
+    graph = helper.make_graph(nodes, "biased", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+                              initializer=weights)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    return path
+
+
+def test_qdq_keeps_biases_fp32_and_gives_each_consumer_its_pair(tmp_path):
+    """qdq_graph on a hand-built graph whose Gemm carry their bias (the exporter's Gemm today do not):
+    every DequantizeLinear reads int8, each bias reaches its Gemm in fp32, each Gemm has its own pair."""
+    import numpy as np
+    import onnx
+
+    from centra.runtime.onnx import open_session
+
+    src = biased_gemms(tmp_path / "biased.onnx")
+    feeds = [{"x": torch.randn(16, 8, generator=torch.Generator().manual_seed(i)).numpy()} for i in range(4)]
+    assert export_trt.qdq_graph(src, tmp_path / "qdq.onnx", feeds)
+    model = onnx.load(str(tmp_path / "qdq.onnx"))
+    assert tensorrt_problems(model) == []
+    gemms = {n.name: n for n in model.graph.node if n.op_type == "Gemm"}
+    assert [gemms["gemm1"].input[2], gemms["gemm2"].input[2]] == ["b1", "b2"]  # the fp32 initializers themselves
+    assert sum(n.op_type == "DequantizeLinear" for n in model.graph.node) == 4  # two weights, two activations
+    assert shared_dequantized(model) == []
+    got = open_session(tmp_path / "qdq.onnx").run(None, feeds[0])[0]
+    expected = open_session(src).run(None, feeds[0])[0]
+    assert np.abs(got - expected).max() <= 0.05 * np.abs(expected).max()  # int8 rounding, not a broken graph
+
+
+def test_tensorrt_problems_names_what_the_parser_refuses(tmp_path):
+    """The check itself: an int32 DequantizeLinear (ONNX Runtime's quantized bias), an ONNX Runtime
+    contrib op and a shared pair are each found."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    bias = numpy_helper.from_array(torch.arange(4, dtype=torch.int32).numpy(), "bias_quantized")
+    scale = numpy_helper.from_array(torch.tensor(0.5).numpy(), "bias_scale")
+    nodes = [helper.make_node("DequantizeLinear", ["bias_quantized", "bias_scale"], ["bias"], name="dq_bias"),
+             helper.make_node("BiasGelu", ["x", "bias"], ["g"], name="gelu", domain="com.microsoft"),
+             helper.make_node("MatMul", ["g", "bias"], ["h"], name="matmul1"),
+             helper.make_node("MatMul", ["h", "bias"], ["y"], name="matmul2")]
+    graph = helper.make_graph(nodes, "bad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+                              initializer=[bias, scale])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    problems = tensorrt_problems(model)
+    assert any("dq_bias" in p and "INT32" in p for p in problems), problems
+    assert any("BiasGelu" in p and "com.microsoft" in p for p in problems), problems
+    assert shared_dequantized(model) == ["dq_bias"]
+
+
+# ------------------------------------------------------------------ tensorrt's logger, errors, GPU: fakes
+
+
+class Severity(enum.Enum):  # tensorrt.ILogger.Severity's members, exported onto ILogger as in the bindings
+    INTERNAL_ERROR = 0
+    ERROR = 1
+    WARNING = 2
+    INFO = 3
+    VERBOSE = 4
+
+
+class FakeILogger:
+    INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = Severity
+
+    def __init__(self):
+        pass
+
+
+class FakeTensorRT:
+    """The few names of the tensorrt module that build_plan, Plan and TensorRTRunner.load touch; the
+    builder fails (returns no plan) after logging `build_logs`."""
+
+    __version__ = "10.9.0.34"
+    ILogger = FakeILogger
+    NetworkDefinitionCreationFlag = SimpleNamespace()
+    BuilderFlag = SimpleNamespace()
+    MemoryPoolType = SimpleNamespace(WORKSPACE=0)
+    TensorIOMode = SimpleNamespace(INPUT=0, OUTPUT=1)
+
+    def __init__(self, build_logs: list[tuple[Severity, str]] = ()):
+        self.build_logs = list(build_logs)
+
+    def Builder(self, logger):  # noqa: N802 (tensorrt's name)
+        network = SimpleNamespace(num_inputs=0)
+
+        def build(net, config):
+            for severity, msg in self.build_logs:
+                logger.log(severity, msg)
+            return None
+
+        return SimpleNamespace(create_network=lambda flags: network, create_optimization_profile=SimpleNamespace,
+                               create_builder_config=lambda: SimpleNamespace(
+                                   set_memory_pool_limit=lambda *a: None, add_optimization_profile=lambda p: 0),
+                               build_serialized_network=build)
+
+    def OnnxParser(self, network, logger):  # noqa: N802 (tensorrt's name)
+        return SimpleNamespace(parse_from_file=lambda path: True)
+
+
+@pytest.fixture
+def fake_trt(monkeypatch) -> FakeTensorRT:
+    """A fake tensorrt with a fresh centra logger, which already holds an error from an earlier failure."""
+    fake = FakeTensorRT()
+    monkeypatch.setattr(runtime_trt, "_LOGGER", None)
+    runtime_trt.trt_logger(fake).log(Severity.ERROR, "stale: an earlier build failed\nits second line")
+    assert runtime_trt.last_error() == "stale: an earlier build failed"
+    return fake
+
+
+def test_the_logger_shows_warnings_and_keeps_errors_until_cleared(fake_trt, caplog):
+    logger = runtime_trt.trt_logger(fake_trt)
+    with caplog.at_level(logging.INFO, logger="centra.tensorrt"):
+        logger.log(Severity.WARNING, "Using an engine plan file across different models of devices is not "
+                                     "recommended and is likely to affect performance or even cause errors.")
+        logger.log(Severity.INFO, "Loaded engine size: 12 MiB")
+        logger.log(Severity.VERBOSE, "Tactic 0x01 time 0.1 ms")
+    assert [(r.levelno, r.name) for r in caplog.records] == [(logging.WARNING, "centra.tensorrt")]
+    assert "across different models of devices" in caplog.records[0].getMessage()
+    logger.log(Severity.INTERNAL_ERROR, "Assertion failed: cuda error")
+    assert runtime_trt.last_error() == "Assertion failed: cuda error"
+    runtime_trt.clear_errors()
+    assert runtime_trt.last_error() == runtime_trt.NO_MESSAGE
+
+
+def test_a_failed_build_reports_its_own_error_never_an_earlier_one(fake_trt, tmp_path):
+    shapes = {"input_ids": ((1, 1), (1, 1), (1, 1))}
+    with pytest.raises(CentraError) as caught:
+        export_trt.build_plan(fake_trt, tmp_path / "g.onnx", tmp_path / "g.plan", shapes)
+    assert str(caught.value) == f"g.onnx: TensorRT could not build an engine ({runtime_trt.NO_MESSAGE})"
+    fake_trt.build_logs = [(Severity.ERROR, "this build: out of memory\ndetail")]
+    with pytest.raises(CentraError, match=r"could not build an engine \(this build: out of memory\)$"):
+        export_trt.build_plan(fake_trt, tmp_path / "g.onnx", tmp_path / "g.plan", shapes)
+
+
+def test_a_failed_load_or_run_reports_its_own_error_never_an_earlier_one(fake_trt, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    (tmp_path / "g.plan").write_bytes(b"not a plan")
+    runtime = SimpleNamespace(deserialize_cuda_engine=lambda data: None)
+    with pytest.raises(CentraError, match=rf"cannot load this plan \({runtime_trt.NO_MESSAGE}\)"):
+        runtime_trt.Plan(fake_trt, runtime, tmp_path / "g.plan", torch.device("cuda", 0))
+
+    runtime_trt.trt_logger(fake_trt).log(Severity.ERROR, "stale: an earlier batch failed")
+    context = SimpleNamespace(set_input_shape=lambda name, shape: True, set_tensor_address=lambda name, ptr: None,
+                              get_tensor_shape=lambda name: (2, 3), execute_async_v3=lambda stream: False)
+    plan = SimpleNamespace(max_batch=4, inputs=["hidden"], output="logits", context=context,
+                           dtypes={"hidden": torch.float32, "logits": torch.float32})
+    runner = object.__new__(runtime_trt.TensorRTRunner)  # no GPU: only what run_graph reads
+    runner.plans, runner.device = {"task_a": plan}, torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=0))
+    with pytest.raises(CentraError, match=rf"failed on a batch of 2 \({runtime_trt.NO_MESSAGE}\)$"):
+        runner.run_graph("task_a", hidden=torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize(("name", "capability", "refused"), [
+    ("NVIDIA A100-SXM4-80GB", "8.0", None),
+    ("NVIDIA A100-PCIE-40GB", "8.0", "built on NVIDIA A100-SXM4-80GB (compute capability 8.0); this GPU is "
+                                     "NVIDIA A100-PCIE-40GB (8.0)"),
+    ("NVIDIA A100-SXM4-80GB", "9.0", "this GPU is NVIDIA A100-SXM4-80GB (9.0)"),
+    (None, "8.0", "does not record the GPU that built the plans")])
+def test_plans_load_only_on_the_gpu_that_built_them(fake_trt, tmp_path, monkeypatch, name, capability, refused):
+    """The manifest's GPU name and compute capability against a fake device description: any difference is
+    refused in one line, before any plan is read."""
+
+    class Reached(Exception):
+        pass
+
+    def runtime(logger):
+        raise Reached
+
+    recorded = {"device": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"}
+    if name is None:  # a manifest without the GPU's record
+        recorded, name = {}, "NVIDIA A100-SXM4-80GB"
+    info = EngineInfo("tensorrt", "fp16", (), tensorrt=FakeTensorRT.__version__, **recorded)
+    monkeypatch.setattr(fake_trt, "Runtime", runtime, raising=False)
+    monkeypatch.setattr(runtime_trt, "import_tensorrt", lambda: fake_trt)
+    monkeypatch.setattr(runtime_trt, "current_gpu", lambda: (torch.device("cuda", 0), name, capability))
+    if refused is None:
+        with pytest.raises(Reached):  # past the check: the plans would be deserialized now
+            runtime_trt.TensorRTRunner.load(tmp_path, info, reference=None)
+        return
+    with pytest.raises(CentraError) as caught:
+        runtime_trt.TensorRTRunner.load(tmp_path, info, reference=None)
+    message = str(caught.value)
+    assert "\n" not in message and refused in message and message.endswith("merge again on this machine"), message
 
 
 def test_merge_without_tensorrt_is_one_line_and_publishes_nothing(merged, tmp_path, capsys):
@@ -145,6 +412,8 @@ def test_tensorrt_merge_predict_and_slices(merged, tmp_path, precision, capsys):
     assert f"{precision} plans" in capsys.readouterr().out
     info = json.loads((model_folder(tmp_path / "out") / MANIFEST).read_text())["engine"]
     assert info["name"] == "tensorrt" and info["precision"] == precision and info["max_batch"] == 4
+    device = torch.device("cuda", torch.cuda.current_device())
+    assert (info["device"], info["compute_capability"]) == runtime_trt.gpu_description(device)
     trt_engine = Engine.load(tmp_path / "out", batch_size=len(TEXTS))  # batches above 4 run in slices
     assert trt_engine.runtime == f"tensorrt {precision}"
     torch_engine = Engine.load(tmp_path / "out", engine="torch")

@@ -179,6 +179,20 @@ def test_a_same_name_rebuild_is_served_by_a_running_watcher(published, tiny_mode
     assert 'centra_reloads_total{result="ok"} 1.0' in text
 
 
+def test_the_watcher_parses_a_manifest_once_not_every_tick(published, tiny_models, serve, monkeypatch):
+    from centra.serve import reload
+
+    parsed: list[str] = []
+    real = reload.published_id
+    monkeypatch.setattr(reload, "published_id", lambda folder: parsed.append(str(folder)) or real(folder))
+    app = serve(published / "out", watch_interval=0.02)
+    threading.Event().wait(0.5)  # about 25 ticks
+    assert len(parsed) == 1, "an unchanged manifest was parsed again"
+    rebuild(published, tiny_models)  # the same name, another manifest file
+    assert wait_for(lambda: app.labels() == NEW_LABELS)
+    assert len(parsed) == 2
+
+
 def test_sighup_loads_a_same_name_rebuild_and_retries_a_failed_one(published, tiny_models, serve, caplog):
     caplog.set_level(logging.INFO, logger="centra.serve")
     app = serve(published / "out", watch_interval=3600)  # only SIGHUP (poke) checks

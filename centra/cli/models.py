@@ -26,7 +26,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     with flags_named("merge"):
         manifest = merge(args.tasks_dir, out, engine=args.engine, precision=args.precision,
                          calibration=args.calibration, max_batch=args.max_batch, backbone=args.backbone,
-                         keep_versions=args.keep_versions)
+                         keep_versions=args.keep_versions, keep_fp32=args.keep_fp32)
     print(f"merged {len(manifest.tasks)} tasks on {manifest.backbone.id} into {out} (version {manifest.version})")
     print(overhead_table(manifest))
     if manifest.engine is not None:
@@ -45,10 +45,12 @@ def print_engine(info: EngineInfo) -> None:
             print(f"tensorrt: {name}: label agreement with PyTorch fp32 {r['agreement']:.0%}; mean error "
                   f"{r['relative_error']:.1%} of the logit size; max |tensorrt - torch| {r['max_abs_diff']:.1e}")
         return
-    parity = info.parity
-    worst = max(parity, key=parity.get)
-    print(f"onnx: {len(info.graphs)} graphs (opset {info.opset}), fp32 parity: max |onnx - torch| "
-          f"{parity[worst]:.1e} ({worst}; tolerance {info.tolerance:g})")
+    parity = info.parity or {}
+    reused = sum(1 for g in info.graphs if g.get("reused"))
+    worst = max(parity, key=parity.get) if parity else None
+    print(f"onnx: {len(info.graphs)} graphs (opset {info.opset}; {len(info.graphs) - reused} exported, {reused} "
+          "reused from earlier versions), fp32 parity: max |onnx - torch| "
+          + (f"{parity[worst]:.1e} ({worst}; tolerance {info.tolerance:g})" if worst else "n/a (no record)"))
     for precision, counts in info.fusions.items():
         found = ", ".join(f"{op} {n}" for op, n in counts.items()) or "none"
         print(f"onnx: {precision} graphs after ORT_ENABLE_ALL: {found}")
@@ -83,7 +85,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     engine = Engine.load(Path(args.model), batch_size=args.batch_size, engine=args.engine)
     texts, pairs = read_inputs(args)
     with flags_named():
-        answers = engine.predict(texts, pairs, args.task)
+        answers = engine.predict(texts, pairs, args.task, max_labels=args.max_labels)
     for answer in answers:
         print(json.dumps(answer, ensure_ascii=False))
     return 0
@@ -165,6 +167,8 @@ def add_parsers(sub, common) -> None:
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"),
                    help="onnx: fp32 (default) or int8 (dynamic quantization, checked by label agreement); tensorrt: "
                    "fp16 (default), fp32 or int8 (QDQ calibrated on --calibration)")
+    p.add_argument("--keep-fp32", action="store_true", help="onnx int8: keep the fp32 graphs in the version too "
+                   "(by default it holds the int8 graphs it serves and the torch files)")
     p.add_argument("--calibration", help="tensorrt int8: texts to calibrate on, one per line (text<TAB>second text "
                    "for pair tasks; default: verify's samples; give a few hundred dev texts)")
     p.add_argument("--max-batch", type=positive_int, help="tensorrt: the largest batch of the plans' profile "
@@ -177,6 +181,8 @@ def add_parsers(sub, common) -> None:
     p.add_argument("--batch-size", type=positive_int, default=32)
     add_engine_arg(p)
     add_input_args(p)
+    p.add_argument("--max-labels", type=positive_int, help="multilabel tasks: at most this many labels per text, "
+                   "the highest-scoring (never more than the task's own max_labels)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("verify", parents=[common], help="check merged outputs against each task's standalone model")

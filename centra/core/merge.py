@@ -8,7 +8,8 @@ missing, changed or added file, naming it. A refused or crashed merge leaves OUT
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,8 +28,11 @@ from centra.io import (
     copy_verified,
     current_version,
     hash_tree,
+    link_verified,
     publish_version,
     read_json,
+    sha256_file,
+    versions_of,
     write_json,
 )
 
@@ -67,8 +71,10 @@ class MergePlan:
         return self.backbone.cfg.num_layers * len(self.tasks)
 
 
-def plan_merge(tasks_dirs: list[Path], backbone: str | None = None) -> MergePlan:
-    """Find and validate every task folder; refuse (CentraError naming the file) on any problem."""
+def plan_merge(tasks_dirs: list[Path], backbone: str | None = None, trusted: Collection[str] = ()) -> MergePlan:
+    """Find and validate every task folder; refuse (CentraError naming the file) on any problem. A head
+    whose sha256 is in `trusted` (files an earlier version of the same OUT published, so validated) is
+    hashed, not loaded."""
     folders = [folder for d in tasks_dirs for folder in task_dirs(Path(d))]
     if not folders:
         raise CentraError(f"{', '.join(str(d) for d in tasks_dirs)}: no task folders to merge")
@@ -82,8 +88,22 @@ def plan_merge(tasks_dirs: list[Path], backbone: str | None = None) -> MergePlan
         seen[key] = task.folder
     bb = Backbone.load(backbone if backbone is not None else backbone_hint(planned[0].spec))
     for task in planned:
-        load_task(task.folder, bb)  # full validation: fingerprint, sha256, keys, shapes, finite values
+        if task.spec.head_sha256 in trusted:  # the same bytes an earlier version validated: spec and hash only
+            check_task(task.folder, task.spec, bb)
+        else:
+            load_task(task.folder, bb)  # full validation: fingerprint, sha256, keys, shapes, finite values
     return MergePlan(bb, planned)
+
+
+def check_task(folder: Path, spec: TaskSpec, bb: Backbone) -> None:
+    """A task folder whose head bytes were validated before (an earlier version holds them): its spec
+    against the backbone, its fingerprint and its head's sha256; the weights are not loaded again."""
+    spec.validate(str(folder / TASK_FILE), bb.cfg)
+    if spec.backbone["fingerprint"] != bb.fingerprint:
+        load_task(folder, bb)  # refuses with load_task's own message
+    head = folder / HEAD_FILE
+    if not head.is_file() or sha256_file(head) != spec.head_sha256:
+        load_task(folder, bb)  # names the missing or replaced file
 
 
 def backbone_hint(spec: TaskSpec) -> str:
@@ -104,18 +124,27 @@ def write_merged(plan: MergePlan, out: Path, keep_versions: int = DEFAULT_KEEP_V
 
     bb, depth = plan.backbone, plan.trunk_depth
     written: list[Manifest] = []
+    earlier = earlier_files(Path(out))
+
+    def place(src: Path, dest: Path, digest: str) -> None:  # a link to an earlier version's copy, else a copy
+        if digest not in earlier or not link_verified(earlier[digest], dest, digest):
+            copy_verified(src, dest, digest)
 
     def build(stage: Path, version: str) -> None:
         trunk = {f"embeddings.{k}": v for k, v in bb.embeddings.state_dict().items()}
         for i in range(depth):
             trunk.update({f"layers.{i}.{k}": v for k, v in bb.layers[i].state_dict().items()})
         save_file({k: v.contiguous() for k, v in trunk.items()}, str(stage / TRUNK_FILE))
+        digest = sha256_file(stage / TRUNK_FILE)
+        linked = stage / f".{TRUNK_FILE}"
+        if digest in earlier and link_verified(earlier[digest], linked, digest):
+            os.replace(linked, stage / TRUNK_FILE)  # the same trunk as an earlier version's: one copy on disk
         _copy_tokenizer(bb.path, stage / "tokenizer")
         for task in plan.tasks:
             dest = stage / "tasks" / task.spec.name
             dest.mkdir(parents=True)
-            copy_verified(task.folder / TASK_FILE, dest / TASK_FILE, task.task_json_sha256)
-            copy_verified(task.folder / HEAD_FILE, dest / HEAD_FILE, task.spec.head_sha256)
+            place(task.folder / TASK_FILE, dest / TASK_FILE, task.task_json_sha256)
+            place(task.folder / HEAD_FILE, dest / HEAD_FILE, task.spec.head_sha256)
         manifest = Manifest(
             version=version,
             backbone=BackboneInfo(bb.backbone_id, bb.fingerprint, bb.cfg.num_layers, str(bb.path)),
@@ -128,8 +157,29 @@ def write_merged(plan: MergePlan, out: Path, keep_versions: int = DEFAULT_KEEP_V
         write_json(stage / MANIFEST, manifest.to_dict())
         written[:] = [manifest]
 
-    publish_version(Path(out), MODEL_KIND, build, lambda stage: load_merged(stage), keep_versions)
+    def check(stage: Path) -> None:  # every file hashed; the torch weights loaded when torch serves them
+        version = read_version(stage)
+        if version.manifest.engine is None:
+            load_merged(version)
+
+    publish_version(Path(out), MODEL_KIND, build, check, keep_versions)
     return written[0]
+
+
+def earlier_files(out: Path) -> dict[str, Path]:
+    """sha256 -> a file of OUT's published versions holding those bytes (newest version first), from
+    their manifests: what a new version can link to instead of copying. Unreadable manifests are skipped
+    (a link is hashed again before it is kept)."""
+    found: dict[str, Path] = {}
+    for name in reversed(versions_of(out)):
+        folder = out / "versions" / name
+        try:
+            files = read_manifest(folder).files
+        except CentraError:
+            continue
+        for rel, digest in files.items():
+            found.setdefault(digest, folder / rel)
+    return found
 
 
 def manifest_task(task: PlannedTask) -> ManifestTask:
@@ -167,8 +217,20 @@ def read_manifest(folder: Path) -> Manifest:
     return Manifest.from_dict(read_json(path), str(path))
 
 
-def load_merged(out: Path) -> tuple[Manifest, MergedModel]:
-    """Load OUT's current version (or a version folder), checking every file's sha256."""
+@dataclass(frozen=True)
+class Version:
+    """A version folder checked without building any module: every file's sha256 against its manifest,
+    the encoder config, and each task's spec (its task.json, validated against the manifest)."""
+
+    folder: Path
+    manifest: Manifest
+    cfg: EncoderConfig
+    specs: dict[str, TaskSpec]
+
+
+def read_version(out: Path) -> Version:
+    """OUT's current version (or a version folder), every file's sha256 checked and every task's spec
+    read: what an engine needs before it opens its graphs. No weight is loaded."""
     folder = model_folder(out)
     manifest = read_manifest(folder)
     check_tree(folder, manifest.files, skip=(MANIFEST,), listed_in=str(folder / MANIFEST))
@@ -176,23 +238,37 @@ def load_merged(out: Path) -> tuple[Manifest, MergedModel]:
         cfg = EncoderConfig(**manifest.encoder)
     except TypeError as exc:
         raise CentraError(f"{folder / MANIFEST}: malformed manifest (encoder: {exc})") from None
-    depth = manifest.trunk_depth
+    specs = {}
+    for entry in manifest.tasks:
+        task_json = folder / "tasks" / entry.name / TASK_FILE
+        spec, _ = read_task_json(task_json.parent, entry.name)
+        spec.validate(str(task_json), cfg)
+        if spec.head_sha256 != entry.head_sha256:
+            raise CentraError(f"{task_json}: head_sha256 differs from the manifest's")
+        if spec.backbone["fingerprint"] != manifest.backbone.fingerprint:
+            raise CentraError(f"{task_json}: trained on another backbone than the manifest's")
+        if spec.attach_layer > manifest.trunk_depth:
+            raise CentraError(f"{task_json}: attaches at layer {spec.attach_layer} but the trunk has "
+                              f"{manifest.trunk_depth} layers")
+        specs[entry.name] = spec
+    return Version(folder, manifest, cfg, specs)
+
+
+def load_merged(out: Path | Version) -> tuple[Manifest, MergedModel]:
+    """Load OUT's current version (or a version folder, or a Version already read), checking every
+    file's sha256: the torch weights of the trunk and of every task."""
+    version = out if isinstance(out, Version) else read_version(out)
+    folder, manifest, cfg = version.folder, version.manifest, version.cfg
     trunk_file = folder / TRUNK_FILE
-    embeddings, layers = Embeddings(cfg), nn.ModuleList(EncoderLayer(cfg) for _ in range(depth))
+    embeddings = Embeddings(cfg)
+    layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(manifest.trunk_depth))
     holder = nn.Module()
     holder.embeddings, holder.layers = embeddings, layers
     state = load_safetensors(trunk_file)
     check_state(holder.state_dict(), state, str(trunk_file))
     holder.load_state_dict(state)
-    heads = {}
-    for entry in manifest.tasks:
-        task_folder = folder / "tasks" / entry.name
-        spec, heads[entry.name] = load_task(task_folder, cfg, manifest_sha256=entry.head_sha256)
-        if spec.backbone["fingerprint"] != manifest.backbone.fingerprint:
-            raise CentraError(f"{task_folder / TASK_FILE}: trained on another backbone than the manifest's")
-        if spec.attach_layer > depth:
-            raise CentraError(f"{task_folder / TASK_FILE}: attaches at layer {spec.attach_layer} but the trunk "
-                              f"has {depth} layers")
+    heads = {entry.name: load_task(folder / "tasks" / entry.name, cfg, manifest_sha256=entry.head_sha256)[1]
+             for entry in manifest.tasks}
     model = MergedModel(cfg, embeddings, layers, heads).eval().requires_grad_(False)
     return manifest, model
 

@@ -24,9 +24,9 @@ Sequences = tuple[list[str], list[tuple[str, str]]]  # texts, and text pairs (co
 
 
 def check_engine_options(engine: str, precision: str | None = None, calibration: object = None,
-                         max_batch: int | None = None) -> None:
+                         max_batch: int | None = None, keep_fp32: bool = False) -> None:
     """The engine x precision rules: a precision the engine has; calibration texts and max_batch for
-    TensorRT only; calibration texts exactly when TensorRT builds int8 plans."""
+    TensorRT only; calibration texts exactly when TensorRT builds int8 plans; keep_fp32 for ONNX int8."""
     if engine not in ENGINES:
         raise FieldError(Name("engine"), f" {engine!r} is unknown (known: {', '.join(ENGINES)})")
     if precision is not None and precision not in PRECISIONS.get(engine, ()):
@@ -37,6 +37,8 @@ def check_engine_options(engine: str, precision: str | None = None, calibration:
         raise FieldError(Name("max_batch"), f" must be >= 1, not {max_batch}")
     if (calibration or max_batch) and engine != "tensorrt":
         raise FieldError(Name("calibration"), " and ", Name("max_batch"), " apply to ", Name("engine"), " tensorrt")
+    if keep_fp32 and (engine, precision) != ("onnx", "int8"):
+        raise FieldError(Name("keep_fp32"), " applies to ", Name("engine"), " onnx ", Name("precision"), " int8")
     if engine == "tensorrt" and (precision == "int8") != bool(calibration):
         raise FieldError(Name("engine"), " tensorrt ", Name("precision"), " int8 needs ", Name("calibration"),
                          " FILE (a few hundred dev texts, one per line), and ", Name("calibration"),
@@ -44,14 +46,17 @@ def check_engine_options(engine: str, precision: str | None = None, calibration:
 
 
 def extender(engine: str, precision: str | None = None, calibration: Path | str | Sequences | None = None,
-             max_batch: int | None = None, progress: bool = True) -> Callable[[Path, Manifest], EngineInfo] | None:
+             max_batch: int | None = None, progress: bool = True, out: Path | None = None,
+             keep_fp32: bool = False) -> Callable[[Path, Manifest], EngineInfo] | None:
     """write_merged's `extend` for the engine (None for torch: its files are in every version). TensorRT
-    int8 calibrates on `calibration`: a texts file (text<TAB>second text for pair tasks) or its texts."""
-    check_engine_options(engine, precision, calibration, max_batch)
+    int8 calibrates on `calibration`: a texts file (text<TAB>second text for pair tasks) or its texts.
+    ONNX reuses the graphs of OUT's kept versions whose inputs did not change (centra.export.reuse)."""
+    check_engine_options(engine, precision, calibration, max_batch, keep_fp32)
     if engine == "onnx":
         from centra.export.onnx import onnx_extender
 
-        return onnx_extender(precision or DEFAULT_PRECISION[engine], progress=progress)
+        return onnx_extender(precision or DEFAULT_PRECISION[engine], progress=progress, out=out,
+                             keep_fp32=keep_fp32)
     if engine == "tensorrt":
         from centra.core.texts import read_sequences_file
         from centra.export.tensorrt import DEFAULT_MAX_BATCH, tensorrt_extender
@@ -65,18 +70,20 @@ def extender(engine: str, precision: str | None = None, calibration: Path | str 
 def merge(tasks_dirs: Sequence[Path | str] | Path | str | None, out: Path | str, *, engine: str = "torch",
           precision: str | None = None, calibration: Path | str | Sequences | None = None,
           max_batch: int | None = None, backbone: str | None = None,
-          keep_versions: int = DEFAULT_KEEP_VERSIONS, progress: bool = True) -> Manifest:
+          keep_versions: int = DEFAULT_KEEP_VERSIONS, keep_fp32: bool = False, progress: bool = True) -> Manifest:
     """Validate every task folder of `tasks_dirs` (default: tasks/), build the files `engine` runs (ONNX
-    graphs checked against torch; TensorRT plans on this GPU) and publish them as a new version of `out`;
-    its manifest. Every check comes before any work: OUT is never written over a user's file or folder."""
-    from centra.core.merge import MODEL_KIND, plan_merge, write_merged
+    graphs checked against torch, reusing the unchanged graphs of OUT's kept versions; TensorRT plans on
+    this GPU) and publish them as a new version of `out`; its manifest. An ONNX int8 version holds the
+    int8 graphs and the torch files, and its fp32 graphs too with `keep_fp32`. Every check comes before
+    any work: OUT is never written over a user's file or folder."""
+    from centra.core.merge import MODEL_KIND, earlier_files, plan_merge, write_merged
     from centra.io import check_replaceable, check_writable_parent
 
     out = Path(out)
     check_writable_parent(out)
     check_replaceable(out, MODEL_KIND)
-    extend = extender(engine, precision, calibration, max_batch, progress)
+    extend = extender(engine, precision, calibration, max_batch, progress, out, keep_fp32)
     if isinstance(tasks_dirs, (str, Path)):
         tasks_dirs = [tasks_dirs]
-    plan = plan_merge([Path(d) for d in tasks_dirs or [DEFAULT_TASKS_DIR]], backbone)
+    plan = plan_merge([Path(d) for d in tasks_dirs or [DEFAULT_TASKS_DIR]], backbone, trusted=earlier_files(out))
     return write_merged(plan, out, keep_versions=keep_versions, extend=extend)

@@ -106,21 +106,22 @@ def sample_inputs() -> tuple[list[str], list[str]]:
     return SAMPLE_TEXTS + SAMPLE_PAIRS, SAMPLE_PAIRS + SAMPLE_TEXTS
 
 
-def check_int8(fp32: Engine, int8: Engine, min_agreement: float = MIN_AGREEMENT) -> dict:
-    """Per task on the sample inputs: label agreement of int8 with fp32 (on all samples, and on those fp32
-    decides clearly) and max |int8 - fp32| of the logits; a one-line CentraError when the agreement on
-    the decided samples is below min_agreement."""
+def check_int8(fp32: Engine, int8: Engine, min_agreement: float = MIN_AGREEMENT,
+               tasks: list[str] | None = None) -> dict:
+    """Per task (`tasks`, default fp32's) on the sample inputs: label agreement of int8 with fp32 (on all
+    samples, and on those fp32 decides clearly) and max |int8 - fp32| of the logits; a one-line
+    CentraError when the agreement on the decided samples is below min_agreement."""
     return check_precision(fp32, int8, "int8", min_agreement=min_agreement,
-                           refusal="refusing the int8 export (export fp32 instead)")
+                           refusal="refusing the int8 export (export fp32 instead)", tasks=tasks)
 
 
 def check_precision(fp32: Engine, other: Engine, label: str, min_agreement: float = MIN_AGREEMENT,
                     max_relative_error: float = MAX_RELATIVE_ERROR, max_abs_diff: float | None = None,
-                    refusal: str = "refusing the export") -> dict:
+                    refusal: str = "refusing the export", tasks: list[str] | None = None) -> dict:
     """check_int8's check of any engine against the fp32 reference: the relative error bound, the
     agreement floor on decided answers and, when given, a bound on max |other - fp32| of any logit."""
     texts, pairs = sample_inputs()
-    names = list(fp32.specs)
+    names = list(tasks or fp32.specs)
     ref, got = fp32.logits(texts, pairs, names), other.logits(texts, pairs, names)
     report = {}
     for name in names:

@@ -17,13 +17,16 @@ hashed and published with the torch files, in the same atomic step.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -32,12 +35,15 @@ from centra.core.backbone import Embeddings, EncoderConfig, EncoderLayer, attent
 from centra.core.graph import MergedModel
 from centra.core.manifest import EngineInfo, Manifest
 from centra.core.merge import TRUNK_FILE
-from centra.core.task import load_task, max_positions
+from centra.core.task import TaskSpec, load_task, max_positions
 from centra.errors import CentraError
 from centra.progress import progress_bar, progress_line
 from centra.runtime.engine import Engine
 from centra.runtime.graphs import graph_layout
 from centra.runtime.onnx import ENGINE_NAME, PRECISIONS, OnnxRunner, open_session
+
+if TYPE_CHECKING:
+    from centra.export.reuse import GraphCache
 
 FP32_TOLERANCE = 1e-4  # max |onnx - torch| of any graph's output (hidden states or logits), fp32
 OPSET = 20
@@ -119,11 +125,13 @@ def export_graph(module: nn.Module, example: tuple[torch.Tensor, ...], path: Pat
             lg.setLevel(level)
 
 
-def parity_batches(model: MergedModel, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def parity_batches(model: MergedModel, specs: dict[str, TaskSpec] | None = None,
+                   seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Padded batches of mixed lengths (input_ids, attention_mask, token_type_ids), random real tokens:
-    the first row of each batch full length, the others shorter; odd rows carry a second segment."""
+    the first row of each batch full length (the longest max_length of `specs`, default the model's
+    tasks), the others shorter; odd rows carry a second segment."""
     cfg = model.cfg
-    longest = min(max((s.max_length for s in model.specs.values()), default=32), max_positions(cfg))
+    longest = min(max((s.max_length for s in (specs or model.specs).values()), default=32), max_positions(cfg))
     gen = torch.Generator().manual_seed(seed)
     batches = []
     for batch, length in PARITY_SHAPES:
@@ -217,10 +225,17 @@ def refuse(name: str, diff: float, tolerance: float) -> CentraError:
 
 
 def export_onnx(model: MergedModel, folder: Path, precision: str = "fp32", tokenizer=None,
-                tolerance: float = FP32_TOLERANCE, progress: bool = True, style: str = "fused") -> EngineInfo:
-    """Export every graph into folder/onnx/fp32 (and onnx/int8), each checked as it is written; return the
-    manifest's engine field (file paths relative to folder)."""
+                tolerance: float = FP32_TOLERANCE, progress: bool = True, style: str = "fused", *,
+                specs: dict[str, TaskSpec] | None = None, cache: GraphCache | None = None,
+                heads: Callable[[str], nn.Module] | None = None, keep_fp32: bool = True) -> EngineInfo:
+    """Export every graph of `specs`' layout (default: the model's tasks) into folder/onnx/fp32 (and
+    onnx/int8), each checked as it is written; return the manifest's engine field (file paths relative
+    to folder). With `cache`, a graph whose keys an earlier version holds is linked, not exported, and
+    the heads of the tasks whose graphs are new are the only ones used: `model`'s, else `heads(name)`.
+    `keep_fp32=False` (int8): the fp32 graphs are checked, quantized and deleted; the version holds the
+    int8 graphs it serves."""
     from centra.export.fused import write_fused
+    from centra.export.reuse import exporter_identity, graph_keys, quantizer_identity
 
     if precision not in PRECISIONS:
         raise CentraError(f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
@@ -228,15 +243,27 @@ def export_onnx(model: MergedModel, folder: Path, precision: str = "fp32", token
         raise CentraError(f"unknown ONNX graph style {style!r} (known: {', '.join(STYLES)})")
     if precision == "int8" and tokenizer is None:
         raise CentraError("the int8 check needs the model's tokenizer")
-    folder = Path(folder)
-    layout = graph_layout(model.specs)
-    batches = parity_batches(model)
+    folder, specs = Path(folder), specs or model.specs
+    layout = graph_layout(specs)
+    needed = ("fp32",) if precision == "fp32" else ("fp32", "int8") if keep_fp32 else ("int8",)
+    identity = exporter_identity(style, OPSET)
+    quantizer = quantizer_identity() if precision == "int8" else None
+    fingerprint = next(iter(specs.values())).backbone["fingerprint"] if specs else ""
+    keys = {g["name"]: graph_keys(g, specs, fingerprint, model.cfg.to_dict(), identity, quantizer) for g in layout}
+    entries, fresh = reuse_graphs(layout, keys, needed, folder, cache)
+    todo = tasks_through(layout, specs, fresh)
+    if set(model.heads) != set(todo):  # the torch model of the tasks whose graphs are new, and only theirs
+        missing = [t for t in todo if t not in model.heads and heads is None]
+        if missing:
+            raise CentraError(f"ONNX export: task {missing[0]!r} has new graphs but no head was given")
+        model = MergedModel(model.cfg, model.embeddings, model.trunk,
+                            {t: model.heads[t] if t in model.heads else heads(t) for t in todo}).eval()
+    batches = parity_batches(model, specs)
     states = reference_states(model, batches)
     ids, mask, types = example_inputs(model.cfg)
     with torch.inference_mode():
         hidden = model.embeddings(ids, types)
-    sessions, parity, graphs = {}, {}, []
-    for graph in progress_bar(layout, desc="export ONNX", enabled=progress):
+    for graph in progress_bar([g for g in layout if g["name"] in fresh], desc="export ONNX", enabled=progress):
         module, names, output = graph_module(model, graph)
         rel = f"{ONNX_DIR}/fp32/{graph['name']}.onnx"
         if graph["kind"] == "embeddings" or style == "portable":
@@ -244,43 +271,137 @@ def export_onnx(model: MergedModel, folder: Path, precision: str = "fp32", token
             export_graph(module, inputs, folder / rel, names, output)
         else:
             write_fused(module, model.cfg, folder / rel, graph["name"])
-        sessions[graph["name"]] = open_session(folder / rel)
-        diff = graph_parity(model, graph, sessions[graph["name"]], batches, states)
+        diff = graph_parity(model, graph, open_session(folder / rel), batches, states)
         if not diff <= tolerance:
             raise refuse(graph["name"], diff, tolerance)
-        parity[graph["name"]] = float(f"{diff:.3e}")
-        graphs.append({**graph, "fp32": rel})
+        entry = entries[graph["name"]]
+        entry.update(fp32=rel, parity=float(f"{diff:.3e}"), fusions={"fp32": fusions(folder / rel)})
         progress_line(f"onnx: {graph['name']} exported, max |onnx - torch| {diff:.1e}", progress)
-    runner = OnnxRunner(model.specs, model.cfg, sessions, layout, "fp32", model)
-    diff = composed_parity(model, runner, batches)
-    if not diff <= tolerance:
-        raise refuse("composed (OnnxRunner.forward_rows)", diff, tolerance)
-    parity["composed"] = float(f"{diff:.3e}")
+    parity = {name: e["parity"] for name, e in entries.items() if e.get("parity") is not None}
+    if "fp32" in needed and todo:  # the composed engine on the tasks whose graphs are new
+        sub = sub_layout(layout, todo)
+        runner = OnnxRunner({t: specs[t] for t in todo}, model.cfg,
+                            {g["name"]: open_session(folder / entries[g["name"]]["fp32"]) for g in sub}, sub, "fp32",
+                            model)
+        diff = composed_parity(model, runner, batches)
+        if not diff <= tolerance:
+            raise refuse("composed (OnnxRunner.forward_rows)", diff, tolerance)
+        parity["composed"] = float(f"{diff:.3e}")
     exporter = f"torch {torch.__version__} dynamo" + (" (embeddings); layer stacks written by centra.export.fused"
                                                        if style == "fused" else "")
-    info = EngineInfo(ENGINE_NAME, precision, tuple(graphs), opset=OPSET, exporter=exporter, style=style,
-                      tolerance=tolerance, parity=parity,
-                      fusions={"fp32": total_fusions(folder / g["fp32"] for g in graphs)})
+    info = EngineInfo(ENGINE_NAME, precision, tuple(entries.values()), opset=OPSET, exporter=exporter, style=style,
+                      tolerance=tolerance, parity=parity)
     if precision == "int8":
-        info = add_int8(folder, info, model, Engine(runner, tokenizer, batch_size=8), progress)
-    return info
+        info = add_int8(folder, info, model, Engine(model, tokenizer, batch_size=8), progress, specs=specs,
+                        fresh=fresh, cache=cache, keys=keys)
+    if not keep_fp32:  # the version holds the graphs it serves
+        graphs = []
+        for graph in info.graphs:
+            graph = dict(graph)
+            if "fp32" in graph:
+                (folder / graph.pop("fp32")).unlink()
+            graph["fusions"] = {k: v for k, v in (graph.get("fusions") or {}).items() if k != "fp32"}
+            graphs.append(graph)
+        with contextlib.suppress(OSError):
+            (folder / ONNX_DIR / "fp32").rmdir()
+        info = replace(info, graphs=tuple(graphs))
+    return replace(info, fusions=sum_fusions(info.graphs))
 
 
-def add_int8(folder: Path, info: EngineInfo, model: MergedModel, fp32: Engine, progress: bool = True) -> EngineInfo:
-    """Quantize the fp32 graphs of `info` into folder/onnx/int8 and check them against the fp32 engine
-    (centra.export.int8.check_int8, refusing below its floor); return `info` with their files, the check's
-    report and their fusions."""
+def reuse_graphs(layout: list[dict], keys: dict[str, dict[str, str]], needed: tuple[str, ...], folder: Path,
+                 cache: GraphCache | None) -> tuple[dict[str, dict], set[str]]:
+    """Per graph of the layout, its manifest entry (with its keys); the graphs whose `needed` files were
+    all linked from `cache` carry their earlier entry's files, parity and fusions. Also the names of the
+    graphs to export (the rest)."""
+    entries, fresh = {}, set()
+    for graph in layout:
+        name = graph["name"]
+        entry = {**graph, "keys": {p: keys[name][p] for p in needed}}
+        linked = []
+        for p in needed:
+            rel = f"{ONNX_DIR}/{p}/{name}.onnx"
+            hit = cache.link(keys[name][p], folder / rel) if cache is not None else None
+            if hit is None:
+                break
+            linked.append(rel)
+            entry[p] = rel
+            entry.setdefault("parity", hit.entry.get("parity"))
+            entry.setdefault("fusions", {})
+            entry["fusions"][p] = (hit.entry.get("fusions") or {}).get(p) or {}
+        if len(linked) < len(needed):  # all or nothing: a graph is exported whole
+            for rel in linked:
+                (folder / rel).unlink()
+            entry = {**graph, "keys": entry["keys"]}
+            fresh.add(name)
+        else:
+            entry["reused"] = True
+        entries[name] = entry
+    return entries, fresh
+
+
+def graph_path(layout: list[dict], spec: TaskSpec) -> list[str]:
+    """The graphs a task's rows run through: the embeddings, the trunk segments to its attach layer, its branch."""
+    return [g["name"] for g in layout if g["kind"] == "embeddings" or g["kind"] == "segment"
+            and g["last"] <= spec.attach_layer or g.get("task") == spec.name]
+
+
+def tasks_through(layout: list[dict], specs: dict[str, TaskSpec], names: set[str]) -> list[str]:
+    """The tasks whose rows run through any of the graphs `names`."""
+    return [t for t, spec in specs.items() if names.intersection(graph_path(layout, spec))]
+
+
+def sub_layout(layout: list[dict], tasks: list[str]) -> list[dict]:
+    """The layout's embeddings and trunk segments, and the branches of `tasks` only."""
+    return [g for g in layout if g["kind"] != "branch" or g["task"] in tasks]
+
+
+def add_int8(folder: Path, info: EngineInfo, model: MergedModel, fp32: Engine, progress: bool = True, *,
+             specs: dict[str, TaskSpec] | None = None, fresh: set[str] | None = None,
+             cache: GraphCache | None = None, keys: dict[str, dict[str, str]] | None = None) -> EngineInfo:
+    """Quantize the fp32 graphs of `info` (those in `fresh`; default all) into folder/onnx/int8 and check
+    the tasks whose graphs are new against the fp32 engine (centra.export.int8.check_int8, refusing below
+    its floor); the other tasks' checks carry over from `cache` (their graphs are the same bytes). Return
+    `info` with the int8 files, the check's report and the per-graph fusions."""
     from centra.export.int8 import check_int8, quantize_graph
+    from centra.export.reuse import path_key
 
+    specs = specs or model.specs
+    fresh = {g["name"] for g in info.graphs} if fresh is None else fresh
     graphs = []
-    for graph in progress_bar(info.graphs, desc="quantize int8", enabled=progress):
+    for graph in progress_bar([g for g in info.graphs], desc="quantize int8", enabled=progress and bool(fresh)):
+        if graph["name"] not in fresh:
+            graphs.append(graph)
+            continue
         rel = f"{ONNX_DIR}/int8/{graph['name']}.onnx"
-        graphs.append({**graph, "int8": rel if quantize_graph(folder / graph["fp32"], folder / rel) else graph["fp32"]})
+        graph = {**graph, "int8": rel if quantize_graph(folder / graph["fp32"], folder / rel) else graph["fp32"]}
+        if graph["int8"] == graph["fp32"]:  # nothing to quantize (the embeddings): the fp32 graph serves as int8
+            rel = f"{ONNX_DIR}/int8/{graph['name']}.onnx"
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.link(folder / graph["fp32"], folder / rel)
+            graph["int8"] = rel
+        graph["fusions"] = {**(graph.get("fusions") or {}), "int8": fusions(folder / graph["int8"])}
+        graphs.append(graph)
     info = replace(info, graphs=tuple(graphs))
-    int8 = OnnxRunner.load(folder, info, model, precision="int8")
-    report = check_int8(fp32, Engine(int8, fp32.tokenizer, batch_size=fp32.batch_size))
-    fusions = {**(info.fusions or {}), "int8": total_fusions(folder / g["int8"] for g in graphs)}
-    return replace(info, int8=report, fusions=fusions)
+    layout = [{k: g[k] for k in ("name", "kind", "first", "last", "task") if k in g} for g in graphs]
+    todo = tasks_through(layout, specs, fresh)
+    paths = {t: path_key(keys, graph_path(layout, specs[t]), "int8") for t in specs} if keys else {}
+    report = {"tasks": {}}
+    if todo:
+        sub = sub_layout(layout, todo)
+        int8 = OnnxRunner.open(folder, info, "int8", open_session, {t: specs[t] for t in todo}, model.cfg, "int8",
+                               model, layout=sub)
+        report = check_int8(fp32, Engine(int8, fp32.tokenizer, batch_size=fp32.batch_size), tasks=todo)
+    carried = {t: (cache.checks.get(paths[t]) if cache is not None and t in paths else None) for t in specs
+               if t not in todo}
+    lost = [t for t, entry in carried.items() if entry is None]
+    if lost:  # cannot happen when the cache gave every graph; refuse rather than publish unchecked graphs
+        raise CentraError(f"int8 graphs of task {lost[0]!r}: reused without their check")
+    tasks = {**report["tasks"], **carried}
+    for t in tasks:
+        if t in paths:
+            tasks[t] = {**tasks[t], "path_key": paths[t]}
+    info = replace(info, int8={**report, "tasks": {t: tasks[t] for t in specs}})
+    return replace(info, fusions=sum_fusions(info.graphs))
 
 
 def fusions(path: Path) -> dict[str, int]:
@@ -296,6 +417,15 @@ def fusions(path: Path) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def sum_fusions(graphs) -> dict[str, dict[str, int]]:
+    """Per precision, the fused ops of every graph (their entries' "fusions"), summed."""
+    total: dict[str, Counter] = {}
+    for graph in graphs:
+        for precision, counts in (graph.get("fusions") or {}).items():
+            total.setdefault(precision, Counter()).update(counts)
+    return {p: dict(sorted(c.items())) for p, c in sorted(total.items())}
+
+
 def total_fusions(paths) -> dict[str, int]:
     total: Counter = Counter()
     for path in paths:
@@ -303,8 +433,9 @@ def total_fusions(paths) -> dict[str, int]:
     return dict(sorted(total.items()))
 
 
-def load_staged(stage: Path, manifest: Manifest) -> MergedModel:
-    """The MergedModel of a staged version (its manifest not yet written): the files `load_merged` reads."""
+def load_staged(stage: Path, manifest: Manifest, tasks: list[str] | None = None) -> MergedModel:
+    """The MergedModel of a staged version (its manifest not yet written): the files `load_merged` reads;
+    with `tasks`, only those tasks' heads."""
     cfg = EncoderConfig(**manifest.encoder)
     holder = nn.Module()
     holder.embeddings = Embeddings(cfg)
@@ -312,22 +443,45 @@ def load_staged(stage: Path, manifest: Manifest) -> MergedModel:
     state = load_safetensors(stage / TRUNK_FILE)
     check_state(holder.state_dict(), state, str(stage / TRUNK_FILE))
     holder.load_state_dict(state)
-    heads = {e.name: load_task(stage / "tasks" / e.name, cfg, manifest_sha256=e.head_sha256)[1]
-             for e in manifest.tasks}
+    wanted = {e.name: e for e in manifest.tasks if tasks is None or e.name in tasks}
+    heads = {name: staged_head(stage, cfg, e.head_sha256, name) for name, e in wanted.items()}
     return MergedModel(cfg, holder.embeddings, holder.layers, heads).eval().requires_grad_(False)
 
 
-def onnx_extender(precision: str = "fp32", progress: bool = True) -> Callable[[Path, Manifest], EngineInfo]:
+def staged_head(stage: Path, cfg: EncoderConfig, sha256: str, name: str) -> nn.Module:
+    return load_task(stage / "tasks" / name, cfg, manifest_sha256=sha256)[1]
+
+
+def staged_specs(stage: Path, manifest: Manifest) -> dict[str, TaskSpec]:
+    """The specs of a staged version's tasks, from their task.json files (no weights read)."""
+    from centra.core.task import read_task_json
+
+    return {e.name: read_task_json(stage / "tasks" / e.name, e.name)[0] for e in manifest.tasks}
+
+
+def onnx_extender(precision: str = "fp32", progress: bool = True, out: Path | None = None,
+                  keep_fp32: bool = False) -> Callable[[Path, Manifest], EngineInfo]:
     """write_merged's `extend`: export the staged version's graphs into its onnx/ folder and return the
-    manifest's engine field."""
+    manifest's engine field. Graphs of OUT's kept versions whose keys match are linked, not exported
+    (centra.export.reuse); an int8 version keeps its fp32 graphs only with `keep_fp32`."""
     from centra.core.backbone import load_tokenizer
+    from centra.export.reuse import GraphCache
 
     if precision not in PRECISIONS:
         raise CentraError(f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
 
     def extend(stage: Path, manifest: Manifest) -> EngineInfo:
-        model = load_staged(stage, manifest)
+        cache = GraphCache(out)
+        trunk = load_staged(stage, manifest, tasks=[])
+        cfg = trunk.cfg
+        heads = {e.name: e.head_sha256 for e in manifest.tasks}
         tokenizer = load_tokenizer(stage / "tokenizer") if precision == "int8" else None
-        return export_onnx(model, stage, precision, tokenizer, progress=progress)
+        info = export_onnx(trunk, stage, precision, tokenizer, progress=progress, specs=staged_specs(stage, manifest),
+                           cache=cache, heads=lambda name: staged_head(stage, cfg, heads[name], name),
+                           keep_fp32=keep_fp32 or precision == "fp32")
+        reused = sum(1 for g in info.graphs if g.get("reused"))
+        progress_line(f"onnx: {reused} of {len(info.graphs)} graphs reused from earlier versions of {out}",
+                      progress and cache is not None and len(cache) > 0)
+        return info
 
     return extend

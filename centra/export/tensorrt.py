@@ -9,7 +9,8 @@
    in half precision (fp32 in and out, fp16 inside); int8 graphs are the fp32 graphs with QuantizeLinear /
    DequantizeLinear pairs (ONNX Runtime's static QDQ quantization: symmetric int8, weights per channel,
    activation ranges calibrated on real hidden states of calibration texts: min/max, which kept every
-   demo task within the check where clipping at the 99.999th percentile failed it on STS-B);
+   demo task within the check where clipping at the 99.999th percentile failed it on STS-B; biases stay
+   fp32 and every consumer gets its own pair, see qdq_graph);
    both are checked on ONNX Runtime against PyTorch before any build (label agreement, as int8 is; ORT's
    CPU provider computes many fp16 nodes in fp32, so this catches a broken graph and fp16 weight
    rounding, and the check after the build is the one that sees TensorRT's half-precision arithmetic);
@@ -30,6 +31,7 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -48,10 +50,15 @@ from centra.runtime.tensorrt import (
     PRECISIONS,
     Plan,
     TensorRTRunner,
+    clear_errors,
+    gpu_description,
     import_tensorrt,
     last_error,
     trt_logger,
 )
+
+if TYPE_CHECKING:
+    from centra.runtime.onnx import OnnxRunner
 
 TRT_DIR = "tensorrt"
 DEFAULT_MAX_BATCH = 64
@@ -89,6 +96,7 @@ def profile_shapes(graph: dict, hidden_size: int, max_batch: int, max_length: in
 def build_plan(trt, onnx_path: Path, plan_path: Path, shapes: dict[str, tuple]) -> None:
     """Parse one ONNX graph and write its serialized engine (strongly typed, one optimization profile)."""
     logger = trt_logger(trt)
+    clear_errors()  # a failure below reports its own message, never an earlier build's
     builder = trt.Builder(logger)
     flags = 0
     if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):  # TensorRT 9-10; always on from 11
@@ -163,7 +171,21 @@ def calibration_feeds(model: MergedModel, batches: dict, graph: dict, states: di
 
 def qdq_graph(src: Path, dest: Path, feeds: list[dict]) -> bool:
     """src with QuantizeLinear / DequantizeLinear around every weight MatMul / Gemm, activation ranges
-    from `feeds`; False (nothing written) when src has none (the embeddings)."""
+    from `feeds`; False (nothing written) when src has none (the embeddings).
+
+    Laid out for TensorRT's ONNX parser, by setting rather than by the exporter's shape:
+    - biases stay fp32 (QuantizeBias off). ONNX Runtime's default quantizes a Gemm's bias to int32 behind
+      a DequantizeLinear, which TensorRT refuses (its DequantizeLinear reads INT8, FP8 or INT4 only:
+      onnx-tensorrt docs/operators.md, TensorRT 10; the parse error of onnx-tensorrt #850 and onnxruntime
+      #17738). The exporter writes Gemm without its bias today, but another exporter version need not.
+    - every quantized reader (each GEMM) of an activation gets its own Q/DQ pair (DedicatedQDQPair): ONNX
+      Runtime's quantizer (quantization/qdq_quantizer.py) notes that TensorRT does not take a pair shared
+      between nodes (Q, K and V read one hidden state), and NVIDIA's QDQ BERT quantizes each GEMM's input
+      separately. Nothing in TensorRT 10's documentation says shared pairs are now fine, and no GPU was
+      at hand to try, so the safe layout is written (the pairs of one tensor carry one scale; TensorRT
+      fuses each into its GEMM). ONNX Runtime then rewires only the quantized readers, so the attention
+      block's residual Add reads the fp32 hidden state, not its int8 rounding: closer to fp32 (a tiny
+      random layer's mean error 0.0064, was 0.0099 with shared pairs)."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -200,7 +222,8 @@ def qdq_graph(src: Path, dest: Path, feeds: list[dict]) -> bool:
                                            # weight products only (not Q.K^T nor softmax.V), inputs only
                                            # (not the outputs, the logits among them)
                                            "MatMulConstBOnly": True,
-                                           "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]})
+                                           "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"],
+                                           "QuantizeBias": False, "DedicatedQDQPair": True})
     except Exception as exc:  # the quantizer raises plain Exceptions
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CentraError(f"{src}: int8 QDQ quantization failed ({first})") from None
@@ -225,16 +248,16 @@ def half_graph(model: MergedModel, graph: dict, path: Path) -> None:
 
 def precision_graphs(model: MergedModel, tokenizer, folder: Path, info: EngineInfo, precision: str,
                      calibration: tuple[list[str], list[tuple[str, str]]],
-                     progress: bool) -> tuple[dict[str, str], dict]:
+                     progress: bool) -> tuple[dict[str, str], dict, OnnxRunner | None]:
     """Per graph, the ONNX file TensorRT builds from (relative to folder), checked on ONNX Runtime
-    against PyTorch fp32 (fp16 and int8: by check_precision on the sample inputs), and the checks' reports
-    by precision (none for fp32)."""
+    against PyTorch fp32 (fp16 and int8: by check_precision on the sample inputs), the checks' reports
+    by precision and the checked graphs on ONNX Runtime (none of either for fp32, the graphs as exported)."""
     from centra.export.int8 import check_precision
     from centra.runtime.onnx import OnnxRunner, open_session
 
     sources = info.files("fp32")
     if precision == "fp32":
-        return sources, {}
+        return sources, {}, None
     from centra.export.onnx import reference_states
 
     batches = calibration_batches(model, tokenizer, *calibration) if precision == "int8" else {}
@@ -256,7 +279,7 @@ def precision_graphs(model: MergedModel, tokenizer, folder: Path, info: EngineIn
     bounds = {"max_relative_error": FP16_MAX_RELATIVE_ERROR} if precision == "fp16" else {}
     report = check_precision(fp32, Engine(runner, tokenizer, batch_size=8), f"ONNX {precision}", **bounds)
     progress_line(f"tensorrt: {precision} ONNX graphs agree with PyTorch fp32 on ONNX Runtime", progress)
-    return sources, {precision: report}
+    return sources, {precision: report}, runner
 
 
 def build_tensorrt(model: MergedModel, tokenizer, folder: Path, precision: str,
@@ -277,7 +300,7 @@ def build_tensorrt(model: MergedModel, tokenizer, folder: Path, precision: str,
     trt = import_tensorrt()
     folder = Path(folder)
     onnx_info = export_onnx(model, folder, "fp32", progress=progress, style="portable")
-    sources, onnx_checks = precision_graphs(model, tokenizer, folder, onnx_info, precision, calibration, progress)
+    sources, onnx_checks, _ = precision_graphs(model, tokenizer, folder, onnx_info, precision, calibration, progress)
     max_length = min(max(s.max_length for s in model.specs.values()), max_positions(model.cfg))
     layout = graph_layout(model.specs)
     graphs = []
@@ -296,9 +319,9 @@ def build_tensorrt(model: MergedModel, tokenizer, folder: Path, precision: str,
               "int8": {}}[precision]
     check = check_precision(fp32, Engine(runner, tokenizer, batch_size=8), f"TensorRT {precision}", **bounds)
     progress_line(f"tensorrt: {precision} plans agree with PyTorch fp32 on the sample inputs", progress)
-    return EngineInfo(ENGINE_NAME, precision, tuple(graphs), tensorrt=trt.__version__,
-                      device=torch.cuda.get_device_name(device),
-                      compute_capability=".".join(map(str, torch.cuda.get_device_capability(device))),
+    name, capability = gpu_description(device)  # what TensorRTRunner.load compares with the serving GPU
+    return EngineInfo(ENGINE_NAME, precision, tuple(graphs), tensorrt=trt.__version__, device=name,
+                      compute_capability=capability,
                       calibrated_on=len(calibration[0]) + len(calibration[1]) if precision == "int8" else None,
                       max_batch=max_batch, max_length=max_length, onnx_parity=onnx_info.parity,
                       onnx_checks=onnx_checks, check=check)

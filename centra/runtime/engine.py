@@ -17,7 +17,7 @@ from centra.core.answers import interpret
 from centra.core.backbone import EncoderConfig
 from centra.core.graph import MergedModel
 from centra.core.manifest import Manifest
-from centra.core.merge import load_merged, model_folder
+from centra.core.merge import load_merged, read_version
 from centra.core.overhead import TokenGroup, token_groups
 from centra.core.task import TaskSpec
 from centra.core.tokens import Encoded, check_texts, encode
@@ -79,19 +79,21 @@ class Engine:
 
         if engine is not None and engine not in ENGINES:
             raise CentraError(f"unknown engine {engine!r} (known: {', '.join(ENGINES)})")
-        folder = model_folder(Path(out))  # the pointer is read once: model and tokenizer of one version
-        manifest, model = load_merged(folder)  # every file's sha256 checked, ONNX graphs included
+        version = read_version(Path(out))  # the pointer read once; every file's sha256 checked, graphs included
+        folder, manifest = version.folder, version.manifest
         name = engine or (manifest.engine.name if manifest.engine is not None else "torch")
-        runner: Runner | MergedModel = model
-        if name == "onnx":
+        runner: Runner | MergedModel
+        if name == "torch":
+            runner = load_merged(version)[1]
+        elif name == "onnx":  # the graphs hold the weights: the torch model loads only if verify asks for it
             from centra.runtime.onnx import OnnxRunner
 
-            runner = OnnxRunner.load(folder, manifest.engine, model, files=manifest.files)
+            runner = OnnxRunner.load(folder, manifest.engine, version, files=manifest.files)
         elif name == "tensorrt":
             from centra.runtime.tensorrt import TensorRTRunner
 
-            runner = TensorRTRunner.load(folder, manifest.engine, model, files=manifest.files)
-        elif name != "torch":
+            runner = TensorRTRunner.load(folder, manifest.engine, version, files=manifest.files)
+        else:
             raise CentraError(f"{folder / 'manifest.json'}: unknown engine {name!r} (known: {', '.join(ENGINES)})")
         return cls(runner, load_tokenizer(folder / "tokenizer"), batch_size, manifest)
 

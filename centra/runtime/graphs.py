@@ -19,6 +19,7 @@ import torch
 from centra.core.backbone import EncoderConfig
 from centra.core.graph import MergedModel, TrunkRows
 from centra.core.manifest import EngineInfo
+from centra.core.merge import Version, load_merged
 from centra.core.task import TaskSpec
 from centra.errors import CentraError
 
@@ -82,22 +83,25 @@ class GraphRunner:
     device = torch.device("cpu")  # where run_graph takes and gives tensors
 
     def __init__(self, specs: dict[str, TaskSpec], cfg: EncoderConfig, layout: list[dict], precision: str,
-                 reference: MergedModel | None = None):
+                 reference: MergedModel | Version | None = None):
         self.specs = specs
         self.cfg = cfg
         self.layout = layout
         self.precision = precision
-        self.reference = reference
+        self._reference_source = reference  # a Version: the torch model is loaded when first asked for
         # trunk segments by the layer they start after: 0 -> the first segment, ...
         self.segments = {g["first"] - 1: (g["name"], g["last"]) for g in layout if g["kind"] == "segment"}
 
     @classmethod
     def open(cls, folder: Path, info: EngineInfo, key: str, open_graph: Callable[[Path], object],
-             specs: dict[str, TaskSpec], cfg: EncoderConfig, precision: str, reference: MergedModel | None = None,
-             warm: bool = True, files: Mapping[str, str] | None = None, **kwargs) -> GraphRunner:
+             specs: dict[str, TaskSpec], cfg: EncoderConfig, precision: str,
+             reference: MergedModel | Version | None = None,
+             warm: bool = True, files: Mapping[str, str] | None = None, layout: list[dict] | None = None,
+             **kwargs) -> GraphRunner:
         """A runner over the graphs of `specs`' layout in `folder`: each the file the engine field `info`
-        names under `key` (layout_files), opened by `open_graph(path)` (a session, a plan), warmed up."""
-        layout = graph_layout(specs)
+        names under `key` (layout_files), opened by `open_graph(path)` (a session, a plan), warmed up.
+        `layout`: a part of the version's layout that covers `specs` (default: the layout of `specs`)."""
+        layout = layout or graph_layout(specs)
         graphs = {name: open_graph(path) for name, path in layout_files(folder, info, layout, key, files).items()}
         runner = cls(specs, cfg, graphs, layout, precision, reference, **kwargs)
         if warm:
@@ -107,7 +111,8 @@ class GraphRunner:
     def eval(self):  # the Engine calls model.eval(); graphs have no training mode
         return self
 
-    # What `verify` and the demo read from a torch MergedModel: the torch files of the same version.
+    # What `verify` and the demo read from a torch MergedModel: the torch files of the same version,
+    # loaded when first asked for (a served engine never holds fp32 torch weights beside its graphs).
     @property
     def heads(self):
         return self._reference().heads
@@ -119,6 +124,17 @@ class GraphRunner:
     @property
     def trunk(self):
         return self._reference().trunk
+
+    @property
+    def reference_loaded(self) -> bool:
+        return isinstance(self._reference_source, MergedModel)
+
+    @property
+    def reference(self) -> MergedModel | None:
+        """The torch MergedModel of the same version (None: built without one)."""
+        if isinstance(self._reference_source, Version):  # every file hashed again: the folder may have changed
+            self._reference_source = load_merged(self._reference_source)[1]
+        return self._reference_source
 
     def _reference(self) -> MergedModel:
         if self.reference is None:

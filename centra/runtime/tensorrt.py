@@ -4,8 +4,10 @@ engine's savings.
 `centra merge --engine tensorrt --precision fp32|fp16|int8` (centra.export.tensorrt) builds one plan per
 graph of `graph_layout` on the GPU it runs on and records them in the manifest's "engine" field; the
 files are hashed with the rest of the version. A plan runs only on the GPU model and TensorRT version it
-was built with: loading refuses another TensorRT version or GPU compute capability with one line (merge
-again on the serving machine).
+was built with (TensorRT's support matrix: plans are not portable across devices; at the same compute
+capability TensorRT only warns): the manifest records the GPU's name and compute capability, and loading
+refuses another TensorRT version, GPU name or compute capability with one line (merge again on the
+serving machine).
 
 GraphRunner walks the graphs; here each graph is an execution context whose tensors live in torch CUDA
 memory, run on the runner's own stream, so hidden states stay on the GPU from graph to graph and only
@@ -15,6 +17,8 @@ A batch larger than the plan's optimization profile is run in slices of the prof
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -30,6 +34,9 @@ ENGINE_NAME = "tensorrt"
 PRECISIONS = ENGINE_PRECISIONS[ENGINE_NAME]
 TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "INT64": torch.int64, "INT32": torch.int32,
                 "BOOL": torch.bool, "INT8": torch.int8}
+MAX_ERRORS = 8  # TensorRT's errors kept for a one-line message: a failure logs a few, the last says most
+NO_MESSAGE = "no message from TensorRT"
+log = logging.getLogger("centra.tensorrt")
 
 
 def import_tensorrt():
@@ -44,32 +51,94 @@ def import_tensorrt():
     return tensorrt
 
 
+class TensorRTLog:
+    """What TensorRT logs, sorted for centra (plain Python: the tests feed it without tensorrt).
+
+    Errors are kept (the first line of the last MAX_ERRORS) for the one-line CentraError of the build, load
+    or run that failed, and `clear`ed when one starts, so a failure never reports an earlier, unrelated
+    message. Warnings go to Python logging at WARNING (among them TensorRT's own warning that a plan runs on
+    another GPU model than the one that built it). Info and verbose messages are dropped: TensorRT's default
+    logger would print them to stdout, beside centra's JSON lines."""
+
+    def __init__(self, errors: tuple, warnings: tuple):
+        self.error_levels, self.warning_levels = errors, warnings
+        self.errors: list[str] = []
+        self.lock = threading.Lock()  # TensorRT may call its logger from any thread
+
+    def record(self, severity, msg: object) -> None:
+        text = str(msg).strip()
+        if severity in self.error_levels:
+            with self.lock:
+                self.errors.append(text.splitlines()[0] if text else "error")
+                del self.errors[:-MAX_ERRORS]
+        elif severity in self.warning_levels:
+            log.warning("TensorRT: %s", text)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.errors.clear()
+
+    def last(self) -> str:
+        with self.lock:
+            return self.errors[-1] if self.errors else NO_MESSAGE
+
+
 _LOGGER = None
-_ERRORS: list[str] = []
 
 
 def trt_logger(trt):
-    """One logger for every builder and runtime (as NVIDIA's samples keep one). TensorRT's own logger
-    prints to stdout, beside centra's JSON lines; this one keeps its errors for centra's one-line
-    messages (`last_error`) and prints nothing."""
+    """One logger for every builder and runtime (as NVIDIA's samples keep one), forwarding to a
+    TensorRTLog (`.sink`)."""
     global _LOGGER
     if _LOGGER is None:
-        class Collecting(trt.ILogger):
+        severity = trt.ILogger
+        sink = TensorRTLog((severity.INTERNAL_ERROR, severity.ERROR), (severity.WARNING,))
+
+        class Forwarding(trt.ILogger):
             def __init__(self):
                 trt.ILogger.__init__(self)
+                self.sink = sink
 
             def log(self, severity, msg):
-                if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
-                    _ERRORS.append(str(msg).strip().splitlines()[0] if str(msg).strip() else "error")
-                    del _ERRORS[:-8]
+                self.sink.record(severity, msg)
 
-        _LOGGER = Collecting()
+        _LOGGER = Forwarding()
     return _LOGGER
 
 
+def clear_errors() -> None:
+    """Forget TensorRT's earlier errors: called when a build, a plan load or a graph run starts (one at a
+    time in centra: the engine runs one batch at a time), so `last_error` names only its own."""
+    if _LOGGER is not None:
+        _LOGGER.sink.clear()
+
+
 def last_error() -> str:
-    """TensorRT's last error message, for a one-line CentraError."""
-    return _ERRORS[-1] if _ERRORS else "no message from TensorRT"
+    """TensorRT's last error message since `clear_errors`, for a one-line CentraError."""
+    return _LOGGER.sink.last() if _LOGGER is not None else NO_MESSAGE
+
+
+def gpu_description(device: torch.device) -> tuple[str, str]:
+    """(name, compute capability "major.minor") of a CUDA device, as the manifest records them."""
+    return torch.cuda.get_device_name(device), ".".join(map(str, torch.cuda.get_device_capability(device)))
+
+
+def current_gpu() -> tuple[torch.device, str, str]:
+    """The current CUDA device, its name and compute capability."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    return (device, *gpu_description(device))
+
+
+def check_gpu(source: Path, info: EngineInfo, name: str, capability: str) -> None:
+    """Refuse, in one line, plans built on another GPU model or compute capability, or on a GPU the
+    manifest does not name: TensorRT would load some of them and warn, and run them slower or wrong."""
+    if not info.device or not info.compute_capability:
+        raise CentraError(f"{source}: the manifest does not record the GPU that built the plans; this GPU is "
+                          f"{name} ({capability}): merge again on this machine")
+    if info.device != name or info.compute_capability != capability:
+        raise CentraError(f"{source}: the plans were built on {info.device} (compute capability "
+                          f"{info.compute_capability}); this GPU is {name} ({capability}): merge again on this "
+                          "machine")
 
 
 class Plan:
@@ -81,6 +150,7 @@ class Plan:
         except OSError as exc:
             raise CentraError(f"{path}: cannot read the TensorRT plan ({exc.strerror or exc})") from None
         with torch.cuda.device(device):
+            clear_errors()
             self.engine = runtime.deserialize_cuda_engine(data)
             if self.engine is None:
                 raise CentraError(f"{path}: TensorRT {trt.__version__} cannot load this plan ({last_error()}): "
@@ -124,12 +194,8 @@ class TensorRTRunner(GraphRunner):
         if info.tensorrt and info.tensorrt != trt.__version__:
             raise CentraError(f"{source}: the plans were built by TensorRT {info.tensorrt}; this is "
                               f"{trt.__version__}: merge again on this machine")
-        device = torch.device("cuda", torch.cuda.current_device())
-        here = ".".join(map(str, torch.cuda.get_device_capability(device)))
-        if info.compute_capability and info.compute_capability != here:
-            raise CentraError(f"{source}: the plans were built on {info.device} (compute capability "
-                              f"{info.compute_capability}); this GPU is {torch.cuda.get_device_name(device)} "
-                              f"({here}): merge again on this machine")
+        device, name, capability = current_gpu()
+        check_gpu(source, info, name, capability)
         runtime = trt.Runtime(trt_logger(trt))  # kept alive by the engines it deserializes
         return cls.open(folder, info, "plan", lambda path: Plan(trt, runtime, path, device), reference.specs,
                         reference.cfg, info.precision, reference, warm, files, device=device)
@@ -155,6 +221,7 @@ class TensorRTRunner(GraphRunner):
                      for s in range(0, batch, plan.max_batch)]
             return torch.cat(parts)
         context = plan.context
+        clear_errors()
         fed = []  # kept alive until the work is queued
         for key in plan.inputs:
             if key not in inputs:

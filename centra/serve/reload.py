@@ -1,9 +1,10 @@
 """Zero-downtime reload: follow the merged model's `current` pointer.
 
 `centra merge` into the served folder is all a user does. The watcher reads the pointer every
-`interval` seconds (a readlink, then that version's manifest: its content id, no file hashed; SIGHUP
-checks at once). Versions are known by content: a version rebuilt under the same name (`rm -rf out &&
-centra merge --out out`) has another content id and is loaded like a new one. A new version is loaded
+`interval` seconds (a readlink and a stat of that version's manifest, which is parsed for its content
+id when the file is another one: no file hashed; SIGHUP checks at once). Versions are known by
+content: a version rebuilt under the same name (`rm -rf out && centra merge --out out`) has another
+content id and is loaded like a new one. A new version is loaded
 beside the old one in a worker thread, warmed up, and handed over in one assignment (`swap`). Batches
 already formed keep the engine they bound to, so in-flight calls finish on the old version. A version
 that fails to load (corrupt, invalid, a manifest that does not check) keeps the old one serving: one log
@@ -76,6 +77,8 @@ class ModelWatcher:
         when it has one, is what served afterwards); `swap(engine, version)` puts it in service."""
         self.model_dir = Path(model_dir)
         self.version, self.content_id = version, content_id
+        # the manifest file last parsed (folder, inode, mtime, size) and what it gave
+        self._stamp: tuple[tuple, tuple[str, CentraError | None]] = ((), ("", None))
         self.load, self.swap, self.on_result = load, swap, on_result or (lambda result: None)
         self.interval = interval
         self.failed: tuple[str, str] | None = None  # (version, content id) that failed: not retried until asked
@@ -132,7 +135,14 @@ class ModelWatcher:
         name, folder = found
         if not (folder / MANIFEST).exists():  # not a published version (a folder being removed)
             return False
-        content_id, error = await asyncio.to_thread(published_id, folder)
+        try:
+            st = (folder / MANIFEST).stat()
+        except OSError:
+            return False
+        stamp = (str(folder), st.st_ino, st.st_mtime_ns, st.st_size)
+        if stamp != self._stamp[0] or forced:  # parsed once per manifest file, not every tick
+            self._stamp = (stamp, await asyncio.to_thread(published_id, folder))
+        content_id, error = self._stamp[1]
         key = (name, content_id)
         if key == (self.version, self.content_id) or (key == self.failed and not forced):
             return False

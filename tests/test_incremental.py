@@ -139,3 +139,29 @@ def test_heads_an_earlier_version_validated_are_hashed_not_loaded(grown, monkeyp
         assert loaded == ["gamma"]
     finally:
         head.write_bytes(saved)
+
+
+def test_bench_scale_measures_every_count_engine_and_a_reload(tiny_models, tmp_path, capsys):
+    import json
+
+    from centra.cli import main
+
+    plot = tmp_path / "scale.png"
+    args = ["bench-scale", "--tasks", "3", "--engines", "onnx-int8", "--texts", "6", "--backbone",
+            str(tiny_models["bert"]), "--workdir", str(tmp_path / "work"), "--plot", str(plot)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    figures = json.loads(out.strip().splitlines()[-1])
+    rows = {(r["tasks"], r["engine"], r["layout"]): r for r in figures["rows"]}
+    assert set(rows) == {(3, "onnx-int8", "merged"), (3, "onnx-int8", "separate")}  # torch: the same code
+    for key, r in rows.items():
+        assert r["texts_per_s"] > 0 and r["one_task_texts_per_s"] > 0 and r["rss_mb"] > 50, key
+        if key[2] == "merged":
+            assert r["merge_s"] > 0 and r["add_one_s"] > 0 and r["add_one_disk_mb"] > 0 and r["version_mb"] > 0, key
+    # the +1 version links what it shares with the one before: it adds far less than a version holds
+    assert rows[(3, "onnx-int8", "merged")]["add_one_disk_mb"] < rows[(3, "onnx-int8", "merged")]["version_mb"] / 2
+    reload = figures["reload"]
+    assert reload["tasks"] == 3 and reload["merge_to_answer_s"] >= reload["merge_s"] > 0
+    assert reload["peak_mb"] >= reload["rss_before_mb"] > 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "reload: centra serve on 3 int8 tasks" in out

@@ -70,7 +70,7 @@ def flags_named(command: str = "") -> Iterator[None]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from centra.cli import bench, bench_server, demo, models, plan, results, serve, soak, tasks, triton
+    from centra.cli import bench, bench_scale, bench_server, demo, models, plan, results, serve, soak, tasks, triton
 
     common = Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_server.add_parsers(sub, common)
     soak.add_parsers(sub, common)
     bench.add_parsers(sub, common)
+    bench_scale.add_parsers(sub, common)
     triton.add_parsers(sub, common)
     return parser
 

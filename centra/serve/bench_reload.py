@@ -1,0 +1,84 @@
+"""Reload at scale (`centra bench-scale`'s last measurement): a `centra serve` process on a merged model, then
+a new version with one more task published into it: the seconds from the merge's start until the new task
+answers a call, and the server's RSS before, at its peak and after (old + new is the bound: the new
+version loads beside the old one, which is released when its last batch is done)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+START_TIMEOUT = 300.0  # seconds for the server to load the model, and for the new task to answer
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def process_mb(pid: int) -> tuple[float, float]:
+    """(RSS, peak RSS) of process `pid` in MB."""
+    found = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                found[key] = int(value.split()[0]) / 1024
+    return found.get("VmRSS", 0.0), found.get("VmHWM", 0.0)
+
+
+def measure_reload(out: Path, add_task: Callable[[], str], merge: list[str],
+                   progress: Callable[[str], None]) -> dict:
+    """Serve OUT, then `add_task()` (the new task's name) and run `python merge...` (a merge into OUT)."""
+    import grpc
+
+    from centra.serve.v1 import centra_pb2 as pb
+    from centra.serve.v1 import centra_pb2_grpc
+
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "centra.cli", "serve", "--model", str(out), "--port", str(port),
+                               "--metrics-port", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        stub = centra_pb2_grpc.ClassifierStub(channel)
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                stub.ListTasks(pb.ListTasksRequest(), timeout=5)
+                break
+            except grpc.RpcError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"centra serve --model {out} did not start") from None
+                time.sleep(0.5)
+        stub.Classify(pb.ClassifyRequest(inputs=[pb.Input(text="warm")]), timeout=120)
+        before, _ = process_mb(server.pid)
+        name = add_task()
+        progress(f"reload: merging +1 task ({name}) into {out} while centra serve (pid {server.pid}) serves it")
+        start = time.perf_counter()
+        subprocess.run([sys.executable, *merge], check=True, env=env, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        merged_s = time.perf_counter() - start
+        while True:
+            try:
+                stub.Classify(pb.ClassifyRequest(inputs=[pb.Input(text="new task")], tasks=[name]), timeout=10)
+                break
+            except grpc.RpcError:
+                if time.perf_counter() - start > START_TIMEOUT:
+                    raise RuntimeError(f"the new task {name!r} never answered") from None
+                time.sleep(0.05)
+        answered_s = time.perf_counter() - start
+        time.sleep(2.5)  # the watcher trims the heap a tick after a reload
+        after, peak = process_mb(server.pid)
+    finally:
+        channel.close()
+        server.terminate()
+        server.wait(60)
+    return {"rss_before_mb": round(before), "peak_mb": round(peak), "rss_after_mb": round(after),
+            "merge_s": round(merged_s, 1), "merge_to_answer_s": round(answered_s, 1)}

@@ -2,8 +2,8 @@
 
 A graph's key is the sha256 of everything its bytes depend on: the graph (its name and kind, a segment's
 layer bounds, a branch's head sha256 and the spec fields the branch reads), the backbone's fingerprint
-and encoder config, the graph style and opset, and the exporter (EXPORT_FORMAT, centra's and torch's
-versions); an int8 graph's key adds the quantizer (onnxruntime's and onnx's versions and centra's
+and encoder config, the graph style and opset, and the exporter (centra's EXPORT_FORMAT and torch's
+version); an int8 graph's key adds the quantizer (onnxruntime's and onnx's versions and centra's
 quantization settings) to its fp32 key. The manifest records each graph's keys ("keys": {"fp32": ...,
 "int8": ...}). A merge looks the keys up in OUT's kept versions (`GraphCache`), links the file when the
 key matches and its bytes still hash to what that version's manifest recorded, and exports, checks and
@@ -34,10 +34,7 @@ def digest(data: object) -> str:
 def exporter_identity(style: str, opset: int) -> dict:
     import torch
 
-    from centra import __version__
-
-    return {"format": EXPORT_FORMAT, "centra": __version__, "torch": torch.__version__, "style": style,
-            "opset": opset}
+    return {"format": EXPORT_FORMAT, "torch": torch.__version__, "style": style, "opset": opset}
 
 
 def quantizer_identity() -> dict:

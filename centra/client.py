@@ -83,13 +83,19 @@ class Client:
                 "tasks": tasks}
 
     def classify(self, texts: Sequence[str], tasks: Sequence[str] | None = None,
-                 pairs: Sequence[str] | None = None, ids: Sequence[str] | None = None) -> list[dict]:
+                 pairs: Sequence[str] | None = None, ids: Sequence[str] | None = None,
+                 max_labels: int | None = None) -> list[dict]:
         """One dict per text and task, as `Engine.predict` gives them (text, pair, task, label | labels |
-        value, scores, truncated), plus "id" when ids are given. `pairs`: one second text per text, or None."""
+        value, scores, truncated), plus "id" when ids are given. `pairs`: one second text per text, or None.
+        `max_labels`: at most this many labels per multilabel answer (never more than the task's own limit)."""
         for what, items in (("pair texts", pairs), ("ids", ids)):
             if items is not None and len(items) != len(texts):
                 raise CentraError(f"{len(texts)} texts but {len(items)} {what}: give one per text")
+        if max_labels is not None and (isinstance(max_labels, bool) or not isinstance(max_labels, int)
+                                       or not 1 <= max_labels < 2**31):
+            raise CentraError(f"max_labels must be a positive int, not {max_labels!r}")
         request = self._request(texts, tasks, pairs, ids)
+        request.max_labels = max_labels or 0
         for _ in range(2):  # a reload between the answer and ListTasks: ask once more
             reply = self._call(self._stub.Classify, request)
             if model_key(reply) not in self._catalogs:

@@ -243,7 +243,8 @@ def test_add_task_keeps_candidates_plan_activates_predict_serves(bert_path, tmp_
     tasks, data = tmp_path / "tasks", tmp_path / "data"
     data.mkdir()
     common = ["--backbone", str(bert_path), "--epochs", "2", "--batch-size", "8", "--lr", "1e-3", "--head-lr", "1e-2",
-              "--text-column", "text", "--label-column", "label", "--kind", "multiclass"]
+              "--text-column", "text", "--label-column", "label", "--kind", "multiclass",
+              "--extra-attach", "0"]  # candidates at the teacher's layer only (shallower: test_shallower_students)
     for name, pair, extra in (("mood", False, ["--layers", "2:3", "--threshold", "-100", "--first-rung", "0.25"]),
                               ("same", True, ["--layers", "4:4", "--student-layers", "1", "--search", "full"])):
         write_split(data / f"{name}-train.tsv", synthetic("multiclass", pair, 48, 1), pair)

@@ -131,7 +131,8 @@ def test_a_branch_trained_in_pieces_equals_one_trained_straight(bert):
 
 
 def test_train_task_records_the_search_and_keeps_candidates(bert, tmp_path):
-    job = job_for(tmp_path, "t", "multiclass", False, layers=(1, 3), threshold=-100.0, first_rung=0.25)
+    job = job_for(tmp_path, "t", "multiclass", False, layers=(1, 3), threshold=-100.0, first_rung=0.25,
+                  extra_attach=0)  # candidates at the teacher's layer (shallower ones: test_shallower_students)
     report, student = train_task(job, bert, tmp_path / "tasks")
     search = report["search"]
     assert search["method"] == "halving" and search["epochs_full_search"] == 9
@@ -183,7 +184,7 @@ def test_multilabel_branches_are_chosen_at_tuned_thresholds(bert, tmp_path, monk
     for made_up, best in (([0.9, 0.1, 0.2], 1), ([0.1, 0.2, 0.9], 3)):
         values = iter(made_up)
         monkeypatch.setattr(finetune, "tune_logits",
-                            lambda logits, targets, v=values: {"tuned": {"micro_f1": next(v), "macro_f1": 0.0},
+                            lambda logits, targets, *_, v=values: {"tuned": {"micro_f1": next(v), "macro_f1": 0.0},
                                                                "values": [0.5, 0.5]})
         head = init_task(bert, "m", "multilabel", ["billing", "app"], 2, 1)[1]
         _, log = train_branch(head, caches[0], targets, caches[1], targets, cfg, "m")

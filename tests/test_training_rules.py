@@ -228,7 +228,7 @@ def test_non_utf8_data_names_file_and_line(tmp_path, bom):
 
 
 def test_progress_is_plain_lines_off_a_terminal(bert, tmp_path, capsys):
-    job = job_for(tmp_path, "t", "multiclass", False, layers=(1, 1), student_layers=1)
+    job = job_for(tmp_path, "t", "multiclass", False, layers=(1, 1), student_layers=1, extra_attach=0)
     job.epochs, job.progress = 2, True
     capsys.readouterr()
     train_task(job, bert, tmp_path / "tasks")

@@ -110,6 +110,12 @@ SHOWN_LABELS = 3  # labels of a multilabel answer printed per text
 MIN_GAIN = 0.01  # a trained task within 1 point of its baseline learned nothing worth showing
 
 
+def per_text(report) -> str:
+    """', x labels per text (gold y)' of a multilabel report, held out; '' when it lacks them."""
+    found = report.thresholds.labels_per_text if report.thresholds is not None else {}
+    return f", {found['predicted']:.2f} labels per text (gold {found['gold']:.2f})" if "gold" in found else ""
+
+
 def quality_lines(tasks_dir: Path, names: list[str]) -> list[str]:
     """Each task's dev metric (at its tuned thresholds for multilabel tasks, as served) beside the same
     metric of a model that learned nothing (report.json's baseline), flagging a task that does not beat it."""
@@ -125,7 +131,8 @@ def quality_lines(tasks_dir: Path, names: list[str]) -> list[str]:
         if metric is None or metric not in base:
             lines.append(f"  {name:<11} no dev metric and baseline in {path}")
             continue
-        tuned = "" if chosen.tuned is None else f" ({100 * chosen.scores[metric]:.1f} at 0.5, thresholds tuned on dev)"
+        tuned = "" if chosen.tuned is None else (f" ({100 * chosen.scores[metric]:.1f} at 0.5, thresholds tuned on dev)"
+                                                 f" scored held out (cross-fitted){per_text(report)}")
         verdict = "" if chosen.served - base[metric] >= MIN_GAIN else "  <- DOES NOT BEAT ITS BASELINE"
         lines.append(f"  {name:<11} {metric} {100 * chosen.served:5.1f}{tuned}; baseline {100 * base[metric]:5.1f} "
                      f"({base['answer']}){verdict}")

@@ -6,8 +6,10 @@ tables of docs/results.md.
 
 Per task: full fine-tuning reference (embeddings and every layer trained), the teacher for each L,
 students (KD-1, KD-2, ...) and the mixed choice (c = 1.0), all dev metrics, then the merged model's dev
-metric (which must equal the student's). A multilabel task's figures are at thresholds tuned on dev, as it
-is chosen and served.
+metric (which must equal the student's). A multilabel task's figures are held out: each dev fold scored at
+thresholds tuned on the other folds, as it is chosen (it is served at thresholds tuned on all of dev, so its
+merged column, like `centra evaluate`, gives the in-sample "fit" figure; a table of its own shows both
+and the labels per text).
 Tasks whose files are absent are skipped. Writes OUT/tasks/*, OUT/merged, OUT/results.json.
 Overheads count one trunk pass per token group (single texts and text pairs read other tokens).
 """
@@ -67,7 +69,9 @@ def run(args: argparse.Namespace) -> dict:
         job = TaskJob(name=name, kind=kind, train=root / train, dev=root / dev, columns=cols,
                       label_names=parse_label_names(names, root), reference=True, threshold=1.0,
                       search=args.search, max_train_examples=cap, reference_epochs=args.reference_epochs,
-                      epochs=args.epochs, metric=metric, seed=args.seed, progress=args.progress)
+                      epochs=args.epochs, metric=metric, seed=args.seed, progress=args.progress,
+                      **({"threshold_objective": args.threshold_objective, "max_labels": args.max_labels}
+                         if kind == "multilabel" else {}))
         start = time.perf_counter()
         report, _ = train_task(job, backbone, out / "tasks")
         results[name] = {**report.to_dict(), "wall_seconds": round(time.perf_counter() - start, 1)}
@@ -83,7 +87,7 @@ def run(args: argparse.Namespace) -> dict:
         examples, _ = load_examples(root / dev, kind, cols, labels=None if kind == "regression" else spec.labels,
                                     label_names=parse_label_names(names, root))
         logits = engine.logits(examples.texts, examples.pairs, [name])[name].numpy()
-        results[name]["merged_dev"] = compute(kind, logits, examples.targets, spec.thresholds)
+        results[name]["merged_dev"] = compute(kind, logits, examples.targets, spec.thresholds, spec.max_labels)
     merged = manifest.to_dict()  # results.json keeps the manifest's JSON form of these
     results["_merged"] = {k: merged[k] for k in ("trunk_depth", "trunk_passes", "overhead_layers",
                                                  "single_task_layers")}
@@ -102,7 +106,28 @@ def markdown(results: dict) -> str:
              " | KD-1 | KD-2 | mixed c=1.0 (l) | merged |",
              "|" + "---|" * (LAYERS + 7)]
     lines += [task_row(name, r, results[name].get("merged_dev", {})) for name, r in reports.items()]
-    return "\n".join(lines) + "\n\n" + settings_rows(reports, results.get("_merged", {}).get("overhead_layers")) + "\n"
+    multilabel = multilabel_rows(reports)
+    return ("\n".join(lines) + "\n\n" + settings_rows(reports, results.get("_merged", {}).get("overhead_layers"))
+            + "\n" + (f"\n{multilabel}\n" if multilabel else ""))
+
+
+def multilabel_rows(reports: dict[str, TrainingReport]) -> str:
+    """Each multilabel task's figures at 0.5, held out at cross-fitted thresholds ("tuned"), in-sample at
+    the thresholds served ("fit": what the merged column and `centra evaluate` give), and the mean
+    labels per text held out against gold, for the reference and the chosen student."""
+    table = ["| task | model | micro-F1 at 0.5 | micro-F1 tuned (held out) | macro-F1 at 0.5 | macro-F1 tuned "
+             "(held out) | macro-F1 fit (in-sample) | labels per text (gold) |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in reports.items():
+        reference = r.reference.thresholds if r.reference else None
+        for model, t in (("full fine-tuning", reference), ("chosen student", r.thresholds)):
+            if r.kind != "multilabel" or t is None:
+                continue
+            per_text = t.labels_per_text
+            labels = f"{per_text['predicted']:.2f} ({per_text['gold']:.2f})" if "gold" in per_text else "-"
+            table.append(f"| {name} | {model} | {pct(t.at_half.get('micro_f1'))} | {pct(t.tuned.get('micro_f1'))} | "
+                         f"{pct(t.at_half.get('macro_f1'))} | {pct(t.tuned.get('macro_f1'))} | "
+                         f"{pct(t.fit.get('macro_f1'))} | {labels} |")
+    return "\n".join(table) if len(table) > 2 else ""
 
 
 LAYERS = 6  # the default backbone's
@@ -112,11 +137,14 @@ def task_row(name: str, r: TrainingReport, merged_dev: dict) -> str:
     """One task's dev metric in every setting (x100; `*`: the teacher the search kept)."""
     teachers = {t.trainable_layers: t for t in r.teachers if t.log is not None}
     students = student_scores(r)
-    cells = [name, r.metric + (" (tuned)" if tuned_rows(r) else ""), str(r.train_examples), pct(reference_score(r))]
+    cells = [name, r.metric + (" (tuned, held out)" if tuned_rows(r) else ""), str(r.train_examples),
+             pct(reference_score(r))]
     cells += [pct(served(r, teachers[i].log.dev)) + ("*" if teachers[i].chosen else "") if i in teachers else "-"
               for i in range(1, LAYERS)]
+    fit = r.thresholds.fit.get(r.metric) if r.thresholds is not None and tuned_rows(r) else None
+    merged = pct(merged_dev.get(r.metric)) + (f" (fit {pct(fit)})" if fit is not None else "")  # in-sample
     cells += [pct(students.get(1)), pct(students.get(2)), f"{pct(served(r, r.chosen.dev))} ({r.chosen.task_layers})",
-              pct(merged_dev.get(r.metric))]
+              merged]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -227,6 +255,13 @@ def add_parser(sub, common) -> None:
     p.add_argument("--only", help="comma-separated task names")
     p.add_argument("--search", choices=["full", "halving"], default="full",
                    help="teacher search [full: every L trained to the end, as the tables show]")
+    from centra.train.settings import DECLARED
+
+    for d in DECLARED:  # the multilabel settings, declared once in centra.train.settings
+        if d.name in ("threshold_objective", "max_labels"):
+            p.add_argument(d.flag, type=d.type, choices=d.choices, default=d.default,
+                           help=f"multilabel tasks (GoEmotions): {d.help.removeprefix('multilabel: ')} "
+                                f"[{d.default_text}]")
     p.add_argument("--progress", action="store_true", help="show progress")
     p.add_argument("--table", action="store_true", help="only print the tables of OUT/results.json")
     p.set_defaults(func=cmd_results)

@@ -124,11 +124,15 @@ def summarize(report: TrainingReport) -> str:
 
 
 def tuned_note(thresholds: Thresholds | None) -> str:
-    """'; thresholds tuned on dev: micro_f1 a -> b, macro_f1 c -> d' for a multilabel run, else ''."""
+    """'; thresholds tuned on dev, held out: micro_f1 a -> b, macro_f1 c -> d; labels per text p (gold g)'
+    for a multilabel run, else ''."""
     if thresholds is None:
         return ""
-    return "; thresholds tuned on dev: " + ", ".join(f"{m} {100 * v:.2f} -> {100 * thresholds.tuned[m]:.2f}"
-                                                     for m, v in thresholds.at_half.items())
+    per_text = thresholds.labels_per_text
+    labels = (f"; labels per text {per_text['predicted']:.2f} (gold {per_text['gold']:.2f})"
+              if {"predicted", "gold"} <= set(per_text) else "")
+    return "; thresholds tuned on dev, held out: " + ", ".join(
+        f"{m} {100 * v:.2f} -> {100 * thresholds.tuned[m]:.2f}" for m, v in thresholds.at_half.items()) + labels
 
 
 def add_column_args(p) -> None:

@@ -13,8 +13,10 @@ from centra.core.task import TaskSpec
 REGRESSION_AGREEMENT = 0.1
 
 
-def interpret(spec: TaskSpec, logits: torch.Tensor) -> dict:
-    """Logits of one example -> label / labels / value and per-label scores."""
+def interpret(spec: TaskSpec, logits: torch.Tensor, max_labels: int | None = None) -> dict:
+    """Logits of one example -> label / labels / value and per-label scores. A multilabel answer holds
+    the labels whose score reaches its threshold, at most `limit_of(spec, max_labels)` of them (the
+    highest-scoring, ties to the earlier label), in label order."""
     if spec.kind == "regression":
         value = float(logits[0])
         return {"value": round(value, 6), "scores": {spec.labels[0]: round(value, 6)}}
@@ -24,8 +26,20 @@ def interpret(spec: TaskSpec, logits: torch.Tensor) -> dict:
         return {"label": spec.labels[best], "scores": {lab: round(p, 6) for lab, p in zip(spec.labels, probs)}}
     probs = torch.sigmoid(logits.float()).tolist()
     thresholds = spec.thresholds or [0.5] * len(spec.labels)
-    return {"labels": [lab for lab, p, t in zip(spec.labels, probs, thresholds) if p >= t],
+    above = [i for i, (p, t) in enumerate(zip(probs, thresholds)) if p >= t]
+    limit = limit_of(spec, max_labels)
+    if limit is not None and len(above) > limit:
+        above = sorted(sorted(above, key=lambda i: -probs[i])[:limit])
+    return {"labels": [spec.labels[i] for i in above],
             "scores": {lab: round(p, 6) for lab, p in zip(spec.labels, probs)}}
+
+
+def limit_of(spec: TaskSpec, max_labels: int | None = None) -> int | None:
+    """Labels a multilabel answer holds at most: the task's max_labels (task.json) and a call's, the
+    smaller when both are given (a call may ask for fewer labels, never for more than the task allows).
+    0 or None: no limit from that side."""
+    limits = [n for n in (spec.max_labels, max_labels) if n]
+    return min(limits) if limits else None
 
 
 def labels_agree(spec: TaskSpec, ref: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
@@ -33,8 +47,7 @@ def labels_agree(spec: TaskSpec, ref: torch.Tensor, got: torch.Tensor) -> torch.
     if spec.kind == "multiclass":
         return ref.argmax(-1) == got.argmax(-1)
     if spec.kind == "multilabel":
-        cut = threshold_logits(spec)
-        return ((ref >= cut) == (got >= cut)).all(-1)
+        return (label_mask(spec, ref) == label_mask(spec, got)).all(-1)
     spread = max((ref.max() - ref.min()).item(), 1.0)
     return ((ref - got).abs() <= REGRESSION_AGREEMENT * spread).all(-1)
 
@@ -42,3 +55,13 @@ def labels_agree(spec: TaskSpec, ref: torch.Tensor, got: torch.Tensor) -> torch.
 def threshold_logits(spec: TaskSpec) -> torch.Tensor:
     t = torch.tensor(spec.thresholds or [0.5] * spec.num_outputs, dtype=torch.float64).clamp(1e-6, 1 - 1e-6)
     return torch.log(t / (1 - t)).float()  # sigmoid(x) >= t  <=>  x >= logit(t)
+
+
+def label_mask(spec: TaskSpec, logits: torch.Tensor) -> torch.Tensor:
+    """A multilabel task's answers to logits (N, C) as a bool mask: at its thresholds and max_labels."""
+    pred = logits >= threshold_logits(spec)
+    limit = limit_of(spec)
+    if limit is not None and logits.shape[-1] > limit:
+        top = torch.where(pred, logits, torch.full_like(logits, -torch.inf)).topk(limit, dim=-1).indices
+        pred &= torch.zeros_like(pred).scatter_(-1, top, True)
+    return pred

@@ -48,6 +48,7 @@ class TaskSpec:
     max_length: int = 128
     pooling: str = "mean"
     thresholds: list[float] | None = None
+    max_labels: int | None = None  # multilabel: answer at most this many labels (the highest-scoring ones)
     head_sha256: str = ""
     trained: bool = False
     metrics: dict = field(default_factory=dict)
@@ -67,6 +68,8 @@ class TaskSpec:
         data = asdict(self)
         order = ["schema_version", "name", "kind", "labels", "input", "max_length", "attach_layer",
                  "task_layers", "pooling", "thresholds", "backbone", "head_sha256", "trained", "metrics", "source"]
+        if self.max_labels is not None:  # written only when set: task.json files without it stay byte-identical
+            order.insert(order.index("thresholds") + 1, "max_labels")
         return {key: data[key] for key in order}
 
     @classmethod
@@ -78,15 +81,15 @@ class TaskSpec:
         required = {"name": str, "kind": str, "labels": list, "attach_layer": int, "task_layers": int,
                     "backbone": dict, "head_sha256": str}
         optional = {"input": str, "max_length": int, "pooling": str, "trained": bool, "metrics": dict,
-                    "thresholds": (list, type(None)), "source": dict}
+                    "thresholds": (list, type(None)), "max_labels": (int, type(None)), "source": dict}
         for key, typ in {**required, **optional}.items():
             if key not in data:
                 if key in required:
                     raise CentraError(f"{source}: missing field {key!r}")
                 continue
             value = data[key]
-            if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-                name = typ.__name__ if isinstance(typ, type) else "a list or null"
+            if not isinstance(value, typ) or (typ in (int, (int, type(None))) and isinstance(value, bool)):
+                name = typ.__name__ if isinstance(typ, type) else f"{typ[0].__name__} or null"
                 raise CentraError(f"{source}: field {key!r} must be {name}")
         spec = cls(**{k: data[k] for k in (*required, *optional) if k in data})
         if spec.kind == "multilabel" and spec.thresholds is None:
@@ -120,6 +123,8 @@ class TaskSpec:
             ok = isinstance(self.thresholds, list) and len(self.thresholds) == len(self.labels)
             if not ok or not all(isinstance(t, (int, float)) and 0 <= t <= 1 for t in self.thresholds):
                 raise bad("thresholds must be one number in [0, 1] per label")
+        if self.max_labels is not None and (self.kind != "multilabel" or self.max_labels < 1):
+            raise bad("max_labels is for multilabel tasks only, and must be >= 1")
         if self.attach_layer < 0 or self.task_layers < 0:
             raise bad("attach_layer and task_layers must be >= 0")
         if self.max_length < 4:

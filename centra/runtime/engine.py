@@ -192,17 +192,17 @@ class Engine:
         return {name: torch.stack([r.logits[name] for r in results]) for name in names}
 
     def predict(self, texts: list[str], pairs: list[str] | None = None,
-                tasks: list[str] | None = None) -> list[dict]:
+                tasks: list[str] | None = None, max_labels: int | None = None) -> list[dict]:
         """One answer per text and task: {"text", ("pair",) "task", "label"|"labels"|"value", "scores",
-        "truncated"}, texts in input order."""
+        "truncated"}, texts in input order; a multilabel answer at most max_labels labels (and the task's)."""
         check_texts(texts, pairs)
         names = tuple(spec.name for spec in self.select(tasks, pairs is not None))
         rows = [Row(text, pairs[i] if pairs is not None else None, names) for i, text in enumerate(texts)]
         answers = []
         for row, result in zip(rows, self.run(rows)):
             for name in names:
-                answer = {"text": row.text, "task": name, **interpret(self.specs[name], result.logits[name]),
-                          "truncated": result.truncated[name]}
+                found = interpret(self.specs[name], result.logits[name], max_labels)
+                answer = {"text": row.text, "task": name, **found, "truncated": result.truncated[name]}
                 if row.pair is not None and self.specs[name].input == "pair":
                     answer = {"text": row.text, "pair": row.pair, **{k: v for k, v in answer.items() if k != "text"}}
                 answers.append(answer)

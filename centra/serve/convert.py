@@ -150,6 +150,9 @@ def rows_from_pb(request, engine: Engine, limits: Limits) -> list[Row]:
         raise ServeError(f"{count:,} inputs in one call; the limit is {limits.max_inputs:,}")
     if name_count > limits.max_task_names:
         raise ServeError(f"{name_count:,} task names in one call; the limit is {limits.max_task_names:,}")
+    max_labels = getattr(request, "max_labels", 0)  # a request built in process may predate the field
+    if max_labels < 0:
+        raise ServeError(f"max_labels must be >= 0 (0: the task's own limit), not {max_labels}")
     inputs = list(request.inputs)
     names = list(request.tasks)
     size = sum(utf8_size(value, f"input {i}: {what}") for i, item in enumerate(inputs)
@@ -199,14 +202,19 @@ def select_tasks(engine: Engine, names: list[str], every_input_has_pair: bool) -
 
 def response_to_pb(request, rows: list[Row], engine: Engine, results: list[RowResult]):
     """One InputResult per input (ids echoed), one TaskResult per task of its row, in the row's order.
-    `engine` must be the one that computed the results (its labels, version and content id describe them)."""
+    `engine` must be the one that computed the results (its labels, version and content id describe them).
+    A call's max_labels re-reads a multilabel task's logits (the answers computed with the batch hold the
+    task's own limit only)."""
     from centra.serve.v1 import centra_pb2 as pb
 
     response = pb.ClassifyResponse(model_version=engine.version, model_id=engine.content_id)
+    max_labels = getattr(request, "max_labels", 0)
     for item, row, result in zip(request.inputs, rows, results, strict=True):
         entry = response.results.add(id=item.id)
         for name in row.tasks:
-            answer = result.answers.get(name) or interpret(engine.specs[name], result.logits[name])
+            answer = result.answers.get(name)
+            if answer is None or max_labels and "labels" in answer:
+                answer = interpret(engine.specs[name], result.logits[name], max_labels)
             task = entry.tasks.add(task=name, truncated=result.truncated.get(name, False),
                                    scores=list(answer["scores"].values()))  # dict in the task's label order
             if "label" in answer:

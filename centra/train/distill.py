@@ -97,6 +97,34 @@ def distill_students(run: Run, teacher: TaskHead, soft: np.ndarray) -> Distilled
     return Distilled(tried[-1][0], [s for _, s in tried], {s.task_layers: h for h, s in tried})
 
 
+def shallower_attach_layers(teacher_attach: int, count: int) -> list[int]:
+    """The attach layers of the extra students: the `count` layers below the teacher's, deepest first
+    (the trunk cache walks down), never below 0."""
+    return list(range(teacher_attach - 1, max(-1, teacher_attach - 1 - count), -1))
+
+
+def distill_shallower(run: Run, teacher: TaskHead, soft: np.ndarray) -> tuple[dict[str, TaskHead], list[Student]]:
+    """Students of `teacher` attached below it (extra_attach layers: k-1, k-2, ...), each with l = 1..3
+    task layers (or the job's student_layers): candidates for `centra plan`, which can then trade trunk
+    depth as well as task layers. Such a student reads an earlier hidden state than the teacher's layers
+    were trained on, so its task layers start from the backbone's layers k'+1..k'+l (what reads that
+    state) and its pooler and classifier from the teacher's; it learns from the same logits table.
+    Cheap: the trunk cache walks down (a snapshot, or one rebuild), and each student trains l layers."""
+    heads, students = {}, []
+    n = run.backbone.cfg.num_layers
+    fixed = run.job.student_layers
+    for attach in shallower_attach_layers(teacher.spec.attach_layer, run.job.extra_attach):
+        run.advance_to(attach)
+        for layers in [fixed] if fixed else range(1, min(3, n - attach) + 1):
+            head = run.new_head(attach, layers)
+            head.load_state_dict({k: v.clone() for k, v in teacher.state_dict().items()
+                                  if k.split(".")[0] in ("pooler", "classifier")}, strict=False)
+            trained, log = run.train_branch(head, f"student k={attach} l={layers}", soft=soft)
+            heads[f"student-a{attach}-l{layers}"] = trained
+            students.append(Student(layers, BranchLog.from_dict(log), attach))
+    return heads, students
+
+
 def mixed_layers(scores: dict[int, float], threshold: float) -> int:
     """The mixed allocation: the smallest l after which one more layer gains less than `threshold`
     dev points (scores: dev metric per number of task layers, in [0, 1])."""

@@ -49,11 +49,18 @@ def evaluate(engine: Predictor, task: str, data: Path | str, columns: Columns,
     segments = read_segments(Path(data), columns, by) if by is not None else None
     logits = engine.logits(examples.texts, examples.pairs, [task])[task].numpy()
     result = {"task": task, "examples": len(examples), **rounded(compute(spec.kind, logits, examples.targets,
-                                                                         spec.thresholds))}
+                                                                         spec.thresholds, spec.max_labels))}
+    if spec.kind == "multilabel":  # does the task answer as many labels as the data has?
+        import numpy as np
+
+        from centra.train.thresholds import labels_per_text
+
+        probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+        result["labels_per_text"] = labels_per_text(probs, spec.thresholds, examples.targets, spec.max_labels)
     if against is not None:
         result["against"] = compare(task, against, spec, examples, logits)
     if segments is not None:
-        parts = by_segment(spec.kind, logits, examples.targets, segments, spec.thresholds)
+        parts = by_segment(spec.kind, logits, examples.targets, segments, spec.thresholds, spec.max_labels)
         result |= {"by": by, "segments": {v: rounded(m) for v, m in parts.items()}}
     return result
 
@@ -67,8 +74,8 @@ def compare(task: str, other: Predictor, spec: TaskSpec, examples: Examples, log
     from centra.core.answers import labels_agree
 
     theirs = other.logits(examples.texts, examples.pairs, [task])[task]
-    scores = compute(spec.kind, theirs.numpy(), examples.targets, spec.thresholds)
-    ours = compute(spec.kind, logits, examples.targets, spec.thresholds)
+    scores = compute(spec.kind, theirs.numpy(), examples.targets, spec.thresholds, spec.max_labels)
+    ours = compute(spec.kind, logits, examples.targets, spec.thresholds, spec.max_labels)
     same = labels_agree(spec, theirs.double(), torch.from_numpy(logits).double())
     return {"engine": other.runtime, **rounded(scores), "agreement": round(same.float().mean().item(), 6),
             "delta": {k: round(ours[k] - v, 6) for k, v in scores.items() if isinstance(v, float) and k in ours}}

@@ -28,7 +28,7 @@ from centra.progress import progress_bar, progress_line
 from centra.train.cache import ActivationCache
 from centra.train.metrics import compute
 from centra.train.settings import Settings
-from centra.train.thresholds import tune_logits
+from centra.train.thresholds import Tuning, tune_logits
 
 _DEFAULT = Settings()
 
@@ -48,6 +48,7 @@ class TrainConfig:
     metric: str | None = _DEFAULT.metric  # None: the kind's default (metrics.DEFAULT_METRIC)
     alpha: float = _DEFAULT.alpha
     temperature: float = _DEFAULT.temperature
+    tuning: Tuning = Tuning()  # multilabel: how thresholds are tuned and scored (the job's settings)
     progress: bool = True
 
     @classmethod
@@ -127,13 +128,16 @@ def predict_cache(head: TaskHead, cache: ActivationCache, batch_size: int = 128,
     return out
 
 
-def dev_scores(kind: str, logits: np.ndarray, targets: list, thresholds: list[float] | None = None) -> dict:
+def dev_scores(kind: str, logits: np.ndarray, targets: list, thresholds: list[float] | None = None,
+               tuning: Tuning | None = None) -> dict:
     """Every metric of the kind; a multilabel task's also the thresholds tuned on these logits
-    ("thresholds") and the metrics at them ("tuned"): the branch is served at the ones of its best epoch."""
+    ("thresholds": the branch is served at the ones of its best epoch), the metrics at thresholds
+    cross-fitted on them ("tuned", held out), in-sample at the thresholds ("fit") and the labels per text."""
     scores = compute(kind, logits, targets, thresholds)
     if kind == "multilabel":
-        found = tune_logits(logits, targets)
+        found = tune_logits(logits, targets, tuning)
         scores["tuned"], scores["thresholds"] = found["tuned"], found["values"]
+        scores.update({k: found[k] for k in ("fit", "labels_per_text") if k in found})
     return scores
 
 
@@ -143,8 +147,9 @@ def selection_score(kind: str, scores: dict, metric: str) -> float:
     return float((scores["tuned"] if kind == "multilabel" else scores)[metric])
 
 
-def evaluate(head: TaskHead, cache: ActivationCache, targets: list) -> dict:
-    return dev_scores(head.spec.kind, predict_cache(head, cache), targets, head.spec.thresholds)
+def evaluate(head: TaskHead, cache: ActivationCache, targets: list, cfg: TrainConfig | None = None) -> dict:
+    return dev_scores(head.spec.kind, predict_cache(head, cache), targets, head.spec.thresholds,
+                      (cfg or TrainConfig()).tuning)
 
 
 def train_branch(head: TaskHead, train: ActivationCache, train_targets: list, dev: ActivationCache,
@@ -216,7 +221,7 @@ class BranchTrainer:
         if not self.epochs_done and (self.partial is None or
                                      self.partial["epochs_trained"] != round(self.epochs_trained, 4)):
             self.partial = {"epochs_trained": round(self.epochs_trained, 4),
-                            **evaluate(head, self.dev, self.dev_targets)}
+                            **evaluate(head, self.dev, self.dev_targets, self.cfg)}
         self.seconds += time.perf_counter() - start
         return self.best_score if self.epochs_done else selection_score(self.kind, self.partial, cfg.metric)
 
@@ -255,7 +260,7 @@ class BranchTrainer:
     def _end_epoch(self, epoch: int) -> None:
         cfg = self.cfg
         start = time.perf_counter()
-        scores = evaluate(self.head, self.dev, self.dev_targets)
+        scores = evaluate(self.head, self.dev, self.dev_targets, self.cfg)
         loss = self.epoch_loss / self.steps_per_epoch
         self.log["epochs"].append({"epoch": epoch + 1, "train_loss": loss, **scores})
         tuned = f" ({100 * scores['tuned'][cfg.metric]:.2f} tuned)" if "tuned" in scores else ""
@@ -276,7 +281,7 @@ class BranchTrainer:
             log["dev"] = log["epochs"][log["best_epoch"] - 1]
         else:
             log["dev"] = self.partial or {"epochs_trained": round(self.epochs_trained, 4),
-                                          **evaluate(self.head, self.dev, self.dev_targets)}
+                                          **evaluate(self.head, self.dev, self.dev_targets, self.cfg)}
         log["epochs_trained"] = round(self.epochs_trained, 4)
         log["seconds"] = round(self.seconds, 2)
         self.optimizer = self.schedule = None  # type: ignore[assignment]

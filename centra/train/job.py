@@ -4,7 +4,7 @@ data, caches, a head factory), shared by the pipeline, the teacher search and th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,7 @@ from centra.train.cache import ActivationCache, CacheBudget
 from centra.train.data import Columns, Examples
 from centra.train.finetune import BranchTrainer, TrainConfig, train_branch
 from centra.train.settings import REFERENCE_EPOCHS, Settings
+from centra.train.thresholds import Tuning
 
 
 @dataclass(kw_only=True)
@@ -46,8 +47,9 @@ class TaskJob(Settings):
 
     @property
     def train_config(self) -> TrainConfig:
-        """What the training loop takes of the job (its settings of that name, and progress)."""
-        return TrainConfig.of(self)
+        """What the training loop takes of the job (its settings of that name, progress, and how a
+        multilabel branch's thresholds are tuned)."""
+        return replace(TrainConfig.of(self), tuning=Tuning(self.threshold_objective, self.max_labels, seed=self.seed))
 
 
 @dataclass(frozen=True)

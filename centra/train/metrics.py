@@ -9,21 +9,36 @@ METRICS = {"multiclass": ("accuracy", "macro_f1", "mcc"), "multilabel": ("micro_
            "regression": ("pearson", "spearman")}
 
 
-def compute(kind: str, logits: np.ndarray, targets: list, thresholds: list[float] | None = None) -> dict:
-    """All metrics of a kind from raw logits (N, C) and targets."""
+def compute(kind: str, logits: np.ndarray, targets: list, thresholds=None, max_labels: int | None = None) -> dict:
+    """All metrics of a kind from raw logits (N, C) and targets; a multilabel task's at `thresholds` (one
+    per label, or one row of them per example; None: 0.5) and its `max_labels`."""
     if kind == "multiclass":
         pred, gold = logits.argmax(-1), np.asarray(targets)
         return {"accuracy": float((pred == gold).mean()), "macro_f1": macro_f1(pred, gold, logits.shape[1]),
                 "mcc": mcc(pred, gold, logits.shape[1])}
     if kind == "multilabel":
-        probs = 1.0 / (1.0 + np.exp(-logits))
-        pred = probs >= np.asarray(thresholds if thresholds else [0.5] * logits.shape[1])
+        probs = 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+        pred = decide(probs, thresholds if thresholds is not None else [0.5] * logits.shape[1], max_labels)
         gold = np.asarray(targets) > 0.5
         tp, fp, fn = (pred & gold).sum(0), (pred & ~gold).sum(0), (~pred & gold).sum(0)
         return {"micro_f1": _f1(tp.sum(), fp.sum(), fn.sum()),
                 "macro_f1": float(np.mean([_f1(a, b, c) for a, b, c in zip(tp, fp, fn)]))}
     pred, gold = logits[:, 0].astype(np.float64), np.asarray(targets, dtype=np.float64)
     return {"pearson": pearson(pred, gold), "spearman": pearson(_ranks(pred), _ranks(gold))}
+
+
+def decide(probs: np.ndarray, thresholds, max_labels: int | None = None) -> np.ndarray:
+    """A multilabel task's answers as a 0/1 array (N, C): p >= the label's threshold, and at most
+    `max_labels` per row, the highest-scoring ones (ties to the earlier label), as core.answers.interpret
+    answers one example."""
+    probs = np.asarray(probs)
+    pred = probs >= np.asarray(thresholds)
+    if max_labels is not None and pred.shape[1] > max_labels:
+        order = np.argsort(-np.where(pred, probs, -np.inf), axis=1, kind="stable")
+        keep = np.zeros_like(pred)
+        np.put_along_axis(keep, order[:, :max_labels], True, axis=1)
+        pred &= keep
+    return pred
 
 
 BASELINES = {"multiclass": "the train set's majority class", "multilabel": "the train set's most frequent label",
@@ -45,14 +60,15 @@ def baseline(kind: str, outputs: int, train_targets: list, dev_targets: list) ->
 
 
 def by_segment(kind: str, logits: np.ndarray, targets: list, segments: list[str],
-               thresholds: list[float] | None = None) -> dict[str, dict]:
+               thresholds: list[float] | None = None, max_labels: int | None = None) -> dict[str, dict]:
     """compute() on each segment's rows: {value: {"examples": n, metric: value}}, largest segment first."""
     rows: dict[str, list[int]] = {}
     for i, value in enumerate(segments):
         rows.setdefault(value, []).append(i)
     order = sorted(rows, key=lambda v: (-len(rows[v]), v))
     return {v: {"examples": len(rows[v]),
-                **compute(kind, logits[rows[v]], [targets[i] for i in rows[v]], thresholds)} for v in order}
+                **compute(kind, logits[rows[v]], [targets[i] for i in rows[v]], thresholds, max_labels)}
+            for v in order}
 
 
 def _f1(tp: float, fp: float, fn: float) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,7 @@ from centra.errors import CentraError
 from centra.io import check_replaceable
 from centra.train.cache import ActivationCache, CacheBudget
 from centra.train.data import Examples, load_examples
-from centra.train.distill import distill_students, logits_table, read_teacher_logits
+from centra.train.distill import distill_shallower, distill_students, logits_table, read_teacher_logits
 from centra.train.job import CheckedJob, Run, TaskJob
 from centra.train.metrics import METRICS, baseline
 from centra.train.reference import TokenSource, train_reference
@@ -130,6 +130,7 @@ class Trained:
     kept: dict[str, TaskHead]  # candidates for `centra plan`, by id
     reference: Reference | None = None
     search: SearchCost | None = None
+    shallower: list[Student] = field(default_factory=list)  # students attached below the teacher (candidates)
 
 
 def train_run(run: Run) -> Trained:
@@ -154,7 +155,12 @@ def train_run(run: Run) -> Trained:
     distilled = distill_students(run, teacher, soft)
     run.times["students"] = time.perf_counter() - clock
     kept.update({f"student-l{layers}": head for layers, head in distilled.heads.items()})
-    return Trained(distilled.chosen, distilled.students, teachers, kept, reference, search)
+    clock = time.perf_counter()
+    more, shallower = distill_shallower(run, teacher, soft)
+    if shallower:
+        run.times["shallower_students"] = time.perf_counter() - clock  # what the extra candidates cost
+    kept.update(more)
+    return Trained(distilled.chosen, distilled.students, teachers, kept, reference, search, shallower)
 
 
 def run_reference(run: Run) -> Reference:
@@ -164,7 +170,8 @@ def run_reference(run: Run) -> Reference:
     _, log = train_reference(run.backbone, run.new_head(0, n), sources[0], run.train.targets, sources[1],
                              run.dev.targets, run.checked.tc, job.reference_epochs)
     run.times["reference"] = time.perf_counter() - clock
-    thresholds = threshold_report(log["dev"], run.dev.targets) if job.kind == "multilabel" else None
+    thresholds = threshold_report(log["dev"], run.dev.targets, run.checked.tc.tuning) \
+        if job.kind == "multilabel" else None
     return Reference(BranchLog.from_dict(log), n, n, "trained", job.reference_epochs, thresholds)
 
 
@@ -183,6 +190,7 @@ def publish(run: Run, trained: Trained, tasks_dir: Path) -> tuple[TrainingReport
     job, metric = run.job, run.checked.tc.metric
     logs = {f"student-l{s.task_layers}": s.log for s in trained.students}
     logs.update({f"teacher-L{t.trainable_layers}": t.log for t in trained.teachers if t.log is not None})
+    logs.update({f"student-a{s.attach_layer}-l{s.task_layers}": s.log for s in trained.shallower})
     spec = trained_spec(job, trained.student.spec, logs[f"student-l{trained.student.spec.task_layers}"], metric)
     candidates = {name: (trained_spec(job, head.spec, logs[name], metric), head)
                   for name, head in sorted(trained.kept.items())}
@@ -197,11 +205,14 @@ def trained_spec(job: TaskJob, spec: TaskSpec, log: BranchLog, metric: str) -> T
     multilabel head served at the thresholds tuned on dev at that epoch (its metrics stay at 0.5, like
     every run's, with the tuned ones beside them)."""
     metrics = {"metric": metric, **{m: round(log.dev[m], 6) for m in METRICS[job.kind]}}
-    thresholds = spec.thresholds
+    thresholds, max_labels = spec.thresholds, None
     if job.kind == "multilabel":
-        thresholds = log.dev["thresholds"]
-        metrics["tuned"] = {m: round(v, 6) for m, v in log.dev["tuned"].items()}
-    return replace(spec, trained=True, metrics=metrics, source=dict(job.source), thresholds=thresholds)
+        thresholds, max_labels = log.dev["thresholds"], job.max_labels
+        metrics["tuned"] = {m: round(v, 6) for m, v in log.dev["tuned"].items()}  # held out (cross-fitted)
+        if "labels_per_text" in log.dev:
+            metrics["labels_per_text"] = log.dev["labels_per_text"]
+    return replace(spec, trained=True, metrics=metrics, source=dict(job.source), thresholds=thresholds,
+                   max_labels=max_labels)
 
 
 def training_report(run: Run, trained: Trained, spec: TaskSpec, candidates: dict[str, tuple[TaskSpec, TaskHead]]
@@ -209,7 +220,7 @@ def training_report(run: Run, trained: Trained, spec: TaskSpec, candidates: dict
     """The report of the run (report.json), its chosen student published with `spec`."""
     job, tc = run.job, run.checked.tc
     chosen = next(s for s in trained.students if s.task_layers == spec.task_layers)
-    scores = {k: v for k, v in spec.metrics.items() if k not in ("metric", "tuned")}
+    scores = {k: v for k, v in spec.metrics.items() if k not in ("metric", "tuned", "labels_per_text")}
     return TrainingReport(
         task=job.name, kind=job.kind, backbone=run.backbone.backbone_id, labels=run.labels,
         train_examples=len(run.train), dev_examples=len(run.dev), metric=tc.metric,
@@ -218,7 +229,8 @@ def training_report(run: Run, trained: Trained, spec: TaskSpec, candidates: dict
         baseline=baseline(job.kind, 1 if job.kind == "regression" else len(run.labels), run.train.targets,
                           run.dev.targets),
         reference=trained.reference, teachers=trained.teachers, search=trained.search, students=trained.students,
-        thresholds=threshold_report(chosen.log.dev, run.dev.targets) if job.kind == "multilabel" else None,
+        shallower_students=trained.shallower,
+        thresholds=threshold_report(chosen.log.dev, run.dev.targets, tc.tuning) if job.kind == "multilabel" else None,
         cache=cache_cost(run, trained.teachers), seconds={k: round(v, 2) for k, v in run.times.items()},
         chosen=Chosen(tc.metric, scores, spec.metrics.get("tuned"), spec.attach_layer, spec.task_layers,
                       spec.attach_layer + spec.task_layers, f"student-l{spec.task_layers}"),

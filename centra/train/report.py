@@ -67,36 +67,54 @@ class Teacher:
 
 @dataclass(frozen=True)
 class Student:
+    """A distilled student: its task layers and log; attach_layer only for one attached below its
+    teacher (a plan candidate: distill.distill_shallower), None for those at the teacher's layer."""
+
     task_layers: int
     log: BranchLog
+    attach_layer: int | None = None
 
     def to_dict(self) -> dict:
-        return {"task_layers": self.task_layers, **self.log.to_dict()}
+        attach = {} if self.attach_layer is None else {"attach_layer": self.attach_layer}
+        return {**attach, "task_layers": self.task_layers, **self.log.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict) -> Student:
-        return cls(data["task_layers"], BranchLog.from_dict(data))
+        return cls(data["task_layers"], BranchLog.from_dict(data), data.get("attach_layer"))
 
 
 @dataclass(frozen=True)
 class Thresholds:
-    """A multilabel branch's per-label thresholds tuned on dev (train/thresholds.py), with the dev metrics
-    at 0.5 and at them."""
+    """A multilabel branch's per-label thresholds tuned on dev (train/thresholds.py): the values served
+    (tuned on all of dev), the dev metrics at 0.5, held out ("tuned": each dev fold scored at thresholds
+    tuned on the other folds) and in-sample at the values ("fit"), and the mean labels per text held out
+    against gold; how they were tuned (objective, folds, the guard's minimum positives and margin)."""
 
     values: list[float]
     min_positives: int
     positives: list[int]
     at_half: dict[str, float]
     tuned: dict[str, float]
+    fit: dict[str, float] = field(default_factory=dict)
+    labels_per_text: dict[str, float] = field(default_factory=dict)
+    objective: str | None = None
+    folds: int | None = None
+    margin: float | None = None
+    max_labels: int | None = None
 
     def to_dict(self) -> dict:
-        return {"values": self.values, "min_positives": self.min_positives, "positives": self.positives,
+        data = {"values": self.values, "min_positives": self.min_positives, "positives": self.positives,
                 "at_0.5": self.at_half, "tuned": self.tuned}
+        more = {"fit": self.fit, "labels_per_text": self.labels_per_text, "objective": self.objective,
+                "folds": self.folds, "margin": self.margin, "max_labels": self.max_labels}
+        return {**data, **{k: v for k, v in more.items() if v not in (None, {})}}
 
     @classmethod
     def from_dict(cls, data: dict) -> Thresholds:
         return cls(data.get("values", []), data.get("min_positives", 0), data.get("positives", []),
-                   data.get("at_0.5", {}), data.get("tuned", {}))
+                   data.get("at_0.5", {}), data.get("tuned", {}), data.get("fit", {}),
+                   data.get("labels_per_text", {}), data.get("objective"), data.get("folds"), data.get("margin"),
+                   data.get("max_labels"))
 
 
 @dataclass(frozen=True)
@@ -252,6 +270,7 @@ class TrainingReport:
     baseline: dict = field(default_factory=dict)  # the dev metrics of a constant answer (metrics.baseline)
     teachers: list[Teacher] = field(default_factory=list)
     students: list[Student] = field(default_factory=list)
+    shallower_students: list[Student] = field(default_factory=list)  # plan candidates below the teacher
     cache: CacheCost | None = None
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of each stage
     chosen: Chosen | None = None
@@ -277,6 +296,8 @@ class TrainingReport:
         if self.search is not None:
             data["search"] = self.search.to_dict()
         data["students"] = [s.to_dict() for s in self.students]
+        if self.shallower_students:
+            data["shallower_students"] = [s.to_dict() for s in self.shallower_students]
         if self.thresholds is not None:
             data["thresholds"] = self.thresholds.to_dict()
         if self.cache is not None:
@@ -297,6 +318,7 @@ class TrainingReport:
         metric = data.get("metric", "")
         return cls(**plain, teachers=[Teacher.from_dict(t) for t in data.get("teachers", [])],
                    students=[Student.from_dict(s) for s in data.get("students", [])],
+                   shallower_students=[Student.from_dict(s) for s in data.get("shallower_students", [])],
                    cache=part("cache", CacheCost.from_dict), chosen=part("chosen", Chosen.from_dict),
                    candidates=[KeptCandidate.from_dict(c, metric) for c in data.get("candidates", [])],
                    reference=part("reference", Reference.from_dict), search=part("search", SearchCost.from_dict),

@@ -28,6 +28,9 @@ SEARCHES = ("halving", "full")
 # A quarter-epoch first rung cut the full search's winner on CoLA and RTE (2,500-8,500 examples: every L
 # still near chance then; docs/results.md), so the default ranks after one epoch, as the search was designed.
 FIRST_RUNG = 1.0
+# multilabel thresholds: each label's own F1 (which is also what maximises macro-F1) or micro-F1 over all
+# labels together (centra.train.thresholds)
+THRESHOLD_OBJECTIVES = ("label", "micro_f1")
 REFERENCE_EPOCHS = 3  # the full fine-tuning reference trains as the papers do: 3 epochs
 
 
@@ -112,6 +115,16 @@ class Settings:
     attach_layer: int | None = setting(None, "the students' attach layer when an external teacher "
                                        "gives the logits", shown="N/2")
     cache_gb: float = setting(4.0, "memory cap of the run's trunk caches, then disk", check=at_least(0))
+    extra_attach: int = setting(2, "students (l = 1-3, or student_layers) also distilled at this many attach "
+                                "layers below the teacher's (k-1, k-2, ...): shallower candidates for "
+                                "`centra plan`, never served unless a plan chooses them", check=at_least(0),
+                                unset="omitted")
+    threshold_objective: str = setting("label", "multilabel: tune each label's threshold for its own F1 "
+                                       "(= macro-F1) or all of them together for micro-F1",
+                                       choices=THRESHOLD_OBJECTIVES, unset="omitted")
+    max_labels: int | None = setting(None, "multilabel: answer at most this many labels per text, the "
+                                     "highest-scoring above their thresholds", shown="all", check=at_least(1),
+                                     unset="omitted")
 
     def check(self) -> None:
         """Every setting's own check (range, choices), then those between settings."""
@@ -136,6 +149,11 @@ class Settings:
         metric = self.metric or DEFAULT_METRIC[kind]
         if metric not in METRICS[kind]:
             raise refused("metric", f"{metric!r} does not fit a {kind} task ({', '.join(METRICS[kind])})")
+        if kind != "multilabel":
+            if self.max_labels is not None:
+                raise refused("max_labels", "is for multilabel tasks only")
+            if self.threshold_objective != "label":
+                raise refused("threshold_objective", "is for multilabel tasks only")
         lo, hi = layer_range(self.layers) if self.layers is not None else default_layer_range(num_layers)
         if not 1 <= lo <= hi <= num_layers:
             raise refused("layers", f"{lo}:{hi} must satisfy 1 <= MIN <= MAX <= {num_layers}")

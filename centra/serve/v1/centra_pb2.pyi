@@ -7,12 +7,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("inputs", "tasks")
+    __slots__ = ("inputs", "tasks", "max_labels")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LABELS_FIELD_NUMBER: _ClassVar[int]
     inputs: _containers.RepeatedCompositeFieldContainer[Input]
     tasks: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., tasks: _Optional[_Iterable[str]] = ...) -> None: ...
+    max_labels: int
+    def __init__(self, inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., tasks: _Optional[_Iterable[str]] = ..., max_labels: _Optional[int] = ...) -> None: ...
 
 class Input(_message.Message):
     __slots__ = ("text", "text_pair", "id")

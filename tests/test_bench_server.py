@@ -56,6 +56,18 @@ def test_a_short_run_gives_every_figure(model_out, texts_file, capsys):
     assert [line.split()[1] for line in phases] == ["loading", "server", "in"], err
 
 
+@pytest.mark.parametrize("protocol", ["rest", "oip-grpc"])
+def test_every_protocol_drives_the_same_batcher(model_out, texts_file, protocol, capsys):
+    code = main(["bench-server", "--model", str(model_out), "--concurrency", "2", "--seconds", "1",
+                 "--warmup", "0.2", "--texts", str(texts_file), "--protocol", protocol])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    figures = json.loads(out.strip().splitlines()[-1])
+    assert figures["protocol"] == protocol and figures["errors"] == 0 and figures["calls_per_s"] > 0
+    assert figures["mean_batch_calls"] >= 1, "the calls reached the server's batcher"
+    assert f"({protocol} clients)" in out
+
+
 def test_flood_calls_are_refused_by_size_and_counted(model_out, texts_file, capsys):
     code = main(["bench-server", "--model", str(model_out), "--concurrency", "1", "--seconds", "1",
                  "--warmup", "0.2", "--texts", str(texts_file), "--flood", "2"])
@@ -95,6 +107,7 @@ BAD = [  # extra arguments, part of the one-line message
     (["--max-batch", "0"], "--max-batch: must be >= 1"),
     (["--max-wait-ms", "-5"], "--max-wait-ms: must be a finite number >= 0"),
     (["--tasks-per-call", "some"], "--tasks-per-call: invalid choice: 'some'"),
+    (["--protocol", "smoke"], "--protocol: invalid choice: 'smoke'"),
     (["--texts", "/nowhere/texts.txt"], "/nowhere/texts.txt: file not found"),
 ]
 

@@ -19,12 +19,12 @@ ALLOWED = {
     "api": {"core", "train", "runtime", "export", "serve"},  # the package root: the public API, never the CLI
 }
 # third-party packages that only their own layers may import, and only inside functions (lazily)
-HEAVY = {"grpc": {"serve"}, "grpc_health": {"serve"}, "grpc_reflection": {"serve"},
+HEAVY = {"grpc": {"serve"}, "grpc_health": {"serve"}, "grpc_reflection": {"serve"}, "aiohttp": {"serve"},
          "onnxruntime": {"runtime", "export"}, "tensorrt": {"runtime", "export"}, "onnx": {"export", "runtime"}}
 # modules outside a layer's folder that belong to it
 LAYER_OF_MODULE = {"centra.client": "serve", "centra": "api"}
 # generated stubs (tools/gen_protos.py): the grpc module imports grpc at module level, as protoc writes it
-GENERATED = ("centra.serve.v1.",)
+GENERATED = ("centra.serve.v1.", "centra.serve.inference.")
 # what each base module may import of centra's
 BASE_ALLOWED = {"centra.errors": set(), "centra.io": {"centra.errors"}, "centra.progress": set()}
 

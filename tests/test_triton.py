@@ -124,7 +124,7 @@ def bert_out(tiny_models, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("triton-bert")
     make_tasks(Backbone.load(tiny_models["bert"]), root / "tasks")
     assert main(["merge", "--tasks-dir", str(root / "tasks"), "--out", str(root / "out"), "--engine", "onnx",
-                 "--precision", "int8"]) == 0
+                 "--precision", "int8", "--keep-fp32"]) == 0
     return root / "out"
 
 
@@ -139,7 +139,8 @@ def repos(bert_out, tiny_models, tmp_path_factory) -> dict[str, tuple[Path, Path
     found = {"fp32": (bert_out, root / "fp32"), "int8": (bert_out, root / "int8"), "xlmr": (root / "xout", root / "x")}
     for name, (out, repo) in found.items():
         extra = ["--precision", name] if name != "xlmr" else ["--max-batch", "8"]
-        assert main(["export-triton", "--model", str(out), "--repo", str(repo), *extra]) == 0, name
+        assert main(["export-triton", "--backend", "onnxruntime", "--model", str(out), "--repo", str(repo), *extra]) \
+            == 0, name
     return found
 
 
@@ -362,7 +363,8 @@ def test_refuses_a_user_folder_and_replaces_its_own(repos, tmp_path, capsys):
     assert "holds a centra merged model" in error_line(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models"], "nothing staged beside it"
     # its own kind is replaced in one step; a refused export leaves it as it was
-    assert main(["export-triton", "--model", str(out), "--repo", str(repo), "--max-batch", "8"]) == 0
+    assert main(["export-triton", "--backend", "onnxruntime", "--model", str(out), "--repo", str(repo), "--max-batch",
+                 "8"]) == 0
     before = snapshot(repo)
     with pytest.MonkeyPatch.context() as mp:
         broken = tmp_path / "model.py"  # a tokenizer model that truncates one token short
@@ -374,16 +376,25 @@ def test_refuses_a_user_folder_and_replaces_its_own(repos, tmp_path, capsys):
 
 
 def test_tensorrt_repository_runs_standard_ops_through_the_tensorrt_provider(bert_out, tmp_path, capsys):
-    """--engine tensorrt: the same repository with standard-op graphs (checked here at fp32) and ONNX
-    Runtime's TensorRT execution accelerator on KIND_GPU instances, fp16 by default."""
+    """--engine tensorrt: the same repository with standard-op graphs and ONNX Runtime's TensorRT execution
+    accelerator on KIND_GPU instances, fp16 by default: fp16 graphs (fp32 in and out), since TensorRT 11
+    takes the precision from the graph, checked against PyTorch fp32 as centra's TensorRT build checks them."""
     import onnx
+    from test_tensorrt import tensorrt_problems
+
+    from centra.export.tensorrt import FP16_MAX_RELATIVE_ERROR
 
     repo = tmp_path / "trt"
-    assert main(["export-triton", "--model", str(bert_out), "--repo", str(repo), "--engine", "tensorrt"]) == 0
+    assert main(["export-triton", "--backend", "onnxruntime", "--model", str(bert_out), "--repo", str(repo), "--engine",
+                 "tensorrt"]) == 0
     summary = summary_of(repo)
     assert summary["engine"] == "tensorrt" and summary["precision"] == "fp16"
-    assert summary["graphs_from"] == "fp32 portable ONNX graphs exported from torch"
+    assert summary["graphs_from"] == "fp16 portable ONNX graphs (fp32 in and out) exported from torch"
+    assert summary["reference"] == "onnxruntime fp16"  # the composed graphs match the checked fp16 graphs
     assert max(summary["parity"].values()) <= triton.TOLERANCE
+    check = summary["onnx_checks"]["fp16"]["tasks"]
+    assert set(check) == {row[0] for row in STANDARD_TASKS}
+    assert all(r["relative_error"] <= FP16_MAX_RELATIVE_ERROR for r in check.values()), check
     configs = configs_of(repo)
     assert wiring_problems(configs) == []
     graphs = [name for name, cfg in configs.items() if cfg.platform == "onnxruntime_onnx"]
@@ -398,11 +409,15 @@ def test_tensorrt_repository_runs_standard_ops_through_the_tensorrt_provider(ber
             f"{n}:32x{length}" for n in ("input_ids", "attention_mask", "token_type_ids"))
         assert accelerator.parameters["trt_profile_min_shapes"].count(":1x1") == 3
         model = onnx.load(str(repo / name / "1" / "model.onnx"))
-        assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}, "TensorRT parses standard ops only"
-    assert "TensorRT execution provider" in (repo / "README.md").read_text()
+        assert tensorrt_problems(model) == [], name  # standard ops TensorRT's parser takes
+        assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer), name
+        io = {t.type.tensor_type.elem_type for t in [*model.graph.input, *model.graph.output]}
+        assert io == {onnx.TensorProto.INT64, onnx.TensorProto.FLOAT}, name  # fp32 logits out
+    readme = (repo / "README.md").read_text()
+    assert "TensorRT execution provider" in readme and "strongly typed" in readme
     capsys.readouterr()
-    assert main(["export-triton", "--model", str(bert_out), "--repo", str(tmp_path / "t2"), "--engine", "tensorrt",
-                 "--precision", "int8"]) == 2
+    assert main(["export-triton", "--backend", "onnxruntime", "--model", str(bert_out), "--repo", str(tmp_path / "t2"),
+                 "--engine", "tensorrt", "--precision", "int8"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "precision 'int8' does not apply to --engine tensorrt" in err, err
     assert not (tmp_path / "t2").exists()

@@ -25,7 +25,7 @@ def cmd_bench_server(args: argparse.Namespace) -> int:
 
     options = BenchOptions(concurrency=args.concurrency, seconds=args.seconds, warmup=args.warmup,
                            max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                           tasks_per_call=args.tasks_per_call, flood=args.flood)
+                           tasks_per_call=args.tasks_per_call, flood=args.flood, protocol=args.protocol)
     with flags_named():  # options, texts and the model folder are checked before the model loads
         options.check()
     if args.texts:
@@ -44,8 +44,45 @@ def cmd_bench_server(args: argparse.Namespace) -> int:
 
     progress(f"loading {folder} (max batch {options.max_batch}); {source}")
     engine = in_fresh_thread(load_engine, folder, options.max_batch)  # as `centra serve` does
-    print_figures(bench_server(engine, texts, options, progress))
+    figures = bench_server(engine, texts, options, progress)
+    if args.triton:
+        figures.update(triton_figures(folder, engine, texts, options, progress))
+    print_figures(figures)
     return 0
+
+
+def triton_figures(folder: Path, engine, texts: list[str], options, progress) -> dict:
+    """The same clients (OIP gRPC) and workload against a Triton server (nvidia-pytriton's tritonserver)
+    serving the version's python-backend repository (its engine as the version's manifest names it)."""
+    import dataclasses
+    import tempfile
+
+    from centra.export.triton_python import PythonRepoOptions, export_triton_python
+    from centra.export.tritonserver import TritonServer
+    from centra.serve.bench import bench_target
+
+    with tempfile.TemporaryDirectory(prefix="centra-bench-triton-") as tmp:
+        progress("triton: exporting the python-backend repository, starting tritonserver")
+        repo_options = PythonRepoOptions(max_batch=options.max_batch, queue_delay_us=int(options.max_wait_ms * 1000))
+        export_triton_python(folder, Path(tmp) / "repo", repo_options)
+        with TritonServer(Path(tmp) / "repo", Path(tmp) / "work") as server:
+            progress(f"triton on {server.grpc_url}: {options.concurrency} OIP gRPC clients, {options.warmup:g} s "
+                     f"warm-up, then {options.seconds:g} s measured")
+            before = triton_counts(server.http_url)
+            got = bench_target(server.grpc_url, engine, texts, dataclasses.replace(options, protocol="oip-grpc"))
+            after = triton_counts(server.http_url)
+    requests, executions = (a - b for a, b in zip(after, before))  # warm-up included: Triton counts since start
+    got["mean_batch_calls"] = round(requests / executions, 3) if executions else float("nan")
+    return {f"triton_{key}": value for key, value in got.items()}
+
+
+def triton_counts(http_url: str) -> tuple[int, int]:
+    """Triton's statistics of the model centra: (requests, executions) so far."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{http_url}/v2/models/centra/stats", timeout=10) as reply:
+        stats = json.loads(reply.read())["model_stats"]
+    return (sum(int(s.get("inference_count", 0)) for s in stats), sum(int(s.get("execution_count", 0)) for s in stats))
 
 
 def print_figures(f: dict) -> None:
@@ -58,7 +95,13 @@ def print_figures(f: dict) -> None:
           f"{f['engine_busy']:.0%} of the time; queue wait {f['mean_queue_wait_ms']:.2f} ms per call")
     print(f"in process: engine.run over batches of {f['inprocess_batch_rows']} rows: "
           f"{f['inprocess_inputs_per_s']:,.1f} inputs/s")
-    print(f"server / in process: {f['ratio']:.1%}")
+    print(f"server / in process: {f['ratio']:.1%} ({f['protocol']} clients)")
+    if "triton_inputs_per_s" in f:
+        print(f"triton:     the python-backend repository on tritonserver, {f['concurrency']} OIP gRPC clients: "
+              f"{f['triton_inputs_per_s']:,.1f} inputs/s, p50 {f['triton_p50_ms']:.2f} ms, p99 "
+              f"{f['triton_p99_ms']:.2f} ms ({f['triton_errors']} errors, {f['triton_mean_batch_calls']:.2f} requests "
+              "per execution); "
+              f"{f['triton_inputs_per_s'] / f['inputs_per_s']:.1%} of centra serve's")
     if "flood_calls" in f:
         codes = ", ".join(f"{code} {n}" for code, n in f["flood_codes"].items())
         print(f"flood:      {f['flood_calls']} calls of 4 MB, {f['flood_senders']} at once every second ({codes}): "
@@ -86,4 +129,10 @@ def add_parsers(sub, common) -> None:
     p.add_argument("--flood", type=int, default=0, metavar="N",
                    help="then N calls of 4 MB (2,000,000 empty inputs) at once every second beside one valid client: "
                    "how fast they are refused, the valid calls' latency, the server process's RSS (default 0: skip)")
+    p.add_argument("--protocol", choices=("grpc", "rest", "oip-grpc"), default="grpc",
+                   help="the clients' door: grpc (centra.v1 Classify, default), rest (POST /v1/classify), oip-grpc "
+                   "(the Open Inference Protocol's ModelInfer)")
+    p.add_argument("--triton", action="store_true",
+                   help="then the same OIP gRPC clients against the version's python-backend Triton repository on "
+                   "tritonserver (nvidia-pytriton), on the same machine")
     p.set_defaults(func=cmd_bench_server)

@@ -9,6 +9,8 @@ from pathlib import Path
 from centra.cli import flags_named
 from centra.errors import CentraError
 
+DEFAULT_HTTP_PORT = 8000
+
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import signal
@@ -30,7 +32,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = ServeOptions(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                            max_queue=args.max_queue, max_inputs_per_call=args.max_inputs_per_call,
                            max_call_bytes=args.max_call_bytes, max_concurrent_rpcs=args.max_concurrent_rpcs,
-                           drain_s=args.drain_s, grace_s=args.grace_s)
+                           drain_s=args.drain_s, grace_s=args.grace_s,
+                           http_port=None if args.no_http else http_port(args))
     app = AppOptions(metrics_host=args.host, metrics_port=None if args.no_metrics else args.metrics_port,
                      watch=not args.no_watch, tls_cert=_path(args.tls_cert), tls_key=_path(args.tls_key),
                      token_file=_path(args.token_file), engine=args.engine)
@@ -42,6 +45,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def ready(server, metrics_port) -> None:
         print(f"serving {len(server.engine.specs)} tasks of {args.model} version {server.engine.version} "
               f"({server.engine.runtime}) on {host_port(options.host, server.port)}", flush=True)
+        if server.http is not None:
+            scheme = "https" if args.tls_cert else "http"
+            print(f"  REST and Open Inference Protocol at {scheme}://{host_port(options.host, server.http.port)} "
+                  "(/v1/classify, /v2/models/centra/infer, /openapi.json)", flush=True)
         extras = [f"metrics at http://{host_port(args.host, metrics_port)}/metrics" if metrics_port is not None else
                   "no metrics", "follows new versions (SIGHUP: check now)" if not args.no_watch else "no reload",
                   "TLS" if args.tls_cert else "plaintext", "token required" if args.token_file else "no token"]
@@ -49,6 +56,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     asyncio.run(serve_model(Path(args.model), options, app, ready=ready))
     return 0
+
+
+def http_port(args: argparse.Namespace) -> int:
+    """--http-port; by default 8000, or any free port when --port is 0 (two servers started with --port 0
+    must not both try 8000)."""
+    if args.http_port is not None:
+        return args.http_port
+    return 0 if args.port == 0 else DEFAULT_HTTP_PORT
 
 
 def _path(value: str | None) -> Path | None:
@@ -112,6 +127,11 @@ def add_parsers(sub, common) -> None:
                    help="Prometheus /metrics on --host at this port, plain HTTP with no token (default 9400; 0: any "
                    "free port)")
     p.add_argument("--no-metrics", action="store_true", help="no metrics endpoint")
+    p.add_argument("--http-port", type=port_number,
+                   help="REST JSON (/v1/classify) and the Open Inference Protocol (/v2/...) over HTTP on --host at "
+                   "this port, with the same token, TLS and limits as gRPC (default 8000, or any free port when "
+                   "--port is 0; 0: any free port)")
+    p.add_argument("--no-http", action="store_true", help="no HTTP server (gRPC only)")
     p.add_argument("--drain-s", type=non_negative_float, default=1.0,
                    help="on SIGTERM, health says NOT_SERVING this long before the port closes (default 1)")
     p.add_argument("--grace-s", type=non_negative_float, default=5.0,

@@ -9,11 +9,15 @@ is more than one group. The ensemble `centra` runs them all: TEXT (and TEXT_PAIR
 README.md and centra-triton.json (tasks, labels, checks, file hashes) sit beside the models.
 
 `--engine tensorrt` (GPU servers) writes the same repository with "portable" graphs (standard ONNX ops
-only, exported and checked at fp32 here) and asks Triton's onnxruntime backend to run them through
-ONNX Runtime's TensorRT execution provider (`gpu_execution_accelerator` "tensorrt", precision_mode FP16
-or FP32, one optimization profile over batch 1..max_batch_size and sequence 1..max_length, engines
-cached): the server builds the TensorRT engines on its own GPU at the first request (minutes) and never
-again for a larger shape, so the repository is not tied to one GPU model or TensorRT version.
+only) and asks Triton's onnxruntime backend to run them through ONNX Runtime's TensorRT execution
+provider (`gpu_execution_accelerator` "tensorrt", precision_mode FP16 or FP32, one optimization profile
+over batch 1..max_batch_size and sequence 1..max_length, engines cached): the server builds the TensorRT
+engines on its own GPU at the first request (minutes) and never again for a larger shape, so the
+repository is not tied to one GPU model or TensorRT version. At fp16 the graphs are in half precision
+(fp32 in and out), as centra's own TensorRT build writes them, checked here against PyTorch fp32 on ONNX
+Runtime (tensorrt_graphs): TensorRT 11 builds only strongly typed networks, whose precision is the
+graph's, and has no FP16 builder flag for precision_mode to set; TensorRT 10 still needs the flag to
+build fp16 layers in its default (weakly typed) networks, so precision_mode stays FP16.
 
 Each graph model is composed, not re-exported: the version's checked ONNX graphs (embeddings, trunk
 segments, branches; fp32 or int8) joined into one graph, tensors prefixed by graph name, wired with
@@ -104,6 +108,18 @@ def source_graphs(folder: Path, manifest: Manifest, merged, tokenizer, precision
         raise CentraError(f"{folder / 'manifest.json'}: no {precision} ONNX graph for {missing[0]!r}")
     runner = merged if precision == "fp32" else OnnxRunner.load(base, info, merged, precision=precision, files=files)
     return paths, Engine(runner, tokenizer, batch_size=8), origin
+
+
+def tensorrt_graphs(merged, tokenizer, tmp: Path, progress: bool) -> tuple[dict[str, Path], Engine, str, dict]:
+    """`--engine tensorrt --precision fp16`: the portable graphs in half precision (fp32 in and out) in tmp,
+    checked on ONNX Runtime against PyTorch fp32 by centra's TensorRT build's own check (its report is the
+    last value), and the engine over them that the composed graphs must match at the same precision."""
+    from centra.export.tensorrt import precision_graphs
+
+    info = export_onnx(merged, tmp, "fp32", progress=progress, style="portable")
+    files, checks, runner = precision_graphs(merged, tokenizer, tmp, info, "fp16", None, progress)
+    return ({name: tmp / rel for name, rel in files.items()}, Engine(runner, tokenizer, batch_size=8),
+            "fp16 portable ONNX graphs (fp32 in and out) exported from torch", checks)
 
 
 def compose_group(paths: dict[str, Path], specs: dict[str, TaskSpec], group: TokenGroup):
@@ -199,7 +215,9 @@ def graph_config(group: GroupModels, max_batch: int, specs: dict[str, TaskSpec],
     instances = "instance_group [ { kind: KIND_CPU } ]\n" if precision == "int8" else ""
     if engine == TENSORRT:  # ONNX Runtime's TensorRT execution provider, on the server's GPU
         # one profile over every shape the group can get, so the engine is built once, not again whenever a
-        # request is longer or larger than the ones before
+        # request is longer or larger than the ones before. precision_mode FP16 sets TensorRT 10's FP16
+        # flag, without which its weakly typed networks refuse the fp16 graph's half-precision layers;
+        # TensorRT 11 has no such flag and takes the precision from the graph (see the module's docstring)
         def shapes(batch: int, length: int) -> str:
             return ",".join(f"{n}:{batch}x{length}" for n in ID_TENSORS)
 
@@ -305,13 +323,18 @@ def write_readme(path: Path, groups: list[GroupModels], specs: dict[str, TaskSpe
         lines += ["", "int8 graphs are dynamically quantized CPU graphs (instance_group KIND_CPU): activation "
                   "scales are computed per batch, so a row's logits move slightly with the rows batched with it."]
     if summary.get("engine") == TENSORRT:
+        half = summary["precision"] == "fp16"
         lines += ["", "The graph models run on the GPU through ONNX Runtime's TensorRT execution provider "
                   f"(precision_mode {summary['precision'].upper()}): the server builds the TensorRT engines at the "
                   "first request (minutes; one optimization profile covers every batch and length, so never "
                   "again) and caches them in its working directory (add the trt_engine_cache_path parameter to "
-                  "choose); the graphs use standard ONNX ops only and were checked here in fp32 on ONNX Runtime's "
-                  "CPU provider, so fp16 answers may differ from them by half precision's rounding. Needs a "
-                  "Triton image whose onnxruntime backend has TensorRT (NVIDIA's images do)."]
+                  "choose); the graphs use standard ONNX ops only and were checked here on ONNX Runtime's CPU "
+                  "provider" + (", in half precision inside (fp32 in and out): TensorRT 11 builds only strongly "
+                                "typed networks, whose precision is the graph's; TensorRT 10 also needs "
+                                "precision_mode FP16 to build their fp16 layers. ONNX Runtime's CPU provider "
+                                "computes many fp16 nodes in fp32, so the GPU's answers may differ from the ones "
+                                "checked here by half precision's rounding" if half else " in fp32")
+                  + ". Needs a Triton image whose onnxruntime backend has TensorRT (NVIDIA's images do)."]
     lines += ["", "Outputs are logits: softmax (multiclass), sigmoid against the task's thresholds (multilabel) or "
               f"the value (regression) give `centra predict`'s answers; labels and thresholds are in `{SUMMARY}`.", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
@@ -334,7 +357,7 @@ def export_triton(model: Path, repo: Path, engine: str = ENGINE_NAME, precision:
     folder = model_folder(Path(model))
     manifest, merged = load_merged(folder)
     tokenizer = load_tokenizer(folder / "tokenizer")
-    if engine == TENSORRT:  # the server builds fp16 from the fp32 graphs checked here
+    if engine == TENSORRT:  # standard ops; at fp16 the graphs are half precision inside (tensorrt_graphs)
         precision, graph_precision, style = precision or "fp16", "fp32", "portable"
     else:
         precision = precision or (manifest.engine.precision if manifest.engine is not None else None) or "fp32"
@@ -343,8 +366,12 @@ def export_triton(model: Path, repo: Path, engine: str = ENGINE_NAME, precision:
     groups = group_models(specs)
     summary: dict = {}
     with tempfile.TemporaryDirectory(prefix="centra-triton-") as tmp:
-        paths, reference, origin = source_graphs(folder, manifest, merged, tokenizer, graph_precision, Path(tmp),
-                                                 progress, style)
+        checks: dict = {}
+        if engine == TENSORRT and precision == "fp16":
+            paths, reference, origin, checks = tensorrt_graphs(merged, tokenizer, Path(tmp), progress)
+        else:
+            paths, reference, origin = source_graphs(folder, manifest, merged, tokenizer, graph_precision,
+                                                     Path(tmp), progress, style)
 
         def build(stage: Path) -> None:
             parity, params = {}, {}
@@ -379,6 +406,8 @@ def export_triton(model: Path, repo: Path, engine: str = ENGINE_NAME, precision:
                 "graphs_from": origin, "max_batch_size": max_batch, "ensemble": ENSEMBLE, "tolerance": TOLERANCE,
                 "reference": reference.runtime, "parity": parity, "onnx": onnx_format,
                 "groups": [describe(g, specs) for g in groups]})
+            if checks:  # the fp16 graphs' check against PyTorch fp32 (tensorrt_graphs)
+                summary["onnx_checks"] = checks
             write_readme(stage / README, groups, specs, summary)
             summary["files"] = io.hash_tree(stage)
             io.write_json(stage / SUMMARY, summary)

@@ -76,6 +76,11 @@ def build(model: Path, options: ServeOptions, app: AppOptions) -> tuple[CentraSe
     if token is not None:
         interceptors.append(token_interceptor(token))  # after metrics: refused calls are counted too
     server = CentraServer(engine, options, interceptors=interceptors, credentials=credentials)
+    if server.http is not None:  # the same token, TLS and metrics over HTTP
+        from centra.serve.security import tls_context
+
+        server.http.token, server.http.metrics = token, metrics
+        server.http.ssl_context = tls_context(app.tls_cert, app.tls_key) if app.tls_cert else None
     server.batcher.listeners.append(
         lambda r: metrics.observe_batch(r.rows, r.calls, list(r.waits), r.compute_s, r.tasks))
     watcher = None

@@ -28,6 +28,7 @@ from centra.serve.batcher import BatchRecord
 from centra.serve.server import ServeOptions
 
 MODES = ("mixed", "all")
+PROTOCOLS = ("grpc", "rest", "oip-grpc")  # centra.v1 Classify; POST /v1/classify; OIP ModelInfer
 WORKLOAD_CALLS = 1024  # distinct (text, task set) calls, cycled through by every client and in process
 Call = tuple[str, tuple[str, ...]]  # one input's text, and the tasks it asks for
 
@@ -43,6 +44,7 @@ class BenchOptions:
     seed: int = 0
     call_timeout_s: float = 30.0
     flood: int = 0  # after the window: 4 MB calls, this many at once every second, beside one valid client
+    protocol: str = "grpc"  # the clients' door (PROTOCOLS); the flood is always centra.v1
 
     def check(self) -> None:
         """One-line refusals, before anything is loaded."""
@@ -54,13 +56,16 @@ class BenchOptions:
             raise FieldError(Name("warmup"), f" must be a finite number >= 0, not {self.warmup}")
         if self.flood < 0:
             raise FieldError(Name("flood"), f" must be >= 0, not {self.flood}")
+        if self.protocol not in PROTOCOLS:
+            raise FieldError(Name("protocol"), f" must be one of {', '.join(PROTOCOLS)}, not {self.protocol!r}")
         if self.tasks_per_call not in MODES:
             raise FieldError(Name("tasks_per_call"), f" must be one of {', '.join(MODES)}, not {self.tasks_per_call!r}")
         self.serve_options.check()
 
     @property
     def serve_options(self) -> ServeOptions:
-        return ServeOptions(port=0, max_batch=self.max_batch, max_wait_ms=self.max_wait_ms)
+        return ServeOptions(port=0, max_batch=self.max_batch, max_wait_ms=self.max_wait_ms,
+                            http_port=0 if self.protocol == "rest" else None)
 
 
 def single_tasks(engine: Engine) -> list[str]:
@@ -129,16 +134,21 @@ def drive(running: BackgroundServer, calls: list[Call], options: BenchOptions) -
     return window
 
 
-def clients_process(running: BackgroundServer, calls: list[Call], concurrency: int, options: BenchOptions,
-                    clock: dict[str, float], flood_senders: int = 0) -> tuple[dict, tuple[int, ...], list[float]]:
-    """Run serve/bench_clients.py against the server: warm-up, then the window (`clock` gets its wall-clock
-    start and end). Returns the clients' result, the batcher's (batches, calls, rows) in the window, and
-    this process's RSS sampled through it (MB)."""
+def clients_process(running: BackgroundServer | None, calls: list[Call], concurrency: int, options: BenchOptions,
+                    clock: dict[str, float], flood_senders: int = 0,
+                    target: str = "") -> tuple[dict, tuple[int, ...], list[float]]:
+    """Run serve/bench_clients.py against the server (or, with running None, an external server at
+    `target`): warm-up, then the window (`clock` gets its wall-clock start and end). Returns the clients'
+    result, the batcher's (batches, calls, rows) in the window, and this process's RSS sampled through it (MB)."""
     import json
     import subprocess
     import sys
 
-    job = {"target": running.target, "concurrency": concurrency, "timeout": options.call_timeout_s,
+    protocol = "grpc" if flood_senders else options.protocol
+    target = target or running.target
+    if protocol == "rest" and running is not None:
+        target = f"127.0.0.1:{running.server.http.port}"
+    job = {"target": target, "protocol": protocol, "concurrency": concurrency, "timeout": options.call_timeout_s,
            "calls": [[text, list(tasks)] for text, tasks in calls],
            "flood_senders": flood_senders, "flood_inputs": FLOOD_INPUTS}
     proc = subprocess.Popen([sys.executable, "-m", "centra.serve.bench_clients"], stdin=subprocess.PIPE,
@@ -172,8 +182,10 @@ def clients_process(running: BackgroundServer, calls: list[Call], concurrency: i
     return json.loads(out), tuple(a - b for a, b in zip(after, before)), rss
 
 
-def _counts(running: BackgroundServer) -> tuple[int, int, int]:
-    """The batcher's counters, read in its own loop (one consistent snapshot)."""
+def _counts(running: BackgroundServer | None) -> tuple[int, int, int]:
+    """The batcher's counters, read in its own loop (one consistent snapshot); zeros for an external server."""
+    if running is None:
+        return 0, 0, 0
     async def read() -> tuple[int, int, int]:
         stats = running.server.batcher.stats
         return stats.batches, stats.calls, stats.rows
@@ -230,7 +242,7 @@ def bench_server(engine: Engine, texts: list[str], options: BenchOptions,
              f"then {options.seconds:g} s measured")
     local = in_process(engine, calls, batch_rows, options.seconds, options.warmup)
     inputs_per_s = window.calls / window.seconds  # one text per call
-    return {"concurrency": options.concurrency, "seconds": options.seconds,
+    return {"concurrency": options.concurrency, "seconds": options.seconds, "protocol": options.protocol,
             "calls_per_s": round(window.calls / window.seconds, 2), "inputs_per_s": round(inputs_per_s, 2),
             "p50_ms": round(percentile(window.latencies, 50) * 1000, 3),
             "p95_ms": round(percentile(window.latencies, 95) * 1000, 3),
@@ -243,6 +255,20 @@ def bench_server(engine: Engine, texts: list[str], options: BenchOptions,
             "max_wait_ms": options.max_wait_ms, "errors": window.errors,
             "engine_busy": round(window.compute_s / window.seconds, 4),
             "mean_queue_wait_ms": round(window.queue_wait_s / max(window.batch_calls, 1) * 1000, 3), **flooded}
+
+
+def bench_target(target: str, engine: Engine, texts: list[str], options: BenchOptions) -> dict:
+    """The same clients and workload against an external server speaking options.protocol at `target`
+    (a Triton server serving the python-backend repository: "oip-grpc"): calls/s, inputs/s, latency."""
+    options.check()
+    calls = workload(texts, single_tasks(engine), options.tasks_per_call, options.seed)
+    clock: dict[str, float] = {}
+    result, _, _ = clients_process(None, calls, options.concurrency, options, clock, target=target)
+    latencies = result["latencies"]
+    return {"calls_per_s": round(result["calls"] / options.seconds, 2),
+            "inputs_per_s": round(result["calls"] / options.seconds, 2), "errors": result["errors"],
+            "first_error": result["first_error"], "p50_ms": round(percentile(latencies, 50) * 1000, 3),
+            "p99_ms": round(percentile(latencies, 99) * 1000, 3)}
 
 
 FLOOD_INPUTS = 2_000_000  # empty inputs: a 4,000,000-byte ClassifyRequest

@@ -12,6 +12,9 @@ Classify back to back until t1 (the calls before t0 are the warm-up), and this p
 calls answered within the window, errors, the first error, and the latency of every call started within
 it. With "flood_senders": N, N more threads each send one ClassifyRequest of "flood_inputs" empty inputs
 at the start of every second of the window (N at once), and the result adds each one's time and code.
+The job's "protocol" picks the door: "grpc" (centra.v1 Classify, the raw stub), "rest" (POST /v1/classify,
+one keep-alive HTTP connection per client, http.client), "oip-grpc" (the Open Inference Protocol's
+ModelInfer with TEXT, TEXT_PAIR and TASKS, the raw stub: against `centra serve` or a Triton server).
 Imports grpc and the generated messages only.
 """
 
@@ -34,23 +37,32 @@ def run(job: dict, window: dict, huge: bytes = b"") -> dict:
     lock = threading.Lock()
     result = {"calls": 0, "errors": 0, "first_error": "", "latencies": []}
     clients = []
+    protocol = job.get("protocol", "grpc")
     for index in range(concurrency):
         first = index * len(calls) // concurrency  # the clients start at different calls
-        requests = [pb.ClassifyRequest(inputs=[pb.Input(text=text)], tasks=tasks)
-                    for text, tasks in calls[first:] + calls[:first]]
+        mine = calls[first:] + calls[:first]
+        if protocol == "rest":
+            clients.append(rest_client(job["target"], mine, job["timeout"]))
+            continue
         # A channel of its own and a connection of its own (not grpc's process-wide subchannel pool).
         channel = grpc.insecure_channel(job["target"], options=[("grpc.use_local_subchannel_pool", 1)])
-        clients.append((channel, centra_pb2_grpc.ClassifierStub(channel).Classify, requests))
+        if protocol == "oip-grpc":
+            clients.append((channel, oip_caller(channel, job["timeout"]), oip_requests(mine)))
+            continue
+        requests = [pb.ClassifyRequest(inputs=[pb.Input(text=text)], tasks=tasks) for text, tasks in mine]
+        classify = centra_pb2_grpc.ClassifierStub(channel).Classify
+        clients.append((channel, lambda r, c=classify: len(c(r, timeout=job["timeout"]).results) == 1, requests))
 
     def client(classify, requests) -> None:
         start, end = window["start"], window["end"]
         latencies, answered, errors, first_error, i = [], 0, 0, "", 0
         while (sent := time.time()) < end:
             try:
-                reply = classify(requests[i % len(requests)], timeout=job["timeout"])
-                ok = len(reply.results) == 1
+                ok = classify(requests[i % len(requests)])
             except grpc.RpcError as exc:
                 ok, first_error = False, first_error or f"{exc.code().name}: {exc.details()}"
+            except Exception as exc:  # the HTTP client: a refused or broken connection
+                ok, first_error = False, first_error or f"{type(exc).__name__}: {exc}"
             done = time.time()
             i += 1
             if sent >= start:
@@ -102,6 +114,54 @@ def run(job: dict, window: dict, huge: bytes = b"") -> dict:
     for channel, _classify, _requests in clients:
         channel.close()
     return result
+
+
+def oip_requests(calls: list) -> list:
+    """One ModelInferRequest per call: TEXT, TEXT_PAIR (empty) and TASKS, BYTES [1, 1] in raw contents."""
+    import struct
+
+    from centra.serve.inference import open_inference_grpc_pb2 as ip
+
+    out = []
+    for text, tasks in calls:
+        request = ip.ModelInferRequest(model_name="centra")
+        for name, value in (("TEXT", text), ("TEXT_PAIR", ""), ("TASKS", ",".join(tasks))):
+            request.inputs.add(name=name, datatype="BYTES", shape=[1, 1])
+            data = value.encode()
+            request.raw_input_contents.append(struct.pack("<I", len(data)) + data)
+        out.append(request)
+    return out
+
+
+def oip_caller(channel, timeout: float):
+    from centra.serve.inference import open_inference_grpc_pb2 as ip
+
+    infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                request_serializer=ip.ModelInferRequest.SerializeToString,
+                                response_deserializer=ip.ModelInferResponse.FromString)
+    return lambda request: len(infer(request, timeout=timeout).outputs) > 0
+
+
+def rest_client(target: str, calls: list, timeout: float):
+    """(connection, call, request bodies) of one REST client: one keep-alive connection."""
+    import http.client
+
+    host, port = target.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    bodies = [json.dumps({"inputs": [{"text": text}], "tasks": list(tasks)}).encode() for text, tasks in calls]
+
+    def call(body: bytes) -> bool:
+        try:
+            conn.request("POST", "/v1/classify", body=body, headers={"Content-Type": "application/json"})
+            reply = conn.getresponse()
+            data = reply.read()
+        except (OSError, http.client.HTTPException):
+            conn.close()  # reconnects at the next call
+            raise
+        if reply.status != 200:
+            raise RuntimeError(f"HTTP {reply.status}: {data[:200]!r}")
+        return True
+    return conn, call, bodies
 
 
 def main() -> None:

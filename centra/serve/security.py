@@ -8,7 +8,8 @@ from pathlib import Path
 
 from centra.errors import CentraError
 
-OPEN_METHODS = ("/grpc.health.v1.Health/",)
+OPEN_METHODS = ("/grpc.health.v1.Health/", "/inference.GRPCInferenceService/ServerLive",
+                "/inference.GRPCInferenceService/ServerReady")  # OIP's health, open as HTTP's /v2/health/
 
 
 def read_secret(path: Path, what: str) -> bytes:
@@ -50,6 +51,16 @@ def tls_credentials(cert: Path, key: Path):
 
     check_tls(cert, key)
     return grpc.ssl_server_credentials([(read_secret(key, "TLS key"), read_secret(cert, "TLS certificate"))])
+
+
+def tls_context(cert: Path, key: Path):
+    """An ssl.SSLContext serving the same certificate and key (HTTP)."""
+    import ssl
+
+    check_tls(cert, key)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(cert), str(key))
+    return context
 
 
 def channel_credentials(ca: Path):

@@ -44,6 +44,7 @@ class ServeOptions:
     max_concurrent_rpcs: int = 128  # calls in progress at once; more are refused by gRPC (RESOURCE_EXHAUSTED)
     grace_s: float = 5.0  # on shutdown, in-flight calls get this long to finish
     drain_s: float = 1.0  # on shutdown, health says NOT_SERVING this long before the port closes
+    http_port: int | None = None  # REST and OIP over HTTP on host:http_port (0: any free port); None: no HTTP
 
     def check(self) -> None:
         """One-line refusals of bad options, before anything is loaded."""
@@ -51,6 +52,8 @@ class ServeOptions:
             raise FieldError(Name("host"), " must not be empty")
         if not 0 <= self.port <= 65535:
             raise FieldError(Name("port"), f" must be in 0..65535, not {self.port}")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise FieldError(Name("http_port"), f" must be in 0..65535, not {self.http_port}")
         for name in ("max_batch", "max_queue", "max_inputs_per_call", "max_call_bytes", "max_concurrent_rpcs"):
             if getattr(self, name) < 1:
                 raise FieldError(Name(name), f" must be >= 1, not {getattr(self, name)}")
@@ -165,6 +168,14 @@ class CentraServer:
         self.port: int | None = None
         self.health = None  # grpc_health's aio HealthServicer, once started
         self._server = None
+        self.ready = False  # serving, not draining (OIP's ServerReady, /v2/health/ready)
+        # REST + OIP over HTTP (serve/http.py), started and stopped with the gRPC port; build() gives it
+        # the token, TLS and metrics of the gRPC side
+        self.http = None
+        if self.options.http_port is not None:
+            from centra.serve.http import HttpDoor
+
+            self.http = HttpDoor(self)
 
     @property
     def engine(self) -> Engine:
@@ -188,6 +199,9 @@ class CentraServer:
                                           # a port in use is an error, not a second server sharing it
                                           ("grpc.so_reuseport", 0)])
         add_classifier(server, ClassifierServicer(self.batcher, opts.limits), opts.limits.wire_bytes)
+        from centra.serve.oip import InferenceServicer, add_inference, wire_bytes
+
+        add_inference(server, InferenceServicer(self, opts.limits), wire_bytes(opts.limits))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -198,8 +212,14 @@ class CentraServer:
         except RuntimeError:
             raise CentraError(f"cannot listen on {address} (address in use, or not this machine's?)") from None
         await self.batcher.start()  # before the port opens: no call may find it not running
+        if self.http is not None:
+            try:
+                await self.http.start(opts.host, opts.http_port)
+            except BaseException:
+                await self.batcher.close(timeout=0)
+                raise
         await server.start()
-        self._server, self.port = server, port
+        self._server, self.port, self.ready = server, port, True
         for service in ("", SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         return port
@@ -210,10 +230,11 @@ class CentraServer:
         if self._server is None:
             return
         grace = self.options.grace_s if grace is None else grace
+        self.ready = False
         await self.health.enter_graceful_shutdown()
         if self.options.drain_s:
             await asyncio.sleep(self.options.drain_s)
-        await self._server.stop(grace)
+        await asyncio.gather(self._server.stop(grace), *([self.http.stop(grace)] if self.http is not None else []))
         await self.batcher.close(timeout=grace)
         self._server = None
 

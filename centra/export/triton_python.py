@@ -1,0 +1,201 @@
+"""Triton model repository whose python-backend model runs centra's engine (`centra export-triton`,
+`--backend python`, the default; `--backend onnxruntime` is export/triton.py's graph repository).
+
+    <repo>/centra/config.pbtxt      backend "python", max_batch_size, dynamic batching (queue delay),
+                                    instance_group count, inputs TEXT, TEXT_PAIR, TASKS, outputs
+                                    LOGITS_<task> and ANSWERS (serve/oip.py), the engine's settings
+    <repo>/centra/1/model.py        centra/serve/triton_backend.py
+    <repo>/centra/1/model/          the version's files, copied and hashed (the engine checks them again)
+    <repo>/centra-triton.json       what was exported: version, engine, tasks, options, every file's hash
+    <repo>/README.md
+
+Unlike the graph repository, the per-request task subset and the branch-on-its-rows saving are kept:
+Triton's batch of requests with different task sets is one Engine.run. Before publishing
+(io.publish_folder), the staged model loads the staged files and answers sample calls; its logits must
+equal the source engine's within the engine's tolerance and a bad call must fail alone.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import secrets
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from centra import io
+from centra.core.merge import MANIFEST, model_folder, read_manifest
+from centra.core.texts import SAMPLE_PAIRS, SAMPLE_TEXTS
+from centra.errors import CentraError, FieldError, Name
+from centra.runtime.engine import Engine
+
+KIND = "triton repository"  # the same kind as the graph repository: either replaces the other
+MODEL = "centra"
+SUMMARY = "centra-triton.json"
+README = "README.md"
+TEMPLATE = Path(__file__).resolve().parent.parent / "serve" / "triton_backend.py"
+VERSION_DIR = "model"  # triton_backend.VERSION_DIR
+TOLERANCE = 1e-5  # max |staged model - source engine| of a logit on the same rows (same engine, same files)
+ENGINE_BATCH = 32
+
+
+@dataclass(frozen=True)
+class PythonRepoOptions:
+    max_batch: int = 32  # Triton's max_batch_size: rows per request and per dynamic batch
+    instances: int = 1  # instance_group count: model copies (processes), each with its own engine
+    queue_delay_us: int = 0  # dynamic batching's max_queue_delay_microseconds
+    engine: str | None = None  # runtime override ("torch" | "onnx"); None: the one the version's manifest names
+    max_inputs_per_call: int = 256  # centra serve's limits, applied per request
+    max_call_bytes: int = 1 << 20
+
+    def check(self) -> None:
+        for name in ("max_batch", "instances", "max_inputs_per_call", "max_call_bytes"):
+            if getattr(self, name) < 1:
+                raise FieldError(Name(name), f" must be >= 1, not {getattr(self, name)}")
+        if self.queue_delay_us < 0:
+            raise FieldError(Name("queue_delay_us"), f" must be >= 0, not {self.queue_delay_us}")
+        if self.engine not in (None, "torch", "onnx"):
+            raise FieldError(Name("engine"), f" {self.engine!r} is not one the python backend runs (torch, onnx)")
+
+
+def output_name(task: str) -> str:
+    return f"LOGITS_{task}"
+
+
+def _tensor(name: str, dtype: str, dims: list[int]) -> str:
+    return f'  {{ name: {json.dumps(name)} data_type: {dtype} dims: [ {", ".join(map(str, dims))} ] }}'
+
+
+def model_config(engine: Engine, options: PythonRepoOptions) -> str:
+    inputs = [_tensor(n, "TYPE_STRING", [1]) for n in ("TEXT", "TEXT_PAIR", "TASKS")]
+    outputs = [_tensor(output_name(s.name), "TYPE_FP32", [s.num_outputs]) for s in engine.specs.values()]
+    outputs.append(_tensor("ANSWERS", "TYPE_STRING", [1]))
+    params = {"engine": options.engine or "", "engine_batch": ENGINE_BATCH,
+              "max_inputs_per_call": options.max_inputs_per_call, "max_call_bytes": options.max_call_bytes}
+    parameters = "".join(f"parameters {{ key: {json.dumps(k)} value {{ string_value: {json.dumps(str(v))} }} }}\n"
+                         for k, v in params.items())
+    return (f'name: "{MODEL}"\nbackend: "python"\nmax_batch_size: {options.max_batch}\n'
+            f"dynamic_batching {{ max_queue_delay_microseconds: {options.queue_delay_us} }}\n"
+            "input [\n" + ",\n".join(inputs) + "\n]\noutput [\n" + ",\n".join(outputs) + "\n]\n"
+            f"instance_group [ {{ kind: KIND_CPU count: {options.instances} }} ]\n{parameters}")
+
+
+def load_template(path: Path):
+    """The staged model.py as a module (no Triton needed), leaving no __pycache__ in the repository."""
+    spec = importlib.util.spec_from_file_location(f"centra_triton_model_{secrets.token_hex(4)}", str(path))
+    module = importlib.util.module_from_spec(spec)
+    before, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.dont_write_bytecode = before
+    return module
+
+
+def check_staged(stage: Path, reference: Engine, options: PythonRepoOptions) -> float:
+    """Load the staged model as Triton would (its model.py, its files) and answer sample calls, a bad one
+    among them: the worst |logit - reference| over the good ones; refuses what differs or fails."""
+    module = load_template(stage / MODEL / "1" / "model.py")
+    config = {"parameters": {"engine": {"string_value": options.engine or ""}}}
+    engine, limits = module.load(stage / MODEL / "1" / VERSION_DIR, module.settings(config))
+    if engine.content_id != reference.content_id:
+        raise CentraError(f"triton: the staged model is {engine.content_id}, not {reference.content_id}")
+    specs = list(reference.specs.values())
+    singles = ",".join(s.name for s in specs if s.input == "single")
+    pairs = ",".join(s.name for s in specs if s.input == "pair")
+    texts = list(SAMPLE_TEXTS[:4])
+
+    def call(tasks: str, with_pairs: bool, rows: int = len(texts)) -> dict:
+        return {"TEXT": np.array([[t.encode()] for t in texts[:rows]], dtype=object),
+                "TEXT_PAIR": np.array([[(SAMPLE_PAIRS[i % len(SAMPLE_PAIRS)] if with_pairs else "").encode()]
+                                       for i in range(rows)], dtype=object),
+                "TASKS": np.array([[tasks.encode()]] * rows, dtype=object)}
+    calls = [(call(singles, False), [])] if singles else []
+    calls += [(call(pairs, True), [])] if pairs else []
+    calls.append((call("no such task", False, 1), []))
+    outcomes = module.answer(engine, limits, calls)
+    if not isinstance(outcomes[-1], CentraError):
+        raise CentraError("triton: the staged model answered a call naming an unknown task")
+    worst = 0.0
+    for (arrays, _), outcome in zip(calls[:-1], outcomes[:-1]):
+        if isinstance(outcome, BaseException):
+            raise CentraError(f"triton: the staged model failed on sample texts: {outcome}")
+        tasks = arrays["TASKS"][0, 0].decode().split(",")
+        given = [p[0].decode() for p in arrays["TEXT_PAIR"]]
+        want = reference.logits(texts, given if any(given) else None, tasks)
+        for output in outcome:
+            if output.name.startswith("LOGITS_"):
+                diff = float(np.abs(output.array - want[output.name[len("LOGITS_"):]].numpy()).max())
+                worst = max(worst, diff)
+    if not worst <= TOLERANCE:
+        raise CentraError(f"triton: the staged model differs from the engine by {worst:.3e} > {TOLERANCE:g}: "
+                          "refusing the export; nothing was published")
+    return worst
+
+
+def write_readme(path: Path, summary: dict) -> None:
+    tasks = ", ".join(f"`{output_name(t['name'])}` ({t['kind']}, {t['outputs']})" for t in summary["tasks"])
+    path.write_text("\n".join([
+        f"# centra Triton model repository (python backend, {summary['source_version']})", "",
+        f"Written by `centra export-triton --backend python` from `{summary['source']}`. The model `{MODEL}` runs "
+        f"centra's engine ({summary['runtime']}) on Triton's python backend: Triton's dynamic batch of requests, "
+        "each with its own task set, is one engine run (the trunk once per token group, each branch only on the "
+        "rows that asked for it).", "", "## Run", "", "```",
+        f"tritonserver --model-repository {summary['repository']}", "```", "",
+        "The Python of Triton's python-backend stub must have centra installed (`pip install centra` in the "
+        "server image; its torch / onnxruntime run the engine on the CPU). With the `nvidia-pytriton` wheel "
+        "instead of the container: `python -m centra.export.tritonserver` (see centra's README).", "",
+        "## Tensors", "",
+        "Inputs (BYTES, shape [rows, 1], all three in every request: Triton batches only requests that carry "
+        "the same inputs): `TEXT`; `TEXT_PAIR` (empty strings for single-text calls); `TASKS` (comma-separated "
+        "task names, the same on every row; empty: every task that fits the inputs).", "",
+        f"Outputs: per task asked for, {tasks}: the logits (FP32 [rows, outputs]); `ANSWERS` (BYTES [rows, 1]): per "
+        "row a JSON object {task: {label | labels | value, scores, truncated}}, `centra predict`'s answers. "
+        "A request that names no outputs gets all of its own.", "",
+        f"max_batch_size {summary['max_batch_size']}, {summary['instances']} instance(s), queue delay "
+        f"{summary['queue_delay_us']} us. The same tensors are served by `centra serve` (Open Inference Protocol, "
+        "model `centra`), so one tritonclient script runs against both.", ""]), encoding="utf-8")
+
+
+def export_triton_python(model: Path, repo: Path, options: PythonRepoOptions | None = None) -> dict:
+    """Publish the python-backend Triton repository of MODEL's current version at repo; return its summary."""
+    options = options or PythonRepoOptions()
+    options.check()
+    repo = Path(repo)
+    io.check_writable_parent(repo)
+    io.check_replaceable(repo, KIND)  # before any work: never over a user's folder
+    folder = model_folder(Path(model))
+    manifest = read_manifest(folder)
+    reference = Engine.load(folder, batch_size=ENGINE_BATCH, engine=options.engine)  # every file's hash checked
+    summary: dict = {}
+
+    def build(stage: Path) -> None:
+        version = stage / MODEL / "1"
+        (version / VERSION_DIR).mkdir(parents=True)
+        io.copy_verified(TEMPLATE, version / "model.py")
+        files = {**manifest.files, MANIFEST: None}  # the manifest is what the content id hashes
+        for rel, digest in files.items():
+            dest = version / VERSION_DIR / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            io.copy_verified(folder / rel, dest, digest)
+        (stage / MODEL / "config.pbtxt").write_text(model_config(reference, options), encoding="utf-8")
+        worst = check_staged(stage, reference, options)
+        summary.update({
+            "format": "centra-triton", "backend": "python", "repository": str(repo.resolve()), "source": str(folder),
+            "source_version": manifest.version, "model_id": reference.content_id, "runtime": reference.runtime,
+            "model": MODEL, "max_batch_size": options.max_batch, "instances": options.instances,
+            "queue_delay_us": options.queue_delay_us, "tolerance": TOLERANCE, "parity": float(f"{worst:.3e}"),
+            "tasks": [{"name": s.name, "kind": s.kind, "labels": s.labels, "input": s.input,
+                       "outputs": s.num_outputs, "output": output_name(s.name)} for s in reference.specs.values()]})
+        write_readme(stage / README, summary)
+        summary["files"] = io.hash_tree(stage)
+        io.write_json(stage / SUMMARY, summary)
+
+    def check(stage: Path) -> None:
+        io.check_tree(stage, io.read_json(stage / SUMMARY)["files"], skip=(SUMMARY, io.ARTIFACT_FILE))
+
+    io.publish_folder(repo, KIND, build, check)
+    return summary

@@ -1,0 +1,102 @@
+"""The OpenAPI 3 document of centra serve's HTTP routes (served at /openapi.json): REST JSON (protobuf's
+JSON mapping of centra.v1, lowerCamelCase field names; snake_case is accepted too) and the Open Inference
+Protocol's routes (serve/oip.py describes the tensors)."""
+
+from __future__ import annotations
+
+from functools import cache
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _array(items: dict) -> dict:
+    return {"type": "array", "items": items}
+
+
+STRING, INTEGER, NUMBER, BOOLEAN = ({"type": t} for t in ("string", "integer", "number", "boolean"))
+ERRORS = {"400": "refused: no inputs, an empty or oversized text, a text pair where no task takes pairs...",
+          "401": "missing or wrong bearer token (Authorization: Bearer <token>)",
+          "404": "unknown task or model (named in the message)", "413": "the body is over the byte limit",
+          "429": "the server is busy (queue full, or too many calls in progress): retry later",
+          "503": "shutting down", "500": "server fault (the server log has the details)"}
+
+
+def _answers(ok: dict) -> dict:
+    errors = {code: {"description": text, "content": {"application/json": {"schema": _ref("Error")}}}
+              for code, text in ERRORS.items()}
+    return {"200": ok, **errors}
+
+
+def _json(schema: str, description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": _ref(schema)}}}
+
+
+SCHEMAS = {
+    "Error": {"type": "object", "properties": {"error": {**STRING, "description": "one line"},
+                                               "code": {**STRING, "description": "the gRPC status code's name"}}},
+    "Input": {"type": "object", "required": ["text"], "properties": {
+        "text": STRING, "textPair": {**STRING, "description": "second text of a pair (pair tasks); empty: none"},
+        "id": {**STRING, "description": "echoed in the result"}}},
+    "ClassifyRequest": {"type": "object", "required": ["inputs"], "properties": {
+        "inputs": _array(_ref("Input")),
+        "tasks": {**_array(STRING), "description": "task names; empty: every task that fits the inputs"}}},
+    "TaskResult": {"type": "object", "properties": {
+        "task": STRING, "label": {**STRING, "description": "multiclass"},
+        "labels": {**_array(STRING), "description": "multilabel: labels at or over their threshold"},
+        "value": {**NUMBER, "description": "regression"},
+        "scores": {**_array(NUMBER), "description": "one per label, in the task's label order (GET /v1/tasks)"},
+        "truncated": BOOLEAN}},
+    "InputResult": {"type": "object", "properties": {"id": STRING, "tasks": _array(_ref("TaskResult"))}},
+    "ClassifyResponse": {"type": "object", "properties": {
+        "results": _array(_ref("InputResult")), "modelVersion": STRING,
+        "modelId": {**STRING, "description": "content id of the model that computed the results"}}},
+    "TaskInfo": {"type": "object", "properties": {
+        "name": STRING, "kind": STRING, "labels": _array(STRING), "input": STRING, "maxLength": INTEGER,
+        "attachLayer": INTEGER, "taskLayers": INTEGER}},
+    "ListTasksResponse": {"type": "object", "properties": {
+        "tasks": _array(_ref("TaskInfo")), "backboneId": STRING, "backboneFingerprint": STRING,
+        "modelVersion": STRING, "overheadLayers": INTEGER, "modelId": STRING}},
+    "Tensor": {"type": "object", "required": ["name", "datatype", "shape"], "properties": {
+        "name": STRING, "datatype": STRING, "shape": _array(INTEGER), "data": _array({}),
+        "parameters": {"type": "object"}}},
+    "InferRequest": {"type": "object", "required": ["inputs"], "properties": {
+        "id": STRING, "parameters": {"type": "object"},
+        "inputs": {**_array(_ref("Tensor")), "description": "TEXT, TEXT_PAIR, TASKS: BYTES [rows, 1]"},
+        "outputs": _array({"type": "object", "properties": {"name": STRING, "parameters": {"type": "object"}}})}},
+    "InferResponse": {"type": "object", "properties": {
+        "model_name": STRING, "model_version": STRING, "id": STRING,
+        "outputs": {**_array(_ref("Tensor")), "description": "LOGITS_<task> FP32 [rows, outputs]; ANSWERS BYTES "
+                    "[rows, 1], one JSON object per row"}}},
+}
+
+
+@cache
+def document() -> dict:
+    model = [{"name": "model", "in": "path", "required": True, "schema": STRING}]
+    plain = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
+    paths = {
+        "/v1/classify": {"post": {
+            "summary": "Classify texts (centra.v1 Classify, JSON)", "operationId": "classify",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("ClassifyRequest")}}},
+            "responses": _answers(_json("ClassifyResponse", "one result per input, in request order"))}},
+        "/v1/tasks": {"get": {"summary": "The served model's tasks (centra.v1 ListTasks)", "operationId": "tasks",
+                              "responses": _answers(_json("ListTasksResponse", "the served model"))}},
+        "/v2/health/live": {"get": {"summary": "OIP: server live", "responses": {"200": plain}}},
+        "/v2/health/ready": {"get": {"summary": "OIP: server ready", "responses": {"200": plain, "503": plain}}},
+        "/v2/models/{model}": {"get": {"summary": "OIP: model metadata (model: centra)", "parameters": model,
+                                       "responses": _answers(plain)}},
+        "/v2/models/{model}/ready": {"get": {"summary": "OIP: model ready", "parameters": model,
+                                             "responses": _answers(plain)}},
+        "/v2/models/{model}/infer": {"post": {
+            "summary": "OIP: inference (JSON tensors, or the binary tensor extension)", "parameters": model,
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("InferRequest")}}},
+            "responses": _answers(_json("InferResponse", "the call's tensors"))}},
+    }
+    return {"openapi": "3.0.3",
+            "info": {"title": "centra serve", "version": "1",
+                     "description": "REST JSON of the centra.v1 API and the Open Inference Protocol (KServe v2). "
+                     "Errors: {\"error\": one line, \"code\": gRPC status code name}."},
+            "paths": paths, "components": {"schemas": SCHEMAS,
+                                           "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}}

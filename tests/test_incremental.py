@@ -65,6 +65,8 @@ def test_unchanged_graphs_are_linked_and_changed_ones_exported(grown):
     for name in ("embeddings", "layers_1-1", "task_alpha", "task_gamma"):
         assert v2[name]["keys"] == v1[name]["keys"]
         assert (folder1 / v1[name]["int8"]).stat().st_ino == (folder2 / v2[name]["int8"]).stat().st_ino
+    for rel in ("tokenizer/tokenizer.json", "tasks/gamma/head.safetensors"):  # unchanged files: one copy on disk
+        assert (folder1 / rel).stat().st_ino == (folder2 / rel).stat().st_ino, rel
     # the third: alpha's new head gets a new graph and a new key; nothing else changes
     assert {n for n, g in v3.items() if not g.get("reused")} == {"task_alpha"}
     assert v3["task_alpha"]["keys"] != v2["task_alpha"]["keys"]
@@ -126,7 +128,7 @@ def test_heads_an_earlier_version_validated_are_hashed_not_loaded(grown, monkeyp
     real = core_merge.load_task
     monkeypatch.setattr(core_merge, "load_task", lambda folder, *a, **k: loaded.append(Path(folder).name)
                         or real(folder, *a, **k))
-    trusted = core_merge.earlier_files(grown["out"])
+    trusted = core_merge.earlier_heads(grown["out"])
     core_merge.plan_merge([grown["tasks"]], trusted=trusted)
     assert loaded == []
     # a head replaced after it was published is loaded (and refused when broken)
@@ -165,3 +167,47 @@ def test_bench_scale_measures_every_count_engine_and_a_reload(tiny_models, tmp_p
     assert reload["peak_mb"] >= reload["rss_before_mb"] > 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "reload: centra serve on 3 int8 tasks" in out
+
+
+def test_a_merge_of_the_same_tasks_reuses_everything_and_reports_its_checks(grown, tmp_path, capsys):
+    from centra.cli import main
+
+    out = shutil.copytree(grown["out"], tmp_path / "out", symlinks=True)
+    assert main(["merge", "--tasks-dir", str(grown["tasks"]), "--out", str(out), "--engine", "onnx",
+                 "--precision", "int8"]) == 0
+    printed = capsys.readouterr().out
+    assert "0 exported, 7 reused" in printed and "onnx: int8 alpha: label agreement" in printed
+    info = read_manifest(model_folder(out)).engine
+    assert info.int8["min_agreement"] and info.int8["tasks"] == grown["manifests"][2].engine.int8["tasks"]
+
+
+def test_a_spec_the_check_reads_changed_is_checked_again(grown, tmp_path):
+    import json
+
+    tasks = shutil.copytree(grown["tasks"], tmp_path / "tasks")
+    out = shutil.copytree(grown["out"], tmp_path / "out", symlinks=True)
+    spec = json.loads((tasks / "gamma" / "task.json").read_text())
+    spec["max_length"] = 8  # the same head: every graph is reused, but the check tokenizes otherwise
+    (tasks / "gamma" / "task.json").write_text(json.dumps(spec))
+    manifest = merge(tasks, out, engine="onnx", precision="int8", progress=False)
+    assert all(g.get("reused") for g in manifest.engine.graphs)
+    before, after = grown["manifests"][2].engine.int8["tasks"], manifest.engine.int8["tasks"]
+    assert after["gamma"]["path_key"] != before["gamma"]["path_key"]
+    assert after["alpha"] == before["alpha"] and after["zeta"] == before["zeta"]
+
+
+def test_an_old_head_on_a_split_trunk_is_checked_not_refused(grown, tmp_path):
+    """x's first head comes back after y split x's trunk segment: every graph is cached (x's branch from
+    v1, the segments from v2), but no version checked that head on those segments."""
+    x = ("x", "multiclass", ["a", "b"], "single", 3, 1, "mean")
+    y = ("y", "multiclass", ["a", "b"], "single", 1, 1, "mean")
+    tasks, out = tmp_path / "tasks", tmp_path / "out"
+    make_task(grown["bb"], tasks, x, seed=1)
+    merge(tasks, out, engine="onnx", precision="int8", progress=False)
+    make_task(grown["bb"], tasks, x, seed=2)
+    make_task(grown["bb"], tasks, y, seed=3)
+    merge(tasks, out, engine="onnx", precision="int8", progress=False)
+    make_task(grown["bb"], tasks, x, seed=1)  # back to the first head
+    manifest = merge(tasks, out, engine="onnx", precision="int8", progress=False)
+    assert all(g.get("reused") for g in manifest.engine.graphs)
+    assert set(manifest.engine.int8["tasks"]) == {"x", "y"}  # x checked again, y carried over

@@ -139,7 +139,9 @@ def write_merged(plan: MergePlan, out: Path, keep_versions: int = DEFAULT_KEEP_V
         linked = stage / f".{TRUNK_FILE}"
         if digest in earlier and link_verified(earlier[digest], linked, digest):
             os.replace(linked, stage / TRUNK_FILE)  # the same trunk as an earlier version's: one copy on disk
-        _copy_tokenizer(bb.path, stage / "tokenizer")
+        (stage / "tokenizer").mkdir()
+        for item in tokenizer_files(bb.path):
+            place(item, stage / "tokenizer" / item.name, sha256_file(item))
         for task in plan.tasks:
             dest = stage / "tasks" / task.spec.name
             dest.mkdir(parents=True)
@@ -166,6 +168,17 @@ def write_merged(plan: MergePlan, out: Path, keep_versions: int = DEFAULT_KEEP_V
     return written[0]
 
 
+def earlier_heads(out: Path) -> set[str]:
+    """The sha256 of every task head OUT's published versions hold (each validated when it was merged)."""
+    found: set[str] = set()
+    for name in versions_of(out):
+        try:
+            found.update(task.head_sha256 for task in read_manifest(out / "versions" / name).tasks)
+        except CentraError:
+            continue
+    return found
+
+
 def earlier_files(out: Path) -> dict[str, Path]:
     """sha256 -> a file of OUT's published versions holding those bytes (newest version first), from
     their manifests: what a new version can link to instead of copying. Unreadable manifests are skipped
@@ -188,11 +201,10 @@ def manifest_task(task: PlannedTask) -> ManifestTask:
                         spec.task_layers, spec.trained, spec.head_sha256, str(task.folder.resolve()))
 
 
-def _copy_tokenizer(src: Path, dest: Path) -> None:
-    dest.mkdir(parents=True)
-    for item in sorted(Path(src).iterdir()):
-        if item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES) and not item.name.startswith("."):
-            copy_verified(item, dest / item.name)
+def tokenizer_files(src: Path) -> list[Path]:
+    """The backbone folder's tokenizer files: every plain file but weights and hidden ones."""
+    return [item for item in sorted(Path(src).iterdir())
+            if item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES) and not item.name.startswith(".")]
 
 
 def model_folder(out: Path) -> Path:

@@ -76,7 +76,7 @@ def merge(tasks_dirs: Sequence[Path | str] | Path | str | None, out: Path | str,
     this GPU) and publish them as a new version of `out`; its manifest. An ONNX int8 version holds the
     int8 graphs and the torch files, and its fp32 graphs too with `keep_fp32`. Every check comes before
     any work: OUT is never written over a user's file or folder."""
-    from centra.core.merge import MODEL_KIND, earlier_files, plan_merge, write_merged
+    from centra.core.merge import MODEL_KIND, earlier_heads, plan_merge, write_merged
     from centra.io import check_replaceable, check_writable_parent
 
     out = Path(out)
@@ -85,5 +85,5 @@ def merge(tasks_dirs: Sequence[Path | str] | Path | str | None, out: Path | str,
     extend = extender(engine, precision, calibration, max_batch, progress, out, keep_fp32)
     if isinstance(tasks_dirs, (str, Path)):
         tasks_dirs = [tasks_dirs]
-    plan = plan_merge([Path(d) for d in tasks_dirs or [DEFAULT_TASKS_DIR]], backbone, trusted=earlier_files(out))
+    plan = plan_merge([Path(d) for d in tasks_dirs or [DEFAULT_TASKS_DIR]], backbone, trusted=earlier_heads(out))
     return write_merged(plan, out, keep_versions=keep_versions, extend=extend)

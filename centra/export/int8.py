@@ -146,6 +146,12 @@ def check_precision(fp32: Engine, other: Engine, label: str, min_agreement: floa
         if problem:
             raise CentraError(f"{label} graphs of task {name!r}: {problem}; max |{label} - fp32| "
                               f"{r['max_abs_diff']:.2e}: {refusal}")
+    return {**check_settings(min_agreement, max_relative_error, max_abs_diff), "tasks": report}
+
+
+def check_settings(min_agreement: float = MIN_AGREEMENT, max_relative_error: float = MAX_RELATIVE_ERROR,
+                   max_abs_diff: float | None = None) -> dict:
+    """What a check's report says it was made with (its floors and bounds, the samples, the weights)."""
     return {"min_agreement": min_agreement, "decided_margin": DECIDED_MARGIN, "min_decided": MIN_DECIDED,
-            "max_relative_error": max_relative_error, "max_abs_diff": max_abs_diff, "samples": len(texts),
-            "per_channel": PER_CHANNEL, "tasks": report}
+            "max_relative_error": max_relative_error, "max_abs_diff": max_abs_diff,
+            "samples": len(sample_inputs()[0]), "per_channel": PER_CHANNEL}

@@ -252,6 +252,10 @@ def export_onnx(model: MergedModel, folder: Path, precision: str = "fp32", token
     keys = {g["name"]: graph_keys(g, specs, fingerprint, model.cfg.to_dict(), identity, quantizer) for g in layout}
     entries, fresh = reuse_graphs(layout, keys, needed, folder, cache)
     todo = tasks_through(layout, specs, fresh)
+    paths = check_keys(layout, keys, specs, folder) if precision == "int8" else {}
+    # a task whose graphs were all reused but whose int8 check no earlier version made for these exact
+    # inputs (its spec changed; an old head with a new neighbour) is checked again
+    todo += [t for t in specs if t not in todo and paths and (cache is None or paths[t] not in cache.checks)]
     if set(model.heads) != set(todo):  # the torch model of the tasks whose graphs are new, and only theirs
         missing = [t for t in todo if t not in model.heads and heads is None]
         if missing:
@@ -278,8 +282,8 @@ def export_onnx(model: MergedModel, folder: Path, precision: str = "fp32", token
         entry.update(fp32=rel, parity=float(f"{diff:.3e}"), fusions={"fp32": fusions(folder / rel)})
         progress_line(f"onnx: {graph['name']} exported, max |onnx - torch| {diff:.1e}", progress)
     parity = {name: e["parity"] for name, e in entries.items() if e.get("parity") is not None}
-    if "fp32" in needed and todo:  # the composed engine on the tasks whose graphs are new
-        sub = sub_layout(layout, todo)
+    sub = sub_layout(layout, todo)
+    if todo and all(entries[g["name"]].get("fp32") for g in sub):  # the composed engine on the tasks checked
         runner = OnnxRunner({t: specs[t] for t in todo}, model.cfg,
                             {g["name"]: open_session(folder / entries[g["name"]]["fp32"]) for g in sub}, sub, "fp32",
                             model)
@@ -293,7 +297,7 @@ def export_onnx(model: MergedModel, folder: Path, precision: str = "fp32", token
                       tolerance=tolerance, parity=parity)
     if precision == "int8":
         info = add_int8(folder, info, model, Engine(model, tokenizer, batch_size=8), progress, specs=specs,
-                        fresh=fresh, cache=cache, keys=keys)
+                        fresh=fresh, cache=cache, paths=paths, todo=todo)
     if not keep_fp32:  # the version holds the graphs it serves
         graphs = []
         for graph in info.graphs:
@@ -357,16 +361,18 @@ def sub_layout(layout: list[dict], tasks: list[str]) -> list[dict]:
 
 def add_int8(folder: Path, info: EngineInfo, model: MergedModel, fp32: Engine, progress: bool = True, *,
              specs: dict[str, TaskSpec] | None = None, fresh: set[str] | None = None,
-             cache: GraphCache | None = None, keys: dict[str, dict[str, str]] | None = None) -> EngineInfo:
+             cache: GraphCache | None = None, paths: dict[str, str] | None = None,
+             todo: list[str] | None = None) -> EngineInfo:
     """Quantize the fp32 graphs of `info` (those in `fresh`; default all) into folder/onnx/int8 and check
-    the tasks whose graphs are new against the fp32 engine (centra.export.int8.check_int8, refusing below
-    its floor); the other tasks' checks carry over from `cache` (their graphs are the same bytes). Return
-    `info` with the int8 files, the check's report and the per-graph fusions."""
-    from centra.export.int8 import check_int8, quantize_graph
-    from centra.export.reuse import path_key
+    the tasks `todo` (default: those whose graphs are new) against the fp32 engine
+    (centra.export.int8.check_int8, refusing below its floor); the other tasks' checks carry over from
+    `cache` by their check keys (`paths`: check_keys). Return `info` with the int8 files, the check's
+    report and the per-graph fusions."""
+    from centra.export.int8 import check_int8, check_settings, quantize_graph
 
     specs = specs or model.specs
     fresh = {g["name"] for g in info.graphs} if fresh is None else fresh
+    paths = paths or {}
     graphs = []
     for graph in progress_bar([g for g in info.graphs], desc="quantize int8", enabled=progress and bool(fresh)):
         if graph["name"] not in fresh:
@@ -383,9 +389,8 @@ def add_int8(folder: Path, info: EngineInfo, model: MergedModel, fp32: Engine, p
         graphs.append(graph)
     info = replace(info, graphs=tuple(graphs))
     layout = [{k: g[k] for k in ("name", "kind", "first", "last", "task") if k in g} for g in graphs]
-    todo = tasks_through(layout, specs, fresh)
-    paths = {t: path_key(keys, graph_path(layout, specs[t]), "int8") for t in specs} if keys else {}
-    report = {"tasks": {}}
+    todo = tasks_through(layout, specs, fresh) if todo is None else todo
+    report = {**check_settings(), "tasks": {}}
     if todo:
         sub = sub_layout(layout, todo)
         int8 = OnnxRunner.open(folder, info, "int8", open_session, {t: specs[t] for t in todo}, model.cfg, "int8",
@@ -394,7 +399,7 @@ def add_int8(folder: Path, info: EngineInfo, model: MergedModel, fp32: Engine, p
     carried = {t: (cache.checks.get(paths[t]) if cache is not None and t in paths else None) for t in specs
                if t not in todo}
     lost = [t for t, entry in carried.items() if entry is None]
-    if lost:  # cannot happen when the cache gave every graph; refuse rather than publish unchecked graphs
+    if lost:  # export_onnx puts every task without a carried check in todo: a caller that did not
         raise CentraError(f"int8 graphs of task {lost[0]!r}: reused without their check")
     tasks = {**report["tasks"], **carried}
     for t in tasks:
@@ -402,6 +407,28 @@ def add_int8(folder: Path, info: EngineInfo, model: MergedModel, fp32: Engine, p
             tasks[t] = {**tasks[t], "path_key": paths[t]}
     info = replace(info, int8={**report, "tasks": {t: tasks[t] for t in specs}})
     return replace(info, fusions=sum_fusions(info.graphs))
+
+
+def check_keys(layout: list[dict], keys: dict[str, dict[str, str]], specs: dict[str, TaskSpec],
+               folder: Path) -> dict[str, str]:
+    """Per task, the key of its int8 check: the int8 keys of the graphs its rows run through, the spec
+    fields the check reads (kind, labels, thresholds, max_labels, input, max_length), the check's own
+    settings and samples, and the tokenizer's files (folder/tokenizer, when there). Equal keys, equal
+    check: it carries over."""
+    from centra.export.int8 import check_settings, sample_inputs
+    from centra.export.reuse import digest
+    from centra.io import sha256_file
+
+    tokenizer = folder / "tokenizer"
+    tokens = sorted((p.name, sha256_file(p)) for p in tokenizer.iterdir() if p.is_file()) if tokenizer.is_dir() else []
+    common = {"settings": check_settings(), "samples": digest(sample_inputs()), "tokenizer": tokens}
+    found = {}
+    for name, spec in specs.items():
+        fields = {"kind": spec.kind, "labels": list(spec.labels), "thresholds": spec.thresholds,
+                  "max_labels": spec.max_labels, "input": spec.input, "max_length": spec.max_length}
+        found[name] = digest({"graphs": [keys[g]["int8"] for g in graph_path(layout, spec)], "spec": fields,
+                              **common})
+    return found
 
 
 def fusions(path: Path) -> dict[str, int]:

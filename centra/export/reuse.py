@@ -62,12 +62,6 @@ def graph_keys(graph: dict, specs: dict[str, TaskSpec], fingerprint: str, encode
     return keys
 
 
-def path_key(layout_keys: dict[str, dict[str, str]], path: list[str], precision: str) -> str:
-    """One key for the graphs a task's rows run through (embeddings, segments, its branch): equal keys,
-    equal outputs, so a check made on them holds."""
-    return digest([layout_keys[name][precision] for name in path])
-
-
 @dataclass(frozen=True)
 class Cached:
     path: Path  # the file in an earlier version

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from centra.errors import FieldError, Name
+from centra.errors import CentraError, FieldError, Name
 
 ENGINES = {"torch": ("torch", None), "onnx-int8": ("onnx", "int8")}
 DEFAULT_TASKS = (8, 32, 100)
@@ -121,7 +121,7 @@ def run_measured(args: list[str], env: dict[str, str] | None = None) -> tuple[fl
         stdout, stderr = out.read(), err.read()
     if proc.returncode:
         last = (stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"{' '.join(args[:4])} failed: {last}")
+        raise CentraError(f"bench-scale: {' '.join(args[:4])} failed: {last}")
     return seconds, usage.ru_maxrss / 1024, stdout
 
 

@@ -133,7 +133,7 @@ class GraphRunner:
     def reference(self) -> MergedModel | None:
         """The torch MergedModel of the same version (None: built without one)."""
         if isinstance(self._reference_source, Version):  # every file hashed again: the folder may have changed
-            self._reference_source = load_merged(self._reference_source)[1]
+            self._reference_source = load_merged(self._reference_source.folder)[1]
         return self._reference_source
 
     def _reference(self) -> MergedModel:

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from centra.errors import CentraError
+
 START_TIMEOUT = 300.0  # seconds for the server to load the model, and for the new task to answer
 
 
@@ -31,6 +33,12 @@ def process_mb(pid: int) -> tuple[float, float]:
             if key in ("VmRSS", "VmHWM"):
                 found[key] = int(value.split()[0]) / 1024
     return found.get("VmRSS", 0.0), found.get("VmHWM", 0.0)
+
+
+def reset_peak(pid: int) -> None:
+    """Start process `pid`'s peak RSS (VmHWM) afresh from its current RSS (Linux: clear_refs 5)."""
+    with open(f"/proc/{pid}/clear_refs", "w") as fh:
+        fh.write("5")
 
 
 def measure_reload(out: Path, add_task: Callable[[], str], merge: list[str],
@@ -55,15 +63,19 @@ def measure_reload(out: Path, add_task: Callable[[], str], merge: list[str],
                 break
             except grpc.RpcError:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"centra serve --model {out} did not start") from None
+                    raise CentraError(f"bench-scale: centra serve --model {out} did not start") from None
                 time.sleep(0.5)
         stub.Classify(pb.ClassifyRequest(inputs=[pb.Input(text="warm")]), timeout=120)
         before, _ = process_mb(server.pid)
+        reset_peak(server.pid)  # the peak from here on: the reload's, not the start's
         name = add_task()
         progress(f"reload: merging +1 task ({name}) into {out} while centra serve (pid {server.pid}) serves it")
         start = time.perf_counter()
-        subprocess.run([sys.executable, *merge], check=True, env=env, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
+        done = subprocess.run([sys.executable, *merge], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)
+        if done.returncode:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise CentraError(f"bench-scale: the +1 merge failed: {last}")
         merged_s = time.perf_counter() - start
         while True:
             try:
@@ -71,7 +83,7 @@ def measure_reload(out: Path, add_task: Callable[[], str], merge: list[str],
                 break
             except grpc.RpcError:
                 if time.perf_counter() - start > START_TIMEOUT:
-                    raise RuntimeError(f"the new task {name!r} never answered") from None
+                    raise CentraError(f"bench-scale: the new task {name!r} never answered") from None
                 time.sleep(0.05)
         answered_s = time.perf_counter() - start
         time.sleep(2.5)  # the watcher trims the heap a tick after a reload

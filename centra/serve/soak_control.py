@@ -4,9 +4,10 @@ rebuild) and SIGHUPs, every few seconds, each followed by a check that the serve
 `ServerProcess` runs `centra serve` on the soak's folder as a child process (its own PID: SIGHUP, RSS).
 `Control` publishes with the library's own merge (`plan_merge` + `write_merged`) from copies of the
 version's task folders, and keeps a reference copy of every version it publishes (`References.add`) right
-after publishing, before the folder can prune it. A corrupt publish flips a byte of one weight file in place
-the moment `write_merged` returns (a server that read the pointer in that moment loaded good bytes, and
-`corrupt_served` counts it), so the server's reload must refuse the version by its hashes.
+after publishing, before the folder can prune it. A corrupt publish flips a byte of one weight file (a
+new file over it: earlier versions share unchanged files) the moment `write_merged` returns (a server
+that read the pointer in that moment loaded good bytes, and `corrupt_served` counts it), so the
+server's reload must refuse the version by its hashes.
 """
 
 from __future__ import annotations
@@ -195,8 +196,8 @@ class Control:
 
     def publish(self, names: tuple[str, ...], corrupt: str | None = None) -> tuple[str, str]:
         """Merge these tasks into the served folder and copy the version aside; (version, content id).
-        `corrupt`: a file of the version (relative path) to flip a byte of in place the moment it is
-        published (its reference copy gets the published bytes back)."""
+        `corrupt`: a file of the version (relative path) to flip a byte of the moment it is published
+        (its reference copy gets the published bytes back)."""
         pool = self.served.pool
         pick = pool.parent / "picks" / f"{next(self._picks):05d}"
         pick.mkdir(parents=True)
@@ -238,13 +239,15 @@ class Control:
 
 
 def flip_byte(path: Path) -> tuple[int, int]:
-    """Invert the middle byte of a file in place; (offset, the byte it had)."""
-    with open(path, "r+b") as fh:
-        offset = fh.seek(0, os.SEEK_END) // 2
-        fh.seek(offset)
-        old = fh.read(1)[0]
-        fh.seek(offset)
-        fh.write(bytes([old ^ 0xFF]))
+    """Invert the middle byte of a file, as a new file renamed over it: a version shares unchanged files
+    with the versions before it (hard links), and they must stay as they were; (offset, the byte it had)."""
+    data = bytearray(path.read_bytes())
+    offset = len(data) // 2
+    old = data[offset]
+    data[offset] = old ^ 0xFF
+    staged = path.with_name(f".{path.name}.flipped")
+    staged.write_bytes(bytes(data))
+    os.replace(staged, path)
     return offset, old
 
 

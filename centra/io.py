@@ -140,6 +140,21 @@ def link_verified(src: Path, dest: Path, expected: str) -> bool:
     return True
 
 
+def process_memory(pid: int | str = "self") -> tuple[float, float] | None:
+    """A process's resident memory now and at its peak (VmRSS, VmHWM), in MB, from Linux's /proc; None
+    where there is no /proc or the process is gone."""
+    found = {}
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    found[key] = int(value.split()[0]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return (found["VmRSS"], found.get("VmHWM", found["VmRSS"])) if "VmRSS" in found else None
+
+
 def hash_tree(root: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
     """relative path -> sha256 of every file under root, in path order (names in `skip` left out)."""
     root = Path(root)

@@ -117,6 +117,29 @@ def bert_path(tiny_models) -> Path:
     return tiny_models["bert"]
 
 
+@pytest.fixture(scope="module")
+def model_out(tiny_models, tmp_path_factory) -> Path:
+    """The standard tasks (helpers.STANDARD_TASKS) on tiny BERT, merged (torch): one per test module that
+    asks (a module may define its own)."""
+    from helpers import make_tasks
+
+    from centra.core.backbone import Backbone
+    from centra.core.merge import plan_merge, write_merged
+
+    root = tmp_path_factory.mktemp("merged")
+    make_tasks(Backbone.load(tiny_models["bert"]), root / "tasks")
+    write_merged(plan_merge([root / "tasks"]), root / "out")
+    return root / "out"
+
+
+@pytest.fixture(scope="module")
+def engine(model_out):
+    """model_out's Engine (batch size 32, as `centra predict`)."""
+    from centra.runtime.engine import Engine
+
+    return Engine.load(model_out)
+
+
 def copy_tree(src: Path, dest: Path) -> Path:
     shutil.copytree(src, dest)
     return dest

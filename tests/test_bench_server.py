@@ -8,24 +8,13 @@ from pathlib import Path
 
 import pytest
 from conftest import TEXTS
-from helpers import make_tasks
 
 from centra.cli import main
-from centra.core.backbone import Backbone
-from centra.core.merge import plan_merge, write_merged
 from centra.serve.bench import percentile, workload
 
 KEYS = ("concurrency", "seconds", "calls_per_s", "inputs_per_s", "p50_ms", "p95_ms", "p99_ms", "mean_batch_rows",
         "mean_batch_calls", "inprocess_inputs_per_s", "ratio", "model_version", "tasks")
 SINGLE = ["alpha", "beta", "gamma", "epsilon"]  # helpers.STANDARD_TASKS taking one text (delta takes pairs)
-
-
-@pytest.fixture(scope="module")
-def model_out(tiny_models, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("bench")
-    make_tasks(Backbone.load(tiny_models["bert"]), root / "tasks")
-    write_merged(plan_merge([root / "tasks"]), root / "out")
-    return root / "out"
 
 
 @pytest.fixture(scope="module")

@@ -36,19 +36,6 @@ CODE = grpc.StatusCode
 
 
 @pytest.fixture(scope="module")
-def model_out(tiny_models, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("hardened")
-    make_tasks(Backbone.load(tiny_models["bert"]), root / "tasks")
-    write_merged(plan_merge([root / "tasks"]), root / "out")
-    return root / "out"
-
-
-@pytest.fixture(scope="module")
-def engine(model_out) -> Engine:
-    return Engine.load(model_out)
-
-
-@pytest.fixture(scope="module")
 def flipped(tiny_models, tmp_path_factory) -> Engine:
     """Another model whose task 'alpha' reads text pairs and 'delta' single texts (the reverse of engine's)."""
     root = tmp_path_factory.mktemp("flipped")

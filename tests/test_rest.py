@@ -20,11 +20,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import PAIRS, TEXTS
-from helpers import make_tasks
 
-from centra.core.backbone import Backbone
-from centra.core.merge import plan_merge, write_merged
-from centra.runtime.engine import Engine
 from centra.serve.app import AppOptions, build
 from centra.serve.server import CentraServer, ServeOptions
 from centra.serve.v1 import centra_pb2 as pb
@@ -36,19 +32,6 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TOLERANCE = 1e-5  # logits and scores, server vs in-process engine (other batch sizes: other padding)
-
-
-@pytest.fixture(scope="module")
-def model_out(tiny_models, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("http")
-    make_tasks(Backbone.load(tiny_models["bert"]), root / "tasks")
-    write_merged(plan_merge([root / "tasks"]), root / "out")
-    return root / "out"
-
-
-@pytest.fixture(scope="module")
-def engine(model_out) -> Engine:
-    return Engine.load(model_out)
 
 
 class Served:

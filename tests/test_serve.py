@@ -19,12 +19,9 @@ from types import SimpleNamespace
 import grpc
 import pytest
 from conftest import CORPUS, PAIRS, TEXTS
-from helpers import make_tasks
 
 from centra.cli import main
 from centra.client import Client, RemoteError
-from centra.core.backbone import Backbone
-from centra.core.merge import plan_merge, write_merged
 from centra.errors import CentraError
 from centra.runtime.engine import Engine, Row
 from centra.serve.batcher import Batcher
@@ -37,19 +34,6 @@ ROOT = Path(__file__).resolve().parent.parent
 TOLERANCE = 1e-5  # scores and values, client vs in-process engine (other batch sizes: other padding)
 CODE = grpc.StatusCode
 LONG_TEXT = " ".join(CORPUS[:6])  # over the tasks' max_length of 48 tokens: truncated
-
-
-@pytest.fixture(scope="module")
-def model_out(tiny_models, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("served")
-    make_tasks(Backbone.load(tiny_models["bert"]), root / "tasks")
-    write_merged(plan_merge([root / "tasks"]), root / "out")
-    return root / "out"
-
-
-@pytest.fixture(scope="module")
-def engine(model_out) -> Engine:
-    return Engine.load(model_out)  # batch size 32, as `centra predict`
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +19,6 @@ from helpers import make_tasks
 
 from centra.cli import main
 from centra.core.backbone import Backbone
-from centra.core.merge import plan_merge, write_merged
 from centra.errors import CentraError
 from centra.export import tritonserver
 from centra.export.triton_python import SUMMARY, PythonRepoOptions, export_triton_python
@@ -31,19 +29,6 @@ tritongrpc = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 TOLERANCE = 1e-5  # logits and scores, Triton vs the in-process engine (same runtime, other batch padding)
-
-
-@pytest.fixture(scope="module")
-def model_out(tiny_models, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("triton-python")
-    make_tasks(Backbone.load(tiny_models["bert"]), root / "tasks")
-    write_merged(plan_merge([root / "tasks"]), root / "out")
-    return root / "out"
-
-
-@pytest.fixture(scope="module")
-def engine(model_out) -> Engine:
-    return Engine.load(model_out)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
     from centra.serve.app import AppOptions, serve_model
-    from centra.serve.server import ServeOptions, host_port
+    from centra.serve.server import ServeOptions
+    from centra.serve.status import host_port
 
     options = ServeOptions(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                            max_queue=args.max_queue, max_inputs_per_call=args.max_inputs_per_call,

@@ -17,19 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+from centra.io import process_memory
+
 ONE_TASK_REPEATS = 3
 ENGINE_FILE = "engine.json"  # the separate models' graphs: their engine field
-
-
-def memory_mb() -> tuple[float, float]:
-    """(RSS, peak RSS) of this process in MB, from /proc/self/status."""
-    found = {}
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                found[key] = int(value.split()[0]) / 1024
-    return found.get("VmRSS", 0.0), found.get("VmHWM", 0.0)
 
 
 def separate_engines(model: Path, engine: str, graphs: Path | None) -> dict:
@@ -78,7 +69,7 @@ def main(argv: list[str]) -> int:
         for e in engines.values():
             e.predict(texts[:1])  # the merged engines warm up while loading; these do it here
     load_s = time.perf_counter() - start
-    rss_loaded, _ = memory_mb()
+    rss_loaded, _ = process_memory()
     first = next(iter(engines.values()))
     tasks = sorted({t for e in engines.values() for t in e.specs})
     for e in engines.values():
@@ -93,7 +84,7 @@ def main(argv: list[str]) -> int:
     for _ in range(ONE_TASK_REPEATS):
         owner.predict(texts, tasks=[one])
     one_tps = ONE_TASK_REPEATS * len(texts) / (time.perf_counter() - start)
-    rss, peak = memory_mb()
+    rss, peak = process_memory()
     print(json.dumps({"load_s": round(load_s, 2), "texts_per_s": round(all_tps, 2), "one_task_texts_per_s":
                       round(one_tps, 1), "rss_loaded_mb": round(rss_loaded), "rss_mb": round(rss),
                       "peak_rss_mb": round(peak), "tasks": len(tasks)}))

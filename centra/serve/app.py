@@ -18,7 +18,8 @@ from centra.errors import CentraError, FieldError, Name
 from centra.runtime.engine import Engine, Row
 from centra.serve.metrics import Metrics, metrics_interceptor
 from centra.serve.reload import DEFAULT_INTERVAL, ModelWatcher, in_fresh_thread
-from centra.serve.server import CentraServer, ServeOptions, host_port
+from centra.serve.server import CentraServer, ServeOptions
+from centra.serve.status import host_port
 
 log = logging.getLogger("centra.serve")
 

@@ -6,7 +6,8 @@ import asyncio
 import threading
 
 from centra.runtime.engine import Engine
-from centra.serve.server import CentraServer, ServeOptions, host_port
+from centra.serve.server import CentraServer, ServeOptions
+from centra.serve.status import host_port
 
 
 class BackgroundServer:

@@ -276,14 +276,10 @@ FLOOD_INPUTS = 2_000_000  # empty inputs: a 4,000,000-byte ClassifyRequest
 
 def rss_mb() -> float:
     """This process's resident memory now (Linux /proc), in MB; NaN where there is no /proc."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    from centra.io import process_memory
+
+    found = process_memory()
+    return found[0] if found else float("nan")
 
 
 def flood(running: BackgroundServer, calls: list[Call], senders: int, options: BenchOptions) -> dict:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from centra.errors import CentraError
+from centra.io import process_memory
 
 START_TIMEOUT = 300.0  # seconds for the server to load the model, and for the new task to answer
 
@@ -22,17 +23,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def process_mb(pid: int) -> tuple[float, float]:
-    """(RSS, peak RSS) of process `pid` in MB."""
-    found = {}
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                found[key] = int(value.split()[0]) / 1024
-    return found.get("VmRSS", 0.0), found.get("VmHWM", 0.0)
 
 
 def reset_peak(pid: int) -> None:
@@ -66,7 +56,7 @@ def measure_reload(out: Path, add_task: Callable[[], str], merge: list[str],
                     raise CentraError(f"bench-scale: centra serve --model {out} did not start") from None
                 time.sleep(0.5)
         stub.Classify(pb.ClassifyRequest(inputs=[pb.Input(text="warm")]), timeout=120)
-        before, _ = process_mb(server.pid)
+        before, _ = process_memory(server.pid)
         reset_peak(server.pid)  # the peak from here on: the reload's, not the start's
         name = add_task()
         progress(f"reload: merging +1 task ({name}) into {out} while centra serve (pid {server.pid}) serves it")
@@ -87,7 +77,7 @@ def measure_reload(out: Path, add_task: Callable[[], str], merge: list[str],
                 time.sleep(0.05)
         answered_s = time.perf_counter() - start
         time.sleep(2.5)  # the watcher trims the heap a tick after a reload
-        after, peak = process_mb(server.pid)
+        after, peak = process_memory(server.pid)
     finally:
         channel.close()
         server.terminate()

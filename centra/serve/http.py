@@ -25,7 +25,7 @@ import time
 
 from centra.errors import CentraError
 from centra.serve.convert import ServeError, response_to_pb, rows_from_pb, tasks_to_pb
-from centra.serve.server import host_port, one_line, status_of
+from centra.serve.status import host_port, one_line, status_of
 
 log = logging.getLogger("centra.serve")
 HTTP_STATUS = {"OK": 200, "INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "NOT_FOUND": 404,

@@ -251,7 +251,7 @@ def response_to_pb(request, engine: Engine, outputs: list[Output]):
 
 
 class InferenceServicer:
-    """inference.GRPCInferenceService over the batcher (the `mapped` status codes of server.py)."""
+    """inference.GRPCInferenceService over the batcher (the `mapped` status codes of status.py)."""
 
     def __init__(self, server, limits: Limits):
         self.server = server  # the CentraServer: its batcher (engine swapped on reload) and readiness
@@ -315,7 +315,7 @@ def add_inference(server, servicer: InferenceServicer, max_bytes: int) -> None:
     import grpc
 
     from centra.serve.inference import open_inference_grpc_pb2 as ip
-    from centra.serve.server import mapped
+    from centra.serve.status import mapped
 
     counts = {5: (MAX_TENSORS, "input tensors"), 7: (MAX_TENSORS, "raw input contents")}  # ModelInferRequest's
     handlers = {}

@@ -2,8 +2,8 @@
 graceful shutdown (health NOT_SERVING, `stop(grace)`, drain the batcher).
 
 Each servicer method converts the request (convert.py), awaits the batcher, converts back. One mapping
-(`status_of`) turns centra's errors into status codes; anything else is INTERNAL, logged here with its
-traceback and answered with one line that carries none.
+(`status_of` in status.py, shared by every door) turns centra's errors into status codes; anything else
+is INTERNAL, logged with its traceback and answered with one line that carries none.
 
 Extension points (used by other modules, not here): `CentraServer(interceptors=...)` takes any
 `grpc.aio.ServerInterceptor`s (metrics, auth), in the order given, around every service including health
@@ -15,19 +15,16 @@ and reflection; `credentials=` a `grpc.ServerCredentials` (TLS) for the listenin
 from __future__ import annotations
 
 import asyncio
-import functools
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from centra.errors import CentraError, FieldError, Name
 from centra.runtime.engine import Engine
 from centra.serve.batcher import Batcher
-from centra.serve.convert import Limits, ServeError, parser, response_to_pb, rows_from_pb, tasks_to_pb
+from centra.serve.convert import Limits, parser, response_to_pb, rows_from_pb, tasks_to_pb
+from centra.serve.status import host_port, mapped
 
-log = logging.getLogger("centra.serve")
 SERVICE = "centra.v1.Classifier"
-MAX_MESSAGE = 1000  # characters of an error message sent to a caller
 RECEIVE_FACTOR = 4  # gRPC's receive limit, in largest valid calls
 MAX_RECEIVE = 2**31 - 1  # gRPC's limits are C ints
 
@@ -77,40 +74,6 @@ class ServeOptions:
         refused INVALID_ARGUMENT on its length alone, unparsed, with our limit named; a larger one gets
         gRPC's own RESOURCE_EXHAUSTED ("Received message larger than max") before any of it is handed over."""
         return RECEIVE_FACTOR * self.limits.wire_bytes
-
-
-def status_of(exc: BaseException) -> tuple[str, str]:
-    """centra's errors -> (gRPC status code name, one-line message of at most MAX_MESSAGE characters, far
-    under gRPC's metadata limit). Anything else is a server fault."""
-    if isinstance(exc, ServeError):
-        return exc.code, one_line(str(exc))
-    if isinstance(exc, CentraError):
-        return "INVALID_ARGUMENT", one_line(str(exc))
-    return "INTERNAL", "internal error; the server log has the details"
-
-
-def one_line(message: str) -> str:
-    message = " ".join(message.split())
-    return message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE - 3] + "..."
-
-
-def mapped(method):
-    """Answer a servicer method's exceptions with the status code `status_of` gives."""
-
-    @functools.wraps(method)
-    async def guarded(self, request, context):
-        import grpc
-
-        try:
-            return await method(self, request, context)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as exc:
-            code, message = status_of(exc)
-            if code == "INTERNAL":
-                log.exception("%s failed", method.__name__)
-            await context.abort(getattr(grpc.StatusCode, code), message)
-    return guarded
 
 
 class ClassifierServicer:
@@ -241,8 +204,3 @@ class CentraServer:
     async def wait(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
-
-
-def host_port(host: str, port: int) -> str:
-    """host:port, with an IPv6 host in brackets."""
-    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from centra.core.merge import MODEL_KIND, plan_merge, write_merged
 from centra.errors import CentraError
-from centra.io import remove_artifact
+from centra.io import process_memory, remove_artifact
 from centra.serve.soak_calls import Tally
 from centra.serve.soak_check import References
 
@@ -77,13 +77,8 @@ class ServerProcess:
 
     def rss_mb(self) -> float | None:
         """Resident memory (VmRSS), MB; None once it has exited."""
-        try:
-            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        except (OSError, ValueError, IndexError):
-            return None
-        return None
+        found = process_memory(self.pid)
+        return found[0] if found else None
 
     def hup(self) -> None:
         os.kill(self.pid, signal.SIGHUP)

@@ -78,7 +78,7 @@ def answer(engine, limits, calls: list[tuple[dict, list[str]]]) -> list:
 
 def refusal(exc: BaseException) -> tuple[str, str]:
     """(gRPC code name, one-line message): `centra serve`'s answer to the same call."""
-    from centra.serve.server import status_of
+    from centra.serve.status import status_of
 
     code, message = status_of(exc)
     if code == "INTERNAL":  # a server fault: its traceback goes to Triton's log, not to the caller

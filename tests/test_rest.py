@@ -122,6 +122,12 @@ def test_openapi_document_is_served(served):
     # every reference resolves
     refs = {ref.rsplit("/", 1)[-1] for ref in json.dumps(doc).split('"$ref": "')[1:] for ref in [ref.split('"')[0]]}
     assert refs <= set(doc["components"]["schemas"])
+    # the REST schemas name every field of their centra.v1 messages (JSON names), so none drifts
+    schemas = doc["components"]["schemas"]
+    for message in (pb.ClassifyRequest, pb.Input, pb.ClassifyResponse, pb.InputResult, pb.TaskResult,
+                    pb.ListTasksResponse, pb.TaskInfo):
+        fields = {f.json_name for f in message.DESCRIPTOR.fields}
+        assert set(schemas[message.DESCRIPTOR.name]["properties"]) == fields, message.DESCRIPTOR.name
 
 
 def test_http_status_per_code_with_json_error(served, engine):

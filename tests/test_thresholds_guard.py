@@ -217,6 +217,55 @@ def test_max_labels_in_classify(limited_model):
         server.close()
 
 
+def test_max_labels_over_rest_and_the_open_inference_protocol(limited_model):
+    """REST's maxLabels and OIP's request parameter max_labels (HTTP and gRPC, with tritonclient) answer
+    as Engine.predict with the same limit; a bad max_labels is refused with one line naming it."""
+    import json
+
+    tritonhttp = pytest.importorskip("tritonclient.http")
+    tritongrpc = pytest.importorskip("tritonclient.grpc")
+    from test_rest import Served, classify_json, oip_inputs
+    from tritonclient.utils import InferenceServerException
+
+    from centra.runtime.engine import Engine
+    from centra.serve.server import CentraServer, ServeOptions
+
+    engine = Engine.load(limited_model[1], engine="torch")
+    running = Served(CentraServer(engine, ServeOptions(port=0, http_port=0, drain_s=0)))
+    clients = {"http": tritonhttp.InferenceServerClient(running.http_target),
+               "grpc": tritongrpc.InferenceServerClient(running.grpc_target)}
+    try:
+        for limit in (None, 1, 9):
+            want = [a["labels"] for a in engine.predict(TEXTS, tasks=["beta"], max_labels=limit)]
+            assert all(len(labels) == (1 if limit == 1 else LIMIT) for labels in want)
+            body = {**classify_json(TEXTS, ["beta"]), **({"maxLabels": limit} if limit else {})}
+            status, got = running.call("POST", "/v1/classify", body)
+            assert status == 200, got
+            assert [r["tasks"][0].get("labels", []) for r in got["results"]] == want, limit
+            for protocol, client in clients.items():
+                module = tritonhttp if protocol == "http" else tritongrpc
+                result = client.infer("centra", oip_inputs(module, TEXTS, tasks="beta"),
+                                      parameters={"max_labels": limit} if limit else None)
+                answers = [json.loads(row[0])["beta"]["labels"] for row in result.as_numpy("ANSWERS")]
+                assert answers == want, (protocol, limit)
+                # the logits are the task's, whatever the limit
+                assert np.allclose(result.as_numpy("LOGITS_beta"), engine.logits(TEXTS, None, ["beta"])["beta"].numpy(),
+                                   atol=1e-5)
+        for protocol, client in clients.items():
+            module = tritonhttp if protocol == "http" else tritongrpc
+            for bad in (-1, "two"):
+                with pytest.raises(InferenceServerException, match="max_labels"):
+                    client.infer("centra", oip_inputs(module, TEXTS[:1], tasks="beta"), parameters={"max_labels": bad})
+        status, got = running.call("POST", "/v1/classify", {**classify_json(TEXTS[:1], ["beta"]), "maxLabels": -1})
+        assert status == 400 and "max_labels" in got["error"]
+        status, got = running.call("POST", "/v2/models/centra/infer", {"parameters": [1], "inputs": []})
+        assert status == 400 and "parameters" in got["error"]
+    finally:
+        for client in clients.values():
+            client.close()
+        running.close()
+
+
 def test_the_demo_answers_at_most_3_emotions():
     """tasks/emotions (the demo's) caps its answers: no text gets more than 3 emotions."""
     import json

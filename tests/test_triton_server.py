@@ -32,6 +32,24 @@ TOLERANCE = 1e-5  # logits and scores, Triton vs the in-process engine (same run
 
 
 @pytest.fixture(scope="module")
+def model_out(tiny_models, tmp_path_factory):
+    """The standard tasks, merged (torch), with beta (multilabel) answering billing and app for every text
+    at least: thresholds 0 for those two, 0.5 for the others, so a limit of one label always bites."""
+    from dataclasses import replace
+
+    from centra.core.merge import plan_merge, write_merged
+    from centra.core.task import load_task, save_task
+
+    root = tmp_path_factory.mktemp("merged-triton")
+    bert = Backbone.load(tiny_models["bert"])
+    make_tasks(bert, root / "tasks")
+    spec, head = load_task(root / "tasks" / "beta", bert)
+    save_task(root / "tasks" / "beta", replace(spec, thresholds=[0.0, 0.5, 0.5, 0.0]), head)
+    write_merged(plan_merge([root / "tasks"]), root / "out")
+    return root / "out"
+
+
+@pytest.fixture(scope="module")
 def triton(model_out, tmp_path_factory):
     try:
         tritonserver.find_install()
@@ -120,6 +138,14 @@ def test_answers_equal_the_engine(triton, engine, protocol):
         check_answers(client.infer("centra", inputs(module, texts, tasks, pairs)), engine, texts, pairs, names)
     with pytest.raises(InferenceServerException, match="unknown task 'nope'"):
         client.infer("centra", inputs(module, TEXTS[:1], "nope"))
+    # the request parameter max_labels reaches the model (Triton passes it on) and limits ANSWERS
+    unlimited = [a["labels"] for a in engine.predict(TEXTS, tasks=["beta"])]
+    assert min(map(len, unlimited)) >= 2  # (the module's model) so that a limit of 1 bites on every row
+    result = client.infer("centra", inputs(module, TEXTS, "beta"), parameters={"max_labels": 1})
+    got = [json.loads(row[0])["beta"]["labels"] for row in result.as_numpy("ANSWERS")]
+    assert got == [a["labels"] for a in engine.predict(TEXTS, tasks=["beta"], max_labels=1)]
+    with pytest.raises(InferenceServerException, match="max_labels"):
+        client.infer("centra", inputs(module, TEXTS[:1], "beta"), parameters={"max_labels": -1})
     client.close()
 
 

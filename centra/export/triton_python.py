@@ -113,14 +113,14 @@ def check_staged(stage: Path, reference: Engine, options: PythonRepoOptions) -> 
                 "TEXT_PAIR": np.array([[(SAMPLE_PAIRS[i % len(SAMPLE_PAIRS)] if with_pairs else "").encode()]
                                        for i in range(rows)], dtype=object),
                 "TASKS": np.array([[tasks.encode()]] * rows, dtype=object)}
-    calls = [(call(singles, False), [])] if singles else []
-    calls += [(call(pairs, True), [])] if pairs else []
-    calls.append((call("no such task", False, 1), []))
+    calls = [(call(singles, False), [], {})] if singles else []
+    calls += [(call(pairs, True), [], {})] if pairs else []
+    calls.append((call("no such task", False, 1), [], {}))
     outcomes = module.answer(engine, limits, calls)
     if not isinstance(outcomes[-1], CentraError):
         raise CentraError("triton: the staged model answered a call naming an unknown task")
     worst = 0.0
-    for (arrays, _), outcome in zip(calls[:-1], outcomes[:-1]):
+    for (arrays, _, _), outcome in zip(calls[:-1], outcomes[:-1]):
         if isinstance(outcome, BaseException):
             raise CentraError(f"triton: the staged model failed on sample texts: {outcome}")
         tasks = arrays["TASKS"][0, 0].decode().split(",")

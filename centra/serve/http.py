@@ -232,7 +232,8 @@ class HttpDoor:
         oip.check_model(request.match_info["model"], request.match_info.get("version", ""), self.server.engine)
         body = await self.read_body(request)
         doc, tensors, requested, binary = parse_infer(body, request.headers.get(HEADER_LENGTH))
-        engine, outputs = await oip.infer(self.server.batcher, tensors, list(requested), self.limits)
+        engine, outputs = await oip.infer(self.server.batcher, tensors, list(requested), self.limits,
+                                          max_labels=oip.max_labels_of(doc.get("parameters")))
         return infer_response(doc, engine, outputs, requested, binary)
 
 
@@ -276,7 +277,9 @@ def parse_infer(body: bytes, header_length: str | None):
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list):
         raise ServeError("the body is not an inference request: no list of inputs")
     params = doc.get("parameters") or {}
-    binary_output = bool(params.get("binary_data_output", False)) if isinstance(params, dict) else False
+    if not isinstance(params, dict):
+        raise ServeError("the request's parameters are not an object")
+    binary_output = bool(params.get("binary_data_output", False))
     tensors, offset = [], 0
     for item in doc["inputs"]:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):

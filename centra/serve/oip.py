@@ -12,7 +12,9 @@ One model, named `centra`, with the tensors of the Triton python-backend reposit
   answers. Logits alone would leave every client to re-implement softmax, thresholds and label names;
   Triton's classification extension covers top-k classes only (no multilabel thresholds, no regression).
   A call that names no outputs gets all of its own; asking for the logits of a task it did not ask for
-  is refused.
+  is refused;
+- request parameter `max_labels` (an integer; 0 or absent: each task's own limit): at most this many labels
+  in each multilabel answer of ANSWERS, as Classify's max_labels (the logits are unchanged).
 
 The tensors become a centra.v1 ClassifyRequest and go through `rows_from_pb`: the same checks, limits and
 messages as a Classify call, and the same batcher (an OIP call and a centra.v1 call share batches).
@@ -40,6 +42,7 @@ ANSWERS = "ANSWERS"
 LOGITS = "LOGITS_"
 MAX_TENSORS = 16  # input tensors (and raw contents) in one call; three are known
 OIP_FACTOR = 2  # an OIP call may be this many times the largest valid centra.v1 call on the wire
+MAX_LABELS = "max_labels"  # the request parameter; other request parameters are not centra's and are ignored
 
 
 def output_name(task: str) -> str:
@@ -105,8 +108,20 @@ def strings(tensor: Tensor, limits: Limits) -> list[str]:
     return out
 
 
-def classify_request(tensors: list[Tensor], limits: Limits):
-    """OIP input tensors -> the centra.v1 ClassifyRequest they mean (checked as one by rows_from_pb)."""
+def max_labels_of(parameters) -> int:
+    """The request parameter max_labels (a mapping of parameter name -> plain value; 0 when absent)."""
+    value = parameters.get(MAX_LABELS) if parameters else None
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
+        raise ServeError(f"parameter {MAX_LABELS} must be an integer >= 0 (0: each task's own limit), "
+                         f"not {str(value)[:80]!r}")
+    return value
+
+
+def classify_request(tensors: list[Tensor], limits: Limits, max_labels: int = 0):
+    """OIP input tensors (and the max_labels parameter) -> the centra.v1 ClassifyRequest they mean
+    (checked as one by rows_from_pb)."""
     from centra.serve.v1 import centra_pb2 as pb
 
     if len(tensors) > MAX_TENSORS:
@@ -132,11 +147,12 @@ def classify_request(tensors: list[Tensor], limits: Limits):
         if any(value != given[0] for value in given[1:]):
             raise ServeError("TASKS differs between rows: one task set per request")
         tasks = [name.strip() for name in given[0].split(",") if name.strip()] if given else []
-    return pb.ClassifyRequest(inputs=[pb.Input(text=t, text_pair=p) for t, p in zip(texts, pairs)], tasks=tasks)
+    return pb.ClassifyRequest(inputs=[pb.Input(text=t, text_pair=p) for t, p in zip(texts, pairs)], tasks=tasks,
+                              max_labels=max_labels)
 
 
-def rows_of(tensors: list[Tensor], engine: Engine, limits: Limits) -> tuple[object, list[Row]]:
-    request = classify_request(tensors, limits)
+def rows_of(tensors: list[Tensor], engine: Engine, limits: Limits, max_labels: int = 0) -> tuple[object, list[Row]]:
+    request = classify_request(tensors, limits, max_labels)
     return request, rows_from_pb(request, engine, limits)
 
 
@@ -162,18 +178,23 @@ class Output:
         return [float(v) for v in self.array.reshape(-1)]
 
 
-def answers_json(row: Row, engine: Engine, result: RowResult) -> bytes:
+def answers_json(row: Row, engine: Engine, result: RowResult, max_labels: int = 0) -> bytes:
+    """The row's answers as `centra predict` gives them; max_labels (> 0) re-reads multilabel logits."""
     from centra.core.answers import interpret
 
     answers = {}
     for name in row.tasks:
-        answer = result.answers.get(name) or interpret(engine.specs[name], result.logits[name])
+        answer = result.answers.get(name)
+        if answer is None or max_labels and "labels" in answer:
+            answer = interpret(engine.specs[name], result.logits[name], max_labels or None)
         answers[name] = {**answer, "truncated": result.truncated.get(name, False)}
     return json.dumps(answers, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def outputs_of(rows: list[Row], engine: Engine, results: list[RowResult], requested: list[str]) -> list[Output]:
-    """The call's outputs (all of them when `requested` is empty): LOGITS_<task> of its tasks, ANSWERS."""
+def outputs_of(rows: list[Row], engine: Engine, results: list[RowResult], requested: list[str],
+               max_labels: int = 0) -> list[Output]:
+    """The call's outputs (all of them when `requested` is empty): LOGITS_<task> of its tasks, ANSWERS
+    (at most max_labels labels per multilabel answer, when > 0)."""
     tasks = rows[0].tasks
     known = {output_name(t): t for t in tasks}
     names = requested or [*known, ANSWERS]
@@ -188,7 +209,7 @@ def outputs_of(rows: list[Row], engine: Engine, results: list[RowResult], reques
         if name == ANSWERS:
             values = np.empty((len(rows), 1), dtype=object)
             for i, (row, result) in enumerate(zip(rows, results)):
-                values[i, 0] = answers_json(row, engine, result)
+                values[i, 0] = answers_json(row, engine, result, max_labels)
             out.append(Output(ANSWERS, "BYTES", values))
         else:
             task = known[name]
@@ -215,14 +236,14 @@ def metadata(engine: Engine) -> dict:
 
 
 async def infer(batcher, tensors: list[Tensor], requested: list[str], limits: Limits,
-                deadline: float | None = None) -> tuple[Engine, list[Output]]:
+                deadline: float | None = None, max_labels: int = 0) -> tuple[Engine, list[Output]]:
     """One OIP inference through the batcher: checked against the served engine, re-checked if a reload
     comes in between, outputs built by the engine that computed them."""
     engine = batcher.engine
-    request, rows = rows_of(tensors, engine, limits)
+    request, rows = rows_of(tensors, engine, limits, max_labels)
     done = await batcher.submit(rows, deadline, checked=engine,
                                 recheck=lambda other: rows_from_pb(request, other, limits))
-    return done.engine, outputs_of(done.rows, done.engine, done.results, requested)
+    return done.engine, outputs_of(done.rows, done.engine, done.results, requested, max_labels)
 
 
 # ------------------------------------------------------------------------------------------ gRPC
@@ -237,6 +258,15 @@ def tensors_from_pb(request) -> list[Tensor]:
     for i, item in enumerate(request.inputs):
         values = deserialize_bytes(raw[i], item.name) if raw else list(item.contents.bytes_contents)
         out.append(Tensor(item.name, item.datatype, tuple(item.shape), values))
+    return out
+
+
+def parameters_from_pb(parameters) -> dict:
+    """A map<string, InferParameter> as {name: plain value}."""
+    out = {}
+    for name, parameter in parameters.items():
+        which = parameter.WhichOneof("parameter_choice")
+        out[name] = getattr(parameter, which) if which else None
     return out
 
 
@@ -294,7 +324,8 @@ class InferenceServicer:
         remaining = context.time_remaining()
         deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
         engine, outputs = await infer(self.server.batcher, tensors_from_pb(request),
-                                      [o.name for o in request.outputs], self.limits, deadline)
+                                      [o.name for o in request.outputs], self.limits, deadline,
+                                      max_labels_of(parameters_from_pb(request.parameters)))
         return response_to_pb(request, engine, outputs)
 
 

@@ -41,7 +41,9 @@ SCHEMAS = {
         "id": {**STRING, "description": "echoed in the result"}}},
     "ClassifyRequest": {"type": "object", "required": ["inputs"], "properties": {
         "inputs": _array(_ref("Input")),
-        "tasks": {**_array(STRING), "description": "task names; empty: every task that fits the inputs"}}},
+        "tasks": {**_array(STRING), "description": "task names; empty: every task that fits the inputs"},
+        "maxLabels": {**INTEGER, "minimum": 0,
+                      "description": "at most this many labels per multilabel answer (0: each task's own limit)"}}},
     "TaskResult": {"type": "object", "properties": {
         "task": STRING, "label": {**STRING, "description": "multiclass"},
         "labels": {**_array(STRING), "description": "multilabel: labels at or over their threshold"},
@@ -62,7 +64,8 @@ SCHEMAS = {
         "name": STRING, "datatype": STRING, "shape": _array(INTEGER), "data": _array({}),
         "parameters": {"type": "object"}}},
     "InferRequest": {"type": "object", "required": ["inputs"], "properties": {
-        "id": STRING, "parameters": {"type": "object"},
+        "id": STRING, "parameters": {"type": "object", "properties": {"max_labels": {
+            **INTEGER, "minimum": 0, "description": "at most this many labels per multilabel answer in ANSWERS"}}},
         "inputs": {**_array(_ref("Tensor")), "description": "TEXT, TEXT_PAIR, TASKS: BYTES [rows, 1]"},
         "outputs": _array({"type": "object", "properties": {"name": STRING, "parameters": {"type": "object"}}})}},
     "InferResponse": {"type": "object", "properties": {

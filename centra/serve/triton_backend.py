@@ -40,40 +40,51 @@ def load(folder: Path, params: dict[str, str]):
     return engine, limits
 
 
-def answer(engine, limits, calls: list[tuple[dict, list[str]]]) -> list:
-    """Per call ({input name: numpy array of bytes}, requested output names; [] = all of its own): its
-    outputs (list of oip.Output) or the exception that refuses it. One engine run over every checked
-    call's rows; when it fails, each call runs alone."""
-    from centra.serve.oip import Tensor, outputs_of, rows_of
+def answer(engine, limits, calls: list[tuple[dict, list[str], dict]]) -> list:
+    """Per call ({input name: numpy array of bytes}, requested output names ([] = all of its own), its
+    request parameters (max_labels)): its outputs (list of oip.Output) or the exception that refuses it.
+    One engine run over every checked call's rows; when it fails, each call runs alone."""
+    from centra.serve.oip import Tensor, max_labels_of, outputs_of, rows_of
 
     out: list = [None] * len(calls)
-    checked = []  # (index, rows, requested)
-    for i, (arrays, requested) in enumerate(calls):
+    checked = []  # (index, rows, requested, max_labels)
+    for i, (arrays, requested, parameters) in enumerate(calls):
         try:
             tensors = [Tensor(name, "BYTES", tuple(array.shape), list(array.reshape(-1)))
                        for name, array in arrays.items()]
-            _request, rows = rows_of(tensors, engine, limits)
-            checked.append((i, rows, requested))
+            max_labels = max_labels_of(parameters)
+            _request, rows = rows_of(tensors, engine, limits, max_labels)
+            checked.append((i, rows, requested, max_labels))
         except Exception as exc:
             out[i] = exc
     if not checked:
         return out
     try:
-        results = engine.interpret_all(engine.run([row for _, rows, _ in checked for row in rows]))
+        results = engine.interpret_all(engine.run([row for _, rows, _, _ in checked for row in rows]))
     except Exception:
         results = None  # one error slot per request: find the bad one(s) by running each alone
     offset = 0
-    for i, rows, requested in checked:
+    for i, rows, requested, max_labels in checked:
         try:
             if results is not None:
                 mine = results[offset:offset + len(rows)]
             else:
                 mine = engine.interpret_all(engine.run(rows))
-            out[i] = outputs_of(rows, engine, mine, requested)
+            out[i] = outputs_of(rows, engine, mine, requested, max_labels)
         except Exception as exc:
             out[i] = exc
         offset += len(rows)
     return out
+
+
+def parameters_of(request) -> dict:
+    """A Triton request's parameters (a JSON object) as a dict; {} where the backend has none or they are
+    not an object (then max_labels cannot be asked for)."""
+    try:
+        parameters = json.loads(request.parameters())
+    except (AttributeError, TypeError, ValueError):
+        return {}
+    return parameters if isinstance(parameters, dict) else {}
 
 
 def refusal(exc: BaseException) -> tuple[str, str]:
@@ -109,7 +120,7 @@ class TritonPythonModel:
                     arrays[name] = tensor.as_numpy()
             requested = list(request.requested_output_names())
             # Triton asks for every output when the client named none: then the call's own outputs
-            calls.append((arrays, [] if self.outputs <= set(requested) else requested))
+            calls.append((arrays, [] if self.outputs <= set(requested) else requested, parameters_of(request)))
         responses = []
         for outcome in answer(self.engine, self.limits, calls):
             if isinstance(outcome, BaseException):

@@ -397,6 +397,50 @@ def test_busy_and_shutting_down_answer_429_and_503(engine):
         running.close()
 
 
+def test_oip_timeout_parameter_is_the_calls_deadline(engine):
+    """tritonclient's infer(timeout=microseconds), over HTTP and gRPC: a call queued past it is answered
+    DEADLINE_EXCEEDED (HTTP 504) at its deadline and never computed; a bad timeout is refused."""
+    gate, entered, ran = threading.Event(), threading.Event(), []
+
+    class Gated:
+        def __getattr__(self, name):
+            return getattr(engine, name)
+
+        def run(self, rows):
+            ran.append([r.text for r in rows])
+            entered.set()
+            assert gate.wait(20)
+            return engine.run(rows)
+
+    running = Served(CentraServer(Gated(), ServeOptions(port=0, http_port=0, drain_s=0)))
+    clients = {"http": tritonhttp.InferenceServerClient(running.http_target),
+               "grpc": tritongrpc.InferenceServerClient(running.grpc_target)}
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(running.call, "POST", "/v1/classify", classify_json(TEXTS[:1], ["alpha"]))
+            assert entered.wait(10)
+            for protocol, client in clients.items():
+                module = tritonhttp if protocol == "http" else tritongrpc
+                with pytest.raises(InferenceServerException, match="deadline") as late:
+                    client.infer("centra", oip_inputs(module, ["never computed"], tasks="alpha"), timeout=200_000)
+                assert protocol == "grpc" or late.value.status() == "504"
+            gate.set()
+            assert first.result(20)[0] == 200
+        assert not any("never computed" in texts for texts in ran)
+        for client in clients.values():  # a generous timeout answers; a bad one is refused
+            module = tritonhttp if client is clients["http"] else tritongrpc
+            assert client.infer("centra", oip_inputs(module, TEXTS[:1], tasks="alpha"), timeout=30_000_000)
+        status, got = running.call("POST", "/v2/models/centra/infer", {
+            "parameters": {"timeout": "soon"}, "inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1],
+                                                           "data": ["hi"]}]})
+        assert status == 400 and "timeout" in got["error"]
+    finally:
+        gate.set()
+        for client in clients.values():
+            client.close()
+        running.close()
+
+
 def test_serve_flags_for_http():
     from centra.cli import build_parser
     from centra.cli.serve import http_port

@@ -232,8 +232,10 @@ class HttpDoor:
         oip.check_model(request.match_info["model"], request.match_info.get("version", ""), self.server.engine)
         body = await self.read_body(request)
         doc, tensors, requested, binary = parse_infer(body, request.headers.get(HEADER_LENGTH))
-        engine, outputs = await oip.infer(self.server.batcher, tensors, list(requested), self.limits,
-                                          max_labels=oip.max_labels_of(doc.get("parameters")))
+        parameters = doc.get("parameters")
+        deadline = oip.deadline_of(parameters, asyncio.get_running_loop().time())
+        engine, outputs = await oip.infer(self.server.batcher, tensors, list(requested), self.limits, deadline,
+                                          max_labels=oip.max_labels_of(parameters))
         return infer_response(doc, engine, outputs, requested, binary)
 
 

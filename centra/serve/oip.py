@@ -15,6 +15,8 @@ One model, named `centra`, with the tensors of the Triton python-backend reposit
   is refused;
 - request parameter `max_labels` (an integer; 0 or absent: each task's own limit): at most this many labels
   in each multilabel answer of ANSWERS, as Classify's max_labels (the logits are unchanged).
+- request parameter `timeout` (microseconds, what tritonclient's `infer(timeout=)` sends): the call's
+  deadline (with gRPC's own deadline, whichever comes first); past it, DEADLINE_EXCEEDED, never computed.
 
 The tensors become a centra.v1 ClassifyRequest and go through `rows_from_pb`: the same checks, limits and
 messages as a Classify call, and the same batcher (an OIP call and a centra.v1 call share batches).
@@ -43,6 +45,7 @@ LOGITS = "LOGITS_"
 MAX_TENSORS = 16  # input tensors (and raw contents) in one call; three are known
 OIP_FACTOR = 2  # an OIP call may be this many times the largest valid centra.v1 call on the wire
 MAX_LABELS = "max_labels"  # the request parameter; other request parameters are not centra's and are ignored
+TIMEOUT = "timeout"  # the request parameter tritonclient's infer(timeout=) sends: microseconds
 
 
 def output_name(task: str) -> str:
@@ -117,6 +120,18 @@ def max_labels_of(parameters) -> int:
         raise ServeError(f"parameter {MAX_LABELS} must be an integer >= 0 (0: each task's own limit), "
                          f"not {str(value)[:80]!r}")
     return value
+
+
+def deadline_of(parameters, now: float, deadline: float | None = None) -> float | None:
+    """The call's deadline on the loop's clock: the request parameter timeout (microseconds, as
+    tritonclient sends it; 0 or absent: none) or the transport's `deadline`, whichever comes first."""
+    value = parameters.get(TIMEOUT) if parameters else None
+    if value is None or value == 0:
+        return deadline
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ServeError(f"parameter {TIMEOUT} must be an integer number of microseconds >= 0, not {str(value)[:80]!r}")
+    mine = now + value / 1e6
+    return mine if deadline is None else min(mine, deadline)
 
 
 def classify_request(tensors: list[Tensor], limits: Limits, max_labels: int = 0):
@@ -321,11 +336,13 @@ class InferenceServicer:
 
     async def ModelInfer(self, request, context):
         check_model(request.model_name, request.model_version, self.server.engine)
+        now = asyncio.get_running_loop().time()
         remaining = context.time_remaining()
-        deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
+        parameters = parameters_from_pb(request.parameters)
+        deadline = deadline_of(parameters, now, None if remaining is None else now + remaining)
         engine, outputs = await infer(self.server.batcher, tensors_from_pb(request),
                                       [o.name for o in request.outputs], self.limits, deadline,
-                                      max_labels_of(parameters_from_pb(request.parameters)))
+                                      max_labels_of(parameters))
         return response_to_pb(request, engine, outputs)
 
 

@@ -22,6 +22,7 @@ import re
 import secrets
 import shutil
 import signal
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -76,8 +77,34 @@ def write_json(path: Path, data: dict) -> None:
         raise
 
 
+HASH_MEMO_SIZE = 1 << 16  # files whose sha256 one process remembers (a merge of 300 tasks holds ~1,000)
+SETTLED_S = 2.0  # a file written this recently is hashed every time (a same-size rewrite within one tick
+#                  of the file system's clock would keep its mtime)
+_memo: dict[tuple[int, int, int, int], str] = {}
+
+
 def sha256_file(path: Path) -> str:
-    return sha256_files([path])
+    """sha256 of one file, as 'sha256:<hex>'. Remembered for this process by the file's identity and
+    content stamp (device, inode, size, mtime in ns): a write changes mtime, so a changed or replaced
+    file is hashed again, while a hard link of a file already hashed (what a merge publishes for an
+    unchanged task, then checks) is not read twice. A file written within SETTLED_S is not remembered.
+    (A write that sets mtime back on purpose is not seen within one process; the next process reads it.)"""
+    try:
+        before = os.stat(path)
+    except FileNotFoundError:
+        raise CentraError(f"{path}: file not found") from None
+    key = (before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns)
+    found = _memo.get(key)
+    if found is not None:
+        return found
+    digest = sha256_files([path])
+    after = os.stat(path)
+    settled = time.time_ns() - after.st_mtime_ns > SETTLED_S * 1e9
+    if settled and key == (after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns):
+        if len(_memo) >= HASH_MEMO_SIZE:
+            _memo.clear()
+        _memo[key] = digest
+    return digest
 
 
 def sha256_files(paths: list[Path]) -> str:

@@ -344,3 +344,28 @@ def test_remove_stays_inside_the_tasks_folder(world, capsys):
     (world / "recipe-only" / RECIPE_FILE).write_bytes(RECIPE)
     remove_task(world / "recipe-only")  # a recipe not trained yet is still a task to remove
     assert not (world / "recipe-only").exists()
+
+
+def test_file_hashes_are_remembered_by_identity_and_a_write_is_hashed_again(tmp_path, monkeypatch):
+    """sha256_file reads a settled file once per process, a hard link of it not at all (a merge's linked
+    files); a same-size rewrite is read again and gets its own hash; a fresh file is never remembered."""
+    reads = []
+    real = io.sha256_files
+    monkeypatch.setattr(io, "sha256_files", lambda paths: reads.append(list(paths)) or real(paths))
+    monkeypatch.setattr(io, "_memo", {})
+    old = tmp_path / "weights.bin"
+    old.write_bytes(b"a" * 4096)
+    settled = os.stat(old).st_mtime_ns - 60 * 10**9
+    os.utime(old, ns=(settled, settled))  # written a minute ago
+    first = io.sha256_file(old)
+    assert io.sha256_file(old) == first and len(reads) == 1
+    os.link(old, tmp_path / "linked.bin")
+    assert io.sha256_file(tmp_path / "linked.bin") == first and len(reads) == 1
+    old.write_bytes(b"b" * 4096)  # same size, new content: a write sets a new mtime
+    second = io.sha256_file(old)
+    assert second != first and second == io.sha256_bytes(b"b" * 4096) and len(reads) == 2
+    assert io.sha256_file(old) == second and len(reads) == 3  # written just now: not remembered
+    fresh = tmp_path / "fresh.bin"
+    fresh.write_bytes(b"c")
+    io.sha256_file(fresh), io.sha256_file(fresh)
+    assert len(reads) == 5

@@ -22,6 +22,7 @@ import re
 import secrets
 import shutil
 import signal
+import stat
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -80,27 +81,34 @@ def write_json(path: Path, data: dict) -> None:
 HASH_MEMO_SIZE = 1 << 16  # files whose sha256 one process remembers (a merge of 300 tasks holds ~1,000)
 SETTLED_S = 2.0  # a file written this recently is hashed every time (a same-size rewrite within one tick
 #                  of the file system's clock would keep its mtime)
-_memo: dict[tuple[int, int, int, int], str] = {}
+_memo: dict[tuple[int, ...], str] = {}
+
+
+def _stamp(st: os.stat_result) -> tuple[int, ...]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def sha256_file(path: Path) -> str:
     """sha256 of one file, as 'sha256:<hex>'. Remembered for this process by the file's identity and
-    content stamp (device, inode, size, mtime in ns): a write changes mtime, so a changed or replaced
-    file is hashed again, while a hard link of a file already hashed (what a merge publishes for an
-    unchanged task, then checks) is not read twice. A file written within SETTLED_S is not remembered.
-    (A write that sets mtime back on purpose is not seen within one process; the next process reads it.)"""
+    stamp (device, inode, size, mtime and ctime in ns): every write, chmod, link or utime changes ctime,
+    which no process can set back, so a changed or replaced file is hashed again; a file hashed once and
+    not touched since (a merge's hash of its staged version, then the check of what it published) is not
+    read twice. A file written within SETTLED_S of the hash is never remembered."""
     try:
         before = os.stat(path)
     except FileNotFoundError:
         raise CentraError(f"{path}: file not found") from None
-    key = (before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns)
+    key = _stamp(before)
     found = _memo.get(key)
     if found is not None:
         return found
+    start = time.time_ns()
     digest = sha256_files([path])
-    after = os.stat(path)
-    settled = time.time_ns() - after.st_mtime_ns > SETTLED_S * 1e9
-    if settled and key == (after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns):
+    try:
+        same = _stamp(os.stat(path)) == key
+    except OSError:  # gone while hashed: the digest of what was read, not remembered
+        return digest
+    if same and start - before.st_mtime_ns > SETTLED_S * 1e9:
         if len(_memo) >= HASH_MEMO_SIZE:
             _memo.clear()
         _memo[key] = digest
@@ -249,10 +257,10 @@ def finalize_tree(root: Path) -> None:
     for path in [root, *root.rglob("*")]:
         if path.is_symlink():
             continue
-        if path.is_dir():
-            os.chmod(path, 0o777 & ~mask)
-        else:
-            os.chmod(path, 0o666 & ~mask)
+        mode = 0o777 & ~mask if path.is_dir() else 0o666 & ~mask
+        if stat.S_IMODE(path.stat().st_mode) != mode:  # (a chmod that changes nothing still moves ctime)
+            os.chmod(path, mode)
+        if not path.is_dir():
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
     for path in [root, *(p for p in root.rglob("*") if p.is_dir() and not p.is_symlink())]:

@@ -347,8 +347,8 @@ def test_remove_stays_inside_the_tasks_folder(world, capsys):
 
 
 def test_file_hashes_are_remembered_by_identity_and_a_write_is_hashed_again(tmp_path, monkeypatch):
-    """sha256_file reads a settled file once per process, a hard link of it not at all (a merge's linked
-    files); a same-size rewrite is read again and gets its own hash; a fresh file is never remembered."""
+    """sha256_file reads a settled file once per process until anything touches it (a write, a link, a
+    write that sets mtime back: each moves ctime); a fresh file is never remembered."""
     reads = []
     real = io.sha256_files
     monkeypatch.setattr(io, "sha256_files", lambda paths: reads.append(list(paths)) or real(paths))
@@ -359,13 +359,12 @@ def test_file_hashes_are_remembered_by_identity_and_a_write_is_hashed_again(tmp_
     os.utime(old, ns=(settled, settled))  # written a minute ago
     first = io.sha256_file(old)
     assert io.sha256_file(old) == first and len(reads) == 1
-    os.link(old, tmp_path / "linked.bin")
-    assert io.sha256_file(tmp_path / "linked.bin") == first and len(reads) == 1
-    old.write_bytes(b"b" * 4096)  # same size, new content: a write sets a new mtime
+    os.link(old, tmp_path / "linked.bin")  # a link moves ctime: read once more, then remembered
+    assert io.sha256_file(tmp_path / "linked.bin") == first and io.sha256_file(old) == first and len(reads) == 2
+    with open(old, "r+b") as fh:  # same size, new content, mtime set back as it was
+        fh.write(b"b" * 4096)
+    os.utime(old, ns=(settled, settled))
     second = io.sha256_file(old)
-    assert second != first and second == io.sha256_bytes(b"b" * 4096) and len(reads) == 2
-    assert io.sha256_file(old) == second and len(reads) == 3  # written just now: not remembered
-    fresh = tmp_path / "fresh.bin"
-    fresh.write_bytes(b"c")
-    io.sha256_file(fresh), io.sha256_file(fresh)
-    assert len(reads) == 5
+    assert second == io.sha256_bytes(b"b" * 4096) and len(reads) == 3
+    old.write_bytes(b"c" * 4096)  # a plain write: new mtime, so not remembered
+    assert io.sha256_file(old) == io.sha256_file(old) == io.sha256_bytes(b"c" * 4096) and len(reads) == 5

@@ -235,17 +235,17 @@ def test_max_labels_over_rest_and_the_open_inference_protocol(limited_model):
     clients = {"http": tritonhttp.InferenceServerClient(running.http_target),
                "grpc": tritongrpc.InferenceServerClient(running.grpc_target)}
     try:
-        for limit in (None, 1, 9):
+        for limit in (None, 0, 1, 9):  # 0 and none: the task's own limit
             want = [a["labels"] for a in engine.predict(TEXTS, tasks=["beta"], max_labels=limit)]
             assert all(len(labels) == (1 if limit == 1 else LIMIT) for labels in want)
-            body = {**classify_json(TEXTS, ["beta"]), **({"maxLabels": limit} if limit else {})}
+            body = {**classify_json(TEXTS, ["beta"]), **({"maxLabels": limit} if limit is not None else {})}
             status, got = running.call("POST", "/v1/classify", body)
             assert status == 200, got
             assert [r["tasks"][0].get("labels", []) for r in got["results"]] == want, limit
             for protocol, client in clients.items():
                 module = tritonhttp if protocol == "http" else tritongrpc
                 result = client.infer("centra", oip_inputs(module, TEXTS, tasks="beta"),
-                                      parameters={"max_labels": limit} if limit else None)
+                                      parameters={"max_labels": limit} if limit is not None else None)
                 answers = [json.loads(row[0])["beta"]["labels"] for row in result.as_numpy("ANSWERS")]
                 assert answers == want, (protocol, limit)
                 # the logits are the task's, whatever the limit

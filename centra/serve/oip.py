@@ -126,10 +126,12 @@ def deadline_of(parameters, now: float, deadline: float | None = None) -> float 
     """The call's deadline on the loop's clock: the request parameter timeout (microseconds, as
     tritonclient sends it; 0 or absent: none) or the transport's `deadline`, whichever comes first."""
     value = parameters.get(TIMEOUT) if parameters else None
-    if value is None or value == 0:
+    if value is None:
         return deadline
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ServeError(f"parameter {TIMEOUT} must be an integer number of microseconds >= 0, not {str(value)[:80]!r}")
+    if value == 0:
+        return deadline
     mine = now + value / 1e6
     return mine if deadline is None else min(mine, deadline)
 

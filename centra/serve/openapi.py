@@ -65,7 +65,9 @@ SCHEMAS = {
         "parameters": {"type": "object"}}},
     "InferRequest": {"type": "object", "required": ["inputs"], "properties": {
         "id": STRING, "parameters": {"type": "object", "properties": {"max_labels": {
-            **INTEGER, "minimum": 0, "description": "at most this many labels per multilabel answer in ANSWERS"}}},
+            **INTEGER, "minimum": 0, "description": "at most this many labels per multilabel answer in ANSWERS"},
+            "timeout": {**INTEGER, "minimum": 0, "description": "microseconds: the call's deadline (0: none)"},
+            "binary_data_output": {**BOOLEAN, "description": "outputs as binary tensors after the JSON"}}},
         "inputs": {**_array(_ref("Tensor")), "description": "TEXT, TEXT_PAIR, TASKS: BYTES [rows, 1]"},
         "outputs": _array({"type": "object", "properties": {"name": STRING, "parameters": {"type": "object"}}})}},
     "InferResponse": {"type": "object", "properties": {

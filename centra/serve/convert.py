@@ -200,11 +200,19 @@ def select_tasks(engine: Engine, names: list[str], every_input_has_pair: bool) -
     return chosen
 
 
+def answer_of(engine: Engine, result: RowResult, name: str, max_labels: int = 0) -> dict:
+    """Task `name`'s answer in `result`; a call's max_labels (> 0) re-reads a multilabel task's logits
+    (the answers computed with the batch hold the task's own limit only)."""
+    answer = result.answers.get(name)
+    if answer is None or max_labels and "labels" in answer:
+        answer = interpret(engine.specs[name], result.logits[name], max_labels or None)
+    return answer
+
+
 def response_to_pb(request, rows: list[Row], engine: Engine, results: list[RowResult]):
     """One InputResult per input (ids echoed), one TaskResult per task of its row, in the row's order.
-    `engine` must be the one that computed the results (its labels, version and content id describe them).
-    A call's max_labels re-reads a multilabel task's logits (the answers computed with the batch hold the
-    task's own limit only)."""
+    `engine` must be the one that computed the results (its labels, version and content id describe them);
+    the call's max_labels applies (answer_of)."""
     from centra.serve.v1 import centra_pb2 as pb
 
     response = pb.ClassifyResponse(model_version=engine.version, model_id=engine.content_id)
@@ -212,9 +220,7 @@ def response_to_pb(request, rows: list[Row], engine: Engine, results: list[RowRe
     for item, row, result in zip(request.inputs, rows, results, strict=True):
         entry = response.results.add(id=item.id)
         for name in row.tasks:
-            answer = result.answers.get(name)
-            if answer is None or max_labels and "labels" in answer:
-                answer = interpret(engine.specs[name], result.logits[name], max_labels)
+            answer = answer_of(engine, result, name, max_labels)
             task = entry.tasks.add(task=name, truncated=result.truncated.get(name, False),
                                    scores=list(answer["scores"].values()))  # dict in the task's label order
             if "label" in answer:

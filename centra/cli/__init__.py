@@ -70,7 +70,8 @@ def flags_named(command: str = "") -> Iterator[None]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from centra.cli import bench, bench_scale, bench_server, demo, models, plan, results, serve, soak, tasks, triton
+    from centra.cli import (backbones, bench, bench_scale, bench_server, demo, languages, models, plan, results,
+                            serve, soak, tasks, triton)
 
     common = Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -87,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parsers(sub, common)
     bench_scale.add_parsers(sub, common)
     triton.add_parsers(sub, common)
+    backbones.add_parsers(sub, common)
+    languages.add_parser(sub, common)
     return parser
 
 

@@ -194,9 +194,15 @@ def default_backbone_path() -> Path:
 
 
 def resolve_backbone(spec: str | os.PathLike | None) -> tuple[str, Path]:
-    """'default' / the default id / None -> the packaged MiniLM; anything else is a folder path."""
+    """'default' / the default id / None -> the packaged MiniLM; a known name (`centra backbone list`) ->
+    its installed folder; anything else is a folder path."""
     if spec is None or str(spec) in ("default", DEFAULT_BACKBONE_ID):
         return DEFAULT_BACKBONE_ID, default_backbone_path()
+    from centra.core.catalog import resolve_named
+
+    named = resolve_named(str(spec))
+    if named is not None:
+        return str(spec), named
     path = Path(spec).expanduser().resolve()
     if not path.is_dir():
         raise CentraError(f"backbone {str(spec)!r}: no such folder (give a model folder or 'default')")

@@ -80,6 +80,7 @@ class Run:
     budget: CacheBudget
     soft: np.ndarray | None = None  # an external teacher's logits table (None: the search's teacher fills it)
     times: dict[str, float] = field(default_factory=dict)
+    reference_model: object | None = None  # the full fine-tuning's model, for a caller to score on more data
 
     @property
     def job(self) -> TaskJob:

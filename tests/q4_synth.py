@@ -13,7 +13,7 @@ import numpy as np
 
 from centra.core.q4file import BLOCK_BYTES, QK
 
-HIDDEN, LAYERS, HEADS, FF, POSITIONS = 64, 3, 2, 128, 64
+HIDDEN, LAYERS, HEADS, FF, POSITIONS = 64, 4, 2, 128, 64
 NORM = {0x09: (0x20,), 0x01: (), 0xFF21: (0x41,), 0x2581: (0x20,)}  # tab, a control, fullwidth A, the metaspace
 
 

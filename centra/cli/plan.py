@@ -111,7 +111,8 @@ def add_parsers(sub, common) -> None:
                    help="milliseconds per request, at the cost of one layer measured on this machine")
     p.add_argument("--length", type=positive_int, help=f"tokens per request for --budget-ms [{DEFAULT_LENGTH}, "
                    "or the tasks' max_length when shorter]")
-    p.add_argument("--backbone", help="backbone folder or 'default' (default: the one the tasks name)")
+    p.add_argument("--backbone", help="backbone folder, 'default' or a name of `centra backbone list` "
+                   "(default: the one the tasks name)")
     p.add_argument("--plot", default=DEFAULT_PLOT, help=f"PNG of the frontier [{DEFAULT_PLOT}]")
     p.add_argument("--no-plot", action="store_true", help="no plot")
     p.add_argument("--dry-run", action="store_true", help="show the plan, activate nothing")

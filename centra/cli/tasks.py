@@ -163,7 +163,7 @@ def add_parsers(sub, common) -> None:
                    f"{DEFAULT_TASKS_DIR})")
     p.add_argument("--name", help="the task: trains from TASKS_DIR/NAME/recipe.json unless data flags are given")
     p.add_argument("--kind", choices=KINDS)
-    p.add_argument("--backbone", help="backbone folder or 'default'")
+    p.add_argument("--backbone", help="backbone folder, 'default' or a name of `centra backbone list`")
     p.add_argument("--data", help="folder that recipe data paths are relative to (default: $CENTRA_DATA or "
                    "../shared/data)")
     p.add_argument("--remove", metavar="NAME", help="remove task NAME from --tasks-dir")

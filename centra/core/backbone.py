@@ -194,16 +194,18 @@ def default_backbone_path() -> Path:
 
 
 def resolve_backbone(spec: str | os.PathLike | None) -> tuple[str, Path]:
-    """'default' / the default id / None -> the packaged MiniLM; a known name (`centra backbone list`) ->
-    its installed folder; anything else is a folder path."""
+    """'default' / the default id / None -> the packaged MiniLM; a folder that exists -> that folder; a
+    known name (`centra backbone list`) -> its installed folder."""
     if spec is None or str(spec) in ("default", DEFAULT_BACKBONE_ID):
         return DEFAULT_BACKBONE_ID, default_backbone_path()
+    path = Path(spec).expanduser().resolve()
+    if path.is_dir():  # a folder of that name here (a Hub clone, say) is what the user means
+        return path.name, path
     from centra.core.catalog import resolve_named
 
     named = resolve_named(str(spec))
     if named is not None:
         return str(spec), named
-    path = Path(spec).expanduser().resolve()
     if not path.is_dir():
         raise CentraError(f"backbone {str(spec)!r}: no such folder (give a model folder or 'default')")
     return path.name, path

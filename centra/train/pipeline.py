@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from centra.core import KINDS
 from centra.core.backbone import Backbone, EncoderConfig
@@ -94,12 +96,15 @@ def load_data(job: TaskJob) -> tuple[Examples, Examples, list[str], np.ndarray |
     return train, dev, labels, soft
 
 
-def train_task(job: TaskJob, backbone: Backbone, tasks_dir: Path) -> tuple[TrainingReport, TaskHead]:
+def train_task(job: TaskJob, backbone: Backbone, tasks_dir: Path,
+               score_reference: Callable[[nn.Module], None] | None = None) -> tuple[TrainingReport, TaskHead]:
     """Run the whole pipeline for one task and publish tasks_dir/NAME; return the training report (what
-    report.json holds) and the chosen student, with the spec it was published with."""
+    report.json holds) and the chosen student, with the spec it was published with. `score_reference`
+    is given the full fine-tuning's model (job.reference), which is never published, before it is dropped."""
     checked = validate_job(job, backbone.cfg)
     check_destination(tasks_dir, job.name)
     run = open_run(checked, backbone)
+    run.score_reference = score_reference
     try:
         trained = train_run(run)
     finally:
@@ -169,7 +174,8 @@ def run_reference(run: Run) -> Reference:
     sources = [TokenSource(cache.enc, cache.pad_id) for cache in run.caches]
     model, log = train_reference(run.backbone, run.new_head(0, n), sources[0], run.train.targets, sources[1],
                                  run.dev.targets, run.checked.tc, job.reference_epochs)
-    run.reference_model = model if run.keep_reference else None
+    if run.score_reference is not None:
+        run.score_reference(model)
     run.times["reference"] = time.perf_counter() - clock
     thresholds = threshold_report(log["dev"], run.dev.targets, run.checked.tc.tuning) \
         if job.kind == "multilabel" else None

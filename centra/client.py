@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from centra.core.answers import Answer, ClassAnswer, LabelsAnswer, ValueAnswer
 from centra.errors import CentraError
 
 
@@ -133,16 +134,7 @@ class Client:
                               "model's task list; retry")
         answer = {"text": text, "pair": pair} if pair is not None and info["input"] == "pair" else {"text": text}
         answer["task"] = task.task
-        # Scores travel as float32; the server rounded them to 6 decimals, so rounding again gives its numbers.
-        scores = {label: round(score, 6) for label, score in zip(info["labels"], task.scores)}
-        if task.HasField("label"):
-            answer["label"] = task.label
-        elif task.HasField("value"):
-            answer["value"] = task.value
-            scores = {info["labels"][0]: task.value}  # exact: the value travels as a double
-        else:
-            answer["labels"] = list(task.labels)
-        answer["scores"] = scores
+        answer.update(answer_from_v1(info["labels"], task).to_dict())
         answer["truncated"] = task.truncated
         return answer
 
@@ -165,3 +157,14 @@ class Client:
             else:
                 message = f"{self.target}: {code.name}: {details}"
             raise RemoteError(message, code.name) from None
+
+
+def answer_from_v1(labels: list[str], task) -> Answer:
+    """A centra.v1 TaskResult as the typed answer it carries (`labels`: the task's, from ListTasks)."""
+    # Scores travel as float32; the server rounded them to 6 decimals, so rounding again gives its numbers.
+    scores = {label: round(score, 6) for label, score in zip(labels, task.scores)}
+    if task.HasField("label"):
+        return ClassAnswer(scores, task.label)
+    if task.HasField("value"):
+        return ValueAnswer({labels[0]: task.value}, task.value)  # exact: the value travels as a double
+    return LabelsAnswer(scores, list(task.labels))

@@ -150,11 +150,11 @@ def spec(kind: str, labels: list[str], thresholds=None) -> TaskSpec:
 
 def test_interpret_each_kind():
     out = interpret(spec("multiclass", ["a", "b", "c"]), torch.tensor([0.0, 2.0, 1.0]))
-    assert out["label"] == "b" and out["scores"]["b"] == pytest.approx(0.665241, abs=1e-6)
+    assert out.label == "b" and out.scores["b"] == pytest.approx(0.665241, abs=1e-6)
     out = interpret(spec("multilabel", ["a", "b", "c"], [0.5, 0.9, 0.1]), torch.tensor([0.0, 2.0, -2.0]))
-    assert out["labels"] == ["a", "c"], "thresholds per label: 0.5>=0.5, 0.88<0.9, 0.12>=0.1"
+    assert out.labels == ["a", "c"], "thresholds per label: 0.5>=0.5, 0.88<0.9, 0.12>=0.1"
     out = interpret(spec("regression", ["similarity"]), torch.tensor([3.25]))
-    assert out == {"value": 3.25, "scores": {"similarity": 3.25}}
+    assert out.to_dict() == {"value": 3.25, "scores": {"similarity": 3.25}}
 
 
 def test_evaluate_matches_engine_predictions(merged, tmp_path, capsys):

@@ -19,17 +19,19 @@ import pytest
 from helpers import make_task, make_tasks
 from test_serve import Gated, Running, request, wait_until
 
+import centra.serve.doors.v1 as v1_door
 import centra.serve.server as server_module
 from centra.client import Client, RemoteError
 from centra.core.backbone import Backbone
 from centra.core.merge import plan_merge, write_merged
 from centra.runtime.engine import Engine, Row
 from centra.serve.batcher import Batcher
-from centra.serve.convert import Limits, Unparsed, parser
-from centra.serve.security import token_interceptor
+from centra.serve.call import Limits
+from centra.serve.guard import Guard
 from centra.serve.server import CentraServer, ServeOptions
 from centra.serve.v1 import centra_pb2 as pb
 from centra.serve.v1 import centra_pb2_grpc
+from centra.serve.wire import Unparsed, parser
 
 ROOT = Path(__file__).resolve().parent.parent
 CODE = grpc.StatusCode
@@ -129,11 +131,11 @@ def test_a_caller_without_the_token_is_refused_before_its_message_is_parsed(engi
         parse = parser(message_type, *limits)
         return lambda data: parsed.append(len(data)) or parse(data)
 
-    monkeypatch.setattr(server_module, "parser", counting)
+    monkeypatch.setattr(v1_door, "parser", counting)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    server = CentraServer(engine, ServeOptions(port=0), interceptors=[token_interceptor("s3cret")])
+    server = CentraServer(engine, ServeOptions(port=0), guard=Guard(token="s3cret"))
     port = asyncio.run_coroutine_threadsafe(server.start(), loop).result(20)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

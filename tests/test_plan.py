@@ -289,7 +289,7 @@ def test_add_task_keeps_candidates_plan_activates_predict_serves(bert_path, tmp_
         model = StandaloneModel(bb.embeddings, list(bb.layers), head).eval()
         enc = encode(tok, bb.cfg.type_vocab_size, [TEXTS[0]], None, spec.max_length)
         with torch.no_grad():
-            return interpret(spec, model(*enc.batch([0], tok.pad_token_id))[0])
+            return interpret(spec, model(*enc.batch([0], tok.pad_token_id))[0]).to_dict()
 
     expected = answer_of("student-l1")
     assert answer["label"] == expected["label"]

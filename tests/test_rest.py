@@ -387,7 +387,7 @@ def test_busy_and_shutting_down_answer_429_and_503(engine):
             assert status == 429 and got["code"] == "RESOURCE_EXHAUSTED" and "busy" in got["error"]
             gate.set()
             assert first.result(20)[0] == 200 and queued.result(20)[0] == 200
-        running.server.ready = False  # draining: OIP readiness says so
+        running.server.classifier.ready = False  # draining: OIP readiness says so
         assert running.call("GET", "/v2/health/ready")[0] == 503
         running.do(running.server.batcher.close(1))
         status, got = running.call("POST", "/v1/classify", classify_json(TEXTS[:1], ["alpha"]))

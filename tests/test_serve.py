@@ -25,7 +25,8 @@ from centra.client import Client, RemoteError
 from centra.errors import CentraError
 from centra.runtime.engine import Engine, Row
 from centra.serve.batcher import Batcher
-from centra.serve.convert import Limits, ServeError, rows_from_pb
+from centra.serve.call import Limits, ServeError
+from centra.serve.doors.v1 import call_of
 from centra.serve.server import CentraServer, ServeOptions
 from centra.serve.v1 import centra_pb2 as pb
 from centra.serve.v1 import centra_pb2_grpc
@@ -226,9 +227,9 @@ def test_bytes_that_are_not_utf8_are_invalid_argument(running):
     with pytest.raises(grpc.RpcError) as err:
         raw(b"\n\x04\n\x02\xff\xfe", timeout=10)  # inputs[0].text = b"\xff\xfe"
     assert err.value.code() == CODE.INVALID_ARGUMENT and "UTF-8" in err.value.details()
-    surrogate = SimpleNamespace(inputs=[SimpleNamespace(text="ok \ud800", text_pair="", id="")], tasks=[])
+    surrogate = SimpleNamespace(inputs=[SimpleNamespace(text="ok \ud800", text_pair="", id="")], tasks=[], max_labels=0)
     with pytest.raises(ServeError, match="input 0: text is not valid UTF-8") as refused:
-        rows_from_pb(surrogate, running.server.engine, Limits())
+        call_of(surrogate, Limits()).rows(running.server.engine, Limits())
     assert refused.value.code == "INVALID_ARGUMENT"
     with pytest.raises(CentraError, match="input 0"):
         Client(running.target).classify(["\ud800"])

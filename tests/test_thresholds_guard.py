@@ -124,9 +124,9 @@ def test_decide_equals_interpret_and_label_mask(bert_spec):
         assert limit is None or mask.sum(1).max() <= limit
         assert (label_mask(spec, torch.from_numpy(logits)).numpy() == mask).all()
         for row, want in zip(logits, mask):
-            got = interpret(spec, torch.from_numpy(row))["labels"]
+            got = interpret(spec, torch.from_numpy(row)).labels
             assert got == [lab for lab, on in zip(spec.labels, want) if on]
-            kept = interpret(spec, torch.from_numpy(row), max_labels=1)["labels"]
+            kept = interpret(spec, torch.from_numpy(row), max_labels=1).labels
             assert len(kept) <= 1 and set(kept) <= set(got)
 
 

@@ -43,6 +43,7 @@ from centra.core.backbone import load_tokenizer
 from centra.core.manifest import Manifest
 from centra.core.merge import load_merged, model_folder
 from centra.core.overhead import TokenGroup, token_groups
+from centra.core.protocol import MODEL, TEXT, TEXT_PAIR, logits_name
 from centra.core.task import TaskSpec
 from centra.core.tokens import encode
 from centra.errors import CentraError, FieldError, Name
@@ -57,7 +58,7 @@ TENSORRT = "tensorrt"
 ENGINES = (ENGINE_NAME, TENSORRT)
 ENGINE_PRECISIONS = {ENGINE_NAME: PRECISIONS, TENSORRT: ("fp32", "fp16")}
 TRT_WORKSPACE_BYTES = 4 << 30
-ENSEMBLE = "centra"
+ENSEMBLE = MODEL
 TOKENIZER_MODEL = "centra_tokenizer"
 GRAPH_MODEL = "centra_graph"
 SUMMARY = "centra-triton.json"
@@ -67,10 +68,6 @@ TOLERANCE = FP32_TOLERANCE  # max |triton graph - centra engine| of any logit, s
 MODEL_SOURCE = Path(__file__).with_name("triton_model.py")
 ID_TENSORS = ("input_ids", "attention_mask", "token_type_ids")
 EXTERNAL_DATA_ABOVE = 1_800_000_000  # bytes: protobuf's 2 GB limit; weights go to model.onnx.data
-
-
-def output_name(task: str) -> str:
-    return f"LOGITS_{task}"
 
 
 @dataclass(frozen=True)
@@ -162,7 +159,7 @@ def compose_group(paths: dict[str, Path], specs: dict[str, TaskSpec], group: Tok
         else:
             out = onnx.ValueInfoProto()
             out.CopyFrom(result)
-            out.name = output_name(graph["task"])
+            out.name = logits_name(graph["task"])
             nodes.append(helper.make_node("Identity", [result.name], [out.name], name=f"wire/{out.name}"))
             outputs.append(out)
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"]) for n in ID_TENSORS]
@@ -195,7 +192,7 @@ def _tensors(items: list[str]) -> str:
 
 
 def text_inputs(pair: bool) -> list[str]:
-    return [_tensor("TEXT", "TYPE_STRING", [1])] + ([_tensor("TEXT_PAIR", "TYPE_STRING", [1])] if pair else [])
+    return [_tensor(TEXT, "TYPE_STRING", [1])] + ([_tensor(TEXT_PAIR, "TYPE_STRING", [1])] if pair else [])
 
 
 def tokenizer_config(group: GroupModels, max_batch: int, params: dict) -> str:
@@ -210,7 +207,7 @@ def tokenizer_config(group: GroupModels, max_batch: int, params: dict) -> str:
 def graph_config(group: GroupModels, max_batch: int, specs: dict[str, TaskSpec], precision: str,
                  engine: str = ENGINE_NAME) -> str:
     ids = [_tensor(n, "TYPE_INT64", [-1]) for n in ID_TENSORS]
-    outs = [_tensor(output_name(t), "TYPE_FP32", [specs[t].num_outputs]) for t in group.tokens.tasks]
+    outs = [_tensor(logits_name(t), "TYPE_FP32", [specs[t].num_outputs]) for t in group.tokens.tasks]
     # dynamically quantized int8 graphs are CPU graphs; fp32 runs where Triton places it (a GPU if any)
     instances = "instance_group [ { kind: KIND_CPU } ]\n" if precision == "int8" else ""
     if engine == TENSORRT:  # ONNX Runtime's TensorRT execution provider, on the server's GPU
@@ -236,15 +233,15 @@ def graph_config(group: GroupModels, max_batch: int, specs: dict[str, TaskSpec],
 
 def ensemble_config(groups: list[GroupModels], max_batch: int, specs: dict[str, TaskSpec]) -> str:
     pair = any(g.tokens.input == "pair" for g in groups)
-    outs = [_tensor(output_name(t), "TYPE_FP32", [specs[t].num_outputs]) for g in groups for t in g.tokens.tasks]
+    outs = [_tensor(logits_name(t), "TYPE_FP32", [specs[t].num_outputs]) for g in groups for t in g.tokens.tasks]
     steps = []
     for g in groups:
-        texts = ["TEXT", "TEXT_PAIR"] if g.tokens.input == "pair" else ["TEXT"]
+        texts = [TEXT, TEXT_PAIR] if g.tokens.input == "pair" else [TEXT]
         feed = "".join(f' input_map {{ key: "{n}" value: "{n}" }}' for n in texts)
         ids = "".join(f' output_map {{ key: "{n}" value: "{g.tokens.label}_{n}" }}' for n in ID_TENSORS)
         steps.append(f'  {{ model_name: "{g.tokenizer}" model_version: -1{feed}{ids} }}')
         ids = "".join(f' input_map {{ key: "{n}" value: "{g.tokens.label}_{n}" }}' for n in ID_TENSORS)
-        logits = "".join(f' output_map {{ key: "{output_name(t)}" value: "{output_name(t)}" }}' for t in g.tokens.tasks)
+        logits = "".join(f' output_map {{ key: "{logits_name(t)}" value: "{logits_name(t)}" }}' for t in g.tokens.tasks)
         steps.append(f'  {{ model_name: "{g.graph}" model_version: -1{ids}{logits} }}')
     return (f'name: "{ENSEMBLE}"\nplatform: "ensemble"\nmax_batch_size: {max_batch}\n'
             f"input {_tensors(text_inputs(pair))}\noutput {_tensors(outs)}\n"
@@ -275,7 +272,7 @@ def group_parity(stage: Path, group: GroupModels, params: dict, reference: Engin
     pairs = pairs if tokens.input == "pair" else None
     expected_ids = encode(reference.tokenizer, reference.model.cfg.type_vocab_size, texts, pairs, tokens.max_length)
     session = open_session(stage / group.graph / "1" / "model.onnx")
-    names = [output_name(t) for t in tokens.tasks]
+    names = [logits_name(t) for t in tokens.tasks]
     worst = 0.0
     for rows in [list(range(len(texts))), [len(texts) - 1], [3]]:
         chosen = None if pairs is None else [pairs[i] for i in rows]
@@ -317,7 +314,7 @@ def write_readme(path: Path, groups: list[GroupModels], specs: dict[str, TaskSpe
                   f"input_ids, attention_mask, token_type_ids (int64), truncated at {tokens.max_length} tokens, padded "
                   "to the longest text of what it tokenizes at once (a dynamic batch).",
                   f"- `{g.graph}` (onnxruntime_onnx, {summary['precision']}): the ids -> " + ", ".join(
-                      f"`{output_name(t)}` ({specs[t].kind}, {specs[t].num_outputs})" for t in tokens.tasks)
+                      f"`{logits_name(t)}` ({specs[t].kind}, {specs[t].num_outputs})" for t in tokens.tasks)
                   + f"; the trunk once, {tokens.depth} layers deep, then each task's branch."]
     if summary["precision"] == "int8":
         lines += ["", "int8 graphs are dynamically quantized CPU graphs (instance_group KIND_CPU): activation "
@@ -420,7 +417,7 @@ def describe(g: GroupModels, specs: dict[str, TaskSpec]) -> dict:
     tokens = g.tokens
     return {"input": tokens.input, "max_length": tokens.max_length, "trunk_depth": tokens.depth,
             "tokenizer_model": g.tokenizer, "graph_model": g.graph,
-            "tasks": {t: {"output": output_name(t), "kind": specs[t].kind, "labels": specs[t].labels,
+            "tasks": {t: {"output": logits_name(t), "kind": specs[t].kind, "labels": specs[t].labels,
                           "thresholds": specs[t].thresholds} for t in tokens.tasks}}
 
 

@@ -3,8 +3,8 @@
 
     <repo>/centra/config.pbtxt      backend "python", max_batch_size, dynamic batching (queue delay),
                                     instance_group count, inputs TEXT, TEXT_PAIR, TASKS, outputs
-                                    LOGITS_<task> and ANSWERS (serve/oip.py), the engine's settings
-    <repo>/centra/1/model.py        centra/serve/triton_backend.py
+                                    LOGITS_<task> and ANSWERS (core/protocol.py), the engine's settings
+    <repo>/centra/1/model.py        one import: centra.serve.doors.triton's TritonPythonModel
     <repo>/centra/1/model/          the version's files, copied and hashed (the engine checks them again)
     <repo>/centra-triton.json       what was exported: version, engine, tasks, options, every file's hash
     <repo>/README.md
@@ -17,10 +17,7 @@ equal the source engine's within the engine's tolerance and a bad call must fail
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import secrets
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,16 +25,20 @@ import numpy as np
 
 from centra import io
 from centra.core.merge import MANIFEST, model_folder, read_manifest
+from centra.core.protocol import ANSWERS, INPUTS, MODEL, TASKS, TEXT, TEXT_PAIR, logits_name, task_of
 from centra.core.texts import SAMPLE_PAIRS, SAMPLE_TEXTS
 from centra.errors import CentraError, FieldError, Name
 from centra.runtime.engine import Engine
+from centra.serve.doors import triton as door
+from centra.serve.doors.triton import VERSION_DIR
 
 KIND = "triton repository"  # the same kind as the graph repository: either replaces the other
-MODEL = "centra"
 SUMMARY = "centra-triton.json"
 README = "README.md"
-TEMPLATE = Path(__file__).resolve().parent.parent / "serve" / "triton_backend.py"
-VERSION_DIR = "model"  # triton_backend.VERSION_DIR
+# Triton's python backend loads model.py and looks for TritonPythonModel: the door, imported from centra
+# (installed in the Python of Triton's python-backend stub)
+MODEL_PY = ('"""centra\'s engine on Triton\'s python backend (written by `centra export-triton`)."""\n\n'
+            "from centra.serve.doors.triton import TritonPythonModel  # noqa: F401\n")
 TOLERANCE = 1e-5  # max |staged model - source engine| of a logit on the same rows (same engine, same files)
 ENGINE_BATCH = 32
 
@@ -61,18 +62,14 @@ class PythonRepoOptions:
             raise FieldError(Name("engine"), f" {self.engine!r} is not one the python backend runs (torch, onnx)")
 
 
-def output_name(task: str) -> str:
-    return f"LOGITS_{task}"
-
-
 def _tensor(name: str, dtype: str, dims: list[int]) -> str:
     return f'  {{ name: {json.dumps(name)} data_type: {dtype} dims: [ {", ".join(map(str, dims))} ] }}'
 
 
 def model_config(engine: Engine, options: PythonRepoOptions) -> str:
-    inputs = [_tensor(n, "TYPE_STRING", [1]) for n in ("TEXT", "TEXT_PAIR", "TASKS")]
-    outputs = [_tensor(output_name(s.name), "TYPE_FP32", [s.num_outputs]) for s in engine.specs.values()]
-    outputs.append(_tensor("ANSWERS", "TYPE_STRING", [1]))
+    inputs = [_tensor(n, "TYPE_STRING", [1]) for n in INPUTS]
+    outputs = [_tensor(logits_name(s.name), "TYPE_FP32", [s.num_outputs]) for s in engine.specs.values()]
+    outputs.append(_tensor(ANSWERS, "TYPE_STRING", [1]))
     params = {"engine": options.engine or "", "engine_batch": ENGINE_BATCH,
               "max_inputs_per_call": options.max_inputs_per_call, "max_call_bytes": options.max_call_bytes}
     parameters = "".join(f"parameters {{ key: {json.dumps(k)} value {{ string_value: {json.dumps(str(v))} }} }}\n"
@@ -83,24 +80,13 @@ def model_config(engine: Engine, options: PythonRepoOptions) -> str:
             f"instance_group [ {{ kind: KIND_CPU count: {options.instances} }} ]\n{parameters}")
 
 
-def load_template(path: Path):
-    """The staged model.py as a module (no Triton needed), leaving no __pycache__ in the repository."""
-    spec = importlib.util.spec_from_file_location(f"centra_triton_model_{secrets.token_hex(4)}", str(path))
-    module = importlib.util.module_from_spec(spec)
-    before, sys.dont_write_bytecode = sys.dont_write_bytecode, True
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.dont_write_bytecode = before
-    return module
-
-
 def check_staged(stage: Path, reference: Engine, options: PythonRepoOptions) -> float:
     """Load the staged model as Triton would (its model.py, its files) and answer sample calls, a bad one
     among them: the worst |logit - reference| over the good ones; refuses what differs or fails."""
-    module = load_template(stage / MODEL / "1" / "model.py")
+    if (stage / MODEL / "1" / "model.py").read_text(encoding="utf-8") != MODEL_PY:
+        raise CentraError("triton: the staged model.py is not the one written")
     config = {"parameters": {"engine": {"string_value": options.engine or ""}}}
-    engine, limits = module.load(stage / MODEL / "1" / VERSION_DIR, module.settings(config))
+    engine, limits = door.load(stage / MODEL / "1" / VERSION_DIR, door.settings(config))
     if engine.content_id != reference.content_id:
         raise CentraError(f"triton: the staged model is {engine.content_id}, not {reference.content_id}")
     specs = list(reference.specs.values())
@@ -109,26 +95,27 @@ def check_staged(stage: Path, reference: Engine, options: PythonRepoOptions) -> 
     texts = list(SAMPLE_TEXTS[:4])
 
     def call(tasks: str, with_pairs: bool, rows: int = len(texts)) -> dict:
-        return {"TEXT": np.array([[t.encode()] for t in texts[:rows]], dtype=object),
-                "TEXT_PAIR": np.array([[(SAMPLE_PAIRS[i % len(SAMPLE_PAIRS)] if with_pairs else "").encode()]
+        return {TEXT: np.array([[t.encode()] for t in texts[:rows]], dtype=object),
+                TEXT_PAIR: np.array([[(SAMPLE_PAIRS[i % len(SAMPLE_PAIRS)] if with_pairs else "").encode()]
                                        for i in range(rows)], dtype=object),
-                "TASKS": np.array([[tasks.encode()]] * rows, dtype=object)}
+                TASKS: np.array([[tasks.encode()]] * rows, dtype=object)}
     calls = [(call(singles, False), [], {})] if singles else []
     calls += [(call(pairs, True), [], {})] if pairs else []
     calls.append((call("no such task", False, 1), [], {}))
-    outcomes = module.answer(engine, limits, calls)
+    outcomes = door.answer(engine, limits, calls)
     if not isinstance(outcomes[-1], CentraError):
         raise CentraError("triton: the staged model answered a call naming an unknown task")
     worst = 0.0
     for (arrays, _, _), outcome in zip(calls[:-1], outcomes[:-1]):
         if isinstance(outcome, BaseException):
             raise CentraError(f"triton: the staged model failed on sample texts: {outcome}")
-        tasks = arrays["TASKS"][0, 0].decode().split(",")
-        given = [p[0].decode() for p in arrays["TEXT_PAIR"]]
+        tasks = arrays[TASKS][0, 0].decode().split(",")
+        given = [p[0].decode() for p in arrays[TEXT_PAIR]]
         want = reference.logits(texts, given if any(given) else None, tasks)
         for output in outcome:
-            if output.name.startswith("LOGITS_"):
-                diff = float(np.abs(output.array - want[output.name[len("LOGITS_"):]].numpy()).max())
+            task = task_of(output.name)
+            if task is not None:
+                diff = float(np.abs(output.array - want[task].numpy()).max())
                 worst = max(worst, diff)
     if not worst <= TOLERANCE:
         raise CentraError(f"triton: the staged model differs from the engine by {worst:.3e} > {TOLERANCE:g}: "
@@ -137,7 +124,7 @@ def check_staged(stage: Path, reference: Engine, options: PythonRepoOptions) -> 
 
 
 def write_readme(path: Path, summary: dict) -> None:
-    tasks = ", ".join(f"`{output_name(t['name'])}` ({t['kind']}, {t['outputs']})" for t in summary["tasks"])
+    tasks = ", ".join(f"`{logits_name(t['name'])}` ({t['kind']}, {t['outputs']})" for t in summary["tasks"])
     path.write_text("\n".join([
         f"# centra Triton model repository (python backend, {summary['source_version']})", "",
         f"Written by `centra export-triton --backend python` from `{summary['source']}`. The model `{MODEL}` runs "
@@ -175,7 +162,7 @@ def export_triton_python(model: Path, repo: Path, options: PythonRepoOptions | N
     def build(stage: Path) -> None:
         version = stage / MODEL / "1"
         (version / VERSION_DIR).mkdir(parents=True)
-        io.copy_verified(TEMPLATE, version / "model.py")
+        (version / "model.py").write_text(MODEL_PY, encoding="utf-8")
         files = {**manifest.files, MANIFEST: None}  # the manifest is what the content id hashes
         for rel, digest in files.items():
             dest = version / VERSION_DIR / rel
@@ -189,7 +176,7 @@ def export_triton_python(model: Path, repo: Path, options: PythonRepoOptions | N
             "model": MODEL, "max_batch_size": options.max_batch, "instances": options.instances,
             "queue_delay_us": options.queue_delay_us, "tolerance": TOLERANCE, "parity": float(f"{worst:.3e}"),
             "tasks": [{"name": s.name, "kind": s.kind, "labels": s.labels, "input": s.input,
-                       "outputs": s.num_outputs, "output": output_name(s.name)} for s in reference.specs.values()]})
+                       "outputs": s.num_outputs, "output": logits_name(s.name)} for s in reference.specs.values()]})
         write_readme(stage / README, summary)
         summary["files"] = io.hash_tree(stage)
         io.write_json(stage / SUMMARY, summary)

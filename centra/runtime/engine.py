@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 
 from centra.core import ENGINES
-from centra.core.answers import interpret
+from centra.core.answers import Answer, interpret
 from centra.core.backbone import EncoderConfig
 from centra.core.graph import MergedModel
 from centra.core.manifest import Manifest
@@ -53,7 +53,7 @@ class RowResult:
 
     logits: dict[str, torch.Tensor]
     truncated: dict[str, bool]
-    answers: dict[str, dict] = field(default_factory=dict)
+    answers: dict[str, Answer] = field(default_factory=dict)
 
 
 class Engine:
@@ -202,7 +202,7 @@ class Engine:
         for row, result in zip(rows, self.run(rows)):
             for name in names:
                 found = interpret(self.specs[name], result.logits[name], max_labels)
-                answer = {"text": row.text, "task": name, **found, "truncated": result.truncated[name]}
+                answer = {"text": row.text, "task": name, **found.to_dict(), "truncated": result.truncated[name]}
                 if row.pair is not None and self.specs[name].input == "pair":
                     answer = {"text": row.text, "pair": row.pair, **{k: v for k, v in answer.items() if k != "text"}}
                 answers.append(answer)

@@ -1,4 +1,6 @@
-"""The serving layer: the gRPC servicer (server), pb conversion (convert), the batcher, the client, and
-the generated stubs (v1); REST JSON and the Open Inference Protocol over HTTP (http, openapi), OIP's
-tensors and gRPC servicer (oip, stubs in inference), and the same door as a Triton python-backend model
-(triton_backend). Imports runtime and core; grpc and aiohttp only inside functions, except in the stubs."""
+"""The serving layer, serving only: one call type and one classify path (call), the doors that build it
+from their wire formats (doors/: centra.v1 over gRPC, REST, the Open Inference Protocol over gRPC and
+HTTP, and the Triton python-backend model), the server that hosts them on a gRPC and an HTTP port
+(server, http), one guard for token and metrics (guard, metrics, security), the batcher, reload, the
+client, and the generated stubs (v1, inference). Imports runtime and core; grpc and aiohttp only inside
+functions, except in the stubs."""

@@ -1,4 +1,5 @@
-"""`centra serve` assembled: the server, Prometheus metrics, the model watcher (reload), TLS and a token.
+"""`centra serve` assembled: the server and its doors, Prometheus metrics, the model watcher (reload), TLS and
+a token.
 
 `serve_model` loads and warms the model, starts the server and the metrics endpoint, follows the
 published `current` pointer (SIGHUP checks at once), and on SIGTERM or SIGINT shuts down gracefully:
@@ -16,7 +17,8 @@ from pathlib import Path
 
 from centra.errors import CentraError, FieldError, Name
 from centra.runtime.engine import Engine, Row
-from centra.serve.metrics import Metrics, metrics_interceptor
+from centra.serve.guard import Guard
+from centra.serve.metrics import Metrics
 from centra.serve.reload import DEFAULT_INTERVAL, ModelWatcher, in_fresh_thread
 from centra.serve.server import CentraServer, ServeOptions
 from centra.serve.status import host_port
@@ -63,25 +65,20 @@ def load_engine(folder: Path, batch_size: int, engine_name: str | None = None) -
 def build(model: Path, options: ServeOptions, app: AppOptions) -> tuple[CentraServer, Metrics, ModelWatcher | None]:
     """Everything checked and loaded, nothing listening yet."""
     from centra.core.merge import model_folder
-    from centra.serve.security import read_token, tls_credentials, token_interceptor
+    from centra.serve.security import read_token, tls_context, tls_credentials
 
     options.check()
     app.check()
     credentials = tls_credentials(app.tls_cert, app.tls_key) if app.tls_cert else None
+    ssl_context = tls_context(app.tls_cert, app.tls_key) if app.tls_cert and options.http_port is not None else None
     token = read_token(app.token_file) if app.token_file else None
     folder = model_folder(model)  # the pointer read once: the version loaded is the version watched from
     engine = load_engine(folder, options.max_batch, app.engine)
     metrics = Metrics()
     metrics.set_version(engine.version, engine.content_id)
-    interceptors = [metrics_interceptor(metrics)]
-    if token is not None:
-        interceptors.append(token_interceptor(token))  # after metrics: refused calls are counted too
-    server = CentraServer(engine, options, interceptors=interceptors, credentials=credentials)
-    if server.http is not None:  # the same token, TLS and metrics over HTTP
-        from centra.serve.security import tls_context
-
-        server.http.token, server.http.metrics = token, metrics
-        server.http.ssl_context = tls_context(app.tls_cert, app.tls_key) if app.tls_cert else None
+    # one guard for every door on both ports: the token, and metrics that count refused calls too
+    server = CentraServer(engine, options, guard=Guard(token, metrics), credentials=credentials,
+                          ssl_context=ssl_context)
     server.batcher.listeners.append(
         lambda r: metrics.observe_batch(r.rows, r.calls, list(r.waits), r.compute_s, r.tasks))
     watcher = None

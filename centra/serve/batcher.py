@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from centra.errors import CentraError
 from centra.runtime.engine import Engine, Row, RowResult
-from centra.serve.convert import ServeError
+from centra.serve.call import ServeError
 
 log = logging.getLogger("centra.serve")
 

@@ -3,9 +3,6 @@ queue time, the served model version and reloads. One registry per server (tests
 
 from __future__ import annotations
 
-import asyncio
-import time
-
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -15,8 +12,9 @@ class Metrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         r = self.registry = CollectorRegistry()
-        self.calls = Counter("centra_calls", "gRPC calls by method and status code", ["method", "code"], registry=r)
-        self.latency = Histogram("centra_call_seconds", "gRPC call latency, by method", ["method"],
+        self.calls = Counter("centra_calls", "Calls by method (gRPC method, or HTTP method and route) and status code",
+                             ["method", "code"], registry=r)
+        self.latency = Histogram("centra_call_seconds", "Call latency, by method", ["method"],
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.inputs = Counter("centra_inputs", "Inputs classified, by task", ["task"], registry=r)
         self.batch_rows = Histogram("centra_batch_rows", "Rows (inputs) per engine batch", buckets=ROW_BUCKETS,
@@ -57,46 +55,3 @@ class Metrics:
 
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         return server
-
-
-DEADLINE_SLACK = 0.25  # seconds: a cancel this close to the deadline is counted as the deadline
-
-
-def metrics_interceptor(metrics: Metrics):
-    """A grpc.aio server interceptor counting every unary call by method and final status code."""
-    import grpc
-
-    class MetricsInterceptor(grpc.aio.ServerInterceptor):
-        async def intercept_service(self, continuation, details):
-            handler = await continuation(details)
-            if handler is None or handler.unary_unary is None:
-                return handler
-            method = details.method.rsplit("/", 1)[-1]
-            inner = handler.unary_unary
-
-            async def timed(request, context):
-                start = time.perf_counter()
-                code = grpc.StatusCode.UNKNOWN
-                try:
-                    response = await inner(request, context)
-                    code = context.code() or grpc.StatusCode.OK
-                    return response
-                except asyncio.CancelledError:  # grpc cancels the handler: the deadline passed, or the client left
-                    # the client's clock runs out first (the server's starts when the call arrives), and its
-                    # cancel reaches here with the server's remainder about one network trip above zero
-                    remaining = context.time_remaining()
-                    code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= DEADLINE_SLACK \
-                        else grpc.StatusCode.CANCELLED
-                    raise
-                except BaseException:
-                    code = context.code() or grpc.StatusCode.UNKNOWN
-                    raise
-                finally:
-                    name = code.name if isinstance(code, grpc.StatusCode) else str(code)
-                    metrics.calls.labels(method=method, code=name).inc()
-                    metrics.latency.labels(method=method).observe(time.perf_counter() - start)
-
-            return grpc.unary_unary_rpc_method_handler(timed, request_deserializer=handler.request_deserializer,
-                                                       response_serializer=handler.response_serializer)
-
-    return MetricsInterceptor()

@@ -1,6 +1,6 @@
 """The OpenAPI 3 document of centra serve's HTTP routes (served at /openapi.json): REST JSON (protobuf's
 JSON mapping of centra.v1, lowerCamelCase field names; snake_case is accepted too) and the Open Inference
-Protocol's routes (serve/oip.py describes the tensors)."""
+Protocol's routes (serve/doors/oip_tensors.py describes the tensors)."""
 
 from __future__ import annotations
 

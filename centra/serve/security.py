@@ -1,15 +1,11 @@
-"""Security options, off by default: TLS credentials and a bearer-token check. The token is compared in
-constant time and never logged; health checks stay open so that a load balancer can probe."""
+"""Security options, off by default: TLS credentials (gRPC and HTTP) and the bearer token's file (the check
+itself is serve/guard.py's, once for every door)."""
 
 from __future__ import annotations
 
-import hmac
 from pathlib import Path
 
 from centra.errors import CentraError
-
-OPEN_METHODS = ("/grpc.health.v1.Health/", "/inference.GRPCInferenceService/ServerLive",
-                "/inference.GRPCInferenceService/ServerReady")  # OIP's health, open as HTTP's /v2/health/
 
 
 def read_secret(path: Path, what: str) -> bytes:
@@ -68,51 +64,3 @@ def channel_credentials(ca: Path):
     import grpc
 
     return grpc.ssl_channel_credentials(root_certificates=read_secret(ca, "TLS CA"))
-
-
-def unread(data: bytes) -> None:
-    """The deserializer of a refused call: its message is never parsed (gRPC has received its bytes, within
-    the receive limit, but parsing them would be work done for a caller without the token)."""
-    return None
-
-
-def token_interceptor(token: str):
-    """Refuse, UNAUTHENTICATED, a call without `authorization: Bearer <token>` (health checks excepted),
-    from its metadata alone: the refused call's message is not parsed."""
-    import grpc
-
-    expected = f"Bearer {token}".encode()
-
-    async def refuse(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
-
-    class TokenInterceptor(grpc.aio.ServerInterceptor):
-        async def intercept_service(self, continuation, details):
-            if details.method.startswith(OPEN_METHODS):
-                return await continuation(details)
-            given = dict(details.invocation_metadata or ()).get("authorization", "")
-            if hmac.compare_digest(given.encode(), expected):
-                return await continuation(details)
-            handler = await continuation(details)
-            if handler is None:
-                return None
-            if handler.unary_unary is not None:
-                return grpc.unary_unary_rpc_method_handler(refuse, request_deserializer=unread,
-                                                           response_serializer=handler.response_serializer)
-            if handler.unary_stream is not None:  # server reflection streams
-                async def refuse_stream(request, context):
-                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
-                    yield  # pragma: no cover
-                return grpc.unary_stream_rpc_method_handler(refuse_stream,
-                                                            request_deserializer=unread,
-                                                            response_serializer=handler.response_serializer)
-            if handler.stream_stream is not None:
-                async def refuse_streams(requests, context):
-                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
-                    yield  # pragma: no cover
-                return grpc.stream_stream_rpc_method_handler(refuse_streams,
-                                                             request_deserializer=unread,
-                                                             response_serializer=handler.response_serializer)
-            return handler
-
-    return TokenInterceptor()

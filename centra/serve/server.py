@@ -1,15 +1,15 @@
-"""The gRPC server: a thin Classifier servicer over the batcher, health checking, reflection, and a
-graceful shutdown (health NOT_SERVING, `stop(grace)`, drain the batcher).
+"""The server: one batcher and one classify path (serve/call.py) behind every door (serve/doors/), on a
+gRPC port (the doors' services, health, reflection) and, when asked, an HTTP port (serve/http.py), with
+one guard (token and metrics, serve/guard.py) on both, and a graceful shutdown (health NOT_SERVING,
+`stop(grace)`, drain the batcher).
 
-Each servicer method converts the request (convert.py), awaits the batcher, converts back. One mapping
-(`status_of` in status.py, shared by every door) turns centra's errors into status codes; anything else
-is INTERNAL, logged with its traceback and answered with one line that carries none.
+One mapping (`status_of` in status.py, shared by every door) turns centra's errors into status codes;
+anything else is INTERNAL, logged with its traceback and answered with one line that carries none.
 
-Extension points (used by other modules, not here): `CentraServer(interceptors=...)` takes any
-`grpc.aio.ServerInterceptor`s (metrics, auth), in the order given, around every service including health
-and reflection; `credentials=` a `grpc.ServerCredentials` (TLS) for the listening port;
-`swap_engine(engine)` replaces the served engine in one assignment (reload); per-batch figures reach
-`server.batcher.listeners` (callables taking a BatchRecord) and `server.batcher.stats`.
+Extension points: `CentraServer(guard=...)` (token, metrics), `credentials=` a `grpc.ServerCredentials`
+and `ssl_context=` an `ssl.SSLContext` (TLS on the two ports), `doors=` (default: every door of
+serve/doors); `swap_engine(engine)` replaces the served engine in one assignment (reload); per-batch
+figures reach `server.batcher.listeners` (callables taking a BatchRecord) and `server.batcher.stats`.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from centra.errors import CentraError, FieldError, Name
 from centra.runtime.engine import Engine
 from centra.serve.batcher import Batcher
-from centra.serve.convert import Limits, parser, response_to_pb, rows_from_pb, tasks_to_pb
-from centra.serve.status import host_port, mapped
+from centra.serve.call import Classifier, Limits
+from centra.serve.guard import Guard
+from centra.serve.status import host_port
 
-SERVICE = "centra.v1.Classifier"
+HEALTH_OPEN = ("/grpc.health.v1.Health/",)  # gRPC health stays open without a token
 RECEIVE_FACTOR = 4  # gRPC's receive limit, in largest valid calls
 MAX_RECEIVE = 2**31 - 1  # gRPC's limits are C ints
 
@@ -76,73 +77,40 @@ class ServeOptions:
         return RECEIVE_FACTOR * self.limits.wire_bytes
 
 
-class ClassifierServicer:
-    """centra.v1.Classifier: convert, await the batcher, convert back."""
-
-    def __init__(self, batcher: Batcher, limits: Limits):
-        self.batcher = batcher
-        self.limits = limits
-
-    @mapped
-    async def Classify(self, request, context):
-        engine = self.batcher.engine
-        rows = rows_from_pb(request, engine, self.limits)
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
-        done = await self.batcher.submit(rows, deadline, checked=engine,
-                                         recheck=lambda other: rows_from_pb(request, other, self.limits))
-        return response_to_pb(request, done.rows, done.engine, done.results)
-
-    @mapped
-    async def ListTasks(self, request, context):
-        return tasks_to_pb(self.batcher.engine)
-
-
-def add_classifier(server, servicer: ClassifierServicer, max_bytes: int | None = None) -> None:
-    """Register the servicer. Unlike the generated add_ClassifierServicer_to_server, requests over
-    `max_bytes` (never parsed) or that do not parse (bad UTF-8) reach the servicer as `Unparsed` and get
-    INVALID_ARGUMENT, not UNKNOWN."""
-    import grpc
-
-    from centra.serve.v1 import centra_pb2 as pb
-
-    limits = servicer.limits
-    counts = {1: (limits.max_inputs, "inputs"), 2: (limits.max_task_names, "task names")}  # ClassifyRequest's
-    handlers = {
-        name: grpc.unary_unary_rpc_method_handler(getattr(servicer, name),
-                                                  request_deserializer=parser(request, max_bytes, counted),
-                                                  response_serializer=response.SerializeToString)
-        for name, request, response, counted in (("Classify", pb.ClassifyRequest, pb.ClassifyResponse, counts),
-                                                 ("ListTasks", pb.ListTasksRequest, pb.ListTasksResponse, None))}
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    server.add_registered_method_handlers(SERVICE, handlers)
-
-
 class CentraServer:
-    """One grpc.aio server over one batcher, with health and reflection. Start and stop it in one loop."""
+    """One batcher behind every door, on a gRPC port and optionally an HTTP port. Start and stop it in one
+    loop."""
 
-    def __init__(self, engine: Engine, options: ServeOptions | None = None, *, interceptors: Sequence = (),
-                 credentials=None):
+    def __init__(self, engine: Engine, options: ServeOptions | None = None, *, guard: Guard | None = None,
+                 credentials=None, ssl_context=None, doors: Sequence | None = None):
+        from centra.serve.doors import doors as every_door
+
         self.options = options or ServeOptions()
         self.options.check()
         self.batcher = Batcher(engine, self.options.max_batch, self.options.max_wait_ms, self.options.max_queue)
-        self.interceptors = list(interceptors)
+        self.classifier = Classifier(self.batcher, self.options.limits)
+        self.doors = tuple(doors) if doors is not None else every_door()
+        self.guard = guard or Guard()
+        self.guard.open_prefixes = (*HEALTH_OPEN, *(p for door in self.doors for p in door.open_prefixes))
         self.credentials = credentials
         self.port: int | None = None
         self.health = None  # grpc_health's aio HealthServicer, once started
         self._server = None
-        self.ready = False  # serving, not draining (OIP's ServerReady, /v2/health/ready)
-        # REST + OIP over HTTP (serve/http.py), started and stopped with the gRPC port; build() gives it
-        # the token, TLS and metrics of the gRPC side
-        self.http = None
+        self.http = None  # the HTTP port (serve/http.py), started and stopped with the gRPC port
         if self.options.http_port is not None:
-            from centra.serve.http import HttpDoor
+            from centra.serve.http import HttpPort
 
-            self.http = HttpDoor(self)
+            self.http = HttpPort(self.classifier, self.doors, self.guard, self.options.max_concurrent_rpcs,
+                                 self.options.grace_s, ssl_context)
 
     @property
     def engine(self) -> Engine:
         return self.batcher.engine
+
+    @property
+    def ready(self) -> bool:
+        """Serving, not starting or draining (health, OIP's ServerReady, /v2/health/ready)."""
+        return self.classifier.ready
 
     def swap_engine(self, engine: Engine) -> Engine:
         """Serve `engine` from the next batch on (one assignment; batches already formed finish on the old
@@ -157,17 +125,17 @@ class CentraServer:
         from grpc_reflection.v1alpha import reflection
 
         opts = self.options
-        server = grpc.aio.server(interceptors=self.interceptors, maximum_concurrent_rpcs=opts.max_concurrent_rpcs,
+        server = grpc.aio.server(interceptors=[self.guard.grpc_interceptor()],
+                                 maximum_concurrent_rpcs=opts.max_concurrent_rpcs,
                                  options=[("grpc.max_receive_message_length", opts.receive_bytes),
                                           # a port in use is an error, not a second server sharing it
                                           ("grpc.so_reuseport", 0)])
-        add_classifier(server, ClassifierServicer(self.batcher, opts.limits), opts.limits.wire_bytes)
-        from centra.serve.oip import InferenceServicer, add_inference, wire_bytes
-
-        add_inference(server, InferenceServicer(self, opts.limits), wire_bytes(opts.limits))
+        services = [name for door in self.doors for name in door.grpc_services]
+        for door in self.doors:
+            door.add_grpc(server, self.classifier)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        reflection.enable_server_reflection((*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{host_port(opts.host, opts.port)}"
         try:
             port = (server.add_secure_port(address, self.credentials) if self.credentials is not None
@@ -182,8 +150,8 @@ class CentraServer:
                 await self.batcher.close(timeout=0)
                 raise
         await server.start()
-        self._server, self.port, self.ready = server, port, True
-        for service in ("", SERVICE):
+        self._server, self.port, self.classifier.ready = server, port, True
+        for service in ("", *services):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         return port
 
@@ -193,7 +161,7 @@ class CentraServer:
         if self._server is None:
             return
         grace = self.options.grace_s if grace is None else grace
-        self.ready = False
+        self.classifier.ready = False
         await self.health.enter_graceful_shutdown()
         if self.options.drain_s:
             await asyncio.sleep(self.options.drain_s)

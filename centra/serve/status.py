@@ -10,7 +10,7 @@ import functools
 import logging
 
 from centra.errors import CentraError
-from centra.serve.convert import ServeError
+from centra.serve.call import ServeError
 
 log = logging.getLogger("centra.serve")
 MAX_MESSAGE = 1000  # characters of an error message sent to a caller

@@ -1,14 +1,16 @@
-"""centra's engine as a Triton python-backend model: copied as <repository>/centra/1/model.py by
-`centra export-triton --backend python` (centra/export/triton_python.py), beside the version's files in
-<repository>/centra/1/model/ (hashed when copied, checked again when the engine loads them).
+"""centra's engine as a Triton python-backend model: `centra export-triton --backend python`
+(export/triton_python.py) writes <repository>/centra/1/model.py as one import of this module's
+`TritonPythonModel`, beside the version's files in <repository>/centra/1/model/ (hashed when copied,
+checked again when the engine loads them).
 
-It is a serving door like the gRPC and HTTP ones, with their tensors (serve/oip.py) and their checks
-and messages (serve/convert.py): inputs TEXT, TEXT_PAIR, TASKS (BYTES); outputs LOGITS_<task> (FP32) for
-the request's tasks and ANSWERS (BYTES, one JSON object per row). Triton's dynamic batcher hands
-`execute` several requests, each with its own task set: they become ONE `Engine.run` over all their rows
-(the trunk once per token group, each branch only on the rows that asked for it). Errors are per request:
-a request that fails its checks gets its own error (the message `centra serve` gives) and the others run;
-if the merged run fails, each request runs alone, so a bad one fails alone.
+It is a serving door like the gRPC and HTTP ones, with the OIP door's tensors (doors/oip_tensors.py)
+and the one call type's checks and messages (serve/call.py): inputs TEXT, TEXT_PAIR, TASKS (BYTES);
+outputs LOGITS_<task> (FP32) for the request's tasks and ANSWERS (BYTES, one JSON object per row).
+Triton's dynamic batcher hands `execute` several requests, each with its own task set: they become ONE
+`Engine.run` over all their rows (the trunk once per token group, each branch only on the rows that asked
+for it). Errors are per request: a request that fails its checks gets its own error (the message `centra
+serve` gives) and the others run; if the merged run fails, each request runs alone, so a bad one fails
+alone.
 
 Runs inside Triton's Python (the stub's): it needs centra installed there. `triton_python_backend_utils`
 exists only inside Triton: imported in the methods. `answer` is plain Python, so `centra export-triton`
@@ -20,8 +22,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from centra.core.protocol import INPUTS
+
 VERSION_DIR = "model"  # the version's files, under the Triton model version folder
-INPUT_NAMES = ("TEXT", "TEXT_PAIR", "TASKS")
 
 
 def settings(config: dict) -> dict[str, str]:
@@ -32,7 +35,7 @@ def settings(config: dict) -> dict[str, str]:
 def load(folder: Path, params: dict[str, str]):
     """The version's engine (its manifest's runtime, or params["engine"]), warmed up; and the limits."""
     from centra.runtime.engine import Engine, Row
-    from centra.serve.convert import Limits
+    from centra.serve.call import Limits
 
     engine = Engine.load(folder, batch_size=int(params.get("engine_batch", "32")), engine=params.get("engine") or None)
     engine.run([Row("warm up", "warm up", tuple(engine.specs))])
@@ -44,33 +47,33 @@ def answer(engine, limits, calls: list[tuple[dict, list[str], dict]]) -> list:
     """Per call ({input name: numpy array of bytes}, requested output names ([] = all of its own), its
     request parameters (max_labels)): its outputs (list of oip.Output) or the exception that refuses it.
     One engine run over every checked call's rows; when it fails, each call runs alone."""
-    from centra.serve.oip import Tensor, max_labels_of, outputs_of, rows_of
+    from centra.serve.call import Answered
+    from centra.serve.doors.oip_tensors import Tensor, call_of, outputs_of
 
     out: list = [None] * len(calls)
-    checked = []  # (index, rows, requested, max_labels)
+    checked = []  # (index, call, rows, requested)
     for i, (arrays, requested, parameters) in enumerate(calls):
         try:
             tensors = [Tensor(name, "BYTES", tuple(array.shape), list(array.reshape(-1)))
                        for name, array in arrays.items()]
-            max_labels = max_labels_of(parameters)
-            _request, rows = rows_of(tensors, engine, limits)
-            checked.append((i, rows, requested, max_labels))
+            call = call_of(tensors, limits, parameters)
+            checked.append((i, call, call.rows(engine, limits), requested))
         except Exception as exc:
             out[i] = exc
     if not checked:
         return out
     try:
-        results = engine.interpret_all(engine.run([row for _, rows, _, _ in checked for row in rows]))
+        results = engine.interpret_all(engine.run([row for _, _, rows, _ in checked for row in rows]))
     except Exception:
         results = None  # one error slot per request: find the bad one(s) by running each alone
     offset = 0
-    for i, rows, requested, max_labels in checked:
+    for i, call, rows, requested in checked:
         try:
             if results is not None:
                 mine = results[offset:offset + len(rows)]
             else:
                 mine = engine.interpret_all(engine.run(rows))
-            out[i] = outputs_of(rows, engine, mine, requested, max_labels)
+            out[i] = outputs_of(Answered(call, rows, engine, mine), requested)
         except Exception as exc:
             out[i] = exc
         offset += len(rows)
@@ -114,7 +117,7 @@ class TritonPythonModel:
         calls = []
         for request in requests:
             arrays = {}
-            for name in INPUT_NAMES:
+            for name in INPUTS:
                 tensor = pb_utils.get_input_tensor_by_name(request, name)
                 if tensor is not None:
                     arrays[name] = tensor.as_numpy()

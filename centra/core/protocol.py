@@ -1,0 +1,30 @@
+"""The names on the wire that more than one door speaks: the Open Inference Protocol's model and tensors,
+which `centra serve` (serve/doors/oip.py), the Triton model (serve/doors/triton.py) and both Triton
+repositories (export/triton.py, export/triton_python.py) share, so one tritonclient script runs against
+each of them.
+
+- inputs, BYTES [rows, 1]: TEXT; TEXT_PAIR (empty strings for single-text calls); TASKS (comma-separated
+  task names, the same on every row; empty: every task that fits the inputs);
+- outputs: LOGITS_<task> FP32 [rows, outputs] per task asked for; ANSWERS BYTES [rows, 1], one JSON object
+  per row, `centra predict`'s answers.
+"""
+
+from __future__ import annotations
+
+MODEL = "centra"  # the one model a server or repository serves under this protocol
+TEXT, TEXT_PAIR, TASKS = "TEXT", "TEXT_PAIR", "TASKS"
+INPUTS = (TEXT, TEXT_PAIR, TASKS)
+ANSWERS = "ANSWERS"
+LOGITS = "LOGITS_"  # + a task's name: that task's logits
+MAX_LABELS = "max_labels"  # request parameter: at most this many labels per multilabel answer in ANSWERS
+TIMEOUT = "timeout"  # request parameter (what tritonclient's infer(timeout=) sends): microseconds
+
+
+def logits_name(task: str) -> str:
+    """The output that carries `task`'s logits."""
+    return f"{LOGITS}{task}"
+
+
+def task_of(output: str) -> str | None:
+    """The task whose logits `output` names, or None when it names none."""
+    return output[len(LOGITS):] if output.startswith(LOGITS) else None

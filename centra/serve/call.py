@@ -1,0 +1,207 @@
+"""The one call type every door builds from its own wire format, and the one path it takes: checked
+against the served engine and the limits, queued with its deadline, re-checked if a reload comes in
+between, answered by the engine that computed it.
+
+A door parses its wire (bounded before parsing: see serve/wire.py and each door), builds a `Call`, awaits
+`Classifier.classify(call)` and writes the `Answered` back in its own format. The checks and their
+messages are the same on every door: sizes and counts before anything is materialised, then the tasks
+(NOT_FOUND for an unknown one), then the texts. No grpc or aiohttp here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from centra.core.answers import Answer, interpret
+from centra.core.task import NAME_RE, TaskSpec
+from centra.core.tokens import check_texts
+from centra.errors import CentraError
+from centra.runtime.engine import Engine, Row, RowResult
+
+CODES = ("INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "UNAVAILABLE", "INTERNAL")
+MAX_TASK_NAMES = 1024  # task names in one call (duplicates count)
+MAX_LABELS_LIMIT = 2**31  # a call's max_labels is below this (protobuf's int32)
+# Protobuf framing around one Input at most: its tag and length (1 + 4 bytes), and three string fields'
+# tags and lengths (3 x (1 + 4)). Per task name: 1 + 4. Plus the message's own slack.
+INPUT_FRAMING, NAME_FRAMING, MESSAGE_FRAMING = 20, 5, 64
+FRAMING_FACTOR = 2  # see Limits.framed_bytes
+SHOWN_CHARS = 80  # of a name echoed in an error
+SHOWN_NAMES = 20  # names listed in an error
+
+
+class ServeError(CentraError):
+    """A refused call: a one-line message and the name of the gRPC status code it is answered with."""
+
+    def __init__(self, message: str, code: str = "INVALID_ARGUMENT"):
+        if code not in CODES:
+            raise ValueError(f"unknown status code name {code!r}")
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one call may carry. Bytes: UTF-8 bytes of its texts, pair texts, ids and task names together."""
+
+    max_inputs: int = 256
+    max_bytes: int = 1 << 20
+    max_task_names: int = MAX_TASK_NAMES
+
+    @property
+    def wire_bytes(self) -> int:
+        """The largest serialized centra.v1 ClassifyRequest a valid call can be: content plus framing."""
+        return (self.max_bytes + INPUT_FRAMING * self.max_inputs + NAME_FRAMING * self.max_task_names
+                + MESSAGE_FRAMING)
+
+    @property
+    def framed_bytes(self) -> int:
+        """The largest request read at all in a framing looser than centra.v1's protobuf (an OIP request,
+        where TASKS repeats per row and BYTES elements carry 4-byte lengths; an HTTP body, where JSON
+        escapes cost bytes)."""
+        return FRAMING_FACTOR * self.wire_bytes + 16 * self.max_inputs
+
+    def check_count(self, count: int) -> None:
+        """Refuse a call of `count` inputs before its inputs are read."""
+        if not count:
+            raise ServeError("no inputs given")
+        if count > self.max_inputs:
+            raise ServeError(f"{count:,} inputs in one call; the limit is {self.max_inputs:,}")
+
+    def check_task_names(self, count: int) -> None:
+        if count > self.max_task_names:
+            raise ServeError(f"{count:,} task names in one call; the limit is {self.max_task_names:,}")
+
+
+@dataclass(frozen=True)
+class Call:
+    """One call, whatever door it came through: texts (and their pairs: "" or absent means none), the task
+    names asked for (empty: every task that fits the inputs), at most max_labels labels per multilabel
+    answer (0: each task's own limit), the deadline on the event loop's clock (None: none), and ids that
+    the door echoes (the engine never reads them)."""
+
+    texts: list[str]
+    pairs: list[str] = field(default_factory=list)  # empty, or one per text
+    tasks: list[str] = field(default_factory=list)
+    max_labels: int = 0
+    deadline: float | None = None
+    ids: list[str] = field(default_factory=list)  # empty, or one per text
+
+    def check(self, limits: Limits) -> None:
+        """Counts, max_labels and sizes: everything that does not depend on the served tasks."""
+        limits.check_count(len(self.texts))
+        limits.check_task_names(len(self.tasks))
+        for name, values in (("pairs", self.pairs), ("ids", self.ids)):
+            if values and len(values) != len(self.texts):
+                raise ServeError(f"{len(self.texts)} texts but {len(values)} {name}")
+        if not 0 <= self.max_labels < MAX_LABELS_LIMIT:
+            raise ServeError(f"max_labels must be >= 0 (0: the task's own limit), not {self.max_labels}")
+        fields = (("text", self.texts), ("text_pair", self.pairs), ("id", self.ids))
+        size = sum(utf8_size(values[i], f"input {i}: {what}") for i in range(len(self.texts))
+                   for what, values in fields if values)
+        size += sum(utf8_size(name, "a task name") for name in self.tasks)
+        if size > limits.max_bytes:
+            raise ServeError(f"{size:,} bytes of text, ids and task names in one call; the limit is "
+                             f"{limits.max_bytes:,}")
+
+    def rows(self, engine: Engine, limits: Limits) -> list[Row]:
+        """The call checked against the limits and `engine`'s tasks: one Row per text. Refusals are
+        ServeErrors: NOT_FOUND for an unknown task, INVALID_ARGUMENT for everything else (sizes included:
+        retrying a call that is too large cannot help)."""
+        self.check(limits)
+        has_pair = [bool(p) for p in self.pairs] if self.pairs else [False] * len(self.texts)
+        specs = select_tasks(engine, self.tasks, all(has_pair))
+        pair_task = next((s.name for s in specs if s.input == "pair"), None)
+        for i, given in enumerate(has_pair):
+            if given and pair_task is None:  # it would be silently ignored
+                raise ServeError(f"input {i} has a text_pair but no task asked for takes pairs "
+                                 f"({listed([s.name for s in specs])})")
+            if not given and pair_task is not None:
+                raise ServeError(f"input {i} has no text_pair; task {pair_task!r} takes text pairs")
+        pairs = self.pairs if pair_task else None
+        check_texts(self.texts, pairs)  # empty or oversized texts: one-line CentraErrors, INVALID_ARGUMENT
+        chosen = tuple(s.name for s in specs)
+        return [Row(text, pairs[i] if pairs else None, chosen) for i, text in enumerate(self.texts)]
+
+
+@dataclass(frozen=True)
+class Answered:
+    """A call's results, with the engine that computed them (its labels, version and content id describe
+    them) and the rows as that engine checked them (one per text, each with its tasks in order)."""
+
+    call: Call
+    rows: list[Row]
+    engine: Engine
+    results: list[RowResult]
+
+    def answer(self, i: int, task: str) -> Answer:
+        """Row i's answer for `task`, at the call's max_labels."""
+        return answer_of(self.engine, self.results[i], task, self.call.max_labels)
+
+    def truncated(self, i: int, task: str) -> bool:
+        return self.results[i].truncated.get(task, False)
+
+
+class Classifier:
+    """The one classify path behind every door: a call checked against the served engine, queued on the
+    batcher with its deadline, re-checked against a new engine if a reload comes in between."""
+
+    def __init__(self, batcher, limits: Limits):
+        self.batcher = batcher
+        self.limits = limits
+        self.ready = False  # serving, not starting or draining (health, OIP's ServerReady)
+
+    @property
+    def engine(self) -> Engine:
+        return self.batcher.engine
+
+    async def classify(self, call: Call) -> Answered:
+        engine = self.batcher.engine
+        rows = call.rows(engine, self.limits)
+        done = await self.batcher.submit(rows, call.deadline, checked=engine,
+                                         recheck=lambda other: call.rows(other, self.limits))
+        return Answered(call, done.rows, done.engine, done.results)
+
+
+def utf8_size(value: str, what: str) -> int:
+    try:
+        return len(value.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate: protobuf would not send it, a caller in-process might
+        raise ServeError(f"{what} is not valid UTF-8") from None
+
+
+def shown(name: str) -> str:
+    """A caller's name as echoed in an error: repr, cut to SHOWN_CHARS characters."""
+    if len(name) <= SHOWN_CHARS:
+        return repr(name)
+    return f"{name[:SHOWN_CHARS]!r}... ({len(name):,} characters)"
+
+
+def listed(names: list[str]) -> str:
+    more = len(names) - SHOWN_NAMES
+    return ", ".join(names[:SHOWN_NAMES]) + (f", ... ({more} more)" if more > 0 else "")
+
+
+def select_tasks(engine: Engine, names: list[str], every_input_has_pair: bool) -> list[TaskSpec]:
+    """Named tasks (each known, duplicates once), or every task that fits the inputs when none is named."""
+    specs = engine.specs
+    if names:
+        for name in dict.fromkeys(names):
+            if name not in specs:
+                known = listed(sorted(specs))
+                if not NAME_RE.match(name):  # not even a possible task name: cut, and said so
+                    raise ServeError(f"unknown task {shown(name)}: not a task name (known: {known})", "NOT_FOUND")
+                raise ServeError(f"unknown task {shown(name)} (known: {known})", "NOT_FOUND")
+        return [specs[name] for name in dict.fromkeys(names)]
+    chosen = [s for s in specs.values() if every_input_has_pair or s.input == "single"]
+    if not chosen:
+        raise ServeError("every task takes text pairs: give every input a text_pair")
+    return chosen
+
+
+def answer_of(engine: Engine, result: RowResult, name: str, max_labels: int = 0) -> Answer:
+    """Task `name`'s answer in `result`; a call's max_labels (> 0) re-reads a multilabel task's logits
+    (the answers computed with the batch hold the task's own limit only)."""
+    answer = result.answers.get(name)
+    if answer is None or max_labels and engine.specs[name].kind == "multilabel":
+        answer = interpret(engine.specs[name], result.logits[name], max_labels or None)
+    return answer

@@ -1,0 +1,55 @@
+"""REST: centra.v1's messages as JSON over HTTP (protobuf's JSON mapping: lowerCamelCase field names,
+snake_case accepted too), the same two conversions as the gRPC door (doors/v1.py).
+
+    POST /v1/classify   ClassifyRequest in, ClassifyResponse out
+    GET  /v1/tasks      ListTasksResponse
+    GET  /openapi.json  the OpenAPI document of every HTTP route (serve/openapi.py), open without a token
+"""
+
+from __future__ import annotations
+
+from centra.serve.call import Classifier, ServeError
+from centra.serve.doors import Door
+from centra.serve.doors.v1 import call_of, response_of, tasks_of
+from centra.serve.status import one_line
+
+
+def proto_response(message):
+    from aiohttp import web
+    from google.protobuf import json_format
+
+    return web.json_response(json_format.MessageToDict(message, always_print_fields_with_no_presence=True))
+
+
+class RestDoor(Door):
+    name = "rest"
+    open_prefixes = ("/openapi.json",)
+
+    def http_routes(self, classifier: Classifier, http) -> list:
+        from aiohttp import web
+
+        async def classify(request):
+            from google.protobuf import json_format
+
+            from centra.serve.v1 import centra_pb2 as pb
+
+            body = await http.read_body(request)
+            try:
+                message = json_format.Parse(body, pb.ClassifyRequest())
+            except (json_format.ParseError, UnicodeDecodeError, ValueError) as exc:
+                raise ServeError(f"the body is not a ClassifyRequest in JSON ({one_line(str(exc))[:200]})") from None
+            answered = await classifier.classify(call_of(message, classifier.limits))
+            return proto_response(response_of(answered))
+
+        async def tasks(request):
+            return proto_response(tasks_of(classifier.engine))
+
+        async def openapi(request):
+            from centra.serve.openapi import document
+
+            return web.json_response(document())
+
+        return [web.post("/v1/classify", classify), web.get("/v1/tasks", tasks), web.get("/openapi.json", openapi)]
+
+
+DOOR = RestDoor()

@@ -25,8 +25,8 @@ from centra.core.graph import StandaloneModel
 from centra.core.merge import model_folder, plan_merge, write_merged
 from centra.core.task import HEAD_FILE, TaskHead
 from centra.core.tokens import encode
-from centra.export.bench import ENGINES
-from centra.runtime import bench
+from centra.measure import bench_engines as bench
+from centra.measure.bench import ENGINES
 from centra.runtime.engine import Engine
 from centra.train.texts import default_sequences
 

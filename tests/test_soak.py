@@ -14,9 +14,9 @@ from helpers import STANDARD_TASKS, make_tasks
 from centra.cli import main
 from centra.core.backbone import Backbone
 from centra.core.merge import model_folder, plan_merge, write_merged
+from centra.measure.soak_calls import EXPECTED
+from centra.measure.soak_check import Answered, Checker, References, compare_task
 from centra.runtime.engine import Engine
-from centra.serve.soak_calls import EXPECTED
-from centra.serve.soak_check import Answered, Checker, References, compare_task
 
 
 @pytest.fixture
@@ -107,7 +107,7 @@ def test_short_soak_is_clean(merged, tmp_path, capsys, monkeypatch):
 
 
 def test_rss_floors_see_through_a_reload_in_progress():
-    from centra.serve.soak import rss_figures
+    from centra.measure.soak import rss_figures
 
     # 100 s: 400 MB at rest, 800 MB whenever a reload holds two models (every 10th sample), the last one too
     samples = [(t * 0.5, 800.0 if t % 10 == 0 or t == 199 else 400.0) for t in range(200)]

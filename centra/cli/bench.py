@@ -1,6 +1,6 @@
 """`centra bench`: the merged graph against each task served as its own full-depth model, same texts.
 
-The engines and the measuring are centra.export.bench's (and centra.runtime.bench's); this module finds
+The engines and the measuring are centra.measure.bench's (and centra.measure.bench_engines's); this module finds
 the texts, prints the figures (the last line: one JSON object) and plots them. Texts: SST-2 dev sentences
 for single-text tasks and MRPC dev pairs for pair tasks (when found under the data root), else the sample
 texts; or --texts FILE (a line: a text, or text<TAB>second text).
@@ -15,13 +15,13 @@ from pathlib import Path
 from centra.cli import flags_named, positive_float, positive_int
 from centra.cli.plots import check_plot, pyplot, save_figure
 from centra.core.table import table
-from centra.export.bench import BASELINES, DEFAULT_BATCHES, DEFAULT_SECONDS, BenchOptions, BenchReport
+from centra.measure.bench import BASELINES, DEFAULT_BATCHES, DEFAULT_SECONDS, BenchOptions, BenchReport
 
 DISTURBED = 5.0  # p99 / p50 above which a measurement is flagged as stalled (see `disturbed_lines`)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from centra.export.bench import bench_job, run_bench
+    from centra.measure.bench import bench_job, run_bench
     from centra.train.texts import default_sequences
 
     plot = check_plot(args.plot, "bench") if args.plot else None
@@ -75,7 +75,7 @@ def write_plot(path: Path, report: BenchReport) -> bool:
     plt = pyplot()
     if plt is None:
         return False
-    from centra.runtime.bench import LENGTHS
+    from centra.measure.bench_engines import LENGTHS
 
     results, manifest = report.results, report.job.manifest
     engines = list(dict.fromkeys(r.engine for r in results))

@@ -1,5 +1,5 @@
-"""`centra bench-scale`: memory, speed, merge time and disk per task count (centra.export.scale), and a server
-reloading +1 task at the largest count (centra.serve.bench_reload). A table, a PNG plot, a last line of JSON."""
+"""`centra bench-scale`: memory, speed, merge time and disk per task count (centra.measure.scale), and a server
+reloading +1 task at the largest count (centra.measure.bench_reload). A table, a PNG plot, a last line of JSON."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def task_counts(value: str) -> tuple[int, ...]:
 def cmd_bench_scale(args: argparse.Namespace) -> int:
     from centra.cli.plots import check_plot
     from centra.core.texts import read_texts_file
-    from centra.export.scale import ScaleOptions, bench_scale, merge_args, reload_setup, synthetic_tasks
+    from centra.measure.scale import ScaleOptions, bench_scale, merge_args, reload_setup, synthetic_tasks
     from centra.progress import progress_line
     from centra.train.texts import default_sequences
 
@@ -53,7 +53,7 @@ def cmd_bench_scale(args: argparse.Namespace) -> int:
         setup = reload_setup(options, work)
         if setup is not None:
             from centra.core.backbone import Backbone
-            from centra.serve.bench_reload import measure_reload
+            from centra.measure.bench_reload import measure_reload
 
             tasks, out, count = setup
             backbone = Backbone.load(options.backbone)

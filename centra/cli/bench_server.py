@@ -1,6 +1,6 @@
 """`centra bench-server`: the gRPC server under concurrent one-text calls vs the same engine in process.
 
-The measuring is centra.serve.bench's; this module checks the options, finds the texts, loads the model
+The measuring is centra.measure.bench_server's; this module checks the options, finds the texts, loads the model
 and prints the figures (the last line: one JSON object).
 """
 
@@ -19,8 +19,8 @@ def cmd_bench_server(args: argparse.Namespace) -> int:
     fix_mmap_threshold()  # first, before the model and torch allocate (serve/memory.py)
     from centra.core.merge import model_folder
     from centra.core.texts import read_texts_file
+    from centra.measure.bench_server import BenchOptions
     from centra.progress import progress_line
-    from centra.serve.bench import BenchOptions
     from centra.train.texts import default_sequences
 
     options = BenchOptions(concurrency=args.concurrency, seconds=args.seconds, warmup=args.warmup,
@@ -35,8 +35,8 @@ def cmd_bench_server(args: argparse.Namespace) -> int:
         texts, _, source, _ = default_sequences()
     folder = model_folder(Path(args.model))
 
+    from centra.measure.bench_server import bench_server
     from centra.serve.app import load_engine
-    from centra.serve.bench import bench_server
     from centra.serve.reload import in_fresh_thread
 
     def progress(line: str) -> None:
@@ -58,8 +58,8 @@ def triton_figures(folder: Path, engine, texts: list[str], options, progress) ->
     import tempfile
 
     from centra.export.triton_python import PythonRepoOptions, export_triton_python
-    from centra.export.tritonserver import TritonServer
-    from centra.serve.bench import bench_target
+    from centra.measure.bench_server import bench_target
+    from centra.measure.tritonserver import TritonServer
 
     with tempfile.TemporaryDirectory(prefix="centra-bench-triton-") as tmp:
         progress("triton: exporting the python-backend repository, starting tritonserver")

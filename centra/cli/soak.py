@@ -1,6 +1,6 @@
 """`centra soak`: a bounded soak of `centra serve` on loopback (clients, bad input, re-merges, SIGHUPs).
 
-The work is centra.serve.soak's; this module checks the options, picks the re-merge's engine step (ONNX
+The work is centra.measure.soak's; this module checks the options, picks the re-merge's engine step (ONNX
 graphs for a model served by ONNX Runtime), prints the figures (the last line: one JSON object), and exits
 1 when an answer was wrong or a status code unexpected.
 """
@@ -32,8 +32,8 @@ def merge_extend(model: Path, engine: str | None):
 
 
 def cmd_soak(args: argparse.Namespace) -> int:
+    from centra.measure.soak import SoakOptions, run_soak
     from centra.progress import progress_line
-    from centra.serve.soak import SoakOptions, run_soak
 
     options = SoakOptions(minutes=args.minutes, clients=args.clients, seed=args.seed, engine=args.engine)
     with flags_named("soak"):

@@ -32,9 +32,9 @@ from pathlib import Path
 from centra.core.merge import MODEL_KIND, model_folder, read_manifest
 from centra.errors import CentraError, FieldError, Name
 from centra.io import ARTIFACT_FILE, CURRENT, VERSION_RE, VERSIONS, write_json
-from centra.serve.soak_calls import EXPECTED, Tally, Workload, client_loop
-from centra.serve.soak_check import Checker, References, answered_from_pb
-from centra.serve.soak_control import ACTIONS, Control, Served, ServerProcess
+from centra.measure.soak_calls import EXPECTED, Tally, Workload, client_loop
+from centra.measure.soak_check import Checker, References, answered_from_pb
+from centra.measure.soak_control import ACTIONS, Control, Served, ServerProcess
 
 RSS_EVERY_S = 0.5
 DRAIN_S, GRACE_S = 0.5, 5.0  # the server's; on SIGTERM it must exit within their sum (plus some slack)

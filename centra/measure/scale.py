@@ -2,12 +2,12 @@
 
 Synthetic untrained tasks (attach layer 2..depth-1 at random, 1-2 task layers within the backbone, 3
 labels; seeded) are written to a work folder. Per task count and engine (torch; ONNX int8), in processes
-of their own (centra.export.scale_probe) so each figure is that process's: a merge from scratch and one
+of their own (centra.measure.scale_probe) so each figure is that process's: a merge from scratch and one
 of +1 task onto it (seconds, peak RSS), the served engine (load and warm-up seconds, texts/s for every
 task and for one, RSS after answering), the version's size on disk and what the +1 version added. Up to
 `separate_up_to` tasks, the same tasks as separate full-depth models (one model per task, weights
 copied). With `reload`, `reload_setup` prepares the largest count's int8 version for
-centra.serve.bench_reload (a server reloading +1 task).
+centra.measure.bench_reload (a server reloading +1 task).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from centra.errors import CentraError, FieldError, Name
 ENGINES = {"torch": ("torch", None), "onnx-int8": ("onnx", "int8")}
 DEFAULT_TASKS = (8, 32, 100)
 LABELS = ["a", "b", "c"]
-PROBE = "centra.export.scale_probe"
+PROBE = "centra.measure.scale_probe"
 
 
 @dataclass(frozen=True)
@@ -162,9 +162,9 @@ def separate_graphs(model: Path, dest: Path) -> Path:
     from centra.core.graph import MergedModel
     from centra.core.merge import load_merged, model_folder
     from centra.export.onnx import export_onnx
-    from centra.export.scale_probe import ENGINE_FILE
     from centra.io import write_json
-    from centra.runtime.bench import full_depth_head
+    from centra.measure.bench_engines import full_depth_head
+    from centra.measure.scale_probe import ENGINE_FILE
 
     folder = model_folder(model)
     _, merged = load_merged(folder)
@@ -176,7 +176,7 @@ def separate_graphs(model: Path, dest: Path) -> Path:
 
 
 def reload_setup(options: ScaleOptions, work: Path) -> tuple[Path, Path, int] | None:
-    """For the reload measurement (centra.serve.bench_reload): a copy of the largest count's tasks and
+    """For the reload measurement (centra.measure.bench_reload): a copy of the largest count's tasks and
     their int8 version, merged; (tasks folder, OUT, count), or None when int8 is not measured."""
     if not options.reload or "onnx-int8" not in options.engines:
         return None

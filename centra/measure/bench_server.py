@@ -1,7 +1,7 @@
 """Load benchmark: the gRPC server under concurrent one-text calls against the same engine in process.
 
 `bench_server` starts a CentraServer on a free loopback port in its own event-loop thread (no metrics, no
-reload), runs `concurrency` client threads in a process of their own (serve/bench_clients.py: one channel
+reload), runs `concurrency` client threads in a process of their own (measure/bench_clients.py: one channel
 and one connection each, the raw stub) calling Classify with one text and a task set that varies between
 calls, first for a warm-up and then for the measured window; then runs `engine.run` in process over
 batches of the server's mean batch size (rows) on the same calls. The clients share the machine's cores
@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from centra.errors import CentraError, FieldError, Name
+from centra.measure.memory import rss_mb
 from centra.runtime.engine import Engine, Row
 from centra.serve.background import BackgroundServer
 from centra.serve.batcher import BatchRecord
@@ -113,7 +114,7 @@ class Window:
 
 def drive(running: BackgroundServer, calls: list[Call], options: BenchOptions) -> Window:
     """`concurrency` client threads calling Classify back to back, in a process of their own
-    (serve/bench_clients.py): a warm-up, then the measured window."""
+    (measure/bench_clients.py): a warm-up, then the measured window."""
     window = Window(options.seconds)
     batcher = running.server.batcher
     clock: dict[str, float] = {}
@@ -137,7 +138,7 @@ def drive(running: BackgroundServer, calls: list[Call], options: BenchOptions) -
 def clients_process(running: BackgroundServer | None, calls: list[Call], concurrency: int, options: BenchOptions,
                     clock: dict[str, float], flood_senders: int = 0,
                     target: str = "") -> tuple[dict, tuple[int, ...], list[float]]:
-    """Run serve/bench_clients.py against the server (or, with running None, an external server at
+    """Run measure/bench_clients.py against the server (or, with running None, an external server at
     `target`): warm-up, then the window (`clock` gets its wall-clock start and end). Returns the clients'
     result, the batcher's (batches, calls, rows) in the window, and this process's RSS sampled through it (MB)."""
     import json
@@ -151,7 +152,7 @@ def clients_process(running: BackgroundServer | None, calls: list[Call], concurr
     job = {"target": target, "protocol": protocol, "concurrency": concurrency, "timeout": options.call_timeout_s,
            "calls": [[text, list(tasks)] for text, tasks in calls],
            "flood_senders": flood_senders, "flood_inputs": FLOOD_INPUTS}
-    proc = subprocess.Popen([sys.executable, "-m", "centra.serve.bench_clients"], stdin=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "centra.measure.bench_clients"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     try:
         proc.stdin.write(json.dumps(job) + "\n")
@@ -272,14 +273,6 @@ def bench_target(target: str, engine: Engine, texts: list[str], options: BenchOp
 
 
 FLOOD_INPUTS = 2_000_000  # empty inputs: a 4,000,000-byte ClassifyRequest
-
-
-def rss_mb() -> float:
-    """This process's resident memory now (Linux /proc), in MB; NaN where there is no /proc."""
-    from centra.io import process_memory
-
-    found = process_memory()
-    return found[0] if found else float("nan")
 
 
 def flood(running: BackgroundServer, calls: list[Call], senders: int, options: BenchOptions) -> dict:

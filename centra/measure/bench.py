@@ -1,6 +1,6 @@
 """`centra bench`'s work: the merged graph against each task served as its own full-depth model, same texts.
 
-Engines (every one on the same pre-tokenised batches; centra.runtime.bench measures):
+Engines (every one on the same pre-tokenised batches; centra.measure.bench_engines measures):
 - separate_torch_fp32: per task, embeddings + all N backbone layers + its pooler and classifier, torch
   fp32: what serving each task as its own fine-tuned model costs today;
 - separate_onnx_int8: those models exported and int8-quantized by centra's own exporter (parity with
@@ -60,7 +60,7 @@ class BenchOptions:
 
     @property
     def timing(self) -> tuple[float | None, int | None]:
-        """(seconds, repeats) as runtime.bench.measure takes them."""
+        """(seconds, repeats) as bench_engines.measure takes them."""
         return (None, self.repeats) if self.repeats else (self.seconds or DEFAULT_SECONDS, None)
 
 
@@ -80,7 +80,7 @@ class BenchJob:
 @dataclass
 class BenchReport:
     job: BenchJob
-    results: list  # runtime.bench.Result, in the order measured
+    results: list  # bench_engines.Result, in the order measured
     fixed: int  # tokens every batch of the "fixed" setting is padded to
     threads: int
     load_before: float
@@ -135,8 +135,8 @@ def run_bench(job: BenchJob, progress: Callable[[str], None] | None = None) -> B
     folder. `progress` gets a line per measurement."""
     import torch
 
+    from centra.measure.bench_engines import LENGTHS, fixed_width, make_batches, measure
     from centra.progress import progress_bar, progress_line
-    from centra.runtime.bench import LENGTHS, fixed_width, make_batches, measure
     from centra.runtime.engine import Engine
 
     say = progress or (lambda line: progress_line(f"bench: {line}"))
@@ -164,7 +164,7 @@ def build_engines(job: BenchJob, engine: Engine, tmp: Path) -> dict:
     int8), and on a CUDA GPU the GPU engines."""
     import torch
 
-    from centra.runtime.bench import full_depth_model, runner_engine, standalone_engine
+    from centra.measure.bench_engines import full_depth_model, runner_engine, standalone_engine
     from centra.runtime.verify import reference_layers
 
     model, tokenizer, cfg = engine.model, engine.tokenizer, engine.model.cfg
@@ -207,8 +207,8 @@ def separate_onnx(cfg, heads: dict, embeddings, layers: list, tokenizer, tmp: Pa
 
     from centra.core.graph import MergedModel
     from centra.export.onnx import export_onnx
+    from centra.measure.bench_engines import full_depth_head, runner_engine, separate_engine
     from centra.progress import progress_line
-    from centra.runtime.bench import full_depth_head, runner_engine, separate_engine
     from centra.runtime.onnx import OnnxRunner, open_session
 
     progress_line(f"bench: exporting {len(heads)} separate {len(layers)}-layer models to {tmp} (fp32 + int8)")
@@ -226,8 +226,8 @@ def gpu_engines(job: BenchJob, engine: Engine, separate: dict, tmp: Path) -> dic
     import copy
     import importlib.util
 
+    from centra.measure.bench_engines import autocast_engine, runner_engine, standalone_engine
     from centra.progress import progress_line
-    from centra.runtime.bench import autocast_engine, runner_engine, standalone_engine
 
     engines = {}
     if separate:

@@ -1,18 +1,12 @@
 """`centra bench`'s work: the merged graph against each task served as its own full-depth model, same texts.
 
-Engines (every one on the same pre-tokenised batches; centra.measure.bench_engines measures):
-- separate_torch_fp32: per task, embeddings + all N backbone layers + its pooler and classifier, torch
-  fp32: what serving each task as its own fine-tuned model costs today;
-- separate_onnx_int8: those models exported and int8-quantized by centra's own exporter (parity with
-  torch and int8 label agreement checked at export), in a temporary folder: the strong baseline;
-- merged_torch_fp32, merged_onnx_fp32, merged_onnx_int8: the merged graph (the ONNX graphs of the model
-  when its manifest has both precisions, else exported into a temporary folder; the model is never written);
-- with a CUDA GPU: torch fp32 and fp16 (autocast) on it, separate and merged, and when tensorrt is
-  importable merged_tensorrt_fp16 / _int8 (plans built into a temporary folder, int8 calibrated on the
-  bench's texts).
-
-It lives in the export layer because it exports. `bench_job` checks everything before a model loads;
-`run_bench` measures. torch is imported inside the functions: the CLI reads the constants at start-up.
+This module drives; the helpers below it do one thing each: measure/bench_engines.py builds the engines
+(its docstring lists them: separate torch and ONNX int8, merged torch and ONNX, on a GPU torch fp16 and
+TensorRT), measure/bench_batches.py cuts the texts into pre-tokenised batches and times the engines on them.
+`bench_job` checks everything before a model loads; `run_bench` loads the model, builds the engines (exports
+go to a temporary folder) and times them for each length setting and batch size; `BenchReport` gives the
+figures and the lines `centra bench` prints. torch is imported inside the functions: the CLI reads the
+constants at start-up.
 """
 
 from __future__ import annotations
@@ -30,16 +24,16 @@ from centra.errors import CentraError, FieldError, Name
 if TYPE_CHECKING:
     from centra.core.manifest import Manifest
     from centra.core.texts import Sequences
-    from centra.runtime.engine import Engine
 
 ENGINES = ("separate_torch_fp32", "separate_onnx_int8", "merged_torch_fp32", "merged_onnx_fp32", "merged_onnx_int8")
 BASELINES = ("separate_torch_fp32", "separate_onnx_int8")
 DEFAULT_BATCHES = (1, 32)
 DEFAULT_SECONDS = 3.0
+DISTURBED = 5.0  # p99 / p50 above which a measurement is flagged as stalled (see `disturbed_lines`)
 
 
 @dataclass(frozen=True)
-class BenchOptions:
+class EngineBenchOptions:
     """Batch sizes; whole passes over the texts for `seconds` per engine or exactly `repeats` passes (neither:
     DEFAULT_SECONDS); whether to measure the separate models too."""
 
@@ -74,7 +68,7 @@ class BenchJob:
     texts: list[str]
     pairs: list[tuple[str, str]]
     source: str
-    options: BenchOptions
+    options: EngineBenchOptions
 
 
 @dataclass
@@ -97,8 +91,21 @@ class BenchReport:
         return {**figures, "batch": largest, "tasks": manifest.task_names, "overhead_layers": manifest.overhead_layers,
                 "single_task_layers": manifest.single_task_layers}
 
+    def lines(self) -> list[str]:
+        """What `centra bench` prints before its plot and JSON line: the model, the setting, the table, the
+        ratios and a note on stalled measurements."""
+        job, manifest = self.job, self.job.manifest
+        names = manifest.task_names
+        return [f"model {manifest.version} ({job.folder}): {len(names)} tasks ({', '.join(names)}) on "
+                f"{manifest.backbone.id}; overhead {manifest.overhead_layers} layers per sequence vs "
+                f"{manifest.single_task_layers} as separate {manifest.backbone.num_layers}-layer models",
+                f"texts: {job.source}; fixed: every batch padded to {self.fixed} tokens; tokenisation not timed; "
+                f"{self.threads} torch/ORT threads; load average {self.load_before:.2f} before, "
+                f"{self.load_after:.2f} after",
+                results_table(self.results), *ratio_lines(self.figures()), *disturbed_lines(self.results)]
 
-def bench_job(model: Path, texts: Path | Sequences, options: BenchOptions) -> BenchJob:
+
+def bench_job(model: Path, texts: Path | Sequences, options: EngineBenchOptions) -> BenchJob:
     """Every option, the texts (a texts file: one per line, text<TAB>second text for pair tasks; or
     Sequences) and the model folder checked before anything loads."""
     from centra.core.merge import model_folder, read_manifest
@@ -135,7 +142,8 @@ def run_bench(job: BenchJob, progress: Callable[[str], None] | None = None) -> B
     folder. `progress` gets a line per measurement."""
     import torch
 
-    from centra.measure.bench_engines import LENGTHS, fixed_width, make_batches, measure
+    from centra.measure.bench_batches import LENGTHS, fixed_width, make_batches, time_engines
+    from centra.measure.bench_engines import build_engines
     from centra.progress import progress_bar, progress_line
     from centra.runtime.engine import Engine
 
@@ -146,12 +154,13 @@ def run_bench(job: BenchJob, progress: Callable[[str], None] | None = None) -> B
     load_before = os.getloadavg()[0]
     results = []
     with tempfile.TemporaryDirectory(prefix="centra-bench-") as tmp:
-        engines = build_engines(job, engine, Path(tmp))
+        engines = build_engines(engine, job.folder, job.manifest, Path(tmp), job.options.skip_separate,
+                                (job.texts[:512], job.pairs[:512]), max(job.options.batches))
         configs = [(lengths, batch) for lengths in LENGTHS for batch in job.options.batches]
         for lengths, batch in progress_bar(configs, desc="bench"):
             batches = make_batches(engine.tokenizer, engine.model.cfg, engine.specs, job.texts, job.pairs, batch,
                                    lengths)
-            for result in measure(engines, batches, lengths, seconds, repeats):
+            for result in time_engines(engines, batches, lengths, seconds, repeats):
                 results.append(result)
                 say(f"{lengths:<9} batch {batch:>3} {result.engine:<24} {result.sequences_per_s:10.1f} seq/s, p50 "
                     f"{result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms")
@@ -159,92 +168,27 @@ def run_bench(job: BenchJob, progress: Callable[[str], None] | None = None) -> B
     return BenchReport(job, results, fixed, torch.get_num_threads(), load_before, os.getloadavg()[0])
 
 
-def build_engines(job: BenchJob, engine: Engine, tmp: Path) -> dict:
-    """The bench engines by name: separate (torch, ONNX int8) unless skipped, merged (torch, ONNX fp32 and
-    int8), and on a CUDA GPU the GPU engines."""
-    import torch
+def results_table(results: list) -> str:
+    from centra.core.table import table
 
-    from centra.measure.bench_engines import full_depth_model, runner_engine, standalone_engine
-    from centra.runtime.verify import reference_layers
-
-    model, tokenizer, cfg = engine.model, engine.tokenizer, engine.model.cfg
-    engines = {}
-    separate: dict = {}
-    if not job.options.skip_separate:
-        embeddings, layers, _ = reference_layers(engine)
-        if len(layers) < cfg.num_layers:
-            raise FieldError(f"bench: the separate models need all {cfg.num_layers} backbone layers; found "
-                             f"{len(layers)}: give ", Name("skip_separate"))
-        separate = {name: full_depth_model(embeddings, layers, head) for name, head in model.heads.items()}
-        engines["separate_torch_fp32"] = standalone_engine(separate)
-        engines["separate_onnx_int8"] = separate_onnx(cfg, dict(model.heads), embeddings, layers, tokenizer,
-                                                      tmp / "separate")
-    onnx = merged_onnx(job.folder, job.manifest, model, tokenizer, tmp / "merged")
-    engines.update({"merged_torch_fp32": runner_engine(model), "merged_onnx_fp32": runner_engine(onnx["fp32"]),
-                    "merged_onnx_int8": runner_engine(onnx["int8"])})
-    if torch.cuda.is_available():
-        engines.update(gpu_engines(job, engine, separate, tmp))
-    return engines
+    base = {(r.lengths, r.batch): r.sequences_per_s for r in results if r.engine == "separate_torch_fp32"}
+    rows = [("lengths", "batch", "engine", "seq/s", "p50 ms", "p99 ms", "vs separate_torch_fp32")]
+    for r in results:
+        ref = base.get((r.lengths, r.batch))
+        rows.append((r.lengths, str(r.batch), r.engine, f"{r.sequences_per_s:,.1f}", f"{r.p50_ms:.2f}",
+                     f"{r.p99_ms:.2f}", f"{r.sequences_per_s / ref:.2f}x" if ref else "-"))
+    return table(rows, right=(1, 3, 4, 5, 6))
 
 
-def merged_onnx(folder: Path, manifest: Manifest, model, tokenizer, tmp: Path) -> dict:
-    """OnnxRunners (fp32, int8) of the merged graph: the version's graphs when it has both, else exported to tmp."""
-    from centra.export.onnx import export_onnx
-    from centra.progress import progress_line
-    from centra.runtime.onnx import OnnxRunner
-
-    info, files = manifest.engine, manifest.files
-    if not (info is not None and info.name == "onnx" and info.graphs and info.has_files("fp32", "int8")):
-        progress_line(f"bench: {folder} has no ONNX fp32 + int8 graphs: exporting the merged model to {tmp}")
-        folder, info, files = tmp, export_onnx(model, tmp, "int8", tokenizer), None
-    return {p: OnnxRunner.load(folder, info, model, precision=p, files=files) for p in ("fp32", "int8")}
+def ratio_lines(figures: dict) -> list[str]:
+    merged = figures.get("merged_onnx_int8")
+    parts = [f"{merged / figures[b]:.2f}x {b}" for b in BASELINES if merged and figures.get(b)]
+    return [f"merged_onnx_int8 at batch {figures['batch']}, realistic lengths: {', '.join(parts)}"] if parts else []
 
 
-def separate_onnx(cfg, heads: dict, embeddings, layers: list, tokenizer, tmp: Path):
-    """Each task's full-depth model exported and quantized (one export of all of them, checked as
-    centra checks any export), then loaded as its own sessions: one model per task."""
-    from torch import nn
-
-    from centra.core.graph import MergedModel
-    from centra.export.onnx import export_onnx
-    from centra.measure.bench_engines import full_depth_head, runner_engine, separate_engine
-    from centra.progress import progress_line
-    from centra.runtime.onnx import OnnxRunner, open_session
-
-    progress_line(f"bench: exporting {len(heads)} separate {len(layers)}-layer models to {tmp} (fp32 + int8)")
-    full = {name: full_depth_head(head, len(layers)) for name, head in heads.items()}
-    info = export_onnx(MergedModel(cfg, embeddings, nn.ModuleList(layers), full).eval(), tmp, "int8", tokenizer)
-    # each task's layout (embeddings, layers 1..N, its branch) as sessions of its own
-    return separate_engine({name: runner_engine(OnnxRunner.open(tmp, info, "int8", open_session, {name: head.spec},
-                                                                cfg, "int8"))
-                            for name, head in full.items()})
-
-
-def gpu_engines(job: BenchJob, engine: Engine, separate: dict, tmp: Path) -> dict:
-    """On a CUDA GPU: PyTorch fp32 and fp16 (autocast), separate and merged; TensorRT fp16 and int8 plans of
-    the merged graph (built into tmp, int8 calibrated on the bench's texts) when tensorrt is importable."""
-    import copy
-    import importlib.util
-
-    from centra.measure.bench_engines import autocast_engine, runner_engine, standalone_engine
-    from centra.progress import progress_line
-
-    engines = {}
-    if separate:
-        on_gpu = standalone_engine({n: copy.deepcopy(m).to("cuda") for n, m in separate.items()}, "cuda")
-        engines |= {"separate_torch_cuda_fp32": on_gpu, "separate_torch_cuda_fp16": autocast_engine(on_gpu)}
-    merged = runner_engine(copy.deepcopy(engine.model).to("cuda"), "cuda")
-    engines |= {"merged_torch_cuda_fp32": merged, "merged_torch_cuda_fp16": autocast_engine(merged)}
-    if importlib.util.find_spec("tensorrt") is None:
-        progress_line("bench: tensorrt is not installed: no TensorRT rows")
-        return engines
-    from centra.export.tensorrt import build_tensorrt
-    from centra.runtime.tensorrt import TensorRTRunner
-
-    calibration = (job.texts[:512], job.pairs[:512])
-    for precision in ("fp16", "int8"):
-        folder = tmp / f"tensorrt-{precision}"
-        info = build_tensorrt(engine.model, engine.tokenizer, folder, precision, calibration,
-                              max_batch=max(job.options.batches))  # the bench never measures slicing
-        engines[f"merged_tensorrt_{precision}"] = runner_engine(TensorRTRunner.load(folder, info, engine.model))
-    return engines
+def disturbed_lines(results: list, factor: float = DISTURBED) -> list[str]:
+    """A note naming the measurements whose p99 is above `factor` x their p50: stalls that batch lengths do
+    not explain (on a shared machine: other jobs on its cores), so their seq/s understate the engine."""
+    hit = [f"{r.lengths}/{r.batch}/{r.engine}" for r in results if r.p99_ms > factor * r.p50_ms]
+    return [f"note: p99 > {factor:g}x p50 in {', '.join(hit)}: stalled by other load on the machine; their "
+            "seq/s understate those engines (rerun on an idle machine)"] if hit else []

@@ -1,115 +1,40 @@
-"""Benchmark core: the same pre-tokenised batches through several engines, each batch timed.
+"""The engine bench's engines: each a callable batch -> {task: logits (batch, num_outputs)}.
 
-A *sequence* is one input classified by every task: its text for the single-text tasks and its text pair
-for the pair tasks (the two may be unrelated inputs, e.g. an SST-2 sentence and an MRPC pair). A batch
-holds, for every token group (tasks that read the same tokens: core.overhead.TokenGroup), one row per
-sequence. Two length settings:
-
-- "realistic": each group's rows sorted by their own token length and cut into batches, each padded
-  only to its longest row (dynamic padding, as the engine batches);
-- "fixed": every batch padded to FIXED_LENGTH tokens (the group's max_length when that is shorter), as a
-  server with static input shapes runs.
-
-Texts are tokenised once, before any timing, for every engine alike: the figures are the models' own.
-An engine is a callable batch -> {task: logits (batch, num_outputs)}: `runner_engine` over a merged
-graph (one trunk pass per token group, every branch on every row), or `separate_engine` over one
-model per task. `full_depth_model` is that baseline: a task served as its own fine-tuned model, i.e.
-embeddings + all N backbone layers (its own copies) + the task's pooler and classifier.
+`runner_engine` runs a merged graph (one trunk pass per token group, every branch on every row);
+`separate_engine` and `standalone_engine` run one model per task. `full_depth_model` is that baseline: a
+task served as its own fine-tuned model, i.e. embeddings + all N backbone layers (its own copies) + the
+task's pooler and classifier. `build_engines` makes every engine `centra bench` measures (measure/bench.py):
+- separate_torch_fp32: per task, its full-depth model in torch fp32: what serving each task as its own
+  fine-tuned model costs today;
+- separate_onnx_int8: those models exported and int8-quantized by centra's own exporter (parity with
+  torch and int8 label agreement checked at export), in a temporary folder: the strong baseline;
+- merged_torch_fp32, merged_onnx_fp32, merged_onnx_int8: the merged graph (the ONNX graphs of the model
+  when its manifest has both precisions, else exported into a temporary folder; the model is never written);
+- with a CUDA GPU: torch fp32 and fp16 (autocast) on it, separate and merged, and when tensorrt is
+  importable merged_tensorrt_fp16 / _int8 (plans built into a temporary folder, int8 calibrated on the
+  bench's texts).
 """
 
 from __future__ import annotations
 
 import copy
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch import nn
 
-from centra.core.backbone import EncoderConfig, EncoderLayer
+from centra.core.backbone import EncoderLayer
 from centra.core.graph import StandaloneModel
 from centra.core.overhead import token_groups
-from centra.core.task import TaskHead, TaskSpec
-from centra.core.tokens import encode
-from centra.errors import CentraError
+from centra.core.task import TaskHead
+from centra.errors import FieldError, Name
+from centra.measure.bench_batches import Batch, BenchEngine, Tensors
 
-FIXED_LENGTH = 128
-LENGTHS = ("realistic", "fixed")
-CHUNK = 8  # batches an engine runs in a row before the next engine's turn (see `measure`)
-GroupKey = tuple[str, int]  # (input kind, max_length): TokenGroup.key
-Tensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids, attention_mask, token_type_ids
-
-
-@dataclass
-class Batch:
-    """`size` sequences: per token group, its padded tensors (one row per sequence)."""
-
-    size: int
-    groups: dict[GroupKey, Tensors]
-
-
-BenchEngine = Callable[[Batch], dict[str, torch.Tensor]]
-
-
-@dataclass
-class Result:
-    """One engine on one batch size and length setting: whole passes over the same batches."""
-
-    engine: str
-    batch: int
-    lengths: str
-    sequences: int  # sequences run (passes x batches x batch)
-    seconds: float  # sum of the batches' latencies
-    sequences_per_s: float
-    p50_ms: float
-    p99_ms: float
-
-    def to_dict(self) -> dict:
-        return {k: round(v, 4) if isinstance(v, float) else v for k, v in vars(self).items()}
-
-
-def fixed_width(max_length: int) -> int:
-    return min(FIXED_LENGTH, max_length)
-
-
-def pad_to(tensors: Tensors, width: int, pad_id: int) -> Tensors:
-    ids, mask, types = tensors
-    extra = width - ids.shape[1]
-    if extra <= 0:
-        return tensors
-    pad = torch.nn.functional.pad
-    return pad(ids, (0, extra), value=pad_id), pad(mask, (0, extra), value=0), pad(types, (0, extra), value=0)
-
-
-def make_batches(tokenizer, cfg: EncoderConfig, specs: dict[str, TaskSpec], texts: list[str],
-                 pairs: list[tuple[str, str]], batch_size: int, lengths: str) -> list[Batch]:
-    """Full batches of `batch_size` sequences (a remainder smaller than a batch is left out): sequence i
-    is texts[i] for the single-text groups and pairs[i] for the pair groups."""
-    if lengths not in LENGTHS:
-        raise CentraError(f"unknown length setting {lengths!r} (known: {', '.join(LENGTHS)})")
-    groups = token_groups(specs.values())
-    kinds = {group.input for group in groups}
-    counts = ([len(texts)] if "single" in kinds else []) + ([len(pairs)] if "pair" in kinds else [])
-    n = min(counts, default=0)
-    if n < batch_size:
-        raise CentraError(f"{n} sequences are fewer than one batch of {batch_size}")
-    pad_id = tokenizer.pad_token_id or 0
-    per_group: dict[GroupKey, list[Tensors]] = {}
-    for group in groups:
-        limit = group.max_length if lengths == "realistic" else fixed_width(group.max_length)
-        if group.input == "pair":
-            enc = encode(tokenizer, cfg.type_vocab_size, [a for a, _ in pairs[:n]], [b for _, b in pairs[:n]], limit)
-        else:
-            enc = encode(tokenizer, cfg.type_vocab_size, texts[:n], None, limit)
-        order = list(range(n))
-        if lengths == "realistic":
-            order.sort(key=lambda i: len(enc.input_ids[i]))
-        chunks = [order[start:start + batch_size] for start in range(0, n - batch_size + 1, batch_size)]
-        per_group[group.key] = [enc.batch(chunk, pad_id) if lengths == "realistic" else
-                                pad_to(enc.batch(chunk, pad_id), limit, pad_id) for chunk in chunks]
-    return [Batch(batch_size, {key: per_group[key][j] for key in per_group}) for j in range(n // batch_size)]
+if TYPE_CHECKING:
+    from centra.core.manifest import Manifest
+    from centra.runtime.engine import Engine
 
 
 def _to(tensors: Tensors, device: str | None) -> Tensors:
@@ -185,41 +110,85 @@ def autocast_engine(engine: BenchEngine) -> BenchEngine:
     return run
 
 
-def measure(engines: dict[str, BenchEngine], batches: list[Batch], lengths: str, seconds: float | None = None,
-            repeats: int | None = None, chunk: int = CHUNK) -> list[Result]:
-    """Every engine on the same batches, in whole passes: `repeats` passes, or passes until `seconds` per
-    engine have gone by (at least one). Within a pass the engines take turns, `chunk` batches each (the
-    first engine changing from chunk to chunk), so a load that comes and goes on a shared machine falls
-    on all of them alike while each still runs several batches in a row with its own weights in cache.
-    Each engine is warmed up on the shortest and the longest batch first."""
-    if (seconds is None) == (repeats is None):
-        raise CentraError("give seconds or repeats")
-    if not batches or not engines:
-        raise CentraError("nothing to measure")
-    for engine in engines.values():
-        engine(batches[0])
-        engine(batches[-1])
-    names = list(engines)
-    latencies: dict[str, list[float]] = {name: [] for name in names}
-    chunks = [batches[i:i + chunk] for i in range(0, len(batches), chunk)]
-    passes, turn, start = 0, 0, time.perf_counter()
-    while True:
-        for part in chunks:
-            for name in names[turn % len(names):] + names[:turn % len(names)]:
-                for batch in part:
-                    begin = time.perf_counter()
-                    engines[name](batch)
-                    latencies[name].append(time.perf_counter() - begin)
-            turn += 1
-        passes += 1
-        if (repeats is not None and passes >= repeats) or \
-                (seconds is not None and time.perf_counter() - start >= seconds * len(names)):
-            break
-    size = batches[0].size
-    results = []
-    for name in names:
-        total = float(sum(latencies[name]))
-        p50, p99 = np.percentile(np.array(latencies[name]) * 1000.0, [50, 99])
-        count = passes * len(batches) * size
-        results.append(Result(name, size, lengths, count, total, count / total, float(p50), float(p99)))
-    return results
+def build_engines(engine: Engine, folder: Path, manifest: Manifest, tmp: Path, skip_separate: bool,
+                  calibration: tuple[list[str], list[tuple[str, str]]], max_batch: int) -> dict[str, BenchEngine]:
+    """The bench engines by name: separate (torch, ONNX int8) unless skipped, merged (torch, ONNX fp32 and
+    int8), and on a CUDA GPU the GPU engines; exports go to `tmp`."""
+    from centra.runtime.verify import reference_layers
+
+    model, tokenizer, cfg = engine.model, engine.tokenizer, engine.model.cfg
+    engines = {}
+    separate: dict = {}
+    if not skip_separate:
+        embeddings, layers, _ = reference_layers(engine)
+        if len(layers) < cfg.num_layers:
+            raise FieldError(f"bench: the separate models need all {cfg.num_layers} backbone layers; found "
+                             f"{len(layers)}: give ", Name("skip_separate"))
+        separate = {name: full_depth_model(embeddings, layers, head) for name, head in model.heads.items()}
+        engines["separate_torch_fp32"] = standalone_engine(separate)
+        engines["separate_onnx_int8"] = separate_onnx(cfg, dict(model.heads), embeddings, layers, tokenizer,
+                                                      tmp / "separate")
+    onnx = merged_onnx(folder, manifest, model, tokenizer, tmp / "merged")
+    engines.update({"merged_torch_fp32": runner_engine(model), "merged_onnx_fp32": runner_engine(onnx["fp32"]),
+                    "merged_onnx_int8": runner_engine(onnx["int8"])})
+    if torch.cuda.is_available():
+        engines.update(gpu_engines(engine, separate, tmp, calibration, max_batch))
+    return engines
+
+
+def merged_onnx(folder: Path, manifest: Manifest, model, tokenizer, tmp: Path) -> dict:
+    """OnnxRunners (fp32, int8) of the merged graph: the version's graphs when it has both, else exported to tmp."""
+    from centra.export.onnx import export_onnx
+    from centra.progress import progress_line
+    from centra.runtime.onnx import OnnxRunner
+
+    info, files = manifest.engine, manifest.files
+    if not (info is not None and info.name == "onnx" and info.graphs and info.has_files("fp32", "int8")):
+        progress_line(f"bench: {folder} has no ONNX fp32 + int8 graphs: exporting the merged model to {tmp}")
+        folder, info, files = tmp, export_onnx(model, tmp, "int8", tokenizer), None
+    return {p: OnnxRunner.load(folder, info, model, precision=p, files=files) for p in ("fp32", "int8")}
+
+
+def separate_onnx(cfg, heads: dict, embeddings, layers: list, tokenizer, tmp: Path) -> BenchEngine:
+    """Each task's full-depth model exported and quantized (one export of all of them, checked as
+    centra checks any export), then loaded as its own sessions: one model per task."""
+    from centra.core.graph import MergedModel
+    from centra.export.onnx import export_onnx
+    from centra.progress import progress_line
+    from centra.runtime.onnx import OnnxRunner, open_session
+
+    progress_line(f"bench: exporting {len(heads)} separate {len(layers)}-layer models to {tmp} (fp32 + int8)")
+    full = {name: full_depth_head(head, len(layers)) for name, head in heads.items()}
+    info = export_onnx(MergedModel(cfg, embeddings, nn.ModuleList(layers), full).eval(), tmp, "int8", tokenizer)
+    # each task's layout (embeddings, layers 1..N, its branch) as sessions of its own
+    return separate_engine({name: runner_engine(OnnxRunner.open(tmp, info, "int8", open_session, {name: head.spec},
+                                                                cfg, "int8"))
+                            for name, head in full.items()})
+
+
+def gpu_engines(engine: Engine, separate: dict, tmp: Path, calibration: tuple[list[str], list[tuple[str, str]]],
+                max_batch: int) -> dict[str, BenchEngine]:
+    """On a CUDA GPU: PyTorch fp32 and fp16 (autocast), separate and merged; TensorRT fp16 and int8 plans of
+    the merged graph (built into tmp, int8 calibrated on `calibration`) when tensorrt is importable."""
+    import importlib.util
+
+    from centra.progress import progress_line
+
+    engines = {}
+    if separate:
+        on_gpu = standalone_engine({n: copy.deepcopy(m).to("cuda") for n, m in separate.items()}, "cuda")
+        engines |= {"separate_torch_cuda_fp32": on_gpu, "separate_torch_cuda_fp16": autocast_engine(on_gpu)}
+    merged = runner_engine(copy.deepcopy(engine.model).to("cuda"), "cuda")
+    engines |= {"merged_torch_cuda_fp32": merged, "merged_torch_cuda_fp16": autocast_engine(merged)}
+    if importlib.util.find_spec("tensorrt") is None:
+        progress_line("bench: tensorrt is not installed: no TensorRT rows")
+        return engines
+    from centra.export.tensorrt import build_tensorrt
+    from centra.runtime.tensorrt import TensorRTRunner
+
+    for precision in ("fp16", "int8"):
+        folder = tmp / f"tensorrt-{precision}"
+        info = build_tensorrt(engine.model, engine.tokenizer, folder, precision, calibration,
+                              max_batch=max_batch)  # the bench never measures slicing
+        engines[f"merged_tensorrt_{precision}"] = runner_engine(TensorRTRunner.load(folder, info, engine.model))
+    return engines

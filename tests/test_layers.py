@@ -134,6 +134,19 @@ def test_measuring_code_lives_in_measure():
         ["serve/bench.py", "export/soak_calls.py", "runtime/bench.py"]
 
 
+def test_measuring_types_have_names_of_their_own():
+    """Each benchmark has its own options and result types: no class in measure/ shares its name with
+    another class of the package (two BenchOptions once meant two different things)."""
+    owners: dict[str, list[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.ClassDef):
+                owners.setdefault(node.name, []).append(module_name(path))
+    shared = {name: found for name, found in owners.items()
+              if len(found) > 1 and any(layer_of(m) == "measure" for m in found)}
+    assert shared == {}
+
+
 def test_the_checker_catches_each_kind_of_break():
     """The rules test would fail on each broken rule (so the test above can fail)."""
     cases = {

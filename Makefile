@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	# Triton for tests/test_triton_server.py (see pyproject.toml): its binary only, and numpy<2 for its stub
 	$(BIN)/pip install -q --no-deps "nvidia-pytriton==0.7.0" || echo "nvidia-pytriton not installed: the Triton server tests skip"
-	test -x $(VENV)/triton-stub/bin/python3 || $(BIN)/python -m centra.export.tritonserver stub-env $(VENV)/triton-stub \
+	test -x $(VENV)/triton-stub/bin/python3 || $(BIN)/python -m centra.measure.tritonserver stub-env $(VENV)/triton-stub \
 		|| echo "no numpy<2 for Triton's python backend stub: the Triton server tests skip"
 	touch $(STAMP)
 

@@ -19,14 +19,14 @@ from conftest import PAIRS, TEXTS
 from helpers import make_tasks
 
 from centra.cli import main
-from centra.cli.bench import disturbed_lines
 from centra.core.backbone import Backbone, load_safetensors
 from centra.core.graph import StandaloneModel
 from centra.core.merge import model_folder, plan_merge, write_merged
 from centra.core.task import HEAD_FILE, TaskHead
 from centra.core.tokens import encode
-from centra.export.bench import ENGINES
-from centra.runtime import bench
+from centra.measure.bench import ENGINES, disturbed_lines
+from centra.measure.bench_batches import LENGTHS, EngineResult, make_batches, time_engines
+from centra.measure.bench_engines import full_depth_model, runner_engine, standalone_engine
 from centra.runtime.engine import Engine
 from centra.train.texts import default_sequences
 
@@ -99,15 +99,15 @@ def independent_standalone(folder: Path, backbone: Backbone, name: str) -> Stand
 def test_separate_torch_is_each_tasks_own_full_depth_model(model_out, tiny_models):
     engine = Engine.load(model_out, engine="torch")
     backbone = Backbone.load(tiny_models["bert"])
-    separate = {name: bench.full_depth_model(backbone.embeddings, list(backbone.layers), head)
+    separate = {name: full_depth_model(backbone.embeddings, list(backbone.layers), head)
                 for name, head in engine.model.heads.items()}
     for model in separate.values():  # its own weights, all N layers
         assert len(model.layers) == backbone.cfg.num_layers
         assert model.layers[0].q.weight.data_ptr() != backbone.layers[0].q.weight.data_ptr()
-    run = bench.standalone_engine(separate)
+    run = standalone_engine(separate)
     texts, pairs = TEXTS[:4], list(zip(PAIRS[:4], TEXTS[:4]))  # pairs other than the single texts
     pad = engine.tokenizer.pad_token_id or 0
-    for batch_index, batch in enumerate(bench.make_batches(engine.tokenizer, engine.model.cfg, engine.specs, texts,
+    for batch_index, batch in enumerate(make_batches(engine.tokenizer, engine.model.cfg, engine.specs, texts,
                                                            pairs, 2, "fixed")):  # fixed: sequences in input order
         assert all(t[0].shape == (2, 48) for t in batch.groups.values())  # padded to the tasks' max_length
         got = run(batch)
@@ -126,12 +126,12 @@ def test_separate_torch_is_each_tasks_own_full_depth_model(model_out, tiny_model
 def test_separate_equals_merged_for_a_task_at_the_last_layer(model_out, tiny_models):
     engine = Engine.load(model_out, engine="torch")
     backbone = Backbone.load(tiny_models["bert"])
-    separate = bench.standalone_engine({name: bench.full_depth_model(backbone.embeddings, list(backbone.layers), head)
+    separate = standalone_engine({name: full_depth_model(backbone.embeddings, list(backbone.layers), head)
                                         for name, head in engine.model.heads.items()})
-    merged = bench.runner_engine(engine.model)
+    merged = runner_engine(engine.model)
     texts, pairs = TEXTS, list(zip(TEXTS, PAIRS))
-    for lengths in bench.LENGTHS:
-        for batch in bench.make_batches(engine.tokenizer, engine.model.cfg, engine.specs, texts, pairs, 3, lengths):
+    for lengths in LENGTHS:
+        for batch in make_batches(engine.tokenizer, engine.model.cfg, engine.specs, texts, pairs, 3, lengths):
             got, expected = separate(batch), merged(batch)
             assert set(got) == set(expected) == {"first", "pairwise", "last"}
             assert (got["last"] - expected["last"]).abs().max().item() <= TOLERANCE
@@ -141,12 +141,12 @@ def test_separate_equals_merged_for_a_task_at_the_last_layer(model_out, tiny_mod
 def test_batches_and_measure(model_out):
     engine = Engine.load(model_out, engine="torch")
     texts, pairs = TEXTS, list(zip(TEXTS, PAIRS))
-    realistic = bench.make_batches(engine.tokenizer, engine.model.cfg, engine.specs, texts, pairs, 4, "realistic")
+    realistic = make_batches(engine.tokenizer, engine.model.cfg, engine.specs, texts, pairs, 4, "realistic")
     assert len(realistic) == 1 and realistic[0].size == 4  # the remainder (2 of 6) is left out
     widths = [t[1].sum(1).tolist() for t in realistic[0].groups.values()]
     assert all(w == sorted(w) for w in widths)  # rows sorted by length, padded to the longest only
     assert all(t[0].shape[1] == max(t[1].sum(1)).item() for t in realistic[0].groups.values())
-    batches = bench.make_batches(engine.tokenizer, engine.model.cfg, engine.specs, texts, pairs, 2, "fixed")
+    batches = make_batches(engine.tokenizer, engine.model.cfg, engine.specs, texts, pairs, 2, "fixed")
     calls: list[str] = []
 
     def counted(name, engine):
@@ -155,8 +155,8 @@ def test_batches_and_measure(model_out):
             return engine(batch)
         return run
 
-    engines = {name: counted(name, bench.runner_engine(engine.model)) for name in ("one", "two")}
-    results = bench.measure(engines, batches, "fixed", repeats=2, chunk=2)
+    engines = {name: counted(name, runner_engine(engine.model)) for name in ("one", "two")}
+    results = time_engines(engines, batches, "fixed", repeats=2, chunk=2)
     assert [r.engine for r in results] == ["one", "two"]
     for result in results:
         assert result.sequences == 2 * 3 * 2 and result.batch == 2 and result.lengths == "fixed"
@@ -164,12 +164,12 @@ def test_batches_and_measure(model_out):
     # warm-up (2 each), then turns of 2 batches: chunks [b0 b1] [b2], the first engine alternating
     assert calls == ["one"] * 2 + ["two"] * 2 + (["one"] * 2 + ["two"] * 2 + ["two", "one"]) * 2
     with pytest.raises(Exception, match="fewer than one batch"):
-        bench.make_batches(engine.tokenizer, engine.model.cfg, engine.specs, texts, pairs, 7, "fixed")
+        make_batches(engine.tokenizer, engine.model.cfg, engine.specs, texts, pairs, 7, "fixed")
 
 
 def test_stalled_measurements_are_named():
-    calm = bench.Result("merged_onnx_int8", 32, "fixed", 64, 1.0, 64.0, 10.0, 20.0)
-    stalled = bench.Result("separate_torch_fp32", 1, "realistic", 64, 1.0, 64.0, 10.0, 60.0)
+    calm = EngineResult("merged_onnx_int8", 32, "fixed", 64, 1.0, 64.0, 10.0, 20.0)
+    stalled = EngineResult("separate_torch_fp32", 1, "realistic", 64, 1.0, 64.0, 10.0, 60.0)
     assert disturbed_lines([calm]) == []
     lines = disturbed_lines([calm, stalled])
     assert len(lines) == 1 and "realistic/1/separate_torch_fp32" in lines[0] and "merged_onnx_int8" not in lines[0]

@@ -10,7 +10,7 @@ import pytest
 from conftest import TEXTS
 
 from centra.cli import main
-from centra.serve.bench import percentile, workload
+from centra.measure.bench_server import percentile, workload
 
 KEYS = ("concurrency", "seconds", "calls_per_s", "inputs_per_s", "p50_ms", "p95_ms", "p99_ms", "mean_batch_rows",
         "mean_batch_calls", "inprocess_inputs_per_s", "ratio", "model_version", "tasks")

@@ -1,4 +1,5 @@
-"""The house: every module's imports follow the one-way rules of the layers (DESIGN.md, "The house")."""
+"""The house: every module's imports follow the one-way rules of the layers (README.md, "The house"; the
+design notes: ../shared/DESIGN.md beside the repository, "The house"), and measuring code lives in measure/."""
 
 from __future__ import annotations
 
@@ -19,9 +20,13 @@ ALLOWED = {
     "cli": {"core", "train", "runtime", "export", "serve", "measure"},
     "api": {"core", "train", "runtime", "export", "serve"},  # the package root: the public API, never the CLI
 }
-# third-party packages that only their own layers may import, and only inside functions (lazily)
-HEAVY = {"grpc": {"serve"}, "grpc_health": {"serve"}, "grpc_reflection": {"serve"}, "aiohttp": {"serve"},
-         "onnxruntime": {"runtime", "export"}, "tensorrt": {"runtime", "export"}, "onnx": {"export", "runtime"}}
+# third-party packages that only their own layers may import, and only inside functions (lazily); measure's
+# benchmark clients and soak call the server over gRPC and HTTP
+HEAVY = {"grpc": {"serve", "measure"}, "grpc_health": {"serve", "measure"}, "grpc_reflection": {"serve", "measure"},
+         "aiohttp": {"serve", "measure"}, "onnxruntime": {"runtime", "export", "measure"},
+         "tensorrt": {"runtime", "export", "measure"}, "onnx": {"export", "runtime", "measure"}}
+# module names that say "measuring": they belong in measure/, never in the layers measure measures
+MEASURING = ("bench", "soak", "scale", "probe", "tritonserver")
 # modules outside a layer's folder that belong to it
 LAYER_OF_MODULE = {"centra.client": "serve", "centra": "api"}
 # generated stubs (tools/gen_protos.py): the grpc module imports grpc at module level, as protoc writes it
@@ -111,6 +116,37 @@ def test_the_layers_exist():
         assert (PACKAGE / layer / "__init__.py").is_file(), layer
 
 
+def misplaced(paths: list[Path]) -> list[str]:
+    """Measuring modules (benchmarks, soak, scale, probes, the tritonserver launcher) outside measure/ and cli/."""
+    found = []
+    for path in paths:
+        parts = path.relative_to(PACKAGE).parts
+        if len(parts) > 1 and parts[0] not in ("measure", "cli") and path.stem.startswith(MEASURING):
+            found.append("/".join(parts))
+    return found
+
+
+def test_measuring_code_lives_in_measure():
+    """serve/ holds serving only, export/ exporting only: no benchmark, soak, scale or probe module there."""
+    assert misplaced(sorted(PACKAGE.rglob("*.py"))) == []
+    assert misplaced([PACKAGE / "serve" / "bench.py", PACKAGE / "export" / "soak_calls.py",
+                      PACKAGE / "runtime" / "bench.py", PACKAGE / "measure" / "bench.py"]) == \
+        ["serve/bench.py", "export/soak_calls.py", "runtime/bench.py"]
+
+
+def test_measuring_types_have_names_of_their_own():
+    """Each benchmark has its own options and result types: no class in measure/ shares its name with
+    another class of the package (two BenchOptions once meant two different things)."""
+    owners: dict[str, list[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.ClassDef):
+                owners.setdefault(node.name, []).append(module_name(path))
+    shared = {name: found for name, found in owners.items()
+              if len(found) > 1 and any(layer_of(m) == "measure" for m in found)}
+    assert shared == {}
+
+
 def test_the_checker_catches_each_kind_of_break():
     """The rules test would fail on each broken rule (so the test above can fail)."""
     cases = {
@@ -121,7 +157,9 @@ def test_the_checker_catches_each_kind_of_break():
         ("centra.runtime.engine", "from centra.cli import main"): "nothing imports the CLI",
         ("centra.serve.server", "from centra.measure.languages import run_one"): "(serve) imports centra.measure",
         ("centra.measure.languages", "from centra.cli import main"): "nothing imports the CLI",
-        ("centra.core.merge", "import grpc"): "only ['serve'] may",
+        ("centra.core.merge", "import grpc"): "only ['measure', 'serve'] may",
+        ("centra.export.onnx", "import grpc"): "only ['measure', 'serve'] may",
+        ("centra.measure.soak_calls", "import grpc"): "at module level",
         ("centra.runtime.onnx", "import onnxruntime"): "at module level",
         ("centra.io", "from centra.core.task import TaskSpec"): "(a base module) imports",
         ("centra.errors", "from centra.io import read_json"): "(a base module) imports centra.io",
@@ -132,7 +170,7 @@ def test_the_checker_catches_each_kind_of_break():
         ("centra.client", "from centra.train.data import Columns"): "(serve) imports centra.train",
         ("centra.serve.batcher", "from centra.cli import main"): "nothing imports the CLI",
         ("centra", "from centra.cli import main"): "nothing imports the CLI",
-        ("centra", "import grpc"): "only ['serve'] may",
+        ("centra", "import grpc"): "only ['measure', 'serve'] may",
         ("centra.core.task", "from centra import Engine"): "(core) imports centra.Engine",
     }
     for (module, line), message in cases.items():
@@ -144,6 +182,7 @@ def test_the_checker_catches_each_kind_of_break():
             ("centra.io", "from centra.errors import CentraError\n"),
             ("centra.serve.v1.centra_pb2_grpc", "import grpc\nfrom centra.serve.v1 import centra_pb2\n"),
             ("centra.client", "def f():\n    import grpc\n"),
+            ("centra.measure.bench_clients", "def f():\n    import grpc\n"),
             ("centra.serve.call", "from centra.runtime.engine import Row\n"),
             ("centra", "def f():\n    from centra.runtime.engine import Engine\n"),
             ("centra.core.task", "from centra import io\n")}

@@ -83,7 +83,7 @@ def test_one_token_group_has_no_warning(merged):
 def test_one_token_group_type_everywhere(merged):
     """The engine, the manifest and bench group tasks by the same TokenGroup, built from the specs."""
     from centra.core.overhead import TokenGroup, token_groups
-    from centra.runtime.bench import make_batches
+    from centra.measure.bench_batches import make_batches
 
     plan = plan_merge([merged / "tasks"])
     groups = token_groups(plan.specs)

@@ -12,11 +12,13 @@ from conftest import snapshot
 from helpers import STANDARD_TASKS, make_tasks
 
 from centra.cli import main
+from centra.core.answers import ClassAnswer, LabelsAnswer, answer_from_dict
 from centra.core.backbone import Backbone
 from centra.core.merge import model_folder, plan_merge, write_merged
+from centra.measure.soak_calls import EXPECTED
+from centra.measure.soak_check import Answered, Checker, References, compare_task
 from centra.runtime.engine import Engine
-from centra.serve.soak_calls import EXPECTED
-from centra.serve.soak_check import Answered, Checker, References, compare_task
+from centra.serve.v1 import centra_pb2 as pb
 
 
 @pytest.fixture
@@ -28,15 +30,19 @@ def merged(tiny_models, tmp_path) -> Path:
 
 
 def answered(engine: Engine, texts: list[str], tasks: list[str], pairs: list[str] | None = None) -> Answered:
-    """A call answered exactly as in-process predict answers it, in the shape the soak reads off the wire."""
+    """A call answered exactly as in-process predict answers it, as the soak reads it off the wire."""
     expected = engine.predict(texts, pairs, tasks)
     names = list(dict.fromkeys(a["task"] for a in expected))
-    results = tuple({a["task"]: {"label": a.get("label"), "labels": a.get("labels", []), "value": a.get("value"),
-                                 "scores": list(a["scores"].values()), "truncated": a["truncated"]}
-                     for a in expected[i * len(names):(i + 1) * len(names)]} for i in range(len(texts)))
+    results = []
+    for i in range(len(texts)):
+        row = {}
+        for a in expected[i * len(names):(i + 1) * len(names)]:
+            answer_from_dict(a).to_v1(task := pb.TaskResult(task=a["task"], truncated=a["truncated"]))
+            row[a["task"]] = task
+        results.append(row)
     ids = tuple(f"id-{i}" for i in range(len(texts)))
     return Answered(engine.content_id, engine.version, tuple(texts),
-                    tuple(pairs) if pairs else None, tuple(tasks), ids, ids, results)
+                    tuple(pairs) if pairs else None, tuple(tasks), ids, ids, tuple(results))
 
 
 def test_checker_flags_a_wrong_answer(merged, tmp_path):
@@ -48,9 +54,9 @@ def test_checker_flags_a_wrong_answer(merged, tmp_path):
     pair = answered(engine, ["great product"], ["delta"], ["the product is great"])
     wrong_label = answered(engine, ["great product"], ["alpha"])
     got = wrong_label.results[0]["alpha"]
-    got["label"] = next(label for label in ("neg", "neu", "pos") if label != got["label"])
+    got.label = next(label for label in ("neg", "neu", "pos") if label != got.label)
     wrong_score = answered(engine, ["i love it"], ["gamma"])
-    wrong_score.results[0]["gamma"]["scores"][0] += 1e-3
+    wrong_score.results[0]["gamma"].scores[0] += 1e-3
     unknown = dataclasses.replace(good, model_id="sha256:" + "0" * 64)  # a version the soak never published
     checker = Checker(references)
     checker.start()
@@ -66,13 +72,14 @@ def test_checker_flags_a_wrong_answer(merged, tmp_path):
 def test_compare_task_tolerates_ties_only(merged):
     engine = Engine.load(model_folder(merged))
     spec = engine.specs["alpha"]
-    ref = {"label": "pos", "scores": {"neg": 0.1, "neu": 0.45, "pos": 0.45}, "truncated": False}
-    got = {"label": "neu", "labels": [], "value": None, "scores": [0.1, 0.45, 0.45], "truncated": False}
+    ref = ClassAnswer({"neg": 0.1, "neu": 0.45, "pos": 0.45}, "pos")
+    got = ClassAnswer({"neg": 0.1, "neu": 0.45, "pos": 0.45}, "neu")
     assert compare_task(spec, ref, got) is None  # tied within the tolerance: either label is right
-    ref["scores"] = {"neg": 0.1, "neu": 0.3, "pos": 0.6}
-    got["scores"] = [0.1, 0.3, 0.6]
+    ref = ClassAnswer({"neg": 0.1, "neu": 0.3, "pos": 0.6}, "pos")
+    got = ClassAnswer({"neg": 0.1, "neu": 0.3, "pos": 0.6}, "neu")
     assert "label" in compare_task(spec, ref, got)
-    assert "scores" in compare_task(spec, ref, {**got, "label": "pos", "scores": [0.1, 0.6]})
+    assert "scores" in compare_task(spec, ref, ClassAnswer({"neg": 0.1, "pos": 0.6}, "pos"))
+    assert "label" in compare_task(spec, ref, LabelsAnswer(ref.scores, ["pos"])), "another kind of answer"
 
 
 def test_soak_refuses_bad_options_in_one_line(tmp_path, capsys):
@@ -107,7 +114,7 @@ def test_short_soak_is_clean(merged, tmp_path, capsys, monkeypatch):
 
 
 def test_rss_floors_see_through_a_reload_in_progress():
-    from centra.serve.soak import rss_figures
+    from centra.measure.soak import rss_figures
 
     # 100 s: 400 MB at rest, 800 MB whenever a reload holds two models (every 10th sample), the last one too
     samples = [(t * 0.5, 800.0 if t % 10 == 0 or t == 199 else 400.0) for t in range(200)]

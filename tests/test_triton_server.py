@@ -20,8 +20,8 @@ from helpers import make_tasks
 from centra.cli import main
 from centra.core.backbone import Backbone
 from centra.errors import CentraError
-from centra.export import tritonserver
 from centra.export.triton_python import SUMMARY, PythonRepoOptions, export_triton_python
+from centra.measure import tritonserver
 from centra.runtime.engine import Engine
 
 tritonhttp = pytest.importorskip("tritonclient.http")

@@ -16,7 +16,7 @@ import _bootstrap  # noqa: F401  (puts the checkout on sys.path)
 from centra import io
 from centra.cli import main
 from centra.core.backbone import Backbone
-from centra.export.scale import synthetic_tasks
+from centra.measure.scale import synthetic_tasks
 
 
 class Forget(dict):

@@ -1,15 +1,13 @@
-"""`centra bench-scale`: memory, speed, merge time and disk per task count (centra.export.scale), and a server
-reloading +1 task at the largest count (centra.serve.bench_reload). A table, a PNG plot, a last line of JSON."""
+"""`centra bench-scale`: memory, speed, merge time and disk per task count, and a server reloading +1 task at
+the largest count (the measuring is centra.measure.scale's). A table, a PNG plot, a last line of JSON."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
 from centra.cli import flags_named, positive_int
-from centra.errors import CentraError
 
 
 def task_counts(value: str) -> tuple[int, ...]:
@@ -25,19 +23,18 @@ def task_counts(value: str) -> tuple[int, ...]:
 def cmd_bench_scale(args: argparse.Namespace) -> int:
     from centra.cli.plots import check_plot
     from centra.core.texts import read_texts_file
-    from centra.export.scale import ScaleOptions, bench_scale, merge_args, reload_setup, synthetic_tasks
+    from centra.measure.scale import ScaleBenchOptions, check_workdir, run_bench_scale
     from centra.progress import progress_line
     from centra.train.texts import default_sequences
 
-    options = ScaleOptions(tasks=args.tasks, engines=tuple(args.engines.split(",")),
-                           separate_up_to=args.separate_up_to, texts=args.texts, reload=not args.no_reload,
-                           seed=args.seed, backbone=args.backbone)
+    options = ScaleBenchOptions(tasks=args.tasks, engines=tuple(args.engines.split(",")),
+                                separate_up_to=args.separate_up_to, texts=args.texts, reload=not args.no_reload,
+                                seed=args.seed, backbone=args.backbone)
     with flags_named("bench-scale"):
         options.check()
     plot = check_plot(args.plot, "bench-scale") if args.plot else None
-    if args.workdir and Path(args.workdir).exists() and any(Path(args.workdir).iterdir()) and \
-            not (Path(args.workdir) / "texts.txt").is_file():
-        raise CentraError(f"bench-scale: --workdir {args.workdir}: not empty and not a bench-scale folder")
+    workdir = Path(args.workdir) if args.workdir else None
+    check_workdir(workdir)
     if args.texts_file:
         texts, source = read_texts_file(Path(args.texts_file)), args.texts_file
     else:
@@ -46,20 +43,7 @@ def cmd_bench_scale(args: argparse.Namespace) -> int:
     def progress(line: str) -> None:
         progress_line(f"bench-scale: {line}")
 
-    with tempfile.TemporaryDirectory(prefix="centra-bench-scale-") as tmp:
-        work = Path(args.workdir) if args.workdir else Path(tmp)
-        progress(f"synthetic tasks in {work}; {min(len(texts), options.texts)} texts from {source}")
-        report = bench_scale(options, texts, work, progress, source)
-        setup = reload_setup(options, work)
-        if setup is not None:
-            from centra.core.backbone import Backbone
-            from centra.serve.bench_reload import measure_reload
-
-            tasks, out, count = setup
-            backbone = Backbone.load(options.backbone)
-            report.reload = {"tasks": count, **measure_reload(
-                out, lambda: synthetic_tasks(backbone, tasks, 1, options.seed, start=count + 1)[0],
-                merge_args(tasks, out, "onnx-int8"), progress)}
+    report = run_bench_scale(options, texts, workdir, progress, source)
     print_report(report)
     if plot is not None:
         write_plot(report, plot)

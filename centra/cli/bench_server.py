@@ -1,7 +1,7 @@
 """`centra bench-server`: the gRPC server under concurrent one-text calls vs the same engine in process.
 
-The measuring is centra.serve.bench's; this module checks the options, finds the texts, loads the model
-and prints the figures (the last line: one JSON object).
+The measuring is centra.measure.bench_server's; this module checks the options, finds the texts and prints
+the figures (the last line: one JSON object).
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ def cmd_bench_server(args: argparse.Namespace) -> int:
     fix_mmap_threshold()  # first, before the model and torch allocate (serve/memory.py)
     from centra.core.merge import model_folder
     from centra.core.texts import read_texts_file
+    from centra.measure.bench_server import ServerBenchOptions, bench_server_model
     from centra.progress import progress_line
-    from centra.serve.bench import BenchOptions
     from centra.train.texts import default_sequences
 
-    options = BenchOptions(concurrency=args.concurrency, seconds=args.seconds, warmup=args.warmup,
-                           max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                           tasks_per_call=args.tasks_per_call, flood=args.flood, protocol=args.protocol)
+    options = ServerBenchOptions(concurrency=args.concurrency, seconds=args.seconds, warmup=args.warmup,
+                                 max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                                 tasks_per_call=args.tasks_per_call, flood=args.flood, protocol=args.protocol)
     with flags_named():  # options, texts and the model folder are checked before the model loads
         options.check()
     if args.texts:
@@ -35,54 +35,11 @@ def cmd_bench_server(args: argparse.Namespace) -> int:
         texts, _, source, _ = default_sequences()
     folder = model_folder(Path(args.model))
 
-    from centra.serve.app import load_engine
-    from centra.serve.bench import bench_server
-    from centra.serve.reload import in_fresh_thread
-
     def progress(line: str) -> None:
         progress_line(f"bench-server: {line}")
 
-    progress(f"loading {folder} (max batch {options.max_batch}); {source}")
-    engine = in_fresh_thread(load_engine, folder, options.max_batch)  # as `centra serve` does
-    figures = bench_server(engine, texts, options, progress)
-    if args.triton:
-        figures.update(triton_figures(folder, engine, texts, options, progress))
-    print_figures(figures)
+    print_figures(bench_server_model(folder, texts, options, args.triton, progress, source))
     return 0
-
-
-def triton_figures(folder: Path, engine, texts: list[str], options, progress) -> dict:
-    """The same clients (OIP gRPC) and workload against a Triton server (nvidia-pytriton's tritonserver)
-    serving the version's python-backend repository (its engine as the version's manifest names it)."""
-    import dataclasses
-    import tempfile
-
-    from centra.export.triton_python import PythonRepoOptions, export_triton_python
-    from centra.export.tritonserver import TritonServer
-    from centra.serve.bench import bench_target
-
-    with tempfile.TemporaryDirectory(prefix="centra-bench-triton-") as tmp:
-        progress("triton: exporting the python-backend repository, starting tritonserver")
-        repo_options = PythonRepoOptions(max_batch=options.max_batch, queue_delay_us=int(options.max_wait_ms * 1000))
-        export_triton_python(folder, Path(tmp) / "repo", repo_options)
-        with TritonServer(Path(tmp) / "repo", Path(tmp) / "work") as server:
-            progress(f"triton on {server.grpc_url}: {options.concurrency} OIP gRPC clients, {options.warmup:g} s "
-                     f"warm-up, then {options.seconds:g} s measured")
-            before = triton_counts(server.http_url)
-            got = bench_target(server.grpc_url, engine, texts, dataclasses.replace(options, protocol="oip-grpc"))
-            after = triton_counts(server.http_url)
-    requests, executions = (a - b for a, b in zip(after, before))  # warm-up included: Triton counts since start
-    got["mean_batch_calls"] = round(requests / executions, 3) if executions else float("nan")
-    return {f"triton_{key}": value for key, value in got.items()}
-
-
-def triton_counts(http_url: str) -> tuple[int, int]:
-    """Triton's statistics of the model centra: (requests, executions) so far."""
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://{http_url}/v2/models/centra/stats", timeout=10) as reply:
-        stats = json.loads(reply.read())["model_stats"]
-    return (sum(int(s.get("inference_count", 0)) for s in stats), sum(int(s.get("execution_count", 0)) for s in stats))
 
 
 def print_figures(f: dict) -> None:

@@ -178,7 +178,7 @@ def _timing(engine: Engine, backbone: Backbone, repeats: int = 3) -> None:
 
     from centra.core.graph import StandaloneModel
     from centra.core.texts import SAMPLE_PAIRS, SAMPLE_TEXTS
-    from centra.runtime.bench import full_depth_head
+    from centra.measure.bench_engines import full_depth_head
 
     texts, pairs = (SAMPLE_TEXTS * 4)[:32], (SAMPLE_PAIRS * 4)[:32]
     engine.logits(texts, pairs)  # warm-up

@@ -1,8 +1,7 @@
 """`centra soak`: a bounded soak of `centra serve` on loopback (clients, bad input, re-merges, SIGHUPs).
 
-The work is centra.serve.soak's; this module checks the options, picks the re-merge's engine step (ONNX
-graphs for a model served by ONNX Runtime), prints the figures (the last line: one JSON object), and exits
-1 when an answer was wrong or a status code unexpected.
+The work is centra.measure.soak's; this module checks the options, prints the figures (the last line: one
+JSON object), and exits 1 when an answer was wrong or a status code unexpected.
 """
 
 from __future__ import annotations
@@ -12,38 +11,20 @@ import json
 from pathlib import Path
 
 from centra.cli import flags_named
-from centra.errors import CentraError
-
-
-def merge_extend(model: Path, engine: str | None):
-    """write_merged's `extend` for the soak's re-merges: ONNX graphs when the versions are served by ONNX
-    Runtime (by --engine onnx, or by the model's manifest), else none."""
-    from centra.core.merge import model_folder, read_manifest
-
-    info = read_manifest(model_folder(model)).engine
-    name = engine or (info.name if info is not None else "torch")
-    if name == "torch":
-        return None
-    if name != "onnx":
-        raise CentraError(f"soak: the model is served by {name!r}; soak runs --engine torch or onnx")
-    from centra.export.engines import extender
-
-    return extender("onnx", info.precision if info is not None else None, progress=False)
 
 
 def cmd_soak(args: argparse.Namespace) -> int:
+    from centra.measure.soak import SoakOptions, run_soak
     from centra.progress import progress_line
-    from centra.serve.soak import SoakOptions, run_soak
 
     options = SoakOptions(minutes=args.minutes, clients=args.clients, seed=args.seed, engine=args.engine)
     with flags_named("soak"):
         options.check()
-    extend = merge_extend(Path(args.model), args.engine)
 
     def progress(line: str) -> None:
         progress_line(f"soak: {line}", enabled=not args.json_only)
 
-    figures = run_soak(Path(args.model), options, extend, progress)
+    figures = run_soak(Path(args.model), options, progress)
     if not args.json_only:
         print_figures(figures)
     print(json.dumps(figures, ensure_ascii=False))

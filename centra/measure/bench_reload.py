@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from centra.errors import CentraError
-from centra.io import process_memory
+from centra.measure.memory import process_memory, reset_peak
 
 START_TIMEOUT = 300.0  # seconds for the server to load the model, and for the new task to answer
 
@@ -23,12 +23,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def reset_peak(pid: int) -> None:
-    """Start process `pid`'s peak RSS (VmHWM) afresh from its current RSS (Linux: clear_refs 5)."""
-    with open(f"/proc/{pid}/clear_refs", "w") as fh:
-        fh.write("5")
 
 
 def measure_reload(out: Path, add_task: Callable[[], str], merge: list[str],

@@ -1,4 +1,4 @@
-"""Benchmark core: the same pre-tokenised batches through several engines, each batch timed.
+"""The engine bench's batches and its clock: the same pre-tokenised batches for every engine, each batch timed.
 
 A *sequence* is one input classified by every task: its text for the single-text tasks and its text pair
 for the pair tasks (the two may be unrelated inputs, e.g. an SST-2 sentence and an MRPC pair). A batch
@@ -11,33 +11,27 @@ sequence. Two length settings:
   server with static input shapes runs.
 
 Texts are tokenised once, before any timing, for every engine alike: the figures are the models' own.
-An engine is a callable batch -> {task: logits (batch, num_outputs)}: `runner_engine` over a merged
-graph (one trunk pass per token group, every branch on every row), or `separate_engine` over one
-model per task. `full_depth_model` is that baseline: a task served as its own fine-tuned model, i.e.
-embeddings + all N backbone layers (its own copies) + the task's pooler and classifier.
+`time_engines` runs engines (measure/bench_engines.py) over the batches and gives one EngineResult each.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
-from centra.core.backbone import EncoderConfig, EncoderLayer
-from centra.core.graph import StandaloneModel
+from centra.core.backbone import EncoderConfig
 from centra.core.overhead import token_groups
-from centra.core.task import TaskHead, TaskSpec
+from centra.core.task import TaskSpec
 from centra.core.tokens import encode
 from centra.errors import CentraError
 
 FIXED_LENGTH = 128
 LENGTHS = ("realistic", "fixed")
-CHUNK = 8  # batches an engine runs in a row before the next engine's turn (see `measure`)
+CHUNK = 8  # batches an engine runs in a row before the next engine's turn (see `time_engines`)
 GroupKey = tuple[str, int]  # (input kind, max_length): TokenGroup.key
 Tensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids, attention_mask, token_type_ids
 
@@ -54,7 +48,7 @@ BenchEngine = Callable[[Batch], dict[str, torch.Tensor]]
 
 
 @dataclass
-class Result:
+class EngineResult:
     """One engine on one batch size and length setting: whole passes over the same batches."""
 
     engine: str
@@ -112,81 +106,8 @@ def make_batches(tokenizer, cfg: EncoderConfig, specs: dict[str, TaskSpec], text
     return [Batch(batch_size, {key: per_group[key][j] for key in per_group}) for j in range(n // batch_size)]
 
 
-def _to(tensors: Tensors, device: str | None) -> Tensors:
-    return tensors if device is None else tuple(t.to(device) for t in tensors)  # type: ignore[return-value]
-
-
-def runner_engine(runner, device: str | None = None) -> BenchEngine:
-    """A merged graph (MergedModel or any Runner: forward_rows): per token group one call, every task of
-    the group on every row."""
-    tasks = {group.key: group.tasks for group in token_groups(runner.specs.values())}
-
-    @torch.inference_mode()
-    def run(batch: Batch) -> dict[str, torch.Tensor]:
-        rows = torch.arange(batch.size)
-        out: dict[str, torch.Tensor] = {}
-        for key, tensors in batch.groups.items():
-            names = tasks.get(key, ())
-            if names:
-                out.update(runner.forward_rows(*_to(tensors, device), {name: rows for name in names}))
-        return out if device is None else {k: v.cpu() for k, v in out.items()}  # .cpu(): waits for the GPU
-
-    return run
-
-
-def separate_engine(engines: dict[str, BenchEngine]) -> BenchEngine:
-    """One engine per task (each a model of its own), run one after the other on the batch."""
-
-    def run(batch: Batch) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for engine in engines.values():
-            out.update(engine(batch))
-        return out
-
-    return run
-
-
-def full_depth_head(head: TaskHead, num_layers: int) -> TaskHead:
-    """The task's pooler and classifier (copied) over the last of `num_layers` layers, no task layers."""
-    spec = replace(head.spec, attach_layer=num_layers, task_layers=0)
-    full = TaskHead(spec, head.cfg)
-    full.pooler.load_state_dict(head.pooler.state_dict())
-    full.classifier.load_state_dict(head.classifier.state_dict())
-    return full.eval().requires_grad_(False)
-
-
-def full_depth_model(embeddings: nn.Module, layers: list[EncoderLayer], head: TaskHead) -> StandaloneModel:
-    """The task as its own model of the full backbone depth: copies of the embeddings and of all layers
-    (its own weights, as a separately fine-tuned model holds), then the task's pooler and classifier."""
-    model = StandaloneModel(copy.deepcopy(embeddings), [copy.deepcopy(layer) for layer in layers],
-                            full_depth_head(head, len(layers)))
-    return model.eval().requires_grad_(False)
-
-
-def standalone_engine(models: dict[str, StandaloneModel], device: str | None = None) -> BenchEngine:
-    """Separate torch models, one per task, each run on its task's token group."""
-
-    @torch.inference_mode()
-    def run(batch: Batch) -> dict[str, torch.Tensor]:
-        out = {name: model(*_to(batch.groups[model.head.spec.encoding_key], device)) for name, model in models.items()}
-        return out if device is None else {k: v.cpu() for k, v in out.items()}
-
-    return run
-
-
-def autocast_engine(engine: BenchEngine) -> BenchEngine:
-    """A CUDA engine run under torch.autocast fp16 (PyTorch's mixed precision: matmuls and attention in
-    half precision, reductions in fp32)."""
-
-    def run(batch: Batch) -> dict[str, torch.Tensor]:
-        with torch.autocast("cuda", dtype=torch.float16):
-            return {k: v.float() for k, v in engine(batch).items()}
-
-    return run
-
-
-def measure(engines: dict[str, BenchEngine], batches: list[Batch], lengths: str, seconds: float | None = None,
-            repeats: int | None = None, chunk: int = CHUNK) -> list[Result]:
+def time_engines(engines: dict[str, BenchEngine], batches: list[Batch], lengths: str, seconds: float | None = None,
+            repeats: int | None = None, chunk: int = CHUNK) -> list[EngineResult]:
     """Every engine on the same batches, in whole passes: `repeats` passes, or passes until `seconds` per
     engine have gone by (at least one). Within a pass the engines take turns, `chunk` batches each (the
     first engine changing from chunk to chunk), so a load that comes and goes on a shared machine falls
@@ -221,5 +142,5 @@ def measure(engines: dict[str, BenchEngine], batches: list[Batch], lengths: str,
         total = float(sum(latencies[name]))
         p50, p99 = np.percentile(np.array(latencies[name]) * 1000.0, [50, 99])
         count = passes * len(batches) * size
-        results.append(Result(name, size, lengths, count, total, count / total, float(p50), float(p99)))
+        results.append(EngineResult(name, size, lengths, count, total, count / total, float(p50), float(p99)))
     return results

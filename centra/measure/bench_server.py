@@ -1,15 +1,16 @@
 """Load benchmark: the gRPC server under concurrent one-text calls against the same engine in process.
 
 `bench_server` starts a CentraServer on a free loopback port in its own event-loop thread (no metrics, no
-reload), runs `concurrency` client threads in a process of their own (serve/bench_clients.py: one channel
+reload), runs `concurrency` client threads in a process of their own (measure/bench_clients.py: one channel
 and one connection each, the raw stub) calling Classify with one text and a task set that varies between
 calls, first for a warm-up and then for the measured window; then runs `engine.run` in process over
 batches of the server's mean batch size (rows) on the same calls. The clients share the machine's cores
 with the server: the figures are those of server and clients on one machine, a lower bound for a server
 on its own.
 
-Only the serve layer is used (no CLI, no data files): the caller gives the engine, the texts and a
-progress callback. grpc is imported inside the functions.
+`bench_server_model` loads the model as `centra serve` does and, with `triton`, then drives the same
+clients (OIP gRPC) against tritonserver serving the version's python-backend repository. The caller gives
+the texts and a progress callback (no CLI, no data files). grpc is imported inside the functions.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from centra.errors import CentraError, FieldError, Name
+from centra.measure.memory import rss_mb
 from centra.runtime.engine import Engine, Row
 from centra.serve.background import BackgroundServer
 from centra.serve.batcher import BatchRecord
@@ -34,7 +37,7 @@ Call = tuple[str, tuple[str, ...]]  # one input's text, and the tasks it asks fo
 
 
 @dataclass(frozen=True)
-class BenchOptions:
+class ServerBenchOptions:
     concurrency: int = 16
     seconds: float = 10.0
     warmup: float = 2.0
@@ -111,9 +114,9 @@ class Window:
     queue_wait_s: float = 0.0  # summed over calls
 
 
-def drive(running: BackgroundServer, calls: list[Call], options: BenchOptions) -> Window:
+def drive(running: BackgroundServer, calls: list[Call], options: ServerBenchOptions) -> Window:
     """`concurrency` client threads calling Classify back to back, in a process of their own
-    (serve/bench_clients.py): a warm-up, then the measured window."""
+    (measure/bench_clients.py): a warm-up, then the measured window."""
     window = Window(options.seconds)
     batcher = running.server.batcher
     clock: dict[str, float] = {}
@@ -134,10 +137,10 @@ def drive(running: BackgroundServer, calls: list[Call], options: BenchOptions) -
     return window
 
 
-def clients_process(running: BackgroundServer | None, calls: list[Call], concurrency: int, options: BenchOptions,
+def clients_process(running: BackgroundServer | None, calls: list[Call], concurrency: int, options: ServerBenchOptions,
                     clock: dict[str, float], flood_senders: int = 0,
                     target: str = "") -> tuple[dict, tuple[int, ...], list[float]]:
-    """Run serve/bench_clients.py against the server (or, with running None, an external server at
+    """Run measure/bench_clients.py against the server (or, with running None, an external server at
     `target`): warm-up, then the window (`clock` gets its wall-clock start and end). Returns the clients'
     result, the batcher's (batches, calls, rows) in the window, and this process's RSS sampled through it (MB)."""
     import json
@@ -151,7 +154,7 @@ def clients_process(running: BackgroundServer | None, calls: list[Call], concurr
     job = {"target": target, "protocol": protocol, "concurrency": concurrency, "timeout": options.call_timeout_s,
            "calls": [[text, list(tasks)] for text, tasks in calls],
            "flood_senders": flood_senders, "flood_inputs": FLOOD_INPUTS}
-    proc = subprocess.Popen([sys.executable, "-m", "centra.serve.bench_clients"], stdin=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "centra.measure.bench_clients"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     try:
         proc.stdin.write(json.dumps(job) + "\n")
@@ -218,7 +221,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-def bench_server(engine: Engine, texts: list[str], options: BenchOptions,
+def bench_server(engine: Engine, texts: list[str], options: ServerBenchOptions,
                  progress: Callable[[str], None] = lambda line: None) -> dict:
     """Server, then in process; the figures of `centra bench-server`'s JSON line (and a few more)."""
     options.check()
@@ -257,7 +260,7 @@ def bench_server(engine: Engine, texts: list[str], options: BenchOptions,
             "mean_queue_wait_ms": round(window.queue_wait_s / max(window.batch_calls, 1) * 1000, 3), **flooded}
 
 
-def bench_target(target: str, engine: Engine, texts: list[str], options: BenchOptions) -> dict:
+def bench_target(target: str, engine: Engine, texts: list[str], options: ServerBenchOptions) -> dict:
     """The same clients and workload against an external server speaking options.protocol at `target`
     (a Triton server serving the python-backend repository: "oip-grpc"): calls/s, inputs/s, latency."""
     options.check()
@@ -274,15 +277,7 @@ def bench_target(target: str, engine: Engine, texts: list[str], options: BenchOp
 FLOOD_INPUTS = 2_000_000  # empty inputs: a 4,000,000-byte ClassifyRequest
 
 
-def rss_mb() -> float:
-    """This process's resident memory now (Linux /proc), in MB; NaN where there is no /proc."""
-    from centra.io import process_memory
-
-    found = process_memory()
-    return found[0] if found else float("nan")
-
-
-def flood(running: BackgroundServer, calls: list[Call], senders: int, options: BenchOptions) -> dict:
+def flood(running: BackgroundServer, calls: list[Call], senders: int, options: ServerBenchOptions) -> dict:
     """Oversized calls against the running server while one client keeps sending valid one-text calls
     (both from the client process): a window of the valid calls alone, then one in which `senders` 4 MB
     ClassifyRequests (2,000,000 empty inputs each) arrive at once at the start of every second. Figures:
@@ -299,3 +294,53 @@ def flood(running: BackgroundServer, calls: list[Call], senders: int, options: B
             "probe_p99_ms_during": round(percentile(beside["latencies"], 99) * 1000, 3),
             "rss_mb_before": round(rss_alone[-1], 1), "rss_mb_peak": round(max(rss_beside), 1),
             "rss_mb_after": round(rss_mb(), 1)}
+
+
+def bench_server_model(folder: Path, texts: list[str], options: ServerBenchOptions, triton: bool = False,
+                       progress: Callable[[str], None] = lambda line: None, source: str = "") -> dict:
+    """`centra bench-server`'s figures: the model loaded as `centra serve` loads it, `bench_server` on it,
+    then (`triton`) the same clients against tritonserver (`triton_figures`)."""
+    from centra.serve.app import load_engine
+    from centra.serve.reload import in_fresh_thread
+
+    options.check()
+    progress(f"loading {folder} (max batch {options.max_batch}); {source}")
+    engine = in_fresh_thread(load_engine, folder, options.max_batch)  # as `centra serve` does
+    figures = bench_server(engine, texts, options, progress)
+    if triton:
+        figures.update(triton_figures(folder, engine, texts, options, progress))
+    return figures
+
+
+def triton_figures(folder: Path, engine: Engine, texts: list[str], options: ServerBenchOptions,
+                   progress: Callable[[str], None]) -> dict:
+    """The same clients (OIP gRPC) and workload against a Triton server (nvidia-pytriton's tritonserver)
+    serving the version's python-backend repository (its engine as the version's manifest names it)."""
+    import tempfile
+
+    from centra.export.triton_python import PythonRepoOptions, export_triton_python
+    from centra.measure.tritonserver import TritonServer
+
+    with tempfile.TemporaryDirectory(prefix="centra-bench-triton-") as tmp:
+        progress("triton: exporting the python-backend repository, starting tritonserver")
+        repo_options = PythonRepoOptions(max_batch=options.max_batch, queue_delay_us=int(options.max_wait_ms * 1000))
+        export_triton_python(folder, Path(tmp) / "repo", repo_options)
+        with TritonServer(Path(tmp) / "repo", Path(tmp) / "work") as server:
+            progress(f"triton on {server.grpc_url}: {options.concurrency} OIP gRPC clients, {options.warmup:g} s "
+                     f"warm-up, then {options.seconds:g} s measured")
+            before = triton_counts(server.http_url)
+            got = bench_target(server.grpc_url, engine, texts, replace(options, protocol="oip-grpc"))
+            after = triton_counts(server.http_url)
+    requests, executions = (a - b for a, b in zip(after, before))  # warm-up included: Triton counts since start
+    got["mean_batch_calls"] = round(requests / executions, 3) if executions else float("nan")
+    return {f"triton_{key}": value for key, value in got.items()}
+
+
+def triton_counts(http_url: str) -> tuple[int, int]:
+    """Triton's statistics of the model centra: (requests, executions) so far."""
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{http_url}/v2/models/centra/stats", timeout=10) as reply:
+        stats = json.loads(reply.read())["model_stats"]
+    return (sum(int(s.get("inference_count", 0)) for s in stats), sum(int(s.get("execution_count", 0)) for s in stats))

@@ -12,7 +12,8 @@ and runs for `minutes`:
   that a version name comes back with other content, and sending SIGHUP; after each, the server must answer
   (soak_control);
 - the server's RSS sampled every RSS_EVERY_S: after a warm-up, at the peak and at the end.
-Then the server gets SIGTERM and must exit 0 within its grace, and the scratch folder is removed. The
+The re-merges write ONNX graphs when ONNX Runtime serves the versions (`merge_extend`, export's own
+extender). Then the server gets SIGTERM and must exit 0 within its grace, and the scratch folder is removed. The
 result is one dict (the command prints it as its last line); `ok` is no wrong answer and no unexpected code.
 """
 
@@ -32,9 +33,9 @@ from pathlib import Path
 from centra.core.merge import MODEL_KIND, model_folder, read_manifest
 from centra.errors import CentraError, FieldError, Name
 from centra.io import ARTIFACT_FILE, CURRENT, VERSION_RE, VERSIONS, write_json
-from centra.serve.soak_calls import EXPECTED, Tally, Workload, client_loop
-from centra.serve.soak_check import Checker, References, answered_from_pb
-from centra.serve.soak_control import ACTIONS, Control, Served, ServerProcess
+from centra.measure.soak_calls import EXPECTED, Tally, Workload, client_loop
+from centra.measure.soak_check import Checker, References, answered_from_pb
+from centra.measure.soak_control import ACTIONS, Control, Served, ServerProcess
 
 RSS_EVERY_S = 0.5
 DRAIN_S, GRACE_S = 0.5, 5.0  # the server's; on SIGTERM it must exit within their sum (plus some slack)
@@ -94,10 +95,24 @@ def prepare(model: Path, scratch: Path) -> tuple[Path, Path, list[tuple[str, str
     return work, scratch / "tasks", [(t.name, t.input) for t in manifest.tasks]
 
 
-def run_soak(model: Path, options: SoakOptions, extend: Callable | None = None,
-             progress: Callable[[str], None] = lambda line: None) -> dict:
-    """The soak; `extend` is write_merged's (e.g. ONNX graphs for a model served by ONNX Runtime)."""
+def merge_extend(model: Path, engine: str | None) -> Callable | None:
+    """write_merged's `extend` for the soak's re-merges: ONNX graphs when the versions are served by ONNX
+    Runtime (by --engine onnx, or by the model's manifest), else none."""
+    from centra.export.engines import extender
+
+    info = read_manifest(model_folder(model)).engine
+    name = engine or (info.name if info is not None else "torch")
+    if name == "torch":
+        return None
+    if name != "onnx":
+        raise CentraError(f"soak: the model is served by {name!r}; soak runs --engine torch or onnx")
+    return extender("onnx", info.precision if info is not None else None, progress=False)
+
+
+def run_soak(model: Path, options: SoakOptions, progress: Callable[[str], None] = lambda line: None) -> dict:
+    """The soak; its re-merges write what the served engine needs (`merge_extend`)."""
     options.check()
+    extend = merge_extend(Path(model), options.engine)
     source = model_folder(Path(model))  # one line before anything is copied
     scratch = Path(tempfile.mkdtemp(prefix="centra-soak-", dir=options.scratch))
     server = None

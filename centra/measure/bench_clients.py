@@ -1,4 +1,4 @@
-"""The clients of `centra bench-server`, in a process of their own: `python -m centra.serve.bench_clients`.
+"""The clients of `centra bench-server`, in a process of their own: `python -m centra.measure.bench_clients`.
 
 A server does not share its process with its callers. Client threads in the server's process would
 compete with its event loop and engine worker for one interpreter lock, a cost no deployment pays (it

@@ -2,7 +2,7 @@
 2.51 with the python backend only; x86_64, glibc >= 2.35), for tests, benchmarks and users without the
 container.
 
-    python -m centra.export.tritonserver stub-env .venv/triton-stub   # once: a Python for the backend stub
+    python -m centra.measure.tritonserver stub-env .venv/triton-stub   # once: a Python for the backend stub
     with TritonServer(repo) as server:                                # loopback, free ports
         server.http_url, server.grpc_url
 
@@ -81,7 +81,7 @@ def stub_python() -> Path:
     env = Path(sys.prefix) / STUB_ENV / "bin"
     if not (env / "python3").exists():
         raise CentraError(f"Triton's python backend stub needs numpy<2 and this Python has {numpy.__version__}: "
-                          f"create its Python with `python -m centra.export.tritonserver stub-env {env.parent}`")
+                          f"create its Python with `python -m centra.measure.tritonserver stub-env {env.parent}`")
     return env
 
 

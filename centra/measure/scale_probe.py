@@ -2,11 +2,11 @@
 engine (a merged version, or one model per task built from it), answer texts with every task and with
 one, and print one JSON line: load seconds, texts/s, RSS after loading and after answering, peak RSS.
 
-    python -m centra.export.scale_probe MODEL ENGINE LAYOUT TEXTS_FILE [SEPARATE_GRAPHS]
+    python -m centra.measure.scale_probe MODEL ENGINE LAYOUT TEXTS_FILE [SEPARATE_GRAPHS]
 
 ENGINE: torch | onnx (the version's graphs); LAYOUT: merged | separate (each task a full-depth model of
 its own, weights copied: what one fine-tuned model per task holds; for ONNX, SEPARATE_GRAPHS is the
-folder of their exported graphs, written by centra.export.scale.separate_graphs).
+folder of their exported graphs, written by centra.measure.scale.separate_graphs).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from centra.io import process_memory
+from centra.measure.memory import process_memory
 
 ONE_TASK_REPEATS = 3
 ENGINE_FILE = "engine.json"  # the separate models' graphs: their engine field
@@ -30,7 +30,7 @@ def separate_engines(model: Path, engine: str, graphs: Path | None) -> dict:
     from centra.core.backbone import load_tokenizer
     from centra.core.graph import MergedModel
     from centra.core.merge import load_merged, model_folder
-    from centra.runtime.bench import full_depth_head
+    from centra.measure.bench_engines import full_depth_head
     from centra.runtime.engine import Engine
 
     folder = model_folder(model)

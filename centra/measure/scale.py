@@ -2,12 +2,13 @@
 
 Synthetic untrained tasks (attach layer 2..depth-1 at random, 1-2 task layers within the backbone, 3
 labels; seeded) are written to a work folder. Per task count and engine (torch; ONNX int8), in processes
-of their own (centra.export.scale_probe) so each figure is that process's: a merge from scratch and one
+of their own (centra.measure.scale_probe) so each figure is that process's: a merge from scratch and one
 of +1 task onto it (seconds, peak RSS), the served engine (load and warm-up seconds, texts/s for every
 task and for one, RSS after answering), the version's size on disk and what the +1 version added. Up to
 `separate_up_to` tasks, the same tasks as separate full-depth models (one model per task, weights
-copied). With `reload`, `reload_setup` prepares the largest count's int8 version for
-centra.serve.bench_reload (a server reloading +1 task).
+copied). With `reload`, `reload_at_scale` serves the largest count's int8 version and merges +1 task into
+it while it serves (centra.measure.bench_reload). `run_bench_scale` does all of it in a work folder (a
+temporary one unless given).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,11 +30,11 @@ from centra.errors import CentraError, FieldError, Name
 ENGINES = {"torch": ("torch", None), "onnx-int8": ("onnx", "int8")}
 DEFAULT_TASKS = (8, 32, 100)
 LABELS = ["a", "b", "c"]
-PROBE = "centra.export.scale_probe"
+PROBE = "centra.measure.scale_probe"
 
 
 @dataclass(frozen=True)
-class ScaleOptions:
+class ScaleBenchOptions:
     tasks: tuple[int, ...] = DEFAULT_TASKS
     engines: tuple[str, ...] = tuple(ENGINES)
     separate_up_to: int = 32
@@ -54,7 +56,7 @@ class ScaleOptions:
 
 
 @dataclass
-class Row:
+class ScaleRow:
     tasks: int
     engine: str
     layout: str  # merged | separate
@@ -73,7 +75,7 @@ class Row:
 
 @dataclass
 class ScaleReport:
-    rows: list[Row] = field(default_factory=list)
+    rows: list[ScaleRow] = field(default_factory=list)
     reload: dict | None = None
     texts: str = ""
 
@@ -107,8 +109,6 @@ SERVED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 
 def run_measured(args: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
     """A child process (python `args`): its wall seconds, its own peak RSS in MB (wait4's) and its stdout."""
-    import tempfile
-
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
@@ -162,9 +162,9 @@ def separate_graphs(model: Path, dest: Path) -> Path:
     from centra.core.graph import MergedModel
     from centra.core.merge import load_merged, model_folder
     from centra.export.onnx import export_onnx
-    from centra.export.scale_probe import ENGINE_FILE
     from centra.io import write_json
-    from centra.runtime.bench import full_depth_head
+    from centra.measure.bench_engines import full_depth_head
+    from centra.measure.scale_probe import ENGINE_FILE
 
     folder = model_folder(model)
     _, merged = load_merged(folder)
@@ -175,8 +175,8 @@ def separate_graphs(model: Path, dest: Path) -> Path:
     return dest
 
 
-def reload_setup(options: ScaleOptions, work: Path) -> tuple[Path, Path, int] | None:
-    """For the reload measurement (centra.serve.bench_reload): a copy of the largest count's tasks and
+def reload_setup(options: ScaleBenchOptions, work: Path) -> tuple[Path, Path, int] | None:
+    """For the reload measurement (centra.measure.bench_reload): a copy of the largest count's tasks and
     their int8 version, merged; (tasks folder, OUT, count), or None when int8 is not measured."""
     if not options.reload or "onnx-int8" not in options.engines:
         return None
@@ -189,7 +189,7 @@ def reload_setup(options: ScaleOptions, work: Path) -> tuple[Path, Path, int] | 
     return tasks, out, count
 
 
-def bench_scale(options: ScaleOptions, texts: list[str], work: Path, progress: Callable[[str], None],
+def bench_scale(options: ScaleBenchOptions, texts: list[str], work: Path, progress: Callable[[str], None],
                 source: str = "") -> ScaleReport:
     """Every measurement of the module docstring, in `work` (left as it is: tasks, versions, graphs)."""
     from centra.core.backbone import Backbone
@@ -218,7 +218,7 @@ def bench_scale(options: ScaleOptions, texts: list[str], work: Path, progress: C
             layers = read_manifest(version).overhead_layers
             progress(f"{count} tasks, {engine}: serving (load, every task, one task)")
             got = probe(out, engine, "merged", texts_file)
-            row = Row(count, engine, "merged", got["load_s"], got["texts_per_s"], got["one_task_texts_per_s"],
+            row = ScaleRow(count, engine, "merged", got["load_s"], got["texts_per_s"], got["one_task_texts_per_s"],
                       got["rss_mb"], round(merge_s, 1), round(merge_peak), version_mb=round(size, 2),
                       layers_per_request=layers)
             extra = work / f"extra-{count}"
@@ -239,7 +239,40 @@ def bench_scale(options: ScaleOptions, texts: list[str], work: Path, progress: C
                     graphs = separate_graphs(version, work / f"separate-{engine}-{count}")
                 progress(f"{count} tasks, {engine}: {count} separate models")
                 got = probe(version, engine, "separate", texts_file, graphs)
-                report.rows.append(Row(count, engine, "separate", got["load_s"], got["texts_per_s"],
+                report.rows.append(ScaleRow(count, engine, "separate", got["load_s"], got["texts_per_s"],
                                        got["one_task_texts_per_s"], got["rss_mb"],
                                        layers_per_request=count * backbone.cfg.num_layers))
+    return report
+
+
+def reload_at_scale(options: ScaleBenchOptions, work: Path, progress: Callable[[str], None]) -> dict | None:
+    """The reload measurement (centra.measure.bench_reload) at the largest count, int8; None when skipped."""
+    from centra.core.backbone import Backbone
+    from centra.measure.bench_reload import measure_reload
+
+    setup = reload_setup(options, work)
+    if setup is None:
+        return None
+    tasks, out, count = setup
+    backbone = Backbone.load(options.backbone)
+    return {"tasks": count, **measure_reload(
+        out, lambda: synthetic_tasks(backbone, tasks, 1, options.seed, start=count + 1)[0],
+        merge_args(tasks, out, "onnx-int8"), progress)}
+
+
+def check_workdir(workdir: Path | None) -> None:
+    """A work folder to keep must be empty, new, or one bench-scale wrote before (it has texts.txt)."""
+    if workdir is not None and workdir.exists() and any(workdir.iterdir()) and not (workdir / "texts.txt").is_file():
+        raise CentraError(f"bench-scale: --workdir {workdir}: not empty and not a bench-scale folder")
+
+
+def run_bench_scale(options: ScaleBenchOptions, texts: list[str], workdir: Path | None,
+                    progress: Callable[[str], None], source: str = "") -> ScaleReport:
+    """`bench_scale`, then `reload_at_scale`, in `workdir` (kept) or a temporary folder (removed)."""
+    check_workdir(workdir)
+    with tempfile.TemporaryDirectory(prefix="centra-bench-scale-") as tmp:
+        work = workdir or Path(tmp)
+        progress(f"synthetic tasks in {work}; {min(len(texts), options.texts)} texts from {source}")
+        report = bench_scale(options, texts, work, progress, source)
+        report.reload = reload_at_scale(options, work, progress)
     return report

@@ -22,6 +22,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from centra.client import answer_from_v1
+from centra.core.answers import Answer, ClassAnswer, LabelsAnswer, ValueAnswer, answer_from_dict
 from centra.core.merge import read_manifest
 from centra.core.task import TaskSpec
 from centra.errors import CentraError
@@ -35,8 +37,8 @@ SHOWN = 5  # wrong answers described in the report
 
 @dataclass(frozen=True)
 class Answered:
-    """One OK call as plain values: what was asked and what came back (per input: task -> answer dict with
-    label, labels, value, scores, truncated)."""
+    """One OK call: what was asked and what came back (per input: task -> its centra.v1 TaskResult, read
+    as a typed answer with the reference's labels when checked)."""
 
     model_id: str
     version: str
@@ -45,15 +47,13 @@ class Answered:
     tasks: tuple[str, ...]  # as asked; empty: every task that fits the inputs
     ids: tuple[str, ...]
     got_ids: tuple[str, ...]
-    results: tuple[dict[str, dict], ...]
+    results: tuple[dict[str, object], ...]
 
 
 def answered_from_pb(request, response) -> Answered:
     inputs = list(request.inputs)
     pairs = tuple(item.text_pair for item in inputs) if inputs and all(i.text_pair for i in inputs) else None
-    results = tuple({t.task: {"label": t.label if t.HasField("label") else None, "labels": list(t.labels),
-                              "value": t.value if t.HasField("value") else None, "scores": list(t.scores),
-                              "truncated": t.truncated} for t in result.tasks} for result in response.results)
+    results = tuple({t.task: t for t in result.tasks} for result in response.results)
     return Answered(getattr(response, "model_id", ""), response.model_version, tuple(i.text for i in inputs),
                     pairs, tuple(request.tasks), tuple(i.id for i in inputs), tuple(r.id for r in response.results),
                     results)
@@ -121,34 +121,40 @@ def compare(engine: Engine, item: Answered, expected: list[dict]) -> list[str]:
             problems.append(f"input {i}: tasks {sorted(got)}, the version has {sorted(names)} for this call")
             continue
         for j, name in enumerate(names):
-            problem = compare_task(engine.specs[name], expected[i * len(names) + j], got[name])
+            spec, ref, task = engine.specs[name], expected[i * len(names) + j], got[name]
+            if len(task.scores) != len(spec.labels):
+                problem = f"{len(task.scores)} scores, the reference has {len(spec.labels)} ({', '.join(spec.labels)})"
+            elif task.truncated != ref["truncated"]:
+                problem = f"truncated {task.truncated}, the reference {ref['truncated']}"
+            else:
+                problem = compare_task(spec, answer_from_dict(ref), answer_from_v1(spec.labels, task))
             if problem:
                 problems.append(f"input {i} task {name}: {problem}")
     return problems
 
 
-def compare_task(spec: TaskSpec, ref: dict, got: dict, tol: float = SCORE_TOLERANCE) -> str | None:
-    """One task's answer against the reference's (None: they agree)."""
-    scores = list(ref["scores"].values())
-    if len(got["scores"]) != len(scores):
-        return f"{len(got['scores'])} scores, the reference has {len(scores)} ({', '.join(spec.labels)})"
-    worst = max((abs(a - b) for a, b in zip(got["scores"], scores)), default=0.0)
-    if not worst <= tol:  # NaN too
-        return f"scores {got['scores']} differ from {scores} by {worst:.2e}"
-    if got["truncated"] != ref["truncated"]:
-        return f"truncated {got['truncated']}, the reference {ref['truncated']}"
-    if spec.kind == "regression":
-        ok = got["value"] is not None and abs(got["value"] - ref["value"]) <= tol
-        return None if ok else f"value {got['value']}, the reference {ref['value']}"
-    if spec.kind == "multiclass":
-        label = got["label"]
-        tied = label in ref["scores"] and abs(ref["scores"][label] - ref["scores"][ref["label"]]) <= tol
-        return None if label == ref["label"] or tied else f"label {label!r}, the reference {ref['label']!r}"
+def compare_task(spec: TaskSpec, ref: Answer, got: Answer, tol: float = SCORE_TOLERANCE) -> str | None:
+    """One task's answer against the reference's (None: they agree): the scores within `tol`, then the
+    label (or a tie within tol), the label set (differing only at a threshold, within tol), the value."""
+    scores, given = list(ref.scores.values()), list(got.scores.values())
+    worst = max((abs(a - b) for a, b in zip(given, scores)), default=0.0)
+    if len(given) != len(scores) or not worst <= tol:  # NaN too
+        return f"scores {given} differ from {scores} by {worst:.2e}"
+    if isinstance(ref, ValueAnswer):
+        ok = isinstance(got, ValueAnswer) and abs(got.value - ref.value) <= tol
+        return None if ok else f"{got.to_dict()}, the reference value {ref.value}"
+    if isinstance(ref, ClassAnswer):
+        if not isinstance(got, ClassAnswer):
+            return f"{got.to_dict()}, the reference label {ref.label!r}"
+        tied = got.label in ref.scores and abs(ref.scores[got.label] - ref.scores[ref.label]) <= tol
+        return None if got.label == ref.label or tied else f"label {got.label!r}, the reference {ref.label!r}"
+    if not isinstance(got, LabelsAnswer):
+        return f"{got.to_dict()}, the reference labels {sorted(ref.labels)}"
     thresholds = dict(zip(spec.labels, spec.thresholds or [0.5] * len(spec.labels)))
-    differ = set(got["labels"]) ^ set(ref["labels"])
-    if all(lab in thresholds and abs(ref["scores"][lab] - thresholds[lab]) <= tol for lab in differ):
+    differ = set(got.labels) ^ set(ref.labels)
+    if all(lab in thresholds and abs(ref.scores[lab] - thresholds[lab]) <= tol for lab in differ):
         return None
-    return f"labels {sorted(got['labels'])}, the reference {sorted(ref['labels'])}"
+    return f"labels {sorted(got.labels)}, the reference {sorted(ref.labels)}"
 
 
 class Checker:

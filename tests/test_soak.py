@@ -16,7 +16,7 @@ from centra.core.answers import ClassAnswer, LabelsAnswer, answer_from_dict
 from centra.core.backbone import Backbone
 from centra.core.merge import model_folder, plan_merge, write_merged
 from centra.measure.soak_calls import EXPECTED
-from centra.measure.soak_check import Answered, Checker, References, compare_task
+from centra.measure.soak_check import Checker, References, SoakAnswer, compare_task
 from centra.runtime.engine import Engine
 from centra.serve.v1 import centra_pb2 as pb
 
@@ -29,7 +29,7 @@ def merged(tiny_models, tmp_path) -> Path:
     return tmp_path / "out"
 
 
-def answered(engine: Engine, texts: list[str], tasks: list[str], pairs: list[str] | None = None) -> Answered:
+def answered(engine: Engine, texts: list[str], tasks: list[str], pairs: list[str] | None = None) -> SoakAnswer:
     """A call answered exactly as in-process predict answers it, as the soak reads it off the wire."""
     expected = engine.predict(texts, pairs, tasks)
     names = list(dict.fromkeys(a["task"] for a in expected))
@@ -41,7 +41,7 @@ def answered(engine: Engine, texts: list[str], tasks: list[str], pairs: list[str
             row[a["task"]] = task
         results.append(row)
     ids = tuple(f"id-{i}" for i in range(len(texts)))
-    return Answered(engine.content_id, engine.version, tuple(texts),
+    return SoakAnswer(engine.content_id, engine.version, tuple(texts),
                     tuple(pairs) if pairs else None, tuple(tasks), ids, ids, tuple(results))
 
 

@@ -48,7 +48,7 @@ TEXTS = [
 
 
 @dataclass
-class Call:
+class SoakCall:
     cls: str
     request: object = None  # a ClassifyRequest, or bytes sent as they are
     timeout: float = 30.0
@@ -92,7 +92,7 @@ class Workload:
                 self._huge_at = now
         return name
 
-    def make(self, name: str, rng: random.Random, tag: str) -> Call:
+    def make(self, name: str, rng: random.Random, tag: str) -> SoakCall:
         from centra.serve.v1 import centra_pb2 as pb
 
         if name in ("valid", "valid_pair", "cancel", "deadline", "bad_token"):
@@ -123,7 +123,7 @@ class Workload:
                                                          tasks=[self.single[0]]),
             "missing_pair": lambda: pb.ClassifyRequest(inputs=[pb.Input(text=text)], tasks=[self.pair[0]]),
         }
-        return Call(name, make[name](), timeout=60.0 if name == "huge_message" else 30.0)
+        return SoakCall(name, make[name](), timeout=60.0 if name == "huge_message" else 30.0)
 
     def too_many_bytes(self, rng: random.Random, task: str):
         """Texts of just over --max-call-bytes, or two or three times it (refused by size, parsed or not)."""
@@ -133,7 +133,7 @@ class Workload:
         count = -(-total // TEXT_CHARS)
         return pb.ClassifyRequest(inputs=[pb.Input(text="a" * (total // count + 1))] * count, tasks=[task])
 
-    def valid(self, rng: random.Random, tag: str, pair: bool) -> Call:
+    def valid(self, rng: random.Random, tag: str, pair: bool) -> SoakCall:
         """1-8 inputs, a random task subset (sometimes none: every task that fits; sometimes a duplicate)."""
         from centra.serve.v1 import centra_pb2 as pb
 
@@ -149,11 +149,11 @@ class Workload:
             rng.shuffle(tasks)
             if rng.random() < 0.05:
                 tasks.append(tasks[0])
-        return Call("valid", pb.ClassifyRequest(inputs=inputs, tasks=tasks),
+        return SoakCall("valid", pb.ClassifyRequest(inputs=inputs, tasks=tasks),
                     removable=tuple(t for t in dict.fromkeys(tasks) if t in self.removable))
 
 
-def verdict(call: Call, code: str, details: str) -> str:
+def verdict(call: SoakCall, code: str, details: str) -> str:
     """The outcome of one call's status code: ok, busy, stale or unexpected."""
     if code in EXPECTED[call.cls]:
         return "ok"
@@ -175,7 +175,7 @@ class Tally:
         self.outcomes = {"ok": 0, "busy": 0, "stale": 0, "unexpected": 0}
         self.examples: list[str] = []
 
-    def record(self, call: Call, code: str, details: str) -> str:
+    def record(self, call: SoakCall, code: str, details: str) -> str:
         outcome = verdict(call, code, details)
         with self.lock:
             per_class = self.codes.setdefault(call.cls, {})
@@ -198,7 +198,7 @@ class Tally:
             return sum(sum(codes.values()) for codes in self.codes.values())
 
 
-def send(stubs: tuple, call: Call, metadata: tuple) -> tuple[str, str, object]:
+def send(stubs: tuple, call: SoakCall, metadata: tuple) -> tuple[str, str, object]:
     """(status code name, details, response or None) of one call."""
     import grpc
 

@@ -36,7 +36,7 @@ SHOWN = 5  # wrong answers described in the report
 
 
 @dataclass(frozen=True)
-class Answered:
+class SoakAnswer:
     """One OK call: what was asked and what came back (per input: task -> its centra.v1 TaskResult, read
     as a typed answer with the reference's labels when checked)."""
 
@@ -50,11 +50,11 @@ class Answered:
     results: tuple[dict[str, object], ...]
 
 
-def answered_from_pb(request, response) -> Answered:
+def answered_from_pb(request, response) -> SoakAnswer:
     inputs = list(request.inputs)
     pairs = tuple(item.text_pair for item in inputs) if inputs and all(i.text_pair for i in inputs) else None
     results = tuple({t.task: t for t in result.tasks} for result in response.results)
-    return Answered(getattr(response, "model_id", ""), response.model_version, tuple(i.text for i in inputs),
+    return SoakAnswer(getattr(response, "model_id", ""), response.model_version, tuple(i.text for i in inputs),
                     pairs, tuple(request.tasks), tuple(i.id for i in inputs), tuple(r.id for r in response.results),
                     results)
 
@@ -110,7 +110,7 @@ class References:
         return engine
 
 
-def compare(engine: Engine, item: Answered, expected: list[dict]) -> list[str]:
+def compare(engine: Engine, item: SoakAnswer, expected: list[dict]) -> list[str]:
     """What is wrong with one answered call, given the reference's predict output for it (text-major)."""
     if item.got_ids != item.ids:
         return [f"{len(item.got_ids)} results with ids {list(item.got_ids)[:4]}, asked {list(item.ids)[:4]}"]
@@ -124,6 +124,8 @@ def compare(engine: Engine, item: Answered, expected: list[dict]) -> list[str]:
             spec, ref, task = engine.specs[name], expected[i * len(names) + j], got[name]
             if len(task.scores) != len(spec.labels):
                 problem = f"{len(task.scores)} scores, the reference has {len(spec.labels)} ({', '.join(spec.labels)})"
+            elif not wire_scores_agree(list(task.scores), list(ref["scores"].values())):
+                problem = f"scores {list(task.scores)} differ from {list(ref['scores'].values())}"
             elif task.truncated != ref["truncated"]:
                 problem = f"truncated {task.truncated}, the reference {ref['truncated']}"
             else:
@@ -131,6 +133,12 @@ def compare(engine: Engine, item: Answered, expected: list[dict]) -> list[str]:
             if problem:
                 problems.append(f"input {i} task {name}: {problem}")
     return problems
+
+
+def wire_scores_agree(given: list[float], scores: list[float], tol: float = SCORE_TOLERANCE) -> bool:
+    """The scores as they travelled (float32) against the reference's, every one (a regression answer's
+    value travels apart from its score)."""
+    return all(abs(a - b) <= tol for a, b in zip(given, scores))  # NaN: False
 
 
 def compare_task(spec: TaskSpec, ref: Answer, got: Answer, tol: float = SCORE_TOLERANCE) -> str | None:
@@ -163,18 +171,18 @@ class Checker:
     def __init__(self, references: References, max_group: int = 64):
         self.references = references
         self.max_group = max_group
-        self.queue: queue.Queue[Answered] = queue.Queue(maxsize=512)
+        self.queue: queue.Queue[SoakAnswer] = queue.Queue(maxsize=512)
         self.checked = self.wrong = 0
         self.examples: list[str] = []
         self.versions: dict[str, int] = {}  # "version id" -> answers checked
-        self._pending: list[tuple[float, Answered]] = []  # version not registered yet
+        self._pending: list[tuple[float, SoakAnswer]] = []  # version not registered yet
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="centra-soak-checker", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
-    def put(self, item: Answered) -> None:
+    def put(self, item: SoakAnswer) -> None:
         self.queue.put(item)  # blocks while the checker is behind: back-pressure on the clients
 
     def finish(self, timeout: float) -> bool:
@@ -189,7 +197,7 @@ class Checker:
             if batch:
                 self._check(batch)
 
-    def _take(self) -> list[tuple[Path, Answered]]:
+    def _take(self) -> list[tuple[Path, SoakAnswer]]:
         waiting, self._pending = self._pending, []
         fresh = []
         try:
@@ -210,8 +218,8 @@ class Checker:
                                   "the soak never published"])
         return ready
 
-    def _check(self, batch: list[tuple[Path, Answered]]) -> None:
-        groups: dict[tuple, list[Answered]] = {}
+    def _check(self, batch: list[tuple[Path, SoakAnswer]]) -> None:
+        groups: dict[tuple, list[SoakAnswer]] = {}
         for folder, item in batch:
             groups.setdefault((folder, item.tasks, item.pairs is not None), []).append(item)
         for (folder, tasks, _), items in groups.items():
@@ -232,7 +240,7 @@ class Checker:
                 self._flag(item, compare(engine, item, expected[start:end]))
                 start = end
 
-    def _flag(self, item: Answered, problems: list[str]) -> None:
+    def _flag(self, item: SoakAnswer, problems: list[str]) -> None:
         self.checked += 1
         key = f"{item.version} {item.model_id}".strip()
         self.versions[key] = self.versions.get(key, 0) + 1

@@ -22,9 +22,10 @@ from centra.cli import main
 from centra.cli.bench import disturbed_lines
 from centra.core.backbone import Backbone, load_safetensors
 from centra.core.graph import StandaloneModel
-from centra.core.merge import model_folder, plan_merge, write_merged
+from centra.core.merge import plan_merge, write_merged
 from centra.core.task import HEAD_FILE, TaskHead
 from centra.core.tokens import encode
+from centra.core.versions import model_folder
 from centra.export.bench import ENGINES
 from centra.runtime import bench
 from centra.runtime.engine import Engine

@@ -23,8 +23,9 @@ from helpers import STANDARD_TASKS, make_tasks, perturb
 from centra.cli import main
 from centra.core.backbone import Backbone
 from centra.core.manifest import EngineInfo
-from centra.core.merge import MANIFEST, model_folder, plan_merge, read_manifest, write_merged
+from centra.core.merge import plan_merge, write_merged
 from centra.core.task import init_task, save_task
+from centra.core.versions import MANIFEST, model_folder, read_manifest
 from centra.errors import CentraError
 from centra.export import onnx as export_onnx
 from centra.runtime.engine import Engine, Row

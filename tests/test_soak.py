@@ -13,7 +13,8 @@ from helpers import STANDARD_TASKS, make_tasks
 
 from centra.cli import main
 from centra.core.backbone import Backbone
-from centra.core.merge import model_folder, plan_merge, write_merged
+from centra.core.merge import plan_merge, write_merged
+from centra.core.versions import model_folder
 from centra.runtime.engine import Engine
 from centra.serve.soak_calls import EXPECTED
 from centra.serve.soak_check import Answered, Checker, References, compare_task

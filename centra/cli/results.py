@@ -218,7 +218,7 @@ INPUTS = {name: "pair" if cols.pair else "single" for name, _, _, _, _, cols, *_
 
 def cmd_results(args: argparse.Namespace) -> int:
     from centra.core.merge import MODEL_KIND
-    from centra.io import check_replaceable, check_writable_parent
+    from centra.publish import check_replaceable, check_writable_parent
     from centra.train.recipe import data_root
 
     if args.epochs < 1 or args.reference_epochs < 1:

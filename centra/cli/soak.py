@@ -18,7 +18,7 @@ from centra.errors import CentraError
 def merge_extend(model: Path, engine: str | None):
     """write_merged's `extend` for the soak's re-merges: ONNX graphs when the versions are served by ONNX
     Runtime (by --engine onnx, or by the model's manifest), else none."""
-    from centra.core.merge import model_folder, read_manifest
+    from centra.core.versions import model_folder, read_manifest
 
     info = read_manifest(model_folder(model)).engine
     name = engine or (info.name if info is not None else "torch")

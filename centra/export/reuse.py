@@ -18,10 +18,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from centra.core.merge import read_manifest
 from centra.core.task import TaskSpec
+from centra.core.versions import read_manifest, versions_of
 from centra.errors import CentraError
-from centra.io import link_verified, versions_of
+from centra.io import link_verified
 
 # Bump when centra writes different bytes for the same inputs (fused layer writer, export settings).
 EXPORT_FORMAT = 1

@@ -20,8 +20,8 @@ from centra.core import PRECISIONS as ENGINE_PRECISIONS
 from centra.core.backbone import EncoderConfig
 from centra.core.graph import MergedModel
 from centra.core.manifest import EngineInfo
-from centra.core.merge import Version
 from centra.core.task import TaskSpec
+from centra.core.versions import Version
 from centra.errors import CentraError
 from centra.runtime.graphs import GraphRunner, check_engine_field
 

@@ -22,8 +22,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from centra.core.merge import read_manifest
 from centra.core.task import TaskSpec
+from centra.core.versions import read_manifest
 from centra.errors import CentraError
 from centra.runtime.engine import Engine
 

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from centra.core.merge import MODEL_KIND, plan_merge, write_merged
 from centra.errors import CentraError
-from centra.io import process_memory, remove_artifact
+from centra.io import process_memory
+from centra.publish import remove_artifact
 from centra.serve.soak_calls import Tally
 from centra.serve.soak_check import References
 

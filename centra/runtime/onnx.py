@@ -27,6 +27,7 @@ from centra.runtime.graphs import GraphRunner, check_engine_field
 
 ENGINE_NAME = "onnx"
 PRECISIONS = ENGINE_PRECISIONS[ENGINE_NAME]
+ONNX_DIR = "onnx"  # a version's ONNX graphs: onnx/<precision>/<graph>.onnx
 PROVIDER = "CPUExecutionProvider"
 
 

@@ -107,9 +107,9 @@ def test_trained_multilabel_task_carries_and_serves_tuned_thresholds(tiny_models
     write_merged(plan_merge([tmp_path / "tasks"]), tmp_path / "model")
     dev, _ = load_examples(job.dev, "multilabel", job.columns, labels=spec.labels)
     logits = Engine.load(tmp_path / "model").logits(dev.texts, None, ["topics"])["topics"].numpy()
-    assert compute("multilabel", logits, dev.targets, spec.thresholds) == pytest.approx(tuned["fit"], abs=1e-6)
+    assert compute("multilabel", logits, dev.targets, spec.thresholds) == pytest.approx(tuned.fit, abs=1e-6)
     assert main(["evaluate", "--model", str(tmp_path / "model"), "--task", "topics", "--data", str(job.dev),
                  "--text-column", "text", "--label-column", "label"]) == 0
     result = json.loads(capsys.readouterr().out.splitlines()[-1])
-    assert {m: result[m] for m in tuned["fit"]} == pytest.approx(tuned["fit"], abs=1e-6)
-    assert result["labels_per_text"]["gold"] == tuned["labels_per_text"]["gold"]
+    assert {m: result[m] for m in tuned.fit} == pytest.approx(tuned.fit, abs=1e-6)
+    assert result["labels_per_text"]["gold"] == tuned.labels_per_text["gold"]

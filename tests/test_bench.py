@@ -21,9 +21,10 @@ from helpers import make_tasks
 from centra.cli import main
 from centra.core.backbone import Backbone, load_safetensors
 from centra.core.graph import StandaloneModel
-from centra.core.merge import model_folder, plan_merge, write_merged
+from centra.core.merge import plan_merge, write_merged
 from centra.core.task import HEAD_FILE, TaskHead
 from centra.core.tokens import encode
+from centra.core.versions import model_folder
 from centra.measure.bench import ENGINES, disturbed_lines
 from centra.measure.bench_batches import LENGTHS, EngineResult, make_batches, time_engines
 from centra.measure.bench_engines import full_depth_model, runner_engine, standalone_engine

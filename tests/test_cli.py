@@ -17,9 +17,10 @@ from centra.cli import main
 from centra.core.answers import interpret
 from centra.core.backbone import Backbone
 from centra.core.manifest import content_id
-from centra.core.merge import MANIFEST, model_folder, plan_merge, write_merged
+from centra.core.merge import plan_merge, write_merged
 from centra.core.task import TaskSpec
 from centra.core.tokens import MAX_TEXT_CHARS
+from centra.core.versions import MANIFEST, model_folder
 from centra.runtime.engine import Engine
 
 ROOT = Path(__file__).resolve().parent.parent

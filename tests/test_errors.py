@@ -15,7 +15,8 @@ from helpers import STANDARD_TASKS, make_tasks
 
 from centra.cli import main
 from centra.core.backbone import Backbone
-from centra.core.merge import MANIFEST, model_folder, plan_merge, write_merged
+from centra.core.merge import plan_merge, write_merged
+from centra.core.versions import MANIFEST, model_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 

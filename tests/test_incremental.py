@@ -17,9 +17,10 @@ from conftest import TEXTS
 from helpers import STANDARD_TASKS, make_task, make_tasks
 
 from centra.core import merge as core_merge
+from centra.core import versions
 from centra.core.backbone import Backbone
-from centra.core.merge import model_folder, read_manifest
 from centra.core.task import HEAD_FILE
+from centra.core.versions import model_folder, read_manifest
 from centra.export.engines import merge
 from centra.runtime.engine import Engine
 
@@ -128,7 +129,7 @@ def test_heads_an_earlier_version_validated_are_hashed_not_loaded(grown, monkeyp
     real = core_merge.load_task
     monkeypatch.setattr(core_merge, "load_task", lambda folder, *a, **k: loaded.append(Path(folder).name)
                         or real(folder, *a, **k))
-    trusted = core_merge.earlier_heads(grown["out"])
+    trusted = versions.earlier_heads(grown["out"])
     core_merge.plan_merge([grown["tasks"]], trusted=trusted)
     assert loaded == []
     # a head replaced after it was published is loaded (and refused when broken)

@@ -14,8 +14,9 @@ from helpers import STANDARD_TASKS, make_task, make_tasks
 from centra.core.backbone import Backbone, EncoderLayer
 from centra.core.graph import StandaloneModel
 from centra.core.manifest import content_id
-from centra.core.merge import MANIFEST, load_merged, model_folder, plan_merge, read_manifest, write_merged
+from centra.core.merge import load_merged, plan_merge, write_merged
 from centra.core.task import HEAD_FILE, TASK_FILE
+from centra.core.versions import MANIFEST, model_folder, read_manifest
 from centra.errors import CentraError
 from centra.runtime.engine import Engine
 

@@ -23,10 +23,13 @@ from helpers import STANDARD_TASKS, make_tasks, perturb
 from centra.cli import main
 from centra.core.backbone import Backbone
 from centra.core.manifest import EngineInfo
-from centra.core.merge import MANIFEST, model_folder, plan_merge, read_manifest, write_merged
+from centra.core.merge import plan_merge, write_merged
 from centra.core.task import init_task, save_task
+from centra.core.versions import MANIFEST, model_folder, read_manifest
 from centra.errors import CentraError
+from centra.export import int8
 from centra.export import onnx as export_onnx
+from centra.export.fused import fusions, total_fusions
 from centra.runtime.engine import Engine, Row
 from centra.runtime.graphs import graph_layout
 from centra.runtime.onnx import OnnxRunner
@@ -141,22 +144,20 @@ def test_cli_predict_with_the_manifest_engine_equals_torch(bert_onnx, capsys):
 def test_fusions_are_counted(bert_onnx):
     folder = model_folder(bert_onnx)
     info = manifest_of(bert_onnx)["engine"]
-    segment = export_onnx.fusions(folder / "onnx/fp32/layers_1-1.onnx")
+    segment = fusions(folder / "onnx/fp32/layers_1-1.onnx")
     assert segment and all(isinstance(n, int) and n > 0 for n in segment.values()), segment
     # ORT fuses each residual Add + LayerNorm of a layer into SkipLayerNormalization
     assert segment.get("SkipLayerNormalization", 0) + segment.get("LayerNormalization", 0) >= 2, segment
-    total = export_onnx.total_fusions(folder / g["fp32"] for g in info["graphs"])
+    total = total_fusions(folder / g["fp32"] for g in info["graphs"])
     assert total == info["fusions"]["fp32"]
 
 
 def test_int8_reports_agreement_and_refuses_below_the_floor(bert_onnx, tmp_path, monkeypatch):
-    from centra.export import int8
-
     folder = shutil.copytree(model_folder(bert_onnx), tmp_path / "version")
     manifest = manifest_of(bert_onnx)
     fp32 = Engine.load(bert_onnx, batch_size=8)
     info = EngineInfo.from_dict(manifest["engine"], MANIFEST)
-    info = export_onnx.add_int8(folder, info, fp32.model.reference, fp32, progress=False)
+    info = int8.add_int8(folder, info, fp32.model.reference, fp32, progress=False)
     # nothing to quantize in the embeddings: the int8 file is the fp32 graph, linked (no second copy on disk)
     assert {g["name"]: g["int8"] for g in info.graphs}["embeddings"] == "onnx/int8/embeddings.onnx"
     assert (folder / "onnx/int8/embeddings.onnx").stat().st_ino == (folder / "onnx/fp32/embeddings.onnx").stat().st_ino
@@ -333,9 +334,8 @@ def test_merge_writes_fused_graphs_and_int8_fuses_attention(bert_onnx, tmp_path)
     assert info["fusions"]["fp32"]["Attention"] == 3 + sum(row[5] for row in STANDARD_TASKS)
     fp32 = Engine.load(bert_onnx, batch_size=8)
     version = shutil.copytree(folder, tmp_path / "version")
-    int8 = export_onnx.add_int8(version, EngineInfo.from_dict(info, MANIFEST), fp32.model.reference, fp32,
-                                progress=False)
-    assert int8.fusions["int8"].get("QAttention", 0) == int8.fusions["fp32"]["Attention"], int8.fusions
+    quantized = int8.add_int8(version, EngineInfo.from_dict(info, MANIFEST), fp32.model.reference, fp32, progress=False)
+    assert quantized.fusions["int8"].get("QAttention", 0) == quantized.fusions["fp32"]["Attention"], quantized.fusions
 
 
 def test_portable_graphs_use_standard_ops_only(bert_path, tmp_path):

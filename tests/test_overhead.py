@@ -11,9 +11,10 @@ from helpers import perturb
 
 from centra.cli import main
 from centra.core.backbone import Backbone
-from centra.core.merge import MANIFEST, model_folder, plan_merge, write_merged
+from centra.core.merge import plan_merge, write_merged
 from centra.core.overhead import extra_pass_warnings, overhead_layers, trunk_passes
 from centra.core.task import init_task, save_task
+from centra.core.versions import MANIFEST, model_folder
 from centra.runtime.engine import Engine
 from centra.runtime.verify import count_layers_run
 

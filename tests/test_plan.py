@@ -22,10 +22,10 @@ from centra.core.answers import interpret
 from centra.core.backbone import Backbone
 from centra.core.candidates import activate, read_candidates
 from centra.core.graph import StandaloneModel
-from centra.core.merge import MANIFEST, model_folder
 from centra.core.overhead import overhead_layers
 from centra.core.task import CANDIDATES_DIR, HEAD_FILE, TASK_FILE, TaskSpec, init_task, load_task, save_task
 from centra.core.tokens import encode
+from centra.core.versions import MANIFEST, model_folder
 from centra.train.plan import Option, best_plan, frontier, plan_cost
 
 GROUPS = [("single", 128), ("pair", 128), ("single", 64)]

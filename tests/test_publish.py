@@ -1,4 +1,5 @@
-"""Publishing (centra/io.py): a CLI killed at every step, refusals, versions, modes, fsync, integrity."""
+"""Publishing (centra/publish.py, core/versions.py): a CLI killed at every step, refusals, versions, modes,
+fsync, integrity."""
 
 from __future__ import annotations
 
@@ -16,16 +17,18 @@ import pytest
 from conftest import snapshot
 from helpers import STANDARD_TASKS, make_task, make_tasks
 
-from centra import io
+from centra import io, publish
 from centra.cli import main
+from centra.core import versions
 from centra.core.backbone import Backbone
-from centra.core.merge import TRUNK_FILE, load_merged, model_folder, plan_merge, write_merged
+from centra.core.merge import TRUNK_FILE, load_merged, plan_merge, write_merged
 from centra.core.task import HEAD_FILE, RECIPE_FILE, TASK_FILE, init_task, load_task, remove_task, save_task
+from centra.core.versions import model_folder
 from centra.errors import CentraError
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = "import sys; from centra.cli import main; sys.exit(main(sys.argv[1:]))"
-NO_EXCHANGE = "import centra.io; centra.io._exchange = lambda a, b: False; " + CLI  # the two-rename fallback
+NO_EXCHANGE = "import centra.publish; centra.publish._exchange = lambda a, b: False; " + CLI  # the two-rename fallback
 LEFTOVER = re.compile(r"\.(tmp|trash|old)(-|$)")
 RECIPE = b'{"name":  "alpha",   "kind": "multiclass"}\n'  # odd spacing: must be carried byte for byte
 
@@ -85,7 +88,7 @@ def test_merge_killed_at_each_step(world, tmp_path, bert_path, step):
     make_task(Backbone.load(bert_path), world / "tasks", STANDARD_TASKS[2], seed=7)  # the new version: 3 tasks
     done = cli(CLI, ["merge", "--tasks-dir", str(world / "tasks"), "--out", str(out), "--keep-versions", "1"], step)
     assert done.returncode == -signal.SIGKILL, done.stderr  # over a published version every step is reached
-    name, folder = io.current_version(out)
+    name, folder = versions.current_version(out)
     manifest, _ = load_merged(out)
     if step in OLD_VISIBLE:
         assert name == manifest.version == "v000001" and snapshot(folder) == old
@@ -94,7 +97,7 @@ def test_merge_killed_at_each_step(world, tmp_path, bert_path, step):
     assert bool(leftovers(out)) == (step in TEMP_LEFT)
 
     manifest = write_merged(plan_merge([world / "tasks"]), out, keep_versions=1)
-    assert io.versions_of(out) == [manifest.version] == [load_merged(out)[0].version]
+    assert versions.versions_of(out) == [manifest.version] == [load_merged(out)[0].version]
     assert len(manifest.tasks) == 3 and leftovers(tmp_path) == []
 
 
@@ -178,7 +181,7 @@ def test_add_task_refuses_unknown_files_and_keeps_a_recipe(tmp_path, bert_path, 
     recipe_only.mkdir()
     (recipe_only / RECIPE_FILE).write_bytes(RECIPE)
     assert main(add_task_args(tasks, "beta", bert_path)) == 0
-    assert tree(recipe_only) == sorted([io.ARTIFACT_FILE, HEAD_FILE, RECIPE_FILE, TASK_FILE])
+    assert tree(recipe_only) == sorted([publish.ARTIFACT_FILE, HEAD_FILE, RECIPE_FILE, TASK_FILE])
     assert (recipe_only / RECIPE_FILE).read_bytes() == RECIPE
     assert load_task(recipe_only, Backbone.load(bert_path))[0].labels == ["a", "b", "c"]
     assert leftovers(tmp_path) == []
@@ -191,15 +194,15 @@ def test_versions_are_pruned_and_a_resolved_version_stays_whole(world):
     out, plan = world / "out2", plan_merge([world / "tasks"])
     assert [write_merged(plan, out, keep_versions=2).version for _ in range(3)] == \
         ["v000001", "v000002", "v000003"]
-    assert sorted(os.listdir(out / "versions")) == io.versions_of(out) == ["v000002", "v000003"]
-    assert os.readlink(out / io.CURRENT) == "versions/v000003"
+    assert sorted(os.listdir(out / "versions")) == versions.versions_of(out) == ["v000002", "v000003"]
+    assert os.readlink(out / versions.CURRENT) == "versions/v000003"
     assert load_merged(out)[0].version == "v000003"
 
     resolved = model_folder(out)  # a reader resolved current once; then another publish happens
     assert write_merged(plan, out, keep_versions=3).version == "v000004"
     assert load_merged(resolved)[0].version == "v000003"
     assert load_merged(out)[0].version == "v000004"
-    assert io.versions_of(out) == ["v000002", "v000003", "v000004"] and leftovers(world) == []
+    assert versions.versions_of(out) == ["v000002", "v000003", "v000004"] and leftovers(world) == []
     with pytest.raises(CentraError, match="keep at least 1"):
         write_merged(plan, out, keep_versions=0)
 
@@ -227,7 +230,7 @@ def test_modes_follow_the_umask(world, bert_path, mask):
         make_task(bb, world / "tasks", STANDARD_TASKS[0], seed=4)  # a replaced one
         write_merged(plan_merge([world / "tasks"]), world / "out")  # a new version
         write_merged(plan_merge([world / "tasks"]), world / "fresh")  # a new OUT
-        io.publish_folder(world / "thing", "thing", odd_modes, lambda tmp: None)
+        publish.publish_folder(world / "thing", "thing", odd_modes, lambda tmp: None)
     finally:
         os.umask(saved)
     want = {False: oct(0o666 & ~mask), True: oct(0o777 & ~mask)}
@@ -317,12 +320,12 @@ def test_a_version_never_served_does_not_outlive_the_served_one(world):
     so pruning keeps the version that was served, not one that never was."""
     args = ["merge", "--tasks-dir", str(world / "tasks"), "--out", str(world / "out"), "--keep-versions", "2"]
     assert cli(CLI, args, "swap").returncode == -signal.SIGKILL
-    assert io.versions_of(world / "out") == ["v000001", "v000002"]
-    assert io.current_version(world / "out")[0] == "v000001"
+    assert versions.versions_of(world / "out") == ["v000001", "v000002"]
+    assert versions.current_version(world / "out")[0] == "v000001"
     served = snapshot(world / "out" / "versions" / "v000001")
     write_merged(plan_merge([world / "tasks"]), world / "out", keep_versions=2)
-    assert io.versions_of(world / "out") == ["v000001", "v000002"]
-    assert io.current_version(world / "out")[0] == "v000002"
+    assert versions.versions_of(world / "out") == ["v000001", "v000002"]
+    assert versions.current_version(world / "out")[0] == "v000002"
     assert snapshot(world / "out" / "versions" / "v000001") == served, "the served fallback is kept"
 
 

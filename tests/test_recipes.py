@@ -13,8 +13,8 @@ from test_training import synthetic, write_split
 
 from centra.cli import main
 from centra.core.backbone import Backbone
-from centra.core.merge import model_folder
 from centra.core.task import RECIPE_FILE, TASK_FILE, read_spec
+from centra.core.versions import model_folder
 from centra.errors import CentraError
 from centra.train.recipe import read_recipe, stale_reason
 

@@ -46,12 +46,12 @@ def test_reference_trains_embeddings_and_every_layer(bert):
 def test_train_task_reports_the_reference(bert, tmp_path):
     job = job_for(tmp_path, "t", "multiclass", False, reference=True, reference_epochs=2, student_layers=1)
     report, _ = train_task(job, bert, tmp_path / "tasks")
-    ref = report["reference"]
-    assert ref["embeddings"] == "trained" and ref["epochs_setting"] == 2 and len(ref["epochs"]) == 2
-    accuracy = [e["accuracy"] for e in ref["epochs"]]
-    assert ref["layers"] == bert.cfg.num_layers and ref["dev"]["accuracy"] == max(accuracy)
-    assert ref["best_epoch"] == 1 + accuracy.index(max(accuracy))
-    assert report["search"]["per_reference"] > 0
+    ref = report.reference
+    assert ref.embeddings == "trained" and ref.epochs_setting == 2 and len(ref.log.epochs) == 2
+    accuracy = [e["accuracy"] for e in ref.log.epochs]
+    assert ref.layers == bert.cfg.num_layers and ref.log.dev["accuracy"] == max(accuracy)
+    assert ref.log.best_epoch == 1 + accuracy.index(max(accuracy))
+    assert report.search.per_reference > 0
     with pytest.raises(CentraError, match="reference_epochs must be >= 1, not 0"):
         train_task(job_for(tmp_path, "u", "multiclass", False, reference=True, reference_epochs=0), bert,
                    tmp_path / "tasks")

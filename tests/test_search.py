@@ -134,32 +134,31 @@ def test_train_task_records_the_search_and_keeps_candidates(bert, tmp_path):
     job = job_for(tmp_path, "t", "multiclass", False, layers=(1, 3), threshold=-100.0, first_rung=0.25,
                   extra_attach=0)  # candidates at the teacher's layer (shallower ones: test_shallower_students)
     report, student = train_task(job, bert, tmp_path / "tasks")
-    search = report["search"]
-    assert search["method"] == "halving" and search["epochs_full_search"] == 9
-    assert [r["epochs"] for r in search["rounds"]] == [0.25, 3] and len(search["rounds"][0]["scores"]) == 3
-    assert search["epochs_trained"] == 3 + 0.25 + 0.25 == sum(t["epochs_trained"] for t in report["teachers"])
-    assert search["layer_epochs"] < search["layer_epochs_full_search"] == 18 and search["seconds"] > 0
-    chosen = next(t for t in report["teachers"] if t["chosen"])
-    assert chosen["epochs_trained"] == 3 and search["rounds"][-1]["kept"] == [chosen["trainable_layers"]]
-    for teacher in report["teachers"]:  # a teacher cut at the first rung is scored as it stood then
-        if not teacher["chosen"]:
-            assert teacher["epochs"] == [] and teacher["dev"]["epochs_trained"] == 0.25
-            assert search["rounds"][0]["scores"][str(teacher["trainable_layers"])] == \
-                round(teacher["dev"]["accuracy"], 6)
+    search = report.search
+    assert search.method == "halving" and search.epochs_full_search == 9
+    assert [r["epochs"] for r in search.rounds] == [0.25, 3] and len(search.rounds[0]["scores"]) == 3
+    assert search.epochs_trained == 3 + 0.25 + 0.25 == sum(t.log.epochs_trained for t in report.teachers)
+    assert search.layer_epochs < search.layer_epochs_full_search == 18 and search.seconds > 0
+    chosen = report.chosen_teacher
+    assert chosen.log.epochs_trained == 3 and search.rounds[-1]["kept"] == [chosen.trainable_layers]
+    for teacher in report.teachers:  # a teacher cut at the first rung is scored as it stood then
+        if not teacher.chosen:
+            assert teacher.log.epochs == [] and teacher.log.dev["epochs_trained"] == 0.25
+            assert search.rounds[0]["scores"][str(teacher.trainable_layers)] == round(teacher.log.dev["accuracy"], 6)
     kept = {p.name for p in (tmp_path / "tasks" / "t" / CANDIDATES_DIR).iterdir()}
-    best = chosen["trainable_layers"]
+    best = chosen.trainable_layers
     assert kept == {"teacher-L1", "teacher-L2", "teacher-L3"} | {f"student-l{x}" for x in range(1, best + 1)}
-    for entry in report["candidates"]:
-        spec = json.loads((tmp_path / "tasks" / "t" / CANDIDATES_DIR / entry["id"] / "task.json").read_text())
-        assert spec["metrics"]["accuracy"] == entry["accuracy"] and spec["trained"]
-        log = next(t for t in report["teachers"] + report["students"]
-                   if entry["id"] in (f"teacher-L{t.get('trainable_layers')}", f"student-l{t.get('task_layers')}"))
-        assert entry["accuracy"] == round(log["dev"]["accuracy"], 6)
+    logs = {**{f"teacher-L{t.trainable_layers}": t.log for t in report.teachers},
+            **{f"student-l{s.task_layers}": s.log for s in report.students}}
+    for entry in report.candidates:
+        spec = json.loads((tmp_path / "tasks" / "t" / CANDIDATES_DIR / entry.id / "task.json").read_text())
+        assert spec["metrics"]["accuracy"] == entry.score and spec["trained"]
+        assert entry.score == round(logs[entry.id].dev["accuracy"], 6)
 
     full = job_for(tmp_path, "u", "multiclass", False, layers=(1, 3), threshold=-100.0, search="full")
     report, _ = train_task(full, bert, tmp_path / "tasks")
-    assert report["search"]["method"] == "full" and report["search"]["epochs_trained"] == 9
-    assert all(t["epochs_trained"] == 3 for t in report["teachers"])
+    assert report.search.method == "full" and report.search.epochs_trained == 9
+    assert all(t.log.epochs_trained == 3 for t in report.teachers)
     with pytest.raises(CentraError, match="search 'fast' must be one of halving, full"):
         train_task(job_for(tmp_path, "v", "multiclass", False, search="fast"), bert, tmp_path / "tasks")
     for bad in (0, 3.5):
@@ -194,11 +193,11 @@ def test_multilabel_branches_are_chosen_at_tuned_thresholds(bert, tmp_path, monk
     monkeypatch.undo()
 
     report, _ = train_task(job_for(tmp_path, "m", "multilabel", False, layers=(1, 3)), bert, tmp_path / "tasks")
-    rounds, teachers = report["search"]["rounds"], {t["trainable_layers"]: t for t in report["teachers"]}
+    rounds, teachers = report.search.rounds, {t.trainable_layers: t for t in report.teachers}
     for layers, teacher in teachers.items():  # every rung score is the tuned metric, not the one at 0.5
-        if not teacher["chosen"]:
-            assert rounds[0]["scores"][str(layers)] == round(teacher["dev"]["tuned"]["micro_f1"], 6)
-    assert any(t["dev"]["tuned"]["micro_f1"] != t["dev"]["micro_f1"] for t in teachers.values() if not t["chosen"])
-    chosen = next(t for t in teachers.values() if t["chosen"])
-    tuned = [e["tuned"]["micro_f1"] for e in chosen["epochs"]]
-    assert chosen["best_epoch"] == 1 + tuned.index(max(tuned)) and chosen["dev"]["tuned"]["micro_f1"] == max(tuned)
+        if not teacher.chosen:
+            assert rounds[0]["scores"][str(layers)] == round(teacher.log.dev["tuned"]["micro_f1"], 6)
+    assert any(t.log.dev["tuned"]["micro_f1"] != t.log.dev["micro_f1"] for t in teachers.values() if not t.chosen)
+    chosen = report.chosen_teacher.log
+    tuned = [e["tuned"]["micro_f1"] for e in chosen.epochs]
+    assert chosen.best_epoch == 1 + tuned.index(max(tuned)) and chosen.dev["tuned"]["micro_f1"] == max(tuned)

@@ -19,8 +19,8 @@ from helpers import STANDARD_TASKS, make_task, make_tasks
 from centra.cli import main
 from centra.core.backbone import Backbone
 from centra.core.manifest import content_id
-from centra.core.merge import MANIFEST, plan_merge, write_merged
-from centra.io import CURRENT, VERSIONS, current_version
+from centra.core.merge import plan_merge, write_merged
+from centra.core.versions import CURRENT, MANIFEST, VERSIONS, current_version
 from centra.runtime.engine import Engine
 from centra.serve.app import AppOptions, build
 from centra.serve.server import ServeOptions

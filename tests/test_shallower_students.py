@@ -46,13 +46,13 @@ def trained(tiny_models, tmp_path_factory):
 def test_students_below_the_teacher_are_kept_with_their_own_figures(trained):
     root, bert, job, report = trained
     folder = root / "tasks" / "topic"
-    assert [(s["attach_layer"], s["task_layers"]) for s in report["shallower_students"]] == [(2, 1), (1, 1)]
-    assert "shallower_students" in report["seconds"]
-    dev, _ = load_examples(job.dev, "multiclass", job.columns, labels=report["labels"])
+    assert [(s.attach_layer, s.task_layers) for s in report.shallower_students] == [(2, 1), (1, 1)]
+    assert "shallower_students" in report.seconds
+    dev, _ = load_examples(job.dev, "multiclass", job.columns, labels=report.labels)
     for attach in (2, 1):
         spec, head = load_task(folder / "candidates" / f"student-a{attach}-l1", bert, name="topic")
         assert (spec.attach_layer, spec.task_layers) == (attach, 1)
-        logged = next(s for s in report["shallower_students"] if s["attach_layer"] == attach)
+        logged = next(s for s in report.shallower_students if s.attach_layer == attach)
         alone = StandaloneModel(bert.embeddings, list(bert.layers), head).eval()
         tok = bert.tokenizer()
         enc = encode(tok, bert.cfg.type_vocab_size, dev.texts, None, spec.max_length)
@@ -60,7 +60,7 @@ def test_students_below_the_teacher_are_kept_with_their_own_figures(trained):
             logits = torch.cat([alone(*enc.batch([i], tok.pad_token_id)) for i in range(len(dev.texts))]).numpy()
         # the figure recorded is the one of this head at this attach layer
         assert compute("multiclass", logits, dev.targets)["accuracy"] == pytest.approx(
-            logged["dev"]["accuracy"], abs=1e-6) == pytest.approx(spec.metrics["accuracy"], abs=1e-6)
+            logged.log.dev["accuracy"], abs=1e-6) == pytest.approx(spec.metrics["accuracy"], abs=1e-6)
 
 
 def test_a_student_at_a_second_attach_layer_equals_its_standalone_model_after_merge(trained):

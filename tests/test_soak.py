@@ -14,7 +14,8 @@ from helpers import STANDARD_TASKS, make_tasks
 from centra.cli import main
 from centra.core.answers import ClassAnswer, LabelsAnswer, answer_from_dict
 from centra.core.backbone import Backbone
-from centra.core.merge import model_folder, plan_merge, write_merged
+from centra.core.merge import plan_merge, write_merged
+from centra.core.versions import model_folder
 from centra.measure.soak_calls import EXPECTED
 from centra.measure.soak_check import Checker, References, SoakAnswer, compare_task
 from centra.runtime.engine import Engine

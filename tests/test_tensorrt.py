@@ -31,7 +31,8 @@ from helpers import STANDARD_TASKS, make_tasks
 from centra.cli import main
 from centra.core.backbone import Backbone
 from centra.core.manifest import EngineInfo
-from centra.core.merge import MANIFEST, model_folder, plan_merge, write_merged
+from centra.core.merge import plan_merge, write_merged
+from centra.core.versions import MANIFEST, model_folder
 from centra.errors import CentraError
 from centra.export import tensorrt as export_trt
 from centra.export.int8 import MAX_RELATIVE_ERROR

@@ -80,19 +80,18 @@ def test_trained_multilabel_task_carries_and_serves_tuned_thresholds(tiny_models
     bert = Backbone.load(tiny_models["bert"])
     job = job_for(tmp_path, "topics", "multilabel", False, layers=(1, 1), student_layers=1, reference=True)
     report, student = train_task(job, bert, tmp_path / "tasks")
-    tuned = report["thresholds"]
+    tuned = report.thresholds
     spec = read_spec(tmp_path / "tasks" / "topics")
-    assert spec.thresholds == tuned["values"] == student.spec.thresholds
+    assert spec.thresholds == tuned.values == student.spec.thresholds
     assert spec.thresholds != [0.5] * len(spec.labels), "the tiny model's probabilities sit near 0.5"
-    assert spec.metrics["tuned"] == report["chosen"]["tuned"]
-    assert tuned["at_0.5"]["micro_f1"] == pytest.approx(report["chosen"]["micro_f1"], abs=1e-6)
-    assert tuned["fit"]["macro_f1"] >= tuned["at_0.5"]["macro_f1"]  # in-sample; "tuned" is held out
-    assert set(tuned["labels_per_text"]) == {"predicted", "gold"} and tuned["folds"] == FOLDS
-    reference = report["reference"]["thresholds"]
-    assert len(reference["values"]) == len(spec.labels) and set(reference) == set(tuned)
-    assert reference["at_0.5"] == pytest.approx({m: report["reference"]["dev"][m] for m in reference["at_0.5"]},
-                                                abs=1e-6)
-    assert json.loads((tmp_path / "tasks" / "topics" / "report.json").read_text())["thresholds"] == tuned
+    assert spec.metrics["tuned"] == report.chosen.tuned
+    assert tuned.at_half["micro_f1"] == pytest.approx(report.chosen.scores["micro_f1"], abs=1e-6)
+    assert tuned.fit["macro_f1"] >= tuned.at_half["macro_f1"]  # in-sample; "tuned" is held out
+    assert set(tuned.labels_per_text) == {"predicted", "gold"} and tuned.folds == FOLDS
+    reference = report.reference.thresholds
+    assert len(reference.values) == len(spec.labels) and set(reference.to_dict()) == set(tuned.to_dict())
+    assert reference.at_half == pytest.approx({m: report.reference.log.dev[m] for m in reference.at_half}, abs=1e-6)
+    assert json.loads((tmp_path / "tasks" / "topics" / "report.json").read_text())["thresholds"] == tuned.to_dict()
     # every kept candidate (for `centra plan`) carries thresholds tuned for its own head
     kept = {p.name: json.loads((p / "task.json").read_text())
             for p in sorted((tmp_path / "tasks" / "topics" / "candidates").iterdir())}
@@ -108,9 +107,9 @@ def test_trained_multilabel_task_carries_and_serves_tuned_thresholds(tiny_models
     write_merged(plan_merge([tmp_path / "tasks"]), tmp_path / "model")
     dev, _ = load_examples(job.dev, "multilabel", job.columns, labels=spec.labels)
     logits = Engine.load(tmp_path / "model").logits(dev.texts, None, ["topics"])["topics"].numpy()
-    assert compute("multilabel", logits, dev.targets, spec.thresholds) == pytest.approx(tuned["fit"], abs=1e-6)
+    assert compute("multilabel", logits, dev.targets, spec.thresholds) == pytest.approx(tuned.fit, abs=1e-6)
     assert main(["evaluate", "--model", str(tmp_path / "model"), "--task", "topics", "--data", str(job.dev),
                  "--text-column", "text", "--label-column", "label"]) == 0
     result = json.loads(capsys.readouterr().out.splitlines()[-1])
-    assert {m: result[m] for m in tuned["fit"]} == pytest.approx(tuned["fit"], abs=1e-6)
-    assert result["labels_per_text"]["gold"] == tuned["labels_per_text"]["gold"]
+    assert {m: result[m] for m in tuned.fit} == pytest.approx(tuned.fit, abs=1e-6)
+    assert result["labels_per_text"]["gold"] == tuned.labels_per_text["gold"]

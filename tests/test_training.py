@@ -80,18 +80,18 @@ def bert(tiny_models) -> Backbone:
                                         ("multiclass", True)])
 def test_each_kind_trains_and_reloads_exactly(bert, tmp_path, kind, pair):
     report, student = train_task(job_for(tmp_path, "t", kind, pair), bert, tmp_path / "tasks")
-    teacher = next(t for t in report["teachers"] if t["chosen"])  # trained all epochs (halving stops the rest)
-    losses = teacher["losses"]
+    teacher = report.chosen_teacher  # trained all epochs (halving stops the rest)
+    losses = teacher.log.losses
     assert np.mean(losses[-4:]) < np.mean(losses[:4]), "training loss must fall"
-    assert [t["trainable_layers"] for t in report["teachers"]] == [2, 1]
-    assert sum(t["chosen"] for t in report["teachers"]) == 1
-    assert report["students"] and report["cache"]["bytes"] > 0
-    assert {"data", "students", "teacher_logits"} <= set(report["seconds"])
+    assert [t.trainable_layers for t in report.teachers] == [2, 1]
+    assert sum(t.chosen for t in report.teachers) == 1
+    assert report.students and report.cache.nbytes > 0
+    assert {"data", "students", "teacher_logits"} <= set(report.seconds)
     spec, loaded = load_task(tmp_path / "tasks" / "t", bert)
     assert spec.trained and spec.input == ("pair" if pair else "single") and spec.metrics["metric"]
     assert spec.attach_layer + spec.task_layers <= bert.cfg.num_layers and 1 <= spec.task_layers <= 2
     on_disk = json.loads((tmp_path / "tasks" / "t" / "report.json").read_text())
-    assert on_disk["chosen"] == report["chosen"]
+    assert on_disk["chosen"] == report.chosen.to_dict()
     hidden = torch.randn(3, 7, bert.cfg.hidden_size)
     mask = torch.ones(3, 7, dtype=torch.long)
     mask[0, 4:] = 0
@@ -104,7 +104,7 @@ def test_multiclass_learns_the_keywords(bert, tmp_path):
     job.epochs = 5
     report, _ = train_task(job, bert, tmp_path / "tasks")
     # Chance is about 0.5 on these 32 dev examples; a tiny random model is sensitive to float noise.
-    assert report["chosen"]["accuracy"] >= 0.7, report["chosen"]
+    assert report.chosen.scores["accuracy"] >= 0.7, report.chosen
 
 
 def test_cache_equals_recomputed_states(bert, tmp_path):
@@ -193,7 +193,7 @@ def test_external_teacher_logits(bert, tmp_path):
     table.write_text("\n".join(json.dumps({"logits": [0.5, -0.5]}) for _ in range(rows)) + "\n")
     job.teacher_logits, job.attach_layer = table, 2
     report, student = train_task(job, bert, tmp_path / "tasks")
-    assert student.spec.attach_layer == 2 and report["teachers"][0]["external"] == str(table)
+    assert student.spec.attach_layer == 2 and report.teachers[0].external == str(table)
     table.write_text(json.dumps([0.5, -0.5]) + "\n")
     with pytest.raises(CentraError, match="1 rows of logits but the training file has 64"):
         train_task(job, bert, tmp_path / "tasks")
@@ -202,10 +202,10 @@ def test_external_teacher_logits(bert, tmp_path):
 def test_mixed_allocation_threshold(bert, tmp_path):
     job = job_for(tmp_path, "t", "multiclass", False, layers=(2, 2), threshold=1000.0)
     report, student = train_task(job, bert, tmp_path / "tasks")
-    assert [s["task_layers"] for s in report["students"]] == [1, 2] and student.spec.task_layers == 1
+    assert [s.task_layers for s in report.students] == [1, 2] and student.spec.task_layers == 1
     job = job_for(tmp_path, "u", "multiclass", False, layers=(2, 2), threshold=-1000.0)
     report, student = train_task(job, bert, tmp_path / "tasks")
-    assert [s["task_layers"] for s in report["students"]] == [1, 2] and student.spec.task_layers == 2
+    assert [s.task_layers for s in report.students] == [1, 2] and student.spec.task_layers == 2
 
 
 @pytest.mark.parametrize("extra, message", [

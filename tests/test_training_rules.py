@@ -191,9 +191,9 @@ def test_run_stays_under_the_cache_cap(bert, tmp_path):
     assert 2 * train_bytes <= cap < train_bytes + dev_bytes
     job.cache_gb = cap / 2**30
     report, _ = train_task(job, bert, tmp_path / "tasks")
-    cache = report["cache"]
-    assert cache["cap_bytes"] == cap and cache["spilled_to_disk"] is True
-    assert train_bytes <= cache["peak_memory_bytes"] <= cache["cap_bytes"]
+    cache = report.cache
+    assert cache.cap_bytes == cap and cache.spilled_to_disk is True
+    assert train_bytes <= cache.peak_memory_bytes <= cache.cap_bytes
     assert not list(tmp_path.glob(".activations-*"))
 
 

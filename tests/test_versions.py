@@ -24,9 +24,10 @@ from helpers import STANDARD_TASKS, make_tasks
 from centra.client import Client, RemoteError
 from centra.core.backbone import Backbone
 from centra.core.manifest import Manifest, content_id
-from centra.core.merge import MANIFEST, load_merged, model_folder, plan_merge, read_manifest, write_merged
+from centra.core.merge import load_merged, plan_merge, write_merged
+from centra.core.versions import CURRENT, MANIFEST, VERSIONS, model_folder, read_manifest
 from centra.errors import CentraError
-from centra.io import CURRENT, VERSIONS, sha256_file
+from centra.io import sha256_file
 from centra.runtime.engine import Engine
 from centra.serve.app import AppOptions, build
 from centra.serve.server import ServeOptions

@@ -17,8 +17,8 @@ def cmd_bench_server(args: argparse.Namespace) -> int:
     from centra.serve.memory import fix_mmap_threshold
 
     fix_mmap_threshold()  # first, before the model and torch allocate (serve/memory.py)
-    from centra.core.merge import model_folder
     from centra.core.texts import read_texts_file
+    from centra.core.versions import model_folder
     from centra.measure.bench_server import ServerBenchOptions, bench_server_model
     from centra.progress import progress_line
     from centra.train.texts import default_sequences

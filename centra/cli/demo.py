@@ -222,7 +222,7 @@ def _timing(engine: Engine, backbone: Backbone, repeats: int = 3) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from centra.core.merge import MODEL_KIND
     from centra.core.task import TASK_KIND
-    from centra.io import check_replaceable, check_writable_parent
+    from centra.publish import check_replaceable, check_writable_parent
 
     workdir = Path(args.workdir)
     if workdir.exists() and not workdir.is_dir():

@@ -12,7 +12,7 @@ from centra.errors import CentraError
 
 def check_plot(value: str | Path, command: str) -> Path:
     """A --plot path: a PNG file name whose folder can be written."""
-    from centra.io import check_writable_parent
+    from centra.publish import check_writable_parent
 
     plot = Path(value)
     if plot.suffix.lower() != ".png":

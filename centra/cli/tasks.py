@@ -54,7 +54,7 @@ def cmd_add_task(args: argparse.Namespace) -> int:
 def _add_untrained(args: argparse.Namespace, tasks_dir: Path) -> int:
     from centra.core.backbone import Backbone
     from centra.core.task import init_task, save_task
-    from centra.io import check_writable_parent
+    from centra.publish import check_writable_parent
 
     if args.kind is None or args.attach_layer is None or args.task_layers is None:
         raise CentraError("--init-only needs --kind, --attach-layer and --task-layers")

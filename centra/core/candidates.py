@@ -27,7 +27,8 @@ from centra.core.task import (
     read_task_json,
 )
 from centra.errors import CentraError
-from centra.io import ARTIFACT_FILE, copy_verified, publish_folder
+from centra.io import copy_verified
+from centra.publish import ARTIFACT_FILE, publish_folder
 
 ACTIVE = "active"  # the id of a task's active head when no kept candidate is it (a task trained before)
 SAME = ("kind", "labels", "input", "max_length", "pooling")  # what every candidate of a task shares

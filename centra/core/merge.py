@@ -1,6 +1,6 @@
 """Merge: many task folders on one backbone -> one published, versioned merged model.
 
-OUT is a versioned artifact: OUT/versions/vNNNNNN/ holds one self-contained merged model
+OUT is a versioned artifact (`centra.core.versions`): OUT/versions/vNNNNNN/ holds one self-contained merged model
 (manifest.json, trunk.safetensors, tokenizer/, a verified copy of every task folder) and OUT/current
 points at the newest. The manifest hashes every other file of its version; loading refuses any
 missing, changed or added file, naming it. A refused or crashed merge leaves OUT as it was.
@@ -15,28 +15,23 @@ from pathlib import Path
 
 from torch import nn
 
-from centra.core.backbone import Backbone, Embeddings, EncoderConfig, EncoderLayer, check_state, load_safetensors
+from centra.core.backbone import Backbone, Embeddings, EncoderLayer, check_state, load_safetensors
 from centra.core.graph import MergedModel
 from centra.core.manifest import BackboneInfo, EngineInfo, Manifest, ManifestTask
 from centra.core.overhead import overhead_layers, trunk_passes
 from centra.core.table import table
 from centra.core.task import HEAD_FILE, TASK_FILE, TaskSpec, load_task, read_task_json, task_dirs
-from centra.errors import CentraError
-from centra.io import (
+from centra.core.versions import (
     DEFAULT_KEEP_VERSIONS,
-    check_tree,
-    copy_verified,
-    current_version,
-    hash_tree,
-    link_verified,
+    MANIFEST,
+    Version,
+    earlier_files,
     publish_version,
-    read_json,
-    sha256_file,
-    versions_of,
-    write_json,
+    read_version,
 )
+from centra.errors import CentraError
+from centra.io import copy_verified, hash_tree, link_verified, sha256_file, write_json
 
-MANIFEST = "manifest.json"
 TRUNK_FILE = "trunk.safetensors"
 MODEL_KIND = "merged model"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".h5", ".msgpack", ".onnx", ".ot", ".pt", ".md")
@@ -168,33 +163,6 @@ def write_merged(plan: MergePlan, out: Path, keep_versions: int = DEFAULT_KEEP_V
     return written[0]
 
 
-def earlier_heads(out: Path) -> set[str]:
-    """The sha256 of every task head OUT's published versions hold (each validated when it was merged)."""
-    found: set[str] = set()
-    for name in versions_of(out):
-        try:
-            found.update(task.head_sha256 for task in read_manifest(out / "versions" / name).tasks)
-        except CentraError:
-            continue
-    return found
-
-
-def earlier_files(out: Path) -> dict[str, Path]:
-    """sha256 -> a file of OUT's published versions holding those bytes (newest version first), from
-    their manifests: what a new version can link to instead of copying. Unreadable manifests are skipped
-    (a link is hashed again before it is kept)."""
-    found: dict[str, Path] = {}
-    for name in reversed(versions_of(out)):
-        folder = out / "versions" / name
-        try:
-            files = read_manifest(folder).files
-        except CentraError:
-            continue
-        for rel, digest in files.items():
-            found.setdefault(digest, folder / rel)
-    return found
-
-
 def manifest_task(task: PlannedTask) -> ManifestTask:
     spec = task.spec
     return ManifestTask(spec.name, spec.kind, tuple(spec.labels), spec.input, spec.max_length, spec.attach_layer,
@@ -205,65 +173,6 @@ def tokenizer_files(src: Path) -> list[Path]:
     """The backbone folder's tokenizer files: every plain file but weights and hidden ones."""
     return [item for item in sorted(Path(src).iterdir())
             if item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES) and not item.name.startswith(".")]
-
-
-def model_folder(out: Path) -> Path:
-    """The version folder to load: OUT/current's target, or OUT itself when it is a version folder."""
-    out = Path(out)
-    if (out / MANIFEST).is_file():
-        return out
-    if not out.is_dir():
-        raise CentraError(f"{out}: no such merged model folder (build one with `centra merge`)")
-    current = current_version(out)
-    if current is None:
-        raise CentraError(f"{out}: no merged model published here (build one with `centra merge --out {out}`)")
-    return current[1]
-
-
-def read_manifest(folder: Path) -> Manifest:
-    """The manifest of one version folder, every field checked by `Manifest.from_dict` (one line naming
-    the file). Reads this one file only."""
-    path = Path(folder) / MANIFEST
-    if path.is_symlink():
-        raise CentraError(f"{path}: a symbolic link; a version holds only plain files")
-    return Manifest.from_dict(read_json(path), str(path))
-
-
-@dataclass(frozen=True)
-class Version:
-    """A version folder checked without building any module: every file's sha256 against its manifest,
-    the encoder config, and each task's spec (its task.json, validated against the manifest)."""
-
-    folder: Path
-    manifest: Manifest
-    cfg: EncoderConfig
-    specs: dict[str, TaskSpec]
-
-
-def read_version(out: Path) -> Version:
-    """OUT's current version (or a version folder), every file's sha256 checked and every task's spec
-    read: what an engine needs before it opens its graphs. No weight is loaded."""
-    folder = model_folder(out)
-    manifest = read_manifest(folder)
-    check_tree(folder, manifest.files, skip=(MANIFEST,), listed_in=str(folder / MANIFEST))
-    try:
-        cfg = EncoderConfig(**manifest.encoder)
-    except TypeError as exc:
-        raise CentraError(f"{folder / MANIFEST}: malformed manifest (encoder: {exc})") from None
-    specs = {}
-    for entry in manifest.tasks:
-        task_json = folder / "tasks" / entry.name / TASK_FILE
-        spec, _ = read_task_json(task_json.parent, entry.name)
-        spec.validate(str(task_json), cfg)
-        if spec.head_sha256 != entry.head_sha256:
-            raise CentraError(f"{task_json}: head_sha256 differs from the manifest's")
-        if spec.backbone["fingerprint"] != manifest.backbone.fingerprint:
-            raise CentraError(f"{task_json}: trained on another backbone than the manifest's")
-        if spec.attach_layer > manifest.trunk_depth:
-            raise CentraError(f"{task_json}: attaches at layer {spec.attach_layer} but the trunk has "
-                              f"{manifest.trunk_depth} layers")
-        specs[entry.name] = spec
-    return Version(folder, manifest, cfg, specs)
 
 
 def load_merged(out: Path | Version) -> tuple[Manifest, MergedModel]:

@@ -21,7 +21,8 @@ from torch import nn
 from centra.core import INPUTS, KINDS, POOLINGS
 from centra.core.backbone import Backbone, EncoderConfig, EncoderLayer, check_state, load_safetensors
 from centra.errors import CentraError
-from centra.io import publish_folder, remove_artifact, sha256_bytes, sha256_file, write_json
+from centra.io import sha256_bytes, sha256_file, write_json
+from centra.publish import publish_folder, remove_artifact
 
 SCHEMA_VERSION = 1
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")  # \Z: no trailing newline

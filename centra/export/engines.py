@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from centra.core import DEFAULT_TASKS_DIR, ENGINES, PRECISIONS
+from centra.core.versions import DEFAULT_KEEP_VERSIONS
 from centra.errors import FieldError, Name
-from centra.io import DEFAULT_KEEP_VERSIONS
 
 if TYPE_CHECKING:
     from centra.core.manifest import EngineInfo, Manifest
@@ -76,8 +76,9 @@ def merge(tasks_dirs: Sequence[Path | str] | Path | str | None, out: Path | str,
     this GPU) and publish them as a new version of `out`; its manifest. An ONNX int8 version holds the
     int8 graphs and the torch files, and its fp32 graphs too with `keep_fp32`. Every check comes before
     any work: OUT is never written over a user's file or folder."""
-    from centra.core.merge import MODEL_KIND, earlier_heads, plan_merge, write_merged
-    from centra.io import check_replaceable, check_writable_parent
+    from centra.core.merge import MODEL_KIND, plan_merge, write_merged
+    from centra.core.versions import earlier_heads
+    from centra.publish import check_replaceable, check_writable_parent
 
     out = Path(out)
     check_writable_parent(out)

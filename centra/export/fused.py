@@ -16,6 +16,8 @@ Triton's onnxruntime backend too); TensorRT is given the exporter's standard-op 
 
 from __future__ import annotations
 
+import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ from torch import nn
 from centra.core.backbone import EncoderConfig, EncoderLayer
 from centra.core.task import TaskHead
 from centra.errors import CentraError
+from centra.runtime.onnx import open_session
 
 OPSET = 20
 CONTRIB = "com.microsoft"
@@ -33,6 +36,11 @@ IR_VERSION = 10  # what ONNX Runtime 1.2x reads; onnx's newest IR is refused by 
 # ORT's erf GELU and tanh GELU with the bias folded in; relu is written as Add + Relu.
 GELU_OPS = {"gelu": "BiasGelu", "gelu_new": "FastGelu", "gelu_pytorch_tanh": "FastGelu"}
 
+# Op types ONNX Runtime's optimiser fuses patterns into (or the exporter emits whole), counted by `fusions`.
+FUSED_OPS = ("Attention", "MultiHeadAttention", "QAttention", "EmbedLayerNormalization", "LayerNormalization",
+             "SkipLayerNormalization", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "Gelu",
+             "FastGelu", "BiasGelu", "QuickGelu", "BiasSoftmax", "FusedMatMul", "FusedGemm", "MatMulIntegerToFloat",
+             "DynamicQuantizeMatMul", "MatMulInteger", "DynamicQuantizeLinear")
 
 class GraphBuilder:
     """Nodes and weights of one graph; names are prefixed per layer so stacks never collide."""
@@ -155,3 +163,32 @@ def write_fused(module: nn.Module, cfg: EncoderConfig, path: Path, name: str) ->
             segment_model(list(module.layers), cfg, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, str(path))
+
+
+def fusions(path: Path) -> dict[str, int]:
+    """Op types ONNX Runtime's full graph optimisation (ORT_ENABLE_ALL, the engine's setting) leaves in the
+    graph at `path` that are fused or whole-block ops (FUSED_OPS and any com.microsoft op), with counts."""
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix="centra-fusions-") as tmp:
+        optimized = Path(tmp) / "optimized.onnx"
+        open_session(Path(path), optimized_path=optimized)
+        graph = onnx.load(str(optimized), load_external_data=False).graph
+    counts = Counter(n.op_type for n in graph.node if n.op_type in FUSED_OPS or n.domain == "com.microsoft")
+    return dict(sorted(counts.items()))
+
+
+def sum_fusions(graphs) -> dict[str, dict[str, int]]:
+    """Per precision, the fused ops of every graph (their entries' "fusions"), summed."""
+    total: dict[str, Counter] = {}
+    for graph in graphs:
+        for precision, counts in (graph.get("fusions") or {}).items():
+            total.setdefault(precision, Counter()).update(counts)
+    return {p: dict(sorted(c.items())) for p, c in sorted(total.items())}
+
+
+def total_fusions(paths) -> dict[str, int]:
+    total: Counter = Counter()
+    for path in paths:
+        total.update(fusions(path))
+    return dict(sorted(total.items()))

@@ -19,14 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import tempfile
 import warnings
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -37,25 +33,19 @@ from centra.core.manifest import EngineInfo, Manifest
 from centra.core.merge import TRUNK_FILE
 from centra.core.task import TaskSpec, load_task, max_positions
 from centra.errors import CentraError
+from centra.export.fused import fusions, sum_fusions, write_fused
+from centra.export.int8 import add_int8, check_keys, quantizer_identity
+from centra.export.reuse import GraphCache, exporter_identity, graph_keys, reuse_graphs, sub_layout, tasks_through
 from centra.progress import progress_bar, progress_line
 from centra.runtime.engine import Engine
 from centra.runtime.graphs import graph_layout
-from centra.runtime.onnx import ENGINE_NAME, PRECISIONS, OnnxRunner, open_session
-
-if TYPE_CHECKING:
-    from centra.export.reuse import GraphCache
+from centra.runtime.onnx import ENGINE_NAME, ONNX_DIR, PRECISIONS, OnnxRunner, open_session
 
 FP32_TOLERANCE = 1e-4  # max |onnx - torch| of any graph's output (hidden states or logits), fp32
 OPSET = 20
-ONNX_DIR = "onnx"
 PARITY_SHAPES = ((1, 7), (3, 19), (8, None))  # (batch, length); None: the longest max_length of the tasks
 STYLES = ("fused", "portable")
 EXAMPLE_SHAPE = (2, 8)  # the export's example: 1 would be specialised, so it is not used
-# Op types ONNX Runtime's optimiser fuses patterns into (or the exporter emits whole), counted by `fusions`.
-FUSED_OPS = ("Attention", "MultiHeadAttention", "QAttention", "EmbedLayerNormalization", "LayerNormalization",
-             "SkipLayerNormalization", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "Gelu",
-             "FastGelu", "BiasGelu", "QuickGelu", "BiasSoftmax", "FusedMatMul", "FusedGemm", "MatMulIntegerToFloat",
-             "DynamicQuantizeMatMul", "MatMulInteger", "DynamicQuantizeLinear")
 
 
 class EmbeddingsGraph(nn.Module):
@@ -234,9 +224,6 @@ def export_onnx(model: MergedModel, folder: Path, precision: str = "fp32", token
     the heads of the tasks whose graphs are new are the only ones used: `model`'s, else `heads(name)`.
     `keep_fp32=False` (int8): the fp32 graphs are checked, quantized and deleted; the version holds the
     int8 graphs it serves."""
-    from centra.export.fused import write_fused
-    from centra.export.reuse import exporter_identity, graph_keys, quantizer_identity
-
     if precision not in PRECISIONS:
         raise CentraError(f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
     if style not in STYLES:
@@ -312,154 +299,6 @@ def export_onnx(model: MergedModel, folder: Path, precision: str = "fp32", token
     return replace(info, fusions=sum_fusions(info.graphs))
 
 
-def reuse_graphs(layout: list[dict], keys: dict[str, dict[str, str]], needed: tuple[str, ...], folder: Path,
-                 cache: GraphCache | None) -> tuple[dict[str, dict], set[str]]:
-    """Per graph of the layout, its manifest entry (with its keys); the graphs whose `needed` files were
-    all linked from `cache` carry their earlier entry's files, parity and fusions. Also the names of the
-    graphs to export (the rest)."""
-    entries, fresh = {}, set()
-    for graph in layout:
-        name = graph["name"]
-        entry = {**graph, "keys": {p: keys[name][p] for p in needed}}
-        linked = []
-        for p in needed:
-            rel = f"{ONNX_DIR}/{p}/{name}.onnx"
-            hit = cache.link(keys[name][p], folder / rel) if cache is not None else None
-            if hit is None:
-                break
-            linked.append(rel)
-            entry[p] = rel
-            entry.setdefault("parity", hit.entry.get("parity"))
-            entry.setdefault("fusions", {})
-            entry["fusions"][p] = (hit.entry.get("fusions") or {}).get(p) or {}
-        if len(linked) < len(needed):  # all or nothing: a graph is exported whole
-            for rel in linked:
-                (folder / rel).unlink()
-            entry = {**graph, "keys": entry["keys"]}
-            fresh.add(name)
-        else:
-            entry["reused"] = True
-        entries[name] = entry
-    return entries, fresh
-
-
-def graph_path(layout: list[dict], spec: TaskSpec) -> list[str]:
-    """The graphs a task's rows run through: the embeddings, the trunk segments to its attach layer, its branch."""
-    return [g["name"] for g in layout if g["kind"] == "embeddings" or g["kind"] == "segment"
-            and g["last"] <= spec.attach_layer or g.get("task") == spec.name]
-
-
-def tasks_through(layout: list[dict], specs: dict[str, TaskSpec], names: set[str]) -> list[str]:
-    """The tasks whose rows run through any of the graphs `names`."""
-    return [t for t, spec in specs.items() if names.intersection(graph_path(layout, spec))]
-
-
-def sub_layout(layout: list[dict], tasks: list[str]) -> list[dict]:
-    """The layout's embeddings and trunk segments, and the branches of `tasks` only."""
-    return [g for g in layout if g["kind"] != "branch" or g["task"] in tasks]
-
-
-def add_int8(folder: Path, info: EngineInfo, model: MergedModel, fp32: Engine, progress: bool = True, *,
-             specs: dict[str, TaskSpec] | None = None, fresh: set[str] | None = None,
-             cache: GraphCache | None = None, paths: dict[str, str] | None = None,
-             todo: list[str] | None = None) -> EngineInfo:
-    """Quantize the fp32 graphs of `info` (those in `fresh`; default all) into folder/onnx/int8 and check
-    the tasks `todo` (default: those whose graphs are new) against the fp32 engine
-    (centra.export.int8.check_int8, refusing below its floor); the other tasks' checks carry over from
-    `cache` by their check keys (`paths`: check_keys). Return `info` with the int8 files, the check's
-    report and the per-graph fusions."""
-    from centra.export.int8 import check_int8, check_settings, quantize_graph
-
-    specs = specs or model.specs
-    fresh = {g["name"] for g in info.graphs} if fresh is None else fresh
-    paths = paths or {}
-    graphs = []
-    for graph in progress_bar([g for g in info.graphs], desc="quantize int8", enabled=progress and bool(fresh)):
-        if graph["name"] not in fresh:
-            graphs.append(graph)
-            continue
-        rel = f"{ONNX_DIR}/int8/{graph['name']}.onnx"
-        graph = {**graph, "int8": rel if quantize_graph(folder / graph["fp32"], folder / rel) else graph["fp32"]}
-        if graph["int8"] == graph["fp32"]:  # nothing to quantize (the embeddings): the fp32 graph serves as int8
-            rel = f"{ONNX_DIR}/int8/{graph['name']}.onnx"
-            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-            os.link(folder / graph["fp32"], folder / rel)
-            graph["int8"] = rel
-        graph["fusions"] = {**(graph.get("fusions") or {}), "int8": fusions(folder / graph["int8"])}
-        graphs.append(graph)
-    info = replace(info, graphs=tuple(graphs))
-    layout = [{k: g[k] for k in ("name", "kind", "first", "last", "task") if k in g} for g in graphs]
-    todo = tasks_through(layout, specs, fresh) if todo is None else todo
-    report = {**check_settings(), "tasks": {}}
-    if todo:
-        sub = sub_layout(layout, todo)
-        int8 = OnnxRunner.open(folder, info, "int8", open_session, {t: specs[t] for t in todo}, model.cfg, "int8",
-                               model, layout=sub)
-        report = check_int8(fp32, Engine(int8, fp32.tokenizer, batch_size=fp32.batch_size), tasks=todo)
-    carried = {t: (cache.checks.get(paths[t]) if cache is not None and t in paths else None) for t in specs
-               if t not in todo}
-    lost = [t for t, entry in carried.items() if entry is None]
-    if lost:  # export_onnx puts every task without a carried check in todo: a caller that did not
-        raise CentraError(f"int8 graphs of task {lost[0]!r}: reused without their check")
-    tasks = {**report["tasks"], **carried}
-    for t in tasks:
-        if t in paths:
-            tasks[t] = {**tasks[t], "path_key": paths[t]}
-    info = replace(info, int8={**report, "tasks": {t: tasks[t] for t in specs}})
-    return replace(info, fusions=sum_fusions(info.graphs))
-
-
-def check_keys(layout: list[dict], keys: dict[str, dict[str, str]], specs: dict[str, TaskSpec],
-               folder: Path) -> dict[str, str]:
-    """Per task, the key of its int8 check: the int8 keys of the graphs its rows run through, the spec
-    fields the check reads (kind, labels, thresholds, max_labels, input, max_length), the check's own
-    settings and samples, and the tokenizer's files (folder/tokenizer, when there). Equal keys, equal
-    check: it carries over."""
-    from centra.export.int8 import check_settings, sample_inputs
-    from centra.export.reuse import digest
-    from centra.io import sha256_file
-
-    tokenizer = folder / "tokenizer"
-    tokens = sorted((p.name, sha256_file(p)) for p in tokenizer.iterdir() if p.is_file()) if tokenizer.is_dir() else []
-    common = {"settings": check_settings(), "samples": digest(sample_inputs()), "tokenizer": tokens}
-    found = {}
-    for name, spec in specs.items():
-        fields = {"kind": spec.kind, "labels": list(spec.labels), "thresholds": spec.thresholds,
-                  "max_labels": spec.max_labels, "input": spec.input, "max_length": spec.max_length}
-        found[name] = digest({"graphs": [keys[g]["int8"] for g in graph_path(layout, spec)], "spec": fields,
-                              **common})
-    return found
-
-
-def fusions(path: Path) -> dict[str, int]:
-    """Op types ONNX Runtime's full graph optimisation (ORT_ENABLE_ALL, the engine's setting) leaves in the
-    graph at `path` that are fused or whole-block ops (FUSED_OPS and any com.microsoft op), with counts."""
-    import onnx
-
-    with tempfile.TemporaryDirectory(prefix="centra-fusions-") as tmp:
-        optimized = Path(tmp) / "optimized.onnx"
-        open_session(Path(path), optimized_path=optimized)
-        graph = onnx.load(str(optimized), load_external_data=False).graph
-    counts = Counter(n.op_type for n in graph.node if n.op_type in FUSED_OPS or n.domain == "com.microsoft")
-    return dict(sorted(counts.items()))
-
-
-def sum_fusions(graphs) -> dict[str, dict[str, int]]:
-    """Per precision, the fused ops of every graph (their entries' "fusions"), summed."""
-    total: dict[str, Counter] = {}
-    for graph in graphs:
-        for precision, counts in (graph.get("fusions") or {}).items():
-            total.setdefault(precision, Counter()).update(counts)
-    return {p: dict(sorted(c.items())) for p, c in sorted(total.items())}
-
-
-def total_fusions(paths) -> dict[str, int]:
-    total: Counter = Counter()
-    for path in paths:
-        total.update(fusions(path))
-    return dict(sorted(total.items()))
-
-
 def load_staged(stage: Path, manifest: Manifest, tasks: list[str] | None = None) -> MergedModel:
     """The MergedModel of a staged version (its manifest not yet written): the files `load_merged` reads;
     with `tasks`, only those tasks' heads."""
@@ -492,7 +331,6 @@ def onnx_extender(precision: str = "fp32", progress: bool = True, out: Path | No
     manifest's engine field. Graphs of OUT's kept versions whose keys match are linked, not exported
     (centra.export.reuse); an int8 version keeps its fp32 graphs only with `keep_fp32`."""
     from centra.core.backbone import load_tokenizer
-    from centra.export.reuse import GraphCache
 
     if precision not in PRECISIONS:
         raise CentraError(f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")

@@ -18,10 +18,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from centra.core.merge import read_manifest
 from centra.core.task import TaskSpec
+from centra.core.versions import VERSIONS, read_manifest, versions_of
 from centra.errors import CentraError
-from centra.io import link_verified, versions_of
+from centra.io import link_verified
+from centra.runtime.onnx import ONNX_DIR
 
 # Bump when centra writes different bytes for the same inputs (fused layer writer, export settings).
 EXPORT_FORMAT = 1
@@ -35,16 +36,6 @@ def exporter_identity(style: str, opset: int) -> dict:
     import torch
 
     return {"format": EXPORT_FORMAT, "torch": torch.__version__, "style": style, "opset": opset}
-
-
-def quantizer_identity() -> dict:
-    import onnx
-    import onnxruntime
-
-    from centra.export.int8 import PER_CHANNEL, QUANTIZED_OPS
-
-    return {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__, "per_channel": PER_CHANNEL,
-            "ops": sorted(QUANTIZED_OPS), "weights": "QInt8 dynamic"}
 
 
 def graph_keys(graph: dict, specs: dict[str, TaskSpec], fingerprint: str, encoder: dict, exporter: dict,
@@ -78,7 +69,7 @@ class GraphCache:
         if out is None:
             return
         for name in reversed(versions_of(out)):
-            folder = Path(out) / "versions" / name
+            folder = Path(out) / VERSIONS / name
             try:
                 manifest = read_manifest(folder)
             except CentraError:
@@ -105,3 +96,50 @@ class GraphCache:
             return None
         dest.parent.mkdir(parents=True, exist_ok=True)
         return cached if link_verified(cached.path, dest, cached.sha256) else None
+
+
+def reuse_graphs(layout: list[dict], keys: dict[str, dict[str, str]], needed: tuple[str, ...], folder: Path,
+                 cache: GraphCache | None) -> tuple[dict[str, dict], set[str]]:
+    """Per graph of the layout, its manifest entry (with its keys); the graphs whose `needed` files were
+    all linked from `cache` carry their earlier entry's files, parity and fusions. Also the names of the
+    graphs to export (the rest)."""
+    entries, fresh = {}, set()
+    for graph in layout:
+        name = graph["name"]
+        entry = {**graph, "keys": {p: keys[name][p] for p in needed}}
+        linked = []
+        for p in needed:
+            rel = f"{ONNX_DIR}/{p}/{name}.onnx"
+            hit = cache.link(keys[name][p], folder / rel) if cache is not None else None
+            if hit is None:
+                break
+            linked.append(rel)
+            entry[p] = rel
+            entry.setdefault("parity", hit.entry.get("parity"))
+            entry.setdefault("fusions", {})
+            entry["fusions"][p] = (hit.entry.get("fusions") or {}).get(p) or {}
+        if len(linked) < len(needed):  # all or nothing: a graph is exported whole
+            for rel in linked:
+                (folder / rel).unlink()
+            entry = {**graph, "keys": entry["keys"]}
+            fresh.add(name)
+        else:
+            entry["reused"] = True
+        entries[name] = entry
+    return entries, fresh
+
+
+def graph_path(layout: list[dict], spec: TaskSpec) -> list[str]:
+    """The graphs a task's rows run through: the embeddings, the trunk segments to its attach layer, its branch."""
+    return [g["name"] for g in layout if g["kind"] == "embeddings" or g["kind"] == "segment"
+            and g["last"] <= spec.attach_layer or g.get("task") == spec.name]
+
+
+def tasks_through(layout: list[dict], specs: dict[str, TaskSpec], names: set[str]) -> list[str]:
+    """The tasks whose rows run through any of the graphs `names`."""
+    return [t for t, spec in specs.items() if names.intersection(graph_path(layout, spec))]
+
+
+def sub_layout(layout: list[dict], tasks: list[str]) -> list[dict]:
+    """The layout's embeddings and trunk segments, and the branches of `tasks` only."""
+    return [g for g in layout if g["kind"] != "branch" or g["task"] in tasks]

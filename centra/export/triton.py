@@ -23,7 +23,7 @@ Each graph model is composed, not re-exported: the version's checked ONNX graphs
 segments, branches; fp32 or int8) joined into one graph, tensors prefixed by graph name, wired with
 Identity nodes (ONNX Runtime removes them). A version without ONNX graphs at that precision gets them
 exported and checked first (centra.export.onnx, into a temporary folder). Before publishing (through
-centra.io.publish_folder), each group's staged tokenizer model and graph run on sample texts: the ids
+centra.publish.publish_folder), each group's staged tokenizer model and graph run on sample texts: the ids
 must equal centra.core.tokens.encode's and the logits the engine's on the same batch within TOLERANCE.
 """
 
@@ -38,14 +38,15 @@ from pathlib import Path
 
 import torch
 
-from centra import io
+from centra import io, publish
 from centra.core.backbone import load_tokenizer
 from centra.core.manifest import Manifest
-from centra.core.merge import load_merged, model_folder
+from centra.core.merge import load_merged
 from centra.core.overhead import TokenGroup, token_groups
 from centra.core.protocol import MODEL, TEXT, TEXT_PAIR, logits_name
 from centra.core.task import TaskSpec
 from centra.core.tokens import encode
+from centra.core.versions import model_folder
 from centra.errors import CentraError, FieldError, Name
 from centra.export.onnx import FP32_TOLERANCE, export_onnx
 from centra.runtime.engine import Engine
@@ -349,8 +350,8 @@ def export_triton(model: Path, repo: Path, engine: str = ENGINE_NAME, precision:
     if max_batch < 1:
         raise FieldError(Name("max_batch"), f" must be >= 1, not {max_batch}")
     repo = Path(repo)
-    io.check_writable_parent(repo)
-    io.check_replaceable(repo, KIND)  # before any work: never over a user's folder
+    publish.check_writable_parent(repo)
+    publish.check_replaceable(repo, KIND)  # before any work: never over a user's folder
     folder = model_folder(Path(model))
     manifest, merged = load_merged(folder)
     tokenizer = load_tokenizer(folder / "tokenizer")
@@ -409,7 +410,7 @@ def export_triton(model: Path, repo: Path, engine: str = ENGINE_NAME, precision:
             summary["files"] = io.hash_tree(stage)
             io.write_json(stage / SUMMARY, summary)
 
-        io.publish_folder(repo, KIND, build, lambda stage: check_repository(stage, groups))
+        publish.publish_folder(repo, KIND, build, lambda stage: check_repository(stage, groups))
     return summary
 
 
@@ -423,7 +424,7 @@ def describe(g: GroupModels, specs: dict[str, TaskSpec]) -> dict:
 
 def check_repository(stage: Path, groups: list[GroupModels]) -> None:
     """What was staged (its graphs and tokenizer models ran in `build`): every file as hashed, every config."""
-    io.check_tree(stage, io.read_json(stage / SUMMARY)["files"], skip=(SUMMARY, io.ARTIFACT_FILE))
+    io.check_tree(stage, io.read_json(stage / SUMMARY)["files"], skip=(SUMMARY, publish.ARTIFACT_FILE))
     for name in [ENSEMBLE, *(m for g in groups for m in (g.tokenizer, g.graph))]:
         if not (stage / name / "config.pbtxt").is_file():
             raise CentraError(f"{stage / name}: no config.pbtxt")

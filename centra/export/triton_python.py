@@ -11,7 +11,7 @@
 
 Unlike the graph repository, the per-request task subset and the branch-on-its-rows saving are kept:
 Triton's batch of requests with different task sets is one Engine.run. Before publishing
-(io.publish_folder), the staged model loads the staged files and answers sample calls; its logits must
+(publish.publish_folder), the staged model loads the staged files and answers sample calls; its logits must
 equal the source engine's within the engine's tolerance and a bad call must fail alone.
 """
 
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from centra import io
-from centra.core.merge import MANIFEST, model_folder, read_manifest
+from centra import io, publish
 from centra.core.protocol import ANSWERS, INPUTS, MODEL, TASKS, TEXT, TEXT_PAIR, logits_name, task_of
 from centra.core.texts import SAMPLE_PAIRS, SAMPLE_TEXTS
+from centra.core.versions import MANIFEST, model_folder, read_manifest
 from centra.errors import CentraError, FieldError, Name
 from centra.runtime.engine import Engine
 from centra.serve.doors import triton as door
@@ -152,8 +152,8 @@ def export_triton_python(model: Path, repo: Path, options: PythonRepoOptions | N
     options = options or PythonRepoOptions()
     options.check()
     repo = Path(repo)
-    io.check_writable_parent(repo)
-    io.check_replaceable(repo, KIND)  # before any work: never over a user's folder
+    publish.check_writable_parent(repo)
+    publish.check_replaceable(repo, KIND)  # before any work: never over a user's folder
     folder = model_folder(Path(model))
     manifest = read_manifest(folder)
     reference = Engine.load(folder, batch_size=ENGINE_BATCH, engine=options.engine)  # every file's hash checked
@@ -182,7 +182,7 @@ def export_triton_python(model: Path, repo: Path, options: PythonRepoOptions | N
         io.write_json(stage / SUMMARY, summary)
 
     def check(stage: Path) -> None:
-        io.check_tree(stage, io.read_json(stage / SUMMARY)["files"], skip=(SUMMARY, io.ARTIFACT_FILE))
+        io.check_tree(stage, io.read_json(stage / SUMMARY)["files"], skip=(SUMMARY, publish.ARTIFACT_FILE))
 
-    io.publish_folder(repo, KIND, build, check)
+    publish.publish_folder(repo, KIND, build, check)
     return summary

@@ -108,8 +108,8 @@ class BenchReport:
 def bench_job(model: Path, texts: Path | Sequences, options: EngineBenchOptions) -> BenchJob:
     """Every option, the texts (a texts file: one per line, text<TAB>second text for pair tasks; or
     Sequences) and the model folder checked before anything loads."""
-    from centra.core.merge import model_folder, read_manifest
     from centra.core.texts import read_sequences_file
+    from centra.core.versions import model_folder, read_manifest
 
     options.check()
     options = replace(options, batches=tuple(sorted(set(options.batches))))

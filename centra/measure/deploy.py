@@ -91,7 +91,7 @@ def copy_task(source: Path, dest: Path, recipe: Path) -> None:
     """Publish a copy of a trained task folder (with the recipe its settings match) through centra's one
     publishing step: staged, loaded, then swapped in."""
     from centra.core.task import RECIPE_FILE, TASK_KIND, is_legacy_task, read_task_json
-    from centra.io import ARTIFACT_FILE, publish_folder
+    from centra.publish import ARTIFACT_FILE, publish_folder
 
     def build(stage: Path) -> None:
         for item in source.iterdir():

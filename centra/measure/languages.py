@@ -80,7 +80,7 @@ def run_one(run: str, reference: bool, files: dict[str, dict[str, Path]], out: P
         report, _ = train_task(job, backbone, tasks_dir, score_reference=score if reference else None)
         ref_logits = held.get("logits")
         wall = time.perf_counter() - clock
-        entry["tasks"][name] = {"chosen": report.to_dict()["chosen"], "seconds": round(wall, 1),
+        entry["tasks"][name] = {"chosen": report.chosen.to_dict(), "seconds": round(wall, 1),
                                 "times": {k: round(v, 1) for k, v in report.seconds.items()}}
         progress_line(f"languages {run}: {name} trained in {wall:.0f} s")
         if ref_logits is not None:

@@ -86,7 +86,7 @@ def run_results(options: ResultsOptions) -> str:
 def check_run(options: ResultsOptions) -> None:
     """The options, the data folder and OUT checked: hours of training come after."""
     from centra.core.merge import MODEL_KIND
-    from centra.io import check_replaceable, check_writable_parent
+    from centra.publish import check_replaceable, check_writable_parent
     from centra.train.recipe import data_root
 
     options.check()

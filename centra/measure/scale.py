@@ -160,7 +160,8 @@ def separate_graphs(model: Path, dest: Path) -> Path:
 
     from centra.core.backbone import load_tokenizer
     from centra.core.graph import MergedModel
-    from centra.core.merge import load_merged, model_folder
+    from centra.core.merge import load_merged
+    from centra.core.versions import model_folder
     from centra.export.onnx import export_onnx
     from centra.io import write_json
     from centra.measure.bench_engines import full_depth_head
@@ -193,7 +194,7 @@ def bench_scale(options: ScaleBenchOptions, texts: list[str], work: Path, progre
                 source: str = "") -> ScaleReport:
     """Every measurement of the module docstring, in `work` (left as it is: tasks, versions, graphs)."""
     from centra.core.backbone import Backbone
-    from centra.core.merge import read_manifest, versions_of
+    from centra.core.versions import read_manifest, versions_of
 
     options.check()
     backbone = Backbone.load(options.backbone)

@@ -29,7 +29,8 @@ def separate_engines(model: Path, engine: str, graphs: Path | None) -> dict:
 
     from centra.core.backbone import load_tokenizer
     from centra.core.graph import MergedModel
-    from centra.core.merge import load_merged, model_folder
+    from centra.core.merge import load_merged
+    from centra.core.versions import model_folder
     from centra.measure.bench_engines import full_depth_head
     from centra.runtime.engine import Engine
 

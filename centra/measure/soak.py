@@ -30,12 +30,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from centra.core.merge import MODEL_KIND, model_folder, read_manifest
+from centra.core.merge import MODEL_KIND
+from centra.core.versions import CURRENT, VERSION_RE, VERSIONS, model_folder, read_manifest
 from centra.errors import CentraError, FieldError, Name
-from centra.io import ARTIFACT_FILE, CURRENT, VERSION_RE, VERSIONS, write_json
+from centra.io import write_json
 from centra.measure.soak_calls import EXPECTED, Tally, Workload, client_loop
 from centra.measure.soak_check import Checker, References, answered_from_pb
 from centra.measure.soak_control import ACTIONS, Control, Served, ServerProcess
+from centra.publish import ARTIFACT_FILE
 
 RSS_EVERY_S = 0.5
 DRAIN_S, GRACE_S = 0.5, 5.0  # the server's; on SIGTERM it must exit within their sum (plus some slack)

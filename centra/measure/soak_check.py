@@ -24,8 +24,8 @@ from pathlib import Path
 
 from centra.client import answer_from_v1
 from centra.core.answers import Answer, ClassAnswer, LabelsAnswer, ValueAnswer, answer_from_dict
-from centra.core.merge import read_manifest
 from centra.core.task import TaskSpec
+from centra.core.versions import read_manifest
 from centra.errors import CentraError
 from centra.runtime.engine import Engine
 

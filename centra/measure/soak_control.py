@@ -27,10 +27,10 @@ from pathlib import Path
 
 from centra.core.merge import MODEL_KIND, plan_merge, write_merged
 from centra.errors import CentraError
-from centra.io import remove_artifact
 from centra.measure.memory import process_memory
 from centra.measure.soak_calls import Tally
 from centra.measure.soak_check import References
+from centra.publish import remove_artifact
 
 ACTIONS = ("merge", "sighup", "corrupt", "rebuild", "rebuild")  # twice: the second reuses the served name
 WATCH_S = 1.0  # the server's watcher reads the pointer this often (centra.serve.reload.DEFAULT_INTERVAL)

@@ -17,10 +17,11 @@ from centra.core.answers import Answer, interpret
 from centra.core.backbone import EncoderConfig
 from centra.core.graph import MergedModel
 from centra.core.manifest import Manifest
-from centra.core.merge import load_merged, read_version
+from centra.core.merge import load_merged
 from centra.core.overhead import TokenGroup, token_groups
 from centra.core.task import TaskSpec
 from centra.core.tokens import Encoded, check_texts, encode
+from centra.core.versions import read_version
 from centra.errors import CentraError, FieldError, Name
 
 DEFAULT_BATCH_SIZE = 32

@@ -19,8 +19,9 @@ import torch
 from centra.core.backbone import EncoderConfig
 from centra.core.graph import MergedModel, TrunkRows
 from centra.core.manifest import EngineInfo
-from centra.core.merge import Version, load_merged
+from centra.core.merge import load_merged
 from centra.core.task import TaskSpec
+from centra.core.versions import Version
 from centra.errors import CentraError
 
 EMBEDDINGS = "embeddings"

@@ -20,13 +20,14 @@ from centra.core import PRECISIONS as ENGINE_PRECISIONS
 from centra.core.backbone import EncoderConfig
 from centra.core.graph import MergedModel
 from centra.core.manifest import EngineInfo
-from centra.core.merge import Version
 from centra.core.task import TaskSpec
+from centra.core.versions import Version
 from centra.errors import CentraError
 from centra.runtime.graphs import GraphRunner, check_engine_field
 
 ENGINE_NAME = "onnx"
 PRECISIONS = ENGINE_PRECISIONS[ENGINE_NAME]
+ONNX_DIR = "onnx"  # a version's ONNX graphs: onnx/<precision>/<graph>.onnx
 PROVIDER = "CPUExecutionProvider"
 
 

@@ -64,7 +64,7 @@ def load_engine(folder: Path, batch_size: int, engine_name: str | None = None) -
 
 def build(model: Path, options: ServeOptions, app: AppOptions) -> tuple[CentraServer, Metrics, ModelWatcher | None]:
     """Everything checked and loaded, nothing listening yet."""
-    from centra.core.merge import model_folder
+    from centra.core.versions import model_folder
     from centra.serve.security import read_token, tls_context, tls_credentials
 
     options.check()

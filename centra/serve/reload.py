@@ -20,9 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from centra.core.manifest import short_id
-from centra.core.merge import MANIFEST, read_manifest
+from centra.core.versions import MANIFEST, current_version, read_manifest
 from centra.errors import CentraError
-from centra.io import current_version, sha256_file
+from centra.io import sha256_file
 from centra.serve.memory import release_memory
 
 log = logging.getLogger("centra.serve")

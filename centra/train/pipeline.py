@@ -33,7 +33,7 @@ from centra.core.task import (
 )
 from centra.core.tokens import encode
 from centra.errors import CentraError
-from centra.io import check_replaceable
+from centra.publish import check_replaceable
 from centra.train.cache import ActivationCache, CacheBudget
 from centra.train.data import Examples, load_examples
 from centra.train.distill import distill_shallower, distill_students, logits_table, read_teacher_logits

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 from centra.core import KINDS
 from centra.core.task import HEAD_FILE, RECIPE_FILE, TASK_FILE
 from centra.errors import CentraError
-from centra.io import check_writable_parent, read_json, sha256_bytes, sha256_file
+from centra.io import read_json, sha256_bytes, sha256_file
+from centra.publish import check_writable_parent
 from centra.train.data import Columns, parse_label_names
 from centra.train.job import TaskJob
 from centra.train.settings import RECIPE_KEYS, Name, SettingError, Settings, recipe_block, settings_from

@@ -254,9 +254,7 @@ class KeptCandidate:
 @dataclass(frozen=True)
 class TrainingReport:
     """One task's training: its data, the reference, the teachers and the search, the students, the
-    thresholds, the cache, the wall times, the student chosen and the candidates kept (report.json).
-
-    `report["key"]` reads the record's JSON form, as report.json holds it."""
+    thresholds, the cache, the wall times, the student chosen and the candidates kept (report.json)."""
 
     task: str = ""
     kind: str = ""
@@ -282,9 +280,6 @@ class TrainingReport:
     @property
     def chosen_teacher(self) -> Teacher | None:
         return next((t for t in self.teachers if t.chosen), None)
-
-    def __getitem__(self, key: str):
-        return self.to_dict()[key]
 
     def to_dict(self) -> dict:
         data = {"task": self.task, "kind": self.kind, "backbone": self.backbone, "labels": self.labels,

@@ -30,10 +30,8 @@ must equal centra.core.tokens.encode's and the logits the engine's on the same b
 from __future__ import annotations
 
 import importlib.util
-import json
 import secrets
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,50 +40,37 @@ from centra import io, publish
 from centra.core.backbone import load_tokenizer
 from centra.core.manifest import Manifest
 from centra.core.merge import load_merged
-from centra.core.overhead import TokenGroup, token_groups
-from centra.core.protocol import MODEL, TEXT, TEXT_PAIR, logits_name
+from centra.core.overhead import TokenGroup
+from centra.core.protocol import logits_name
 from centra.core.task import TaskSpec
 from centra.core.tokens import encode
 from centra.core.versions import model_folder
 from centra.errors import CentraError, FieldError, Name
 from centra.export.onnx import FP32_TOLERANCE, export_onnx
+from centra.export.triton_config import (
+    ENSEMBLE,
+    ID_TENSORS,
+    TENSORRT,
+    GroupModels,
+    ensemble_config,
+    graph_config,
+    group_models,
+    tokenizer_config,
+)
 from centra.runtime.engine import Engine
 from centra.runtime.graphs import graph_layout
 from centra.runtime.onnx import ENGINE_NAME, PRECISIONS, OnnxRunner, open_session
 from centra.runtime.verify import SAMPLE_PAIRS, SAMPLE_TEXTS
 
 KIND = "triton repository"
-TENSORRT = "tensorrt"
 ENGINES = (ENGINE_NAME, TENSORRT)
 ENGINE_PRECISIONS = {ENGINE_NAME: PRECISIONS, TENSORRT: ("fp32", "fp16")}
-TRT_WORKSPACE_BYTES = 4 << 30
-ENSEMBLE = MODEL
-TOKENIZER_MODEL = "centra_tokenizer"
-GRAPH_MODEL = "centra_graph"
 SUMMARY = "centra-triton.json"
 README = "README.md"
 DEFAULT_MAX_BATCH = 32
 TOLERANCE = FP32_TOLERANCE  # max |triton graph - centra engine| of any logit, same precision
 MODEL_SOURCE = Path(__file__).with_name("triton_model.py")
-ID_TENSORS = ("input_ids", "attention_mask", "token_type_ids")
 EXTERNAL_DATA_ABOVE = 1_800_000_000  # bytes: protobuf's 2 GB limit; weights go to model.onnx.data
-
-
-@dataclass(frozen=True)
-class GroupModels:
-    """One token group (tasks in the manifest's order) and the names of the two models that serve it."""
-
-    tokens: TokenGroup
-    tokenizer: str = TOKENIZER_MODEL
-    graph: str = GRAPH_MODEL
-
-
-def group_models(specs: dict[str, TaskSpec]) -> list[GroupModels]:
-    """The token groups of the tasks; suffixed model names when there is more than one group."""
-    groups = token_groups(specs.values())
-    if len(groups) == 1:
-        return [GroupModels(groups[0])]
-    return [GroupModels(g, f"{TOKENIZER_MODEL}_{g.label}", f"{GRAPH_MODEL}_{g.label}") for g in groups]
 
 
 def source_graphs(folder: Path, manifest: Manifest, merged, tokenizer, precision: str, tmp: Path,
@@ -182,71 +167,6 @@ def save_onnx(model, path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------- config.pbtxt
-
-
-def _tensor(name: str, dtype: str, dims: list[int]) -> str:
-    return f'  {{ name: {json.dumps(name)} data_type: {dtype} dims: [ {", ".join(map(str, dims))} ] }}'
-
-
-def _tensors(items: list[str]) -> str:
-    return "[\n" + ",\n".join(items) + "\n]"
-
-
-def text_inputs(pair: bool) -> list[str]:
-    return [_tensor(TEXT, "TYPE_STRING", [1])] + ([_tensor(TEXT_PAIR, "TYPE_STRING", [1])] if pair else [])
-
-
-def tokenizer_config(group: GroupModels, max_batch: int, params: dict) -> str:
-    ids = [_tensor(n, "TYPE_INT64", [-1]) for n in ID_TENSORS]
-    parameters = "".join(f'parameters {{ key: {json.dumps(k)} value {{ string_value: {json.dumps(str(v))} }} }}\n'
-                         for k, v in params.items())
-    return (f'name: {json.dumps(group.tokenizer)}\nbackend: "python"\nmax_batch_size: {max_batch}\n'
-            f"dynamic_batching {{ }}\ninput {_tensors(text_inputs(group.tokens.input == 'pair'))}\n"
-            f"output {_tensors(ids)}\ninstance_group [ {{ kind: KIND_CPU count: 1 }} ]\n{parameters}")
-
-
-def graph_config(group: GroupModels, max_batch: int, specs: dict[str, TaskSpec], precision: str,
-                 engine: str = ENGINE_NAME) -> str:
-    ids = [_tensor(n, "TYPE_INT64", [-1]) for n in ID_TENSORS]
-    outs = [_tensor(logits_name(t), "TYPE_FP32", [specs[t].num_outputs]) for t in group.tokens.tasks]
-    # dynamically quantized int8 graphs are CPU graphs; fp32 runs where Triton places it (a GPU if any)
-    instances = "instance_group [ { kind: KIND_CPU } ]\n" if precision == "int8" else ""
-    if engine == TENSORRT:  # ONNX Runtime's TensorRT execution provider, on the server's GPU
-        # one profile over every shape the group can get, so the engine is built once, not again whenever a
-        # request is longer or larger than the ones before. precision_mode FP16 sets TensorRT 10's FP16
-        # flag, without which its weakly typed networks refuse the fp16 graph's half-precision layers;
-        # TensorRT 11 has no such flag and takes the precision from the graph (see the module's docstring)
-        def shapes(batch: int, length: int) -> str:
-            return ",".join(f"{n}:{batch}x{length}" for n in ID_TENSORS)
-
-        profile = {"trt_profile_min_shapes": shapes(1, 1),
-                   "trt_profile_opt_shapes": shapes(min(32, max_batch), min(64, group.tokens.max_length)),
-                   "trt_profile_max_shapes": shapes(max_batch, group.tokens.max_length)}
-        parameters = {"precision_mode": precision.upper(), "max_workspace_size_bytes": str(TRT_WORKSPACE_BYTES),
-                      "trt_engine_cache_enable": "1", **profile}
-        instances = ('instance_group [ { kind: KIND_GPU } ]\noptimization { execution_accelerators {\n'
-                     ' gpu_execution_accelerator : [ {\n  name : "tensorrt"\n'
-                     + "".join(f'  parameters {{ key: "{k}" value: "{v}" }}\n' for k, v in parameters.items())
-                     + ' } ]\n} }\n')
-    return (f'name: {json.dumps(group.graph)}\nplatform: "onnxruntime_onnx"\nmax_batch_size: {max_batch}\n'
-            f"dynamic_batching {{ }}\ninput {_tensors(ids)}\noutput {_tensors(outs)}\n{instances}")
-
-
-def ensemble_config(groups: list[GroupModels], max_batch: int, specs: dict[str, TaskSpec]) -> str:
-    pair = any(g.tokens.input == "pair" for g in groups)
-    outs = [_tensor(logits_name(t), "TYPE_FP32", [specs[t].num_outputs]) for g in groups for t in g.tokens.tasks]
-    steps = []
-    for g in groups:
-        texts = [TEXT, TEXT_PAIR] if g.tokens.input == "pair" else [TEXT]
-        feed = "".join(f' input_map {{ key: "{n}" value: "{n}" }}' for n in texts)
-        ids = "".join(f' output_map {{ key: "{n}" value: "{g.tokens.label}_{n}" }}' for n in ID_TENSORS)
-        steps.append(f'  {{ model_name: "{g.tokenizer}" model_version: -1{feed}{ids} }}')
-        ids = "".join(f' input_map {{ key: "{n}" value: "{g.tokens.label}_{n}" }}' for n in ID_TENSORS)
-        logits = "".join(f' output_map {{ key: "{logits_name(t)}" value: "{logits_name(t)}" }}' for t in g.tokens.tasks)
-        steps.append(f'  {{ model_name: "{g.graph}" model_version: -1{ids}{logits} }}')
-    return (f'name: "{ENSEMBLE}"\nplatform: "ensemble"\nmax_batch_size: {max_batch}\n'
-            f"input {_tensors(text_inputs(pair))}\noutput {_tensors(outs)}\n"
-            f"ensemble_scheduling {{\n step {_tensors(steps)}\n}}\n")
 
 
 # --------------------------------------------------------------------------------------- export

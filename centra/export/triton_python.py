@@ -28,6 +28,7 @@ from centra.core.protocol import ANSWERS, INPUTS, MODEL, TASKS, TEXT, TEXT_PAIR,
 from centra.core.texts import SAMPLE_PAIRS, SAMPLE_TEXTS
 from centra.core.versions import MANIFEST, model_folder, read_manifest
 from centra.errors import CentraError, FieldError, Name
+from centra.export.triton_config import tensor
 from centra.runtime.engine import Engine
 from centra.serve.doors import triton as door
 from centra.serve.doors.triton import VERSION_DIR
@@ -62,14 +63,10 @@ class PythonRepoOptions:
             raise FieldError(Name("engine"), f" {self.engine!r} is not one the python backend runs (torch, onnx)")
 
 
-def _tensor(name: str, dtype: str, dims: list[int]) -> str:
-    return f'  {{ name: {json.dumps(name)} data_type: {dtype} dims: [ {", ".join(map(str, dims))} ] }}'
-
-
 def model_config(engine: Engine, options: PythonRepoOptions) -> str:
-    inputs = [_tensor(n, "TYPE_STRING", [1]) for n in INPUTS]
-    outputs = [_tensor(logits_name(s.name), "TYPE_FP32", [s.num_outputs]) for s in engine.specs.values()]
-    outputs.append(_tensor(ANSWERS, "TYPE_STRING", [1]))
+    inputs = [tensor(n, "TYPE_STRING", [1]) for n in INPUTS]
+    outputs = [tensor(logits_name(s.name), "TYPE_FP32", [s.num_outputs]) for s in engine.specs.values()]
+    outputs.append(tensor(ANSWERS, "TYPE_STRING", [1]))
     params = {"engine": options.engine or "", "engine_batch": ENGINE_BATCH,
               "max_inputs_per_call": options.max_inputs_per_call, "max_call_bytes": options.max_call_bytes}
     parameters = "".join(f"parameters {{ key: {json.dumps(k)} value {{ string_value: {json.dumps(str(v))} }} }}\n"

@@ -1,10 +1,12 @@
 """`centra export-triton`: the Triton model repository of a merged model, checked without a Triton server.
 
 Every config.pbtxt is parsed with Triton's own ModelConfig protobuf (tritonclient's model_config_pb2.py,
-loaded from its file so grpc is not imported); the ensemble's wiring is checked tensor by tensor against
-the step models' configs, and the graph configs against the ONNX files. The tokenizer model's plain
-function (and its `execute`, under a stand-in for triton_python_backend_utils) must give the ids
-`centra predict` computes, and the ONNX graphs run on those ids must give the engine's logits (1e-4).
+loaded from its file so grpc is not imported; tests/triton_repo.py); the ensemble's wiring is checked
+tensor by tensor against the step models' configs, and the graph configs against the ONNX files. The
+tokenizer model's plain function (and its `execute`, under a stand-in for triton_python_backend_utils)
+must give the ids `centra predict` computes, and the ONNX graphs run on those ids must give the engine's
+logits (1e-4). The repository for ONNX Runtime's TensorRT execution provider (--engine tensorrt) is
+checked in test_triton_tensorrt.py.
 
 Tolerance: 1e-4 (fp32 ONNX vs PyTorch, as tests/test_onnx.py); int8 graphs vs the version's int8 engine on
 the same batch, 1e-4 too (the graphs are the version's own int8 graphs, composed).
@@ -16,7 +18,6 @@ import importlib.util
 import json
 import sys
 import types
-from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ if importlib.util.find_spec("tritonclient") is None:
 
 from conftest import PAIRS, TEXTS, snapshot
 from helpers import STANDARD_TASKS, make_tasks
+from triton_repo import configs_of, data_type, parse_config, summary_of, wiring_problems
 
 from centra.cli import main
 from centra.core.backbone import Backbone
@@ -40,82 +42,6 @@ from centra.runtime.engine import Engine, Row
 TOLERANCE = 1e-4
 LONG = " ".join(TEXTS * 3)  # longer than any task's max_length (48): truncated
 ONNX_TYPES = {1: "TYPE_FP32", 7: "TYPE_INT64"}
-
-
-@cache
-def model_config_pb2():
-    """tritonclient's generated model_config_pb2 (inference.ModelConfig, DataType), loaded from its file
-    (importing tritonclient.grpc would import grpc)."""
-    spec = importlib.util.find_spec("tritonclient")
-    path = Path(next(iter(spec.submodule_search_locations))) / "grpc" / "model_config_pb2.py"
-    if not path.is_file():
-        pytest.skip(f"{path} not found in tritonclient")
-    module_spec = importlib.util.spec_from_file_location("centra_tests_triton_model_config_pb2", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
-
-
-def data_type(name: str) -> int:
-    return model_config_pb2().DataType.Value(name)
-
-
-def parse_config(path: Path):
-    from google.protobuf import text_format
-
-    return text_format.Parse(path.read_text(encoding="utf-8"), model_config_pb2().ModelConfig())
-
-
-def configs_of(repo: Path) -> dict:
-    """model name -> parsed config, for every model folder of the repository."""
-    found = {p.parent.name: parse_config(p) for p in sorted(repo.glob("*/config.pbtxt"))}
-    assert found and all(cfg.name == name for name, cfg in found.items())
-    return found
-
-
-def signature(tensor) -> tuple[int, tuple[int, ...]]:
-    return tensor.data_type, tuple(tensor.dims)
-
-
-def wiring_problems(configs: dict, ensemble: str = triton.ENSEMBLE) -> list[str]:
-    """What Triton's ensemble scheduler would reject or mis-wire, one line each (empty: consistent)."""
-    ens, problems = configs[ensemble], []
-    known = {t.name: signature(t) for t in ens.input}  # ensemble tensor -> (data type, dims) so far
-    used, produced = set(), {}
-    for i, step in enumerate(ens.ensemble_scheduling.step):
-        model = configs.get(step.model_name)
-        if model is None:
-            problems.append(f"step {i}: no model {step.model_name!r}")
-            continue
-        if model.max_batch_size < ens.max_batch_size:
-            problems.append(f"{step.model_name}: max_batch_size below the ensemble's")
-        inputs, outputs = {t.name: t for t in model.input}, {t.name: t for t in model.output}
-        for key, value in step.input_map.items():
-            if key not in inputs:
-                problems.append(f"{step.model_name}: input_map names {key!r}, not an input of the model")
-            elif value not in known:
-                problems.append(f"{step.model_name}.{key} <- {value!r}: neither an ensemble input nor an earlier "
-                                "output")
-            elif known[value] != signature(inputs[key]):
-                problems.append(f"{step.model_name}.{key} <- {value!r}: type/dims {known[value]} vs "
-                                f"{signature(inputs[key])}")
-            used.add(value)
-        problems += [f"{step.model_name}.{name}: not fed" for name in inputs if name not in step.input_map]
-        for key, value in step.output_map.items():
-            if key not in outputs:
-                problems.append(f"{step.model_name}: output_map names {key!r}, not an output of the model")
-                continue
-            if value in produced or value in {t.name for t in ens.input}:
-                problems.append(f"{value!r} written twice")
-            produced[value] = known[value] = signature(outputs[key])
-    for tensor in ens.output:
-        if tensor.name not in produced:
-            problems.append(f"ensemble output {tensor.name!r} is produced by no step")
-        elif produced[tensor.name] != signature(tensor):
-            problems.append(f"ensemble output {tensor.name!r}: type/dims {produced[tensor.name]} vs "
-                            f"{signature(tensor)}")
-    problems += [f"ensemble input {t.name!r} is used by no step" for t in ens.input if t.name not in used]
-    return problems
 
 
 @pytest.fixture(scope="module")
@@ -142,10 +68,6 @@ def repos(bert_out, tiny_models, tmp_path_factory) -> dict[str, tuple[Path, Path
         assert main(["export-triton", "--backend", "onnxruntime", "--model", str(out), "--repo", str(repo), *extra]) \
             == 0, name
     return found
-
-
-def summary_of(repo: Path) -> dict:
-    return json.loads((repo / triton.SUMMARY).read_text())
 
 
 def test_layout_and_every_config_parses(repos):
@@ -373,51 +295,3 @@ def test_refuses_a_user_folder_and_replaces_its_own(repos, tmp_path, capsys):
         with pytest.raises(CentraError, match="tokenizes sample .* unlike centra"):
             triton.export_triton(out, repo, progress=False)
     assert snapshot(repo) == before and not list(repo.parent.glob(f".{repo.name}.*")), "no staging left behind"
-
-
-def test_tensorrt_repository_runs_standard_ops_through_the_tensorrt_provider(bert_out, tmp_path, capsys):
-    """--engine tensorrt: the same repository with standard-op graphs and ONNX Runtime's TensorRT execution
-    accelerator on KIND_GPU instances, fp16 by default: fp16 graphs (fp32 in and out), since TensorRT 11
-    takes the precision from the graph, checked against PyTorch fp32 as centra's TensorRT build checks them."""
-    import onnx
-    from test_tensorrt import tensorrt_problems
-
-    from centra.export.tensorrt import FP16_MAX_RELATIVE_ERROR
-
-    repo = tmp_path / "trt"
-    assert main(["export-triton", "--backend", "onnxruntime", "--model", str(bert_out), "--repo", str(repo), "--engine",
-                 "tensorrt"]) == 0
-    summary = summary_of(repo)
-    assert summary["engine"] == "tensorrt" and summary["precision"] == "fp16"
-    assert summary["graphs_from"] == "fp16 portable ONNX graphs (fp32 in and out) exported from torch"
-    assert summary["reference"] == "onnxruntime fp16"  # the composed graphs match the checked fp16 graphs
-    assert max(summary["parity"].values()) <= triton.TOLERANCE
-    check = summary["onnx_checks"]["fp16"]["tasks"]
-    assert set(check) == {row[0] for row in STANDARD_TASKS}
-    assert all(r["relative_error"] <= FP16_MAX_RELATIVE_ERROR for r in check.values()), check
-    configs = configs_of(repo)
-    assert wiring_problems(configs) == []
-    graphs = [name for name, cfg in configs.items() if cfg.platform == "onnxruntime_onnx"]
-    assert len(graphs) == 2
-    for name in graphs:
-        cfg = configs[name]
-        assert [g.kind for g in cfg.instance_group] == [cfg.instance_group[0].KIND_GPU]
-        (accelerator,) = cfg.optimization.execution_accelerators.gpu_execution_accelerator
-        assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP16"
-        length = summary["groups"][0]["max_length"]
-        assert accelerator.parameters["trt_profile_max_shapes"] == ",".join(
-            f"{n}:32x{length}" for n in ("input_ids", "attention_mask", "token_type_ids"))
-        assert accelerator.parameters["trt_profile_min_shapes"].count(":1x1") == 3
-        model = onnx.load(str(repo / name / "1" / "model.onnx"))
-        assert tensorrt_problems(model) == [], name  # standard ops TensorRT's parser takes
-        assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer), name
-        io = {t.type.tensor_type.elem_type for t in [*model.graph.input, *model.graph.output]}
-        assert io == {onnx.TensorProto.INT64, onnx.TensorProto.FLOAT}, name  # fp32 logits out
-    readme = (repo / "README.md").read_text()
-    assert "TensorRT execution provider" in readme and "strongly typed" in readme
-    capsys.readouterr()
-    assert main(["export-triton", "--backend", "onnxruntime", "--model", str(bert_out), "--repo", str(tmp_path / "t2"),
-                 "--engine", "tensorrt", "--precision", "int8"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "precision 'int8' does not apply to --engine tensorrt" in err, err
-    assert not (tmp_path / "t2").exists()

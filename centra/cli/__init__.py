@@ -7,10 +7,17 @@ this layer imports every other one, and nothing imports it.
 
 from __future__ import annotations
 
+import signal
+import sys
+
+if sys.argv[1:2] == ["serve"] and sys.platform != "win32":
+    # `centra serve` handles SIGHUP (reload) once its loop runs; until then (imports, loading) a SIGHUP
+    # must not kill it, so it is ignored from the first line centra runs (serve/app.py takes over)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
 import argparse
 import math
 import os
-import sys
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager

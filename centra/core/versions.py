@@ -61,8 +61,15 @@ def current_version(dest: Path) -> tuple[str, Path] | None:
     name = Path(target).name
     if not VERSION_RE.match(name):
         raise CentraError(f"{link}: points to {target!r}, not to a version folder")
-    return name, Path(dest) / VERSIONS / name
-
+    root = Path(dest) / VERSIONS
+    folder = root / name
+    try:
+        inside = not folder.is_symlink() and folder.resolve().parent == root.resolve()
+    except OSError:
+        inside = False
+    if not inside:  # a version is what centra published here, not a link to a folder elsewhere
+        raise CentraError(f"{folder}: not a version folder inside {root} (a link to another place is refused)")
+    return name, folder
 
 
 def _number(version: str) -> int:

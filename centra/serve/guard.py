@@ -18,6 +18,9 @@ REFUSED = "missing or wrong bearer token"
 # a cancel this close to the deadline is counted as the deadline: the client's clock runs out first (the
 # server's starts when the call arrives), and its cancel arrives with about one network trip left here
 DEADLINE_SLACK = 0.25
+# Streaming calls (health Watch, reflection) open at once: they hold gRPC's concurrency slots for as long as
+# their clients like, so they get a small budget of their own (more: RESOURCE_EXHAUSTED at once)
+MAX_STREAMS = 16
 
 
 class Guard:
@@ -29,6 +32,7 @@ class Guard:
         self.metrics = metrics
         self.open_prefixes = tuple(open_prefixes)
         self._expected = f"Bearer {token}".encode() if token is not None else None
+        self.streams = 0  # streaming calls open now (health Watch, reflection)
 
     def allows(self, method: str, authorization: str) -> bool:
         """May a call to `method` (a gRPC method's full name, or an HTTP path) with this Authorization run?"""
@@ -79,6 +83,36 @@ def _refusing(handler):
     return handler
 
 
+def _streams_within_budget(handler, guard: Guard):
+    """`handler` (a streaming one) refused RESOURCE_EXHAUSTED while MAX_STREAMS streams are open."""
+    import inspect
+
+    import grpc
+
+    def limited(inner):
+        async def call(request, context):
+            if guard.streams >= MAX_STREAMS:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"{MAX_STREAMS} streams are open, the limit; retry later")
+            guard.streams += 1
+            try:
+                result = inner(request, context)
+                if inspect.isasyncgen(result):
+                    async for item in result:
+                        await context.write(item)
+                else:
+                    await result
+            finally:
+                guard.streams -= 1
+        return call
+
+    kinds = {"request_deserializer": handler.request_deserializer,
+             "response_serializer": handler.response_serializer}
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(limited(handler.unary_stream), **kinds)
+    return grpc.stream_stream_rpc_method_handler(limited(handler.stream_stream), **kinds)
+
+
 def _grpc_interceptor(guard: Guard):
     import grpc
 
@@ -90,6 +124,8 @@ def _grpc_interceptor(guard: Guard):
             given = dict(details.invocation_metadata or ()).get("authorization", "")
             if not guard.allows(details.method, given):
                 handler = _refusing(handler)
+            elif handler.unary_stream is not None or handler.stream_stream is not None:
+                return _streams_within_budget(handler, guard)
             if handler.unary_unary is None or guard.metrics is None:
                 return handler
             return grpc.unary_unary_rpc_method_handler(

@@ -2,16 +2,24 @@
 one middleware, beside the gRPC port, through the same classify path.
 
 Every route goes through the middleware: the bearer token (serve/guard.py's check, the same as gRPC's;
-each door's health paths stay open), at most max_concurrent_rpcs calls in progress (more: 429), the
-metrics (calls by method and status code name, latency), and errors: `status_of`'s codes answered with an
-HTTP status (HTTP_STATUS) and a JSON body {"error", "code"}. A body is refused on its Content-Length
-before it is read, and read with a cap (413) otherwise (`read_body`). aiohttp is imported inside functions.
+each door's health paths stay open), the metrics (calls by method and status code name, latency), and
+errors: `status_of`'s codes answered with an HTTP status (HTTP_STATUS) and a JSON body {"error", "code"};
+a client that left is counted CANCELLED, never logged as a fault.
+
+Connections have deadlines: a request head must be in within IDLE_S of the connection opening (or of the
+previous response: the same bound is the keep-alive idle time); a body within BODY_BASE_S plus its size at
+BODY_MIN_RATE (408 past that, and the connection closed). A body is refused on its Content-Length before
+it is read, and read with a cap (413) otherwise (`read_body`). A call takes one of max_concurrent_rpcs
+slots only once its body is in (more: 429), so slow senders hold connections, never slots; a call whose
+client disconnects is cancelled (its queued rows are dropped, never computed) and frees its slot.
+Large bodies are parsed off the event loop (`parse_off_loop`). aiohttp is imported inside functions.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 
 from centra.errors import CentraError
@@ -22,7 +30,14 @@ log = logging.getLogger("centra.serve")
 HTTP_STATUS = {"OK": 200, "INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "NOT_FOUND": 404,
                "RESOURCE_EXHAUSTED": 429, "INTERNAL": 500, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}
 TOO_LARGE = 413  # a body over the byte limit (code INVALID_ARGUMENT, as centra.v1 answers it)
-CODE_OF_STATUS = {404: "NOT_FOUND", 405: "INVALID_ARGUMENT", 413: "INVALID_ARGUMENT", 400: "INVALID_ARGUMENT"}
+CODE_OF_STATUS = {404: "NOT_FOUND", 405: "INVALID_ARGUMENT", 413: "INVALID_ARGUMENT", 400: "INVALID_ARGUMENT",
+                  408: "DEADLINE_EXCEEDED"}
+IDLE_S = 15.0  # a connection's request head (and the keep-alive idle time between requests)
+BODY_BASE_S = 10.0  # a body's deadline: this, plus its size at BODY_MIN_RATE
+BODY_MIN_RATE = 64 * 1024  # bytes per second
+OFF_LOOP_BYTES = 64 * 1024  # bodies larger than this are parsed in a worker thread
+JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string, escapes and all: counted before parsing
+LINGER_S = 2.0  # after refusing a body, read what the client still sends this long before closing
 
 
 class HttpError(Exception):
@@ -45,6 +60,8 @@ class HttpPort:
         self.ssl_context = ssl_context
         self.port: int | None = None
         self.inflight = 0
+        self._slots: set[int] = set()  # requests (by id) holding a concurrency slot
+        self._closing: set[int] = set()  # requests whose connection closes after the answer
         self._runner = None
 
     @property
@@ -62,7 +79,9 @@ class HttpPort:
         app = web.Application(middlewares=[guard], client_max_size=self.body_bytes)
         for door in self.doors:
             app.add_routes(door.http_routes(self.classifier, self))
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=self.grace_s)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=self.grace_s,
+                               keepalive_timeout=IDLE_S, handler_cancellation=True,
+                               lingering_time=LINGER_S)
         await runner.setup()
         site = web.TCPSite(runner, host, port, ssl_context=self.ssl_context, reuse_port=False)
         try:
@@ -87,24 +106,24 @@ class HttpPort:
         route = request.match_info.route.resource
         method = f"{request.method} {route.canonical if route is not None else 'unknown'}"
         start, code = time.perf_counter(), "UNKNOWN"
-        counted = False
         try:
             if not self.guard.allows(request.path, request.headers.get("Authorization", "")):
                 raise HttpError(401, "UNAUTHENTICATED", "missing or wrong bearer token")
-            if self.inflight >= self.max_concurrent:
-                raise ServeError(f"too many calls in progress (limit {self.max_concurrent:,}); retry later",
-                                 "RESOURCE_EXHAUSTED")
-            self.inflight += 1
-            counted = True
             response = await handler(request)
             code = "OK" if response.status < 400 else CODE_OF_STATUS.get(response.status, "UNAVAILABLE")
             return response
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
+        except ConnectionError:  # the client left mid-body: nobody reads an answer, nothing to log
+            code = "CANCELLED"
+            return web.Response(status=400)
         except HttpError as exc:
             code = exc.code
-            return error_response(exc.status, exc.code, str(exc))
+            response = error_response(exc.status, exc.code, str(exc))
+            if id(request) in self._closing:
+                response.force_close()
+            return response
         except web.HTTPException as exc:  # aiohttp's own: no such route, wrong method, body over the cap
             code = CODE_OF_STATUS.get(exc.status, "INVALID_ARGUMENT")
             message = exc.reason if exc.status != TOO_LARGE else too_large(request, self.body_bytes)
@@ -115,20 +134,44 @@ class HttpPort:
                 log.exception("%s failed", method)
             return error_response(HTTP_STATUS.get(code, 500), code, message)
         finally:
-            if counted:
+            self._closing.discard(id(request))
+            if id(request) in self._slots:
+                self._slots.discard(id(request))
                 self.inflight -= 1
             self.guard.record(method, code, time.perf_counter() - start)
 
     async def read_body(self, request) -> bytes:
-        """The body, refused (413) on its Content-Length before it is read, or read with the cap."""
+        """The body, refused (413) on its Content-Length before it is read, or read with the cap, within its
+        deadline (408); then the call takes a concurrency slot (429 when none is free), which the
+        middleware gives back when the call ends."""
         from aiohttp import web
 
-        if request.content_length is not None and request.content_length > self.body_bytes:
+        size = request.content_length
+        if size is not None and size > self.body_bytes:
             raise HttpError(TOO_LARGE, "INVALID_ARGUMENT", too_large(request, self.body_bytes))
+        seconds = BODY_BASE_S + (size if size is not None else self.body_bytes) / BODY_MIN_RATE
         try:
-            return await request.read()
+            async with asyncio.timeout(seconds):
+                body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise HttpError(TOO_LARGE, "INVALID_ARGUMENT", too_large(request, self.body_bytes)) from None
+        except TimeoutError:
+            self._closing.add(id(request))  # a connection this slow is not kept: closed after the answer
+            raise HttpError(408, "DEADLINE_EXCEEDED", f"the body did not arrive within {seconds:.0f} s "
+                            f"(at least {BODY_MIN_RATE // 1024} KB/s)") from None
+        if self.inflight >= self.max_concurrent:
+            raise ServeError(f"too many calls in progress (limit {self.max_concurrent:,}); retry later",
+                             "RESOURCE_EXHAUSTED")
+        self.inflight += 1
+        self._slots.add(id(request))
+        return body
+
+
+async def parse_off_loop(parse, body: bytes):
+    """parse(body), in a worker thread when the body is large (the event loop keeps serving meanwhile)."""
+    if len(body) <= OFF_LOOP_BYTES:
+        return parse(body)
+    return await asyncio.to_thread(parse, body)
 
 
 def too_large(request, limit: int) -> str:

@@ -20,11 +20,15 @@ class Unparsed:
         self.message = message
 
 
-def parser(message_type, max_bytes: int | None = None, max_counts: dict[int, tuple[int, str]] | None = None):
+SLACK_FIELDS = 64  # fields of a message beyond its counted ones (its scalars, maps of a few entries)
+
+
+def parser(message_type, max_bytes: int | None = None, max_counts: dict | None = None):
     """Request deserializer for a handler: bytes -> message, or Unparsed. Bytes over `max_bytes` are
-    never parsed; nor is a message with more than N repeated top-level fields of a number in
-    `max_counts` ({field number: (N, what)}), counted by walking the top-level fields (the walk stops
-    at the first one over its limit, so it costs at most the limits, never the message's size)."""
+    never parsed; nor is a message with more than N occurrences of a field in `max_counts` ({field number:
+    (N, what) or (N, what, the same for each occurrence's own fields)}), or more fields in all than its
+    counted ones allow (their limits + SLACK_FIELDS), counted by walking the fields (the walk stops at the
+    first one over a limit, so it costs at most the limits, never the message's size)."""
     from google.protobuf.message import DecodeError
 
     name = message_type.DESCRIPTOR.name
@@ -33,7 +37,7 @@ def parser(message_type, max_bytes: int | None = None, max_counts: dict[int, tup
         if max_bytes is not None and len(data) > max_bytes:
             return Unparsed(f"the {name} has {len(data):,} bytes; the limit is {max_bytes:,} "
                             "(fewer inputs or shorter texts per call)")
-        over = over_count(data, max_counts) if max_counts else None
+        over = over_count(data, max_counts, name) if max_counts else None
         if over is not None:
             return Unparsed(over)
         try:
@@ -43,32 +47,44 @@ def parser(message_type, max_bytes: int | None = None, max_counts: dict[int, tup
     return parse
 
 
-def over_count(data: bytes, max_counts: dict[int, tuple[int, str]]) -> str | None:
-    """Why the message carries too many of a counted field, or None (also for malformed bytes: the
-    parser then says so)."""
+def over_count(data: bytes | memoryview, max_counts: dict, name: str = "message") -> str | None:
+    """Why the message carries too many of a counted field (or too many fields), or None (also for
+    malformed bytes: the parser then says so)."""
+    data = memoryview(data)
     counts: dict[int, int] = {}
-    pos, end = 0, len(data)
+    budget = sum(spec[0] for spec in max_counts.values()) + SLACK_FIELDS
+    fields, pos, end = 0, 0, len(data)
     while pos < end:
         tag, pos = _varint(data, pos)
         if tag is None:
             return None
         field, wire = tag >> 3, tag & 7
+        start = pos
         if wire == 2:
-            length, pos = _varint(data, pos)
+            length, start = _varint(data, pos)
             if length is None:
                 return None
-            pos += length
+            pos = start + length
         elif wire == 0:
             _, pos = _varint(data, pos)
         elif wire in (1, 5):
             pos += 8 if wire == 1 else 4
         else:
             return None
-        if field in max_counts:
-            counts[field] = counts.get(field, 0) + 1
-            limit, what = max_counts[field]
-            if counts[field] > limit:
-                return f"more than {limit:,} {what} in one call; the limit is {limit:,}"
+        fields += 1
+        if fields > budget:
+            return f"more than {budget:,} fields in a {name}; fewer inputs per call"
+        spec = max_counts.get(field)
+        if spec is None:
+            continue
+        counts[field] = counts.get(field, 0) + 1
+        limit, what = spec[0], spec[1]
+        if counts[field] > limit:
+            return f"more than {limit:,} {what} in one call; the limit is {limit:,}"
+        if len(spec) > 2 and wire == 2:
+            inner = over_count(data[start:pos], spec[2], what)
+            if inner is not None:
+                return inner
     return None
 
 

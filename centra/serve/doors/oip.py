@@ -28,10 +28,12 @@ from centra.serve.doors.oip_tensors import (
     outputs_of,
     parse_infer,
 )
+from centra.serve.http import parse_off_loop
 from centra.serve.wire import parsed, parser
 
 SERVICE = "inference.GRPCInferenceService"
 SERVER_NAME = "centra"
+MAX_PARAMETERS = 64  # request (and input) parameters in one call
 
 
 async def infer(classifier: Classifier, tensors: list[Tensor], requested: list[str], parameters: dict,
@@ -166,7 +168,13 @@ class OipDoor(Door):
         from centra.serve.status import mapped
 
         servicer = InferenceServicer(classifier)
-        counts = {5: (MAX_TENSORS, "input tensors"), 7: (MAX_TENSORS, "raw input contents")}  # ModelInferRequest's
+        rows = classifier.limits.max_inputs
+        # ModelInferRequest's fields: inputs (each: its contents, each of whose typed lists holds at most a
+        # row per element), requested outputs, raw contents, parameters; counted before protobuf parses them
+        contents = {field: (rows, "elements in an input's contents") for field in range(1, 9)}
+        tensor = {5: (1, "contents of an input", contents), 4: (MAX_PARAMETERS, "parameters of an input")}
+        counts = {5: (MAX_TENSORS, "input tensors", tensor), 6: (MAX_TENSORS, "requested outputs"),
+                  7: (MAX_TENSORS, "raw input contents"), 4: (MAX_PARAMETERS, "request parameters")}
         handlers = {}
         for name in ("ServerLive", "ServerReady", "ServerMetadata", "ModelReady", "ModelMetadata", "ModelInfer"):
             method = ip.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name[name]
@@ -205,7 +213,9 @@ class OipDoor(Door):
         async def infer_route(request):
             check_model(request.match_info["model"], request.match_info.get("version", ""), classifier.engine)
             body = await http.read_body(request)
-            doc, tensors, requested, binary = parse_infer(body, request.headers.get(HEADER_LENGTH))
+            header = request.headers.get(HEADER_LENGTH)
+            doc, tensors, requested, binary = await parse_off_loop(
+                lambda data: parse_infer(data, header, classifier.limits.max_inputs), body)
             parameters = doc.get("parameters")
             deadline = deadline_of(parameters, asyncio.get_running_loop().time())
             engine, outputs = await infer(classifier, tensors, list(requested), parameters, deadline)

@@ -33,11 +33,13 @@ from centra.core import protocol as wire
 from centra.core.protocol import ANSWERS, INPUTS, TASKS, TEXT, TEXT_PAIR, logits_name, task_of
 from centra.runtime.engine import Engine
 from centra.serve.call import MAX_LABELS_LIMIT, Answered, Call, Limits, ServeError
+from centra.serve.http import JSON_STRING
 from centra.serve.status import one_line
 
 PLATFORM = "centra"
 MAX_TENSORS = 16  # input tensors (and raw contents) in one call; three are known
 HEADER_LENGTH = "Inference-Header-Content-Length"  # HTTP: the JSON head's length before binary tensors
+MAX_NAMES = 256  # strings of a valid inference request besides its elements: keys, names, datatypes, ids
 
 
 @dataclass(frozen=True)
@@ -219,9 +221,11 @@ def metadata(engine: Engine) -> dict:
             "inputs": inputs, "outputs": outputs}
 
 
-def parse_infer(body: bytes, header_length: str | None):
+def parse_infer(body: bytes, header_length: str | None, max_inputs: int):
     """An OIP inference request body (JSON, or JSON + binary tensors) -> (its JSON, input Tensors,
-    {requested output: binary?}, binary_data_output)."""
+    {requested output: binary?}, binary_data_output). Its strings are counted before it is parsed (a valid
+    call has at most a row per element of each input, and a few names); every part of the JSON is checked
+    for its type, so a malformed request gets one line, never a server fault."""
     if header_length is not None:
         try:
             size = int(header_length)
@@ -232,16 +236,20 @@ def parse_infer(body: bytes, header_length: str | None):
         head, blob = body[:size], body[size:]
     else:
         head, blob = body, b""
+    most = len(INPUTS) * max_inputs + MAX_NAMES
+    if JSON_STRING.subn(b"", head)[1] > most:
+        raise ServeError(f"more than {most:,} strings in one inference request ({max_inputs:,} rows per input "
+                         "at most)")
     try:
         doc = json.loads(head)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ServeError(f"the body is not an inference request in JSON ({one_line(str(exc))[:200]})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list):
         raise ServeError("the body is not an inference request: no list of inputs")
-    params = doc.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise ServeError("the request's parameters are not an object")
+    params = object_of(doc.get("parameters"), "the request's parameters")
     binary_output = bool(params.get("binary_data_output", False))
+    if len(doc["inputs"]) > MAX_TENSORS:
+        raise ServeError(f"{len(doc['inputs'])} input tensors; the limit is {MAX_TENSORS}")
     tensors, offset = [], 0
     for item in doc["inputs"]:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
@@ -249,23 +257,36 @@ def parse_infer(body: bytes, header_length: str | None):
         name, shape = item["name"], item.get("shape")
         if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape):
             raise ServeError(f"input {name[:80]}: no shape (a list of integers)")
-        size = (item.get("parameters") or {}).get("binary_data_size")
+        size = object_of(item.get("parameters"), f"input {name[:80]}: parameters").get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or not 0 <= size <= len(blob) - offset:
-                raise ServeError(f"input {name[:80]}: binary_data_size {size!r} is outside the body")
+                raise ServeError(f"input {name[:80]}: binary_data_size {str(size)[:80]!r} is outside the body")
             values = deserialize_bytes(blob[offset:offset + size], name) if item.get("datatype") == "BYTES" else []
             offset += size
         else:
             values = flatten(item.get("data", []), name)
-        tensors.append(Tensor(name, str(item.get("datatype", "")), tuple(shape), values))
+        tensors.append(Tensor(name, str(item.get("datatype", ""))[:80], tuple(shape), values))
     if offset != len(blob):
         raise ServeError(f"{len(blob) - offset:,} bytes of binary data that no input claims")
+    outputs = doc.get("outputs") or []
+    if not isinstance(outputs, list) or len(outputs) > MAX_TENSORS:
+        raise ServeError(f"the request's outputs are not a list of at most {MAX_TENSORS} objects")
     requested = {}
-    for item in doc.get("outputs") or []:
+    for item in outputs:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise ServeError("an output is not an object with a name")
-        requested[item["name"]] = bool((item.get("parameters") or {}).get("binary_data", binary_output))
+        given = object_of(item.get("parameters"), f"output {item['name'][:80]}: parameters")
+        requested[item["name"]] = bool(given.get("binary_data", binary_output))
     return doc, tensors, requested, binary_output
+
+
+def object_of(value, what: str) -> dict:
+    """A JSON object that may be absent (null: {}), or a one-line refusal."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ServeError(f"{what} are not an object")
+    return value
 
 
 def flatten(data, name: str) -> list:

@@ -260,7 +260,8 @@ def parse_infer(body: bytes, header_length: str | None, max_inputs: int):
         size = object_of(item.get("parameters"), f"input {name[:80]}: parameters").get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or not 0 <= size <= len(blob) - offset:
-                raise ServeError(f"input {name[:80]}: binary_data_size {str(size)[:80]!r} is outside the body")
+                shown = size if isinstance(size, int) else str(size)[:80]
+                raise ServeError(f"input {name[:80]}: binary_data_size {shown!r} is outside the body")
             values = deserialize_bytes(blob[offset:offset + size], name) if item.get("datatype") == "BYTES" else []
             offset += size
         else:

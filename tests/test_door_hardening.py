@@ -234,3 +234,20 @@ def test_sighup_soon_after_start_does_not_kill_serve(tmp_path):
         proc.send_signal(signal.SIGHUP)
         assert proc.wait(60) == 2, (delay, proc.stdout.read())  # the missing model's one-line error, not SIGHUP
         assert "no such merged model folder" in proc.stdout.read()
+
+
+def test_out_of_file_descriptors_is_one_line_now_and_then(caplog):
+    import errno
+
+    from centra.serve.app import QuietAccept
+
+    passed: list[dict] = []
+    handler = QuietAccept(lambda loop, context: passed.append(context))
+    caplog.set_level(logging.WARNING, logger="centra.serve")
+    for _ in range(1000):
+        handler(None, {"message": "socket.accept() out of system resource",
+                       "exception": OSError(errno.EMFILE, "Too many open files")})
+    lines = [r for r in caplog.records if "out of file descriptors" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].exc_info is None
+    handler(None, {"message": "something else", "exception": ValueError("x")})
+    assert len(passed) == 1, "other errors go to the previous handler"

@@ -9,8 +9,10 @@ health NOT_SERVING, in-flight calls drained, then the port closed.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +122,9 @@ async def serve_model(model: Path, options: ServeOptions, app: AppOptions,
             watcher.poke()
 
     previous = install_handlers(loop, on_stop, on_hup)
+    raise_fd_limit()
+    exception_handler = loop.get_exception_handler()
+    loop.set_exception_handler(QuietAccept(exception_handler))
     http = server = None
     try:
         server, metrics, watcher = await asyncio.to_thread(in_fresh_thread, build, model, options, app)
@@ -151,9 +156,52 @@ async def serve_model(model: Path, options: ServeOptions, app: AppOptions,
             http.shutdown()
             http.server_close()
         restore_handlers(loop, previous)
+        loop.set_exception_handler(exception_handler)
 
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+FD_LOG_EVERY_S = 10.0  # at most one line this often while the process is out of file descriptors
+
+
+def raise_fd_limit() -> None:
+    """Open files: the soft limit raised to the hard one (each connection holds one), so idle clients run
+    into the connection deadlines long before the process runs out of descriptors."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            return
+
+
+class QuietAccept:
+    """The event loop's exception handler: when the process is out of file descriptors, asyncio's accept
+    loop reports every retry with a traceback; here that is one line per FD_LOG_EVERY_S (asyncio keeps
+    retrying, so serving resumes as descriptors free up). Everything else goes to the previous handler."""
+
+    def __init__(self, previous=None):
+        self.previous = previous
+        self.last = -FD_LOG_EVERY_S
+        self.skipped = 0
+
+    def __call__(self, loop, context: dict) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            now = time.monotonic()
+            if now - self.last >= FD_LOG_EVERY_S:
+                log.warning("out of file descriptors (%s): new connections wait%s", exc.strerror or exc,
+                            f" ({self.skipped} more since the last line)" if self.skipped else "")
+                self.last, self.skipped = now, 0
+            else:
+                self.skipped += 1
+            return
+        if self.previous is not None:
+            self.previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
 
 
 def install_handlers(loop: asyncio.AbstractEventLoop, on_stop: Callable[[], None],

@@ -17,7 +17,8 @@ from centra.core.backbone import Backbone
 from centra.core.merge import plan_merge, write_merged
 from centra.core.versions import model_folder
 from centra.measure.soak_calls import EXPECTED
-from centra.measure.soak_check import Checker, References, SoakAnswer, compare_task
+from centra.measure.soak_check import Checker, References, SoakAnswer, answered_from_pb, compare_task
+from centra.measure.soak_doors import DOORS
 from centra.runtime.engine import Engine
 from centra.serve.v1 import centra_pb2 as pb
 
@@ -105,6 +106,13 @@ def test_short_soak_is_clean(merged, tmp_path, capsys, monkeypatch):
     assert all(entry["calls"] > 0 for entry in figures["classes"].values()), figures["classes"]
     assert figures["checked"] > 0 and figures["wrong_answers"] == 0, figures["wrong_examples"]
     assert figures["unexpected_codes"] == 0, figures["unexpected_examples"]
+    assert set(figures["doors"]) == set(DOORS)
+    for door, entry in figures["doors"].items():  # every door got calls, answered valid ones, and each was checked
+        assert entry["calls"] > 0 and entry["unexpected_codes"] == 0 and entry["wrong"] == 0, (door, entry)
+        assert entry["classes"].get("valid", {}).get("OK", 0) + entry["classes"].get("valid_pair", {}).get("OK", 0) > 0
+        assert entry["checked"] > 0, (door, entry)
+    slow = figures["slow_connections"]
+    assert slow["heads"]["opened"] >= 4 and slow["bodies"]["opened"] >= 4, slow
     assert all(figures["actions"][action] > 0 for action in ("merge", "sighup", "corrupt", "rebuild"))
     assert figures["reloads"]["failed"] >= 1  # the corrupt version was refused
     assert len(figures["versions_answered"]) >= 2
@@ -112,6 +120,66 @@ def test_short_soak_is_clean(merged, tmp_path, capsys, monkeypatch):
     assert figures["server_exit_code"] == 0 and figures["ok"] and code == 0
     assert snapshot(merged) == before  # the model given is never touched
     assert list(scratch.iterdir()) == []  # the scratch folder is gone
+
+
+def test_door_translations_keep_texts_pairs_and_tasks():
+    """A ClassifyRequest in each door's wire form, read by that door's own parser, is the same call; each
+    door's answer, read back, is what the checker reads off centra.v1 (no server needed)."""
+    from google.protobuf import json_format
+
+    from centra.measure.soak_doors import (
+        answered_from_oip,
+        answered_from_rest,
+        http_code,
+        huge_http,
+        oip_json,
+        oip_pb,
+        rest_body,
+    )
+    from centra.serve.call import Limits
+    from centra.serve.doors import oip, oip_tensors, rest, v1
+    from centra.serve.inference import open_inference_grpc_pb2 as ip
+
+    limits = Limits()
+    request = pb.ClassifyRequest(inputs=[pb.Input(text="¿Dónde está?", text_pair="配送 \"x\"", id="a"),
+                                         pb.Input(text="ok 👍", text_pair="y", id="b")], tasks=["alpha", "delta"])
+    want = (["¿Dónde está?", "ok 👍"], ["配送 \"x\"", "y"], ["alpha", "delta"])
+
+    def seen(call):
+        return call.texts, call.pairs, call.tasks
+
+    assert seen(v1.call_of(rest.parse_request(rest_body(request)), limits)) == want
+    doc, tensors, requested, _ = oip_tensors.parse_infer(oip_json(request, 1000), None, limits.max_inputs)
+    assert seen(oip_tensors.call_of(tensors, limits, doc["parameters"])) == want and list(requested) == ["ANSWERS"]
+    assert doc["parameters"] == {"timeout": 1000}
+    for raw in (False, True):
+        message = ip.ModelInferRequest.FromString(oip_pb(request, 1000, raw).SerializeToString())
+        parameters = oip.parameters_from_pb(message.parameters)
+        assert seen(oip_tensors.call_of(oip.tensors_from_pb(message), limits, parameters)) == want
+        assert parameters == {"timeout": 1000}
+    single = pb.ClassifyRequest(inputs=[pb.Input(text="meh")])  # no pair, no tasks: TEXT alone
+    assert [t["name"] for t in json.loads(oip_json(single))["inputs"]] == ["TEXT"]
+    assert len(huge_http("rest", 1000)) == len(huge_http("rest", 2000)) - 3000  # 3 bytes an input
+    assert rest.count_objects(huge_http("rest", 1000)) == 1001
+
+    # answers: REST's JSON reads as centra.v1's message; OIP's ANSWERS rows as the same TaskResults
+    response = pb.ClassifyResponse(model_version="v000002", model_id="sha256:ab", results=[
+        pb.InputResult(id="a", tasks=[pb.TaskResult(task="alpha", label="pos", scores=[0.125, 0.25, 0.625])]),
+        pb.InputResult(id="b", tasks=[pb.TaskResult(task="alpha", label="neg", scores=[0.5, 0.25, 0.25],
+                                                    truncated=True)])])
+    by_rest = answered_from_rest(request, json_format.MessageToJson(response).encode())
+    assert by_rest == dataclasses.replace(answered_from_pb(request, response), door="rest")
+    rows = [json.dumps({"alpha": {"label": "pos", "scores": {"neg": 0.125, "neu": 0.25, "pos": 0.625},
+                                  "truncated": False}}),
+            json.dumps({"alpha": {"label": "neg", "scores": {"neg": 0.5, "neu": 0.25, "pos": 0.25},
+                                  "truncated": True}})]
+    by_oip = answered_from_oip(request, "v000002", rows, "oip_http")
+    assert (by_oip.model_id, by_oip.version, by_oip.texts, by_oip.pairs, by_oip.tasks) == \
+        ("", "v000002", by_rest.texts, by_rest.pairs, by_rest.tasks)
+    assert len(by_oip.got_ids) == len(by_oip.ids) == 2 and not any(by_oip.ids)
+    assert by_oip.results == by_rest.results
+    assert http_code(413, b'{"error": "too large", "code": "INVALID_ARGUMENT"}') == ("INVALID_ARGUMENT", "too large")
+    assert http_code(401, b"not json")[0] == "UNAUTHENTICATED" and http_code(200, b"{}") == ("OK", "")
 
 
 def test_rss_floors_see_through_a_reload_in_progress():

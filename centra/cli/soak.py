@@ -1,4 +1,5 @@
-"""`centra soak`: a bounded soak of `centra serve` on loopback (clients, bad input, re-merges, SIGHUPs).
+"""`centra soak`: a bounded soak of `centra serve` on loopback (clients through every door, bad input, slow
+connections, re-merges, SIGHUPs).
 
 The work is centra.measure.soak's; this module checks the options, prints the figures (the last line: one
 JSON object), and exits 1 when an answer was wrong or a status code unexpected.
@@ -37,7 +38,15 @@ def print_figures(f: dict) -> None:
     for name, entry in f["classes"].items():
         codes = ", ".join(f"{code} {count:,}" for code, count in sorted(entry["codes"].items()))
         print(f"  {name:<16} {entry['calls']:>7,}  {codes}")
-    print(f"answers checked against in-process predict: {f['checked']:,}; wrong: {f['wrong_answers']}")
+    for door, entry in f["doors"].items():
+        print(f"  door {door:<9} {entry['calls']:>7,} calls; {entry['checked']:,} answers checked, {entry['wrong']} "
+              f"wrong, {entry['ambiguous']} ambiguous; {entry['unexpected_codes']} unexpected codes")
+    slow = f["slow_connections"]
+    print(f"slow connections: heads {slow['heads']['opened']} opened, {slow['heads']['closed_by_server']} closed by "
+          f"the server; bodies {slow['bodies']['opened']} opened, {slow['bodies']['closed_by_server']} closed "
+          f"(answered {slow['answered'] or 'nothing'})")
+    print(f"answers checked against in-process predict: {f['checked']:,}; wrong: {f['wrong_answers']}; by version "
+          f"name alone and not the newest content of that name (unchecked): {f['ambiguous_unchecked']}")
     for line in f["wrong_examples"]:
         print(f"  wrong: {line}")
     print(f"unexpected codes: {f['unexpected_codes']}; busy (RESOURCE_EXHAUSTED): {f['busy']}; NOT_FOUND for a "
@@ -58,7 +67,8 @@ def add_parsers(sub, common) -> None:
     from centra.cli import positive_float, positive_int
 
     p = sub.add_parser("soak", parents=[common],
-                       help="run `centra serve` under mixed good and bad calls, re-merges and SIGHUPs for N minutes")
+                       help="run `centra serve` under mixed good and bad calls through every door, slow connections, "
+                            "re-merges and SIGHUPs for N minutes")
     p.add_argument("--model", required=True, help="merged model folder (copied; never changed)")
     p.add_argument("--minutes", type=positive_float, required=True, help="how long to run")
     p.add_argument("--clients", type=positive_int, default=8, help="concurrent client threads (default 8)")

@@ -5,16 +5,23 @@ SIGHUPs against one server on loopback for N minutes; then a count of what happe
 that copy with `centra serve` in a child process (a token required, small limits, short batching wait),
 and runs for `minutes`:
 - `clients` threads sending calls of every class (soak_calls.EXPECTED: valid calls, each bad-input class,
-  cancellations, 1 ms deadlines), each status code checked against what its class may get;
+  cancellations, 1 ms deadlines), each through a door picked at random: centra.v1 gRPC, REST, OIP over
+  HTTP or OIP over gRPC, in that door's wire form (soak_doors), each status code checked against what its
+  class may get;
+- a thread holding slow and idle HTTP connections open (half-sent heads, bodies at a byte a second),
+  opening again what the server closes (soak_slow);
 - a checker thread comparing every OK answer with in-process `Engine.predict` of the version that answered
-  it, found by the response's `model_id` (its content id) or, without one, its version name (soak_check);
+  it, found by the response's `model_id` (its content id) or, without one (OIP), its version name
+  (soak_check: a name published with more than one content is ambiguous, never counted wrong);
 - a control thread re-merging into the served folder, publishing a corrupt version, rebuilding the folder so
   that a version name comes back with other content, and sending SIGHUP; after each, the server must answer
   (soak_control);
 - the server's RSS sampled every RSS_EVERY_S: after a warm-up, at the peak and at the end.
 The re-merges write ONNX graphs when ONNX Runtime serves the versions (`merge_extend`, export's own
 extender). Then the server gets SIGTERM and must exit 0 within its grace, and the scratch folder is removed. The
-result is one dict (the command prints it as its last line); `ok` is no wrong answer and no unexpected code.
+result is one dict (the command prints it as its last line), with each door's calls, codes per class,
+unexpected codes and checked, wrong and ambiguous answers; `ok` is no wrong answer and no unexpected code
+on any door.
 """
 
 from __future__ import annotations
@@ -34,9 +41,11 @@ from centra.core.merge import MODEL_KIND
 from centra.core.versions import CURRENT, VERSION_RE, VERSIONS, model_folder, read_manifest
 from centra.errors import CentraError, FieldError, Name
 from centra.io import write_json
-from centra.measure.soak_calls import EXPECTED, Tally, Workload, client_loop
-from centra.measure.soak_check import Checker, References, answered_from_pb
+from centra.measure.soak_calls import EXPECTED, Tally, Workload
+from centra.measure.soak_check import Checker, References
 from centra.measure.soak_control import ACTIONS, Control, Served, ServerProcess
+from centra.measure.soak_doors import DOORS, client_loop
+from centra.measure.soak_slow import SlowConnections
 from centra.publish import ARTIFACT_FILE
 
 RSS_EVERY_S = 0.5
@@ -129,8 +138,10 @@ def run_soak(model: Path, options: SoakOptions, progress: Callable[[str], None] 
         served = Served(work, pool, tasks, references, server, token=token)
         progress(f"starting centra serve on a copy of {source}")
         served.target = server.start(options.start_timeout_s)
-        progress(f"server {served.target} (pid {server.pid}): {options.clients} clients for {options.minutes:g} "
-                 f"min, an action every {options.every:.1f} s ({', '.join(dict.fromkeys(ACTIONS))})")
+        served.http_target = server.http_target
+        progress(f"server {served.target}, HTTP {served.http_target} (pid {server.pid}): {options.clients} clients "
+                 f"for {options.minutes:g} min, an action every {options.every:.1f} s "
+                 f"({', '.join(dict.fromkeys(ACTIONS))})")
         return drive(Path(model), options, served, extend, progress)
     finally:
         if server is not None:
@@ -146,6 +157,7 @@ class Parts:
     checker: Checker
     control: Control
     workload: Workload
+    slow: SlowConnections
 
 
 def workload_of(served: Served, removable: set[str], options: SoakOptions) -> Workload:
@@ -160,15 +172,14 @@ def drive(model: Path, options: SoakOptions, served: Served, extend: Callable | 
     """Clients, checker and control for `options.minutes`, then everything stopped in order; the figures."""
     tally, stop = Tally(), threading.Event()
     control = Control(served, tally, extend, options.every, options.seed)
-    parts = Parts(tally, Checker(served.references), control, workload_of(served, set(control.removable), options))
-
-    def on_answer(request, response) -> None:
-        parts.checker.put(answered_from_pb(request, response))
-
+    parts = Parts(tally, Checker(served.references), control, workload_of(served, set(control.removable), options),
+                  SlowConnections(served.http_target, served.token))
+    targets = (served.target, served.http_target)
     threads = [threading.Thread(target=client_loop, name=f"centra-soak-client-{i}", daemon=True,
-                                args=(i, served.target, served.token, parts.workload, options.seed, tally, on_answer,
-                                      stop)) for i in range(options.clients)]
+                                args=(i, targets, served.token, parts.workload, options.seed, tally,
+                                      parts.checker.put, stop)) for i in range(options.clients)]
     threads.append(threading.Thread(target=control.run, args=(stop,), name="centra-soak-control", daemon=True))
+    threads.append(threading.Thread(target=parts.slow.run, args=(stop,), name="centra-soak-slow", daemon=True))
     parts.checker.start()
     started = time.monotonic()
     for thread in threads:
@@ -232,21 +243,40 @@ def rss_figures(samples: list[tuple[float, float]], seconds: float) -> dict:
 def report(model: Path, options: SoakOptions, elapsed: float, parts: Parts, reloads: dict,
            samples: list[tuple[float, float]], code: int | None) -> dict:
     tally, checker, control = parts.tally, parts.checker, parts.control
-    classes = {name: {"calls": sum(tally.codes.get(name, {}).values()), "codes": tally.codes.get(name, {})}
-               for name in EXPECTED if name in parts.workload.classes or name in tally.codes}
+    per_class = tally.by_class()
+    classes = {name: {"calls": sum(per_class.get(name, {}).values()), "codes": per_class.get(name, {})}
+               for name in EXPECTED if name in parts.workload.classes or name in per_class}
     codes: dict[str, int] = {}
-    for per_class in tally.codes.values():
-        for name, count in per_class.items():
+    for counts in per_class.values():
+        for name, count in counts.items():
             codes[name] = codes.get(name, 0) + count
     rss, out = rss_figures(samples, options.seconds), tally.outcomes
     return {"model": str(model), "minutes": options.minutes, "seconds": round(elapsed, 1), "clients": options.clients,
             "seed": options.seed, "engine": options.engine or "manifest", "calls": tally.calls,
-            "classes": classes, "codes": dict(sorted(codes.items())), "checked": checker.checked,
-            "wrong_answers": checker.wrong, "wrong_examples": checker.examples,
+            "classes": classes, "codes": dict(sorted(codes.items())), "doors": door_figures(parts),
+            "checked": checker.checked, "wrong_answers": checker.wrong, "ambiguous_unchecked": checker.ambiguous,
+            "wrong_examples": checker.examples,
             "unexpected_codes": out["unexpected"], "unexpected_examples": tally.examples, "busy": out["busy"],
-            "stale_not_found": out["stale"], "versions_answered": checker.versions, "reloads": reloads,
+            "stale_not_found": out["stale"], "slow_connections": parts.slow.figures(),
+            "versions_answered": checker.versions, "reloads": reloads,
             "actions": control.counts, "corrupt_served": control.corrupt_served,
             "rss_mb": {k: rss[k] for k in ("first", "start", "peak", "end", "floor_first", "floor_last")},
             "rss_drift_pct": rss["drift_pct"], "rss_floor_drift_pct": rss["floor_drift_pct"],
             "rss_warmup_s": rss["warmup_s"], "server_exit_code": code,
             "ok": checker.wrong == 0 and out["unexpected"] == 0}
+
+
+def door_figures(parts: Parts) -> dict:
+    """Per door: calls, codes per class, outcomes (busy, stale, unexpected), answers checked, wrong, ambiguous."""
+    tally, checker = parts.tally, parts.checker
+    out = {}
+    with tally.lock:
+        for door in DOORS:
+            classes = {name: dict(codes) for name, codes in tally.codes.get(door, {}).items()}
+            outcomes = tally.door_outcomes.get(door, {})
+            answers = checker.doors.get(door, {})
+            out[door] = {"calls": sum(sum(c.values()) for c in classes.values()), "classes": classes,
+                         "busy": outcomes.get("busy", 0), "stale_not_found": outcomes.get("stale", 0),
+                         "unexpected_codes": outcomes.get("unexpected", 0),
+                         **{k: answers.get(k, 0) for k in ("checked", "wrong", "ambiguous")}}
+    return out

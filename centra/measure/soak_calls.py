@@ -1,19 +1,19 @@
 """The soak's calls: valid ones, every bad-input class, cancellations and tiny deadlines, each with the
-status codes it may get, and the client threads that send them through the raw centra.v1 stub (so every
-status code is seen as the server sent it).
+status codes it may get, made as centra.v1 ClassifyRequests (soak_doors sends them through every door, in
+each door's wire form), and the tally of their codes per door and class.
 
 EXPECTED is the contract the soak holds the server to. RESOURCE_EXHAUSTED on a call that could succeed
 counts as "busy"; NOT_FOUND on one that asked for a task a re-merge may have removed counts as "stale"
 (the server may be on a version without it); anything else not in EXPECTED is an unexpected code.
+EXPECTED holds on every door: each door answers each class with the same codes (HTTP's statuses are read
+as the code names of their JSON bodies: 413, a body over the cap, is INVALID_ARGUMENT).
 """
 
 from __future__ import annotations
 
-import itertools
 import random
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from centra.runtime.verify import SAMPLE_PAIRS, SAMPLE_TEXTS
@@ -55,6 +55,7 @@ class SoakCall:
     token_ok: bool = True
     cancel_after: float | None = None
     removable: tuple[str, ...] = ()  # tasks it asks for that a re-merge may remove
+    door: str = "v1"  # soak_doors.DOORS
 
 
 @dataclass
@@ -70,6 +71,13 @@ class Workload:
     texts: list[str] = field(default_factory=lambda: TEXTS + SAMPLE_TEXTS + SAMPLE_PAIRS)
     _huge_at: float = -1e9
     _huge_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def cap(self) -> int:
+        """The server's HTTP body cap (and OIP gRPC's message cap): the largest request it reads at all."""
+        from centra.serve.call import Limits
+
+        return Limits(max_inputs=self.max_inputs, max_bytes=self.max_bytes).framed_bytes
 
     @property
     def classes(self) -> list[str]:
@@ -167,22 +175,25 @@ def verdict(call: SoakCall, code: str, details: str) -> str:
 
 
 class Tally:
-    """Calls per class and code, and what did not go as expected (thread-safe)."""
+    """Calls per door, class and code, and what did not go as expected, per door (thread-safe)."""
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.codes: dict[str, dict[str, int]] = {}
+        self.codes: dict[str, dict[str, dict[str, int]]] = {}  # door -> class -> code -> calls
         self.outcomes = {"ok": 0, "busy": 0, "stale": 0, "unexpected": 0}
+        self.door_outcomes: dict[str, dict[str, int]] = {}
         self.examples: list[str] = []
 
     def record(self, call: SoakCall, code: str, details: str) -> str:
         outcome = verdict(call, code, details)
         with self.lock:
-            per_class = self.codes.setdefault(call.cls, {})
+            per_class = self.codes.setdefault(call.door, {}).setdefault(call.cls, {})
             per_class[code] = per_class.get(code, 0) + 1
             self.outcomes[outcome] += 1
+            mine = self.door_outcomes.setdefault(call.door, {"ok": 0, "busy": 0, "stale": 0, "unexpected": 0})
+            mine[outcome] += 1
             if outcome == "unexpected" and len(self.examples) < SHOWN:
-                self.examples.append(f"{call.cls}: {code} {details[:200]}")
+                self.examples.append(f"{call.door} {call.cls}: {code} {details[:200]}")
         return outcome
 
     def unexpected(self, what: str) -> None:
@@ -192,53 +203,18 @@ class Tally:
             if len(self.examples) < SHOWN:
                 self.examples.append(what[:300])
 
+    def by_class(self) -> dict[str, dict[str, int]]:
+        """class -> code -> calls, over every door."""
+        out: dict[str, dict[str, int]] = {}
+        with self.lock:
+            for per_door in self.codes.values():
+                for name, codes in per_door.items():
+                    mine = out.setdefault(name, {})
+                    for code, count in codes.items():
+                        mine[code] = mine.get(code, 0) + count
+        return out
+
     @property
     def calls(self) -> int:
         with self.lock:
-            return sum(sum(codes.values()) for codes in self.codes.values())
-
-
-def send(stubs: tuple, call: SoakCall, metadata: tuple) -> tuple[str, str, object]:
-    """(status code name, details, response or None) of one call."""
-    import grpc
-
-    classify, raw = stubs
-    method = raw if isinstance(call.request, bytes) else classify
-    try:
-        if call.cancel_after is None:
-            return "OK", "", method(call.request, timeout=call.timeout, metadata=metadata)
-        future = method.future(call.request, timeout=call.timeout, metadata=metadata)
-        time.sleep(call.cancel_after)
-        future.cancel()
-        return "OK", "", future.result()
-    except grpc.FutureCancelledError:
-        return "CANCELLED", "cancelled by the client", None
-    except grpc.RpcError as exc:
-        return exc.code().name, exc.details() or "", None
-
-
-def client_loop(index: int, target: str, token: str, workload: Workload, seed: int, tally: Tally,
-                on_answer: Callable[[object, object], None], stop: threading.Event) -> None:
-    """Send calls of random classes until `stop`; OK answers of calls with a message go to `on_answer`."""
-    import grpc
-
-    from centra.serve.v1 import centra_pb2 as pb
-    from centra.serve.v1 import centra_pb2_grpc
-
-    channel = grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
-    stubs = (centra_pb2_grpc.ClassifierStub(channel).Classify,
-             channel.unary_unary("/centra.v1.Classifier/Classify", request_serializer=None,
-                                 response_deserializer=pb.ClassifyResponse.FromString))
-    good, bad = (("authorization", f"Bearer {token}"),), (("authorization", f"Bearer x{token}"),)
-    rng = random.Random(seed * 1009 + index)
-    try:
-        for n in itertools.count():
-            if stop.is_set():
-                break
-            call = workload.make(workload.pick(rng), rng, f"c{index}-{n}")
-            code, details, response = send(stubs, call, good if call.token_ok else bad)
-            tally.record(call, code, details)
-            if response is not None and not isinstance(call.request, bytes):
-                on_answer(call.request, response)
-    finally:
-        channel.close()
+            return sum(sum(codes.values()) for per_door in self.codes.values() for codes in per_door.values())

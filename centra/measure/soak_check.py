@@ -3,9 +3,12 @@
 `References` keeps a copy of every version the soak published (hard links, as the served folder prunes old
 versions; the file of a version the soak corrupts on purpose gets its published bytes back), keyed by
 content id ("sha256:...", what a response's `model_id` names) and by version name (for a response without
-one). `Checker` is one thread that takes answered calls off a bounded queue (a full queue makes the clients
-wait: the check keeps up, or the load drops), groups them by version, task set and input kind, runs
-`Engine.predict` on the copy and compares: the task set, labels, label sets and values, and the scores within
+one: OIP's). A name the soak published with more than one content (a rebuild brings v000001 back with
+other tasks) is ambiguous: an answer naming only it is checked against the newest content of that name,
+and one that disagrees is counted `ambiguous` (unchecked), never wrong. `Checker` is one thread that
+takes answered calls off a bounded queue (a full queue makes the clients wait: the check keeps up, or the
+load drops), groups them by version, task set and input kind, runs `Engine.predict` on the copy and
+compares: the task set, labels, label sets and values, and the scores within
 SCORE_TOLERANCE (they travel as float32 rounded to 6 decimals). A label that differs only where the reference
 is tied within that tolerance (or a score sits on its threshold) is not counted.
 """
@@ -48,15 +51,30 @@ class SoakAnswer:
     ids: tuple[str, ...]
     got_ids: tuple[str, ...]
     results: tuple[dict[str, object], ...]
+    door: str = "v1"
 
 
-def answered_from_pb(request, response) -> SoakAnswer:
+def asked(request) -> tuple[tuple[str, ...], tuple[str, ...] | None]:
+    """A ClassifyRequest's texts, and its pairs (None unless every input has one)."""
     inputs = list(request.inputs)
     pairs = tuple(item.text_pair for item in inputs) if inputs and all(i.text_pair for i in inputs) else None
+    return tuple(i.text for i in inputs), pairs
+
+
+def answered_from_pb(request, response, door: str = "v1") -> SoakAnswer:
+    texts, pairs = asked(request)
     results = tuple({t.task: t for t in result.tasks} for result in response.results)
-    return SoakAnswer(getattr(response, "model_id", ""), response.model_version, tuple(i.text for i in inputs),
-                    pairs, tuple(request.tasks), tuple(i.id for i in inputs), tuple(r.id for r in response.results),
-                    results)
+    return SoakAnswer(getattr(response, "model_id", ""), response.model_version, texts, pairs, tuple(request.tasks),
+                      tuple(i.id for i in request.inputs), tuple(r.id for r in response.results), results, door)
+
+
+def v1_result(task: str, answer: dict):
+    """One task's answer in `centra predict`'s JSON form (OIP's ANSWERS) as a centra.v1 TaskResult."""
+    from centra.serve.v1 import centra_pb2 as pb
+
+    result = pb.TaskResult(task=task, truncated=bool(answer.get("truncated", False)))
+    answer_from_dict(answer).to_v1(result)
+    return result
 
 
 def link_tree(src: Path, dest: Path) -> None:
@@ -78,6 +96,7 @@ class References:
         self.engine_name, self.batch_size = engine, batch_size
         self.by_id: dict[str, Path] = {}
         self.by_name: dict[str, Path] = {}  # the newest copy of each name
+        self.contents: dict[str, set[str]] = {}  # name -> the content ids published under it
         self._engines: OrderedDict[Path, Engine] = OrderedDict()
         self._lock = threading.Lock()
         self._copies = itertools.count()
@@ -90,13 +109,18 @@ class References:
         version, content = manifest.version, manifest.content_id
         with self._lock:
             self.by_name[version] = dest
+            self.contents.setdefault(version, set()).add(content or str(dest))
             if content:
                 self.by_id[content] = dest
         return version, content, dest
 
-    def find(self, model_id: str, version: str) -> Path | None:
+    def find(self, model_id: str, version: str) -> tuple[Path | None, bool]:
+        """The copy an answer names, and whether that is ambiguous (a name alone, under which more than
+        one content was published)."""
         with self._lock:
-            return self.by_id.get(model_id) if model_id else self.by_name.get(version)
+            if model_id:
+                return self.by_id.get(model_id), False
+            return self.by_name.get(version), len(self.contents.get(version, ())) > 1
 
     def engine(self, folder: Path) -> Engine:
         """The reference engine of a copy; only the checker thread calls this."""
@@ -172,7 +196,8 @@ class Checker:
         self.references = references
         self.max_group = max_group
         self.queue: queue.Queue[SoakAnswer] = queue.Queue(maxsize=512)
-        self.checked = self.wrong = 0
+        self.checked = self.wrong = self.ambiguous = 0
+        self.doors: dict[str, dict[str, int]] = {}  # door -> checked, wrong, ambiguous
         self.examples: list[str] = []
         self.versions: dict[str, int] = {}  # "version id" -> answers checked
         self._pending: list[tuple[float, SoakAnswer]] = []  # version not registered yet
@@ -197,7 +222,7 @@ class Checker:
             if batch:
                 self._check(batch)
 
-    def _take(self) -> list[tuple[Path, SoakAnswer]]:
+    def _take(self) -> list[tuple[Path, bool, SoakAnswer]]:
         waiting, self._pending = self._pending, []
         fresh = []
         try:
@@ -208,9 +233,9 @@ class Checker:
             pass
         now, ready = time.monotonic(), []
         for first, item in waiting + [(now, item) for item in fresh]:
-            folder = self.references.find(item.model_id, item.version)
+            folder, ambiguous = self.references.find(item.model_id, item.version)
             if folder is not None:
-                ready.append((folder, item))
+                ready.append((folder, ambiguous, item))
             elif now - first < UNKNOWN_WAIT_S and not self._done.is_set():
                 self._pending.append((first, item))
             else:
@@ -218,11 +243,11 @@ class Checker:
                                   "the soak never published"])
         return ready
 
-    def _check(self, batch: list[tuple[Path, SoakAnswer]]) -> None:
+    def _check(self, batch: list[tuple[Path, bool, SoakAnswer]]) -> None:
         groups: dict[tuple, list[SoakAnswer]] = {}
-        for folder, item in batch:
-            groups.setdefault((folder, item.tasks, item.pairs is not None), []).append(item)
-        for (folder, tasks, _), items in groups.items():
+        for folder, ambiguous, item in batch:
+            groups.setdefault((folder, ambiguous, item.tasks, item.pairs is not None), []).append(item)
+        for (folder, ambiguous, tasks, _), items in groups.items():
             try:
                 engine = self.references.engine(folder)
                 texts = [t for item in items for t in item.texts]
@@ -231,20 +256,27 @@ class Checker:
             except Exception as exc:  # e.g. a task the version does not have: the server answered it anyway
                 why = str(exc) if isinstance(exc, CentraError) else f"{type(exc).__name__}: {exc}"
                 for item in items:
-                    self._flag(item, [f"the reference refuses the call: {why}"])
+                    self._flag(item, [f"the reference refuses the call: {why}"], ambiguous)
                 continue
             per_text = len(expected) // len(texts)
             start = 0
             for item in items:
                 end = start + len(item.texts) * per_text
-                self._flag(item, compare(engine, item, expected[start:end]))
+                self._flag(item, compare(engine, item, expected[start:end]), ambiguous)
                 start = end
 
-    def _flag(self, item: SoakAnswer, problems: list[str]) -> None:
+    def _flag(self, item: SoakAnswer, problems: list[str], ambiguous: bool = False) -> None:
+        mine = self.doors.setdefault(item.door, {"checked": 0, "wrong": 0, "ambiguous": 0})
+        if problems and ambiguous:  # another content under the same name may have answered it
+            self.ambiguous += 1
+            mine["ambiguous"] += 1
+            return
         self.checked += 1
+        mine["checked"] += 1
         key = f"{item.version} {item.model_id}".strip()
         self.versions[key] = self.versions.get(key, 0) + 1
         if problems:
             self.wrong += 1
+            mine["wrong"] += 1
             if len(self.examples) < SHOWN:
-                self.examples.append(f"{key} tasks {list(item.tasks)}: {'; '.join(problems[:3])}")
+                self.examples.append(f"{item.door} {key} tasks {list(item.tasks)}: {'; '.join(problems[:3])}")

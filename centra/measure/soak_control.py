@@ -35,20 +35,22 @@ from centra.publish import remove_artifact
 ACTIONS = ("merge", "sighup", "corrupt", "rebuild", "rebuild")  # twice: the second reuses the served name
 WATCH_S = 1.0  # the server's watcher reads the pointer this often (centra.serve.reload.DEFAULT_INTERVAL)
 READY = re.compile(r"^serving .* on (\S+)$")
+READY_HTTP = re.compile(r"^REST and Open Inference Protocol at https?://(\S+) ")
 
 
 class ServerProcess:
-    """`centra serve` in a child process on a free loopback port; its log goes to a file."""
+    """`centra serve` in a child process on free loopback ports (gRPC, HTTP); its log goes to a file."""
 
     def __init__(self, args: list[str], log_path: Path):
         self.cmd = [sys.executable, "-m", "centra.cli", "serve", "--host", "127.0.0.1", "--port", "0", *args]
         self.log_path = Path(log_path)
         self.proc: subprocess.Popen | None = None
-        self.target = ""
+        self.target = self.http_target = ""
         self._ready = threading.Event()
 
     def start(self, timeout: float) -> str:
-        """Start it and wait for its "serving ... on HOST:PORT" line; return HOST:PORT."""
+        """Start it and wait for its "serving ... on HOST:PORT" line and its HTTP port's line after it;
+        return the gRPC HOST:PORT (the HTTP one is `http_target`)."""
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
@@ -64,9 +66,12 @@ class ServerProcess:
 
     def _read(self) -> None:
         for line in self.proc.stdout:
-            found = READY.match(line.strip())
-            if found and not self._ready.is_set():
+            found, http = READY.match(line.strip()), READY_HTTP.match(line.strip())
+            if found and not self.target:
                 self.target = found.group(1)
+            if http and not self.http_target:
+                self.http_target = http.group(1)
+            if self.target and self.http_target:
                 self._ready.set()
 
     @property
@@ -119,7 +124,7 @@ class ServerProcess:
 @dataclass
 class Served:
     """The soak's server and what it serves: the folder it follows, the task folders to merge from, the
-    tasks as (name, input), the reference copies, and the way in (HOST:PORT, token)."""
+    tasks as (name, input), the reference copies, and the ways in (gRPC and HTTP HOST:PORT, token)."""
 
     work: Path
     pool: Path
@@ -128,6 +133,7 @@ class Served:
     server: ServerProcess
     target: str = ""
     token: str = ""
+    http_target: str = ""
     _stub: object = None
 
     def list_tasks(self) -> tuple[str, str]:

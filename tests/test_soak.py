@@ -71,6 +71,32 @@ def test_checker_flags_a_wrong_answer(merged, tmp_path):
     assert any("never published" in line for line in checker.examples)
 
 
+def test_an_answer_by_a_name_with_two_contents_is_never_wrong(merged, tmp_path):
+    """OIP answers name their version only: after a rebuild brought the name back with other tasks, an
+    answer of the earlier content is counted ambiguous (unchecked), or checked when a loaded one agrees."""
+    pick = tmp_path / "pick"
+    pick.mkdir()
+    for name in ("alpha", "beta"):
+        (pick / name).symlink_to(tmp_path / "tasks" / name, target_is_directory=True)
+    write_merged(plan_merge([pick]), tmp_path / "rebuilt")
+    old, new = Engine.load(model_folder(merged)), Engine.load(model_folder(tmp_path / "rebuilt"))
+    assert old.version == new.version and old.content_id != new.content_id
+    references = References(tmp_path / "refs")
+    references.add(model_folder(merged))
+    references.add(model_folder(tmp_path / "rebuilt"))
+    by_old = dataclasses.replace(answered(old, ["great product"], ["alpha", "gamma"]), model_id="", door="oip_http")
+    by_new = dataclasses.replace(answered(new, ["great product"], ["alpha"]), model_id="", door="oip_grpc")
+    wrong = dataclasses.replace(answered(new, ["i love it"], ["beta"]), model_id="", door="oip_grpc")
+    wrong.results[0]["beta"].scores[0] += 0.5
+    checker = Checker(references)
+    checker.start()
+    for item in (by_old, by_new, wrong):
+        checker.put(item)
+    assert checker.finish(120)
+    assert (checker.checked, checker.wrong, checker.ambiguous) == (1, 0, 2), checker.examples
+    assert checker.doors["oip_http"]["ambiguous"] == 1 and checker.doors["oip_grpc"]["checked"] == 1
+
+
 def test_compare_task_tolerates_ties_only(merged):
     engine = Engine.load(model_folder(merged))
     spec = engine.specs["alpha"]

@@ -45,8 +45,8 @@ def print_figures(f: dict) -> None:
     print(f"slow connections: heads {slow['heads']['opened']} opened, {slow['heads']['closed_by_server']} closed by "
           f"the server; bodies {slow['bodies']['opened']} opened, {slow['bodies']['closed_by_server']} closed "
           f"(answered {slow['answered'] or 'nothing'})")
-    print(f"answers checked against in-process predict: {f['checked']:,}; wrong: {f['wrong_answers']}; by version "
-          f"name alone and not the newest content of that name (unchecked): {f['ambiguous_unchecked']}")
+    print(f"answers checked against in-process predict: {f['checked']:,}; wrong: {f['wrong_answers']}; by a version "
+          f"name of several contents, none loaded agreeing (unchecked): {f['ambiguous_unchecked']}")
     for line in f["wrong_examples"]:
         print(f"  wrong: {line}")
     print(f"unexpected codes: {f['unexpected_codes']}; busy (RESOURCE_EXHAUSTED): {f['busy']}; NOT_FOUND for a "

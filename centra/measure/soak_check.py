@@ -4,8 +4,9 @@
 versions; the file of a version the soak corrupts on purpose gets its published bytes back), keyed by
 content id ("sha256:...", what a response's `model_id` names) and by version name (for a response without
 one: OIP's). A name the soak published with more than one content (a rebuild brings v000001 back with
-other tasks) is ambiguous: an answer naming only it is checked against the newest content of that name,
-and one that disagrees is counted `ambiguous` (unchecked), never wrong. `Checker` is one thread that
+other tasks) is ambiguous: an answer naming only it is checked against the newest content of that name
+(then the name's other contents whose engines are loaded), and one that none agrees with is counted
+`ambiguous` (unchecked), never wrong. `Checker` is one thread that
 takes answered calls off a bounded queue (a full queue makes the clients wait: the check keeps up, or the
 load drops), groups them by version, task set and input kind, runs `Engine.predict` on the copy and
 compares: the task set, labels, label sets and values, and the scores within
@@ -97,6 +98,7 @@ class References:
         self.by_id: dict[str, Path] = {}
         self.by_name: dict[str, Path] = {}  # the newest copy of each name
         self.contents: dict[str, set[str]] = {}  # name -> the content ids published under it
+        self.copies: dict[str, list[Path]] = {}  # name -> its copies, oldest first
         self._engines: OrderedDict[Path, Engine] = OrderedDict()
         self._lock = threading.Lock()
         self._copies = itertools.count()
@@ -110,6 +112,7 @@ class References:
         with self._lock:
             self.by_name[version] = dest
             self.contents.setdefault(version, set()).add(content or str(dest))
+            self.copies.setdefault(version, []).append(dest)
             if content:
                 self.by_id[content] = dest
         return version, content, dest
@@ -121,6 +124,12 @@ class References:
             if model_id:
                 return self.by_id.get(model_id), False
             return self.by_name.get(version), len(self.contents.get(version, ())) > 1
+
+    def loaded_others(self, version: str, folder: Path) -> list[Path]:
+        """The other copies of a version name whose engines are loaded (trying them costs no load)."""
+        with self._lock:
+            copies = list(self.copies.get(version, ()))
+        return [copy for copy in reversed(copies) if copy != folder and copy in self._engines]
 
     def engine(self, folder: Path) -> Engine:
         """The reference engine of a copy; only the checker thread calls this."""
@@ -256,14 +265,32 @@ class Checker:
             except Exception as exc:  # e.g. a task the version does not have: the server answered it anyway
                 why = str(exc) if isinstance(exc, CentraError) else f"{type(exc).__name__}: {exc}"
                 for item in items:
-                    self._flag(item, [f"the reference refuses the call: {why}"], ambiguous)
+                    problems = [f"the reference refuses the call: {why}"]
+                    self._flag(item, self._another(folder, item, problems) if ambiguous else problems, ambiguous)
                 continue
             per_text = len(expected) // len(texts)
             start = 0
             for item in items:
                 end = start + len(item.texts) * per_text
-                self._flag(item, compare(engine, item, expected[start:end]), ambiguous)
+                problems = compare(engine, item, expected[start:end])
+                if problems and ambiguous:
+                    problems = self._another(folder, item, problems)
+                self._flag(item, problems, ambiguous)
                 start = end
+
+    def _another(self, folder: Path, item: SoakAnswer, problems: list[str]) -> list[str]:
+        """An answer known by an ambiguous name that the newest content of the name contradicts, against
+        the name's other contents already loaded: [] when one of them agrees."""
+        for other in self.references.loaded_others(item.version, folder):
+            try:
+                engine = self.references.engine(other)
+                expected = engine.predict(list(item.texts), list(item.pairs) if item.pairs is not None else None,
+                                          list(item.tasks) or None)
+            except Exception:  # e.g. a task that content lacks: not the one that answered
+                continue
+            if not compare(engine, item, expected):
+                return []
+        return problems
 
     def _flag(self, item: SoakAnswer, problems: list[str], ambiguous: bool = False) -> None:
         mine = self.doors.setdefault(item.door, {"checked": 0, "wrong": 0, "ambiguous": 0})

@@ -275,8 +275,8 @@ class DoorClient:
             finally:
                 conn.close()
         else:
-            try:
-                status, data = self.exchange(path, body, headers, call.timeout)
+            try:  # OIP's deadline is its `timeout` parameter: the transport's is the usual one
+                status, data = self.exchange(path, body, headers, max(call.timeout, 30.0))
             except (OSError, http.client.HTTPException) as exc:
                 return "CONNECTION_LOST", f"{type(exc).__name__}: {exc}", None
         code, details = http_code(status, data)
@@ -294,6 +294,8 @@ class DoorClient:
             reused = self.conn is not None
             if self.conn is None:
                 self.conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+            elif self.conn.sock is not None:
+                self.conn.sock.settimeout(timeout)
             try:
                 self.conn.request("POST", path, body, headers)
                 response = self.conn.getresponse()

@@ -19,7 +19,14 @@ from centra.runtime.engine import Engine
 from centra.train.data import load_examples
 from centra.train.metrics import compute
 from centra.train.pipeline import train_task
-from centra.train.thresholds import FOLDS, MIN_POSITIVES, best_threshold, tune_thresholds
+from centra.train.thresholds import (
+    FOLDS,
+    MIN_POSITIVES,
+    best_threshold,
+    label_count_limit,
+    labels_per_text,
+    tune_thresholds,
+)
 
 
 def logit(p: np.ndarray) -> np.ndarray:
@@ -87,7 +94,7 @@ def test_trained_multilabel_task_carries_and_serves_tuned_thresholds(tiny_models
     assert spec.metrics["tuned"] == report.chosen.tuned
     assert tuned.at_half["micro_f1"] == pytest.approx(report.chosen.scores["micro_f1"], abs=1e-6)
     assert tuned.fit["macro_f1"] >= tuned.at_half["macro_f1"]  # in-sample; "tuned" is held out
-    assert set(tuned.labels_per_text) == {"predicted", "gold"} and tuned.folds == FOLDS
+    assert set(tuned.labels_per_text) == {"predicted", "gold", "more_than_gold"} and tuned.folds == FOLDS
     reference = report.reference.thresholds
     assert len(reference.values) == len(spec.labels) and set(reference.to_dict()) == set(tuned.to_dict())
     assert reference.at_half == pytest.approx({m: report.reference.log.dev[m] for m in reference.at_half}, abs=1e-6)
@@ -113,3 +120,37 @@ def test_trained_multilabel_task_carries_and_serves_tuned_thresholds(tiny_models
     result = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert {m: result[m] for m in tuned.fit} == pytest.approx(tuned.fit, abs=1e-6)
     assert result["labels_per_text"]["gold"] == tuned.labels_per_text["gold"]
+    # max_labels not set: the training labels give it, recorded in task.json and the report
+    train, _ = load_examples(job.train, "multilabel", job.columns, labels=spec.labels)
+    assert spec.max_labels == label_count_limit(np.asarray(train.targets)) == tuned.max_labels
+    assert tuned.max_labels_from == "data" and report.to_dict()["thresholds"]["max_labels_from"] == "data"
+    assert len(tuned.guard) == len(spec.labels) and set(tuned.guard) <= {"tuned", "kept 0.5", "floor"}
+    assert tuned.objective == "micro_f1", "the default objective"
+
+
+def test_a_max_labels_set_is_kept(tiny_models, tmp_path):
+    bert = Backbone.load(tiny_models["bert"])
+    job = job_for(tmp_path, "topics", "multilabel", False, layers=(1, 1), student_layers=1, extra_attach=0,
+                  max_labels=1, threshold_objective="label")
+    report, _ = train_task(job, bert, tmp_path / "tasks")
+    assert read_spec(tmp_path / "tasks" / "topics").max_labels == 1 == report.thresholds.max_labels
+    assert report.thresholds.max_labels_from is None and report.thresholds.objective == "label"
+
+
+def test_label_count_limit_covers_the_training_texts():
+    targets = np.zeros((200, 6))
+    targets[:, 0] = 1
+    targets[:20, 1] = 1  # 10% have 2 labels
+    targets[:2, 2] = 1  # 1% have 3
+    assert label_count_limit(targets) == 2  # 99% of the texts have at most 2
+    assert label_count_limit(targets, coverage=1.0) == 3
+    assert label_count_limit(np.zeros((5, 3))) == 1, "never below one label"
+
+
+def test_the_tail_figures_count_texts_over_gold_and_neutral_texts_given_another_label():
+    gold = np.array([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 1, 1]])  # label 0: neutral
+    probs = np.array([[0.9, 0.8, 0.1], [0.9, 0.1, 0.1], [0.1, 0.9, 0.9], [0.1, 0.9, 0.1]])
+    found = labels_per_text(probs, [0.5, 0.5, 0.5], gold, neutral=0)
+    assert found["more_than_gold"] == 0.5  # rows 0 and 2
+    assert found["neutral_given_other"] == 0.5  # of rows 0-1 (neutral only), row 0
+    assert "neutral_given_other" not in labels_per_text(probs, [0.5] * 3, gold)

@@ -112,8 +112,8 @@ MIN_GAIN = 0.01  # a trained task within 1 point of its baseline learned nothing
 
 def per_text(report) -> str:
     """', x labels per text (gold y)' of a multilabel report, held out; '' when it lacks them."""
-    found = report.thresholds.labels_per_text if report.thresholds is not None else {}
-    return f", {found['predicted']:.2f} labels per text (gold {found['gold']:.2f})" if "gold" in found else ""
+    tail = report.thresholds.tail() if report.thresholds is not None else ""
+    return f", {tail}" if tail else ""
 
 
 def quality_lines(tasks_dir: Path, names: list[str]) -> list[str]:

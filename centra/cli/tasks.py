@@ -128,9 +128,11 @@ def tuned_note(thresholds: Thresholds | None) -> str:
     for a multilabel run, else ''."""
     if thresholds is None:
         return ""
-    per_text = thresholds.labels_per_text
-    labels = (f"; labels per text {per_text['predicted']:.2f} (gold {per_text['gold']:.2f})"
-              if {"predicted", "gold"} <= set(per_text) else "")
+    tail = thresholds.tail()
+    limit = f"; at most {thresholds.max_labels} labels per text" + (
+        " (from the training labels; --max-labels sets another)" if thresholds.max_labels_from == "data" else "") \
+        if thresholds.max_labels else ""
+    labels = (f"; {tail}" if tail else "") + limit
     return "; thresholds tuned on dev, held out: " + ", ".join(
         f"{m} {100 * v:.2f} -> {100 * thresholds.tuned[m]:.2f}" for m, v in thresholds.at_half.items()) + labels
 

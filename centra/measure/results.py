@@ -173,7 +173,8 @@ def multilabel_rows(reports: dict[str, TrainingReport]) -> str:
     the thresholds served ("fit": what the merged column and `centra evaluate` give), and the mean
     labels per text held out against gold, for the reference and the chosen student."""
     table = ["| task | model | micro-F1 at 0.5 | micro-F1 tuned (held out) | macro-F1 at 0.5 | macro-F1 tuned "
-             "(held out) | macro-F1 fit (in-sample) | labels per text (gold) |", "|---|---|---|---|---|---|---|---|"]
+             "(held out) | macro-F1 fit (in-sample) | labels per text (gold) | more than gold | neutral given "
+             "another |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in reports.items():
         reference = r.reference.thresholds if r.reference else None
         for model, t in (("full fine-tuning", reference), ("chosen student", r.thresholds)):
@@ -181,9 +182,11 @@ def multilabel_rows(reports: dict[str, TrainingReport]) -> str:
                 continue
             per_text = t.labels_per_text
             labels = f"{per_text['predicted']:.2f} ({per_text['gold']:.2f})" if "gold" in per_text else "-"
+            over, neutral = (f"{100 * per_text[k]:.0f}%" if k in per_text else "-"
+                             for k in ("more_than_gold", "neutral_given_other"))
             table.append(f"| {name} | {model} | {pct(t.at_half.get('micro_f1'))} | {pct(t.tuned.get('micro_f1'))} | "
                          f"{pct(t.at_half.get('macro_f1'))} | {pct(t.tuned.get('macro_f1'))} | "
-                         f"{pct(t.fit.get('macro_f1'))} | {labels} |")
+                         f"{pct(t.fit.get('macro_f1'))} | {labels} | {over} | {neutral} |")
     return "\n".join(table) if len(table) > 2 else ""
 
 

@@ -56,7 +56,9 @@ def evaluate(engine: Predictor, task: str, data: Path | str, columns: Columns,
         from centra.train.thresholds import labels_per_text
 
         probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-        result["labels_per_text"] = labels_per_text(probs, spec.thresholds, examples.targets, spec.max_labels)
+        neutral = next((i for i, name in enumerate(spec.labels) if name.lower() == "neutral"), None)
+        result["labels_per_text"] = labels_per_text(probs, spec.thresholds, examples.targets, spec.max_labels,
+                                                    neutral)
     if against is not None:
         result["against"] = compare(task, against, spec, examples, logits)
     if segments is not None:

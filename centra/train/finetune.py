@@ -137,7 +137,7 @@ def dev_scores(kind: str, logits: np.ndarray, targets: list, thresholds: list[fl
     if kind == "multilabel":
         found = tune_logits(logits, targets, tuning)
         scores["tuned"], scores["thresholds"] = found["tuned"], found["values"]
-        scores.update({k: found[k] for k in ("fit", "labels_per_text") if k in found})
+        scores.update({k: found[k] for k in ("fit", "labels_per_text", "guard") if k in found})
     return scores
 
 

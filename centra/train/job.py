@@ -36,6 +36,11 @@ class TaskJob(Settings):
     source: dict = field(default_factory=dict)  # recorded in task.json: recipe and data sha256
     recipe: dict | None = None  # a new recipe.json to publish with the task (None: keep the folder's)
     progress: bool = True  # progress bars and per-epoch lines
+    # multilabel, filled in once the data is read: the label named "neutral" (its index; for the tail figure
+    # of neutral texts given another label) and where max_labels came from ("data": not set, the default
+    # the training labels give)
+    neutral: int | None = None
+    max_labels_from: str | None = None
 
     @classmethod
     def of(cls, settings: Settings, **inputs) -> TaskJob:
@@ -51,7 +56,8 @@ class TaskJob(Settings):
     def train_config(self) -> TrainConfig:
         """What the training loop takes of the job (its settings of that name, progress, and how a
         multilabel branch's thresholds are tuned)."""
-        return replace(TrainConfig.of(self), tuning=Tuning(self.threshold_objective, self.max_labels, seed=self.seed))
+        return replace(TrainConfig.of(self), tuning=Tuning(self.threshold_objective, self.max_labels, seed=self.seed,
+                                                           neutral=self.neutral))
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,7 @@ from centra.train.report import (
 )
 from centra.train.search import search_teachers
 from centra.train.settings import Name, SettingError, refused
-from centra.train.thresholds import threshold_report
+from centra.train.thresholds import NEUTRAL, label_count_limit, threshold_report
 
 
 def validate_job(job: TaskJob, cfg: EncoderConfig) -> CheckedJob:
@@ -116,6 +116,12 @@ def open_run(checked: CheckedJob, backbone: Backbone) -> Run:
     """Read the data and open the trunk caches (built as the stages need them)."""
     job, clock = checked.job, time.perf_counter()
     train, dev, labels, soft = load_data(job)
+    if job.kind == "multilabel":  # what the labels tell: a default max_labels, the neutral label
+        defaults = {"max_labels": label_count_limit(train.targets), "max_labels_from": "data"} \
+            if job.max_labels is None else {}
+        neutral = next((i for i, name in enumerate(labels) if name.lower() == NEUTRAL), None)
+        checked = replace(checked, job=replace(job, **defaults, neutral=neutral))
+        job = checked.job
     tok = backbone.tokenizer()
     encoded = [encode(tok, backbone.cfg.type_vocab_size, x.texts, x.pairs, checked.max_length) for x in (train, dev)]
     budget = CacheBudget(int(job.cache_gb * 2**30))  # one cap for the whole run: both caches and snapshots
@@ -177,7 +183,7 @@ def run_reference(run: Run) -> Reference:
     if run.score_reference is not None:
         run.score_reference(model)
     run.times["reference"] = time.perf_counter() - clock
-    thresholds = threshold_report(log["dev"], run.dev.targets, run.checked.tc.tuning) \
+    thresholds = threshold_report(log["dev"], run.dev.targets, run.checked.tc.tuning, run.job.max_labels_from) \
         if job.kind == "multilabel" else None
     return Reference(BranchLog.from_dict(log), n, n, "trained", job.reference_epochs, thresholds)
 
@@ -237,7 +243,8 @@ def training_report(run: Run, trained: Trained, spec: TaskSpec, candidates: dict
                           run.dev.targets),
         reference=trained.reference, teachers=trained.teachers, search=trained.search, students=trained.students,
         shallower_students=trained.shallower,
-        thresholds=threshold_report(chosen.log.dev, run.dev.targets, tc.tuning) if job.kind == "multilabel" else None,
+        thresholds=threshold_report(chosen.log.dev, run.dev.targets, tc.tuning, job.max_labels_from)
+        if job.kind == "multilabel" else None,
         cache=cache_cost(run, trained.teachers), seconds={k: round(v, 2) for k, v in run.times.items()},
         chosen=Chosen(tc.metric, scores, spec.metrics.get("tuned"), spec.attach_layer, spec.task_layers,
                       spec.attach_layer + spec.task_layers, f"student-l{spec.task_layers}"),

@@ -101,12 +101,29 @@ class Thresholds:
     folds: int | None = None
     margin: float | None = None
     max_labels: int | None = None
+    guard: list[str] | None = None  # per label: "tuned", "kept 0.5" (the guard) or "floor"
+    floor: float | None = None  # no tuned threshold below this
+    max_labels_from: str | None = None  # "data": not set, the default the training labels give
+
+    def tail(self) -> str:
+        """'p labels per text (gold g), m% given more than gold, n% of neutral texts given another label',
+        held out; '' when the report lacks them."""
+        found = self.labels_per_text
+        if not {"predicted", "gold"} <= set(found):
+            return ""
+        parts = [f"{found['predicted']:.2f} labels per text (gold {found['gold']:.2f})"]
+        if "more_than_gold" in found:
+            parts.append(f"{100 * found['more_than_gold']:.0f}% given more than gold")
+        if "neutral_given_other" in found:
+            parts.append(f"{100 * found['neutral_given_other']:.0f}% of neutral texts given another label")
+        return ", ".join(parts)
 
     def to_dict(self) -> dict:
         data = {"values": self.values, "min_positives": self.min_positives, "positives": self.positives,
                 "at_0.5": self.at_half, "tuned": self.tuned}
         more = {"fit": self.fit, "labels_per_text": self.labels_per_text, "objective": self.objective,
-                "folds": self.folds, "margin": self.margin, "max_labels": self.max_labels}
+                "folds": self.folds, "margin": self.margin, "max_labels": self.max_labels, "guard": self.guard,
+                "floor": self.floor, "max_labels_from": self.max_labels_from}
         return {**data, **{k: v for k, v in more.items() if v not in (None, {})}}
 
     @classmethod
@@ -114,7 +131,7 @@ class Thresholds:
         return cls(data.get("values", []), data.get("min_positives", 0), data.get("positives", []),
                    data.get("at_0.5", {}), data.get("tuned", {}), data.get("fit", {}),
                    data.get("labels_per_text", {}), data.get("objective"), data.get("folds"), data.get("margin"),
-                   data.get("max_labels"))
+                   data.get("max_labels"), data.get("guard"), data.get("floor"), data.get("max_labels_from"))
 
 
 @dataclass(frozen=True)

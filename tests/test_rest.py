@@ -172,7 +172,7 @@ def test_body_over_the_limit_is_refused_before_it_is_read(engine):
         status, got = running.call("POST", "/v1/classify", classify_json(["word " * 300]))
         assert status == 400 and "the limit is 1,000" in got["error"]
         status, got = running.call("POST", "/v1/classify", classify_json(["a"] * 5))
-        assert status == 400 and "5 inputs in one call; the limit is 4" in got["error"]
+        assert status == 400 and "more than 4 inputs in one call; the limit is 4" in got["error"]
     finally:
         running.close()
 

@@ -36,7 +36,9 @@ IDLE_S = 15.0  # a connection's request head (and the keep-alive idle time betwe
 BODY_BASE_S = 10.0  # a body's deadline: this, plus its size at BODY_MIN_RATE
 BODY_MIN_RATE = 64 * 1024  # bytes per second
 OFF_LOOP_BYTES = 64 * 1024  # bodies larger than this are parsed in a worker thread
-JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string, escapes and all: counted before parsing
+JSON_STRING = rb'"[^"\\]*(?:\\.[^"\\]*)*"'  # a JSON string, escapes and all
+STRING = re.compile(JSON_STRING)
+STRING_OR_OBJECT = re.compile(JSON_STRING + rb"|\{")
 LINGER_S = 2.0  # after refusing a body, read what the client still sends this long before closing
 
 
@@ -165,6 +167,27 @@ class HttpPort:
         self.inflight += 1
         self._slots.add(id(request))
         return body
+
+
+def strings_over(body: bytes, limit: int) -> bool:
+    """Does the JSON body hold more than `limit` strings? Counted without parsing it, and the count stops
+    past the limit, so a body of a million strings costs what limit + 1 of them cost."""
+    return _count(STRING, body, limit, lambda match: True) > limit
+
+
+def objects_over(body: bytes, limit: int) -> bool:
+    """Does the JSON body hold more than `limit` objects (braces outside strings)? As strings_over."""
+    return _count(STRING_OR_OBJECT, body, limit, lambda match: match.group() == b"{") > limit
+
+
+def _count(pattern, body: bytes, limit: int, counted) -> int:
+    found = 0
+    for match in pattern.finditer(body):
+        if counted(match):
+            found += 1
+            if found > limit:
+                break
+    return found
 
 
 async def parse_off_loop(parse, body: bytes):

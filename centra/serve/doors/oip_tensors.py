@@ -33,7 +33,7 @@ from centra.core import protocol as wire
 from centra.core.protocol import ANSWERS, INPUTS, TASKS, TEXT, TEXT_PAIR, logits_name, task_of
 from centra.runtime.engine import Engine
 from centra.serve.call import MAX_LABELS_LIMIT, Answered, Call, Limits, ServeError
-from centra.serve.http import JSON_STRING
+from centra.serve.http import strings_over
 from centra.serve.status import one_line
 
 PLATFORM = "centra"
@@ -237,7 +237,7 @@ def parse_infer(body: bytes, header_length: str | None, max_inputs: int):
     else:
         head, blob = body, b""
     most = len(INPUTS) * max_inputs + MAX_NAMES
-    if JSON_STRING.subn(b"", head)[1] > most:
+    if strings_over(head, most):
         raise ServeError(f"more than {most:,} strings in one inference request ({max_inputs:,} rows per input "
                          "at most)")
     try:

@@ -245,9 +245,63 @@ def test_out_of_file_descriptors_is_one_line_now_and_then(caplog):
     handler = QuietAccept(lambda loop, context: passed.append(context))
     caplog.set_level(logging.WARNING, logger="centra.serve")
     for _ in range(1000):
-        handler(None, {"message": "socket.accept() out of system resource",
+        handler(None, {"message": "socket.accept() out of system resource", "socket": object(),
                        "exception": OSError(errno.EMFILE, "Too many open files")})
     lines = [r for r in caplog.records if "out of file descriptors" in r.getMessage()]
     assert len(lines) == 1 and lines[0].exc_info is None
     handler(None, {"message": "something else", "exception": ValueError("x")})
-    assert len(passed) == 1, "other errors go to the previous handler"
+    handler(None, {"message": "a callback failed", "exception": OSError(errno.EMFILE, "Too many open files")})
+    assert len(passed) == 2, "other errors, and descriptors run out outside the accept loop, go to the previous one"
+
+
+def test_counting_before_parsing_never_backtracks():
+    """A body of escaped quotes made the string pattern scan to the end from every quote (hours for 2 MB)."""
+    from centra.serve.http import objects_over, strings_over
+
+    hostile = b'{"inputs": [' + b'\\"' * 500_000
+    done = threading.Event()
+    found: list[bool] = []
+
+    def count() -> None:
+        found.extend([objects_over(hostile, 257), strings_over(hostile, 1024)])
+        done.set()
+
+    threading.Thread(target=count, daemon=True).start()
+    assert done.wait(30), "the count of a 1 MB body of escaped quotes did not end"
+    assert found == [False, False]  # one object; one unterminated string running to the end
+    assert strings_over(b'["a", "b\\"c", "d', 2) and not strings_over(b'["a", "b\\"c", "d', 3)
+    assert objects_over(b'[{}, {"x": "{{{"}, {}]', 2) and not objects_over(b'[{}, {"x": "{{{"}, {}]', 3)
+
+
+def test_grpc_groups_and_too_many_raw_elements_are_refused_unparsed():
+    from centra.serve.call import ServeError
+    from centra.serve.doors.oip_tensors import deserialize_bytes
+    from centra.serve.wire import over_count
+
+    assert "wire type 3" in over_count(b"\x7b\x7c" + b"\n\x00" * 300, {1: (256, "inputs")})
+    with pytest.raises(ServeError, match="more than 256 elements"):
+        deserialize_bytes(b"\x00\x00\x00\x00" * 100_000, "TEXT", 256)
+    assert len(deserialize_bytes(b"\x01\x00\x00\x00a" * 256, "TEXT", 256)) == 256
+
+
+def test_bodies_received_at_once_are_bounded(served, monkeypatch):
+    monkeypatch.setattr(http_port, "MAX_READING_FACTOR", 1)  # 4 bodies at once (max_concurrent_rpcs 4)
+    slow = []
+    try:
+        for _ in range(4):
+            sock = raw_connection(served)
+            sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{")
+            slow.append(sock)
+        deadline = time.monotonic() + 10
+        while served.server.http.reading < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        status, got = served.call("POST", "/v1/classify", {"inputs": [{"text": "x"}]})
+        assert status == 503 and got["code"] == "UNAVAILABLE" and "bodies are being received" in got["error"], got
+    finally:
+        for sock in slow:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while served.server.http.reading and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert served.server.http.reading == 0, "a body whose client left is no longer counted"
+    assert served.call("POST", "/v1/classify", {"inputs": [{"text": "x"}]})[0] == 200

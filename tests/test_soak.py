@@ -182,7 +182,7 @@ def test_door_translations_keep_texts_pairs_and_tasks():
     for raw in (False, True):
         message = ip.ModelInferRequest.FromString(oip_pb(request, 1000, raw).SerializeToString())
         parameters = oip.parameters_from_pb(message.parameters)
-        assert seen(oip_tensors.call_of(oip.tensors_from_pb(message), limits, parameters)) == want
+        assert seen(oip_tensors.call_of(oip.tensors_from_pb(message, limits.max_inputs), limits, parameters)) == want
         assert parameters == {"timeout": 1000}
     single = pb.ClassifyRequest(inputs=[pb.Input(text="meh")])  # no pair, no tasks: TEXT alone
     assert [t["name"] for t in json.loads(oip_json(single))["inputs"]] == ["TEXT"]

@@ -189,7 +189,8 @@ class QuietAccept:
 
     def __call__(self, loop, context: dict) -> None:
         exc = context.get("exception")
-        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+        if "socket" in context and isinstance(exc, OSError) and \
+                exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):  # asyncio's accept loop
             now = time.monotonic()
             if now - self.last >= FD_LOG_EVERY_S:
                 log.warning("out of file descriptors (%s): new connections wait%s", exc.strerror or exc,

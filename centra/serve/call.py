@@ -94,7 +94,7 @@ class Call:
             if values and len(values) != len(self.texts):
                 raise ServeError(f"{len(self.texts)} texts but {len(values)} {name}")
         if not 0 <= self.max_labels < MAX_LABELS_LIMIT:
-            raise ServeError(f"max_labels must be >= 0 (0: the task's own limit), not {self.max_labels}")
+            raise ServeError(f"max_labels must be >= 0 and < 2^31 (0: the task's own limit), not {self.max_labels}")
         fields = (("text", self.texts), ("text_pair", self.pairs), ("id", self.ids))
         size = sum(utf8_size(values[i], f"input {i}: {what}") for i in range(len(self.texts))
                    for what, values in fields if values)

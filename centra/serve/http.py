@@ -12,7 +12,10 @@ BODY_MIN_RATE (408 past that, and the connection closed). A body is refused on i
 it is read, and read with a cap (413) otherwise (`read_body`). A call takes one of max_concurrent_rpcs
 slots only once its body is in (more: 429), so slow senders hold connections, never slots; a call whose
 client disconnects is cancelled (its queued rows are dropped, never computed) and frees its slot.
-Large bodies are parsed off the event loop (`parse_off_loop`). aiohttp is imported inside functions.
+At most MAX_READING_FACTOR x max_concurrent_rpcs bodies are received at once (503 beyond), so memory for
+bodies in flight is bounded. Large bodies are parsed in a worker thread (`parse_off_loop`): protobuf's
+JSON parse is Python code that gives the event loop its turns; json.loads is C and holds the GIL, but
+the counts before it (objects_over, strings_over) bound its work. aiohttp is imported inside functions.
 """
 
 from __future__ import annotations
@@ -36,9 +39,11 @@ IDLE_S = 15.0  # a connection's request head (and the keep-alive idle time betwe
 BODY_BASE_S = 10.0  # a body's deadline: this, plus its size at BODY_MIN_RATE
 BODY_MIN_RATE = 64 * 1024  # bytes per second
 OFF_LOOP_BYTES = 64 * 1024  # bodies larger than this are parsed in a worker thread
-JSON_STRING = rb'"[^"\\]*(?:\\.[^"\\]*)*"'  # a JSON string, escapes and all
-STRING = re.compile(JSON_STRING)
-STRING_OR_OBJECT = re.compile(JSON_STRING + rb"|\{")
+# a JSON string, escapes and all; an unterminated one runs to the end (so a scan never backtracks: linear)
+JSON_STRING = rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)'
+STRING = re.compile(JSON_STRING, re.DOTALL)
+STRING_OR_OBJECT = re.compile(JSON_STRING + rb"|\{", re.DOTALL)
+MAX_READING_FACTOR = 4  # bodies being read at once: this many times max_concurrent_rpcs (more: 503 at once)
 LINGER_S = 2.0  # after refusing a body, read what the client still sends this long before closing
 
 
@@ -62,6 +67,7 @@ class HttpPort:
         self.ssl_context = ssl_context
         self.port: int | None = None
         self.inflight = 0
+        self.reading = 0  # bodies being received now
         self._slots: set[int] = set()  # requests (by id) holding a concurrency slot
         self._closing: set[int] = set()  # requests whose connection closes after the answer
         self._runner = None
@@ -152,15 +158,19 @@ class HttpPort:
         if size is not None and size > self.body_bytes:
             raise HttpError(TOO_LARGE, "INVALID_ARGUMENT", too_large(request, self.body_bytes))
         seconds = BODY_BASE_S + (size if size is not None else self.body_bytes) / BODY_MIN_RATE
+        if self.reading >= MAX_READING_FACTOR * self.max_concurrent:  # bodies in memory at once are bounded
+            raise ServeError(f"{self.reading:,} bodies are being received, the limit; retry later", "UNAVAILABLE")
+        self.reading += 1
         try:
-            async with asyncio.timeout(seconds):
-                body = await request.read()
+            body = await asyncio.wait_for(request.read(), seconds)
         except web.HTTPRequestEntityTooLarge:
             raise HttpError(TOO_LARGE, "INVALID_ARGUMENT", too_large(request, self.body_bytes)) from None
-        except TimeoutError:
+        except asyncio.TimeoutError:
             self._closing.add(id(request))  # a connection this slow is not kept: closed after the answer
             raise HttpError(408, "DEADLINE_EXCEEDED", f"the body did not arrive within {seconds:.0f} s "
                             f"(at least {BODY_MIN_RATE // 1024} KB/s)") from None
+        finally:
+            self.reading -= 1
         if self.inflight >= self.max_concurrent:
             raise ServeError(f"too many calls in progress (limit {self.max_concurrent:,}); retry later",
                              "RESOURCE_EXHAUSTED")

@@ -91,7 +91,8 @@ class CentraServer:
         self.classifier = Classifier(self.batcher, self.options.limits)
         self.doors = tuple(doors) if doors is not None else every_door()
         self.guard = guard or Guard()
-        self.guard.open_prefixes = (*HEALTH_OPEN, *(p for door in self.doors for p in door.open_prefixes))
+        opened = (*HEALTH_OPEN, *(p for door in self.doors for p in door.open_prefixes))
+        self.guard.open_prefixes = tuple(dict.fromkeys((*self.guard.open_prefixes, *opened)))
         self.credentials = credentials
         self.port: int | None = None
         self.health = None  # grpc_health's aio HealthServicer, once started

@@ -1,6 +1,7 @@
 """gRPC's side of bounding work before parsing, for every gRPC door (centra.v1, OIP): a request
-deserializer that refuses a message on its length alone, or on its count of a repeated top-level field
-(a walk over the top-level fields that stops at the limit), before protobuf parses it. A refused message
+deserializer that refuses a message on its length alone, or on its count of a repeated field, at the top
+level or inside a counted one (a walk over the fields that stops at the first limit passed), or on its
+count of fields in all, before protobuf parses it. A refused message
 reaches the servicer as `Unparsed`, answered INVALID_ARGUMENT (not grpc's UNKNOWN with the parser's
 exception text). No grpc here: protobuf's message types are handed in."""
 
@@ -47,7 +48,8 @@ def parser(message_type, max_bytes: int | None = None, max_counts: dict | None =
     return parse
 
 
-def over_count(data: bytes | memoryview, max_counts: dict, name: str = "message") -> str | None:
+def over_count(data: bytes | memoryview, max_counts: dict, name: str = "message", nested: bool = False
+               ) -> str | None:
     """Why the message carries too many of a counted field (or too many fields), or None (also for
     malformed bytes: the parser then says so)."""
     data = memoryview(data)
@@ -69,11 +71,12 @@ def over_count(data: bytes | memoryview, max_counts: dict, name: str = "message"
             _, pos = _varint(data, pos)
         elif wire in (1, 5):
             pos += 8 if wire == 1 else 4
-        else:
-            return None
+        else:  # groups (3, 4) or no wire type at all: centra's proto3 messages have none
+            return f"the {name} holds a field of wire type {wire}, which none of its fields has"
         fields += 1
         if fields > budget:
-            return f"more than {budget:,} fields in a {name}; fewer inputs per call"
+            return f"more than {budget:,} fields in one of the {name}" if nested else \
+                f"more than {budget:,} fields in a {name}; fewer inputs per call"
         spec = max_counts.get(field)
         if spec is None:
             continue
@@ -82,7 +85,7 @@ def over_count(data: bytes | memoryview, max_counts: dict, name: str = "message"
         if counts[field] > limit:
             return f"more than {limit:,} {what} in one call; the limit is {limit:,}"
         if len(spec) > 2 and wire == 2:
-            inner = over_count(data[start:pos], spec[2], what)
+            inner = over_count(data[start:pos], spec[2], what, nested=True)
             if inner is not None:
                 return inner
     return None

@@ -139,7 +139,9 @@ def _micro(probs: np.ndarray, gold: np.ndarray, tuned: list[int], thresholds: li
     for c in tuned:
         cuts, tp, predicted = cut_table(probs[:, c], gold[:, c])
         keep = cuts >= floor
-        tables[c] = (cuts[keep], tp[keep], predicted[keep])
+        if keep.any():  # 0.5 is always a candidate: empty only under a floor above it
+            tables[c] = (cuts[keep], tp[keep], predicted[keep])
+    tuned = list(tables)
     for _ in range(PASSES):
         moved = False
         for c in tuned:

@@ -46,8 +46,9 @@ async def infer(classifier: Classifier, tensors: list[Tensor], requested: list[s
 # ------------------------------------------------------------------------------------------ gRPC
 
 
-def tensors_from_pb(request) -> list[Tensor]:
-    """ModelInferRequest inputs, from raw_input_contents (what tritonclient sends) or typed contents."""
+def tensors_from_pb(request, max_inputs: int) -> list[Tensor]:
+    """ModelInferRequest inputs, from raw_input_contents (what tritonclient sends; at most max_inputs
+    elements each, counted as they are read) or typed contents (counted before parsing: wire.py)."""
     from centra.serve.call import ServeError
 
     raw = list(request.raw_input_contents)
@@ -55,7 +56,7 @@ def tensors_from_pb(request) -> list[Tensor]:
         raise ServeError(f"{len(request.inputs)} inputs but {len(raw)} raw_input_contents")
     out = []
     for i, item in enumerate(request.inputs):
-        values = deserialize_bytes(raw[i], item.name) if raw else list(item.contents.bytes_contents)
+        values = deserialize_bytes(raw[i], item.name, max_inputs) if raw else list(item.contents.bytes_contents)
         out.append(Tensor(item.name, item.datatype, tuple(item.shape), values))
     return out
 
@@ -123,7 +124,8 @@ class InferenceServicer:
         remaining = context.time_remaining()
         parameters = parameters_from_pb(request.parameters)
         deadline = deadline_of(parameters, now, None if remaining is None else now + remaining)
-        engine, outputs = await infer(self.classifier, tensors_from_pb(request), [o.name for o in request.outputs],
+        tensors = tensors_from_pb(request, self.classifier.limits.max_inputs)
+        engine, outputs = await infer(self.classifier, tensors, [o.name for o in request.outputs],
                                       parameters, deadline)
         return response_to_pb(request, engine, outputs)
 

@@ -52,10 +52,14 @@ class Tensor:
     values: list
 
 
-def deserialize_bytes(raw: bytes, name: str) -> list[bytes]:
-    """The binary form of a BYTES tensor (each element: 4-byte little-endian length, then its bytes)."""
+def deserialize_bytes(raw: bytes, name: str, max_elements: int | None = None) -> list[bytes]:
+    """The binary form of a BYTES tensor (each element: 4-byte little-endian length, then its bytes); more
+    than `max_elements` elements are refused before the rest is read."""
     out, pos = [], 0
     while pos < len(raw):
+        if max_elements is not None and len(out) >= max_elements:
+            raise ServeError(f"input {name[:80]}: more than {max_elements:,} elements; the limit is {max_elements:,} "
+                             "rows per call")
         if pos + 4 > len(raw):
             raise ServeError(f"input {name}: truncated binary BYTES data")
         (size,) = struct.unpack_from("<I", raw, pos)
@@ -262,7 +266,8 @@ def parse_infer(body: bytes, header_length: str | None, max_inputs: int):
             if not isinstance(size, int) or not 0 <= size <= len(blob) - offset:
                 shown = size if isinstance(size, int) else str(size)[:80]
                 raise ServeError(f"input {name[:80]}: binary_data_size {shown!r} is outside the body")
-            values = deserialize_bytes(blob[offset:offset + size], name) if item.get("datatype") == "BYTES" else []
+            values = deserialize_bytes(blob[offset:offset + size], name, max_inputs) \
+                if item.get("datatype") == "BYTES" else []
             offset += size
         else:
             values = flatten(item.get("data", []), name)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from centra.serve.call import Classifier, ServeError
 from centra.serve.doors import Door
 from centra.serve.doors.v1 import call_of, response_of, tasks_of
-from centra.serve.http import objects_over, parse_off_loop
+from centra.serve.http import objects_over, parse_off_loop, strings_over
 from centra.serve.status import one_line
 
 
@@ -48,6 +48,10 @@ class RestDoor(Door):
             if objects_over(body, limits.max_inputs + 1):
                 raise ServeError(f"more than {limits.max_inputs:,} inputs in one call; the limit is "
                                  f"{limits.max_inputs:,}")
+            most = 6 * limits.max_inputs + limits.max_task_names + 64  # 3 fields and their keys per input
+            if strings_over(body, most):
+                raise ServeError(f"more than {most:,} strings in one call ({limits.max_inputs:,} inputs and "
+                                 f"{limits.max_task_names:,} task names at most)")
             message = await parse_off_loop(parse_request, body)
             answered = await classifier.classify(call_of(message, limits))
             return proto_response(response_of(answered))

@@ -46,7 +46,7 @@ class EchoDoor(Door):
 
 def test_every_registered_door_is_a_module_with_a_door():
     opened = doors()
-    assert [door.name for door in opened] == ["centra.v1", "rest", "oip"]
+    assert [door.name for door in opened] == ["centra.v1", "rest", "oip", "info"]
     for name, door in zip(DOORS, opened):
         assert isinstance(door, Door) and importlib.import_module(f"centra.serve.doors.{name}").DOOR is door
 

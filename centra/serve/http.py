@@ -43,6 +43,7 @@ OFF_LOOP_BYTES = 64 * 1024  # bodies larger than this are parsed in a worker thr
 JSON_STRING = rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)'
 STRING = re.compile(JSON_STRING, re.DOTALL)
 STRING_OR_OBJECT = re.compile(JSON_STRING + rb"|\{", re.DOTALL)
+RETRY_AFTER_S = 1  # seconds: the Retry-After of a 429 or 503
 MAX_READING_FACTOR = 4  # bodies being read at once: this many times max_concurrent_rpcs (more: 503 at once)
 LINGER_S = 2.0  # after refusing a body, read what the client still sends this long before closing
 
@@ -129,18 +130,26 @@ class HttpPort:
         except HttpError as exc:
             code = exc.code
             response = error_response(exc.status, exc.code, str(exc))
+            if exc.status == 401:
+                response.headers["WWW-Authenticate"] = "Bearer"
             if id(request) in self._closing:
                 response.force_close()
             return response
         except web.HTTPException as exc:  # aiohttp's own: no such route, wrong method, body over the cap
             code = CODE_OF_STATUS.get(exc.status, "INVALID_ARGUMENT")
             message = exc.reason if exc.status != TOO_LARGE else too_large(request, self.body_bytes)
-            return error_response(exc.status, code, message)
+            response = error_response(exc.status, code, message)
+            if "Allow" in exc.headers:  # 405: the methods the route takes
+                response.headers["Allow"] = exc.headers["Allow"]
+            return response
         except Exception as exc:
             code, message = status_of(exc)
             if code == "INTERNAL":
                 log.exception("%s failed", method)
-            return error_response(HTTP_STATUS.get(code, 500), code, message)
+            response = error_response(HTTP_STATUS.get(code, 500), code, message)
+            if code in ("RESOURCE_EXHAUSTED", "UNAVAILABLE"):
+                response.headers["Retry-After"] = str(RETRY_AFTER_S)
+            return response
         finally:
             self._closing.discard(id(request))
             if id(request) in self._slots:

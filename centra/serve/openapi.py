@@ -98,7 +98,24 @@ def document() -> dict:
             "summary": "OIP: inference (JSON tensors, or the binary tensor extension)", "parameters": model,
             "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("InferRequest")}}},
             "responses": _answers(_json("InferResponse", "the call's tensors"))}},
+        "/v2": {"get": {"summary": "OIP: server metadata (centra's version, the extensions implemented)",
+                        "operationId": "serverMetadata", "responses": {"200": plain}}},
+        "/health": {"get": {"summary": "200 while serving, 503 while starting or draining (no token)",
+                            "operationId": "health", "responses": {"200": plain, "503": plain}}},
+        "/info": {"get": {"summary": "The served model: version, content id, engine, tasks with kinds and labels, "
+                          "limits, doors", "operationId": "info", "responses": _answers(plain)}},
+        "/metrics": {"get": {"summary": "Prometheus metrics (404 when the server keeps none)", "operationId": "metrics",
+                             "responses": {"200": {"description": "Prometheus text format",
+                                                   "content": {"text/plain": {"schema": STRING}}},
+                                           "404": {"description": "no metrics kept"}}}},
     }
+    versioned = [{"name": "version", "in": "path", "required": True, "schema": STRING}]
+    for suffix in ("", "/ready", "/infer"):  # the same routes for one version of the model
+        entry = paths[f"/v2/models/{{model}}{suffix}"]
+        paths[f"/v2/models/{{model}}/versions/{{version}}{suffix}"] = {
+            method: {**op, "parameters": model + versioned} for method, op in entry.items()}
+    paths["/openapi.json"] = {"get": {"summary": "This document (no token)", "operationId": "openapi",
+                                      "responses": {"200": plain}}}
     return {"openapi": "3.0.3",
             "info": {"title": "centra serve", "version": "1",
                      "description": "REST JSON of the centra.v1 API and the Open Inference Protocol (KServe v2). "

@@ -9,6 +9,7 @@ protocol is one new module here (with a `DOOR`) plus its name in `DOORS`.
     v1     centra.v1 over gRPC: Classify, ListTasks
     rest   centra.v1's messages as JSON over HTTP: POST /v1/classify, GET /v1/tasks, GET /openapi.json
     oip    the Open Inference Protocol (KServe v2) over gRPC and HTTP, model `centra`
+    info   what TEI and Triton users look for: GET /health, /info, /metrics
     triton the same tensors inside Triton's python backend (a door without a port: Triton owns it)
 """
 
@@ -30,7 +31,7 @@ class Door:
         return []
 
 
-DOORS = ("v1", "rest", "oip")  # modules of this package, each with a DOOR: the doors a server opens, in order
+DOORS = ("v1", "rest", "oip", "info")  # modules of this package, each with a DOOR: the doors a server opens, in order
 
 
 def doors() -> tuple[Door, ...]:

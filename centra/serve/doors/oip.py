@@ -13,7 +13,7 @@ import asyncio
 import json
 
 from centra.core.protocol import MODEL
-from centra.serve.call import Classifier
+from centra.serve.call import Classifier, ServeError
 from centra.serve.doors import Door
 from centra.serve.doors.oip_tensors import (
     HEADER_LENGTH,
@@ -33,7 +33,15 @@ from centra.serve.wire import parsed, parser
 
 SERVICE = "inference.GRPCInferenceService"
 SERVER_NAME = "centra"
+EXTENSIONS = ["binary_tensor_data", "parameters"]  # what centra implements of the protocol's extensions
 MAX_PARAMETERS = 64  # request (and input) parameters in one call
+
+
+def server_version() -> str:
+    """The server's version: centra's (the model's version is in its own metadata)."""
+    from centra import __version__
+
+    return __version__
 
 
 async def infer(classifier: Classifier, tensors: list[Tensor], requested: list[str], parameters: dict,
@@ -49,8 +57,6 @@ async def infer(classifier: Classifier, tensors: list[Tensor], requested: list[s
 def tensors_from_pb(request, max_inputs: int) -> list[Tensor]:
     """ModelInferRequest inputs, from raw_input_contents (what tritonclient sends; at most max_inputs
     elements each, counted as they are read) or typed contents (counted before parsing: wire.py)."""
-    from centra.serve.call import ServeError
-
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
         raise ServeError(f"{len(request.inputs)} inputs but {len(raw)} raw_input_contents")
@@ -99,12 +105,15 @@ class InferenceServicer:
     async def ServerMetadata(self, request, context):
         from centra.serve.inference import open_inference_grpc_pb2 as ip
 
-        return ip.ServerMetadataResponse(name=SERVER_NAME, version=self.classifier.engine.version, extensions=[])
+        return ip.ServerMetadataResponse(name=SERVER_NAME, version=server_version(), extensions=EXTENSIONS)
 
     async def ModelReady(self, request, context):
         from centra.serve.inference import open_inference_grpc_pb2 as ip
 
-        check_model(request.name, request.version, self.classifier.engine)
+        try:
+            check_model(request.name, request.version, self.classifier.engine)
+        except ServeError:  # as Triton answers: an unknown model or version is not ready
+            return ip.ModelReadyResponse(ready=False)
         return ip.ModelReadyResponse(ready=self.classifier.ready)
 
     async def ModelMetadata(self, request, context):
@@ -200,7 +209,7 @@ class OipDoor(Door):
             return web.json_response({"ready": classifier.ready}, status=200 if classifier.ready else 503)
 
         async def server_metadata(request):
-            return web.json_response({"name": SERVER_NAME, "version": classifier.engine.version, "extensions": []})
+            return web.json_response({"name": SERVER_NAME, "version": server_version(), "extensions": EXTENSIONS})
 
         async def model_metadata(request):
             engine = classifier.engine

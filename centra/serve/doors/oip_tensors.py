@@ -36,7 +36,7 @@ from centra.serve.call import MAX_LABELS_LIMIT, Answered, Call, Limits, ServeErr
 from centra.serve.http import strings_over
 from centra.serve.status import one_line
 
-PLATFORM = "centra"
+PLATFORM = "centra_{runtime}"  # the spec's <project>_<format>: centra's engine on its runtime (torch, onnx...)
 MAX_TENSORS = 16  # input tensors (and raw contents) in one call; three are known
 HEADER_LENGTH = "Inference-Header-Content-Length"  # HTTP: the JSON head's length before binary tensors
 MAX_NAMES = 256  # strings of a valid inference request besides its elements: keys, names, datatypes, ids
@@ -221,7 +221,8 @@ def metadata(engine: Engine) -> dict:
     inputs = [{"name": name, "datatype": "BYTES", "shape": [-1, 1]} for name in INPUTS]
     outputs = [{"name": logits_name(s.name), "datatype": "FP32", "shape": [-1, s.num_outputs]}
                for s in engine.specs.values()] + [{"name": ANSWERS, "datatype": "BYTES", "shape": [-1, 1]}]
-    return {"name": wire.MODEL, "versions": [engine.version] if engine.version else [], "platform": PLATFORM,
+    return {"name": wire.MODEL, "versions": [engine.version] if engine.version else [],
+            "platform": PLATFORM.format(runtime=engine.runtime),
             "inputs": inputs, "outputs": outputs}
 
 

@@ -38,10 +38,13 @@ MAX_PARAMETERS = 64  # request (and input) parameters in one call
 
 
 def server_version() -> str:
-    """The server's version: centra's (the model's version is in its own metadata)."""
-    from centra import __version__
+    """The server's version: centra's installed package's (the model's version is in its own metadata)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return __version__
+    try:
+        return version("centra")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 async def infer(classifier: Classifier, tensors: list[Tensor], requested: list[str], parameters: dict,

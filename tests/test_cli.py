@@ -135,6 +135,14 @@ def test_add_task_errors(bert_path, tmp_path, capsys):
                  "--attach-layer", "4", "--task-layers", "1"]) == 2
     assert "exceeds the backbone's 4 layers" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
+    init = [*base, "--name", "t", "--init-only", "--attach-layer", "1", "--task-layers", "1"]
+    assert main([*init, "--kind", "multiclass", "--labels", "a,b", "--epochs", "3"]) == 2  # said, not dropped
+    assert "--init-only trains nothing: --epochs would have no effect" in capsys.readouterr().err
+    assert main([*init, "--kind", "multiclass", "--labels", "a,b", "--max-labels", "2"]) == 2
+    assert "max_labels is for multilabel tasks only" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+    assert main([*init, "--kind", "multilabel", "--labels", "a,b,c", "--max-labels", "2"]) == 0
+    assert json.loads((tmp_path / "t" / "task.json").read_text())["max_labels"] == 2
 
 
 def test_batching_does_not_change_results(merged):

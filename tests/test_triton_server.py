@@ -226,3 +226,31 @@ def test_the_versions_onnx_int8_engine_runs_in_triton(triton, tiny_models, tmp_p
         check_answers(client.infer("centra", inputs(tritongrpc, TEXTS, "alpha,beta")), engine, TEXTS, None,
                       ["alpha", "beta"])
         client.close()
+
+
+def test_the_launcher_serves_a_repository_until_sigterm(triton, tmp_path):
+    """`python -m centra.measure.tritonserver serve REPO`: what the repository's README tells users to run."""
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    _, repo = triton
+    proc = subprocess.Popen([sys.executable, "-m", "centra.measure.tritonserver", "serve", str(repo), "--workdir",
+                             str(tmp_path / "work")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("tritonserver serving"), line
+        url = line.split("HTTP ", 1)[1].split(",", 1)[0]
+        with urllib.request.urlopen(f"{url}/v2/models/centra/ready", timeout=30) as reply:
+            assert reply.status == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "centra.measure.tritonserver serve" in (repo / "README.md").read_text()
+    missing = subprocess.run([sys.executable, "-m", "centra.measure.tritonserver", "serve", str(tmp_path / "none")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "no such repository folder" in missing.stderr

@@ -5,6 +5,7 @@ one flag per field; training itself is centra.train.recipe.add_task."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,6 +52,9 @@ def cmd_add_task(args: argparse.Namespace) -> int:
     return _add_trained(args, tasks_dir)
 
 
+INIT_SETTINGS = ("seed", "max_length", "pooling", "max_labels", "attach_layer")  # what an untrained task takes
+
+
 def _add_untrained(args: argparse.Namespace, tasks_dir: Path) -> int:
     from centra.core.backbone import Backbone
     from centra.core.task import init_task, save_task
@@ -58,12 +62,20 @@ def _add_untrained(args: argparse.Namespace, tasks_dir: Path) -> int:
 
     if args.kind is None or args.attach_layer is None or args.task_layers is None:
         raise CentraError("--init-only needs --kind, --attach-layer and --task-layers")
+    from centra.train.settings import DECLARED, flag_of
+
+    ignored = [flag_of(d.name) for d in DECLARED if d.name not in INIT_SETTINGS and getattr(args, d.name) is not None]
+    if ignored:  # said, not silently dropped
+        raise CentraError(f"--init-only trains nothing: {', '.join(ignored)} would have no effect")
     check_writable_parent(tasks_dir / args.name)
     labels = [x.strip() for x in (args.labels or "").split(",") if x.strip()]
     backbone = Backbone.load(args.backbone)
     spec, head = init_task(backbone, args.name, args.kind, labels, args.attach_layer, args.task_layers,
                            input=args.input, max_length=args.max_length, pooling=args.pooling or "mean",
                            seed=args.seed or 0)
+    if args.max_labels is not None:
+        spec = replace(spec, max_labels=args.max_labels)
+        spec.validate("--max-labels")
     save_task(tasks_dir / args.name, spec, head)
     print(f"wrote untrained task {args.name!r} ({args.kind}, attach layer {args.attach_layer}, "
           f"{args.task_layers} task layers) to {tasks_dir / args.name}")

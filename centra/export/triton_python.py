@@ -131,7 +131,8 @@ def write_readme(path: Path, summary: dict) -> None:
         f"tritonserver --model-repository {summary['repository']}", "```", "",
         "The Python of Triton's python-backend stub must have centra installed (`pip install centra` in the "
         "server image; its torch / onnxruntime run the engine on the CPU). With the `nvidia-pytriton` wheel "
-        "instead of the container: `python -m centra.measure.tritonserver` (see centra's README).", "",
+        "instead of the container: `python -m centra.measure.tritonserver stub-env DIR` once, then `python -m "
+        "centra.measure.tritonserver serve REPO` (see centra's README).", "",
         "## Tensors", "",
         "Inputs (BYTES, shape [rows, 1], all three in every request: Triton batches only requests that carry "
         "the same inputs): `TEXT`; `TEXT_PAIR` (empty strings for single-text calls); `TASKS` (comma-separated "

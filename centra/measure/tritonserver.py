@@ -3,6 +3,7 @@
 container.
 
     python -m centra.measure.tritonserver stub-env .venv/triton-stub   # once: a Python for the backend stub
+    python -m centra.measure.tritonserver serve REPO                   # serve a repository until Ctrl-C
     with TritonServer(repo) as server:                                # loopback, free ports
         server.http_url, server.grpc_url
 
@@ -190,8 +191,46 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("stub-env", help="create the venv whose python3 Triton's python backend stub embeds")
     p.add_argument("dest", type=Path)
+    p = sub.add_parser("serve", help="serve a repository (`centra export-triton`) on loopback until SIGTERM or "
+                                     "Ctrl-C; the stub's Python must exist (stub-env)")
+    p.add_argument("repo", type=Path)
+    p.add_argument("--workdir", type=Path, help="where the backends and the log go (default: a temp folder)")
     args = parser.parse_args(argv)
-    print(stub_env(args.dest))
+    if args.command == "stub-env":
+        print(stub_env(args.dest))
+        return 0
+    return serve(args.repo, args.workdir)
+
+
+def serve(repo: Path, workdir: Path | None = None) -> int:
+    """tritonserver over `repo` in the foreground: its URLs printed, stopped on SIGTERM or Ctrl-C."""
+    import signal
+    import tempfile
+    import threading
+
+    if not Path(repo).is_dir():
+        print(f"tritonserver: {repo}: no such repository folder", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    with tempfile.TemporaryDirectory() as tmp:
+        server = TritonServer(repo, workdir or Path(tmp))
+        try:
+            server.start()
+        except CentraError as exc:
+            print(f"tritonserver: {exc}", file=sys.stderr)
+            return 2
+        try:
+            print(f"tritonserver serving {repo}: HTTP http://{server.http_url}, gRPC {server.grpc_url} "
+                  f"(log: {server.log})", flush=True)
+            while not stop.wait(0.5):
+                if server.process.poll() is not None:
+                    print(f"tritonserver exited with code {server.process.returncode} (log: {server.log})",
+                          file=sys.stderr)
+                    return 1
+        finally:
+            server.stop()
     return 0
 
 

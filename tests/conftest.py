@@ -151,3 +151,40 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     if not folder.exists():
         return {}
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def bert_out(tiny_models, tmp_path_factory) -> Path:
+    """The standard tasks (two token groups: single and pair) merged with fp32 and int8 ONNX graphs (the
+    Triton tests)."""
+    from helpers import make_tasks
+
+    from centra.cli import main
+    from centra.core.backbone import Backbone
+
+    root = tmp_path_factory.mktemp("triton-bert")
+    make_tasks(Backbone.load(tiny_models["bert"]), root / "tasks")
+    assert main(["merge", "--tasks-dir", str(root / "tasks"), "--out", str(root / "out"), "--engine", "onnx",
+                 "--precision", "int8", "--keep-fp32"]) == 0
+    return root / "out"
+
+
+@pytest.fixture
+def serve():
+    """Start test_serve.Running servers over an engine (closed after the test)."""
+    from test_serve import Running
+
+    started: list = []
+    yield lambda engine, **options: started.append(Running(engine, **options)) or started[-1]
+    for running in started:
+        running.close()
+
+
+@pytest.fixture(scope="module")
+def running(engine):
+    """A test_serve.Running server over the module's engine."""
+    from test_serve import Running
+
+    server = Running(engine)
+    yield server
+    server.close()

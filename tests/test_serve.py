@@ -63,21 +63,6 @@ class Running:
         self.loop.close()
 
 
-@pytest.fixture
-def serve():
-    started: list[Running] = []
-    yield lambda engine, **options: started.append(Running(engine, **options)) or started[-1]
-    for running in started:
-        running.close()
-
-
-@pytest.fixture(scope="module")
-def running(engine):
-    server = Running(engine)
-    yield server
-    server.close()
-
-
 class Gated:
     """An engine that records the texts of every run and, while its gate is closed, waits in run()."""
 

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import grpc
 import pytest
-from test_serve import Gated, Running, request, wait_until
+from test_serve import Gated, request, wait_until
 
 from centra.client import Client
 from centra.errors import CentraError
@@ -21,21 +21,6 @@ from centra.serve.call import Limits, ServeError
 from centra.serve.doors.v1 import call_of
 
 CODE = grpc.StatusCode
-
-
-@pytest.fixture
-def serve():
-    started: list[Running] = []
-    yield lambda engine, **options: started.append(Running(engine, **options)) or started[-1]
-    for running in started:
-        running.close()
-
-
-@pytest.fixture(scope="module")
-def running(engine):
-    server = Running(engine)
-    yield server
-    server.close()
 
 
 BAD = [  # name, request, code, part of the message

@@ -45,16 +45,6 @@ ONNX_TYPES = {1: "TYPE_FP32", 7: "TYPE_INT64"}
 
 
 @pytest.fixture(scope="module")
-def bert_out(tiny_models, tmp_path_factory) -> Path:
-    """The standard tasks (two token groups: single and pair) merged with fp32 and int8 ONNX graphs."""
-    root = tmp_path_factory.mktemp("triton-bert")
-    make_tasks(Backbone.load(tiny_models["bert"]), root / "tasks")
-    assert main(["merge", "--tasks-dir", str(root / "tasks"), "--out", str(root / "out"), "--engine", "onnx",
-                 "--precision", "int8", "--keep-fp32"]) == 0
-    return root / "out"
-
-
-@pytest.fixture(scope="module")
 def repos(bert_out, tiny_models, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """name -> (merged model, Triton repository): bert fp32 and int8 (the version's graphs), and XLM-R
     with one token group, merged for torch only (graphs exported by export-triton)."""

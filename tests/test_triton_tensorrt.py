@@ -8,7 +8,6 @@ tests/triton_repo.py's, as in test_triton.py.
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 
@@ -17,22 +16,11 @@ pytest.importorskip("onnxscript")  # torch's dynamo exporter needs it
 if importlib.util.find_spec("tritonclient") is None:
     pytest.skip("tritonclient is not installed (pip install tritonclient)", allow_module_level=True)
 
-from helpers import STANDARD_TASKS, make_tasks
+from helpers import STANDARD_TASKS
 from triton_repo import configs_of, summary_of, wiring_problems
 
 from centra.cli import main
-from centra.core.backbone import Backbone
 from centra.export import triton
-
-
-@pytest.fixture(scope="module")
-def bert_out(tiny_models, tmp_path_factory) -> Path:
-    """The standard tasks (two token groups: single and pair) merged with fp32 and int8 ONNX graphs."""
-    root = tmp_path_factory.mktemp("triton-bert")
-    make_tasks(Backbone.load(tiny_models["bert"]), root / "tasks")
-    assert main(["merge", "--tasks-dir", str(root / "tasks"), "--out", str(root / "out"), "--engine", "onnx",
-                 "--precision", "int8", "--keep-fp32"]) == 0
-    return root / "out"
 
 
 def test_tensorrt_repository_runs_standard_ops_through_the_tensorrt_provider(bert_out, tmp_path, capsys):

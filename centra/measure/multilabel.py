@@ -45,22 +45,11 @@ def read_tsv(path: Path, labels: int) -> tuple[list[str], np.ndarray]:
     return texts, np.array(targets)
 
 
-def tail(pred: np.ndarray, gold: np.ndarray, neutral: int | None) -> dict:
-    """Labels per text against gold, and the tail a reader sees."""
-    out = {"labels_per_text": round(float(pred.sum(1).mean()), 3), "gold_per_text": round(float(gold.sum(1).mean()), 3),
-           "more_than_gold": round(float((pred.sum(1) > gold.sum(1)).mean()), 4)}
-    if neutral is not None:
-        only = (gold[:, neutral] > 0) & (gold.sum(1) == 1)
-        others = np.delete(pred, neutral, axis=1).any(1)
-        out["neutral_given_other"] = round(float(others[only].mean()), 4) if only.any() else None
-    return out
-
-
 def measure(folder: Path, train: Path, dev: Path, test: Path, rules: list[Rule]) -> list[dict]:
     from centra.core.merge import plan_merge, write_merged
     from centra.runtime.engine import Engine
     from centra.train.metrics import compute, decide
-    from centra.train.thresholds import label_count_limit, tune_thresholds
+    from centra.train.thresholds import label_count_limit, labels_per_text, neutral_of, tune_thresholds
 
     folder = Path(folder)
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,7 +62,7 @@ def measure(folder: Path, train: Path, dev: Path, test: Path, rules: list[Rule])
         dev_logits = engine.logits(dev_texts, tasks=[spec.name])[spec.name].numpy().astype(np.float64)
         test_logits = engine.logits(test_texts, tasks=[spec.name])[spec.name].numpy().astype(np.float64)
         questions = engine.logits(list(NEUTRAL_QUESTIONS), tasks=[spec.name])[spec.name].numpy()
-    neutral = next((i for i, name in enumerate(spec.labels) if name.lower() == "neutral"), None)
+    neutral = neutral_of(spec.labels)
     from_data = label_count_limit(train_gold)
     dev_probs, test_probs = 1 / (1 + np.exp(-dev_logits)), 1 / (1 + np.exp(-test_logits))
     q_probs = 1 / (1 + np.exp(-questions.astype(np.float64)))
@@ -83,13 +72,15 @@ def measure(folder: Path, train: Path, dev: Path, test: Path, rules: list[Rule])
         margin = {} if rule.margin is None else {"margin": rule.margin}
         thresholds = tune_thresholds(dev_probs, dev_gold, objective=rule.objective, floor=rule.floor, **margin)
         scores = compute("multilabel", test_logits, list(test_gold), thresholds, k)
-        pred = decide(test_probs, thresholds, k)
+        found = labels_per_text(test_probs, thresholds, test_gold, k, neutral)
         asked = decide(q_probs, thresholds, k)
         answers = [[spec.labels[c] for c in np.flatnonzero(row)] for row in asked]
         lowest = min((float(q_probs[i, c]) for i, row in enumerate(asked) for c in np.flatnonzero(row)
                       if c != neutral), default=None)
         rows.append({"rule": rule.name, "max_labels": k, "micro_f1": round(scores["micro_f1"], 2),
-                     "macro_f1": round(scores["macro_f1"], 2), **tail(pred, test_gold, neutral),
+                     "macro_f1": round(scores["macro_f1"], 2), "labels_per_text": round(found["predicted"], 3),
+                     "gold_per_text": round(found["gold"], 3), "more_than_gold": found["more_than_gold"],
+                     "neutral_given_other": found.get("neutral_given_other"),
                      "questions": answers, "lowest_emotion_score": None if lowest is None else round(lowest, 3),
                      "thresholds_under_0.15": int(sum(t < 0.15 for t in thresholds))})
     return rows

@@ -53,12 +53,11 @@ def evaluate(engine: Predictor, task: str, data: Path | str, columns: Columns,
     if spec.kind == "multilabel":  # does the task answer as many labels as the data has?
         import numpy as np
 
-        from centra.train.thresholds import labels_per_text
+        from centra.train.thresholds import labels_per_text, neutral_of
 
         probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-        neutral = next((i for i, name in enumerate(spec.labels) if name.lower() == "neutral"), None)
         result["labels_per_text"] = labels_per_text(probs, spec.thresholds, examples.targets, spec.max_labels,
-                                                    neutral)
+                                                    neutral_of(spec.labels))
     if against is not None:
         result["against"] = compare(task, against, spec, examples, logits)
     if segments is not None:

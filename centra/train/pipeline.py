@@ -53,7 +53,7 @@ from centra.train.report import (
 )
 from centra.train.search import search_teachers
 from centra.train.settings import Name, SettingError, refused
-from centra.train.thresholds import NEUTRAL, label_count_limit, threshold_report
+from centra.train.thresholds import label_count_limit, neutral_of, threshold_report
 
 
 def validate_job(job: TaskJob, cfg: EncoderConfig) -> CheckedJob:
@@ -119,8 +119,7 @@ def open_run(checked: CheckedJob, backbone: Backbone) -> Run:
     if job.kind == "multilabel":  # what the labels tell: a default max_labels, the neutral label
         defaults = {"max_labels": label_count_limit(train.targets), "max_labels_from": "data"} \
             if job.max_labels is None else {}
-        neutral = next((i for i, name in enumerate(labels) if name.lower() == NEUTRAL), None)
-        checked = replace(checked, job=replace(job, **defaults, neutral=neutral))
+        checked = replace(checked, job=replace(job, **defaults, neutral=neutral_of(labels)))
         job = checked.job
     tok = backbone.tokenizer()
     encoded = [encode(tok, backbone.cfg.type_vocab_size, x.texts, x.pairs, checked.max_length) for x in (train, dev)]

@@ -122,6 +122,11 @@ def tune_thresholds(probs: np.ndarray, targets: np.ndarray, min_positives: int =
     return _micro(probs, gold, tuned, thresholds, floor)
 
 
+def neutral_of(labels: list[str]) -> int | None:
+    """The index of the label named NEUTRAL (any case), or None."""
+    return next((i for i, name in enumerate(labels) if name.lower() == NEUTRAL), None)
+
+
 def label_count_limit(targets: np.ndarray, coverage: float = MAX_LABELS_COVERAGE) -> int:
     """The fewest labels per text that cover `coverage` of the texts' gold label counts (at least 1)."""
     counts = np.sort((np.asarray(targets) > 0.5).sum(1))

@@ -10,6 +10,7 @@ doors/oip_tensors.py's; this module carries them over the two transports.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 
 from centra.core.protocol import MODEL
@@ -37,6 +38,7 @@ EXTENSIONS = ["binary_tensor_data", "parameters"]  # what centra implements of t
 MAX_PARAMETERS = 64  # request (and input) parameters in one call
 
 
+@functools.cache
 def server_version() -> str:
     """The server's version: centra's installed package's (the model's version is in its own metadata)."""
     from importlib.metadata import PackageNotFoundError, version

@@ -181,3 +181,17 @@ def test_evaluate_matches_engine_predictions(merged, tmp_path, capsys):
     assert main(["evaluate", "--model", str(merged), "--task", "alpha", "--data", str(data),
                  "--text-column", "text", "--label-column", "label"]) == 2
     assert "dev.tsv:2: label 'unknown' is not among the training labels" in capsys.readouterr().err
+
+
+def test_every_command_prints_its_help(capsys):
+    """argparse formats help texts with %: a literal one in a setting's text once broke add-task --help."""
+    from centra.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    assert "add-task" in commands and "merge" in commands
+    for name in commands:
+        with pytest.raises(SystemExit) as done:
+            main([name, "--help"])
+        assert done.value.code == 0, name
+        assert "usage:" in capsys.readouterr().out, name

@@ -41,7 +41,7 @@ def test_add_task_has_one_flag_per_setting_typed_as_declared():
 def test_a_job_is_its_settings_and_the_loop_takes_their_defaults():
     assert {f.name for f in fields(Settings)} <= {f.name for f in fields(TaskJob)}
     shared = {f.name for f in fields(TrainConfig)} & {f.name for f in fields(Settings)}
-    assert shared == {"epochs", "batch_size", "lr", "head_lr", "seed", "metric", "alpha", "temperature"}
+    assert shared == {"epochs", "batch_size", "lr", "head_lr", "seed", "metric", "alpha", "temperature", "precision"}
     assert all(getattr(TrainConfig(), name) == getattr(Settings(), name) for name in shared)
     settings = Settings(epochs=5, lr=0.5)
     job = TaskJob.of(settings, name="t", kind="multiclass", train=Path("a"), dev=Path("b"), columns=None)

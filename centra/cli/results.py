@@ -44,13 +44,14 @@ def add_parser(sub, common) -> None:
     p.add_argument("--only", help="comma-separated task names")
     p.add_argument("--search", choices=["full", "halving"], default="full",
                    help="teacher search [full: every L trained to the end, as the tables show]")
+    from centra.cli.tasks import flag_help
     from centra.train.settings import DECLARED
 
     for d in DECLARED:  # the multilabel settings, declared once in centra.train.settings
         if d.name in ("threshold_objective", "max_labels"):
             p.add_argument(d.flag, type=d.type, choices=d.choices, default=d.default,
-                           help=f"multilabel tasks (GoEmotions): {d.help.removeprefix('multilabel: ')} "
-                                f"[{d.default_text}]")
+                           help=flag_help(f"multilabel tasks (GoEmotions): {d.help.removeprefix('multilabel: ')} "
+                                          f"[{d.default_text}]"))
     p.add_argument("--progress", action="store_true", help="show progress")
     p.add_argument("--table", action="store_true", help="only print the tables of OUT/results.json")
     p.set_defaults(func=cmd_results)

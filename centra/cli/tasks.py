@@ -167,7 +167,12 @@ def add_setting_flags(group) -> None:
         shown = f" [{d.default_text}]" if d.default_text else ""
         how = {"action": "store_const", "const": True} if d.type is bool else \
             {"type": d.type, "choices": d.choices, "metavar": d.metavar}
-        group.add_argument(d.flag, dest=d.name, help=d.help + shown, **how)
+        group.add_argument(d.flag, dest=d.name, help=flag_help(d.help + shown), **how)
+
+
+def flag_help(text: str) -> str:
+    """A help text as argparse takes it: it formats help with %, so a literal one (a "99%") is doubled."""
+    return text.replace("%", "%%")
 
 
 def add_parsers(sub, common) -> None:

@@ -19,6 +19,7 @@ import torch
 from centra.core.backbone import Backbone, attention_bias
 from centra.core.tokens import Encoded
 from centra.progress import progress_bar, progress_line
+from centra.train.precision import autocast_for
 
 
 class CacheBudget:
@@ -49,30 +50,39 @@ def batches_by_length(lengths: np.ndarray, batch_size: int) -> list[list[int]]:
 class ActivationCache:
     """Hidden states of every example at trunk layer `layer` (0 = embeddings), unpadded.
 
-    Rows live in one flat (tokens, H) fp32 array: in memory while the budget allows, else a
-    memory-mapped file under `spill_dir`.
+    Rows live in one flat (tokens, H) array of `dtype` (fp32, or bf16 when training in bf16: the trunk
+    then runs under bf16 autocast too): in memory while the budget allows, else a memory-mapped file
+    under `spill_dir`.
     """
 
     def __init__(self, backbone: Backbone, enc: Encoded, pad_id: int, budget: CacheBudget | int,
-                 spill_dir: Path | None = None, desc: str = "cache", progress: bool = True):
+                 spill_dir: Path | None = None, desc: str = "cache", progress: bool = True,
+                 dtype: torch.dtype = torch.float32):
         self.backbone, self.enc, self.pad_id, self.desc, self.progress = backbone, enc, pad_id, desc, progress
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"a cache holds fp32 or bf16, not {dtype}")
+        self.dtype = dtype
         self.budget = budget if isinstance(budget, CacheBudget) else CacheBudget(budget)
         lengths = np.array([len(x) for x in enc.input_ids])
         self.offsets = np.concatenate([[0], np.cumsum(lengths)])
         self.lengths = lengths
         shape = (int(self.offsets[-1]), backbone.cfg.hidden_size)
-        self.nbytes = shape[0] * shape[1] * 4
+        self.nbytes = shape[0] * shape[1] * dtype.itemsize
         self.spilled: Path | None = None
         self.reserved = 0
         fits = self.budget.reserve(self.nbytes)
         if fits or spill_dir is None:  # without a spill folder it stays in memory, over the cap
             self.reserved = self.nbytes if fits else 0
-            self.store = torch.empty(shape, dtype=torch.float32)
+            self.store = torch.empty(shape, dtype=dtype)
         else:
-            fd, name = tempfile.mkstemp(prefix=".activations-", suffix=".f32", dir=spill_dir)
+            bf16 = dtype == torch.bfloat16
+            fd, name = tempfile.mkstemp(prefix=".activations-", suffix=".bf16" if bf16 else ".f32", dir=spill_dir)
             os.close(fd)  # np.memmap opens the file itself
             self.spilled = Path(name)
-            self.store = torch.from_numpy(np.memmap(name, dtype=np.float32, mode="w+", shape=shape))
+            # numpy has no bf16: the file's 16-bit words, seen by torch as bf16
+            mapped = torch.from_numpy(np.memmap(name, dtype=np.uint16 if bf16 else np.float32, mode="w+",
+                                                shape=shape))
+            self.store = mapped.view(torch.bfloat16) if bf16 else mapped
         self.snapshots: dict[int, torch.Tensor] = {}
         self.layer = -1
         self.seconds = 0.0
@@ -101,13 +111,14 @@ class ActivationCache:
         """Compute states at `layer` from the token ids (embeddings + layers 1..layer)."""
         start = time.perf_counter()
         bb = self.backbone.eval()
-        for rows in progress_bar(self.rows_in_batches(), f"{self.desc}: trunk to layer {layer}", self.progress):
-            ids, mask, types = self.enc.batch(rows, self.pad_id)
-            bias = attention_bias(mask)
-            hidden = bb.embeddings(ids, types)
-            for lay in bb.layers[:layer]:
-                hidden = lay(hidden, bias)
-            self._write(rows, hidden)
+        with autocast_for(self.dtype):
+            for rows in progress_bar(self.rows_in_batches(), f"{self.desc}: trunk to layer {layer}", self.progress):
+                ids, mask, types = self.enc.batch(rows, self.pad_id)
+                bias = attention_bias(mask)
+                hidden = bb.embeddings(ids, types)
+                for lay in bb.layers[:layer]:
+                    hidden = lay(hidden, bias)
+                self._write(rows, hidden)
         self.layer = layer
         took = time.perf_counter() - start
         self.seconds += took
@@ -130,9 +141,11 @@ class ActivationCache:
                 self.snapshots[self.layer] = self.store.clone()
             start = time.perf_counter()
             lay = self.backbone.layers[self.layer].eval()
-            for rows in progress_bar(self.rows_in_batches(), f"{self.desc}: layer {self.layer + 1}", self.progress):
-                hidden, mask = self.batch(rows)
-                self._write(rows, lay(hidden, attention_bias(mask)))
+            with autocast_for(self.dtype):
+                for rows in progress_bar(self.rows_in_batches(), f"{self.desc}: layer {self.layer + 1}",
+                                         self.progress):
+                    hidden, mask = self.batch(rows)
+                    self._write(rows, lay(hidden, attention_bias(mask)))
             self.layer += 1
             took = time.perf_counter() - start
             self.layer_seconds.append(took)
@@ -140,9 +153,9 @@ class ActivationCache:
             progress_line(f"{self.desc} cache: climbed to layer {self.layer} in {took:.1f} s", self.progress)
 
     def batch(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded (B, T, H) states and the (B, T) mask of the given examples."""
+        """Padded (B, T, H) states (in the cache's dtype) and the (B, T) mask of the given examples."""
         width = int(self.lengths[rows].max())
-        hidden = torch.zeros((len(rows), width, self.store.shape[1]), dtype=torch.float32)
+        hidden = torch.zeros((len(rows), width, self.store.shape[1]), dtype=self.dtype)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
             n = int(self.lengths[r])

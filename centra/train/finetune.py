@@ -27,6 +27,7 @@ from centra.core.task import TaskHead
 from centra.progress import progress_bar, progress_line
 from centra.train.cache import ActivationCache
 from centra.train.metrics import compute
+from centra.train.precision import autocast, autocast_for, resolve
 from centra.train.settings import Settings
 from centra.train.thresholds import Tuning, tune_logits
 
@@ -49,6 +50,7 @@ class TrainConfig:
     alpha: float = _DEFAULT.alpha
     temperature: float = _DEFAULT.temperature
     tuning: Tuning = Tuning()  # multilabel: how thresholds are tuned and scored (the job's settings)
+    precision: str = _DEFAULT.precision  # of the training steps (centra.train.precision); dev is scored in fp32
     progress: bool = True
 
     @classmethod
@@ -122,9 +124,10 @@ def predict_cache(head: TaskHead, cache: ActivationCache, batch_size: int = 128,
     """Logits of every cached example, in example order (a progress bar when `desc` is given)."""
     head.eval()
     out = np.zeros((len(cache.lengths), head.spec.num_outputs), dtype=np.float32)
-    for rows in progress_bar(cache.rows_in_batches(batch_size), desc or "", desc is not None):
-        hidden, mask = cache.batch(rows)
-        out[rows] = head(hidden, attention_bias(mask), mask).numpy()
+    with autocast_for(getattr(cache, "dtype", torch.float32)):  # a bf16 cache is read in bf16
+        for rows in progress_bar(cache.rows_in_batches(batch_size), desc or "", desc is not None):
+            hidden, mask = cache.batch(rows)
+            out[rows] = head(hidden, attention_bias(mask), mask).float().numpy()
     return out
 
 
@@ -172,6 +175,7 @@ class BranchTrainer:
                  dev_targets: list, cfg: TrainConfig, desc: str, soft: np.ndarray | None = None):
         self.head, self.train, self.dev, self.dev_targets = head, train, dev, dev_targets
         self.cfg, self.desc, self.kind = cfg, desc, head.spec.kind
+        self.precision = resolve(cfg.precision)
         torch.manual_seed(cfg.seed)
         self.rng = torch.get_rng_state()  # dropout's stream, restored whenever this branch resumes
         self.gen = torch.Generator().manual_seed(cfg.seed)
@@ -241,8 +245,9 @@ class BranchTrainer:
                            total=self.steps_per_epoch)
         for rows in bar:
             hidden, mask = self.train.batch(rows)
-            logits = head(hidden, attention_bias(mask), mask)
-            loss = loss_fn(head.spec.kind, logits, self.targets[rows],
+            with autocast(self.precision):  # the loss, its backward and the optimizer step in fp32
+                logits = head(hidden, attention_bias(mask), mask)
+            loss = loss_fn(head.spec.kind, logits.float(), self.targets[rows],
                            self.soft[rows] if self.soft is not None else None, cfg.alpha, cfg.temperature)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -33,7 +33,9 @@ from centra.core.task import (
 )
 from centra.core.tokens import encode
 from centra.errors import CentraError
+from centra.progress import progress_line
 from centra.publish import check_replaceable
+from centra.train import precision
 from centra.train.cache import ActivationCache, CacheBudget
 from centra.train.data import Examples, load_examples
 from centra.train.distill import distill_shallower, distill_students, logits_table, read_teacher_logits
@@ -70,8 +72,8 @@ def validate_job(job: TaskJob, cfg: EncoderConfig) -> CheckedJob:
         path = getattr(job, name)
         if path is not None and not Path(path).is_file():
             raise SettingError(f"{path}: file not found (", Name(name), ")")
-    return CheckedJob(replace(job, metric=resolved.metric), resolved.lo, resolved.hi, resolved.max_length,
-                      resolved.attach)
+    return CheckedJob(replace(job, metric=resolved.metric, precision=precision.resolve(job.precision)),
+                      resolved.lo, resolved.hi, resolved.max_length, resolved.attach)
 
 
 def check_destination(tasks_dir: Path, name: str) -> None:
@@ -125,8 +127,11 @@ def open_run(checked: CheckedJob, backbone: Backbone) -> Run:
     encoded = [encode(tok, backbone.cfg.type_vocab_size, x.texts, x.pairs, checked.max_length) for x in (train, dev)]
     budget = CacheBudget(int(job.cache_gb * 2**30))  # one cap for the whole run: both caches and snapshots
     spill = Path(job.cache_dir or tempfile.gettempdir())
-    caches = [ActivationCache(backbone, e, tok.pad_token_id or 0, budget, spill, desc=d, progress=job.progress)
-              for e, d in zip(encoded, ("train", "dev"))]
+    progress_line(precision.notice(job.precision), job.progress)
+    # the training set's states in the training precision; dev's in fp32, so dev scores are the served ones
+    dtypes = (precision.storage_dtype(job.precision), torch.float32)
+    caches = [ActivationCache(backbone, e, tok.pad_token_id or 0, budget, spill, desc=d, progress=job.progress,
+                              dtype=t) for e, d, t in zip(encoded, ("train", "dev"), dtypes)]
     return Run(checked, backbone, train, dev, labels, caches, budget, soft, {"data": time.perf_counter() - clock})
 
 

@@ -31,6 +31,8 @@ FIRST_RUNG = 1.0
 # multilabel thresholds: each label's own F1 (which is also what maximises macro-F1) or micro-F1 over all
 # labels together (centra.train.thresholds)
 THRESHOLD_OBJECTIVES = ("label", "micro_f1")
+# training precision (centra.train.precision): auto = bf16 on a CPU with bf16 in hardware, else fp32
+PRECISIONS = ("auto", "bf16", "fp32")
 # micro_f1: on GoEmotions (4,000 examples, 2 epochs) per-label tuning gave 1.42 labels per text against gold's
 # 1.17 and another emotion to 35% of neutral texts; micro-F1 with the default max_labels, 1.05, and 16%
 # (centra/measure/multilabel.py; docs/results.md, "Multilabel defaults")
@@ -119,6 +121,9 @@ class Settings:
     attach_layer: int | None = setting(None, "the students' attach layer when an external teacher "
                                        "gives the logits", shown="N/2")
     cache_gb: float = setting(4.0, "memory cap of the run's trunk caches, then disk", check=at_least(0))
+    precision: str = setting("auto", "training precision: bf16 where the CPU computes it in hardware (AMX, "
+                             "AVX-512 BF16; the dev set still scored in fp32, as served), else fp32",
+                             choices=PRECISIONS, unset="omitted")
     extra_attach: int = setting(2, "students (l = 1-3, or student_layers) also distilled at this many attach "
                                 "layers below the teacher's (k-1, k-2, ...): shallower candidates for "
                                 "`centra plan`, never served unless a plan chooses them", check=at_least(0),

@@ -22,7 +22,8 @@ def cmd_results(args: argparse.Namespace) -> int:
     options = ResultsOptions(data=Path(args.data) if args.data else None, out=Path(args.out), epochs=args.epochs,
                              reference_epochs=args.reference_epochs, seed=args.seed, only=args.only,
                              search=args.search, progress=args.progress,
-                             threshold_objective=args.threshold_objective, max_labels=args.max_labels)
+                             threshold_objective=args.threshold_objective, max_labels=args.max_labels,
+                             precision=args.precision)
     with flags_named():  # every refusal before anything runs
         if args.table:
             options.check()
@@ -48,6 +49,8 @@ def add_parser(sub, common) -> None:
     from centra.train.settings import DECLARED
 
     for d in DECLARED:  # the multilabel settings, declared once in centra.train.settings
+        if d.name == "precision":
+            p.add_argument(d.flag, choices=d.choices, help=flag_help(f"{d.help} [{d.default_text}]"))
         if d.name in ("threshold_objective", "max_labels"):
             p.add_argument(d.flag, type=d.type, choices=d.choices, default=d.default,
                            help=flag_help(f"multilabel tasks (GoEmotions): {d.help.removeprefix('multilabel: ')} "
@@ -55,3 +58,14 @@ def add_parser(sub, common) -> None:
     p.add_argument("--progress", action="store_true", help="show progress")
     p.add_argument("--table", action="store_true", help="only print the tables of OUT/results.json")
     p.set_defaults(func=cmd_results)
+    c = sub.add_parser("costs", parents=[common], help="the training-cost table of trained tasks (their "
+                       "report.json): reference, search, students, all / reference, dev metric against the reference")
+    c.add_argument("folders", nargs="+", metavar="FOLDER", help="task folders, or folders of task folders")
+    c.set_defaults(func=cmd_costs)
+
+
+def cmd_costs(args: argparse.Namespace) -> int:
+    from centra.measure.costs import cost_table, read_reports
+
+    print(cost_table(read_reports([Path(f) for f in args.folders])))
+    return 0

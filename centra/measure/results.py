@@ -21,6 +21,7 @@ from pathlib import Path
 
 from centra.errors import CentraError, FieldError, Name
 from centra.io import read_json
+from centra.measure.costs import cost_table
 from centra.train.data import Columns  # light; the heavy imports happen inside run()
 from centra.train.report import TrainingReport
 
@@ -57,6 +58,7 @@ class ResultsOptions:
     progress: bool = False
     threshold_objective: str | None = None
     max_labels: int | None = None
+    precision: str | None = None  # of training (None: the job's default, auto)
 
     def check(self) -> None:
         if self.epochs < 1 or self.reference_epochs < 1:
@@ -123,6 +125,7 @@ def run(args: ResultsOptions) -> dict:
                       label_names=parse_label_names(names, root), reference=True, threshold=1.0,
                       search=args.search, max_train_examples=cap, reference_epochs=args.reference_epochs,
                       epochs=args.epochs, metric=metric, seed=args.seed, progress=args.progress,
+                      **({"precision": args.precision} if args.precision else {}),
                       **(multilabel_settings(args) if kind == "multilabel" else {}))
         start = time.perf_counter()
         report, _ = train_task(job, backbone, out / "tasks")
@@ -165,7 +168,7 @@ def markdown(results: dict) -> str:
     lines += [task_row(name, r, results[name].get("merged_dev", {})) for name, r in reports.items()]
     multilabel = multilabel_rows(reports)
     return ("\n".join(lines) + "\n\n" + settings_rows(reports, results.get("_merged", {}).get("overhead_layers"))
-            + "\n" + (f"\n{multilabel}\n" if multilabel else ""))
+            + "\n" + (f"\n{multilabel}\n" if multilabel else "") + "\n" + cost_table(reports) + "\n")
 
 
 def multilabel_rows(reports: dict[str, TrainingReport]) -> str:

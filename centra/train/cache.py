@@ -18,7 +18,7 @@ import torch
 
 from centra.core.backbone import Backbone, attention_bias
 from centra.core.tokens import Encoded
-from centra.progress import progress_bar, progress_line
+from centra.progress import progress_bar, progress_line, work_done
 from centra.train.precision import autocast_for
 
 
@@ -119,6 +119,7 @@ class ActivationCache:
                 for lay in bb.layers[:layer]:
                     hidden = lay(hidden, bias)
                 self._write(rows, hidden)
+                work_done(layer * len(rows))
         self.layer = layer
         took = time.perf_counter() - start
         self.seconds += took
@@ -146,6 +147,7 @@ class ActivationCache:
                                          self.progress):
                     hidden, mask = self.batch(rows)
                     self._write(rows, lay(hidden, attention_bias(mask)))
+                    work_done(len(rows))
             self.layer += 1
             took = time.perf_counter() - start
             self.layer_seconds.append(took)

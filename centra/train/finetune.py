@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from centra.core.backbone import attention_bias
 from centra.core.task import TaskHead
-from centra.progress import progress_bar, progress_line
+from centra.progress import progress_bar, progress_line, work_done
 from centra.train.cache import ActivationCache
 from centra.train.metrics import compute
 from centra.train.precision import autocast, autocast_for, resolve
@@ -128,6 +128,7 @@ def predict_cache(head: TaskHead, cache: ActivationCache, batch_size: int = 128,
         for rows in progress_bar(cache.rows_in_batches(batch_size), desc or "", desc is not None):
             hidden, mask = cache.batch(rows)
             out[rows] = head(hidden, attention_bias(mask), mask).float().numpy()
+            work_done(head.spec.task_layers * len(rows))
     return out
 
 
@@ -255,6 +256,7 @@ class BranchTrainer:
             self.optimizer.step()
             self.schedule.step()
             self.steps += 1
+            work_done(3 * head.spec.task_layers * len(rows))
             self.epoch_loss += loss.item()
             log["losses"].append(round(loss.item(), 6))
             bar.set_postfix(loss=f"{loss.item():.4f}")

@@ -33,12 +33,18 @@ from centra.core.task import (
 )
 from centra.core.tokens import encode
 from centra.errors import CentraError
-from centra.progress import progress_line
+from centra.progress import job_bar, progress_line
 from centra.publish import check_replaceable
 from centra.train import precision
 from centra.train.cache import ActivationCache, CacheBudget
 from centra.train.data import Examples, load_examples
-from centra.train.distill import distill_shallower, distill_students, logits_table, read_teacher_logits
+from centra.train.distill import (
+    distill_shallower,
+    distill_students,
+    logits_table,
+    read_teacher_logits,
+    shallower_attach_layers,
+)
 from centra.train.job import CheckedJob, Run, TaskJob
 from centra.train.metrics import METRICS, baseline
 from centra.train.reference import TokenSource, train_reference
@@ -53,8 +59,8 @@ from centra.train.report import (
     Teacher,
     TrainingReport,
 )
-from centra.train.search import search_teachers
-from centra.train.settings import Name, SettingError, refused
+from centra.train.search import rungs, search_teachers
+from centra.train.settings import REFERENCE_EPOCHS, Name, SettingError, refused
 from centra.train.thresholds import label_count_limit, neutral_of, threshold_report
 
 
@@ -105,13 +111,76 @@ def train_task(job: TaskJob, backbone: Backbone, tasks_dir: Path,
     is given the full fine-tuning's model (job.reference), which is never published, before it is dropped."""
     checked = validate_job(job, backbone.cfg)
     check_destination(tasks_dir, job.name)
+    clock = time.perf_counter()
     run = open_run(checked, backbone)
     run.score_reference = score_reference
     try:
-        trained = train_run(run)
+        with job_bar(planned_work(run), f"{job.name}: all stages", job.progress):
+            trained = train_run(run)
     finally:
         run.close()
+    # what adding the task cost, end to end: everything but the reference (which only measures it)
+    run.times["task"] = time.perf_counter() - clock - run.times.get("reference", 0.0)
+    progress_line(cost_line(run), job.progress)
     return publish(run, trained, Path(tasks_dir))
+
+
+def planned_work(run: Run) -> float:
+    """The job's work, planned before it runs, for its bar's ETA: in layer passes over one example (a
+    training step of l layers over B examples counts 3 l B: forward and backward; a dev scoring l B). The
+    halving search is planned as if the deepest half went on at each cut (its costliest course), every
+    student of the mixed allocation as if trained: the bar may end before its end, never run past it."""
+    job, n, tc = run.job, run.backbone.cfg.num_layers, run.checked.tc
+    ntr, ndev = len(run.train), len(run.dev)
+
+    def branch(layers: int, epochs: float) -> float:
+        return layers * epochs * (3 * ntr + ndev)
+
+    units = branch(n, job.reference_epochs) if job.reference else 0.0
+    if run.soft is None:
+        lo, hi = run.checked.lo, run.checked.hi
+        units += (n - lo) * (ntr + ndev) + hi * ntr  # the caches up to the shallowest teacher; its logits
+        alive, before = list(range(hi, lo - 1, -1)), 0.0
+        marks = rungs(len(alive), tc.epochs, job.first_rung) if job.search == "halving" else [tc.epochs]
+        for i, mark in enumerate(marks):
+            units += sum(branch(layers, mark - before) for layers in alive)
+            alive, before = alive[: 1 if i == len(marks) - 1 else max(1, len(alive) // 2)], mark
+        attach = n - hi
+    else:
+        attach = run.checked.attach
+        units += attach * (ntr + ndev)
+    def students(at: int) -> float:
+        layers = [job.student_layers] if job.student_layers else range(1, min(3, n - at) + 1)
+        return sum(branch(lay, tc.epochs) for lay in layers)
+
+    units += students(attach)
+    for below in shallower_attach_layers(attach, job.extra_attach):
+        units += below * (ntr + ndev) + students(below)  # a cache rebuilt (or restored) below, its students
+    return units
+
+
+def cost_line(run: Run) -> str:
+    """The job's wall time against the full fine-tuning: measured (job.reference) or estimated from the
+    trunk cache's per-layer pass (a training step costs about 3 forward passes: forward and backward)."""
+    task, ref = run.times["task"], run.times.get("reference")
+    if ref:
+        return f"{run.job.name}: added in {task:.0f} s, {task / ref:.2f}x its full fine-tuning ({ref:.0f} s, measured)"
+    estimate = full_finetune_estimate(run)
+    if estimate is None:
+        return f"{run.job.name}: added in {task:.0f} s"
+    return (f"{run.job.name}: added in {task:.0f} s, ~{task / estimate:.2f}x a full fine-tuning (estimated "
+            f"{estimate:.0f} s for {REFERENCE_EPOCHS} epochs; --reference measures it)")
+
+
+def full_finetune_estimate(run: Run) -> float | None:
+    """Seconds a full fine-tuning of REFERENCE_EPOCHS epochs would take here: every layer's forward and
+    backward (3 forward passes) over the training set per epoch, from the train cache's timed layer passes."""
+    cache = run.caches[0]
+    per_layer = np.mean(cache.layer_seconds) if cache.layer_seconds else \
+        (cache.seconds / cache.layer if cache.layer > 0 else None)
+    if per_layer is None:
+        return None
+    return float(REFERENCE_EPOCHS * 3 * per_layer * run.backbone.cfg.num_layers)
 
 
 def open_run(checked: CheckedJob, backbone: Backbone) -> Run:

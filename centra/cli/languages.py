@@ -2,7 +2,8 @@
 the published table (centra.measure.languages), the frozen-trunk probe and the multilingual deployment.
 
     centra languages [--data ../shared/data] [--out runs/languages] [--backbone multilingual-e5-small]
-                     [--runs a,b,c] [--reference a,b] [--epochs 2] [--layers 4:4] [--probe] [--deploy] [--table]
+                     [--runs a,b,c] [--reference a,b] [--epochs 2] [--layers 4:4] [--int8-fp32 ffn-out]
+                     [--probe] [--deploy] [--table]
 
 Writes OUT/data (JSONL with a language column, read from the data folder), OUT/<run>/{tasks,merged},
 OUT/deploy/{tasks,merged,texts.txt} and OUT/results.json (kept across calls: each run replaces its entry).
@@ -14,6 +15,7 @@ import argparse
 from pathlib import Path
 
 from centra.cli import flags_named, positive_int
+from centra.core import INT8_FP32
 from centra.errors import CentraError
 from centra.io import read_json, write_json
 
@@ -28,8 +30,9 @@ def cmd_languages(args: argparse.Namespace) -> int:
     out = Path(args.out)
     runs, reference = check_runs(args.runs, "--runs"), check_runs(args.reference, "--reference")
     options = LanguagesOptions(args.backbone, args.epochs, args.layers, args.extra_attach, args.reference_epochs,
-                               args.seed, args.progress)
-    options.check()
+                               args.seed, args.progress, tuple(args.int8_fp32 or ()))
+    with flags_named("languages"):
+        options.check()
     if args.table:
         path = out / "results.json"
         if not path.is_file():
@@ -51,7 +54,8 @@ def cmd_languages(args: argparse.Namespace) -> int:
         if args.deploy:
             from centra.measure.deploy import deploy
 
-            results["deploy"] = deploy(files, out, data, args.backbone, results.get("a"), args.progress)
+            results["deploy"] = deploy(files, out, data, args.backbone, results.get("a"), args.progress,
+                                       options.int8_fp32)
             save(out, results)
     print(markdown(results))
     return 0
@@ -77,6 +81,9 @@ def add_parser(sub, common) -> None:
     p.add_argument("--extra-attach", type=int, default=0, choices=range(0, 4), metavar="0-3",
                    help="shallower students per task [0]")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--int8-fp32", action="append", choices=INT8_FP32, metavar="GROUP",
+                   help="merge the int8 graphs with this group of nodes kept in fp32 (repeatable; `centra merge "
+                   "--int8-fp32`) [none]")
     p.add_argument("--probe", action="store_true", help="also measure the frozen trunk (logistic regression on "
                    "mean-pooled embeddings) with and without the text prefix")
     p.add_argument("--deploy", action="store_true", help="also train recipes/multilingual (sentiment, PLUE, "

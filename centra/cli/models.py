@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from centra.cli import flags_named, positive_int
-from centra.core import DEFAULT_TASKS_DIR, ENGINES
+from centra.core import DEFAULT_TASKS_DIR, ENGINES, INT8_FP32
 from centra.core.table import table
 from centra.errors import CentraError
 
@@ -26,7 +26,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     with flags_named("merge"):
         manifest = merge(args.tasks_dir, out, engine=args.engine, precision=args.precision,
                          calibration=args.calibration, max_batch=args.max_batch, backbone=args.backbone,
-                         keep_versions=args.keep_versions, keep_fp32=args.keep_fp32)
+                         keep_versions=args.keep_versions, keep_fp32=args.keep_fp32,
+                         int8_fp32=tuple(args.int8_fp32 or ()))
     print(f"merged {len(manifest.tasks)} tasks on {manifest.backbone.id} into {out} (version {manifest.version})")
     print(overhead_table(manifest))
     if manifest.engine is not None:
@@ -56,6 +57,8 @@ def print_engine(info: EngineInfo) -> None:
         print(f"onnx: {precision} graphs after ORT_ENABLE_ALL: {found}")
     if info.int8 is not None:
         floor = info.int8["min_agreement"]
+        if info.int8.get("int8_fp32"):
+            print(f"onnx: int8 graphs keep {', '.join(info.int8['int8_fp32'])} in fp32")
         for name, r in info.int8["tasks"].items():
             clear = "n/a" if r["decided_agreement"] is None else f"{r['decided_agreement']:.0%}"
             print(f"onnx: int8 {name}: label agreement with fp32 {r['agreement']:.0%} of {info.int8['samples']} "
@@ -170,6 +173,9 @@ def add_parsers(sub, common) -> None:
                    "fp16 (default), fp32 or int8 (QDQ calibrated on --calibration)")
     p.add_argument("--keep-fp32", action="store_true", help="onnx int8: keep the fp32 graphs in the version too "
                    "(by default it holds the int8 graphs it serves and the torch files)")
+    p.add_argument("--int8-fp32", action="append", choices=INT8_FP32, metavar="GROUP",
+                   help="onnx int8: keep a group of nodes in fp32 (repeatable; default none): ffn-out, each layer's "
+                   "FFN output projection; recovers most of int8's accuracy loss, at a cost in speed")
     p.add_argument("--calibration", help="tensorrt int8: texts to calibrate on, one per line (text<TAB>second text "
                    "for pair tasks; default: verify's samples; give a few hundred dev texts)")
     p.add_argument("--max-batch", type=positive_int, help="tensorrt: the largest batch of the plans' profile "

@@ -9,3 +9,4 @@ INPUTS = ("single", "pair")
 POOLINGS = ("mean", "cls")
 ENGINES = ("torch", "onnx", "tensorrt")  # the runtimes a merged version runs on (centra.runtime)
 PRECISIONS = {"onnx": ("fp32", "int8"), "tensorrt": ("fp32", "fp16", "int8")}  # of each exported engine
+INT8_FP32 = ("ffn-out",)  # node groups an ONNX int8 graph may keep in fp32 (centra.export.int8.FP32_NODES)

@@ -2,8 +2,8 @@
 (ONNX graphs, TensorRT plans) into the staged version, publish it.
 
 The engine x precision rules live here, checked before any work. A refusal is a FieldError naming the
-inputs by field (engine, precision, calibration, max_batch); the CLI writes them as its flags. Light to
-import: torch, onnx and tensorrt are imported when a merge runs.
+inputs by field (engine, precision, calibration, max_batch, keep_fp32, int8_fp32); the CLI writes them as
+its flags. Light to import: torch, onnx and tensorrt are imported when a merge runs.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from centra.core import DEFAULT_TASKS_DIR, ENGINES, PRECISIONS
+from centra.core import DEFAULT_TASKS_DIR, ENGINES, INT8_FP32, PRECISIONS
 from centra.core.versions import DEFAULT_KEEP_VERSIONS
 from centra.errors import FieldError, Name
 
@@ -23,10 +23,23 @@ DEFAULT_PRECISION = {"onnx": "fp32", "tensorrt": "fp16"}
 Sequences = tuple[list[str], list[tuple[str, str]]]  # texts, and text pairs (core.texts.read_sequences_file)
 
 
+def check_int8_fp32(groups: Sequence[str] | str | None) -> tuple[str, ...]:
+    """The node groups to keep in fp32 in ONNX int8 graphs, each a known one (centra.core.INT8_FP32),
+    sorted and once each: the form the reuse key and the check's report record (the same choice given in
+    another order is the same key)."""
+    groups = (groups,) if isinstance(groups, str) else tuple(groups or ())
+    for group in groups:
+        if group not in INT8_FP32:
+            raise FieldError(Name("int8_fp32"), f" {group!r} is unknown (known: {', '.join(INT8_FP32)})")
+    return tuple(sorted(set(groups)))
+
+
 def check_engine_options(engine: str, precision: str | None = None, calibration: object = None,
-                         max_batch: int | None = None, keep_fp32: bool = False) -> None:
+                         max_batch: int | None = None, keep_fp32: bool = False,
+                         int8_fp32: Sequence[str] = ()) -> None:
     """The engine x precision rules: a precision the engine has; calibration texts and max_batch for
-    TensorRT only; calibration texts exactly when TensorRT builds int8 plans; keep_fp32 for ONNX int8."""
+    TensorRT only; calibration texts exactly when TensorRT builds int8 plans; keep_fp32 and int8_fp32
+    (known node groups) for ONNX int8."""
     if engine not in ENGINES:
         raise FieldError(Name("engine"), f" {engine!r} is unknown (known: {', '.join(ENGINES)})")
     if precision is not None and precision not in PRECISIONS.get(engine, ()):
@@ -39,6 +52,8 @@ def check_engine_options(engine: str, precision: str | None = None, calibration:
         raise FieldError(Name("calibration"), " and ", Name("max_batch"), " apply to ", Name("engine"), " tensorrt")
     if keep_fp32 and (engine, precision) != ("onnx", "int8"):
         raise FieldError(Name("keep_fp32"), " applies to ", Name("engine"), " onnx ", Name("precision"), " int8")
+    if check_int8_fp32(int8_fp32) and (engine, precision) != ("onnx", "int8"):
+        raise FieldError(Name("int8_fp32"), " applies to ", Name("engine"), " onnx ", Name("precision"), " int8")
     if engine == "tensorrt" and (precision == "int8") != bool(calibration):
         raise FieldError(Name("engine"), " tensorrt ", Name("precision"), " int8 needs ", Name("calibration"),
                          " FILE (a few hundred dev texts, one per line), and ", Name("calibration"),
@@ -47,16 +62,17 @@ def check_engine_options(engine: str, precision: str | None = None, calibration:
 
 def extender(engine: str, precision: str | None = None, calibration: Path | str | Sequences | None = None,
              max_batch: int | None = None, progress: bool = True, out: Path | None = None,
-             keep_fp32: bool = False) -> Callable[[Path, Manifest], EngineInfo] | None:
+             keep_fp32: bool = False, int8_fp32: Sequence[str] = ()) -> Callable[[Path, Manifest], EngineInfo] | None:
     """write_merged's `extend` for the engine (None for torch: its files are in every version). TensorRT
     int8 calibrates on `calibration`: a texts file (text<TAB>second text for pair tasks) or its texts.
-    ONNX reuses the graphs of OUT's kept versions whose inputs did not change (centra.export.reuse)."""
-    check_engine_options(engine, precision, calibration, max_batch, keep_fp32)
+    ONNX reuses the graphs of OUT's kept versions whose inputs did not change (centra.export.reuse); its
+    int8 graphs keep the node groups `int8_fp32` in fp32."""
+    check_engine_options(engine, precision, calibration, max_batch, keep_fp32, int8_fp32)
     if engine == "onnx":
         from centra.export.onnx import onnx_extender
 
         return onnx_extender(precision or DEFAULT_PRECISION[engine], progress=progress, out=out,
-                             keep_fp32=keep_fp32)
+                             keep_fp32=keep_fp32, int8_fp32=check_int8_fp32(int8_fp32))
     if engine == "tensorrt":
         from centra.core.texts import read_sequences_file
         from centra.export.tensorrt import DEFAULT_MAX_BATCH, tensorrt_extender
@@ -70,12 +86,15 @@ def extender(engine: str, precision: str | None = None, calibration: Path | str 
 def merge(tasks_dirs: Sequence[Path | str] | Path | str | None, out: Path | str, *, engine: str = "torch",
           precision: str | None = None, calibration: Path | str | Sequences | None = None,
           max_batch: int | None = None, backbone: str | None = None,
-          keep_versions: int = DEFAULT_KEEP_VERSIONS, keep_fp32: bool = False, progress: bool = True) -> Manifest:
+          keep_versions: int = DEFAULT_KEEP_VERSIONS, keep_fp32: bool = False, int8_fp32: Sequence[str] = (),
+          progress: bool = True) -> Manifest:
     """Validate every task folder of `tasks_dirs` (default: tasks/), build the files `engine` runs (ONNX
     graphs checked against torch, reusing the unchanged graphs of OUT's kept versions; TensorRT plans on
     this GPU) and publish them as a new version of `out`; its manifest. An ONNX int8 version holds the
-    int8 graphs and the torch files, and its fp32 graphs too with `keep_fp32`. Every check comes before
-    any work: OUT is never written over a user's file or folder."""
+    int8 graphs and the torch files, and its fp32 graphs too with `keep_fp32`; `int8_fp32` names node
+    groups its int8 graphs keep in fp32 (centra.core.INT8_FP32: "ffn-out", the FFN output projections,
+    which recovers most of int8's accuracy loss at a cost in speed). Every check comes before any work:
+    OUT is never written over a user's file or folder."""
     from centra.core.merge import MODEL_KIND, plan_merge, write_merged
     from centra.core.versions import earlier_heads
     from centra.publish import check_replaceable, check_writable_parent
@@ -83,7 +102,7 @@ def merge(tasks_dirs: Sequence[Path | str] | Path | str | None, out: Path | str,
     out = Path(out)
     check_writable_parent(out)
     check_replaceable(out, MODEL_KIND)
-    extend = extender(engine, precision, calibration, max_batch, progress, out, keep_fp32)
+    extend = extender(engine, precision, calibration, max_batch, progress, out, keep_fp32, int8_fp32)
     if isinstance(tasks_dirs, (str, Path)):
         tasks_dirs = [tasks_dirs]
     plan = plan_merge([Path(d) for d in tasks_dirs or [DEFAULT_TASKS_DIR]], backbone, trusted=earlier_heads(out))

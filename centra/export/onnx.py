@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,6 +33,7 @@ from centra.core.manifest import EngineInfo, Manifest
 from centra.core.merge import TRUNK_FILE
 from centra.core.task import TaskSpec, load_task, max_positions
 from centra.errors import CentraError
+from centra.export.engines import check_int8_fp32
 from centra.export.fused import fusions, sum_fusions, write_fused
 from centra.export.int8 import add_int8, check_keys, quantizer_identity
 from centra.export.reuse import GraphCache, exporter_identity, graph_keys, reuse_graphs, sub_layout, tasks_through
@@ -217,29 +218,34 @@ def refuse(name: str, diff: float, tolerance: float) -> CentraError:
 def export_onnx(model: MergedModel, folder: Path, precision: str = "fp32", tokenizer=None,
                 tolerance: float = FP32_TOLERANCE, progress: bool = True, style: str = "fused", *,
                 specs: dict[str, TaskSpec] | None = None, cache: GraphCache | None = None,
-                heads: Callable[[str], nn.Module] | None = None, keep_fp32: bool = True) -> EngineInfo:
+                heads: Callable[[str], nn.Module] | None = None, keep_fp32: bool = True,
+                int8_fp32: Sequence[str] = ()) -> EngineInfo:
     """Export every graph of `specs`' layout (default: the model's tasks) into folder/onnx/fp32 (and
     onnx/int8), each checked as it is written; return the manifest's engine field (file paths relative
     to folder). With `cache`, a graph whose keys an earlier version holds is linked, not exported, and
     the heads of the tasks whose graphs are new are the only ones used: `model`'s, else `heads(name)`.
     `keep_fp32=False` (int8): the fp32 graphs are checked, quantized and deleted; the version holds the
-    int8 graphs it serves."""
+    int8 graphs it serves. `int8_fp32`: node groups the int8 graphs keep in fp32 (centra.export.int8)."""
     if precision not in PRECISIONS:
         raise CentraError(f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
     if style not in STYLES:
         raise CentraError(f"unknown ONNX graph style {style!r} (known: {', '.join(STYLES)})")
     if precision == "int8" and tokenizer is None:
         raise CentraError("the int8 check needs the model's tokenizer")
+    int8_fp32 = check_int8_fp32(int8_fp32)
+    if int8_fp32 and (precision, style) != ("int8", "fused"):  # the groups are node names of the fused graphs
+        raise CentraError(f"keeping nodes in fp32 ({', '.join(int8_fp32)}) applies to int8 graphs of the fused "
+                          f"style, not {precision} {style}")
     folder, specs = Path(folder), specs or model.specs
     layout = graph_layout(specs)
     needed = ("fp32",) if precision == "fp32" else ("fp32", "int8") if keep_fp32 else ("int8",)
     identity = exporter_identity(style, OPSET)
-    quantizer = quantizer_identity() if precision == "int8" else None
+    quantizer = quantizer_identity(int8_fp32) if precision == "int8" else None
     fingerprint = next(iter(specs.values())).backbone["fingerprint"] if specs else ""
     keys = {g["name"]: graph_keys(g, specs, fingerprint, model.cfg.to_dict(), identity, quantizer) for g in layout}
     entries, fresh = reuse_graphs(layout, keys, needed, folder, cache)
     todo = tasks_through(layout, specs, fresh)
-    paths = check_keys(layout, keys, specs, folder) if precision == "int8" else {}
+    paths = check_keys(layout, keys, specs, folder, int8_fp32) if precision == "int8" else {}
     # a task whose graphs were all reused but whose int8 check no earlier version made for these exact
     # inputs (its spec changed; an old head with a new neighbour) is checked again
     todo += [t for t in specs if t not in todo and paths and (cache is None or paths[t] not in cache.checks)]
@@ -284,7 +290,7 @@ def export_onnx(model: MergedModel, folder: Path, precision: str = "fp32", token
                       tolerance=tolerance, parity=parity)
     if precision == "int8":
         info = add_int8(folder, info, model, Engine(model, tokenizer, batch_size=8), progress, specs=specs,
-                        fresh=fresh, cache=cache, paths=paths, todo=todo)
+                        fresh=fresh, cache=cache, paths=paths, todo=todo, int8_fp32=int8_fp32)
     if not keep_fp32:  # the version holds the graphs it serves
         graphs = []
         for graph in info.graphs:
@@ -326,14 +332,16 @@ def staged_specs(stage: Path, manifest: Manifest) -> dict[str, TaskSpec]:
 
 
 def onnx_extender(precision: str = "fp32", progress: bool = True, out: Path | None = None,
-                  keep_fp32: bool = False) -> Callable[[Path, Manifest], EngineInfo]:
+                  keep_fp32: bool = False, int8_fp32: Sequence[str] = ()) -> Callable[[Path, Manifest], EngineInfo]:
     """write_merged's `extend`: export the staged version's graphs into its onnx/ folder and return the
     manifest's engine field. Graphs of OUT's kept versions whose keys match are linked, not exported
-    (centra.export.reuse); an int8 version keeps its fp32 graphs only with `keep_fp32`."""
+    (centra.export.reuse); an int8 version keeps its fp32 graphs only with `keep_fp32`, and the node
+    groups `int8_fp32` in fp32 in its int8 graphs."""
     from centra.core.backbone import load_tokenizer
 
     if precision not in PRECISIONS:
         raise CentraError(f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
+    int8_fp32 = check_int8_fp32(int8_fp32)
 
     def extend(stage: Path, manifest: Manifest) -> EngineInfo:
         cache = GraphCache(out)
@@ -343,7 +351,7 @@ def onnx_extender(precision: str = "fp32", progress: bool = True, out: Path | No
         tokenizer = load_tokenizer(stage / "tokenizer") if precision == "int8" else None
         info = export_onnx(trunk, stage, precision, tokenizer, progress=progress, specs=staged_specs(stage, manifest),
                            cache=cache, heads=lambda name: staged_head(stage, cfg, heads[name], name),
-                           keep_fp32=keep_fp32 or precision == "fp32")
+                           keep_fp32=keep_fp32 or precision == "fp32", int8_fp32=int8_fp32)
         reused = sum(1 for g in info.graphs if g.get("reused"))
         progress_line(f"onnx: {reused} of {len(info.graphs)} graphs reused from earlier versions of {out}",
                       progress and cache is not None and len(cache) > 0)

@@ -33,10 +33,11 @@ def recipes(backbone: str) -> list[Path]:
 
 
 def deploy(files: dict[str, dict[str, Path]], out: Path, data: Path, backbone: str, run_a: dict | None,
-           progress: bool = False) -> dict:
-    """Train (or reuse) the recipes' tasks into OUT/deploy/tasks, merge them into OUT/deploy/merged and
-    check them. The sentiment task is run (a)'s when (a) trained with the recipe's settings (`run_a`: its
-    results entry), else it is trained from the recipe."""
+           progress: bool = False, int8_fp32: tuple[str, ...] = ()) -> dict:
+    """Train (or reuse) the recipes' tasks into OUT/deploy/tasks, merge them into OUT/deploy/merged (the
+    int8 graphs keeping the node groups `int8_fp32` in fp32) and check them. The sentiment task is run
+    (a)'s when (a) trained with the recipe's settings (`run_a`: its results entry), else it is trained
+    from the recipe."""
     from centra.export.engines import merge
     from centra.runtime.engine import Engine
     from centra.runtime.verify import verify
@@ -59,7 +60,8 @@ def deploy(files: dict[str, dict[str, Path]], out: Path, data: Path, backbone: s
             entry["tasks"][name] = {"chosen": report.to_dict()["chosen"],
                                     "seconds": round(time.perf_counter() - clock, 1)}
         progress_line(f"languages deploy: {name} ready")
-    manifest = merge([tasks], out / "deploy" / "merged", engine="onnx", precision="int8", progress=progress)
+    manifest = merge([tasks], out / "deploy" / "merged", engine="onnx", precision="int8", int8_fp32=int8_fp32,
+                     progress=progress)
     texts = sample_texts(files, data)
     (out / "deploy" / "texts.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
     engine = Engine.load(out / "deploy" / "merged", engine="torch")

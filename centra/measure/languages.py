@@ -34,11 +34,15 @@ class LanguagesOptions:
     reference_epochs: int = 2
     seed: int = 0
     progress: bool = False
+    int8_fp32: tuple[str, ...] = ()  # node groups the int8 graphs keep in fp32 (merge's int8_fp32)
 
     def check(self) -> None:
+        from centra.export.engines import check_int8_fp32
+
         if self.epochs < 1 or self.reference_epochs < 1 or self.extra_attach < 0:
             raise CentraError(f"epochs and reference epochs must be >= 1 and extra attach >= 0, not "
                               f"{self.epochs}, {self.reference_epochs} and {self.extra_attach}")
+        check_int8_fp32(self.int8_fp32)
 
 
 def check_runs(value: str, flag: str) -> list[str]:
@@ -87,7 +91,8 @@ def run_one(run: str, reference: bool, files: dict[str, dict[str, Path]], out: P
             gold = [LABELS.index(r["label"]) for r in scored]
             parts = by_segment("multiclass", ref_logits, gold, [r["language"] for r in scored])
             reference_rows |= {lang: round(100 * m["macro_f1"], 2) for lang, m in parts.items()}
-    manifest = merge([tasks_dir], out / run / "merged", engine="onnx", precision="int8", progress=options.progress)
+    manifest = merge([tasks_dir], out / run / "merged", engine="onnx", precision="int8",
+                     int8_fp32=options.int8_fp32, progress=options.progress)
     rows: dict[str, dict] = {}
     for engine_name, label in (("torch", "torch"), ("onnx", "int8")):
         engine = Engine.load(out / run / "merged", engine=engine_name)
@@ -149,6 +154,8 @@ def markdown(results: dict) -> str:
         entry = results[run]
         for model, row in entry["rows"].items():
             label = {"torch": "served, torch", "int8": "served, ONNX int8", "reference": "full fine-tuning"}[model]
+            kept = entry.get("settings", {}).get("int8_fp32")
+            label += f" ({', '.join(kept)} in fp32)" if model == "int8" and kept else ""
             layers = "12" if model == "reference" else f"{entry['layers_per_request']:g}"
             seconds = entry["reference_seconds"] if model == "reference" else entry["train_seconds"]
             share = f"{100 * row['average'] / anchor:.1f}%" if anchor else "-"

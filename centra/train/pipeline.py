@@ -121,7 +121,7 @@ def train_task(job: TaskJob, backbone: Backbone, tasks_dir: Path,
         run.close()
     # what adding the task cost, end to end: everything but the reference (which only measures it)
     run.times["task"] = time.perf_counter() - clock - run.times.get("reference", 0.0)
-    progress_line(cost_line(run), job.progress)
+    progress_line(cost_line(run, trained), job.progress)
     return publish(run, trained, Path(tasks_dir))
 
 
@@ -159,28 +159,30 @@ def planned_work(run: Run) -> float:
     return units
 
 
-def cost_line(run: Run) -> str:
+def cost_line(run: Run, trained: Trained) -> str:
     """The job's wall time against the full fine-tuning: measured (job.reference) or estimated from the
-    trunk cache's per-layer pass (a training step costs about 3 forward passes: forward and backward)."""
+    speed its own branches trained at."""
     task, ref = run.times["task"], run.times.get("reference")
     if ref:
         return f"{run.job.name}: added in {task:.0f} s, {task / ref:.2f}x its full fine-tuning ({ref:.0f} s, measured)"
-    estimate = full_finetune_estimate(run)
+    estimate = full_finetune_estimate(run, trained)
     if estimate is None:
         return f"{run.job.name}: added in {task:.0f} s"
-    return (f"{run.job.name}: added in {task:.0f} s, ~{task / estimate:.2f}x a full fine-tuning (estimated "
-            f"{estimate:.0f} s for {REFERENCE_EPOCHS} epochs; --reference measures it)")
+    return (f"{run.job.name}: added in {task:.0f} s, ~{task / estimate:.2f}x a full fine-tuning (~{estimate:.0f} s "
+            f"for {REFERENCE_EPOCHS} epochs, estimated without its embeddings' training; --reference measures it)")
 
 
-def full_finetune_estimate(run: Run) -> float | None:
-    """Seconds a full fine-tuning of REFERENCE_EPOCHS epochs would take here: every layer's forward and
-    backward (3 forward passes) over the training set per epoch, from the train cache's timed layer passes."""
-    cache = run.caches[0]
-    per_layer = np.mean(cache.layer_seconds) if cache.layer_seconds else \
-        (cache.seconds / cache.layer if cache.layer > 0 else None)
-    if per_layer is None:
+def full_finetune_estimate(run: Run, trained: Trained) -> float | None:
+    """Seconds a full fine-tuning of REFERENCE_EPOCHS epochs would take here, from the branches this job
+    trained: their seconds per layer and epoch, times every layer of the model. It leaves out the
+    embeddings' training (their optimizer step over the whole vocabulary), so it is a lower bound."""
+    logs = [(t.trainable_layers, t.log) for t in trained.teachers if t.trainable_layers and t.log is not None]
+    logs += [(s.task_layers, s.log) for s in [*trained.students, *trained.shallower]]
+    layer_epochs = sum(layers * log.epochs_trained for layers, log in logs)
+    if layer_epochs <= 0:
         return None
-    return float(REFERENCE_EPOCHS * 3 * per_layer * run.backbone.cfg.num_layers)
+    per_layer_epoch = sum(log.seconds for _, log in logs) / layer_epochs
+    return REFERENCE_EPOCHS * run.backbone.cfg.num_layers * per_layer_epoch
 
 
 def open_run(checked: CheckedJob, backbone: Backbone) -> Run:

@@ -128,8 +128,10 @@ def train_task(job: TaskJob, backbone: Backbone, tasks_dir: Path,
 def planned_work(run: Run) -> float:
     """The job's work, planned before it runs, for its bar's ETA: in layer passes over one example (a
     training step of l layers over B examples counts 3 l B: forward and backward; a dev scoring l B). The
-    halving search is planned as if the deepest half went on at each cut (its costliest course), every
-    student of the mixed allocation as if trained: the bar may end before its end, never run past it."""
+    halving search is planned as if the deepest half went on at each cut (its costliest course), the
+    students as if the teacher attached where they cost the most (a shallower teacher leaves more layers
+    below it for the shallower students) and every student of the mixed allocation as if trained: the bar
+    may end before its end, never run past it."""
     job, n, tc = run.job, run.backbone.cfg.num_layers, run.checked.tc
     ntr, ndev = len(run.train), len(run.dev)
 
@@ -145,17 +147,21 @@ def planned_work(run: Run) -> float:
         for i, mark in enumerate(marks):
             units += sum(branch(layers, mark - before) for layers in alive)
             alive, before = alive[: 1 if i == len(marks) - 1 else max(1, len(alive) // 2)], mark
-        attach = n - hi
+        attaches = range(n - hi, n - lo + 1)  # wherever the search's teacher attaches
     else:
-        attach = run.checked.attach
-        units += attach * (ntr + ndev)
+        attaches = range(run.checked.attach, run.checked.attach + 1)
+        units += run.checked.attach * (ntr + ndev)
+
     def students(at: int) -> float:
         layers = [job.student_layers] if job.student_layers else range(1, min(3, n - at) + 1)
         return sum(branch(lay, tc.epochs) for lay in layers)
 
-    units += students(attach)
-    for below in shallower_attach_layers(attach, job.extra_attach):
-        units += below * (ntr + ndev) + students(below)  # a cache rebuilt (or restored) below, its students
+    def from_teacher(at: int) -> float:
+        """Its students, then the shallower ones, each attach layer below on a cache rebuilt there."""
+        return students(at) + sum(below * (ntr + ndev) + students(below)
+                                  for below in shallower_attach_layers(at, job.extra_attach))
+
+    units += max(from_teacher(at) for at in attaches)
     return units
 
 

@@ -177,7 +177,8 @@ def test_caches_share_one_budget(bert, tmp_path):
 
 
 def test_run_stays_under_the_cache_cap(bert, tmp_path):
-    job = job_for(tmp_path, "t", "multiclass", False, student_layers=1, cache_dir=tmp_path)
+    # fp32: the sizes below are 4 bytes a value (a bf16 training cache holds 2: tests/test_precision.py)
+    job = job_for(tmp_path, "t", "multiclass", False, student_layers=1, cache_dir=tmp_path, precision="fp32")
     job.train, job.dev = job.dev, job.train  # train 32 examples, dev 64: the smaller cache comes first
     job.epochs = 1
     checked = validate_job(job, bert.cfg)

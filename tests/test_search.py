@@ -192,7 +192,10 @@ def test_multilabel_branches_are_chosen_at_tuned_thresholds(bert, tmp_path, monk
         cache.close()
     monkeypatch.undo()
 
-    report, _ = train_task(job_for(tmp_path, "m", "multilabel", False, layers=(1, 3)), bert, tmp_path / "tasks")
+    # fp32: the assertions below need a cut teacher whose tuned figure differs from its figure at 0.5,
+    # which a bf16 run of this tiny task did not always give
+    report, _ = train_task(job_for(tmp_path, "m", "multilabel", False, layers=(1, 3), precision="fp32"), bert,
+                           tmp_path / "tasks")
     rounds, teachers = report.search.rounds, {t.trainable_layers: t for t in report.teachers}
     for layers, teacher in teachers.items():  # every rung score is the tuned metric, not the one at 0.5
         if not teacher.chosen:

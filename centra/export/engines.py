@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from centra.core import DEFAULT_TASKS_DIR, ENGINES, INT8_FP32, PRECISIONS
+from centra.core import DEFAULT_TASKS_DIR, ENGINES, PRECISIONS, check_int8_fp32
 from centra.core.versions import DEFAULT_KEEP_VERSIONS
 from centra.errors import FieldError, Name
 
@@ -21,17 +21,6 @@ if TYPE_CHECKING:
 
 DEFAULT_PRECISION = {"onnx": "fp32", "tensorrt": "fp16"}
 Sequences = tuple[list[str], list[tuple[str, str]]]  # texts, and text pairs (core.texts.read_sequences_file)
-
-
-def check_int8_fp32(groups: Sequence[str] | str | None) -> tuple[str, ...]:
-    """The node groups to keep in fp32 in ONNX int8 graphs, each a known one (centra.core.INT8_FP32),
-    sorted and once each: the form the reuse key and the check's report record (the same choice given in
-    another order is the same key)."""
-    groups = (groups,) if isinstance(groups, str) else tuple(groups or ())
-    for group in groups:
-        if group not in INT8_FP32:
-            raise FieldError(Name("int8_fp32"), f" {group!r} is unknown (known: {', '.join(INT8_FP32)})")
-    return tuple(sorted(set(groups)))
 
 
 def check_engine_options(engine: str, precision: str | None = None, calibration: object = None,

@@ -38,12 +38,12 @@ from pathlib import Path
 
 import torch
 
+from centra.core import check_int8_fp32
 from centra.core.answers import labels_agree, threshold_logits
 from centra.core.graph import MergedModel
 from centra.core.manifest import EngineInfo
 from centra.core.task import TaskSpec
 from centra.errors import CentraError
-from centra.export.engines import check_int8_fp32
 from centra.export.fused import fusions, sum_fusions
 from centra.export.reuse import GraphCache, digest, graph_path, sub_layout, tasks_through
 from centra.io import sha256_file

@@ -27,13 +27,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from centra.core import check_int8_fp32
 from centra.core.backbone import Embeddings, EncoderConfig, EncoderLayer, attention_bias, check_state, load_safetensors
 from centra.core.graph import MergedModel
 from centra.core.manifest import EngineInfo, Manifest
 from centra.core.merge import TRUNK_FILE
 from centra.core.task import TaskSpec, load_task, max_positions
 from centra.errors import CentraError
-from centra.export.engines import check_int8_fp32
 from centra.export.fused import fusions, sum_fusions, write_fused
 from centra.export.int8 import add_int8, check_keys, quantizer_identity
 from centra.export.reuse import GraphCache, exporter_identity, graph_keys, reuse_graphs, sub_layout, tasks_through

@@ -37,7 +37,7 @@ class LanguagesOptions:
     int8_fp32: tuple[str, ...] = ()  # node groups the int8 graphs keep in fp32 (merge's int8_fp32)
 
     def check(self) -> None:
-        from centra.export.engines import check_int8_fp32
+        from centra.core import check_int8_fp32
 
         if self.epochs < 1 or self.reference_epochs < 1 or self.extra_attach < 0:
             raise CentraError(f"epochs and reference epochs must be >= 1 and extra attach >= 0, not "

@@ -59,7 +59,7 @@ from centra.train.report import (
     Teacher,
     TrainingReport,
 )
-from centra.train.search import rungs, search_teachers
+from centra.train.search import rungs, search_teachers, successive_halving
 from centra.train.settings import REFERENCE_EPOCHS, Name, SettingError, refused
 from centra.train.thresholds import label_count_limit, neutral_of, threshold_report
 
@@ -142,11 +142,17 @@ def planned_work(run: Run) -> float:
     if run.soft is None:
         lo, hi = run.checked.lo, run.checked.hi
         units += (n - lo) * (ntr + ndev) + hi * ntr  # the caches up to the shallowest teacher; its logits
-        alive, before = list(range(hi, lo - 1, -1)), 0.0
-        marks = rungs(len(alive), tc.epochs, job.first_rung) if job.search == "halving" else [tc.epochs]
-        for i, mark in enumerate(marks):
-            units += sum(branch(layers, mark - before) for layers in alive)
-            alive, before = alive[: 1 if i == len(marks) - 1 else max(1, len(alive) // 2)], mark
+        arms = list(range(hi, lo - 1, -1))
+        marks = rungs(len(arms), tc.epochs, job.first_rung) if job.search == "halving" else [tc.epochs]
+        trained = dict.fromkeys(arms, 0.0)
+
+        def train_to(layers: int, epochs: float) -> float:  # the search's own cuts, the deepest ranked first
+            nonlocal units
+            units += branch(layers, epochs - trained[layers])
+            trained[layers] = epochs
+            return layers
+
+        successive_halving(arms, marks, train_to)
         attaches = range(n - hi, n - lo + 1)  # wherever the search's teacher attaches
     else:
         attaches = range(run.checked.attach, run.checked.attach + 1)

@@ -30,6 +30,7 @@ _API = {
     "PlanResult": "centra.train.planning:PlanResult",
     "plan_tasks": "centra.train.planning:plan_tasks",
     "activate_plan": "centra.train.planning:activate_plan",
+    "train_shallower": "centra.train.planning:train_shallower",
     "merge": "centra.export.engines:merge",
     "Manifest": "centra.core.manifest:Manifest",
     # running a merged model

@@ -51,6 +51,12 @@ class JobBar:
             self.bar.total = self.done * 1.05
         self.bar.update(units)
 
+    def replan(self, remaining: float) -> None:
+        """The plan revised by a stage that knows more now (add-task, once its teacher is chosen): `remaining`
+        units are left, so the bar's ETA follows the job the stages will run, not the costliest one planned."""
+        self.bar.total = max(1.0, self.done + remaining)
+        self.bar.refresh()
+
     def close(self) -> None:
         self.bar.close()
 
@@ -75,3 +81,10 @@ def work_done(units: float) -> None:
     bar = _JOB.get()
     if bar is not None:
         bar.add(units)
+
+
+def work_left(units: float) -> None:
+    """Tell the job bar of the running job, if there is one, that `units` of work are left (JobBar.replan)."""
+    bar = _JOB.get()
+    if bar is not None:
+        bar.replan(units)

@@ -130,23 +130,30 @@ def test_bf16_cache_in_memory_and_spilled_match_the_trunk(bert, tmp_path):
         ActivationCache(bert, enc, tok.pad_token_id, 1 << 30, dtype=torch.float16)
 
 
-@pytest.mark.parametrize("settings", [{}, {"student_layers": 1, "extra_attach": 0, "search": "full"},
-                                      {"reference": True, "reference_epochs": 1}])
+@pytest.mark.parametrize("settings", [{}, {"student_layers": 1, "search": "full"},
+                                      {"reference": True, "reference_epochs": 1, "extra_attach": 2}])
 def test_the_job_bar_plans_the_work_it_sees(bert, tmp_path, monkeypatch, capsys, settings):
     """One bar over the whole add-task job: the work the stages report stays within the plan (an upper
-    bound: halving and the mixed allocation may stop early) and fills most of it; the job ends with its cost."""
+    bound: halving and the mixed allocation may stop early), replanned once the teacher is chosen (its
+    attach layer says how many students there can be), and fills most of that; the job ends with its cost."""
     bars = []
 
     class Kept(progress.JobBar):
         def __init__(self, total, desc, enabled=True):
             super().__init__(total, desc, enabled)
-            self.planned = total
+            self.planned, self.replans = total, []
             bars.append(self)
+
+        def replan(self, remaining):
+            self.replans.append((self.done, remaining))
+            super().replan(remaining)
 
     monkeypatch.setattr(progress, "JobBar", Kept)
     job = job_for(tmp_path, "t", "multiclass", False, layers=(1, 3), progress=True, **settings)
     train_task(job, bert, tmp_path / "tasks")
     [bar] = bars
-    assert 0.5 * bar.planned <= bar.done <= bar.planned, (bar.done, bar.planned)
+    [(at, remaining)] = bar.replans
+    assert bar.done <= bar.planned and 0.5 * (at + remaining) <= bar.done <= at + remaining, \
+        (bar.done, bar.planned, at, remaining)
     lines = capsys.readouterr().err
     assert "t: added in" in lines and ("measured" in lines if settings.get("reference") else "estimated" in lines)

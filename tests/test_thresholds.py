@@ -85,7 +85,8 @@ def test_best_threshold_reaches_the_brute_force_optimum(seed):
 
 def test_trained_multilabel_task_carries_and_serves_tuned_thresholds(tiny_models, tmp_path, capsys):
     bert = Backbone.load(tiny_models["bert"])
-    job = job_for(tmp_path, "topics", "multilabel", False, layers=(1, 1), student_layers=1, reference=True)
+    job = job_for(tmp_path, "topics", "multilabel", False, layers=(1, 1), student_layers=1, reference=True,
+                  extra_attach=2)
     report, student = train_task(job, bert, tmp_path / "tasks")
     tuned = report.thresholds
     spec = read_spec(tmp_path / "tasks" / "topics")

@@ -52,6 +52,7 @@ def number_type(kind: type, low: float, inclusive: bool = False) -> Callable[[st
 
 
 positive_int = number_type(int, 1, inclusive=True)
+non_negative_int = number_type(int, 0, inclusive=True)
 positive_float = number_type(float, 0.0)
 non_negative_float = number_type(float, 0.0, inclusive=True)
 

@@ -1,6 +1,7 @@
 """`centra plan`: choose one kept candidate per task for the best average dev metric under a budget
 (layers per request, or milliseconds converted at this machine's measured cost of a layer), print and
-plot the cost/quality frontier, and activate the choice in the task folders (no retraining)."""
+plot the cost/quality frontier, and activate the choice in the task folders (no retraining). With
+--extra-attach N it first distils the students below each teacher that a task folder lacks."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from centra.cli import flags_named, positive_float, positive_int
+from centra.cli import flags_named, non_negative_int, positive_float, positive_int
 from centra.cli.plots import check_plot, pyplot, save_figure
 from centra.core import DEFAULT_TASKS_DIR
 from centra.core.table import table
@@ -25,9 +26,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     plot = check_plot(args.plot, "plan") if not args.no_plot else None
     with flags_named():
-        result = plan_tasks(Path(args.tasks_dir), args.budget_layers, args.budget_ms, args.length, args.backbone)
-    if result.note:
-        print(result.note)
+        result = plan_tasks(Path(args.tasks_dir), args.budget_layers, args.budget_ms, args.length, args.backbone,
+                            args.extra_attach or 0)
+    for w in result.widened:
+        print(f"{w.task}: distilled {', '.join(w.trained)} in {w.seconds:.1f} s (kept as candidates)")
+    if args.extra_attach and not result.widened:
+        print(f"--extra-attach {args.extra_attach}: every task keeps those students already; nothing trained")
+    for line in (result.wider, result.note):
+        if line:
+            print(line)
     print(plan_table(result))
     if plot is not None and write_plot(plot, result):
         print(f"plot: {plot}")
@@ -113,6 +120,10 @@ def add_parsers(sub, common) -> None:
                    "or the tasks' max_length when shorter]")
     p.add_argument("--backbone", help="backbone folder, 'default' or a name of `centra backbone list` "
                    "(default: the one the tasks name)")
+    p.add_argument("--extra-attach", type=non_negative_int, metavar="N",
+                   help="first distil the students at the N attach layers below each task's teacher that its "
+                   "folder lacks (add-task's --extra-attach, trained later; kept as candidates, the served "
+                   "heads untouched, even with --dry-run)")
     p.add_argument("--plot", default=DEFAULT_PLOT, help=f"PNG of the frontier [{DEFAULT_PLOT}]")
     p.add_argument("--no-plot", action="store_true", help="no plot")
     p.add_argument("--dry-run", action="store_true", help="show the plan, activate nothing")

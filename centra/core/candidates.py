@@ -5,7 +5,9 @@ in tasks/NAME/candidates/ID/, each a task.json + head.safetensors of its own wit
 active head is one of them: the folder's task.json and head.safetensors are that candidate's, byte
 for byte. `centra plan` chooses one candidate per task under a budget (centra.train.plan) and
 `activate` swaps it in: the task folder is published anew in one atomic step (stage, load, exchange),
-every other file of it copied byte for byte; nothing is retrained.
+every other file of it copied byte for byte; nothing is retrained. `add_candidates` publishes the
+folder with more candidates kept (students distilled later: `centra plan --extra-attach`), the
+served head and every other file copied byte for byte.
 """
 
 from __future__ import annotations
@@ -18,20 +20,29 @@ from centra.core.backbone import Backbone, EncoderConfig
 from centra.core.task import (
     CANDIDATES_DIR,
     HEAD_FILE,
+    NAME_RE,
     RECIPE_FILE,
     TASK_FILE,
     TASK_KIND,
+    TaskHead,
     TaskSpec,
     is_legacy_task,
     load_task,
     read_task_json,
+    write_head,
 )
 from centra.errors import CentraError
-from centra.io import copy_verified
+from centra.io import copy_verified, write_json
 from centra.publish import ARTIFACT_FILE, publish_folder
 
 ACTIVE = "active"  # the id of a task's active head when no kept candidate is it (a task trained before)
 SAME = ("kind", "labels", "input", "max_length", "pooling")  # what every candidate of a task shares
+SHALLOWER_PREFIX = "student-a"  # students attached below their teacher: student-a<attach>-l<layers>
+
+
+def shallower_id(attach: int, layers: int) -> str:
+    """The candidate id of a student attached at `attach`, below its teacher, with `layers` task layers."""
+    return f"{SHALLOWER_PREFIX}{attach}-l{layers}"
 
 
 @dataclass(frozen=True)
@@ -69,6 +80,11 @@ class TaskCandidates:
     def active_id(self) -> str | None:
         """The kept candidate that is active now (its task.json is the folder's, byte for byte)."""
         return next((c.id for c in self.candidates if c.task_json_sha256 == self.active_sha256), None)
+
+    @property
+    def has_shallower(self) -> bool:
+        """Whether it keeps a student attached below its teacher (distill_shallower's candidates)."""
+        return any(c.id.startswith(SHALLOWER_PREFIX) for c in self.candidates)
 
     def options(self) -> list[Candidate]:
         """What a plan may choose for this task: every kept candidate, and the active head when it is
@@ -129,14 +145,9 @@ def activate(task: TaskCandidates, candidate: Candidate, cfg: EncoderConfig) -> 
     if candidate.task_json_sha256 == task.active_sha256:
         return False
     folder, src = task.folder, candidate.folder
-    own = {TASK_FILE, HEAD_FILE, ARTIFACT_FILE}  # the marker is rewritten by publishing, identically
 
     def build(tmp: Path) -> None:
-        for path in sorted(folder.rglob("*")):
-            rel = path.relative_to(folder)
-            if path.is_file() and rel.as_posix() not in own:
-                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                copy_verified(path, tmp / rel)
+        copy_folder(task, tmp, skip={TASK_FILE, HEAD_FILE})
         copy_verified(src / TASK_FILE, tmp / TASK_FILE, candidate.task_json_sha256)
         copy_verified(src / HEAD_FILE, tmp / HEAD_FILE, candidate.spec.head_sha256)
 
@@ -145,3 +156,45 @@ def activate(task: TaskCandidates, candidate: Candidate, cfg: EncoderConfig) -> 
 
     publish_folder(folder, TASK_KIND, build, check, keep=(RECIPE_FILE,), legacy=is_legacy_task)
     return True
+
+
+def add_candidates(task: TaskCandidates, new: dict[str, tuple[TaskSpec, TaskHead]], files: dict[str, dict],
+                   cfg: EncoderConfig) -> None:
+    """Publish the task folder with the `new` candidates kept beside the others and the JSON `files`
+    (its report.json) rewritten: every other file copied byte for byte (the served task.json and head,
+    checked against the hashes read with `task`), each new head loaded back; then
+    one atomic exchange. A crash leaves the folder as it was."""
+    folder = task.folder
+    for cid in new:
+        if not NAME_RE.match(cid):
+            raise CentraError(f"candidate id {cid!r} must be letters, digits, '_' or '-'")
+
+    def build(tmp: Path) -> None:
+        copy_folder(task, tmp, skip=set(files))
+        for name, data in files.items():
+            write_json(tmp / name, data)
+        for cid, (spec, head) in new.items():
+            if (tmp / CANDIDATES_DIR / cid).exists():
+                raise CentraError(f"{folder / CANDIDATES_DIR / cid}: exists already (kept meanwhile by another run)")
+            (tmp / CANDIDATES_DIR / cid).mkdir(parents=True)
+            write_head(tmp / CANDIDATES_DIR / cid, spec, head)
+
+    def check(tmp: Path) -> None:
+        load_task(tmp, cfg, check_fingerprint=False, name=folder.name)
+        for cid in new:
+            load_task(tmp / CANDIDATES_DIR / cid, cfg, check_fingerprint=False, name=folder.name)
+
+    publish_folder(folder, TASK_KIND, build, check, keep=(RECIPE_FILE,), legacy=is_legacy_task)
+
+
+def copy_folder(task: TaskCandidates, tmp: Path, skip: set[str]) -> None:
+    """Copy the task folder into `tmp` byte for byte but the files named in `skip` (and the marker,
+    which publishing writes again, identically); the served task.json and head must still have the
+    hashes read with `task` (else the folder changed meanwhile, and nothing is written)."""
+    folder = task.folder
+    expected = {TASK_FILE: task.active_sha256, HEAD_FILE: task.active.head_sha256}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_file() and rel not in skip and rel != ARTIFACT_FILE:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            copy_verified(path, tmp / rel, expected.get(rel))

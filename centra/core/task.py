@@ -33,6 +33,9 @@ REPORT_FILE = "report.json"
 RECIPE_FILE = "recipe.json"
 TASK_KIND = "task"
 CANDIDATES_DIR = "candidates"  # trained heads kept for `centra plan` (see core/candidates.py)
+# the teacher's logits table over the training rows and its pooler and classifier: what distilling more
+# students later takes (`centra plan --extra-attach`, centra.train.shallower)
+TEACHER_FILE = "teacher.safetensors"
 
 
 @dataclass
@@ -250,22 +253,28 @@ def is_legacy_task(folder: Path) -> bool:
 
 
 def save_task(folder: Path, spec: TaskSpec, head: TaskHead, extra_files: dict[str, dict] | None = None,
-              candidates: dict[str, tuple[TaskSpec, TaskHead]] | None = None) -> TaskSpec:
+              candidates: dict[str, tuple[TaskSpec, TaskHead]] | None = None,
+              tensor_files: dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]] | None = None) -> TaskSpec:
     """Publish the task folder: staged, re-loaded, then swapped in as one step; return the spec as
     written (with its head's sha256; `spec` and `head` are left as they were). A crash leaves the
     previous version intact; the folder's recipe.json is carried over unchanged. `candidates`: other
     trained heads to keep beside the active one, each in candidates/ID/ as a task folder of its own
-    (`centra plan` activates one of them)."""
+    (`centra plan` activates one of them). `tensor_files`: name -> (tensors, metadata), each written as
+    a safetensors file (the teacher's, TEACHER_FILE)."""
     folder = Path(folder)
     for name in candidates or {}:
         if not NAME_RE.match(name):
             raise CentraError(f"candidate id {name!r} must be letters, digits, '_' or '-'")
+    from safetensors.torch import save_file
+
     written: list[TaskSpec] = []
 
     def build(tmp: Path) -> None:
         written[:] = [write_head(tmp, spec, head)]
         for name, data in (extra_files or {}).items():
             write_json(tmp / name, data)
+        for name, (tensors, metadata) in (tensor_files or {}).items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name), metadata)
         for name, (cand_spec, cand_head) in (candidates or {}).items():
             (tmp / CANDIDATES_DIR / name).mkdir(parents=True)
             write_head(tmp / CANDIDATES_DIR / name, cand_spec, cand_head)
@@ -274,6 +283,8 @@ def save_task(folder: Path, spec: TaskSpec, head: TaskHead, extra_files: dict[st
         load_task(tmp, head.cfg, check_fingerprint=False, name=folder.name)
         for name in candidates or {}:
             load_task(tmp / CANDIDATES_DIR / name, head.cfg, check_fingerprint=False, name=folder.name)
+        for name in tensor_files or {}:
+            load_safetensors(tmp / name)
 
     publish_folder(folder, TASK_KIND, build, check, keep=(RECIPE_FILE,), legacy=is_legacy_task)
     return written[0]

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from centra.core.backbone import EncoderConfig
+from centra.core.candidates import shallower_id
 from centra.core.task import TaskHead
 from centra.errors import CentraError
 from centra.train.cache import ActivationCache
@@ -103,24 +104,36 @@ def shallower_attach_layers(teacher_attach: int, count: int) -> list[int]:
     return list(range(teacher_attach - 1, max(-1, teacher_attach - 1 - count), -1))
 
 
-def distill_shallower(run: Run, teacher: TaskHead, soft: np.ndarray) -> tuple[dict[str, TaskHead], list[Student]]:
+def shallower_students(teacher_attach: int, count: int, num_layers: int, fixed: int | None) -> dict[int, list[int]]:
+    """The students distill_shallower trains, as {attach layer: [task layers]}: at each of the `count`
+    attach layers below the teacher's, l = 1..3 (as many as fit the backbone), or `fixed` alone."""
+    return {attach: [fixed] if fixed else list(range(1, min(3, num_layers - attach) + 1))
+            for attach in shallower_attach_layers(teacher_attach, count)}
+
+
+def distill_shallower(run: Run, teacher: TaskHead, soft: np.ndarray, only: set[str] | None = None
+                      ) -> tuple[dict[str, TaskHead], list[Student]]:
     """Students of `teacher` attached below it (extra_attach layers: k-1, k-2, ...), each with l = 1..3
     task layers (or the job's student_layers): candidates for `centra plan`, which can then trade trunk
     depth as well as task layers. Such a student reads an earlier hidden state than the teacher's layers
     were trained on, so its task layers start from the backbone's layers k'+1..k'+l (what reads that
     state) and its pooler and classifier from the teacher's; it learns from the same logits table.
-    Cheap: the trunk cache walks down (a snapshot, or one rebuild), and each student trains l layers."""
+    Cheap: the trunk cache walks down (a snapshot, or one rebuild), and each student trains l layers.
+    `only`: the candidate ids to train (the others a task folder keeps already); None: all of them. Each
+    student is seeded on its own, so one trained alone equals the same one trained among the others."""
     heads, students = {}, []
-    n = run.backbone.cfg.num_layers
-    fixed = run.job.student_layers
-    for attach in shallower_attach_layers(teacher.spec.attach_layer, run.job.extra_attach):
-        run.advance_to(attach)
-        for layers in [fixed] if fixed else range(1, min(3, n - attach) + 1):
+    wanted = shallower_students(teacher.spec.attach_layer, run.job.extra_attach, run.backbone.cfg.num_layers,
+                                run.job.student_layers)
+    for attach, layer_counts in wanted.items():
+        todo = [lay for lay in layer_counts if only is None or shallower_id(attach, lay) in only]
+        if todo:
+            run.advance_to(attach)
+        for layers in todo:
             head = run.new_head(attach, layers)
             head.load_state_dict({k: v.clone() for k, v in teacher.state_dict().items()
                                   if k.split(".")[0] in ("pooler", "classifier")}, strict=False)
             trained, log = run.train_branch(head, f"student k={attach} l={layers}", soft=soft)
-            heads[f"student-a{attach}-l{layers}"] = trained
+            heads[shallower_id(attach, layers)] = trained
             students.append(Student(layers, BranchLog.from_dict(log), attach))
     return heads, students
 

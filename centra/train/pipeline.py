@@ -11,7 +11,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +20,13 @@ from torch import nn
 
 from centra.core import KINDS
 from centra.core.backbone import Backbone, EncoderConfig
+from centra.core.candidates import shallower_id
 from centra.core.task import (
     NAME_RE,
     RECIPE_FILE,
     REPORT_FILE,
     TASK_KIND,
+    TEACHER_FILE,
     TaskHead,
     TaskSpec,
     is_legacy_task,
@@ -33,7 +35,8 @@ from centra.core.task import (
 )
 from centra.core.tokens import encode
 from centra.errors import CentraError
-from centra.progress import job_bar, progress_line
+from centra.io import sha256_file
+from centra.progress import job_bar, progress_line, work_left
 from centra.publish import check_replaceable
 from centra.train import precision
 from centra.train.cache import ActivationCache, CacheBudget
@@ -43,7 +46,7 @@ from centra.train.distill import (
     distill_students,
     logits_table,
     read_teacher_logits,
-    shallower_attach_layers,
+    shallower_students,
 )
 from centra.train.job import CheckedJob, Run, TaskJob
 from centra.train.metrics import METRICS, baseline
@@ -52,6 +55,7 @@ from centra.train.report import (
     BranchLog,
     CacheCost,
     Chosen,
+    JobRecord,
     KeptCandidate,
     Reference,
     SearchCost,
@@ -60,7 +64,7 @@ from centra.train.report import (
     TrainingReport,
 )
 from centra.train.search import rungs, search_teachers, successive_halving
-from centra.train.settings import REFERENCE_EPOCHS, Name, SettingError, refused
+from centra.train.settings import REFERENCE_EPOCHS, Name, SettingError, Settings, refused
 from centra.train.thresholds import label_count_limit, neutral_of, threshold_report
 
 
@@ -130,8 +134,9 @@ def planned_work(run: Run) -> float:
     training step of l layers over B examples counts 3 l B: forward and backward; a dev scoring l B). The
     halving search is planned as if the deepest half went on at each cut (its costliest course), the
     students as if the teacher attached where they cost the most (a shallower teacher leaves more layers
-    below it for the shallower students) and every student of the mixed allocation as if trained: the bar
-    may end before its end, never run past it."""
+    for its students, and more attach layers below it) until the teacher is chosen (then the bar is
+    replanned: students_work), and every student of the mixed allocation as if trained: the bar may end
+    before its end, never run past it."""
     job, n, tc = run.job, run.backbone.cfg.num_layers, run.checked.tc
     ntr, ndev = len(run.train), len(run.dev)
 
@@ -158,17 +163,25 @@ def planned_work(run: Run) -> float:
         attaches = range(run.checked.attach, run.checked.attach + 1)
         units += run.checked.attach * (ntr + ndev)
 
-    def students(at: int) -> float:
-        layers = [job.student_layers] if job.student_layers else range(1, min(3, n - at) + 1)
-        return sum(branch(lay, tc.epochs) for lay in layers)
+    return units + max(students_work(run, at) for at in attaches)
 
-    def from_teacher(at: int) -> float:
-        """Its students, then the shallower ones, each attach layer below on a cache rebuilt there."""
-        return students(at) + sum(below * (ntr + ndev) + students(below)
-                                  for below in shallower_attach_layers(at, job.extra_attach))
 
-    units += max(from_teacher(at) for at in attaches)
-    return units
+def students_work(run: Run, attach: int) -> float:
+    """The students' work once the teacher attaches at `attach`, in planned_work's units: those at its layer
+    (every one of the mixed allocation, as if trained), then the shallower ones (none by default). Once the
+    teacher is chosen the job bar is replanned with it: a teacher attached deeper leaves fewer students."""
+    job, n, epochs = run.job, run.backbone.cfg.num_layers, run.checked.tc.epochs
+    layers = [job.student_layers] if job.student_layers else range(1, min(3, n - attach) + 1)
+    return sum(lay * epochs * (3 * len(run.train) + len(run.dev)) for lay in layers) + shallower_work(
+        run, shallower_students(attach, job.extra_attach, n, job.student_layers))
+
+
+def shallower_work(run: Run, students: dict[int, list[int]]) -> float:
+    """The work of distill_shallower training `students` ({attach layer: [task layers]}), in planned_work's
+    units: each attach layer's cache rebuilt there (the costlier of a snapshot or a rebuild), then its students."""
+    ntr, ndev, epochs = len(run.train), len(run.dev), run.checked.tc.epochs
+    return sum(attach * (ntr + ndev) + sum(lay * epochs * (3 * ntr + ndev) for lay in layers)
+               for attach, layers in students.items() if layers)
 
 
 def cost_line(run: Run, trained: Trained) -> str:
@@ -229,6 +242,8 @@ class Trained:
     reference: Reference | None = None
     search: SearchCost | None = None
     shallower: list[Student] = field(default_factory=list)  # students attached below the teacher (candidates)
+    teacher: TaskHead | None = None  # the students' teacher (searched, or the external one's starting head)
+    soft: np.ndarray | None = None  # its logits table over the training rows
 
 
 def train_run(run: Run) -> Trained:
@@ -249,6 +264,7 @@ def train_run(run: Run) -> Trained:
         run.advance_to(k)
         teacher = run.new_head(k, min(3, n - k))  # the external teacher's student starts here
         teachers = [Teacher(k, external=str(job.teacher_logits))]
+    work_left(students_work(run, teacher.spec.attach_layer))
     clock = time.perf_counter()
     distilled = distill_students(run, teacher, soft)
     run.times["students"] = time.perf_counter() - clock
@@ -258,7 +274,7 @@ def train_run(run: Run) -> Trained:
     if shallower:
         run.times["shallower_students"] = time.perf_counter() - clock  # what the extra candidates cost
     kept.update(more)
-    return Trained(distilled.chosen, distilled.students, teachers, kept, reference, search, shallower)
+    return Trained(distilled.chosen, distilled.students, teachers, kept, reference, search, shallower, teacher, soft)
 
 
 def run_reference(run: Run) -> Reference:
@@ -290,14 +306,37 @@ def publish(run: Run, trained: Trained, tasks_dir: Path) -> tuple[TrainingReport
     job, metric = run.job, run.checked.tc.metric
     logs = {f"student-l{s.task_layers}": s.log for s in trained.students}
     logs.update({f"teacher-L{t.trainable_layers}": t.log for t in trained.teachers if t.log is not None})
-    logs.update({f"student-a{s.attach_layer}-l{s.task_layers}": s.log for s in trained.shallower})
+    logs.update({shallower_id(s.attach_layer, s.task_layers): s.log for s in trained.shallower})
     spec = trained_spec(job, trained.student.spec, logs[f"student-l{trained.student.spec.task_layers}"], metric)
     candidates = {name: (trained_spec(job, head.spec, logs[name], metric), head)
                   for name, head in sorted(trained.kept.items())}
     report = training_report(run, trained, spec, candidates)
     extra = {REPORT_FILE: report.to_dict(), **({RECIPE_FILE: job.recipe} if job.recipe is not None else {})}
-    saved = save_task(tasks_dir / job.name, spec, trained.student, extra_files=extra, candidates=candidates)
+    saved = save_task(tasks_dir / job.name, spec, trained.student, extra_files=extra, candidates=candidates,
+                      tensor_files={TEACHER_FILE: teacher_file(trained.teacher, trained.soft)})
     return report, trained.student.with_spec(saved)
+
+
+def teacher_file(teacher: TaskHead, soft: np.ndarray) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """What the task folder keeps of the teacher (TEACHER_FILE) for students distilled later: its logits
+    table over the training rows, exactly the one the students learnt from, and the pooler and classifier
+    they start from; its attach layer in the metadata. Small: rows x outputs, and one pooler."""
+    head = {k: v for k, v in teacher.state_dict().items() if k.split(".")[0] in ("pooler", "classifier")}
+    return {"logits": torch.from_numpy(np.ascontiguousarray(soft, dtype=np.float32)), **head}, \
+        {"attach_layer": str(teacher.spec.attach_layer)}
+
+
+def job_record(run: Run) -> JobRecord:
+    """The job as the run resolved it, with its data files' absolute paths and sha256 (report.json's
+    `job`): distilling more students later (train/shallower.py) runs it again."""
+    job = run.job
+    files = {role: Path(getattr(job, role)).resolve() for role in ("train", "dev", "teacher_logits")
+             if getattr(job, role) is not None}
+    settings = {f.name: getattr(job, f.name) for f in fields(Settings)}
+    settings["teacher_logits"] = str(files["teacher_logits"]) if "teacher_logits" in files else None
+    return JobRecord(settings,
+                     {role: {"path": str(path), "sha256": sha256_file(path)} for role, path in files.items()},
+                     asdict(job.columns), job.label_names, job.max_labels_from)
 
 
 def trained_spec(job: TaskJob, spec: TaskSpec, log: BranchLog, metric: str) -> TaskSpec:
@@ -336,7 +375,7 @@ def training_report(run: Run, trained: Trained, spec: TaskSpec, candidates: dict
         chosen=Chosen(tc.metric, scores, spec.metrics.get("tuned"), spec.attach_layer, spec.task_layers,
                       spec.attach_layer + spec.task_layers, f"student-l{spec.task_layers}"),
         candidates=[KeptCandidate(name, s.attach_layer, s.task_layers, s.metrics[tc.metric])
-                    for name, (s, _) in candidates.items()])
+                    for name, (s, _) in candidates.items()], job=job_record(run))
 
 
 def cache_cost(run: Run, teachers: list[Teacher]) -> CacheCost:

@@ -1,12 +1,14 @@
 """`plan_tasks`: one kept candidate per task for the best average dev metric under a budget (layers per
-request, or milliseconds converted at this machine's measured cost of a layer); `activate_plan` makes the
-choice the tasks' active heads (no retraining). The allocation itself is centra.train.plan's."""
+request, or milliseconds converted at this machine's measured cost of a layer), after distilling, when
+asked (`extra_attach`), the students below each teacher that a task folder lacks (`train_shallower`,
+centra.train.shallower); `activate_plan` makes the choice the tasks' active heads (no retraining). The
+allocation itself is centra.train.plan's."""
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +19,7 @@ from centra.train.plan import Option, Plan, best_plan, frontier
 if TYPE_CHECKING:
     from centra.core.backbone import Backbone, EncoderLayer
     from centra.core.candidates import Candidate, TaskCandidates
+    from centra.train.shallower import Widened
 
 DEFAULT_LENGTH = 64  # tokens of a typical request (a review, an utterance) for a budget in milliseconds
 
@@ -25,8 +28,9 @@ DEFAULT_LENGTH = 64  # tokens of a typical request (a review, an utterance) for 
 class PlanResult:
     """The chosen plan and what it was chosen from: per task its candidates (`tasks`) and the candidate
     picked (`picks`); the frontier (`plans`, cheapest first); the budget in layers (`note`: how
-    milliseconds became layers); reference points (layers, average dev) to compare with; and `full`,
-    the layers of one full-depth model per task."""
+    milliseconds became layers); reference points (layers, average dev) to compare with; `full`, the
+    layers of one full-depth model per task; the students distilled first (`widened`: extra_attach), and
+    `wider`: a line saying how to widen the frontier when some task keeps no students below its teacher."""
 
     tasks: list[TaskCandidates]
     backbone: Backbone
@@ -37,29 +41,29 @@ class PlanResult:
     picks: dict[str, Candidate]
     points: dict[str, tuple[int, float]]
     full: int
+    widened: list[Widened] = field(default_factory=list)
+    wider: str | None = None
 
 
 def plan_tasks(tasks_dir: Path | str = DEFAULT_TASKS_DIR, budget_layers: int | None = None,
                budget_ms: float | None = None, length: int | None = None,
-               backbone: str | None = None) -> PlanResult:
+               backbone: str | None = None, extra_attach: int = 0, progress: bool = True) -> PlanResult:
     """Choose one candidate per task of `tasks_dir` for the best average dev metric within one budget:
     `budget_layers` per request, or `budget_ms` at the cost of one layer measured now (batch 1, `length`
-    tokens); `backbone`: the tasks' own when None. Nothing is written (see activate_plan)."""
-    from centra.core.backbone import Backbone
+    tokens); `backbone`: the tasks' own when None. With `extra_attach` N, first distil the students at the
+    N attach layers below each teacher that a task folder lacks (train_shallower: new candidates, the
+    served heads untouched); else nothing is written (see activate_plan)."""
     from centra.core.candidates import read_candidates
-    from centra.core.merge import backbone_hint
-    from centra.core.task import task_dirs
+    from centra.train.shallower import distil_missing
 
     if (budget_layers is None) == (budget_ms is None):
         raise FieldError("plan: give one budget: ", Name("budget_layers"), " N or ", Name("budget_ms"), " X",
                          ", not both" if budget_layers is not None else "")
-    tasks = [read_candidates(folder) for folder in task_dirs(Path(tasks_dir))]
-    check_trained(tasks, tasks_dir)
-    loaded = Backbone.load(backbone or backbone_hint(tasks[0].active))
-    for t in tasks:
-        if t.active.backbone.get("fingerprint") != loaded.fingerprint:
-            raise CentraError(f"{t.folder / 'task.json'}: trained on backbone {t.active.backbone.get('id')!r}, "
-                              f"not on {loaded.backbone_id!r} (every task of a plan shares one backbone)")
+    check_extra_attach(extra_attach)
+    tasks, loaded = read_tasks(tasks_dir, backbone)
+    widened = distil_missing(tasks, loaded, extra_attach, progress) if extra_attach else []
+    if widened:
+        tasks = [read_candidates(t.folder) for t in tasks]
     budget, note = budget_layers, None
     if budget_ms is not None:
         budget, note = ms_budget(budget_ms, loaded, length or min(DEFAULT_LENGTH, max(t.active.max_length
@@ -73,7 +77,55 @@ def plan_tasks(tasks_dir: Path | str = DEFAULT_TASKS_DIR, budget_layers: int | N
                           f"({plans[0].cost} layers, average dev {100 * plans[0].average:.2f})")
     full = loaded.cfg.num_layers * len(tasks)
     picks = {t.name: next(c for c in t.options() if c.id == chosen.choice[t.name].id) for t in tasks}
-    return PlanResult(tasks, loaded, budget, note, plans, chosen, picks, reference_points(tasks, options, full), full)
+    return PlanResult(tasks, loaded, budget, note, plans, chosen, picks, reference_points(tasks, options, full), full,
+                      widened, None if extra_attach else wider_note(tasks))
+
+
+def train_shallower(tasks_dir: Path | str = DEFAULT_TASKS_DIR, extra_attach: int = 2, backbone: str | None = None,
+                    progress: bool = True) -> list[Widened]:
+    """Distil the students at the `extra_attach` attach layers below each teacher of `tasks_dir` that its
+    folder lacks (what add-task's extra_attach trains; a folder that has them trains nothing) and publish
+    each folder with them kept as candidates, its served head and every other file unchanged. Every task
+    is checked first (its backbone, report, teacher file, data files present and unchanged)."""
+    from centra.train.shallower import distil_missing
+
+    check_extra_attach(extra_attach)
+    tasks, loaded = read_tasks(tasks_dir, backbone)
+    return distil_missing(tasks, loaded, extra_attach, progress)
+
+
+def check_extra_attach(extra_attach: int) -> None:
+    if isinstance(extra_attach, bool) or not isinstance(extra_attach, int) or extra_attach < 0:
+        raise FieldError("plan: ", Name("extra_attach"), f" must be a whole number >= 0, not {extra_attach!r}")
+
+
+def read_tasks(tasks_dir: Path | str, backbone: str | None) -> tuple[list[TaskCandidates], Backbone]:
+    """The task folders' candidates and the backbone they share (`backbone`, or the one they name)."""
+    from centra.core.backbone import Backbone
+    from centra.core.candidates import read_candidates
+    from centra.core.merge import backbone_hint
+    from centra.core.task import task_dirs
+
+    tasks = [read_candidates(folder) for folder in task_dirs(Path(tasks_dir))]
+    check_trained(tasks, tasks_dir)
+    loaded = Backbone.load(backbone or backbone_hint(tasks[0].active))
+    for t in tasks:
+        if t.active.backbone.get("fingerprint") != loaded.fingerprint:
+            raise CentraError(f"{t.folder / 'task.json'}: trained on backbone {t.active.backbone.get('id')!r}, "
+                              f"not on {loaded.backbone_id!r} (every task of a plan shares one backbone)")
+    return tasks, loaded
+
+
+def wider_note(tasks: list[TaskCandidates]) -> str | None:
+    """One line when some task keeps no student below its teacher's attach layer (and has one below it):
+    the frontier could be wider, and the flag that distils them."""
+    narrow = [t.name for t in tasks if not t.has_shallower
+              and max((c.spec.attach_layer for c in t.candidates if c.id.startswith("student-l")), default=0) > 0]
+    if not narrow:
+        return None
+    names = ", ".join(narrow[:5]) + (f" and {len(narrow) - 5} more" if len(narrow) > 5 else "")
+    return (f"the frontier could be wider: {len(narrow)} of {len(tasks)} tasks ({names}) keep no students below "
+            "their teacher's attach layer; --extra-attach 2 distils those at the 2 layers below it first")
 
 
 def check_trained(tasks: list[TaskCandidates], tasks_dir: Path | str) -> None:

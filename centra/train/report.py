@@ -214,6 +214,29 @@ class CacheCost:
                    data["spilled_to_disk"], data["estimated_seconds_without_cache"], data["estimated_seconds_saved"])
 
 
+@dataclass(frozen=True)
+class JobRecord:
+    """The job a run trained, as distilling more students later needs it again (`centra plan
+    --extra-attach`, train/shallower.py): every setting as the run resolved it (centra.train.settings,
+    by field name), the data files (absolute path and sha256, by role: train, dev, teacher_logits), the
+    columns, the label names and where a multilabel task's max_labels came from."""
+
+    settings: dict
+    files: dict[str, dict]
+    columns: dict
+    label_names: list[str] | None = None
+    max_labels_from: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"settings": self.settings, "files": self.files, "columns": self.columns,
+                "label_names": self.label_names, "max_labels_from": self.max_labels_from}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> JobRecord:
+        return cls(data["settings"], data["files"], data["columns"], data.get("label_names"),
+                   data.get("max_labels_from"))
+
+
 CHOSEN_KEYS = ("attach_layer", "task_layers", "overhead", "candidate", "metric", "tuned")
 
 
@@ -293,6 +316,7 @@ class TrainingReport:
     reference: Reference | None = None
     search: SearchCost | None = None
     thresholds: Thresholds | None = None
+    job: JobRecord | None = None  # a report from before it was recorded lacks it
 
     @property
     def chosen_teacher(self) -> Teacher | None:
@@ -318,6 +342,8 @@ class TrainingReport:
         if self.chosen is not None:
             data["chosen"] = self.chosen.to_dict()
         data["candidates"] = [c.to_dict(self.metric) for c in self.candidates]
+        if self.job is not None:
+            data["job"] = self.job.to_dict()
         return data
 
     @classmethod
@@ -334,7 +360,34 @@ class TrainingReport:
                    cache=part("cache", CacheCost.from_dict), chosen=part("chosen", Chosen.from_dict),
                    candidates=[KeptCandidate.from_dict(c, metric) for c in data.get("candidates", [])],
                    reference=part("reference", Reference.from_dict), search=part("search", SearchCost.from_dict),
-                   thresholds=part("thresholds", Thresholds.from_dict))
+                   thresholds=part("thresholds", Thresholds.from_dict), job=part("job", JobRecord.from_dict))
+
+
+def with_shallower(data: dict, students: list[Student], candidates: list[KeptCandidate], seconds: float) -> dict:
+    """A report.json (as read: every key it has kept, in its order) with more shallower students and
+    candidates (kept in the order a run writes them: attach layer down, then task layers; candidates by
+    id) and their seconds added to `shallower_students` and to the task's total."""
+    metric = data.get("metric", "")
+    old = data.get("shallower_students", [])
+    shallower = sorted([*old, *(s.to_dict() for s in students)],
+                       key=lambda s: (-s.get("attach_layer", 0), s["task_layers"]))
+    kept = sorted([*data.get("candidates", []), *(c.to_dict(metric) for c in candidates)], key=lambda c: c["id"])
+    times = {}
+    for key, value in data.get("seconds", {}).items():
+        if key == "task" and "shallower_students" not in data.get("seconds", {}):
+            times["shallower_students"] = 0.0  # where a run writes it
+        times[key] = value
+    for key in ("shallower_students", "task"):
+        if key in times or key == "shallower_students":
+            times[key] = round(times.get(key, 0.0) + seconds, 2)
+    out = {}
+    for key, value in data.items():
+        if key != "shallower_students":
+            out[key] = value
+        if key == "students":  # where a run writes them
+            out["shallower_students"] = shallower
+    out.setdefault("shallower_students", shallower)
+    return {**out, "candidates": kept, "seconds": times}
 
 
 def read_report(path: Path) -> TrainingReport:

@@ -124,9 +124,11 @@ class Settings:
     precision: str = setting("auto", "training precision: bf16 where the CPU computes it in hardware (AMX, "
                              "AVX-512 BF16; the dev set still scored in fp32, as served), else fp32",
                              choices=PRECISIONS, unset="omitted")
-    extra_attach: int = setting(2, "students (l = 1-3, or student_layers) also distilled at this many attach "
+    # 0: they cost 519 s of a 766 s GoEmotions job (docs/results.md) and serve only when a plan picks them
+    extra_attach: int = setting(0, "students (l = 1-3, or student_layers) also distilled at this many attach "
                                 "layers below the teacher's (k-1, k-2, ...): shallower candidates for "
-                                "`centra plan`, never served unless a plan chooses them", check=at_least(0),
+                                "`centra plan`, never served unless a plan chooses them (`centra plan "
+                                "--extra-attach N` trains them later, when a plan asks)", check=at_least(0),
                                 unset="omitted")
     threshold_objective: str = setting(DEFAULT_OBJECTIVE, "multilabel: tune all labels' thresholds together "
                                        "for micro-F1 (a weak label's predictions must pay for themselves) or each "

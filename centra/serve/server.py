@@ -123,7 +123,8 @@ class CentraServer:
         """Bind, start serving, health SERVING; returns the bound port."""
         import grpc
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-        from grpc_reflection.v1alpha import reflection
+
+        from centra.serve.reflection import enable_reflection
 
         opts = self.options
         server = grpc.aio.server(interceptors=[self.guard.grpc_interceptor()],
@@ -136,7 +137,8 @@ class CentraServer:
             door.add_grpc(server, self.classifier)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection((*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        enable_reflection(server, (*services, health.SERVICE_NAME),
+                          [*(f for door in self.doors for f in door.grpc_files()), health_pb2.DESCRIPTOR])
         address = f"{host_port(opts.host, opts.port)}"
         try:
             port = (server.add_secure_port(address, self.credentials) if self.credentials is not None

@@ -75,6 +75,11 @@ class V1Door(Door):
     name = "centra.v1"
     grpc_services = (SERVICE,)
 
+    def grpc_files(self) -> list:
+        from centra.serve.v1 import centra_pb2 as pb
+
+        return [pb.DESCRIPTOR]
+
     def add_grpc(self, server, classifier: Classifier) -> None:
         """Register the servicer. Unlike the generated add_ClassifierServicer_to_server, requests over the
         limits (never parsed) or that do not parse (bad UTF-8) get INVALID_ARGUMENT, not UNKNOWN."""

@@ -3,9 +3,9 @@ format, awaits the one classify path, and writes the answer back in its format; 
 the ports and errors are the server's (serve/server.py, serve/http.py, serve/guard.py), once for all.
 
 A door declares what it adds to the gRPC port (services, registered by name for health, and their proto
-files for reflection: serve/reflection.py)
-and to the HTTP port (aiohttp routes), and which of its methods or paths need no token (health). Adding a
-protocol is one new module here (with a `DOOR`) plus its name in `DOORS`.
+files for reflection: serve/reflection.py) and to the HTTP port (aiohttp routes), and which of its methods
+or paths need no token (health). Adding a protocol is one new module here (with a `DOOR`) plus its name
+in `DOORS`.
 
     v1     centra.v1 over gRPC: Classify, ListTasks
     rest   centra.v1's messages as JSON over HTTP: POST /v1/classify, GET /v1/tasks, GET /openapi.json

@@ -138,3 +138,37 @@ def test_openapi_lists_every_route_served(engine):
         assert status == 200 and served <= listed, served - listed
     finally:
         running.close()
+
+
+def test_metrics_help_says_what_is_counted(engine):
+    """Each metric's HELP line names what it counts, and the counts agree: a gRPC call and an HTTP call
+    both land in centra_calls_total, their inputs in centra_inputs_total."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from centra.serve.v1 import centra_pb2 as pb
+
+    metrics = Metrics()
+    server = CentraServer(engine, ServeOptions(port=0, http_port=0, drain_s=0), guard=Guard(metrics=metrics))
+    server.batcher.listeners.append(
+        lambda r: metrics.observe_batch(r.rows, r.calls, list(r.waits), r.compute_s, r.tasks))
+    running = Served(server)  # as serve/app.py's build() wires it
+    try:
+        running.stub.Classify(pb.ClassifyRequest(inputs=[pb.Input(text="x")], tasks=["alpha"]), timeout=20)
+        body = {"inputs": [{"text": "y"}, {"text": "z"}], "tasks": ["alpha"]}
+        assert running.call("POST", "/v1/classify", body)[0] == 200
+        status, _, body = raw(running, "GET", "/metrics")
+    finally:
+        running.close()
+    assert status == 200
+    helps = {line.split(" ", 3)[2]: line.split(" ", 3)[3] for line in body.decode().splitlines()
+             if line.startswith("# HELP ")}
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    assert set(families) <= {name.removesuffix("_total") for name in helps} | set(helps)
+    for name in ("centra_calls_total", "centra_call_seconds"):
+        assert "gRPC" in helps[name] and "HTTP" in helps[name], helps[name]
+    assert "every door" in helps["centra_inputs_total"] and "by task" in helps["centra_inputs_total"]
+    calls = {(s.labels["method"], s.labels["code"]): s.value for s in families["centra_calls"].samples
+             if s.name == "centra_calls_total"}
+    assert calls[("Classify", "OK")] == 1 and calls[("POST /v1/classify", "OK")] == 1, calls
+    inputs = {s.labels["task"]: s.value for s in families["centra_inputs"].samples if s.name == "centra_inputs_total"}
+    assert inputs["alpha"] == 3, "one gRPC input and two REST inputs"

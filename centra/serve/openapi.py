@@ -57,13 +57,20 @@ SCHEMAS = {
         "inputs": _array(_ref("Input")),
         "tasks": {**_array(STRING), "description": "task names; empty: every task that fits the inputs"},
         "maxLabels": {**INTEGER, "minimum": 0,
-                      "description": "at most this many labels per multilabel answer (0: each task's own limit)"}}},
+                      "description": "at most this many labels per multilabel answer (0: each task's own limit)"},
+        "topK": {**INTEGER, "minimum": 0, "description": "answer each task's k highest scores with their labels, "
+                 "highest first, in `top` (scores left empty); 0: every label's score in `scores`"},
+        "rawScores": {**BOOLEAN, "description": "scores are the raw logits (before softmax or sigmoid), not "
+                      "probabilities; label, labels and value are unchanged"}}},
     "TaskResult": {"type": "object", "properties": {
         "task": STRING, "label": {**STRING, "description": "multiclass"},
         "labels": {**_array(STRING), "description": "multilabel: labels at or over their threshold"},
         "value": {**NUMBER, "description": "regression"},
-        "scores": {**_array(NUMBER), "description": "one per label, in the task's label order (GET /v1/tasks)"},
-        "truncated": BOOLEAN}},
+        "scores": {**_array(NUMBER), "description": "one per label, in the task's label order (GET /v1/tasks); "
+                   "logits with rawScores; empty with topK"},
+        "truncated": BOOLEAN,
+        "top": {**_array(_ref("LabelScore")), "description": "with topK: the k highest scores, highest first"}}},
+    "LabelScore": {"type": "object", "properties": {"label": STRING, "score": NUMBER}},
     "InputResult": {"type": "object", "properties": {"id": STRING, "tasks": _array(_ref("TaskResult"))}},
     "ClassifyResponse": {"type": "object", "properties": {
         "results": _array(_ref("InputResult")), "modelVersion": STRING,

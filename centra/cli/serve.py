@@ -53,7 +53,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   "(/v1/classify, /v2/models/centra/infer, /openapi.json)", flush=True)
         extras = [f"metrics at http://{host_port(args.host, metrics_port)}/metrics" if metrics_port is not None else
                   "no metrics", "follows new versions (SIGHUP: check now)" if not args.no_watch else "no reload",
-                  "TLS" if args.tls_cert else "plaintext", "token required" if args.token_file else "no token"]
+                  "TLS" if args.tls_cert else "plaintext", "token required" if args.token_file else "no token",
+                  f"CORS for {', '.join(options.cors_origins)}" if options.cors_origins else "no CORS"]
         print(f"  {'; '.join(extras)}", flush=True)
 
     asyncio.run(serve_model(Path(args.model), options, app, ready=ready))

@@ -23,7 +23,7 @@ ALLOWED = {
 # third-party packages that only their own layers may import, and only inside functions (lazily); measure's
 # benchmark clients and soak call the server over gRPC and HTTP
 HEAVY = {"grpc": {"serve", "measure"}, "grpc_health": {"serve", "measure"}, "grpc_reflection": {"serve", "measure"},
-         "aiohttp": {"serve", "measure"}, "onnxruntime": {"runtime", "export", "measure"},
+         "aiohttp": {"serve", "measure"}, "aiohttp_cors": {"serve"}, "onnxruntime": {"runtime", "export", "measure"},
          "tensorrt": {"runtime", "export", "measure"}, "onnx": {"export", "runtime", "measure"}}
 # module names that say "measuring": they belong in measure/, never in the layers measure measures
 MEASURING = ("bench", "soak", "scale", "probe", "tritonserver")

@@ -123,7 +123,7 @@ def test_openapi_document_is_served(served):
     # the REST schemas name every field of their centra.v1 messages (JSON names), so none drifts
     schemas = doc["components"]["schemas"]
     for message in (pb.ClassifyRequest, pb.Input, pb.ClassifyResponse, pb.InputResult, pb.TaskResult,
-                    pb.ListTasksResponse, pb.TaskInfo):
+                    pb.ListTasksResponse, pb.TaskInfo, pb.LabelScore):
         fields = {f.json_name for f in message.DESCRIPTOR.fields}
         assert set(schemas[message.DESCRIPTOR.name]["properties"]) == fields, message.DESCRIPTOR.name
 

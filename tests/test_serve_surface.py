@@ -138,3 +138,70 @@ def test_openapi_lists_every_route_served(engine):
         assert status == 200 and served <= listed, served - listed
     finally:
         running.close()
+
+
+def test_metrics_help_says_what_is_counted(engine):
+    """Each metric's HELP line names what it counts, and the counts agree: a gRPC call and an HTTP call
+    both land in centra_calls_total, their inputs in centra_inputs_total."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from centra.serve.v1 import centra_pb2 as pb
+
+    metrics = Metrics()
+    server = CentraServer(engine, ServeOptions(port=0, http_port=0, drain_s=0), guard=Guard(metrics=metrics))
+    server.batcher.listeners.append(
+        lambda r: metrics.observe_batch(r.rows, r.calls, list(r.waits), r.compute_s, r.tasks))
+    running = Served(server)  # as serve/app.py's build() wires it
+    try:
+        running.stub.Classify(pb.ClassifyRequest(inputs=[pb.Input(text="x")], tasks=["alpha"]), timeout=20)
+        body = {"inputs": [{"text": "y"}, {"text": "z"}], "tasks": ["alpha"]}
+        assert running.call("POST", "/v1/classify", body)[0] == 200
+        status, _, body = raw(running, "GET", "/metrics")
+    finally:
+        running.close()
+    assert status == 200
+    helps = {line.split(" ", 3)[2]: line.split(" ", 3)[3] for line in body.decode().splitlines()
+             if line.startswith("# HELP ")}
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    assert set(families) <= {name.removesuffix("_total") for name in helps} | set(helps)
+    for name in ("centra_calls_total", "centra_call_seconds"):
+        assert "gRPC" in helps[name] and "HTTP" in helps[name], helps[name]
+    assert "every door" in helps["centra_inputs_total"] and "by task" in helps["centra_inputs_total"]
+    calls = {(s.labels["method"], s.labels["code"]): s.value for s in families["centra_calls"].samples
+             if s.name == "centra_calls_total"}
+    assert calls[("Classify", "OK")] == 1 and calls[("POST /v1/classify", "OK")] == 1, calls
+    inputs = {s.labels["task"]: s.value for s in families["centra_inputs"].samples if s.name == "centra_inputs_total"}
+    assert inputs["alpha"] == 3, "one gRPC input and two REST inputs"
+
+
+def test_openapi_validates_and_applies_its_security(engine):
+    """The document validates (openapi-spec-validator); every operation has its own operationId and lists
+    405; and its security says what the guard does: every operation not marked `security: []` is refused
+    401 without the token, and every one marked open is not."""
+    from openapi_spec_validator import validate
+
+    running = Served(CentraServer(engine, ServeOptions(port=0, http_port=0, drain_s=0), guard=Guard(token="s3cret")))
+    try:
+        status, doc = running.call("GET", "/openapi.json")
+        assert status == 200
+        validate(doc)
+        assert doc["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
+        operations = [(path, method, op) for path, ops in doc["paths"].items() for method, op in ops.items()]
+        ids = [op["operationId"] for _, _, op in operations]
+        assert len(ids) == len(set(ids)) == len(operations), ids
+        opened = set()
+        for path, method, op in operations:
+            assert "405" in op["responses"] and "Allow" in op["responses"]["405"]["headers"], (path, method)
+            filled = path.replace("{model}", "centra").replace("{version}", engine.version)
+            got, _, _ = raw(running, method.upper(), filled)
+            secured = op.get("security", doc["security"]) != []
+            assert (got == 401) == secured, (path, method, got)
+            if secured:
+                assert "401" in op["responses"], path
+            else:
+                opened.add(path)
+        assert opened == {"/health", "/v2/health/live", "/v2/health/ready", "/openapi.json"}
+        for path in ("/v1/classify", "/v2/models/{model}/infer", "/v2/models/{model}/versions/{version}/infer"):
+            assert {"408", "429", "503", "504"} <= set(doc["paths"][path]["post"]["responses"]), path
+    finally:
+        running.close()

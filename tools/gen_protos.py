@@ -1,9 +1,9 @@
-"""Regenerate the gRPC stubs of protos/centra/v1/centra.proto into centra/serve/v1 (committed).
+"""Regenerate the gRPC stubs of centra/protos/centra/v1/centra.proto into centra/serve/v1 (committed).
 
     python tools/gen_protos.py            # rewrite centra/serve/v1/centra_pb2{.py,.pyi,_grpc.py}
     python tools/gen_protos.py --out DIR  # write them into DIR instead (tests compare the two)
 
-It also writes the Open Inference Protocol's stubs (protos/inference/open_inference_grpc.proto, KServe's
+It also writes the Open Inference Protocol's stubs (centra/protos/inference/open_inference_grpc.proto, KServe's
 file unchanged, package `inference`) into centra/serve/inference (`generate_oip`). Those register their
 descriptors in a pool of their own, not protobuf's default pool: tritonclient registers the same message
 names (package `inference`, from Triton's grpc_service.proto) in the default pool, and one process may
@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTO_ROOT = ROOT / "protos"
+PROTO_ROOT = ROOT / "centra" / "protos"  # shipped in the wheel (package data)
 PROTO = "centra/v1/centra.proto"
 DEST = ROOT / "centra" / "serve" / "v1"
 OUTPUTS = ("centra_pb2.py", "centra_pb2.pyi", "centra_pb2_grpc.py")

@@ -57,7 +57,8 @@ positive_float = number_type(float, 0.0)
 non_negative_float = number_type(float, 0.0, inclusive=True)
 
 
-FIELD_FLAGS = {"pairs": "--pair", "batches": "--batch"}  # the fields whose flag is not --FIELD
+# the fields whose flag is not --FIELD
+FIELD_FLAGS = {"pairs": "--pair", "batches": "--batch", "cors_origins": "--cors-origin"}
 
 
 def field_flag(name: str) -> str:

@@ -34,7 +34,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            max_queue=args.max_queue, max_inputs_per_call=args.max_inputs_per_call,
                            max_call_bytes=args.max_call_bytes, max_concurrent_rpcs=args.max_concurrent_rpcs,
                            drain_s=args.drain_s, grace_s=args.grace_s,
-                           http_port=None if args.no_http else http_port(args))
+                           http_port=None if args.no_http else http_port(args),
+                           cors_origins=tuple(args.cors_origin or ()))
     app = AppOptions(metrics_host=args.host, metrics_port=None if args.no_metrics else args.metrics_port,
                      watch=not args.no_watch, tls_cert=_path(args.tls_cert), tls_key=_path(args.tls_key),
                      token_file=_path(args.token_file), engine=args.engine)
@@ -52,7 +53,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   "(/v1/classify, /v2/models/centra/infer, /openapi.json)", flush=True)
         extras = [f"metrics at http://{host_port(args.host, metrics_port)}/metrics" if metrics_port is not None else
                   "no metrics", "follows new versions (SIGHUP: check now)" if not args.no_watch else "no reload",
-                  "TLS" if args.tls_cert else "plaintext", "token required" if args.token_file else "no token"]
+                  "TLS" if args.tls_cert else "plaintext", "token required" if args.token_file else "no token",
+                  f"CORS for {', '.join(options.cors_origins)}" if options.cors_origins else "no CORS"]
         print(f"  {'; '.join(extras)}", flush=True)
 
     asyncio.run(serve_model(Path(args.model), options, app, ready=ready))
@@ -133,6 +135,10 @@ def add_parsers(sub, common) -> None:
                    "this port, with the same token, TLS and limits as gRPC (default 8000, or any free port when "
                    "--port is 0; 0: any free port)")
     p.add_argument("--no-http", action="store_true", help="no HTTP server (gRPC only)")
+    p.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                   help="let browser scripts from this origin (scheme://host[:port], e.g. https://app.example.com) "
+                   "call the HTTP port: CORS preflights answered and Access-Control-Allow-Origin sent for it alone; "
+                   "repeat for more origins (default: none, CORS off)")
     p.add_argument("--drain-s", type=non_negative_float, default=1.0,
                    help="on SIGTERM, health says NOT_SERVING this long before the port closes (default 1)")
     p.add_argument("--grace-s", type=non_negative_float, default=5.0,

@@ -77,7 +77,9 @@ class Call:
     """One call, whatever door it came through: texts (and their pairs: "" or absent means none), the task
     names asked for (empty: every task that fits the inputs), at most max_labels labels per multilabel
     answer (0: each task's own limit), the deadline on the event loop's clock (None: none), and ids that
-    the door echoes (the engine never reads them)."""
+    the door echoes (the engine never reads them). How scores are written back: top_k > 0 gives only the
+    k highest (with their labels, highest first), raw_scores the logits instead of probabilities (TEI's
+    `raw_scores`); the answers (label, labels, value) are the same either way."""
 
     texts: list[str]
     pairs: list[str] = field(default_factory=list)  # empty, or one per text
@@ -85,6 +87,8 @@ class Call:
     max_labels: int = 0
     deadline: float | None = None
     ids: list[str] = field(default_factory=list)  # empty, or one per text
+    top_k: int = 0
+    raw_scores: bool = False
 
     def check(self, limits: Limits) -> None:
         """Counts, max_labels and sizes: everything that does not depend on the served tasks."""
@@ -95,6 +99,8 @@ class Call:
                 raise ServeError(f"{len(self.texts)} texts but {len(values)} {name}")
         if not 0 <= self.max_labels < MAX_LABELS_LIMIT:
             raise ServeError(f"max_labels must be >= 0 and < 2^31 (0: the task's own limit), not {self.max_labels}")
+        if not 0 <= self.top_k < MAX_LABELS_LIMIT:
+            raise ServeError(f"top_k must be >= 0 and < 2^31 (0: every label's score), not {self.top_k}")
         fields = (("text", self.texts), ("text_pair", self.pairs), ("id", self.ids))
         size = sum(utf8_size(values[i], f"input {i}: {what}") for i in range(len(self.texts))
                    for what, values in fields if values)
@@ -139,6 +145,18 @@ class Answered:
 
     def truncated(self, i: int, task: str) -> bool:
         return self.results[i].truncated.get(task, False)
+
+    def scores(self, i: int, task: str) -> dict[str, float]:
+        """Row i's scores for `task` by label, in label order, as the call asked: probabilities (the
+        answer's), or with raw_scores the logits, rounded to 6 decimals as the probabilities are."""
+        if not self.call.raw_scores:
+            return self.answer(i, task).scores
+        labels = self.engine.specs[task].labels
+        return {label: round(float(x), 6) for label, x in zip(labels, self.results[i].logits[task].tolist())}
+
+    def top(self, i: int, task: str) -> list[tuple[str, float]]:
+        """The call's top_k highest of `scores(i, task)`, highest first (ties: label order)."""
+        return sorted(self.scores(i, task).items(), key=lambda item: -item[1])[:self.call.top_k]
 
 
 class Classifier:

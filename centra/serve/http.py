@@ -34,7 +34,7 @@ HTTP_STATUS = {"OK": 200, "INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "NOT_
                "RESOURCE_EXHAUSTED": 429, "INTERNAL": 500, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}
 TOO_LARGE = 413  # a body over the byte limit (code INVALID_ARGUMENT, as centra.v1 answers it)
 CODE_OF_STATUS = {404: "NOT_FOUND", 405: "INVALID_ARGUMENT", 413: "INVALID_ARGUMENT", 400: "INVALID_ARGUMENT",
-                  408: "DEADLINE_EXCEEDED"}
+                  408: "DEADLINE_EXCEEDED", 403: "PERMISSION_DENIED"}
 IDLE_S = 15.0  # a connection's request head (and the keep-alive idle time between requests)
 BODY_BASE_S = 10.0  # a body's deadline: this, plus its size at BODY_MIN_RATE
 BODY_MIN_RATE = 64 * 1024  # bytes per second
@@ -59,8 +59,10 @@ class HttpError(Exception):
 class HttpPort:
     """The HTTP server of one CentraServer: the routes of `doors` over `classifier`, behind `guard`."""
 
-    def __init__(self, classifier, doors, guard, max_concurrent: int, grace_s: float, ssl_context=None):
+    def __init__(self, classifier, doors, guard, max_concurrent: int, grace_s: float, ssl_context=None,
+                 cors_origins: tuple[str, ...] = ()):
         self.classifier = classifier
+        self.cors_origins = tuple(cors_origins)
         self.doors = doors
         self.guard = guard
         self.max_concurrent = max_concurrent
@@ -83,11 +85,16 @@ class HttpPort:
 
         @web.middleware
         async def guard(request, handler):
-            return await self._guard(request, handler)
+            response = await self._guard(request, handler)
+            if self.cors_origins:  # the answer's CORS headers depend on the Origin asked with: caches must know
+                response.headers["Vary"] = "Origin"
+            return response
 
         app = web.Application(middlewares=[guard], client_max_size=self.body_bytes)
         for door in self.doors:
             app.add_routes(door.http_routes(self.classifier, self))
+        if self.cors_origins:
+            allow_cors(app, self.cors_origins)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=self.grace_s,
                                keepalive_timeout=IDLE_S, handler_cancellation=True,
                                lingering_time=LINGER_S)
@@ -116,7 +123,9 @@ class HttpPort:
         method = f"{request.method} {route.canonical if route is not None else 'unknown'}"
         start, code = time.perf_counter(), "UNKNOWN"
         try:
-            if not self.guard.allows(request.path, request.headers.get("Authorization", "")):
+            # a CORS preflight (OPTIONS) never carries credentials (Fetch standard); it runs no call either
+            if request.method != "OPTIONS" and \
+                    not self.guard.allows(request.path, request.headers.get("Authorization", "")):
                 raise HttpError(401, "UNAUTHENTICATED", "missing or wrong bearer token")
             response = await handler(request)
             code = "OK" if response.status < 400 else CODE_OF_STATUS.get(response.status, "UNAVAILABLE")
@@ -137,7 +146,7 @@ class HttpPort:
             return response
         except web.HTTPException as exc:  # aiohttp's own: no such route, wrong method, body over the cap
             code = CODE_OF_STATUS.get(exc.status, "INVALID_ARGUMENT")
-            message = exc.reason if exc.status != TOO_LARGE else too_large(request, self.body_bytes)
+            message = {TOO_LARGE: too_large(request, self.body_bytes), 403: exc.text}.get(exc.status, exc.reason)
             response = error_response(exc.status, code, message)
             if "Allow" in exc.headers:  # 405: the methods the route takes
                 response.headers["Allow"] = exc.headers["Allow"]
@@ -186,6 +195,27 @@ class HttpPort:
         self.inflight += 1
         self._slots.add(id(request))
         return body
+
+
+CORS_MAX_AGE_S = 600  # how long a browser may keep a preflight's answer
+
+
+def allow_cors(app, origins: tuple[str, ...]) -> None:
+    """CORS on every route of `app` for `origins` only (aiohttp-cors): a preflight from one of them is
+    answered with the method and headers it asks for (when allowed), one from any other origin is refused
+    403; an answer to an allowed origin carries Access-Control-Allow-Origin (its own origin, echoed), an
+    answer to any other carries no CORS header."""
+    import aiohttp_cors
+
+    from centra.serve.doors.oip_tensors import HEADER_LENGTH  # binary OIP tensors: sent and read
+
+    # what a browser's script may send and read besides the simple headers
+    options = aiohttp_cors.ResourceOptions(allow_headers=("Authorization", "Content-Type", HEADER_LENGTH),
+                                           expose_headers=("Retry-After", "WWW-Authenticate", "Allow", HEADER_LENGTH),
+                                           max_age=CORS_MAX_AGE_S)
+    cors = aiohttp_cors.setup(app, defaults={origin: options for origin in origins})
+    for route in list(app.router.routes()):
+        cors.add(route)
 
 
 def strings_over(body: bytes, limit: int) -> bool:

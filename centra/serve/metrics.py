@@ -12,22 +12,25 @@ class Metrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         r = self.registry = CollectorRegistry()
-        self.calls = Counter("centra_calls", "Calls by method (gRPC method, or HTTP method and route) and status code",
-                             ["method", "code"], registry=r)
-        self.latency = Histogram("centra_call_seconds", "Call latency, by method", ["method"],
-                                 buckets=LATENCY_BUCKETS, registry=r)
-        self.inputs = Counter("centra_inputs", "Inputs classified, by task", ["task"], registry=r)
-        self.batch_rows = Histogram("centra_batch_rows", "Rows (inputs) per engine batch", buckets=ROW_BUCKETS,
-                                    registry=r)
-        self.batch_calls = Histogram("centra_batch_calls", "Calls merged into one engine batch", buckets=ROW_BUCKETS,
-                                     registry=r)
-        self.queue_seconds = Histogram("centra_queue_seconds", "Time a call waited before its batch ran",
-                                       buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_seconds = Histogram("centra_batch_seconds", "Engine time per batch", buckets=LATENCY_BUCKETS,
-                                       registry=r)
+        self.calls = Counter("centra_calls", "Calls answered on every door, gRPC (centra.v1, OIP) and HTTP (REST, OIP, "
+                             "/info, /health, /metrics), refused ones included: by method (the gRPC method's name, "
+                             "or the HTTP method and route) and status code name", ["method", "code"], registry=r)
+        self.latency = Histogram("centra_call_seconds", "Seconds from a call's arrival to its answer, gRPC and HTTP, "
+                                 "by method (as centra_calls)", ["method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inputs = Counter("centra_inputs", "Inputs classified, by task (one per input and task asked for), from "
+                              "every door", ["task"], registry=r)
+        self.batch_rows = Histogram("centra_batch_rows", "Rows (inputs) per engine batch, the calls of every door "
+                                    "together", buckets=ROW_BUCKETS, registry=r)
+        self.batch_calls = Histogram("centra_batch_calls", "Calls merged into one engine batch, from any door",
+                                     buckets=ROW_BUCKETS, registry=r)
+        self.queue_seconds = Histogram("centra_queue_seconds", "Seconds a call waited in the queue before its batch "
+                                       "ran", buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_seconds = Histogram("centra_batch_seconds", "Engine seconds per batch (its trunk passes and "
+                                       "branches)", buckets=LATENCY_BUCKETS, registry=r)
         self.model = Gauge("centra_model_version", "The served model: version name and content id (value 1)",
                            ["version", "id"], registry=r)
-        self.reloads = Counter("centra_reloads", "Model reloads, by result (ok, failed)", ["result"], registry=r)
+        self.reloads = Counter("centra_reloads", "Model reloads the watcher tried, by result (ok: swapped in; failed: "
+                               "the old version kept serving)", ["result"], registry=r)
 
     def set_version(self, version: str, content_id: str = "") -> None:
         """The served model: its version name and content id (what a same-name rebuild changes)."""

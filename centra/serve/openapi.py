@@ -16,16 +16,30 @@ def _array(items: dict) -> dict:
 
 
 STRING, INTEGER, NUMBER, BOOLEAN = ({"type": t} for t in ("string", "integer", "number", "boolean"))
-ERRORS = {"400": "refused: no inputs, an empty or oversized text, a text pair where no task takes pairs...",
-          "401": "missing or wrong bearer token (Authorization: Bearer <token>)",
-          "404": "unknown task or model (named in the message)", "413": "the body is over the byte limit",
-          "429": "the server is busy (queue full, or too many calls in progress): retry later",
-          "503": "shutting down", "500": "server fault (the server log has the details)"}
+RETRY = {"Retry-After": {"description": "seconds to wait before retrying", "schema": INTEGER}}
+ERRORS = {"400": ("refused: no inputs, an empty or oversized text, a text pair where no task takes pairs...", {}),
+          "401": ("missing or wrong bearer token (Authorization: Bearer <token>, with --token-file)",
+                  {"WWW-Authenticate": {"description": "Bearer", "schema": STRING}}),
+          "404": ("unknown task or model (named in the message)", {}),
+          "405": ("the route does not take this method", {"Allow": {"description": "the methods it takes",
+                                                                      "schema": STRING}}),
+          "408": ("the body did not arrive in time (10 s plus its size at 64 KB/s); the connection is closed", {}),
+          "413": ("the body is over the byte limit", {}),
+          "429": ("the server is busy (queue full, or too many calls in progress): retry later", RETRY),
+          "500": ("server fault (the server log has the details)", {}),
+          "503": ("starting, shutting down, or too many bodies being received: retry later", RETRY),
+          "504": ("the call's deadline passed while it was queued (OIP's timeout parameter); never computed", {})}
+# what a route that reads no body, or needs no token, can answer besides 200
+NO_BODY = ("401", "404", "405", "500")
+OPEN = ("405", "500")
 
 
-def _answers(ok: dict) -> dict:
-    errors = {code: {"description": text, "content": {"application/json": {"schema": _ref("Error")}}}
-              for code, text in ERRORS.items()}
+def _answers(ok: dict, codes=tuple(ERRORS)) -> dict:
+    errors = {}
+    for code in codes:
+        text, headers = ERRORS[code]
+        errors[code] = {"description": text, "content": {"application/json": {"schema": _ref("Error")}},
+                        **({"headers": headers} if headers else {})}
     return {"200": ok, **errors}
 
 
@@ -43,13 +57,20 @@ SCHEMAS = {
         "inputs": _array(_ref("Input")),
         "tasks": {**_array(STRING), "description": "task names; empty: every task that fits the inputs"},
         "maxLabels": {**INTEGER, "minimum": 0,
-                      "description": "at most this many labels per multilabel answer (0: each task's own limit)"}}},
+                      "description": "at most this many labels per multilabel answer (0: each task's own limit)"},
+        "topK": {**INTEGER, "minimum": 0, "description": "answer each task's k highest scores with their labels, "
+                 "highest first, in `top` (scores left empty); 0: every label's score in `scores`"},
+        "rawScores": {**BOOLEAN, "description": "scores are the raw logits (before softmax or sigmoid), not "
+                      "probabilities; label, labels and value are unchanged"}}},
     "TaskResult": {"type": "object", "properties": {
         "task": STRING, "label": {**STRING, "description": "multiclass"},
         "labels": {**_array(STRING), "description": "multilabel: labels at or over their threshold"},
         "value": {**NUMBER, "description": "regression"},
-        "scores": {**_array(NUMBER), "description": "one per label, in the task's label order (GET /v1/tasks)"},
-        "truncated": BOOLEAN}},
+        "scores": {**_array(NUMBER), "description": "one per label, in the task's label order (GET /v1/tasks); "
+                   "logits with rawScores; empty with topK"},
+        "truncated": BOOLEAN,
+        "top": {**_array(_ref("LabelScore")), "description": "with topK: the k highest scores, highest first"}}},
+    "LabelScore": {"type": "object", "properties": {"label": STRING, "score": NUMBER}},
     "InputResult": {"type": "object", "properties": {"id": STRING, "tasks": _array(_ref("TaskResult"))}},
     "ClassifyResponse": {"type": "object", "properties": {
         "results": _array(_ref("InputResult")), "modelVersion": STRING,
@@ -78,47 +99,61 @@ SCHEMAS = {
 
 
 @cache
-def document() -> dict:
+def document(open_prefixes: tuple[str, ...] = ()) -> dict:
+    """The document; operations on paths under `open_prefixes` (those the guard lets through without the
+    token) are marked `security: []`, the others take the bearer scheme."""
     model = [{"name": "model", "in": "path", "required": True, "schema": STRING}]
     plain = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
+    busy = {"description": "not serving: starting or draining", "content": plain["content"]}
     paths = {
         "/v1/classify": {"post": {
             "summary": "Classify texts (centra.v1 Classify, JSON)", "operationId": "classify",
             "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("ClassifyRequest")}}},
             "responses": _answers(_json("ClassifyResponse", "one result per input, in request order"))}},
         "/v1/tasks": {"get": {"summary": "The served model's tasks (centra.v1 ListTasks)", "operationId": "tasks",
-                              "responses": _answers(_json("ListTasksResponse", "the served model"))}},
-        "/v2/health/live": {"get": {"summary": "OIP: server live", "responses": {"200": plain}}},
-        "/v2/health/ready": {"get": {"summary": "OIP: server ready", "responses": {"200": plain, "503": plain}}},
-        "/v2/models/{model}": {"get": {"summary": "OIP: model metadata (model: centra)", "parameters": model,
-                                       "responses": _answers(plain)}},
-        "/v2/models/{model}/ready": {"get": {"summary": "OIP: model ready", "parameters": model,
-                                             "responses": _answers(plain)}},
+                              "responses": _answers(_json("ListTasksResponse", "the served model"), NO_BODY)}},
+        "/v2/health/live": {"get": {"summary": "OIP: server live", "operationId": "serverLive",
+                                    "responses": _answers(plain, OPEN)}},
+        "/v2/health/ready": {"get": {"summary": "OIP: server ready", "operationId": "serverReady",
+                                     "responses": {**_answers(plain, OPEN), "503": busy}}},
+        "/v2/models/{model}": {"get": {"summary": "OIP: model metadata (model: centra)", "operationId": "modelMetadata",
+                                       "parameters": model, "responses": _answers(plain, NO_BODY)}},
+        "/v2/models/{model}/ready": {"get": {"summary": "OIP: model ready", "operationId": "modelReady",
+                                             "parameters": model,
+                                             "responses": {**_answers(plain, NO_BODY), "503": busy}}},
         "/v2/models/{model}/infer": {"post": {
-            "summary": "OIP: inference (JSON tensors, or the binary tensor extension)", "parameters": model,
+            "summary": "OIP: inference (JSON tensors, or the binary tensor extension)", "operationId": "modelInfer",
+            "parameters": model,
             "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("InferRequest")}}},
             "responses": _answers(_json("InferResponse", "the call's tensors"))}},
         "/v2": {"get": {"summary": "OIP: server metadata (centra's version, the extensions implemented)",
-                        "operationId": "serverMetadata", "responses": {"200": plain}}},
+                        "operationId": "serverMetadata", "responses": _answers(plain, NO_BODY)}},
         "/health": {"get": {"summary": "200 while serving, 503 while starting or draining (no token)",
-                            "operationId": "health", "responses": {"200": plain, "503": plain}}},
+                            "operationId": "health", "responses": {**_answers(plain, OPEN), "503": busy}}},
         "/info": {"get": {"summary": "The served model: version, content id, engine, tasks with kinds and labels, "
-                          "limits, doors", "operationId": "info", "responses": _answers(plain)}},
+                          "limits, doors", "operationId": "info", "responses": _answers(plain, NO_BODY)}},
         "/metrics": {"get": {"summary": "Prometheus metrics (404 when the server keeps none)", "operationId": "metrics",
-                             "responses": {"200": {"description": "Prometheus text format",
-                                                   "content": {"text/plain": {"schema": STRING}}},
-                                           "404": {"description": "no metrics kept"}}}},
+                             "responses": _answers({"description": "Prometheus text format",
+                                                    "content": {"text/plain": {"schema": STRING}}}, NO_BODY)}},
     }
     versioned = [{"name": "version", "in": "path", "required": True, "schema": STRING}]
     for suffix in ("", "/ready", "/infer"):  # the same routes for one version of the model
         entry = paths[f"/v2/models/{{model}}{suffix}"]
         paths[f"/v2/models/{{model}}/versions/{{version}}{suffix}"] = {
-            method: {**op, "parameters": model + versioned} for method, op in entry.items()}
+            method: {**op, "parameters": model + versioned,
+                     "operationId": op["operationId"].replace("model", "modelVersion", 1)}
+            for method, op in entry.items()}
     paths["/openapi.json"] = {"get": {"summary": "This document (no token)", "operationId": "openapi",
-                                      "responses": {"200": plain}}}
+                                      "responses": _answers(plain, OPEN)}}
+    for path, operations in paths.items():
+        if path.startswith(open_prefixes):
+            for operation in operations.values():
+                operation["security"] = []  # open: health and this document, probed without a token
     return {"openapi": "3.0.3",
             "info": {"title": "centra serve", "version": "1",
                      "description": "REST JSON of the centra.v1 API and the Open Inference Protocol (KServe v2). "
-                     "Errors: {\"error\": one line, \"code\": gRPC status code name}."},
+                     "Errors: {\"error\": one line, \"code\": gRPC status code name}. The bearer token applies "
+                     "when the server was started with --token-file."},
+            "security": [{"bearer": []}],
             "paths": paths, "components": {"schemas": SCHEMAS,
                                            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}}

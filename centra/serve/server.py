@@ -15,6 +15,7 @@ figures reach `server.batcher.listeners` (callables taking a BatchRecord) and `s
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from centra.serve.status import host_port
 HEALTH_OPEN = ("/grpc.health.v1.Health/",)  # gRPC health stays open without a token
 RECEIVE_FACTOR = 4  # gRPC's receive limit, in largest valid calls
 MAX_RECEIVE = 2**31 - 1  # gRPC's limits are C ints
+ORIGIN_RE = re.compile(r"\Ahttps?://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?\Z")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class ServeOptions:
     grace_s: float = 5.0  # on shutdown, in-flight calls get this long to finish
     drain_s: float = 1.0  # on shutdown, health says NOT_SERVING this long before the port closes
     http_port: int | None = None  # REST and OIP over HTTP on host:http_port (0: any free port); None: no HTTP
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the HTTP port (CORS); none: CORS off
 
     def check(self) -> None:
         """One-line refusals of bad options, before anything is loaded."""
@@ -58,6 +61,10 @@ class ServeOptions:
         for name in ("max_wait_ms", "grace_s", "drain_s"):
             if not getattr(self, name) >= 0:  # also refuses NaN
                 raise FieldError(Name(name), f" must be >= 0, not {getattr(self, name)}")
+        if self.cors_origins and self.http_port is None:
+            raise FieldError(Name("cors_origins"), " needs the HTTP port, which is off")
+        for origin in self.cors_origins:
+            check_origin(origin)
         if self.receive_bytes > MAX_RECEIVE:
             raise FieldError(Name("max_call_bytes"), f" {self.max_call_bytes:,} with ", Name("max_inputs_per_call"),
                              f" {self.max_inputs_per_call:,} asks gRPC to receive more than {MAX_RECEIVE:,} bytes")
@@ -75,6 +82,13 @@ class ServeOptions:
         refused INVALID_ARGUMENT on its length alone, unparsed, with our limit named; a larger one gets
         gRPC's own RESOURCE_EXHAUSTED ("Received message larger than max") before any of it is handed over."""
         return RECEIVE_FACTOR * self.limits.wire_bytes
+
+
+def check_origin(origin: str) -> None:
+    """A CORS origin as browsers send it: scheme://host[:port], no path, no wildcard."""
+    if not ORIGIN_RE.match(origin):
+        raise FieldError(Name("cors_origins"), f" must be origins as browsers send them, scheme://host[:port] "
+                         f"(e.g. https://app.example.com), with no path and no wildcard, not {origin[:80]!r}")
 
 
 class CentraServer:
@@ -102,7 +116,7 @@ class CentraServer:
             from centra.serve.http import HttpPort
 
             self.http = HttpPort(self.classifier, self.doors, self.guard, self.options.max_concurrent_rpcs,
-                                 self.options.grace_s, ssl_context)
+                                 self.options.grace_s, ssl_context, self.options.cors_origins)
 
     @property
     def engine(self) -> Engine:
@@ -123,7 +137,8 @@ class CentraServer:
         """Bind, start serving, health SERVING; returns the bound port."""
         import grpc
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-        from grpc_reflection.v1alpha import reflection
+
+        from centra.serve.reflection import enable_reflection
 
         opts = self.options
         server = grpc.aio.server(interceptors=[self.guard.grpc_interceptor()],
@@ -136,7 +151,8 @@ class CentraServer:
             door.add_grpc(server, self.classifier)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection((*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        enable_reflection(server, (*services, health.SERVICE_NAME),
+                          [*(f for door in self.doors for f in door.grpc_files()), health_pb2.DESCRIPTOR])
         address = f"{host_port(opts.host, opts.port)}"
         try:
             port = (server.add_secure_port(address, self.credentials) if self.credentials is not None

@@ -2,9 +2,10 @@
 format, awaits the one classify path, and writes the answer back in its format; token, metrics, limits on
 the ports and errors are the server's (serve/server.py, serve/http.py, serve/guard.py), once for all.
 
-A door declares what it adds to the gRPC port (services, registered by name for reflection and health)
-and to the HTTP port (aiohttp routes), and which of its methods or paths need no token (health). Adding a
-protocol is one new module here (with a `DOOR`) plus its name in `DOORS`.
+A door declares what it adds to the gRPC port (services, registered by name for health, and their proto
+files for reflection: serve/reflection.py) and to the HTTP port (aiohttp routes), and which of its methods
+or paths need no token (health). Adding a protocol is one new module here (with a `DOOR`) plus its name
+in `DOORS`.
 
     v1     centra.v1 over gRPC: Classify, ListTasks
     rest   centra.v1's messages as JSON over HTTP: POST /v1/classify, GET /v1/tasks, GET /openapi.json
@@ -25,6 +26,10 @@ class Door:
 
     def add_grpc(self, server, classifier) -> None:
         """Register the door's services on a grpc.aio server (before it starts)."""
+
+    def grpc_files(self) -> list:
+        """The protobuf FileDescriptors that define grpc_services (served by reflection)."""
+        return []
 
     def http_routes(self, classifier, http) -> list:
         """aiohttp route definitions; `http` is the HTTP port (serve/http.py: read_body, body limit)."""

@@ -175,6 +175,11 @@ class OipDoor(Door):
     grpc_services = (SERVICE,)
     open_prefixes = (f"/{SERVICE}/ServerLive", f"/{SERVICE}/ServerReady", "/v2/health/")
 
+    def grpc_files(self) -> list:
+        from centra.serve.inference import open_inference_grpc_pb2 as ip
+
+        return [ip.DESCRIPTOR]  # from the stubs' own pool: reflection's pool copies it (serve/reflection.py)
+
     def add_grpc(self, server, classifier: Classifier) -> None:
         """Register inference.GRPCInferenceService (status codes by `mapped`; ModelInfer's request over the
         limits, or with more than MAX_TENSORS inputs, refused unparsed)."""

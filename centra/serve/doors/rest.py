@@ -62,7 +62,7 @@ class RestDoor(Door):
         async def openapi(request):
             from centra.serve.openapi import document
 
-            return web.json_response(document())
+            return web.json_response(document(http.guard.open_prefixes))
 
         return [web.post("/v1/classify", classify), web.get("/v1/tasks", tasks), web.get("/openapi.json", openapi)]
 

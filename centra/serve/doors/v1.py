@@ -22,20 +22,28 @@ def call_of(request, limits: Limits, deadline: float | None = None) -> Call:
     limits.check_task_names(len(request.tasks))
     return Call(texts=[item.text for item in inputs], pairs=[item.text_pair for item in inputs],
                 tasks=list(request.tasks), max_labels=request.max_labels, deadline=deadline,
-                ids=[item.id for item in inputs])
+                ids=[item.id for item in inputs], top_k=request.top_k, raw_scores=request.raw_scores)
 
 
 def response_of(answered: Answered):
     """One InputResult per input (ids echoed), one TaskResult per task of its row, in the row's order,
-    described by the engine that computed them (version, content id)."""
+    described by the engine that computed them (version, content id); scores as the call asked (every
+    label's, or its top_k with their labels; probabilities or raw logits)."""
     from centra.serve.v1 import centra_pb2 as pb
 
-    engine = answered.engine
+    engine, call = answered.engine, answered.call
     response = pb.ClassifyResponse(model_version=engine.version, model_id=engine.content_id)
     for i, row in enumerate(answered.rows):
-        entry = response.results.add(id=answered.call.ids[i] if answered.call.ids else "")
+        entry = response.results.add(id=call.ids[i] if call.ids else "")
         for name in row.tasks:
-            answered.answer(i, name).to_v1(entry.tasks.add(task=name, truncated=answered.truncated(i, name)))
+            task = entry.tasks.add(task=name, truncated=answered.truncated(i, name))
+            answered.answer(i, name).to_v1(task)
+            if call.top_k:
+                del task.scores[:]
+                task.top.extend(pb.LabelScore(label=label, score=score) for label, score in answered.top(i, name))
+            elif call.raw_scores:
+                del task.scores[:]
+                task.scores.extend(answered.scores(i, name).values())
     return response
 
 
@@ -74,6 +82,11 @@ class ClassifierServicer:
 class V1Door(Door):
     name = "centra.v1"
     grpc_services = (SERVICE,)
+
+    def grpc_files(self) -> list:
+        from centra.serve.v1 import centra_pb2 as pb
+
+        return [pb.DESCRIPTOR]
 
     def add_grpc(self, server, classifier: Classifier) -> None:
         """Register the servicer. Unlike the generated add_ClassifierServicer_to_server, requests over the

@@ -7,14 +7,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("inputs", "tasks", "max_labels")
+    __slots__ = ("inputs", "tasks", "max_labels", "top_k", "raw_scores")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
     MAX_LABELS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    RAW_SCORES_FIELD_NUMBER: _ClassVar[int]
     inputs: _containers.RepeatedCompositeFieldContainer[Input]
     tasks: _containers.RepeatedScalarFieldContainer[str]
     max_labels: int
-    def __init__(self, inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., tasks: _Optional[_Iterable[str]] = ..., max_labels: _Optional[int] = ...) -> None: ...
+    top_k: int
+    raw_scores: bool
+    def __init__(self, inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., tasks: _Optional[_Iterable[str]] = ..., max_labels: _Optional[int] = ..., top_k: _Optional[int] = ..., raw_scores: _Optional[bool] = ...) -> None: ...
 
 class Input(_message.Message):
     __slots__ = ("text", "text_pair", "id")
@@ -45,20 +49,30 @@ class InputResult(_message.Message):
     def __init__(self, id: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[TaskResult, _Mapping]]] = ...) -> None: ...
 
 class TaskResult(_message.Message):
-    __slots__ = ("task", "label", "labels", "value", "scores", "truncated")
+    __slots__ = ("task", "label", "labels", "value", "scores", "truncated", "top")
     TASK_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
     task: str
     label: str
     labels: _containers.RepeatedScalarFieldContainer[str]
     value: float
     scores: _containers.RepeatedScalarFieldContainer[float]
     truncated: bool
-    def __init__(self, task: _Optional[str] = ..., label: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., value: _Optional[float] = ..., scores: _Optional[_Iterable[float]] = ..., truncated: _Optional[bool] = ...) -> None: ...
+    top: _containers.RepeatedCompositeFieldContainer[LabelScore]
+    def __init__(self, task: _Optional[str] = ..., label: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., value: _Optional[float] = ..., scores: _Optional[_Iterable[float]] = ..., truncated: _Optional[bool] = ..., top: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ...) -> None: ...
+
+class LabelScore(_message.Message):
+    __slots__ = ("label", "score")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    score: float
+    def __init__(self, label: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class ListTasksRequest(_message.Message):
     __slots__ = ()

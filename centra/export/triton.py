@@ -46,7 +46,7 @@ from centra.core.overhead import TokenGroup
 from centra.core.protocol import logits_name
 from centra.core.task import TaskSpec
 from centra.core.tokens import encode
-from centra.core.versions import model_folder, version_number
+from centra.core.versions import model_folder
 from centra.errors import CentraError, FieldError, Name
 from centra.export.onnx import FP32_TOLERANCE, export_onnx
 from centra.export.triton_config import (
@@ -60,6 +60,7 @@ from centra.export.triton_config import (
     label_file,
     label_lines,
     tokenizer_config,
+    triton_version,
 )
 from centra.runtime.engine import Engine
 from centra.runtime.graphs import graph_layout
@@ -315,7 +316,7 @@ def export_triton(model: Path, repo: Path, engine: str = ENGINE_NAME, precision:
                 save_onnx(composed, stage / g.graph / "1" / "model.onnx")
                 (stage / g.graph / "config.pbtxt").write_text(graph_config(g, max_batch, specs, precision, engine))
             # an ensemble's version folder is empty; numbered as the version (what centra serve answers to)
-            (stage / ENSEMBLE / str(version_number(manifest.version) or 1)).mkdir(parents=True)
+            (stage / ENSEMBLE / triton_version(manifest.version)).mkdir(parents=True)
             (stage / ENSEMBLE / "config.pbtxt").write_text(ensemble_config(groups, max_batch, specs))
             for spec in specs.values():  # the labels of Triton's classification extension
                 (stage / ENSEMBLE / label_file(spec.name)).write_text(label_lines(spec), encoding="utf-8")

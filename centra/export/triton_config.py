@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from centra.core.overhead import TokenGroup, token_groups
 from centra.core.protocol import MODEL, TEXT, TEXT_PAIR, logits_name
 from centra.core.task import TaskSpec
+from centra.core.versions import version_number
 from centra.errors import CentraError
 from centra.runtime.onnx import ENGINE_NAME
 
@@ -43,6 +44,12 @@ def tensor(name: str, dtype: str, dims: list[int], optional: bool = False, label
     file (in the model's folder: the labels of Triton's classification extension)."""
     extra = (" optional: true" if optional else "") + (f" label_filename: {json.dumps(labels)}" if labels else "")
     return f'  {{ name: {json.dumps(name)} data_type: {dtype} dims: [ {", ".join(map(str, dims))} ]{extra} }}'
+
+
+def triton_version(version: str) -> str:
+    """The Triton version folder of a centra version: its number (v000003: "3", the number `centra serve`
+    also answers to); "1" for a version folder whose name is not a published version's."""
+    return str(version_number(version) or 1)
 
 
 def label_file(task: str) -> str:

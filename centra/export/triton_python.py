@@ -30,9 +30,9 @@ import numpy as np
 from centra import io, publish
 from centra.core.protocol import ANSWERS, INPUTS, MODEL, TASKS, TEXT, TEXT_PAIR, logits_name, task_of
 from centra.core.texts import SAMPLE_PAIRS, SAMPLE_TEXTS
-from centra.core.versions import MANIFEST, model_folder, read_manifest, version_number
+from centra.core.versions import MANIFEST, model_folder, read_manifest
 from centra.errors import CentraError, FieldError, Name
-from centra.export.triton_config import label_file, label_lines, tensor
+from centra.export.triton_config import label_file, label_lines, tensor, triton_version
 from centra.runtime.engine import Engine
 from centra.serve.doors import triton as door
 from centra.serve.doors.triton import VERSION_DIR
@@ -82,12 +82,6 @@ def model_config(engine: Engine, options: PythonRepoOptions) -> str:
             f"dynamic_batching {{ max_queue_delay_microseconds: {options.queue_delay_us} }}\n"
             "input [\n" + ",\n".join(inputs) + "\n]\noutput [\n" + ",\n".join(outputs) + "\n]\n"
             f"instance_group [ {{ kind: KIND_CPU count: {options.instances} }} ]\n{parameters}")
-
-
-def triton_version(version: str) -> str:
-    """The Triton version folder of a centra version: its number (v000003: "3"); "1" for a version folder
-    whose name is not a published version's."""
-    return str(version_number(version) or 1)
 
 
 def check_staged(stage: Path, reference: Engine, options: PythonRepoOptions) -> float:

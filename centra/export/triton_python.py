@@ -151,7 +151,8 @@ def write_readme(path: Path, summary: dict) -> None:
         "row a JSON object {task: {label | labels | value, scores, truncated}}, `centra predict`'s answers. "
         "A request that names no outputs gets all of its own. The output parameter `classification` K "
         "(tritonclient's `class_count`) on a logits output returns its top K as \"value:index:label\" "
-        "(labels from `centra/labels_<task>.txt`).", "",
+        "(labels from `centra/labels_<task>.txt`); never on `ANSWERS` (BYTES), which tritonserver 2.51 does not "
+        "survive.", "",
         f"Version `{summary['model_version']}` is centra's {summary['source_version']}: `centra serve` answers "
         "to the same number, so a call naming the version reaches the same one on both.", "",
         f"max_batch_size {summary['max_batch_size']}, {summary['instances']} instance(s), queue delay "

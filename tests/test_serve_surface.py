@@ -115,7 +115,7 @@ def test_server_metadata_on_the_spec_and_model_ready_of_an_unknown_model(engine)
         stub = ip_grpc.GRPCInferenceServiceStub(channel)
         meta = stub.ServerMetadata(ip.ServerMetadataRequest(), timeout=10)
         assert meta.name == "centra" and meta.version == centra.__version__
-        assert list(meta.extensions) == ["binary_tensor_data", "parameters"]
+        assert list(meta.extensions) == ["binary_tensor_data", "classification", "parameters"]
         status, got = running.call("GET", "/v2")
         assert status == 200 and got["version"] == centra.__version__ and got["extensions"] == list(meta.extensions)
         model = stub.ModelMetadata(ip.ModelMetadataRequest(name="centra"), timeout=10)

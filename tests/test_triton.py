@@ -94,6 +94,10 @@ def test_ensemble_wiring_is_consistent(repos):
         outputs = {t.name: list(t.dims) for t in ens.output}
         specs = Engine.load(out, engine="torch").specs
         assert outputs == {f"LOGITS_{t['name']}": [specs[t["name"]].num_outputs] for t in tasks}, name
+        # the labels of Triton's classification extension: one file per output, in the ensemble's folder
+        assert {t.name: t.label_filename for t in ens.output} == {f"LOGITS_{t}": f"labels_{t}.txt" for t in specs}
+        for task, spec in specs.items():
+            assert (repo / "centra" / f"labels_{task}.txt").read_text().splitlines() == spec.labels, (name, task)
         pair = any(t["input"] == "pair" for t in tasks)
         assert [t.name for t in ens.input] == (["TEXT", "TEXT_PAIR"] if pair else ["TEXT"])
         assert all(t.data_type == data_type("TYPE_STRING") and list(t.dims) == [1] for t in ens.input)

@@ -18,6 +18,7 @@ ANSWERS = "ANSWERS"
 LOGITS = "LOGITS_"  # + a task's name: that task's logits
 MAX_LABELS = "max_labels"  # request parameter: at most this many labels per multilabel answer in ANSWERS
 TIMEOUT = "timeout"  # request parameter (what tritonclient's infer(timeout=) sends): microseconds
+CLASSIFICATION = "classification"  # output parameter (Triton's extension): the output's top classes, not its values
 
 
 def logits_name(task: str) -> str:

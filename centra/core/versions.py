@@ -76,6 +76,22 @@ def _number(version: str) -> int:
     return int(VERSION_RE.match(version).group(1))
 
 
+def version_number(name: str) -> int | None:
+    """The number of a version's name (v000003 -> 3); None for a name that is not a version's."""
+    found = VERSION_RE.match(name)
+    return int(found.group(1)) if found else None
+
+
+def names_version(given: str, name: str) -> bool:
+    """Whether a caller's version string names version `name`: the name itself, or its number in decimal
+    digits ("3" or "03" for v000003), as Triton numbers a model's versions (the number of the version
+    folder `centra export-triton` writes)."""
+    if given == name:
+        return True
+    number, digits = version_number(name), given.lstrip("0")
+    # a number's digits only (no sign, space or underscore, which int() would take), at most 18 of them
+    return (number is not None and given.isascii() and given.isdecimal() and len(digits) <= 18
+            and int(digits or "0") == number)
 
 
 def _clean_versions(dest: Path, kind: str) -> None:

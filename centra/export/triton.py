@@ -5,7 +5,9 @@ backend tokenizer (1/model.py = centra/export/triton_model.py, 1/tokenizer/ = th
 files: TEXT (+ TEXT_PAIR) -> input_ids, attention_mask, token_type_ids) and an onnxruntime_onnx graph
 (1/model.onnx: the ids -> LOGITS_<task> of the group's tasks, the trunk once as deep as its deepest task,
 then each branch). They are centra_tokenizer and centra_graph, suffixed _<input>_<max_length> when there
-is more than one group. The ensemble `centra` runs them all: TEXT (and TEXT_PAIR) in, LOGITS_<task> out.
+is more than one group. The ensemble `centra` runs them all: TEXT (and TEXT_PAIR) in, LOGITS_<task> out;
+its version folder is numbered as the exported version (v000003: 3) and its label files (one per task)
+label the outputs of Triton's classification extension.
 README.md and centra-triton.json (tasks, labels, checks, file hashes) sit beside the models.
 
 `--engine tensorrt` (GPU servers) writes the same repository with "portable" graphs (standard ONNX ops
@@ -55,7 +57,10 @@ from centra.export.triton_config import (
     ensemble_config,
     graph_config,
     group_models,
+    label_file,
+    label_lines,
     tokenizer_config,
+    triton_version,
 )
 from centra.runtime.engine import Engine
 from centra.runtime.graphs import graph_layout
@@ -228,8 +233,9 @@ def write_readme(path: Path, groups: list[GroupModels], specs: dict[str, TaskSpe
              f"- `{ENSEMBLE}` (ensemble; call this one): input `TEXT`" + (
                  " and `TEXT_PAIR` (Triton ensembles take no optional inputs: send it with every request; ask only "
                  "for the outputs you want and Triton runs only the models they need)" if pair else "")
-             + ", strings of shape [batch, 1]; one output `LOGITS_<task>` (fp32, [batch, outputs]) per task; "
-             f"max_batch_size {summary['max_batch_size']}."]
+             + ", strings of shape [batch, 1]; one output `LOGITS_<task>` (fp32, [batch, outputs]) per task (the "
+             "output parameter `classification` K returns its top K as \"value:index:label\", labels from "
+             f"`{ENSEMBLE}/labels_<task>.txt`); max_batch_size {summary['max_batch_size']}."]
     for g, tokens in ((g, g.tokens) for g in groups):
         lines += [f"- `{g.tokenizer}` (python backend): {'TEXT + TEXT_PAIR' if tokens.input == 'pair' else 'TEXT'} -> "
                   f"input_ids, attention_mask, token_type_ids (int64), truncated at {tokens.max_length} tokens, padded "
@@ -309,8 +315,11 @@ def export_triton(model: Path, repo: Path, engine: str = ENGINE_NAME, precision:
                                                                             for o in composed.opset_import}}
                 save_onnx(composed, stage / g.graph / "1" / "model.onnx")
                 (stage / g.graph / "config.pbtxt").write_text(graph_config(g, max_batch, specs, precision, engine))
-            (stage / ENSEMBLE / "1").mkdir(parents=True)  # an ensemble's version folder is empty
+            # an ensemble's version folder is empty; numbered as the version (what centra serve answers to)
+            (stage / ENSEMBLE / triton_version(manifest.version)).mkdir(parents=True)
             (stage / ENSEMBLE / "config.pbtxt").write_text(ensemble_config(groups, max_batch, specs))
+            for spec in specs.values():  # the labels of Triton's classification extension
+                (stage / ENSEMBLE / label_file(spec.name)).write_text(label_lines(spec), encoding="utf-8")
             for g in groups:
                 diff = group_parity(stage, g, params[g.graph], reference)
                 if not diff <= TOLERANCE:

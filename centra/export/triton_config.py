@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from centra.core.overhead import TokenGroup, token_groups
 from centra.core.protocol import MODEL, TEXT, TEXT_PAIR, logits_name
 from centra.core.task import TaskSpec
+from centra.core.versions import version_number
+from centra.errors import CentraError
 from centra.runtime.onnx import ENGINE_NAME
 
 TENSORRT = "tensorrt"
@@ -37,8 +39,32 @@ def group_models(specs: dict[str, TaskSpec]) -> list[GroupModels]:
     return [GroupModels(g, f"{TOKENIZER_MODEL}_{g.label}", f"{GRAPH_MODEL}_{g.label}") for g in groups]
 
 
-def tensor(name: str, dtype: str, dims: list[int]) -> str:
-    return f'  {{ name: {json.dumps(name)} data_type: {dtype} dims: [ {", ".join(map(str, dims))} ] }}'
+def tensor(name: str, dtype: str, dims: list[int], optional: bool = False, labels: str | None = None) -> str:
+    """One input or output line; `optional`: an input a request may leave out; `labels`: an output's label
+    file (in the model's folder: the labels of Triton's classification extension)."""
+    extra = (" optional: true" if optional else "") + (f" label_filename: {json.dumps(labels)}" if labels else "")
+    return f'  {{ name: {json.dumps(name)} data_type: {dtype} dims: [ {", ".join(map(str, dims))} ]{extra} }}'
+
+
+def triton_version(version: str) -> str:
+    """The Triton version folder of a centra version: its number (v000003: "3", the number `centra serve`
+    also answers to); "1" for a version folder whose name is not a published version's."""
+    return str(version_number(version) or 1)
+
+
+def label_file(task: str) -> str:
+    """The label file of a task's logits output, in the folder of the model that outputs them."""
+    return f"labels_{task}.txt"
+
+
+def label_lines(spec: TaskSpec) -> str:
+    """A task's label file: one label per line, in the order of its logits (Triton splits it at each
+    newline and keeps everything else); a label with a newline cannot be written there and is refused."""
+    for label in spec.labels:
+        if "\n" in label:
+            raise CentraError(f"task {spec.name}: label {label[:80]!r} has a newline, which Triton's label files "
+                              "cannot hold")
+    return "".join(f"{label}\n" for label in spec.labels)
 
 
 def tensors(items: list[str]) -> str:
@@ -87,7 +113,8 @@ def graph_config(group: GroupModels, max_batch: int, specs: dict[str, TaskSpec],
 
 def ensemble_config(groups: list[GroupModels], max_batch: int, specs: dict[str, TaskSpec]) -> str:
     pair = any(g.tokens.input == "pair" for g in groups)
-    outs = [tensor(logits_name(t), "TYPE_FP32", [specs[t].num_outputs]) for g in groups for t in g.tokens.tasks]
+    outs = [tensor(logits_name(t), "TYPE_FP32", [specs[t].num_outputs], labels=label_file(t))
+            for g in groups for t in g.tokens.tasks]
     steps = []
     for g in groups:
         texts = [TEXT, TEXT_PAIR] if g.tokens.input == "pair" else [TEXT]

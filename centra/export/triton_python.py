@@ -2,10 +2,14 @@
 `--backend python`, the default; `--backend onnxruntime` is export/triton.py's graph repository).
 
     <repo>/centra/config.pbtxt      backend "python", max_batch_size, dynamic batching (queue delay),
-                                    instance_group count, inputs TEXT, TEXT_PAIR, TASKS, outputs
-                                    LOGITS_<task> and ANSWERS (core/protocol.py), the engine's settings
-    <repo>/centra/1/model.py        one import: centra.serve.doors.triton's TritonPythonModel
-    <repo>/centra/1/model/          the version's files, copied and hashed (the engine checks them again)
+                                    instance_group count, inputs TEXT, TEXT_PAIR and TASKS (both optional),
+                                    outputs LOGITS_<task> (with their label files) and ANSWERS
+                                    (core/protocol.py), the engine's settings
+    <repo>/centra/labels_<task>.txt each task's labels, one a line: Triton's classification extension
+    <repo>/centra/N/model.py        one import: centra.serve.doors.triton's TritonPythonModel; N is the
+                                    number of the exported version (v000003: 3), so that a call naming
+                                    version N reaches the same version on `centra serve` and on Triton
+    <repo>/centra/N/model/          the version's files, copied and hashed (the engine checks them again)
     <repo>/centra-triton.json       what was exported: version, engine, tasks, options, every file's hash
     <repo>/README.md
 
@@ -28,7 +32,7 @@ from centra.core.protocol import ANSWERS, INPUTS, MODEL, TASKS, TEXT, TEXT_PAIR,
 from centra.core.texts import SAMPLE_PAIRS, SAMPLE_TEXTS
 from centra.core.versions import MANIFEST, model_folder, read_manifest
 from centra.errors import CentraError, FieldError, Name
-from centra.export.triton_config import tensor
+from centra.export.triton_config import label_file, label_lines, tensor, triton_version
 from centra.runtime.engine import Engine
 from centra.serve.doors import triton as door
 from centra.serve.doors.triton import VERSION_DIR
@@ -64,8 +68,11 @@ class PythonRepoOptions:
 
 
 def model_config(engine: Engine, options: PythonRepoOptions) -> str:
-    inputs = [tensor(n, "TYPE_STRING", [1]) for n in INPUTS]
-    outputs = [tensor(logits_name(s.name), "TYPE_FP32", [s.num_outputs]) for s in engine.specs.values()]
+    # TEXT_PAIR and TASKS may be left out, as on centra serve (Triton batches only requests that carry the
+    # same inputs, and checks that each input has the request's rows: no single TASKS row for many texts)
+    inputs = [tensor(n, "TYPE_STRING", [1], optional=n != TEXT) for n in INPUTS]
+    outputs = [tensor(logits_name(s.name), "TYPE_FP32", [s.num_outputs], labels=label_file(s.name))
+               for s in engine.specs.values()]
     outputs.append(tensor(ANSWERS, "TYPE_STRING", [1]))
     params = {"engine": options.engine or "", "engine_batch": ENGINE_BATCH,
               "max_inputs_per_call": options.max_inputs_per_call, "max_call_bytes": options.max_call_bytes}
@@ -80,10 +87,11 @@ def model_config(engine: Engine, options: PythonRepoOptions) -> str:
 def check_staged(stage: Path, reference: Engine, options: PythonRepoOptions) -> float:
     """Load the staged model as Triton would (its model.py, its files) and answer sample calls, a bad one
     among them: the worst |logit - reference| over the good ones; refuses what differs or fails."""
-    if (stage / MODEL / "1" / "model.py").read_text(encoding="utf-8") != MODEL_PY:
+    version = stage / MODEL / triton_version(reference.version)
+    if (version / "model.py").read_text(encoding="utf-8") != MODEL_PY:
         raise CentraError("triton: the staged model.py is not the one written")
     config = {"parameters": {"engine": {"string_value": options.engine or ""}}}
-    engine, limits = door.load(stage / MODEL / "1" / VERSION_DIR, door.settings(config))
+    engine, limits = door.load(version / VERSION_DIR, door.settings(config))
     if engine.content_id != reference.content_id:
         raise CentraError(f"triton: the staged model is {engine.content_id}, not {reference.content_id}")
     specs = list(reference.specs.values())
@@ -134,12 +142,19 @@ def write_readme(path: Path, summary: dict) -> None:
         "instead of the container: `python -m centra.measure.tritonserver stub-env DIR` once, then `python -m "
         "centra.measure.tritonserver serve REPO` (see centra's README).", "",
         "## Tensors", "",
-        "Inputs (BYTES, shape [rows, 1], all three in every request: Triton batches only requests that carry "
-        "the same inputs): `TEXT`; `TEXT_PAIR` (empty strings for single-text calls); `TASKS` (comma-separated "
-        "task names, the same on every row; empty: every task that fits the inputs).", "",
+        "Inputs (BYTES, shape [rows, 1]): `TEXT`; `TEXT_PAIR` (optional; empty strings for single-text rows); "
+        "`TASKS` (optional; comma-separated task names, the same on every row; empty or absent: every task that "
+        "fits the inputs). Triton checks that every input of a request has its rows, so give TASKS one row per "
+        "text (`centra serve` also takes a single row for all); it batches together only requests that carry "
+        "the same inputs.", "",
         f"Outputs: per task asked for, {tasks}: the logits (FP32 [rows, outputs]); `ANSWERS` (BYTES [rows, 1]): per "
         "row a JSON object {task: {label | labels | value, scores, truncated}}, `centra predict`'s answers. "
-        "A request that names no outputs gets all of its own.", "",
+        "A request that names no outputs gets all of its own. The output parameter `classification` K "
+        "(tritonclient's `class_count`) on a logits output returns its top K as \"value:index:label\" "
+        "(labels from `centra/labels_<task>.txt`); never on `ANSWERS` (BYTES), which tritonserver 2.51 does not "
+        "survive.", "",
+        f"Version `{summary['model_version']}` is centra's {summary['source_version']}: `centra serve` answers "
+        "to the same number, so a call naming the version reaches the same one on both.", "",
         f"max_batch_size {summary['max_batch_size']}, {summary['instances']} instance(s), queue delay "
         f"{summary['queue_delay_us']} us. The same tensors are served by `centra serve` (Open Inference Protocol, "
         "model `centra`), so one tritonclient script runs against both.", ""]), encoding="utf-8")
@@ -158,7 +173,7 @@ def export_triton_python(model: Path, repo: Path, options: PythonRepoOptions | N
     summary: dict = {}
 
     def build(stage: Path) -> None:
-        version = stage / MODEL / "1"
+        version = stage / MODEL / triton_version(manifest.version)
         (version / VERSION_DIR).mkdir(parents=True)
         (version / "model.py").write_text(MODEL_PY, encoding="utf-8")
         files = {**manifest.files, MANIFEST: None}  # the manifest is what the content id hashes
@@ -167,12 +182,15 @@ def export_triton_python(model: Path, repo: Path, options: PythonRepoOptions | N
             dest.parent.mkdir(parents=True, exist_ok=True)
             io.copy_verified(folder / rel, dest, digest)
         (stage / MODEL / "config.pbtxt").write_text(model_config(reference, options), encoding="utf-8")
+        for spec in reference.specs.values():
+            (stage / MODEL / label_file(spec.name)).write_text(label_lines(spec), encoding="utf-8")
         worst = check_staged(stage, reference, options)
         summary.update({
             "format": "centra-triton", "backend": "python", "repository": str(repo.resolve()), "source": str(folder),
             "source_version": manifest.version, "model_id": reference.content_id, "runtime": reference.runtime,
-            "model": MODEL, "max_batch_size": options.max_batch, "instances": options.instances,
-            "queue_delay_us": options.queue_delay_us, "tolerance": TOLERANCE, "parity": float(f"{worst:.3e}"),
+            "model": MODEL, "model_version": version.name, "max_batch_size": options.max_batch,
+            "instances": options.instances, "queue_delay_us": options.queue_delay_us, "tolerance": TOLERANCE,
+            "parity": float(f"{worst:.3e}"),
             "tasks": [{"name": s.name, "kind": s.kind, "labels": s.labels, "input": s.input,
                        "outputs": s.num_outputs, "output": logits_name(s.name)} for s in reference.specs.values()]})
         write_readme(stage / README, summary)

@@ -90,7 +90,11 @@ SCHEMAS = {
             "timeout": {**INTEGER, "minimum": 0, "description": "microseconds: the call's deadline (0: none)"},
             "binary_data_output": {**BOOLEAN, "description": "outputs as binary tensors after the JSON"}}},
         "inputs": {**_array(_ref("Tensor")), "description": "TEXT, TEXT_PAIR, TASKS: BYTES [rows, 1]"},
-        "outputs": _array({"type": "object", "properties": {"name": STRING, "parameters": {"type": "object"}}})}},
+        "outputs": _array({"type": "object", "properties": {"name": STRING, "parameters": {
+            "type": "object", "properties": {
+                "binary_data": {**BOOLEAN, "description": "this output as a binary tensor after the JSON"},
+                "classification": {**INTEGER, "minimum": 0, "description": "a LOGITS_<task> output as its top K "
+                                   "per row, BYTES \"value:index:label\" (0: the logits)"}}}}})}},
     "InferResponse": {"type": "object", "properties": {
         "model_name": STRING, "model_version": STRING, "id": STRING,
         "outputs": {**_array(_ref("Tensor")), "description": "LOGITS_<task> FP32 [rows, outputs]; ANSWERS BYTES "

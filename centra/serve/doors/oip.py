@@ -5,6 +5,9 @@ doors/oip_tensors.py's; this module carries them over the two transports.
     GET  /v2/health/live, /v2/health/ready, /v2        (open without a token, as gRPC's ServerLive/Ready)
     GET  /v2/models/centra[/versions/V], .../ready
     POST /v2/models/centra[/versions/V]/infer          JSON tensors, or JSON + binary tensors (tritonclient)
+
+V (and gRPC's model_version) is the served version's name (v000003) or its number (3, the number of the
+version folder `centra export-triton` writes), so a script that names a version runs against both.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from centra.serve.doors.oip_tensors import (
     Tensor,
     call_of,
     check_model,
+    classification_of,
+    classified,
     deadline_of,
     deserialize_bytes,
     metadata,
@@ -34,7 +39,8 @@ from centra.serve.wire import parsed, parser
 
 SERVICE = "inference.GRPCInferenceService"
 SERVER_NAME = "centra"
-EXTENSIONS = ["binary_tensor_data", "parameters"]  # what centra implements of the protocol's extensions
+# what centra implements of the protocol's extensions (Triton's names)
+EXTENSIONS = ["binary_tensor_data", "classification", "parameters"]
 MAX_PARAMETERS = 64  # request (and input) parameters in one call
 
 
@@ -50,10 +56,11 @@ def server_version() -> str:
 
 
 async def infer(classifier: Classifier, tensors: list[Tensor], requested: list[str], parameters: dict,
-                deadline: float | None = None):
-    """One inference through the classify path: (the engine that computed it, its outputs)."""
+                deadline: float | None = None, classes: dict[str, int] | None = None):
+    """One inference through the classify path: (the engine that computed it, its outputs, those with a
+    classification count in `classes` as their top classes)."""
     answered = await classifier.classify(call_of(tensors, classifier.limits, parameters, deadline))
-    return answered.engine, outputs_of(answered, requested)
+    return answered.engine, classified(outputs_of(answered, requested), classes or {}, answered.engine)
 
 
 # ------------------------------------------------------------------------------------------ gRPC
@@ -139,8 +146,9 @@ class InferenceServicer:
         parameters = parameters_from_pb(request.parameters)
         deadline = deadline_of(parameters, now, None if remaining is None else now + remaining)
         tensors = tensors_from_pb(request, self.classifier.limits.max_inputs)
+        classes = {o.name: classification_of(parameters_from_pb(o.parameters), o.name) for o in request.outputs}
         engine, outputs = await infer(self.classifier, tensors, [o.name for o in request.outputs],
-                                      parameters, deadline)
+                                      parameters, deadline, classes)
         return response_to_pb(request, engine, outputs)
 
 
@@ -194,7 +202,8 @@ class OipDoor(Door):
         # row per element), requested outputs, raw contents, parameters; counted before protobuf parses them
         contents = {field: (rows, "elements in an input's contents") for field in range(1, 9)}
         tensor = {5: (1, "contents of an input", contents), 4: (MAX_PARAMETERS, "parameters of an input")}
-        counts = {5: (MAX_TENSORS, "input tensors", tensor), 6: (MAX_TENSORS, "requested outputs"),
+        output = {2: (MAX_PARAMETERS, "parameters of an output")}
+        counts = {5: (MAX_TENSORS, "input tensors", tensor), 6: (MAX_TENSORS, "requested outputs", output),
                   7: (MAX_TENSORS, "raw input contents"), 4: (MAX_PARAMETERS, "request parameters")}
         handlers = {}
         for name in ("ServerLive", "ServerReady", "ServerMetadata", "ModelReady", "ModelMetadata", "ModelInfer"):
@@ -235,12 +244,12 @@ class OipDoor(Door):
             check_model(request.match_info["model"], request.match_info.get("version", ""), classifier.engine)
             body = await http.read_body(request)
             header = request.headers.get(HEADER_LENGTH)
-            doc, tensors, requested, binary = await parse_off_loop(
-                lambda data: parse_infer(data, header, classifier.limits.max_inputs), body)
-            parameters = doc.get("parameters")
+            parsed = await parse_off_loop(lambda data: parse_infer(data, header, classifier.limits.max_inputs), body)
+            parameters = parsed.doc.get("parameters")
             deadline = deadline_of(parameters, asyncio.get_running_loop().time())
-            engine, outputs = await infer(classifier, tensors, list(requested), parameters, deadline)
-            return infer_response(doc, engine, outputs, requested, binary)
+            engine, outputs = await infer(classifier, parsed.tensors, list(parsed.outputs), parameters, deadline,
+                                          parsed.classes)
+            return infer_response(parsed.doc, engine, outputs, parsed.outputs, parsed.binary_output)
 
         routes = [web.get("/v2/health/live", live), web.get("/v2/health/ready", ready),
                   web.get("/v2", server_metadata)]

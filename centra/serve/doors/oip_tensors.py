@@ -3,8 +3,9 @@ type, for every transport that carries them: OIP over gRPC and HTTP (doors/oip.p
 (doors/triton.py). The names are core/protocol.py's, which the Triton repositories share.
 
 - inputs, BYTES, shape [rows, 1] (or [rows]): `TEXT`; `TEXT_PAIR` (empty strings for single-text calls;
-  optional here); `TASKS` (comma-separated task names, the same on every row, or one row for all; empty:
-  every task that fits the inputs, as centra.v1; optional here);
+  optional); `TASKS` (comma-separated task names, the same on every row, or one row for all; empty or
+  absent: every task that fits the inputs, as centra.v1). Triton checks that every input of a request has
+  the same rows before its model runs, so there a single TASKS row is for single-row requests only;
 - outputs: `LOGITS_<task>` FP32 [rows, outputs] for each task the call asked for (the raw logits, the
   names of the ONNX Runtime-backend repository), and `ANSWERS` BYTES [rows, 1]: per row one JSON object
   {task: {"label" | "labels" | "value", "scores": {label: score}, "truncated"}}, `centra predict`'s
@@ -12,6 +13,10 @@ type, for every transport that carries them: OIP over gRPC and HTTP (doors/oip.p
   Triton's classification extension covers top-k classes only (no multilabel thresholds, no regression).
   A call that names no outputs gets all of its own; asking for the logits of a task it did not ask for
   is refused;
+- output parameter `classification` K (Triton's classification extension, tritonclient's `class_count`)
+  on a LOGITS_<task> output: that output comes back as BYTES [rows, min(K, outputs)], per row its K
+  highest logits as "value:index:label", highest first (value as C's %f, Triton's own formatting; the
+  Triton repositories carry the same labels in their label files); 0 or absent: the logits themselves;
 - request parameter `max_labels` (an integer; 0 or absent: each task's own limit): at most this many labels
   in each multilabel answer of ANSWERS, as Classify's max_labels (the logits are unchanged);
 - request parameter `timeout` (microseconds, what tritonclient's `infer(timeout=)` sends): the call's
@@ -30,7 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from centra.core import protocol as wire
-from centra.core.protocol import ANSWERS, INPUTS, TASKS, TEXT, TEXT_PAIR, logits_name, task_of
+from centra.core.protocol import ANSWERS, CLASSIFICATION, INPUTS, TASKS, TEXT, TEXT_PAIR, logits_name, task_of
+from centra.core.versions import names_version, version_number
 from centra.runtime.engine import Engine
 from centra.serve.call import MAX_LABELS_LIMIT, Answered, Call, Limits, ServeError
 from centra.serve.http import strings_over
@@ -158,7 +164,7 @@ def call_of(tensors: list[Tensor], limits: Limits, parameters: dict | None = Non
 class Output:
     name: str
     datatype: str  # FP32 | BYTES
-    array: np.ndarray  # FP32: float32 [rows, outputs]; BYTES: object (bytes) [rows, 1]
+    array: np.ndarray  # FP32: float32 [rows, outputs]; BYTES: object (bytes) [rows, 1] or [rows, classes]
 
     @property
     def shape(self) -> list[int]:
@@ -174,6 +180,42 @@ class Output:
         if self.datatype == "BYTES":
             return [v.decode("utf-8") for v in self.array.reshape(-1)]
         return [float(v) for v in self.array.reshape(-1)]
+
+
+def classification_of(parameters: dict, output: str) -> int:
+    """An output's `classification` parameter: how many top classes to return (0: the tensor itself)."""
+    try:
+        return count_parameter(parameters, CLASSIFICATION, "how many top classes; 0: the logits",
+                               MAX_LABELS_LIMIT) or 0
+    except ServeError as exc:
+        raise ServeError(f"output {output[:80]}: {exc}") from None
+
+
+def top_classes(logits: np.ndarray, labels: list[str], count: int) -> np.ndarray:
+    """Per row of `logits` [rows, outputs], its `count` highest values (ties: the lower index first) as
+    "value:index:label" (value as C's %f, which is how Triton writes it), BYTES [rows, min(count, outputs)]."""
+    rows, outputs = logits.shape
+    order = np.argsort(-logits, axis=1, kind="stable")[:, :min(count, outputs)]
+    out = np.empty(order.shape, dtype=object)
+    for i in range(rows):
+        for k, j in enumerate(order[i]):
+            out[i, k] = f"{float(logits[i, j]):f}:{j}:{labels[j]}".encode()
+    return out
+
+
+def classified(outputs: list[Output], classes: dict[str, int], engine: Engine) -> list[Output]:
+    """The outputs, each asked for with a classification count as its top classes (`top_classes`)."""
+    out = []
+    for output in outputs:
+        count = classes.get(output.name, 0)
+        if count:
+            task = task_of(output.name)
+            if output.datatype != "FP32" or task is None:
+                raise ServeError(f"output {output.name}: classification is for the logits outputs "
+                                 f"({logits_name('<task>')}), not {output.datatype} ones")
+            output = Output(output.name, "BYTES", top_classes(output.array, engine.specs[task].labels, count))
+        out.append(output)
+    return out
 
 
 def answers_json(answered: Answered, i: int) -> bytes:
@@ -209,11 +251,14 @@ def outputs_of(answered: Answered, requested: list[str]) -> list[Output]:
 
 
 def check_model(name: str, version: str, engine: Engine) -> None:
+    """The model by its name; the version (when given) by its name or its number (Triton's numbered
+    versions); NOT_FOUND otherwise."""
     if name != wire.MODEL:
         raise ServeError(f"unknown model {name[:80]!r} (served: {wire.MODEL})", "NOT_FOUND")
-    if version and version != engine.version:
-        raise ServeError(f"model {wire.MODEL} has no version {version[:80]!r} (served: {engine.version or 'none'})",
-                         "NOT_FOUND")
+    if version and not names_version(version, engine.version):
+        number = version_number(engine.version)
+        served = f"{engine.version}, number {number}" if number is not None else engine.version or "none"
+        raise ServeError(f"model {wire.MODEL} has no version {version[:80]!r} (served: {served})", "NOT_FOUND")
 
 
 def metadata(engine: Engine) -> dict:
@@ -226,11 +271,22 @@ def metadata(engine: Engine) -> dict:
             "inputs": inputs, "outputs": outputs}
 
 
-def parse_infer(body: bytes, header_length: str | None, max_inputs: int):
-    """An OIP inference request body (JSON, or JSON + binary tensors) -> (its JSON, input Tensors,
-    {requested output: binary?}, binary_data_output). Its strings are counted before it is parsed (a valid
-    call has at most a row per element of each input, and a few names); every part of the JSON is checked
-    for its type, so a malformed request gets one line, never a server fault."""
+@dataclass(frozen=True)
+class HttpInfer:
+    """An inference request over HTTP, parsed: its JSON head, its input tensors, the outputs it names
+    ({name: as binary?}; none: all of its own), their classification counts, and binary_data_output."""
+
+    doc: dict
+    tensors: list[Tensor]
+    outputs: dict[str, bool]
+    classes: dict[str, int]
+    binary_output: bool
+
+
+def parse_infer(body: bytes, header_length: str | None, max_inputs: int) -> HttpInfer:
+    """An OIP inference request body (JSON, or JSON + binary tensors), parsed. Its strings are counted
+    before it is parsed (a valid call has at most a row per element of each input, and a few names); every
+    part of the JSON is checked for its type, so a malformed request gets one line, never a server fault."""
     if header_length is not None:
         try:
             size = int(header_length)
@@ -278,13 +334,14 @@ def parse_infer(body: bytes, header_length: str | None, max_inputs: int):
     outputs = doc.get("outputs") or []
     if not isinstance(outputs, list) or len(outputs) > MAX_TENSORS:
         raise ServeError(f"the request's outputs are not a list of at most {MAX_TENSORS} objects")
-    requested = {}
+    requested, classes = {}, {}
     for item in outputs:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise ServeError("an output is not an object with a name")
         given = object_of(item.get("parameters"), f"output {item['name'][:80]}: parameters")
         requested[item["name"]] = bool(given.get("binary_data", binary_output))
-    return doc, tensors, requested, binary_output
+        classes[item["name"]] = classification_of(given, item["name"])
+    return HttpInfer(doc, tensors, requested, classes, binary_output)
 
 
 def object_of(value, what: str) -> dict:

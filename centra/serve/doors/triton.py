@@ -1,11 +1,13 @@
 """centra's engine as a Triton python-backend model: `centra export-triton --backend python`
-(export/triton_python.py) writes <repository>/centra/1/model.py as one import of this module's
-`TritonPythonModel`, beside the version's files in <repository>/centra/1/model/ (hashed when copied,
-checked again when the engine loads them).
+(export/triton_python.py) writes <repository>/centra/N/model.py (N: the version's number) as one import of
+this module's `TritonPythonModel`, beside the version's files in <repository>/centra/N/model/ (hashed when
+copied, checked again when the engine loads them).
 
 It is a serving door like the gRPC and HTTP ones, with the OIP door's tensors (doors/oip_tensors.py)
-and the one call type's checks and messages (serve/call.py): inputs TEXT, TEXT_PAIR, TASKS (BYTES);
-outputs LOGITS_<task> (FP32) for the request's tasks and ANSWERS (BYTES, one JSON object per row).
+and the one call type's checks and messages (serve/call.py): inputs TEXT, TEXT_PAIR, TASKS (BYTES; the
+last two optional, as on centra serve); outputs LOGITS_<task> (FP32) for the request's tasks and ANSWERS
+(BYTES, one JSON object per row). Triton's own front end answers the `classification` output parameter
+(with the repository's label files), so the model never sees it.
 Triton's dynamic batcher hands `execute` several requests, each with its own task set: they become ONE
 `Engine.run` over all their rows (the trunk once per token group, each branch only on the rows that asked
 for it). Errors are per request: a request that fails its checks gets its own error (the message `centra

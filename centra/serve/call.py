@@ -10,7 +10,7 @@ messages are the same on every door: sizes and counts before anything is materia
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from centra.core.answers import Answer, interpret
 from centra.core.shadow import HEADS, candidate_key, is_candidate
@@ -29,6 +29,8 @@ INPUT_FRAMING, NAME_FRAMING, MESSAGE_FRAMING = 20, 5, 64
 FRAMING_FACTOR = 2  # see Limits.framed_bytes
 SHOWN_CHARS = 80  # of a name echoed in an error
 SHOWN_NAMES = 20  # names listed in an error
+HEAD_HEADER = "X-Centra-Head"  # the head that answers a task with a candidate (Call.head), as a header
+REQUEST_ID_HEADER = "X-Request-Id"  # the request id the canary fraction is drawn by (Call.request_id)
 
 
 class ServeError(CentraError):
@@ -131,6 +133,18 @@ class Call:
         check_texts(self.texts, pairs)  # empty or oversized texts: one-line CentraErrors, INVALID_ARGUMENT
         chosen = tuple(s.name for s in specs)
         return [Row(text, pairs[i] if pairs else None, chosen) for i, text in enumerate(self.texts)]
+
+
+def with_headers(call: Call, headers) -> Call:
+    """The call with the head and request id that HTTP headers (or gRPC metadata: pairs) name, where its
+    own fields name none: HEAD_HEADER and REQUEST_ID_HEADER, on every door."""
+    items = headers.items() if hasattr(headers, "items") else headers
+    found = {key.lower(): value for key, value in items if isinstance(value, str)}
+    head = call.head or found.get(HEAD_HEADER.lower(), "")
+    request_id = call.request_id or found.get(REQUEST_ID_HEADER.lower(), "")
+    if (head, request_id) == (call.head, call.request_id):
+        return call
+    return replace(call, head=head, request_id=request_id)
 
 
 @dataclass(frozen=True)

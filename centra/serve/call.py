@@ -161,8 +161,11 @@ class Answered:
 
     def answer(self, i: int, task: str) -> Answer:
         """Row i's answer for `task` by the head that answers it, at the call's max_labels."""
-        key = candidate_key(task) if self.heads.get(task) == HEADS[1] else task
-        return answer_of(self.engine, self.results[i], key, self.call.max_labels)
+        return answer_of(self.engine, self.results[i], self.key(task), self.call.max_labels)
+
+    def key(self, task: str) -> str:
+        """The branch whose outputs answer `task`: the task's, or its candidate head's (centra.core.shadow)."""
+        return candidate_key(task) if self.heads.get(task) == HEADS[1] else task
 
     def head(self, task: str) -> str | None:
         """The head that answered `task`: "active" or "candidate"; None when the task has no candidate."""

@@ -72,6 +72,26 @@ def canary_point(request_id: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
+def choose_heads(options: ShadowOptions | None, tasks: list[str], engine: Engine, head: str = "",
+                 request_id: str = "") -> dict[str, str]:
+    """Per task asked for that has a candidate head in `engine`: the head that answers the call. `head`: the
+    call's own choice ("" for the server's: the candidate for the canary fraction of `options`, none
+    without options); `request_id`: where the call falls for the fractions (none: a random point, so such
+    a call is a canary with the fraction's probability)."""
+    shadowed = engine.candidates
+    point = None
+    chosen = {}
+    for task in (t for t in dict.fromkeys(tasks) if t in shadowed):
+        if head:
+            chosen[task] = head
+            continue
+        share = options.fraction(task) if options is not None else 0.0
+        if point is None and share > 0:
+            point = canary_point(request_id) if request_id else random.random()
+        chosen[task] = HEADS[1] if share > 0 and point < share else HEADS[0]
+    return chosen
+
+
 def agree(active: Answer, candidate: Answer) -> bool | None:
     """Do the two heads give the same answer: the top label (multiclass), the label set (multilabel); None
     for regression (measured by the difference)."""
@@ -138,21 +158,8 @@ class Shadow:
                 for r in rows]
 
     def heads(self, tasks: list[str], engine: Engine, head: str = "", request_id: str = "") -> dict[str, str]:
-        """Per task asked for that has a candidate head in `engine`: the head that answers the call. `head`:
-        the call's own choice ("" for the server's); `request_id`: where the call falls for the canary
-        fractions (none: a random point, so such a call is a canary with the fraction's probability)."""
-        shadowed = engine.candidates
-        point = None
-        chosen = {}
-        for task in (t for t in dict.fromkeys(tasks) if t in shadowed):
-            if head:
-                chosen[task] = head
-                continue
-            share = self.options.fraction(task)
-            if point is None and share > 0:
-                point = canary_point(request_id) if request_id else random.random()
-            chosen[task] = HEADS[1] if share > 0 and point < share else HEADS[0]
-        return chosen
+        """choose_heads with this server's canary fractions."""
+        return choose_heads(self.options, tasks, engine, head, request_id)
 
     def observe(self, rows: list[Row], results, engine: Engine, heads: Mapping[str, str]) -> None:
         """Count one answered call: per task with a candidate, its rows and the two heads' answers."""

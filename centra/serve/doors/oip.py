@@ -14,7 +14,7 @@ import functools
 import json
 
 from centra.core.protocol import MODEL
-from centra.serve.call import Classifier, ServeError
+from centra.serve.call import Classifier, ServeError, with_headers
 from centra.serve.doors import Door
 from centra.serve.doors.oip_tensors import (
     HEADER_LENGTH,
@@ -50,9 +50,11 @@ def server_version() -> str:
 
 
 async def infer(classifier: Classifier, tensors: list[Tensor], requested: list[str], parameters: dict,
-                deadline: float | None = None):
-    """One inference through the classify path: (the engine that computed it, its outputs)."""
-    answered = await classifier.classify(call_of(tensors, classifier.limits, parameters, deadline))
+                deadline: float | None = None, headers=()):
+    """One inference through the classify path: (the engine that computed it, its outputs). `headers`: the
+    HTTP headers or gRPC metadata (a task's head, the request id: call.with_headers)."""
+    call = with_headers(call_of(tensors, classifier.limits, parameters, deadline), headers)
+    answered = await classifier.classify(call)
     return answered.engine, outputs_of(answered, requested)
 
 
@@ -140,7 +142,7 @@ class InferenceServicer:
         deadline = deadline_of(parameters, now, None if remaining is None else now + remaining)
         tensors = tensors_from_pb(request, self.classifier.limits.max_inputs)
         engine, outputs = await infer(self.classifier, tensors, [o.name for o in request.outputs],
-                                      parameters, deadline)
+                                      parameters, deadline, context.invocation_metadata() or ())
         return response_to_pb(request, engine, outputs)
 
 
@@ -234,7 +236,7 @@ class OipDoor(Door):
                 lambda data: parse_infer(data, header, classifier.limits.max_inputs), body)
             parameters = doc.get("parameters")
             deadline = deadline_of(parameters, asyncio.get_running_loop().time())
-            engine, outputs = await infer(classifier, tensors, list(requested), parameters, deadline)
+            engine, outputs = await infer(classifier, tensors, list(requested), parameters, deadline, request.headers)
             return infer_response(doc, engine, outputs, requested, binary)
 
         routes = [web.get("/v2/health/live", live), web.get("/v2/health/ready", ready),

@@ -43,20 +43,28 @@ SCHEMAS = {
         "inputs": _array(_ref("Input")),
         "tasks": {**_array(STRING), "description": "task names; empty: every task that fits the inputs"},
         "maxLabels": {**INTEGER, "minimum": 0,
-                      "description": "at most this many labels per multilabel answer (0: each task's own limit)"}}},
+                      "description": "at most this many labels per multilabel answer (0: each task's own limit)"},
+        "head": {**STRING, "enum": ["", "active", "candidate"],
+                 "description": "tasks with a candidate head: the head that answers (empty: the server's choice; "
+                 "or the X-Centra-Head header)"},
+        "requestId": {**STRING, "description": "what the canary fraction is drawn by: one id, one head (or the "
+                      "X-Request-Id header)"}}},
     "TaskResult": {"type": "object", "properties": {
         "task": STRING, "label": {**STRING, "description": "multiclass"},
         "labels": {**_array(STRING), "description": "multilabel: labels at or over their threshold"},
         "value": {**NUMBER, "description": "regression"},
         "scores": {**_array(NUMBER), "description": "one per label, in the task's label order (GET /v1/tasks)"},
-        "truncated": BOOLEAN}},
+        "truncated": BOOLEAN,
+        "head": {**STRING, "description": "tasks with a candidate head only: the head that answered (active, "
+                 "candidate)"}}},
     "InputResult": {"type": "object", "properties": {"id": STRING, "tasks": _array(_ref("TaskResult"))}},
     "ClassifyResponse": {"type": "object", "properties": {
         "results": _array(_ref("InputResult")), "modelVersion": STRING,
         "modelId": {**STRING, "description": "content id of the model that computed the results"}}},
     "TaskInfo": {"type": "object", "properties": {
         "name": STRING, "kind": STRING, "labels": _array(STRING), "input": STRING, "maxLength": INTEGER,
-        "attachLayer": INTEGER, "taskLayers": INTEGER}},
+        "attachLayer": INTEGER, "taskLayers": INTEGER,
+        "hasCandidate": {**BOOLEAN, "description": "a candidate head stands beside the active one"}}},
     "ListTasksResponse": {"type": "object", "properties": {
         "tasks": _array(_ref("TaskInfo")), "backboneId": STRING, "backboneFingerprint": STRING,
         "modelVersion": STRING, "overheadLayers": INTEGER, "modelId": STRING}},

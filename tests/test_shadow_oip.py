@@ -129,3 +129,11 @@ def test_triton_model_runs_a_candidate_only_when_asked(versions):  # noqa: F811
     assert np.allclose(next(o for o in asked if o.name == "LOGITS_gamma").array, candidate["gamma"], atol=1e-5)
     assert [o.name for o in extra] == ["CANDIDATE_LOGITS_beta", "ANSWERS"]
     assert np.allclose(extra[0].array, candidate["beta"], atol=1e-5)
+
+
+def test_onnx_runtime_repository_leaves_candidates_out(versions, tmp_path):  # noqa: F811
+    from centra.export.triton import export_triton
+
+    export_triton(versions[1].parent.parent, tmp_path / "repo", progress=False)
+    configs = "".join(p.read_text() for p in (tmp_path / "repo").rglob("config.pbtxt"))
+    assert "LOGITS_alpha" in configs and "candidate" not in configs.lower()

@@ -126,6 +126,32 @@ def plan_candidates(planned: list[PlannedTask], candidates: Mapping[str, Path],
     return found
 
 
+def replan(version: Version, task: str, promote: bool, backbone: str | None = None,
+           trusted: Collection[str] = ()) -> MergePlan:
+    """The plan of `version` again (its own copies of every task folder and candidate head, their sources
+    kept), with task's candidate head made its active one (`promote`) or removed: what `centra promote` and
+    `centra drop-candidate` publish. Every other file is the version's, so it stays byte-identical."""
+    manifest, folder = version.manifest, version.folder
+    if manifest.task(task) is None:
+        raise CentraError(f"{folder / MANIFEST}: no task {task!r} (tasks: {', '.join(manifest.task_names)})")
+    candidate = manifest.candidate(task)
+    if candidate is None:
+        shadowed = ", ".join(c.name for c in manifest.candidates) or "none"
+        raise CentraError(f"{folder / MANIFEST}: task {task!r} has no candidate head (tasks with one: {shadowed})")
+    folders, sources = [], {}
+    for entry in manifest.tasks:
+        chosen = candidate if promote and entry.name == task else entry
+        path = folder / (CANDIDATES_DIR if chosen is candidate else "tasks") / entry.name
+        folders.append(path)
+        sources[path] = chosen.source
+    candidates = {c.name: folder / CANDIDATES_DIR / c.name for c in manifest.candidates if c.name != task}
+    sources.update({path: manifest.candidate(name).source for name, path in candidates.items()})
+    if backbone is None:  # the folder the version was cut from while it is there, else its id
+        path = manifest.backbone.path
+        backbone = path if path and Path(path).is_dir() else manifest.backbone.id
+    return plan_folders(folders, backbone, trusted, candidates, sources)
+
+
 def check_task(folder: Path, spec: TaskSpec, bb: Backbone) -> None:
     """A task folder whose head bytes were validated before (an earlier version holds them): its spec
     against the backbone, its fingerprint and its head's sha256; the weights are not loaded again."""

@@ -99,3 +99,45 @@ def merge(tasks_dirs: Sequence[Path | str] | Path | str | None, out: Path | str,
     plan = plan_merge([Path(d) for d in tasks_dirs or [DEFAULT_TASKS_DIR]], backbone, trusted=earlier_heads(out),
                       candidates={name: Path(folder) for name, folder in (candidates or {}).items()})
     return write_merged(plan, out, keep_versions=keep_versions, extend=extend)
+
+
+def promote(out: Path | str, task: str, *, keep_versions: int = DEFAULT_KEEP_VERSIONS,
+            progress: bool = True) -> Manifest:
+    """Publish a new version of `out` in which task's candidate head is its active one (centra.core.shadow);
+    every other file byte-identical, the engine files built as the current version's were."""
+    return republish(out, task, True, keep_versions=keep_versions, progress=progress)
+
+
+def drop_candidate(out: Path | str, task: str, *, keep_versions: int = DEFAULT_KEEP_VERSIONS,
+                   progress: bool = True) -> Manifest:
+    """Publish a new version of `out` without task's candidate head; every other file byte-identical."""
+    return republish(out, task, False, keep_versions=keep_versions, progress=progress)
+
+
+def republish(out: Path | str, task: str, promote: bool, *, keep_versions: int = DEFAULT_KEEP_VERSIONS,
+              progress: bool = True) -> Manifest:
+    """The current version of `out` published again with task's candidate promoted or dropped
+    (centra.core.merge.replan), with the current version's engine and its settings (ONNX precision, fp32
+    graphs kept, int8 node groups; TensorRT fp16/fp32 plans: int8 plans need calibration texts, so merge)."""
+    from centra.core.merge import MODEL_KIND, replan, write_merged
+    from centra.core.versions import earlier_heads, read_version
+    from centra.errors import CentraError
+    from centra.publish import check_replaceable
+
+    out = Path(out)
+    check_replaceable(out, MODEL_KIND)
+    version = read_version(out)
+    info = version.manifest.engine
+    extend = None
+    if info is not None and info.name == "onnx":
+        int8 = info.int8 or {}
+        extend = extender("onnx", info.precision, progress=progress, out=out,
+                          keep_fp32=info.precision == "int8" and info.has_files("fp32"),
+                          int8_fp32=tuple(int8.get("int8_fp32") or ()))
+    elif info is not None and info.name == "tensorrt":
+        if info.precision == "int8":
+            raise CentraError(f"{version.folder / 'manifest.json'}: TensorRT int8 plans need calibration texts: "
+                              "merge the task folders again (centra merge --calibration FILE)")
+        extend = extender("tensorrt", info.precision, max_batch=info.max_batch, progress=progress, out=out)
+    plan = replan(version, task, promote, trusted=earlier_heads(out))
+    return write_merged(plan, out, keep_versions=keep_versions, extend=extend)

@@ -172,3 +172,17 @@ def test_manifest_candidates_are_checked(shadowed):
     data["candidates"][0]["name"] = "zeta"
     with pytest.raises(CentraError, match="m: malformed manifest .candidate head for 'zeta'"):
         Manifest.from_dict(data, "m")
+
+
+def test_shadow_bench_times_each_task_against_its_layer_share(shadowed):
+    from centra.measure.bench_shadow import bench_lines, bench_shadow
+
+    out = shadowed["root"] / "out-torch"
+    results = bench_shadow(out, TEXTS, batch=4, repeats=1, progress=False)
+    assert [(r.task, r.active_layers, r.extra_layers) for r in results] == [("alpha", 2, 3), ("beta", 4, 1),
+                                                                             ("gamma", 4, 1)]
+    assert all(r.active_s > 0 and r.shadowed_s > 0 and r.detour_s > 0 and r.batches == 2 for r in results)
+    lines = bench_lines(results)
+    assert "torch fp32, 2 batches" in lines and lines.count("\n") == 4
+    with pytest.raises(CentraError, match="task 'zeta' has no candidate head"):
+        bench_shadow(out, TEXTS, tasks=["zeta"], progress=False)

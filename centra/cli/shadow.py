@@ -2,6 +2,7 @@
 running server, and promoting or dropping a candidate.
 
     centra shadow report --metrics http://127.0.0.1:9400/metrics [--sample FILE]
+    centra shadow bench --model OUT [--texts FILE] [--engine onnx]
     centra promote TASK --model OUT
     centra drop-candidate TASK --model OUT
 """
@@ -59,6 +60,19 @@ def shown(answer: dict) -> str:
     return "?"
 
 
+def cmd_shadow_bench(args: argparse.Namespace) -> int:
+    from centra.cli import flags_named
+    from centra.core.texts import SAMPLE_TEXTS, read_sequences_file
+    from centra.measure.bench_shadow import bench_lines, bench_shadow, check_options
+
+    with flags_named("shadow bench"):
+        check_options(args.batch, args.repeats)
+    texts = read_sequences_file(Path(args.texts))[0] if args.texts else \
+        (SAMPLE_TEXTS * (2 * args.batch // len(SAMPLE_TEXTS) + 1))[: 2 * args.batch]
+    print(bench_lines(bench_shadow(Path(args.model), texts, args.engine, args.batch, args.repeats, args.task)))
+    return 0
+
+
 def cmd_promote(args: argparse.Namespace) -> int:
     return republished(args, promote=True)
 
@@ -83,6 +97,7 @@ def republished(args: argparse.Namespace, promote: bool) -> int:
 
 def add_parsers(sub, common) -> None:
     from centra.cli import positive_int
+    from centra.cli.models import add_engine_arg
 
     p = sub.add_parser("shadow", parents=[common], help="shadowed and canaried candidate heads: the report")
     inner = p.add_subparsers(dest="shadow_command", required=True, parser_class=type(p))
@@ -94,6 +109,15 @@ def add_parsers(sub, common) -> None:
     r.add_argument("--sample", help="also print the first disagreeing inputs of this sample file (serve "
                    "--shadow-sample)")
     r.set_defaults(func=cmd_shadow_report)
+    b = inner.add_parser("bench", parents=[common], help="time shadowing each task against what its candidate's "
+                         "layers predict (target: overhead <= 1.1 x their share)")
+    b.add_argument("--model", required=True, help="merged model folder whose version has candidate heads")
+    b.add_argument("--texts", help="texts to time, one per line (default: the sample texts, two batches)")
+    b.add_argument("--task", action="append", help="only this task (repeatable; default: every shadowed task)")
+    b.add_argument("--batch", type=positive_int, default=32, help="rows per batch (default 32)")
+    b.add_argument("--repeats", type=positive_int, default=20, help="passes over the texts (default 20)")
+    add_engine_arg(b)
+    b.set_defaults(func=cmd_shadow_bench)
 
     for name, func, text in (("promote", cmd_promote, "publish a version where TASK's candidate head is the active "
                               "one"),

@@ -73,6 +73,9 @@ class Engine:
         self.manifest = manifest  # None: a model built in memory, not loaded from a version
         self.groups = token_groups(self.model.specs.values())
         self.group_of = {task: group for group in self.groups for task in group.tasks}
+        # what callers name, and the candidate heads beside them (centra.core.shadow): read on every call
+        self._tasks = {name: spec for name, spec in self.model.specs.items() if not is_candidate(name)}
+        self._candidates = {task_of(name): spec for name, spec in self.model.specs.items() if is_candidate(name)}
 
     @classmethod
     def load(cls, out: Path, batch_size: int = DEFAULT_BATCH_SIZE, engine: str | None = None) -> Engine:
@@ -123,7 +126,7 @@ class Engine:
     @property
     def specs(self) -> dict[str, TaskSpec]:
         """The tasks served (what callers name): every branch but the candidate heads."""
-        return {name: spec for name, spec in self.model.specs.items() if not is_candidate(name)}
+        return self._tasks
 
     @property
     def branches(self) -> dict[str, TaskSpec]:
@@ -133,7 +136,7 @@ class Engine:
     @property
     def candidates(self) -> dict[str, TaskSpec]:
         """Task name -> its candidate head's spec (named by its key), for the tasks that have one."""
-        return {task_of(name): spec for name, spec in self.model.specs.items() if is_candidate(name)}
+        return self._candidates
 
     @property
     def runtime(self) -> str:

@@ -6,6 +6,8 @@ asked; the Triton model runs a candidate only for a call that asks for it."""
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from conftest import TEXTS
 from test_rest import Served, oip_inputs
 from test_shadow_serve import versions  # noqa: F401 (the fixture)
 
+import centra
 from centra.core.shadow import candidate_key
 from centra.runtime.engine import Engine, Row
 from centra.serve.doors import triton as door
@@ -137,3 +140,37 @@ def test_onnx_runtime_repository_leaves_candidates_out(versions, tmp_path):  # n
     export_triton(versions[1].parent.parent, tmp_path / "repo", progress=False)
     configs = "".join(p.read_text() for p in (tmp_path / "repo").rglob("config.pbtxt"))
     assert "LOGITS_alpha" in configs and "candidate" not in configs.lower()
+
+
+def test_a_real_triton_server_gives_candidates_when_asked(versions, tmp_path):  # noqa: F811
+    from centra.errors import CentraError
+    from centra.export.triton_python import PythonRepoOptions, export_triton_python
+    from centra.measure import tritonserver
+
+    try:
+        tritonserver.find_install()
+        stub = tritonserver.stub_python()
+    except CentraError as exc:
+        pytest.skip(f"no Triton server can run here: {exc}")
+    # the backend's embedded Python ignores PYTHONPATH: it imports the centra its environment installs
+    found = subprocess.run([str(stub / "python3"), "-I", "-c", "import centra; print(centra.__file__)"],
+                           capture_output=True, text=True, timeout=60).stdout.strip()
+    if Path(found).resolve() != Path(centra.__file__).resolve():
+        pytest.skip(f"Triton's python backend would import centra from {found}, not from this checkout")
+    export_triton_python(versions[1].parent.parent, tmp_path / "repo", PythonRepoOptions())
+    server = tritonserver.TritonServer(tmp_path / "repo", tmp_path / "work", explicit=True, models=("centra",))
+    server.start()
+    try:
+        target = server.http_url
+        default = infer(tritonhttp, target)
+        assert "CANDIDATE_LOGITS_alpha" not in default
+        assert all(a["head"] == "active" for row in answers(default) for a in row.values())
+        asked = infer(tritonhttp, target, head="candidate")
+        candidate = reference(versions, "candidate")
+        assert all(a["head"] == "candidate" for row in answers(asked) for a in row.values())
+        assert np.allclose(asked["LOGITS_beta"], candidate["beta"], atol=1e-5)
+        extra = infer(tritonhttp, target, outputs=["CANDIDATE_LOGITS_gamma"])
+        assert set(extra) == {"CANDIDATE_LOGITS_gamma"}
+        assert np.allclose(extra["CANDIDATE_LOGITS_gamma"], candidate["gamma"], atol=1e-5)
+    finally:
+        server.stop()

@@ -130,3 +130,13 @@ def test_client_and_rest_carry_the_head(engines, versions):  # noqa: F811
         assert not any("head" in t for r in reply["results"] for t in r["tasks"])
     finally:
         plain.close()
+
+
+@pytest.mark.parametrize("value, message", [("2", "--canary must be a fraction in [0, 1], not 2.0"),
+                                            ("alpha=x", "--canary expects FRACTION or TASK=FRACTION"),
+                                            ("=0.5", "--canary expects FRACTION or TASK=FRACTION")])
+def test_bad_canary_flags_are_one_line(versions, value, message, capsys):  # noqa: F811
+    from centra.cli import main
+
+    assert main(["serve", "--model", str(versions[1]), "--port", "0", "--no-metrics", "--canary", value]) == 2
+    assert message in capsys.readouterr().err

@@ -72,7 +72,8 @@ class Client:
 
         reply = self._call(self._stub.ListTasks, pb.ListTasksRequest())
         tasks = [{"name": t.name, "kind": t.kind, "labels": list(t.labels), "input": t.input,
-                  "max_length": t.max_length, "attach_layer": t.attach_layer, "task_layers": t.task_layers}
+                  "max_length": t.max_length, "attach_layer": t.attach_layer, "task_layers": t.task_layers,
+                  **({"has_candidate": True} if t.has_candidate else {})}
                  for t in reply.tasks]
         # one assignment per model: threads sharing this client never see a half-updated catalog; the
         # newest few models are kept (a server reloading for months must not grow this client)
@@ -85,10 +86,12 @@ class Client:
 
     def classify(self, texts: Sequence[str], tasks: Sequence[str] | None = None,
                  pairs: Sequence[str] | None = None, ids: Sequence[str] | None = None,
-                 max_labels: int | None = None) -> list[dict]:
+                 max_labels: int | None = None, head: str | None = None, request_id: str | None = None) -> list[dict]:
         """One dict per text and task, as `Engine.predict` gives them (text, pair, task, label | labels |
         value, scores, truncated), plus "id" when ids are given. `pairs`: one second text per text, or None.
-        `max_labels`: at most this many labels per multilabel answer (never more than the task's own limit)."""
+        `max_labels`: at most this many labels per multilabel answer (never more than the task's own limit).
+        Tasks with a candidate head: `head` ("active" | "candidate"; None: the server's choice) and
+        `request_id` (the canary fraction's draw: keep one per caller) choose the head, named in "head"."""
         for what, items in (("pair texts", pairs), ("ids", ids)):
             if items is not None and len(items) != len(texts):
                 raise CentraError(f"{len(texts)} texts but {len(items)} {what}: give one per text")
@@ -97,6 +100,10 @@ class Client:
             raise CentraError(f"max_labels must be a positive int, not {max_labels!r}")
         request = self._request(texts, tasks, pairs, ids)
         request.max_labels = max_labels or 0
+        try:
+            request.head, request.request_id = head or "", request_id or ""
+        except (TypeError, ValueError) as exc:
+            raise CentraError(f"head and request_id must be text ({' '.join(str(exc).split())})") from None
         for _ in range(2):  # a reload between the answer and ListTasks: ask once more
             reply = self._call(self._stub.Classify, request)
             if model_key(reply) not in self._catalogs:
@@ -136,6 +143,8 @@ class Client:
         answer["task"] = task.task
         answer.update(answer_from_v1(info["labels"], task).to_dict())
         answer["truncated"] = task.truncated
+        if task.head:  # a task with a candidate head: the head that answered
+            answer["head"] = task.head
         return answer
 
     def _call(self, method, request):

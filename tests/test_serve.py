@@ -42,11 +42,11 @@ def reference(model_out) -> Engine:
 class Running:
     """A CentraServer on a free loopback port, in its own event loop thread."""
 
-    def __init__(self, engine, **options):
+    def __init__(self, engine, shadow=None, **options):
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server = CentraServer(engine, ServeOptions(port=0, **options))
+        self.server = CentraServer(engine, ServeOptions(port=0, **options), shadow=shadow)
         self.target = f"127.0.0.1:{self.do(self.server.start())}"
         self.channel = grpc.insecure_channel(self.target)
         self.stub = centra_pb2_grpc.ClassifierStub(self.channel)

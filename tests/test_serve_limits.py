@@ -55,7 +55,7 @@ def test_bytes_that_are_not_utf8_are_invalid_argument(running):
         raw(b"\n\x04\n\x02\xff\xfe", timeout=10)  # inputs[0].text = b"\xff\xfe"
     assert err.value.code() == CODE.INVALID_ARGUMENT and "UTF-8" in err.value.details()
     surrogate = SimpleNamespace(inputs=[SimpleNamespace(text="ok \ud800", text_pair="", id="")], tasks=[], max_labels=0,
-                                top_k=0, raw_scores=False)
+                                top_k=0, raw_scores=False, head="", request_id="")
     with pytest.raises(ServeError, match="input 0: text is not valid UTF-8") as refused:
         call_of(surrogate, Limits()).rows(running.server.engine, Limits())
     assert refused.value.code == "INVALID_ARGUMENT"

@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         plan,
         results,
         serve,
+        shadow,
         soak,
         tasks,
         triton,
@@ -105,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(sub, common)
     results.add_parser(sub, common)
     serve.add_parsers(sub, common)
+    shadow.add_parsers(sub, common)
     bench_server.add_parsers(sub, common)
     soak.add_parsers(sub, common)
     bench.add_parsers(sub, common)

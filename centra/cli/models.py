@@ -27,7 +27,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         manifest = merge(args.tasks_dir, out, engine=args.engine, precision=args.precision,
                          calibration=args.calibration, max_batch=args.max_batch, backbone=args.backbone,
                          keep_versions=args.keep_versions, keep_fp32=args.keep_fp32,
-                         int8_fp32=tuple(args.int8_fp32 or ()))
+                         int8_fp32=tuple(args.int8_fp32 or ()), candidates=candidate_args(args.candidate))
     print(f"merged {len(manifest.tasks)} tasks on {manifest.backbone.id} into {out} (version {manifest.version})")
     print(overhead_table(manifest))
     if manifest.engine is not None:
@@ -35,6 +35,19 @@ def cmd_merge(args: argparse.Namespace) -> int:
     for line in pass_warnings(list(manifest.trunk_passes)):
         print(f"centra: warning: {line}", file=sys.stderr)
     return 0
+
+
+def candidate_args(values: list[str] | None) -> dict[str, str]:
+    """--candidate TASK=FOLDER, repeatable: task name -> folder (one per task)."""
+    found: dict[str, str] = {}
+    for value in values or ():
+        name, sep, folder = value.partition("=")
+        if not sep or not name or not folder:
+            raise CentraError(f"merge: --candidate expects TASK=FOLDER, not {value!r}")
+        if name in found:
+            raise CentraError(f"merge: --candidate names task {name!r} twice")
+        found[name] = folder
+    return found
 
 
 def print_engine(info: EngineInfo) -> None:
@@ -180,6 +193,10 @@ def add_parsers(sub, common) -> None:
                    "for pair tasks; default: verify's samples; give a few hundred dev texts)")
     p.add_argument("--max-batch", type=positive_int, help="tensorrt: the largest batch of the plans' profile "
                    "(default 64; larger batches run in slices)")
+    p.add_argument("--candidate", action="append", metavar="TASK=FOLDER",
+                   help="publish FOLDER (a trained folder of the same task: same kind, labels and inputs; any "
+                   "attach layer or depth) as TASK's candidate head beside its active one: served in shadow "
+                   "(compared on live traffic) or as a canary (repeatable, once per task)")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("predict", parents=[common],

@@ -28,6 +28,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from centra.serve.app import AppOptions, serve_model
     from centra.serve.server import ServeOptions
+    from centra.serve.shadow import ShadowOptions
     from centra.serve.status import host_port
 
     options = ServeOptions(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
@@ -38,7 +39,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            cors_origins=tuple(args.cors_origin or ()))
     app = AppOptions(metrics_host=args.host, metrics_port=None if args.no_metrics else args.metrics_port,
                      watch=not args.no_watch, tls_cert=_path(args.tls_cert), tls_key=_path(args.tls_key),
-                     token_file=_path(args.token_file), engine=args.engine)
+                     token_file=_path(args.token_file), engine=args.engine,
+                     shadow=ShadowOptions(canary=canary_args(args.canary), sample_file=_path(args.shadow_sample),
+                                          sample_size=args.shadow_sample_size))
     with flags_named():  # before the model is loaded
         options.check()
         app.check()
@@ -73,6 +76,23 @@ def _path(value: str | None) -> Path | None:
     return Path(value) if value else None
 
 
+def canary_args(values: list[str] | None) -> dict[str, float]:
+    """--canary FRACTION (every task with a candidate head) or TASK=FRACTION, repeatable."""
+    from centra.serve.shadow import ALL
+
+    found: dict[str, float] = {}
+    for value in values or ():
+        task, sep, share = value.rpartition("=")
+        try:
+            fraction = float(share)
+        except ValueError:
+            raise CentraError(f"serve: --canary expects FRACTION or TASK=FRACTION, not {value!r}") from None
+        if sep and not task:
+            raise CentraError(f"serve: --canary expects FRACTION or TASK=FRACTION, not {value!r}")
+        found[task or ALL] = fraction
+    return found
+
+
 def cmd_classify(args: argparse.Namespace) -> int:
     from centra.cli.models import read_inputs
     from centra.client import Client
@@ -90,7 +110,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
         metadata = (("authorization", f"Bearer {read_token(Path(args.token_file))}"),)
     with Client(args.server, timeout=args.timeout, credentials=credentials, metadata=metadata) as client:
-        answers = client.classify(texts, args.task, pairs)
+        answers = client.classify(texts, args.task, pairs, head=args.head, request_id=args.request_id)
     for answer in answers:  # the dicts of Engine.predict: the lines of `centra predict`, exactly
         print(json.dumps(answer, ensure_ascii=False))
     return 0
@@ -149,6 +169,14 @@ def add_parsers(sub, common) -> None:
     p.add_argument("--tls-cert", help="PEM certificate chain: serve over TLS (with --tls-key)")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--token-file", help="file holding a bearer token every call must carry (never logged)")
+    p.add_argument("--canary", action="append", metavar="[TASK=]FRACTION",
+                   help="tasks with a candidate head: this share of request ids (a hash: one id, one head) is "
+                   "answered by the candidate; FRACTION alone for every such task (default 0: shadow only)")
+    p.add_argument("--shadow-sample", metavar="FILE",
+                   help="keep disagreeing inputs of shadowed tasks in FILE (JSON lines, owner-readable, texts cut "
+                   "to 200 characters; default: none kept, texts never logged)")
+    p.add_argument("--shadow-sample-size", type=positive_int, default=100,
+                   help="at most this many lines in --shadow-sample (default 100)")
     add_engine_arg(p)
     p.set_defaults(func=cmd_serve)
 
@@ -158,5 +186,8 @@ def add_parsers(sub, common) -> None:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer (default 10)")
     p.add_argument("--tls-ca", help="PEM root certificate to verify a TLS server (turns TLS on)")
     p.add_argument("--token-file", help="file holding the server's bearer token")
+    p.add_argument("--head", choices=("active", "candidate"), help="tasks with a candidate head: the head that "
+                   "answers (default: the server's choice)")
+    p.add_argument("--request-id", help="what the server's canary fraction is drawn by (keep one per caller)")
     add_input_args(p)
     p.set_defaults(func=cmd_classify)

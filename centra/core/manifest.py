@@ -199,10 +199,20 @@ class Manifest:
     engine: EngineInfo | None = None
     files: dict[str, str] = field(default_factory=dict)
     content_id: str = ""
+    # candidate heads (centra.core.shadow), each named after the task it stands beside; its files are
+    # candidates/<task>/. Written only when there are some: a version without keeps its bytes.
+    candidates: tuple[ManifestTask, ...] = ()
 
     @property
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
+
+    def task(self, name: str) -> ManifestTask | None:
+        return next((t for t in self.tasks if t.name == name), None)
+
+    def candidate(self, name: str) -> ManifestTask | None:
+        """Task `name`'s candidate head, or None."""
+        return next((t for t in self.candidates if t.name == name), None)
 
     def with_content_id(self) -> Manifest:
         return replace(self, content_id=content_id(self.to_dict()))
@@ -212,6 +222,8 @@ class Manifest:
                 "backbone": self.backbone.to_dict(), "encoder": dict(self.encoder), "trunk_depth": self.trunk_depth,
                 "trunk_passes": [g.to_dict() for g in self.trunk_passes], "tasks": [t.to_dict() for t in self.tasks],
                 "overhead_layers": self.overhead_layers, "single_task_layers": self.single_task_layers}
+        if self.candidates:
+            data["candidates"] = [t.to_dict() for t in self.candidates]
         if self.engine is not None:
             data["engine"] = self.engine.to_dict()
         data["files"] = dict(self.files)
@@ -232,6 +244,16 @@ class Manifest:
             if task.name.lower() in seen:
                 raise malformed(source, f"duplicate task name {task.name!r}")
             seen.add(task.name.lower())
+        candidates = data.get("candidates", [])
+        if not isinstance(candidates, list):
+            raise malformed(source, "'candidates' must be list")
+        candidates = tuple(ManifestTask.from_dict(entry, source) for entry in candidates)
+        names = [t.name for t in tasks]
+        for i, entry in enumerate(candidates):
+            if entry.name not in names:
+                raise malformed(source, f"candidate head for {entry.name!r}, which is not a task of the version")
+            if entry.name in (c.name for c in candidates[:i]):
+                raise malformed(source, f"two candidate heads for task {entry.name!r}")
         passes = tuple(TokenGroup.from_dict(p, source) for p in data["trunk_passes"])
         engine = EngineInfo.from_dict(data["engine"], source) if data.get("engine") is not None else None
         check_files(data["files"], source)
@@ -240,7 +262,8 @@ class Manifest:
         if stored != expected:
             raise CentraError(f"{source}: content_id differs from the manifest's content (edited after publishing)")
         return cls(data["version"], backbone, dict(data["encoder"]), data["trunk_depth"], passes, tasks,
-                   data["overhead_layers"], data["single_task_layers"], engine, dict(data["files"]), stored)
+                   data["overhead_layers"], data["single_task_layers"], engine, dict(data["files"]), stored,
+                   candidates)
 
 
 def check_header(data: dict, source: str) -> None:

@@ -1,16 +1,17 @@
 """Merge: many task folders on one backbone -> one published, versioned merged model.
 
 OUT is a versioned artifact (`centra.core.versions`): OUT/versions/vNNNNNN/ holds one self-contained merged model
-(manifest.json, trunk.safetensors, tokenizer/, a verified copy of every task folder) and OUT/current
-points at the newest. The manifest hashes every other file of its version; loading refuses any
-missing, changed or added file, naming it. A refused or crashed merge leaves OUT as it was.
+(manifest.json, trunk.safetensors, tokenizer/, a verified copy of every task folder, and of every candidate
+head in candidates/<task>/: centra.core.shadow) and OUT/current points at the newest. The manifest hashes
+every other file of its version; loading refuses any missing, changed or added file, naming it. A refused
+or crashed merge leaves OUT as it was.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Collection
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from torch import nn
@@ -19,6 +20,8 @@ from centra.core.backbone import Backbone, Embeddings, EncoderLayer, check_state
 from centra.core.graph import MergedModel
 from centra.core.manifest import BackboneInfo, EngineInfo, Manifest, ManifestTask
 from centra.core.overhead import overhead_layers, trunk_passes
+from centra.core.shadow import VERSION_DIR as CANDIDATES_DIR
+from centra.core.shadow import as_branch, check_same_task, extra_layers
 from centra.core.table import table
 from centra.core.task import HEAD_FILE, TASK_FILE, TaskSpec, load_task, read_task_json, task_dirs
 from centra.core.versions import (
@@ -42,12 +45,14 @@ class PlannedTask:
     folder: Path
     spec: TaskSpec
     task_json_sha256: str  # the bytes validated; the copy must hash the same
+    source: str | None = None  # the manifest's source (default: the folder, resolved)
 
 
 @dataclass
 class MergePlan:
     backbone: Backbone
     tasks: list[PlannedTask]
+    candidates: list[PlannedTask] = field(default_factory=list)  # candidate heads, each named after its task
 
     @property
     def specs(self) -> list[TaskSpec]:
@@ -55,7 +60,7 @@ class MergePlan:
 
     @property
     def trunk_depth(self) -> int:
-        return max(spec.attach_layer for spec in self.specs)
+        return max(spec.attach_layer for spec in [*self.specs, *(c.spec for c in self.candidates)])
 
     @property
     def overhead_layers(self) -> int:
@@ -66,14 +71,25 @@ class MergePlan:
         return self.backbone.cfg.num_layers * len(self.tasks)
 
 
-def plan_merge(tasks_dirs: list[Path], backbone: str | None = None, trusted: Collection[str] = ()) -> MergePlan:
+def plan_merge(tasks_dirs: list[Path], backbone: str | None = None, trusted: Collection[str] = (),
+               candidates: Mapping[str, Path] | None = None) -> MergePlan:
     """Find and validate every task folder; refuse (CentraError naming the file) on any problem. A head
     whose sha256 is in `trusted` (files an earlier version of the same OUT published, so validated) is
-    hashed, not loaded."""
+    hashed, not loaded. `candidates`: task name -> a trained folder of the same task, merged as its
+    candidate head (centra.core.shadow)."""
     folders = [folder for d in tasks_dirs for folder in task_dirs(Path(d))]
     if not folders:
         raise CentraError(f"{', '.join(str(d) for d in tasks_dirs)}: no task folders to merge")
+    return plan_folders(folders, backbone, trusted, candidates)
+
+
+def plan_folders(folders: list[Path], backbone: str | None = None, trusted: Collection[str] = (),
+                 candidates: Mapping[str, Path] | None = None, sources: Mapping[Path, str] | None = None) -> MergePlan:
+    """plan_merge over task folders named one by one. `sources`: per folder (a version's own copy), the
+    source its manifest entry keeps (where the task was merged from at first)."""
     planned = [PlannedTask(folder, *read_task_json(folder)) for folder in folders]
+    for task in planned:
+        task.source = (sources or {}).get(task.folder)
     seen: dict[str, Path] = {}
     for task in planned:
         key = task.spec.name.lower()
@@ -82,12 +98,58 @@ def plan_merge(tasks_dirs: list[Path], backbone: str | None = None, trusted: Col
                               f"(also {seen[key] / TASK_FILE})")
         seen[key] = task.folder
     bb = Backbone.load(backbone if backbone is not None else backbone_hint(planned[0].spec))
-    for task in planned:
+    shadowed = plan_candidates(planned, candidates or {}, sources)
+    for task in [*planned, *shadowed]:
         if task.spec.head_sha256 in trusted:  # the same bytes an earlier version validated: spec and hash only
             check_task(task.folder, task.spec, bb)
-        else:
-            load_task(task.folder, bb)  # full validation: fingerprint, sha256, keys, shapes, finite values
-    return MergePlan(bb, planned)
+        else:  # full validation: fingerprint, sha256, keys, shapes, finite values
+            load_task(task.folder, bb, name=task.spec.name)
+    return MergePlan(bb, planned, shadowed)
+
+
+def plan_candidates(planned: list[PlannedTask], candidates: Mapping[str, Path],
+                    sources: Mapping[Path, str] | None = None) -> list[PlannedTask]:
+    """Each candidate folder read as a head of the task it names (its task.json's name must be the
+    task's), answering the same question: kind, labels, inputs and backbone (one line naming the file)."""
+    by_name = {t.spec.name: t for t in planned}
+    found = []
+    for name, folder in candidates.items():
+        if name not in by_name:
+            raise CentraError(f"candidate for {name!r}: no such task among the folders merged "
+                              f"(tasks: {', '.join(sorted(by_name))})")
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise CentraError(f"{folder}: no such task folder (the candidate for {name!r})")
+        spec, digest = read_task_json(folder, name=name)
+        check_same_task(by_name[name].spec, spec, str(folder / TASK_FILE))
+        found.append(PlannedTask(folder, spec, digest, (sources or {}).get(folder)))
+    return found
+
+
+def replan(version: Version, task: str, promote: bool, backbone: str | None = None,
+           trusted: Collection[str] = ()) -> MergePlan:
+    """The plan of `version` again (its own copies of every task folder and candidate head, their sources
+    kept), with task's candidate head made its active one (`promote`) or removed: what `centra promote` and
+    `centra drop-candidate` publish. Every other file is the version's, so it stays byte-identical."""
+    manifest, folder = version.manifest, version.folder
+    if manifest.task(task) is None:
+        raise CentraError(f"{folder / MANIFEST}: no task {task!r} (tasks: {', '.join(manifest.task_names)})")
+    candidate = manifest.candidate(task)
+    if candidate is None:
+        shadowed = ", ".join(c.name for c in manifest.candidates) or "none"
+        raise CentraError(f"{folder / MANIFEST}: task {task!r} has no candidate head (tasks with one: {shadowed})")
+    folders, sources = [], {}
+    for entry in manifest.tasks:
+        chosen = candidate if promote and entry.name == task else entry
+        path = folder / (CANDIDATES_DIR if chosen is candidate else "tasks") / entry.name
+        folders.append(path)
+        sources[path] = chosen.source
+    candidates = {c.name: folder / CANDIDATES_DIR / c.name for c in manifest.candidates if c.name != task}
+    sources.update({path: manifest.candidate(name).source for name, path in candidates.items()})
+    if backbone is None:  # the folder the version was cut from while it is there, else its id
+        path = manifest.backbone.path
+        backbone = path if path and Path(path).is_dir() else manifest.backbone.id
+    return plan_folders(folders, backbone, trusted, candidates, sources)
 
 
 def check_task(folder: Path, spec: TaskSpec, bb: Backbone) -> None:
@@ -95,10 +157,10 @@ def check_task(folder: Path, spec: TaskSpec, bb: Backbone) -> None:
     against the backbone, its fingerprint and its head's sha256; the weights are not loaded again."""
     spec.validate(str(folder / TASK_FILE), bb.cfg)
     if spec.backbone["fingerprint"] != bb.fingerprint:
-        load_task(folder, bb)  # refuses with load_task's own message
+        load_task(folder, bb, name=spec.name)  # refuses with load_task's own message
     head = folder / HEAD_FILE
     if not head.is_file() or sha256_file(head) != spec.head_sha256:
-        load_task(folder, bb)  # names the missing or replaced file
+        load_task(folder, bb, name=spec.name)  # names the missing or replaced file
 
 
 def backbone_hint(spec: TaskSpec) -> str:
@@ -137,17 +199,19 @@ def write_merged(plan: MergePlan, out: Path, keep_versions: int = DEFAULT_KEEP_V
         (stage / "tokenizer").mkdir()
         for item in tokenizer_files(bb.path):
             place(item, stage / "tokenizer" / item.name, sha256_file(item))
-        for task in plan.tasks:
-            dest = stage / "tasks" / task.spec.name
-            dest.mkdir(parents=True)
-            place(task.folder / TASK_FILE, dest / TASK_FILE, task.task_json_sha256)
-            place(task.folder / HEAD_FILE, dest / HEAD_FILE, task.spec.head_sha256)
+        for root, tasks in (("tasks", plan.tasks), (CANDIDATES_DIR, plan.candidates)):
+            for task in tasks:
+                dest = stage / root / task.spec.name
+                dest.mkdir(parents=True)
+                place(task.folder / TASK_FILE, dest / TASK_FILE, task.task_json_sha256)
+                place(task.folder / HEAD_FILE, dest / HEAD_FILE, task.spec.head_sha256)
         manifest = Manifest(
             version=version,
             backbone=BackboneInfo(bb.backbone_id, bb.fingerprint, bb.cfg.num_layers, str(bb.path)),
             encoder=bb.cfg.to_dict(), trunk_depth=depth, trunk_passes=tuple(trunk_passes(plan.specs)),
             tasks=tuple(manifest_task(task) for task in plan.tasks), overhead_layers=plan.overhead_layers,
-            single_task_layers=plan.single_task_layers)
+            single_task_layers=plan.single_task_layers,
+            candidates=tuple(manifest_task(task) for task in plan.candidates))
         if extend is not None:
             manifest = replace(manifest, engine=extend(stage, manifest))
         manifest = replace(manifest, files=hash_tree(stage)).with_content_id()
@@ -166,7 +230,7 @@ def write_merged(plan: MergePlan, out: Path, keep_versions: int = DEFAULT_KEEP_V
 def manifest_task(task: PlannedTask) -> ManifestTask:
     spec = task.spec
     return ManifestTask(spec.name, spec.kind, tuple(spec.labels), spec.input, spec.max_length, spec.attach_layer,
-                        spec.task_layers, spec.trained, spec.head_sha256, str(task.folder.resolve()))
+                        spec.task_layers, spec.trained, spec.head_sha256, task.source or str(task.folder.resolve()))
 
 
 def tokenizer_files(src: Path) -> list[Path]:
@@ -190,6 +254,9 @@ def load_merged(out: Path | Version) -> tuple[Manifest, MergedModel]:
     holder.load_state_dict(state)
     heads = {entry.name: load_task(folder / "tasks" / entry.name, cfg, manifest_sha256=entry.head_sha256)[1]
              for entry in manifest.tasks}
+    for entry in manifest.candidates:
+        _, head = load_task(folder / CANDIDATES_DIR / entry.name, cfg, manifest_sha256=entry.head_sha256)
+        heads[as_branch(head.spec).name] = head.with_spec(as_branch(head.spec))
     model = MergedModel(cfg, embeddings, layers, heads).eval().requires_grad_(False)
     return manifest, model
 
@@ -208,4 +275,9 @@ def overhead_table(manifest: Manifest) -> str:
     lines.append(f"overhead: {merged} layers per request (trunk passes: {shape}; task layers: {merged - trunk}) "
                  f"vs {single} as {len(manifest.tasks)} separate {manifest.backbone.num_layers}-layer "
                  f"models: {100.0 * merged / single:.0f}%")
+    for c in manifest.candidates:
+        active = manifest.task(c.name)
+        lines.append(f"candidate head for {c.name!r}: attach {c.attach_layer}, {c.task_layers} layers (active: attach "
+                     f"{active.attach_layer}, {active.task_layers} layers); a row asking for {c.name!r} runs "
+                     f"+{extra_layers(active, c)} layers for it, other rows nothing")
     return "\n".join(lines)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from centra.core.backbone import EncoderConfig
 from centra.core.manifest import Manifest
+from centra.core.shadow import VERSION_DIR as CANDIDATES_DIR
+from centra.core.shadow import as_branch, check_same_task
 from centra.core.task import TASK_FILE, TaskSpec, read_task_json
 from centra.errors import CentraError
 from centra.io import check_tree, fault_point, read_json
@@ -210,7 +212,8 @@ def read_manifest(folder: Path) -> Manifest:
 @dataclass(frozen=True)
 class Version:
     """A version folder checked without building any module: every file's sha256 against its manifest,
-    the encoder config, and each task's spec (its task.json, validated against the manifest)."""
+    the encoder config, and each branch's spec (its task.json, validated against the manifest): the
+    tasks', and their candidate heads' under their keys (centra.core.shadow.as_branch)."""
 
     folder: Path
     manifest: Manifest
@@ -229,8 +232,8 @@ def read_version(out: Path) -> Version:
     except TypeError as exc:
         raise CentraError(f"{folder / MANIFEST}: malformed manifest (encoder: {exc})") from None
     specs = {}
-    for entry in manifest.tasks:
-        task_json = folder / "tasks" / entry.name / TASK_FILE
+    for root, entry in [*(("tasks", e) for e in manifest.tasks), *((CANDIDATES_DIR, e) for e in manifest.candidates)]:
+        task_json = folder / root / entry.name / TASK_FILE
         spec, _ = read_task_json(task_json.parent, entry.name)
         spec.validate(str(task_json), cfg)
         if spec.head_sha256 != entry.head_sha256:
@@ -240,7 +243,10 @@ def read_version(out: Path) -> Version:
         if spec.attach_layer > manifest.trunk_depth:
             raise CentraError(f"{task_json}: attaches at layer {spec.attach_layer} but the trunk has "
                               f"{manifest.trunk_depth} layers")
-        specs[entry.name] = spec
+        if root == CANDIDATES_DIR:
+            check_same_task(specs[entry.name], spec, str(task_json))
+            spec = as_branch(spec)
+        specs[spec.name] = spec
     return Version(folder, manifest, cfg, specs)
 
 
@@ -249,7 +255,8 @@ def earlier_heads(out: Path) -> set[str]:
     found: set[str] = set()
     for name in versions_of(out):
         try:
-            found.update(task.head_sha256 for task in read_manifest(Path(out) / VERSIONS / name).tasks)
+            manifest = read_manifest(Path(out) / VERSIONS / name)
+            found.update(task.head_sha256 for task in (*manifest.tasks, *manifest.candidates))
         except CentraError:
             continue
     return found

@@ -8,7 +8,7 @@ its flags. Light to import: torch, onnx and tensorrt are imported when a merge r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -76,14 +76,16 @@ def merge(tasks_dirs: Sequence[Path | str] | Path | str | None, out: Path | str,
           precision: str | None = None, calibration: Path | str | Sequences | None = None,
           max_batch: int | None = None, backbone: str | None = None,
           keep_versions: int = DEFAULT_KEEP_VERSIONS, keep_fp32: bool = False, int8_fp32: Sequence[str] = (),
-          progress: bool = True) -> Manifest:
+          candidates: Mapping[str, Path | str] | None = None, progress: bool = True) -> Manifest:
     """Validate every task folder of `tasks_dirs` (default: tasks/), build the files `engine` runs (ONNX
     graphs checked against torch, reusing the unchanged graphs of OUT's kept versions; TensorRT plans on
     this GPU) and publish them as a new version of `out`; its manifest. An ONNX int8 version holds the
     int8 graphs and the torch files, and its fp32 graphs too with `keep_fp32`; `int8_fp32` names node
     groups its int8 graphs keep in fp32 (centra.core.INT8_FP32: "ffn-out", the FFN output projections,
-    which recovers most of int8's accuracy loss at a cost in speed). Every check comes before any work:
-    OUT is never written over a user's file or folder."""
+    which recovers most of int8's accuracy loss at a cost in speed). `candidates`: task name -> a trained
+    folder of the same task, published as that task's candidate head (centra.core.shadow: shadowed or
+    canaried when served; its branch exported and checked like the others). Every check comes before any
+    work: OUT is never written over a user's file or folder."""
     from centra.core.merge import MODEL_KIND, plan_merge, write_merged
     from centra.core.versions import earlier_heads
     from centra.publish import check_replaceable, check_writable_parent
@@ -94,5 +96,48 @@ def merge(tasks_dirs: Sequence[Path | str] | Path | str | None, out: Path | str,
     extend = extender(engine, precision, calibration, max_batch, progress, out, keep_fp32, int8_fp32)
     if isinstance(tasks_dirs, (str, Path)):
         tasks_dirs = [tasks_dirs]
-    plan = plan_merge([Path(d) for d in tasks_dirs or [DEFAULT_TASKS_DIR]], backbone, trusted=earlier_heads(out))
+    plan = plan_merge([Path(d) for d in tasks_dirs or [DEFAULT_TASKS_DIR]], backbone, trusted=earlier_heads(out),
+                      candidates={name: Path(folder) for name, folder in (candidates or {}).items()})
+    return write_merged(plan, out, keep_versions=keep_versions, extend=extend)
+
+
+def promote(out: Path | str, task: str, *, keep_versions: int = DEFAULT_KEEP_VERSIONS,
+            progress: bool = True) -> Manifest:
+    """Publish a new version of `out` in which task's candidate head is its active one (centra.core.shadow);
+    every other file byte-identical, the engine files built as the current version's were."""
+    return republish(out, task, True, keep_versions=keep_versions, progress=progress)
+
+
+def drop_candidate(out: Path | str, task: str, *, keep_versions: int = DEFAULT_KEEP_VERSIONS,
+                   progress: bool = True) -> Manifest:
+    """Publish a new version of `out` without task's candidate head; every other file byte-identical."""
+    return republish(out, task, False, keep_versions=keep_versions, progress=progress)
+
+
+def republish(out: Path | str, task: str, promote: bool, *, keep_versions: int = DEFAULT_KEEP_VERSIONS,
+              progress: bool = True) -> Manifest:
+    """The current version of `out` published again with task's candidate promoted or dropped
+    (centra.core.merge.replan), with the current version's engine and its settings (ONNX precision, fp32
+    graphs kept, int8 node groups; TensorRT fp16/fp32 plans: int8 plans need calibration texts, so merge)."""
+    from centra.core.merge import MODEL_KIND, replan, write_merged
+    from centra.core.versions import earlier_heads, read_version
+    from centra.errors import CentraError
+    from centra.publish import check_replaceable
+
+    out = Path(out)
+    check_replaceable(out, MODEL_KIND)
+    version = read_version(out)
+    info = version.manifest.engine
+    extend = None
+    if info is not None and info.name == "onnx":
+        int8 = info.int8 or {}
+        extend = extender("onnx", info.precision, progress=progress, out=out,
+                          keep_fp32=info.precision == "int8" and info.has_files("fp32"),
+                          int8_fp32=tuple(int8.get("int8_fp32") or ()))
+    elif info is not None and info.name == "tensorrt":
+        if info.precision == "int8":
+            raise CentraError(f"{version.folder / 'manifest.json'}: TensorRT int8 plans need calibration texts: "
+                              "merge the task folders again (centra merge --calibration FILE)")
+        extend = extender("tensorrt", info.precision, max_batch=info.max_batch, progress=progress, out=out)
+    plan = replan(version, task, promote, trusted=earlier_heads(out))
     return write_merged(plan, out, keep_versions=keep_versions, extend=extend)

@@ -168,7 +168,7 @@ def check_precision(fp32: Engine, other: Engine, label: str, min_agreement: floa
     ref, got = fp32.logits(texts, pairs, names), other.logits(texts, pairs, names)
     report = {}
     for name in names:
-        spec, r, g = fp32.specs[name], ref[name].double(), got[name].double()
+        spec, r, g = fp32.branches[name], ref[name].double(), got[name].double()
         same, clear = labels_agree(spec, r, g), decided(spec, r)
         units = answers_agree(spec, r, g)
         relative = ((r - g).abs().mean() / r.pow(2).mean().sqrt().clamp(min=1e-6)).item()

@@ -32,6 +32,8 @@ from centra.core.backbone import Embeddings, EncoderConfig, EncoderLayer, attent
 from centra.core.graph import MergedModel
 from centra.core.manifest import EngineInfo, Manifest
 from centra.core.merge import TRUNK_FILE
+from centra.core.shadow import VERSION_DIR as CANDIDATES_DIR
+from centra.core.shadow import as_branch, candidate_key, is_candidate, task_of
 from centra.core.task import TaskSpec, load_task, max_positions
 from centra.errors import CentraError
 from centra.export.fused import fusions, sum_fusions, write_fused
@@ -315,20 +317,35 @@ def load_staged(stage: Path, manifest: Manifest, tasks: list[str] | None = None)
     state = load_safetensors(stage / TRUNK_FILE)
     check_state(holder.state_dict(), state, str(stage / TRUNK_FILE))
     holder.load_state_dict(state)
-    wanted = {e.name: e for e in manifest.tasks if tasks is None or e.name in tasks}
-    heads = {name: staged_head(stage, cfg, e.head_sha256, name) for name, e in wanted.items()}
+    wanted = {name: sha for name, sha in staged_heads(manifest).items() if tasks is None or name in tasks}
+    heads = {name: staged_head(stage, cfg, sha, name) for name, sha in wanted.items()}
     return MergedModel(cfg, holder.embeddings, holder.layers, heads).eval().requires_grad_(False)
 
 
+def staged_heads(manifest: Manifest) -> dict[str, str]:
+    """Branch key -> head sha256, for the tasks of a manifest and their candidate heads."""
+    return {**{e.name: e.head_sha256 for e in manifest.tasks},
+            **{candidate_key(e.name): e.head_sha256 for e in manifest.candidates}}
+
+
 def staged_head(stage: Path, cfg: EncoderConfig, sha256: str, name: str) -> nn.Module:
+    """The head of branch `name` (a task, or a candidate key) of a staged version."""
+    if is_candidate(name):
+        head = load_task(stage / CANDIDATES_DIR / task_of(name), cfg, manifest_sha256=sha256)[1]
+        return head.with_spec(as_branch(head.spec))
     return load_task(stage / "tasks" / name, cfg, manifest_sha256=sha256)[1]
 
 
 def staged_specs(stage: Path, manifest: Manifest) -> dict[str, TaskSpec]:
-    """The specs of a staged version's tasks, from their task.json files (no weights read)."""
+    """The specs of a staged version's branches (tasks, and candidate heads under their keys), from their
+    task.json files (no weights read)."""
     from centra.core.task import read_task_json
 
-    return {e.name: read_task_json(stage / "tasks" / e.name, e.name)[0] for e in manifest.tasks}
+    specs = {e.name: read_task_json(stage / "tasks" / e.name, e.name)[0] for e in manifest.tasks}
+    for e in manifest.candidates:
+        spec = as_branch(read_task_json(stage / CANDIDATES_DIR / e.name, e.name)[0])
+        specs[spec.name] = spec
+    return specs
 
 
 def onnx_extender(precision: str = "fp32", progress: bool = True, out: Path | None = None,
@@ -347,7 +364,7 @@ def onnx_extender(precision: str = "fp32", progress: bool = True, out: Path | No
         cache = GraphCache(out)
         trunk = load_staged(stage, manifest, tasks=[])
         cfg = trunk.cfg
-        heads = {e.name: e.head_sha256 for e in manifest.tasks}
+        heads = staged_heads(manifest)
         tokenizer = load_tokenizer(stage / "tokenizer") if precision == "int8" else None
         info = export_onnx(trunk, stage, precision, tokenizer, progress=progress, specs=staged_specs(stage, manifest),
                            cache=cache, heads=lambda name: staged_head(stage, cfg, heads[name], name),

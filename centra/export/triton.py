@@ -44,6 +44,7 @@ from centra.core.manifest import Manifest
 from centra.core.merge import load_merged
 from centra.core.overhead import TokenGroup
 from centra.core.protocol import logits_name
+from centra.core.shadow import is_candidate
 from centra.core.task import TaskSpec
 from centra.core.tokens import encode
 from centra.core.versions import model_folder
@@ -287,7 +288,8 @@ def export_triton(model: Path, repo: Path, engine: str = ENGINE_NAME, precision:
         precision = precision or (manifest.engine.precision if manifest.engine is not None else None) or "fp32"
         graph_precision, style = precision, "fused"
     specs = merged.specs
-    groups = group_models(specs)
+    groups = group_models({k: v for k, v in specs.items() if not is_candidate(k)})  # candidate heads: centra
+    # serve and the python-backend repository (an ONNX graph here would compute them for every call)
     summary: dict = {}
     with tempfile.TemporaryDirectory(prefix="centra-triton-") as tmp:
         checks: dict = {}

@@ -28,7 +28,17 @@ from pathlib import Path
 import numpy as np
 
 from centra import io, publish
-from centra.core.protocol import ANSWERS, INPUTS, MODEL, TASKS, TEXT, TEXT_PAIR, logits_name, task_of
+from centra.core.protocol import (
+    ANSWERS,
+    INPUTS,
+    MODEL,
+    TASKS,
+    TEXT,
+    TEXT_PAIR,
+    candidate_logits_name,
+    logits_name,
+    task_of,
+)
 from centra.core.texts import SAMPLE_PAIRS, SAMPLE_TEXTS
 from centra.core.versions import MANIFEST, model_folder, read_manifest
 from centra.errors import CentraError, FieldError, Name
@@ -74,6 +84,8 @@ def model_config(engine: Engine, options: PythonRepoOptions) -> str:
     outputs = [tensor(logits_name(s.name), "TYPE_FP32", [s.num_outputs], labels=label_file(s.name))
                for s in engine.specs.values()]
     outputs.append(tensor(ANSWERS, "TYPE_STRING", [1]))
+    outputs += [tensor(candidate_logits_name(task), "TYPE_FP32", [s.num_outputs])  # asked for by name only
+                for task, s in engine.candidates.items()]
     params = {"engine": options.engine or "", "engine_batch": ENGINE_BATCH,
               "max_inputs_per_call": options.max_inputs_per_call, "max_call_bytes": options.max_call_bytes}
     parameters = "".join(f"parameters {{ key: {json.dumps(k)} value {{ string_value: {json.dumps(str(v))} }} }}\n"

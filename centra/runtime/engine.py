@@ -19,6 +19,7 @@ from centra.core.graph import MergedModel
 from centra.core.manifest import Manifest
 from centra.core.merge import load_merged
 from centra.core.overhead import TokenGroup, token_groups
+from centra.core.shadow import is_candidate, task_of
 from centra.core.task import TaskSpec
 from centra.core.tokens import Encoded, check_texts, encode
 from centra.core.versions import read_version
@@ -35,12 +36,14 @@ class Runner(Protocol):
     cfg: EncoderConfig
 
     def forward_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
-                     wants: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+                     wants: dict[str, torch.Tensor], spent: dict[str, float] | None = None
+                     ) -> dict[str, torch.Tensor]: ...
 
 
 @dataclass(frozen=True)
 class Row:
-    """One input of one call: its text (and pair), and the tasks it asked for (checked by `select`)."""
+    """One input of one call: its text (and pair), and the tasks it asked for (checked by `select`); a
+    task's candidate key (centra.core.shadow) among them runs its candidate head too."""
 
     text: str
     pair: str | None
@@ -70,6 +73,9 @@ class Engine:
         self.manifest = manifest  # None: a model built in memory, not loaded from a version
         self.groups = token_groups(self.model.specs.values())
         self.group_of = {task: group for group in self.groups for task in group.tasks}
+        # what callers name, and the candidate heads beside them (centra.core.shadow): read on every call
+        self._tasks = {name: spec for name, spec in self.model.specs.items() if not is_candidate(name)}
+        self._candidates = {task_of(name): spec for name, spec in self.model.specs.items() if is_candidate(name)}
 
     @classmethod
     def load(cls, out: Path, batch_size: int = DEFAULT_BATCH_SIZE, engine: str | None = None) -> Engine:
@@ -119,7 +125,18 @@ class Engine:
 
     @property
     def specs(self) -> dict[str, TaskSpec]:
+        """The tasks served (what callers name): every branch but the candidate heads."""
+        return self._tasks
+
+    @property
+    def branches(self) -> dict[str, TaskSpec]:
+        """Every branch of the graph: the tasks, and the candidate heads under their keys."""
         return self.model.specs
+
+    @property
+    def candidates(self) -> dict[str, TaskSpec]:
+        """Task name -> its candidate head's spec (named by its key), for the tasks that have one."""
+        return self._candidates
 
     @property
     def runtime(self) -> str:
@@ -127,7 +144,8 @@ class Engine:
         return getattr(self.model, "runtime", "torch fp32")
 
     def select(self, names: list[str] | None, has_pair: bool) -> list[TaskSpec]:
-        """Named tasks (checked), or all tasks that can answer this input when none is named."""
+        """Named tasks (checked; a candidate key names a candidate head), or all tasks that can answer this
+        input when none is named."""
         if not names:
             chosen = [s for s in self.specs.values() if has_pair or s.input == "single"]
             if not chosen:
@@ -135,20 +153,23 @@ class Engine:
             return chosen
         out = []
         for name in dict.fromkeys(names):
-            if name not in self.specs:
+            if name not in self.branches:
+                if is_candidate(name):
+                    raise CentraError(f"task {task_of(name)!r} has no candidate head")
                 raise CentraError(f"unknown task {name!r} (known: {', '.join(sorted(self.specs))})")
-            if self.specs[name].input == "pair" and not has_pair:
+            if self.branches[name].input == "pair" and not has_pair:
                 raise FieldError(f"task {name!r} takes text pairs: give the second texts (", Name("pairs"), ")")
-            out.append(self.specs[name])
+            out.append(self.branches[name])
         return out
 
     def encode(self, texts: list[str], pairs: list[str] | None, max_length: int) -> Encoded:
         return encode(self.tokenizer, self.model.cfg.type_vocab_size, texts, pairs, max_length)
 
     @torch.inference_mode()
-    def run(self, rows: list[Row]) -> list[RowResult]:
+    def run(self, rows: list[Row], spent: dict[str, float] | None = None) -> list[RowResult]:
         """Rows of any number of calls, each with its own task set: one trunk pass per token group per
-        batch of at most batch_size rows (sorted by length), each branch only on the rows that asked."""
+        batch of at most batch_size rows (sorted by length), each branch only on the rows that asked.
+        `spent`, when given, adds the seconds each candidate head's detour took (per candidate key)."""
         results = [RowResult({}, {}) for _ in rows]
         groups: dict[TokenGroup, list[int]] = {}  # the rows that asked for a task of the group
         for i, row in enumerate(rows):
@@ -166,8 +187,11 @@ class Engine:
                     for task in rows[members[j]].tasks:
                         if self.group_of[task] is group:
                             wants.setdefault(task, []).append(pos)
-                out = self.model.forward_rows(*enc.batch(chunk, pad_id),
-                                              {t: torch.tensor(p, dtype=torch.long) for t, p in wants.items()})
+                wanted = {t: torch.tensor(p, dtype=torch.long) for t, p in wants.items()}
+                if spent is None:  # runners without candidates need not know the argument
+                    out = self.model.forward_rows(*enc.batch(chunk, pad_id), wanted)
+                else:
+                    out = self.model.forward_rows(*enc.batch(chunk, pad_id), wanted, spent=spent)
                 for task, positions in wants.items():
                     for value, pos in zip(out[task], positions):
                         j = chunk[pos]
@@ -180,7 +204,7 @@ class Engine:
         keeping tensor work off the event loop)."""
         for result in results:
             for name, values in result.logits.items():
-                result.answers[name] = interpret(self.specs[name], values)
+                result.answers[name] = interpret(self.branches[name], values)
         return results
 
     def logits(self, texts: list[str], pairs: list[str] | None = None,
@@ -202,9 +226,9 @@ class Engine:
         answers = []
         for row, result in zip(rows, self.run(rows)):
             for name in names:
-                found = interpret(self.specs[name], result.logits[name], max_labels)
+                found = interpret(self.branches[name], result.logits[name], max_labels)
                 answer = {"text": row.text, "task": name, **found.to_dict(), "truncated": result.truncated[name]}
-                if row.pair is not None and self.specs[name].input == "pair":
+                if row.pair is not None and self.branches[name].input == "pair":
                     answer = {"text": row.text, "pair": row.pair, **{k: v for k, v in answer.items() if k != "text"}}
                 answers.append(answer)
         return answers

@@ -11,6 +11,7 @@ engine supplies `run_graph`, one graph on one batch.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from centra.core.backbone import EncoderConfig
 from centra.core.graph import MergedModel, TrunkRows
 from centra.core.manifest import EngineInfo
 from centra.core.merge import load_merged
+from centra.core.shadow import is_candidate, task_of
 from centra.core.task import TaskSpec
 from centra.core.versions import Version
 from centra.errors import CentraError
@@ -32,7 +34,8 @@ def segment_name(first: int, last: int) -> str:
 
 
 def branch_name(task: str) -> str:
-    return f"task_{task}"
+    """The graph of a task's branch, or of a candidate key's (centra.core.shadow): candidate_<task>."""
+    return f"candidate_{task_of(task)}" if is_candidate(task) else f"task_{task}"
 
 
 def graph_layout(specs: dict[str, TaskSpec] | list[TaskSpec]) -> list[dict]:
@@ -145,6 +148,16 @@ class GraphRunner:
     def depth_for(self, names: list[str]) -> int:
         return max((self.specs[n].attach_layer for n in names), default=0)
 
+    def detour(self, key: str, layer: int, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """A candidate branch on its rows' hidden states at trunk `layer` (a segment end): the trunk
+        segments up to its attach layer (one ends there: the layout cuts at every branch's), then its branch."""
+        while layer < self.specs[key].attach_layer:
+            if layer not in self.segments:
+                raise CentraError(f"{type(self).__name__}: no trunk segment starts after layer {layer}")
+            name, layer = self.segments[layer]
+            hidden = self.run_graph(name, hidden=hidden, attention_mask=mask)
+        return self.run_graph(branch_name(key), hidden=hidden, attention_mask=mask)
+
     def run_graph(self, name: str, **inputs: torch.Tensor) -> torch.Tensor:
         """One graph on one batch (the single place graphs run: tests count calls here)."""
         raise NotImplementedError
@@ -160,10 +173,11 @@ class GraphRunner:
             self.run_graph(branch_name(task), hidden=hidden, attention_mask=ones)
 
     def forward_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
-                     wants: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+                     wants: dict[str, torch.Tensor], spent: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
         """MergedModel.forward_rows over the graphs: the trunk once, segment by segment and only as deep
         as the deepest task asked for; each branch on its rows; rows drop out of the trunk once no task
-        they asked for attaches deeper. Logits come back on the CPU."""
+        they asked for attaches deeper; a candidate key on its detour (`spent`: its seconds added).
+        Logits come back on the CPU."""
         device = self.device
         rows = TrunkRows(self.specs, wants, input_ids.shape[0])
         mask = attention_mask.to(device=device, dtype=torch.long).contiguous()
@@ -179,6 +193,13 @@ class GraphRunner:
                     index = live.to(device)
                     h, m = hidden[index].contiguous(), mask[index].contiguous()
                 out[name] = self.run_graph(branch_name(name), hidden=h, attention_mask=m)
+            for key, live in rows.detours(k):
+                started = time.perf_counter()
+                index = None if live is None else live.to(device)
+                out[key] = self.detour(key, k, hidden if index is None else hidden[index].contiguous(),
+                                       mask if index is None else mask[index].contiguous())
+                if spent is not None:
+                    spent[key] = spent.get(key, 0.0) + time.perf_counter() - started
             if k >= rows.depth:
                 return {name: logits.float().cpu() for name, logits in out.items()}
             keep = rows.leave_after(k)

@@ -48,12 +48,12 @@ def verify(engine: Engine, texts: list[str] | None = None, pairs: list[str] | No
     texts = texts or SAMPLE_TEXTS
     pairs = pairs or SAMPLE_PAIRS[: len(texts)]
     embeddings, layers, source = reference_layers(engine)
-    if any(s.attach_layer > len(layers) for s in engine.specs.values()):
+    if any(s.attach_layer > len(layers) for s in engine.branches.values()):
         raise CentraError("the reference trunk is shallower than a task's attach layer")
-    merged = engine.logits(texts, pairs, list(engine.specs))
+    merged = engine.logits(texts, pairs, list(engine.branches))  # candidate heads too (centra.core.shadow)
     pad_id = engine.tokenizer.pad_token_id or 0
     checks = []
-    for name, spec in engine.specs.items():
+    for name, spec in engine.branches.items():
         standalone = StandaloneModel(embeddings, layers, engine.model.heads[name]).eval()
         enc = engine.encode(texts, pairs if spec.input == "pair" else None, spec.max_length)
         # Each text alone, unpadded: checks the merged graph's padded, length-sorted batches too.

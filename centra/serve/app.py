@@ -14,7 +14,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from centra.errors import CentraError, FieldError, Name
@@ -23,6 +23,7 @@ from centra.serve.guard import Guard
 from centra.serve.metrics import Metrics
 from centra.serve.reload import DEFAULT_INTERVAL, ModelWatcher, in_fresh_thread
 from centra.serve.server import CentraServer, ServeOptions
+from centra.serve.shadow import Shadow, ShadowOptions
 from centra.serve.status import host_port
 
 log = logging.getLogger("centra.serve")
@@ -38,6 +39,7 @@ class AppOptions:
     tls_key: Path | None = None
     token_file: Path | None = None
     engine: str | None = None  # runtime override ("torch" | "onnx"); None: the one each version's manifest names
+    shadow: ShadowOptions = field(default_factory=ShadowOptions)  # candidate heads: canary, disagreement sample
 
     def check(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -54,12 +56,13 @@ class AppOptions:
             from centra.serve.security import read_token
 
             read_token(self.token_file)
+        self.shadow.check()
 
 
 def load_engine(folder: Path, batch_size: int, engine_name: str | None = None) -> Engine:
     """Load a merged model and warm it up (one row through every task), before it serves a call."""
     engine = Engine.load(Path(folder), batch_size=batch_size, engine=engine_name)
-    names = tuple(engine.specs)
+    names = tuple(engine.branches)  # the candidate heads' detours too
     engine.run([Row("warm up", "warm up", names)])
     return engine
 
@@ -80,7 +83,7 @@ def build(model: Path, options: ServeOptions, app: AppOptions) -> tuple[CentraSe
     metrics.set_version(engine.version, engine.content_id)
     # one guard for every door on both ports: the token, and metrics that count refused calls too
     server = CentraServer(engine, options, guard=Guard(token, metrics), credentials=credentials,
-                          ssl_context=ssl_context)
+                          ssl_context=ssl_context, shadow=Shadow(app.shadow, metrics.registry))
     server.batcher.listeners.append(
         lambda r: metrics.observe_batch(r.rows, r.calls, list(r.waits), r.compute_s, r.tasks))
     watcher = None

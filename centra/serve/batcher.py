@@ -29,8 +29,9 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from centra.core.shadow import is_candidate
 from centra.errors import CentraError
 from centra.runtime.engine import Engine, Row, RowResult
 from centra.serve.call import ServeError
@@ -59,6 +60,8 @@ class BatchRecord:
     compute_s: float
     failed_calls: int
     retried: bool  # the merged run failed and each call was re-run alone
+    candidate_s: dict[str, float] = field(default_factory=dict)  # seconds per candidate head's detour
+
 
     @property
     def queue_wait_s(self) -> float:
@@ -272,8 +275,9 @@ class Batcher:
         started = loop.time()
         rows = [row for call in calls for row in call.rows]
         failed, retried = 0, False
+        spent: dict[str, float] | None = {} if engine.candidates else None  # the candidate heads' detours
         try:
-            results = await loop.run_in_executor(self._executor, _run_engine, engine, rows)
+            results = await loop.run_in_executor(self._executor, _run_engine, engine, rows, spent)
         except Exception as exc:
             if len(calls) == 1:
                 self._settle(calls[0], exc)
@@ -286,7 +290,7 @@ class Batcher:
                     if call.future.done():
                         continue
                     try:
-                        alone = await loop.run_in_executor(self._executor, _run_engine, engine, call.rows)
+                        alone = await loop.run_in_executor(self._executor, _run_engine, engine, call.rows, spent)
                     except Exception as call_exc:
                         self._settle(call, call_exc)
                         failed += 1
@@ -299,10 +303,10 @@ class Batcher:
                 offset += len(call.rows)
         tasks: dict[str, int] = {}
         for row in rows:
-            for task in row.tasks:
+            for task in (t for t in row.tasks if not is_candidate(t)):  # inputs of the tasks asked for
                 tasks[task] = tasks.get(task, 0) + 1
         self._record(BatchRecord(len(calls), len(rows), tuple(started - c.enqueued for c in calls), tasks,
-                                 loop.time() - started, failed, retried))
+                                 loop.time() - started, failed, retried, dict(spent or {})))
 
     def _bind(self, call: _Call, engine: Engine) -> bool:
         """A call checked against another engine (a reload in between) is checked again against this one,
@@ -352,7 +356,7 @@ class Batcher:
 def fits(rows: list[Row], engine: Engine) -> list[Row]:
     """The rows unchanged when every task they name exists in `engine` and takes the inputs they carry
     (a pair iff the task reads pairs); else a ServeError, as the servicer's check would give."""
-    specs = engine.specs
+    specs = engine.branches
     for i, row in enumerate(rows):
         for name in row.tasks:
             spec = specs.get(name)
@@ -364,13 +368,14 @@ def fits(rows: list[Row], engine: Engine) -> list[Row]:
     return rows
 
 
-def _run_engine(engine: Engine, rows: list[Row]) -> list[RowResult]:
-    """On the engine worker: run the rows and interpret their logits (no tensor work on the event loop).
+def _run_engine(engine: Engine, rows: list[Row], spent: dict[str, float] | None = None) -> list[RowResult]:
+    """On the engine worker: run the rows and interpret their logits (no tensor work on the event loop);
+    `spent` adds the seconds of each candidate head's detour.
     The rows were checked before they were queued: whatever fails here is the server's fault, so a
     CentraError (which the servicer would answer INVALID_ARGUMENT) becomes a server fault (INTERNAL,
     logged)."""
     try:
-        results = engine.run(rows)
+        results = engine.run(rows) if spent is None else engine.run(rows, spent=spent)
     except CentraError as exc:
         raise RuntimeError(f"the engine failed on checked rows: {exc}") from exc
     if len(results) != len(rows):

@@ -10,13 +10,15 @@ messages are the same on every door: sizes and counts before anything is materia
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from centra.core.answers import Answer, interpret
+from centra.core.shadow import HEADS, candidate_key, is_candidate
 from centra.core.task import NAME_RE, TaskSpec
 from centra.core.tokens import check_texts
 from centra.errors import CentraError
 from centra.runtime.engine import Engine, Row, RowResult
+from centra.serve.shadow import Shadow
 
 CODES = ("INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "UNAVAILABLE", "INTERNAL")
 MAX_TASK_NAMES = 1024  # task names in one call (duplicates count)
@@ -27,6 +29,8 @@ INPUT_FRAMING, NAME_FRAMING, MESSAGE_FRAMING = 20, 5, 64
 FRAMING_FACTOR = 2  # see Limits.framed_bytes
 SHOWN_CHARS = 80  # of a name echoed in an error
 SHOWN_NAMES = 20  # names listed in an error
+HEAD_HEADER = "X-Centra-Head"  # the head that answers a task with a candidate (Call.head), as a header
+REQUEST_ID_HEADER = "X-Request-Id"  # the request id the canary fraction is drawn by (Call.request_id)
 
 
 class ServeError(CentraError):
@@ -79,7 +83,10 @@ class Call:
     answer (0: each task's own limit), the deadline on the event loop's clock (None: none), and ids that
     the door echoes (the engine never reads them). How scores are written back: top_k > 0 gives only the
     k highest (with their labels, highest first), raw_scores the logits instead of probabilities (TEI's
-    `raw_scores`); the answers (label, labels, value) are the same either way."""
+    `raw_scores`); the answers (label, labels, value) are the same either way.
+    For tasks with a candidate head (serve/shadow.py):
+    the head that should answer ("" the server's choice, "active" or "candidate"), and the request id
+    the canary fraction is drawn by (a caller that keeps its id keeps its head)."""
 
     texts: list[str]
     pairs: list[str] = field(default_factory=list)  # empty, or one per text
@@ -89,6 +96,8 @@ class Call:
     ids: list[str] = field(default_factory=list)  # empty, or one per text
     top_k: int = 0
     raw_scores: bool = False
+    head: str = ""
+    request_id: str = ""
 
     def check(self, limits: Limits) -> None:
         """Counts, max_labels and sizes: everything that does not depend on the served tasks."""
@@ -101,10 +110,14 @@ class Call:
             raise ServeError(f"max_labels must be >= 0 and < 2^31 (0: the task's own limit), not {self.max_labels}")
         if not 0 <= self.top_k < MAX_LABELS_LIMIT:
             raise ServeError(f"top_k must be >= 0 and < 2^31 (0: every label's score), not {self.top_k}")
+        if self.head not in ("", *HEADS):
+            raise ServeError(f"head {shown(self.head)} is not one of {', '.join(HEADS)} (or empty: the server's "
+                             "choice)")
         fields = (("text", self.texts), ("text_pair", self.pairs), ("id", self.ids))
         size = sum(utf8_size(values[i], f"input {i}: {what}") for i in range(len(self.texts))
                    for what, values in fields if values)
         size += sum(utf8_size(name, "a task name") for name in self.tasks)
+        size += utf8_size(self.request_id, "the request id")
         if size > limits.max_bytes:
             raise ServeError(f"{size:,} bytes of text, ids and task names in one call; the limit is "
                              f"{limits.max_bytes:,}")
@@ -129,19 +142,41 @@ class Call:
         return [Row(text, pairs[i] if pairs else None, chosen) for i, text in enumerate(self.texts)]
 
 
+def with_headers(call: Call, headers) -> Call:
+    """The call with the head and request id that HTTP headers (or gRPC metadata: pairs) name, where its
+    own fields name none: HEAD_HEADER and REQUEST_ID_HEADER, on every door."""
+    items = headers.items() if hasattr(headers, "items") else headers
+    found = {key.lower(): value for key, value in items if isinstance(value, str)}
+    head = call.head or found.get(HEAD_HEADER.lower(), "")
+    request_id = call.request_id or found.get(REQUEST_ID_HEADER.lower(), "")
+    if (head, request_id) == (call.head, call.request_id):
+        return call
+    return replace(call, head=head, request_id=request_id)
+
+
 @dataclass(frozen=True)
 class Answered:
     """A call's results, with the engine that computed them (its labels, version and content id describe
-    them) and the rows as that engine checked them (one per text, each with its tasks in order)."""
+    them) and the rows as that engine checked them (one per text, each with its tasks in order); per task
+    with a candidate head, the head that answers ("active" or "candidate": serve/shadow.py)."""
 
     call: Call
     rows: list[Row]
     engine: Engine
     results: list[RowResult]
+    heads: dict[str, str] = field(default_factory=dict)
 
     def answer(self, i: int, task: str) -> Answer:
-        """Row i's answer for `task`, at the call's max_labels."""
-        return answer_of(self.engine, self.results[i], task, self.call.max_labels)
+        """Row i's answer for `task` by the head that answers it, at the call's max_labels."""
+        return answer_of(self.engine, self.results[i], self.key(task), self.call.max_labels)
+
+    def key(self, task: str) -> str:
+        """The branch whose outputs answer `task`: the task's, or its candidate head's (centra.core.shadow)."""
+        return candidate_key(task) if self.heads.get(task) == HEADS[1] else task
+
+    def head(self, task: str) -> str | None:
+        """The head that answered `task`: "active" or "candidate"; None when the task has no candidate."""
+        return self.heads.get(task)
 
     def truncated(self, i: int, task: str) -> bool:
         return self.results[i].truncated.get(task, False)
@@ -161,12 +196,15 @@ class Answered:
 
 class Classifier:
     """The one classify path behind every door: a call checked against the served engine, queued on the
-    batcher with its deadline, re-checked against a new engine if a reload comes in between."""
+    batcher with its deadline, re-checked against a new engine if a reload comes in between. Rows asking
+    for a task with a candidate head run it too (serve/shadow.py: shadow figures, canary answers)."""
 
-    def __init__(self, batcher, limits: Limits):
+    def __init__(self, batcher, limits: Limits, shadow: Shadow | None = None):
         self.batcher = batcher
         self.limits = limits
         self.ready = False  # serving, not starting or draining (health, OIP's ServerReady)
+        self.shadow = shadow or Shadow()
+        batcher.listeners.append(self.shadow.observe_batch)
 
     @property
     def engine(self) -> Engine:
@@ -174,10 +212,13 @@ class Classifier:
 
     async def classify(self, call: Call) -> Answered:
         engine = self.batcher.engine
-        rows = call.rows(engine, self.limits)
+        rows = Shadow.rows(call.rows(engine, self.limits), engine)
         done = await self.batcher.submit(rows, call.deadline, checked=engine,
-                                         recheck=lambda other: call.rows(other, self.limits))
-        return Answered(call, done.rows, done.engine, done.results)
+                                         recheck=lambda other: Shadow.rows(call.rows(other, self.limits), other))
+        asked = [Row(r.text, r.pair, tuple(t for t in r.tasks if not is_candidate(t))) for r in done.rows]
+        heads = self.shadow.heads(list(asked[0].tasks), done.engine, call.head, call.request_id)
+        self.shadow.observe(done.rows, done.results, done.engine, heads)
+        return Answered(call, asked, done.engine, done.results, heads)
 
 
 def utf8_size(value: str, what: str) -> int:
@@ -220,6 +261,6 @@ def answer_of(engine: Engine, result: RowResult, name: str, max_labels: int = 0)
     """Task `name`'s answer in `result`; a call's max_labels (> 0) re-reads a multilabel task's logits
     (the answers computed with the batch hold the task's own limit only)."""
     answer = result.answers.get(name)
-    if answer is None or max_labels and engine.specs[name].kind == "multilabel":
-        answer = interpret(engine.specs[name], result.logits[name], max_labels or None)
+    if answer is None or max_labels and engine.branches[name].kind == "multilabel":
+        answer = interpret(engine.branches[name], result.logits[name], max_labels or None)
     return answer

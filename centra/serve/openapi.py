@@ -61,7 +61,12 @@ SCHEMAS = {
         "topK": {**INTEGER, "minimum": 0, "description": "answer each task's k highest scores with their labels, "
                  "highest first, in `top` (scores left empty); 0: every label's score in `scores`"},
         "rawScores": {**BOOLEAN, "description": "scores are the raw logits (before softmax or sigmoid), not "
-                      "probabilities; label, labels and value are unchanged"}}},
+                      "probabilities; label, labels and value are unchanged"},
+        "head": {**STRING, "enum": ["", "active", "candidate"],
+                 "description": "tasks with a candidate head: the head that answers (empty: the server's choice; "
+                 "or the X-Centra-Head header)"},
+        "requestId": {**STRING, "description": "what the canary fraction is drawn by: one id, one head (or the "
+                      "X-Request-Id header)"}}},
     "TaskResult": {"type": "object", "properties": {
         "task": STRING, "label": {**STRING, "description": "multiclass"},
         "labels": {**_array(STRING), "description": "multilabel: labels at or over their threshold"},
@@ -69,7 +74,9 @@ SCHEMAS = {
         "scores": {**_array(NUMBER), "description": "one per label, in the task's label order (GET /v1/tasks); "
                    "logits with rawScores; empty with topK"},
         "truncated": BOOLEAN,
-        "top": {**_array(_ref("LabelScore")), "description": "with topK: the k highest scores, highest first"}}},
+        "top": {**_array(_ref("LabelScore")), "description": "with topK: the k highest scores, highest first"},
+        "head": {**STRING, "description": "tasks with a candidate head only: the head that answered (active, "
+                 "candidate)"}}},
     "LabelScore": {"type": "object", "properties": {"label": STRING, "score": NUMBER}},
     "InputResult": {"type": "object", "properties": {"id": STRING, "tasks": _array(_ref("TaskResult"))}},
     "ClassifyResponse": {"type": "object", "properties": {
@@ -77,7 +84,8 @@ SCHEMAS = {
         "modelId": {**STRING, "description": "content id of the model that computed the results"}}},
     "TaskInfo": {"type": "object", "properties": {
         "name": STRING, "kind": STRING, "labels": _array(STRING), "input": STRING, "maxLength": INTEGER,
-        "attachLayer": INTEGER, "taskLayers": INTEGER}},
+        "attachLayer": INTEGER, "taskLayers": INTEGER,
+        "hasCandidate": {**BOOLEAN, "description": "a candidate head stands beside the active one"}}},
     "ListTasksResponse": {"type": "object", "properties": {
         "tasks": _array(_ref("TaskInfo")), "backboneId": STRING, "backboneFingerprint": STRING,
         "modelVersion": STRING, "overheadLayers": INTEGER, "modelId": STRING}},

@@ -96,13 +96,13 @@ class CentraServer:
     loop."""
 
     def __init__(self, engine: Engine, options: ServeOptions | None = None, *, guard: Guard | None = None,
-                 credentials=None, ssl_context=None, doors: Sequence | None = None):
+                 credentials=None, ssl_context=None, doors: Sequence | None = None, shadow=None):
         from centra.serve.doors import doors as every_door
 
         self.options = options or ServeOptions()
         self.options.check()
         self.batcher = Batcher(engine, self.options.max_batch, self.options.max_wait_ms, self.options.max_queue)
-        self.classifier = Classifier(self.batcher, self.options.limits)
+        self.classifier = Classifier(self.batcher, self.options.limits, shadow)  # shadow: serve/shadow.Shadow
         self.doors = tuple(doors) if doors is not None else every_door()
         self.guard = guard or Guard()
         opened = (*HEALTH_OPEN, *(p for door in self.doors for p in door.open_prefixes))

@@ -17,7 +17,7 @@ import functools
 import json
 
 from centra.core.protocol import MODEL
-from centra.serve.call import Classifier, ServeError
+from centra.serve.call import Classifier, ServeError, with_headers
 from centra.serve.doors import Door
 from centra.serve.doors.oip_tensors import (
     HEADER_LENGTH,
@@ -56,10 +56,12 @@ def server_version() -> str:
 
 
 async def infer(classifier: Classifier, tensors: list[Tensor], requested: list[str], parameters: dict,
-                deadline: float | None = None, classes: dict[str, int] | None = None):
+                deadline: float | None = None, classes: dict[str, int] | None = None, headers=()):
     """One inference through the classify path: (the engine that computed it, its outputs, those with a
-    classification count in `classes` as their top classes)."""
-    answered = await classifier.classify(call_of(tensors, classifier.limits, parameters, deadline))
+    classification count in `classes` as their top classes). `headers`: the HTTP headers or gRPC metadata
+    (a task's head, the request id: call.with_headers)."""
+    call = with_headers(call_of(tensors, classifier.limits, parameters, deadline), headers)
+    answered = await classifier.classify(call)
     return answered.engine, classified(outputs_of(answered, requested), classes or {}, answered.engine)
 
 
@@ -148,7 +150,7 @@ class InferenceServicer:
         tensors = tensors_from_pb(request, self.classifier.limits.max_inputs)
         classes = {o.name: classification_of(parameters_from_pb(o.parameters), o.name) for o in request.outputs}
         engine, outputs = await infer(self.classifier, tensors, [o.name for o in request.outputs],
-                                      parameters, deadline, classes)
+                                      parameters, deadline, classes, context.invocation_metadata() or ())
         return response_to_pb(request, engine, outputs)
 
 
@@ -248,7 +250,7 @@ class OipDoor(Door):
             parameters = parsed.doc.get("parameters")
             deadline = deadline_of(parameters, asyncio.get_running_loop().time())
             engine, outputs = await infer(classifier, parsed.tensors, list(parsed.outputs), parameters, deadline,
-                                          parsed.classes)
+                                          parsed.classes, request.headers)
             return infer_response(parsed.doc, engine, outputs, parsed.outputs, parsed.binary_output)
 
         routes = [web.get("/v2/health/live", live), web.get("/v2/health/ready", ready),

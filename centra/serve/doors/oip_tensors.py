@@ -21,7 +21,11 @@ type, for every transport that carries them: OIP over gRPC and HTTP (doors/oip.p
   in each multilabel answer of ANSWERS, as Classify's max_labels (the logits are unchanged);
 - request parameter `timeout` (microseconds, what tritonclient's `infer(timeout=)` sends): the call's
   deadline (with the transport's own deadline, whichever comes first); past it, DEADLINE_EXCEEDED, never
-  computed.
+  computed;
+- tasks with a candidate head (serve/shadow.py): request parameters `head` ("active" | "candidate") and
+  `request_id` (the canary fraction's draw), or the headers X-Centra-Head and X-Request-Id; ANSWERS
+  names the head that answered ("head"), LOGITS_<task> are that head's, and `CANDIDATE_LOGITS_<task>`
+  (FP32) carries the candidate's logits when the call names that output (never among the default ones).
 
 The tensors become a `Call`: the same checks, limits and messages as a centra.v1 call, and the same batcher.
 """
@@ -35,7 +39,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from centra.core import protocol as wire
-from centra.core.protocol import ANSWERS, CLASSIFICATION, INPUTS, TASKS, TEXT, TEXT_PAIR, logits_name, task_of
+from centra.core.protocol import (
+    ANSWERS,
+    CLASSIFICATION,
+    INPUTS,
+    TASKS,
+    TEXT,
+    TEXT_PAIR,
+    candidate_logits_name,
+    logits_name,
+    task_of,
+)
+from centra.core.shadow import candidate_key
 from centra.core.versions import names_version, version_number
 from centra.runtime.engine import Engine
 from centra.serve.call import MAX_LABELS_LIMIT, Answered, Call, Limits, ServeError
@@ -131,9 +146,19 @@ def deadline_of(parameters, now: float, deadline: float | None = None) -> float 
     return mine if deadline is None else min(mine, deadline)
 
 
+def text_parameter(parameters, name: str) -> str:
+    """Request parameter `name` as a string ("" when absent)."""
+    value = parameters.get(name) if parameters else None
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ServeError(f"parameter {name} must be a string, not {str(value)[:80]!r}")
+    return value
+
+
 def call_of(tensors: list[Tensor], limits: Limits, parameters: dict | None = None,
             deadline: float | None = None) -> Call:
-    """OIP input tensors (and request parameters: max_labels) -> the Call they mean."""
+    """OIP input tensors (and request parameters: max_labels, head, request_id) -> the Call they mean."""
     if len(tensors) > MAX_TENSORS:
         raise ServeError(f"{len(tensors)} input tensors; the limit is {MAX_TENSORS}")
     by_name: dict[str, Tensor] = {}
@@ -157,7 +182,8 @@ def call_of(tensors: list[Tensor], limits: Limits, parameters: dict | None = Non
         if any(value != given[0] for value in given[1:]):
             raise ServeError(f"{TASKS} differs between rows: one task set per request")
         tasks = [name.strip() for name in given[0].split(",") if name.strip()] if given else []
-    return Call(texts=texts, pairs=pairs, tasks=tasks, max_labels=max_labels_of(parameters), deadline=deadline)
+    return Call(texts=texts, pairs=pairs, tasks=tasks, max_labels=max_labels_of(parameters), deadline=deadline,
+                head=text_parameter(parameters, wire.HEAD), request_id=text_parameter(parameters, wire.REQUEST_ID))
 
 
 @dataclass(frozen=True)
@@ -220,16 +246,19 @@ def classified(outputs: list[Output], classes: dict[str, int], engine: Engine) -
 
 def answers_json(answered: Answered, i: int) -> bytes:
     """Row i's answers as `centra predict` gives them (the call's max_labels applied)."""
-    answers = {name: {**answered.answer(i, name).to_dict(), "truncated": answered.truncated(i, name)}
+    answers = {name: {**answered.answer(i, name).to_dict(), "truncated": answered.truncated(i, name),
+                      **({"head": answered.head(name)} if answered.head(name) else {})}
                for name in answered.rows[i].tasks}
     return json.dumps(answers, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 def outputs_of(answered: Answered, requested: list[str]) -> list[Output]:
-    """The call's outputs (all of them when `requested` is empty): LOGITS_<task> of its tasks, ANSWERS."""
+    """The call's outputs (all of them when `requested` is empty): LOGITS_<task> of its tasks (the answering
+    head's), ANSWERS; CANDIDATE_LOGITS_<task> of its tasks with a candidate head only when requested."""
     rows, results, engine = answered.rows, answered.results, answered.engine
-    known = {logits_name(t): t for t in rows[0].tasks}
-    names = requested or [*known, ANSWERS]
+    own = {logits_name(t): answered.key(t) for t in rows[0].tasks}
+    names = requested or [*own, ANSWERS]
+    known = {**own, **{candidate_logits_name(t): candidate_key(t) for t in rows[0].tasks if t in engine.candidates}}
     for name in names:
         if name != ANSWERS and name not in known:
             task = task_of(name)
@@ -244,8 +273,8 @@ def outputs_of(answered: Answered, requested: list[str]) -> list[Output]:
                 values[i, 0] = answers_json(answered, i)
             out.append(Output(ANSWERS, "BYTES", values))
         else:
-            task = known[name]
-            logits = np.stack([r.logits[task].float().numpy() for r in results]).astype(np.float32)
+            key = known[name]
+            logits = np.stack([r.logits[key].float().numpy() for r in results]).astype(np.float32)
             out.append(Output(name, "FP32", logits))
     return out
 
@@ -266,6 +295,8 @@ def metadata(engine: Engine) -> dict:
     inputs = [{"name": name, "datatype": "BYTES", "shape": [-1, 1]} for name in INPUTS]
     outputs = [{"name": logits_name(s.name), "datatype": "FP32", "shape": [-1, s.num_outputs]}
                for s in engine.specs.values()] + [{"name": ANSWERS, "datatype": "BYTES", "shape": [-1, 1]}]
+    outputs += [{"name": candidate_logits_name(task), "datatype": "FP32", "shape": [-1, s.num_outputs]}
+                for task, s in engine.candidates.items()]
     return {"name": wire.MODEL, "versions": [engine.version] if engine.version else [],
             "platform": PLATFORM.format(runtime=engine.runtime),
             "inputs": inputs, "outputs": outputs}

@@ -8,7 +8,7 @@ snake_case accepted too), the same two conversions as the gRPC door (doors/v1.py
 
 from __future__ import annotations
 
-from centra.serve.call import Classifier, ServeError
+from centra.serve.call import Classifier, ServeError, with_headers
 from centra.serve.doors import Door
 from centra.serve.doors.v1 import call_of, response_of, tasks_of
 from centra.serve.http import objects_over, parse_off_loop, strings_over
@@ -53,7 +53,7 @@ class RestDoor(Door):
                 raise ServeError(f"more than {most:,} strings in one call ({limits.max_inputs:,} inputs and "
                                  f"{limits.max_task_names:,} task names at most)")
             message = await parse_off_loop(parse_request, body)
-            answered = await classifier.classify(call_of(message, limits))
+            answered = await classifier.classify(with_headers(call_of(message, limits), request.headers))
             return proto_response(response_of(answered))
 
         async def tasks(request):

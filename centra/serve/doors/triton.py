@@ -40,46 +40,65 @@ def load(folder: Path, params: dict[str, str]):
     from centra.serve.call import Limits
 
     engine = Engine.load(folder, batch_size=int(params.get("engine_batch", "32")), engine=params.get("engine") or None)
-    engine.run([Row("warm up", "warm up", tuple(engine.specs))])
+    engine.run([Row("warm up", "warm up", tuple(engine.branches))])  # candidate heads too
     limits = Limits(int(params.get("max_inputs_per_call", "256")), int(params.get("max_call_bytes", str(1 << 20))))
     return engine, limits
 
 
 def answer(engine, limits, calls: list[tuple[dict, list[str], dict]]) -> list:
     """Per call ({input name: numpy array of bytes}, requested output names ([] = all of its own), its
-    request parameters (max_labels)): its outputs (list of oip.Output) or the exception that refuses it.
-    One engine run over every checked call's rows; when it fails, each call runs alone."""
+    request parameters (max_labels, head)): its outputs (list of oip.Output) or the exception that refuses
+    it. One engine run over every checked call's rows; when it fails, each call runs alone. A task's
+    candidate head runs only for a call that asks for it (the head parameter, or its CANDIDATE_LOGITS_
+    output): Triton shows none of centra's shadow figures, so nothing else pays for it."""
     from centra.serve.call import Answered
     from centra.serve.doors.oip_tensors import Tensor, call_of, outputs_of
 
     out: list = [None] * len(calls)
-    checked = []  # (index, call, rows, requested)
+    checked = []  # (index, call, rows, requested, heads)
     for i, (arrays, requested, parameters) in enumerate(calls):
         try:
             tensors = [Tensor(name, "BYTES", tuple(array.shape), list(array.reshape(-1)))
                        for name, array in arrays.items()]
             call = call_of(tensors, limits, parameters)
-            checked.append((i, call, call.rows(engine, limits), requested))
+            rows = call.rows(engine, limits)
+            checked.append((i, call, *asked_heads(engine, call, rows, requested), requested))
         except Exception as exc:
             out[i] = exc
     if not checked:
         return out
     try:
-        results = engine.interpret_all(engine.run([row for _, _, rows, _ in checked for row in rows]))
+        results = engine.interpret_all(engine.run([row for _, _, rows, _, _ in checked for row in rows]))
     except Exception:
         results = None  # one error slot per request: find the bad one(s) by running each alone
     offset = 0
-    for i, call, rows, requested in checked:
+    for i, call, rows, heads, requested in checked:
         try:
             if results is not None:
                 mine = results[offset:offset + len(rows)]
             else:
                 mine = engine.interpret_all(engine.run(rows))
-            out[i] = outputs_of(Answered(call, rows, engine, mine), requested)
+            out[i] = outputs_of(Answered(call, call.rows(engine, limits), engine, mine, heads), requested)
         except Exception as exc:
             out[i] = exc
         offset += len(rows)
     return out
+
+
+def asked_heads(engine, call, rows: list, requested: list[str]) -> tuple[list, dict[str, str]]:
+    """The rows with the candidate keys the call asks for (the head parameter, or a CANDIDATE_LOGITS_
+    output), and the head that answers each of its tasks that has a candidate head."""
+    from centra.core.protocol import candidate_logits_name
+    from centra.core.shadow import candidate_key
+    from centra.runtime.engine import Row
+    from centra.serve.shadow import choose_heads
+
+    tasks = list(rows[0].tasks) if rows else []
+    heads = choose_heads(None, tasks, engine, call.head, call.request_id)
+    wanted = [t for t in heads if heads[t] == "candidate" or candidate_logits_name(t) in requested]
+    if not wanted:
+        return rows, heads
+    return [Row(r.text, r.pair, r.tasks + tuple(candidate_key(t) for t in wanted)) for r in rows], heads
 
 
 def parameters_of(request) -> dict:

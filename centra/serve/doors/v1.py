@@ -8,7 +8,7 @@ as JSON (doors/rest.py) and uses the same two conversions, `call_of` and `respon
 from __future__ import annotations
 
 from centra.runtime.engine import Engine
-from centra.serve.call import Answered, Call, Classifier, Limits
+from centra.serve.call import Answered, Call, Classifier, Limits, with_headers
 from centra.serve.doors import Door
 from centra.serve.wire import parsed, parser
 
@@ -22,13 +22,15 @@ def call_of(request, limits: Limits, deadline: float | None = None) -> Call:
     limits.check_task_names(len(request.tasks))
     return Call(texts=[item.text for item in inputs], pairs=[item.text_pair for item in inputs],
                 tasks=list(request.tasks), max_labels=request.max_labels, deadline=deadline,
-                ids=[item.id for item in inputs], top_k=request.top_k, raw_scores=request.raw_scores)
+                ids=[item.id for item in inputs], top_k=request.top_k, raw_scores=request.raw_scores,
+                head=request.head, request_id=request.request_id)
 
 
 def response_of(answered: Answered):
     """One InputResult per input (ids echoed), one TaskResult per task of its row, in the row's order,
     described by the engine that computed them (version, content id); scores as the call asked (every
-    label's, or its top_k with their labels; probabilities or raw logits)."""
+    label's, or its top_k with their labels; probabilities or raw logits); a task with a candidate head names
+    the head that answered."""
     from centra.serve.v1 import centra_pb2 as pb
 
     engine, call = answered.engine, answered.call
@@ -44,6 +46,8 @@ def response_of(answered: Answered):
             elif call.raw_scores:
                 del task.scores[:]
                 task.scores.extend(answered.scores(i, name).values())
+            if answered.head(name) is not None:  # set only for a task with a candidate head
+                task.head = answered.head(name)
     return response
 
 
@@ -56,7 +60,8 @@ def tasks_of(engine: Engine):
     backbone = manifest.backbone if manifest is not None else None
     return pb.ListTasksResponse(
         tasks=[pb.TaskInfo(name=s.name, kind=s.kind, labels=s.labels, input=s.input, max_length=s.max_length,
-                           attach_layer=s.attach_layer, task_layers=s.task_layers) for s in engine.specs.values()],
+                           attach_layer=s.attach_layer, task_layers=s.task_layers,
+                           has_candidate=s.name in engine.candidates) for s in engine.specs.values()],
         backbone_id=backbone.id if backbone else "", backbone_fingerprint=backbone.fingerprint if backbone else "",
         model_version=engine.version, model_id=engine.content_id,
         overhead_layers=manifest.overhead_layers if manifest is not None else 0)
@@ -73,7 +78,8 @@ class ClassifierServicer:
 
         remaining = context.time_remaining()
         deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
-        return response_of(await self.classifier.classify(call_of(request, self.classifier.limits, deadline)))
+        call = with_headers(call_of(request, self.classifier.limits, deadline), context.invocation_metadata() or ())
+        return response_of(await self.classifier.classify(call))
 
     async def ListTasks(self, request, context):
         return tasks_of(self.classifier.engine)

@@ -24,31 +24,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63\x65ntra/v1/centra.proto\x12\tcentra.v1\"y\n\x0f\x43lassifyRequest\x12 \n\x06inputs\x18\x01 \x03(\x0b\x32\x10.centra.v1.Input\x12\r\n\x05tasks\x18\x02 \x03(\t\x12\x12\n\nmax_labels\x18\x03 \x01(\x05\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x12\n\nraw_scores\x18\x05 \x01(\x08\"4\n\x05Input\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttext_pair\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\"d\n\x10\x43lassifyResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.centra.v1.InputResult\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\"?\n\x0bInputResult\x12\n\n\x02id\x18\x01 \x01(\t\x12$\n\x05tasks\x18\x02 \x03(\x0b\x32\x15.centra.v1.TaskResult\"\xad\x01\n\nTaskResult\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x12\n\x05label\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12\x12\n\x05value\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x0e\n\x06scores\x18\x05 \x03(\x02\x12\x11\n\ttruncated\x18\x06 \x01(\x08\x12\"\n\x03top\x18\x07 \x03(\x0b\x32\x15.centra.v1.LabelScoreB\x08\n\x06_labelB\x08\n\x06_value\"*\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"\x12\n\x10ListTasksRequest\"\x84\x01\n\x08TaskInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12\r\n\x05input\x18\x04 \x01(\t\x12\x12\n\nmax_length\x18\x05 \x01(\x05\x12\x14\n\x0c\x61ttach_layer\x18\x06 \x01(\x05\x12\x13\n\x0btask_layers\x18\x07 \x01(\x05\"\xac\x01\n\x11ListTasksResponse\x12\"\n\x05tasks\x18\x01 \x03(\x0b\x32\x13.centra.v1.TaskInfo\x12\x13\n\x0b\x62\x61\x63kbone_id\x18\x02 \x01(\t\x12\x1c\n\x14\x62\x61\x63kbone_fingerprint\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x17\n\x0foverhead_layers\x18\x05 \x01(\x05\x12\x10\n\x08model_id\x18\x06 \x01(\t2\x99\x01\n\nClassifier\x12\x43\n\x08\x43lassify\x12\x1a.centra.v1.ClassifyRequest\x1a\x1b.centra.v1.ClassifyResponse\x12\x46\n\tListTasks\x12\x1b.centra.v1.ListTasksRequest\x1a\x1c.centra.v1.ListTasksResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63\x65ntra/v1/centra.proto\x12\tcentra.v1\"\x9b\x01\n\x0f\x43lassifyRequest\x12 \n\x06inputs\x18\x01 \x03(\x0b\x32\x10.centra.v1.Input\x12\r\n\x05tasks\x18\x02 \x03(\t\x12\x12\n\nmax_labels\x18\x03 \x01(\x05\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x12\n\nraw_scores\x18\x05 \x01(\x08\x12\x0c\n\x04head\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"4\n\x05Input\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttext_pair\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\"d\n\x10\x43lassifyResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.centra.v1.InputResult\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\"?\n\x0bInputResult\x12\n\n\x02id\x18\x01 \x01(\t\x12$\n\x05tasks\x18\x02 \x03(\x0b\x32\x15.centra.v1.TaskResult\"\xc9\x01\n\nTaskResult\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x12\n\x05label\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12\x12\n\x05value\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x0e\n\x06scores\x18\x05 \x03(\x02\x12\x11\n\ttruncated\x18\x06 \x01(\x08\x12\"\n\x03top\x18\x07 \x03(\x0b\x32\x15.centra.v1.LabelScore\x12\x11\n\x04head\x18\x08 \x01(\tH\x02\x88\x01\x01\x42\x08\n\x06_labelB\x08\n\x06_valueB\x07\n\x05_head\"*\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"\x12\n\x10ListTasksRequest\"\x9b\x01\n\x08TaskInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12\r\n\x05input\x18\x04 \x01(\t\x12\x12\n\nmax_length\x18\x05 \x01(\x05\x12\x14\n\x0c\x61ttach_layer\x18\x06 \x01(\x05\x12\x13\n\x0btask_layers\x18\x07 \x01(\x05\x12\x15\n\rhas_candidate\x18\x08 \x01(\x08\"\xac\x01\n\x11ListTasksResponse\x12\"\n\x05tasks\x18\x01 \x03(\x0b\x32\x13.centra.v1.TaskInfo\x12\x13\n\x0b\x62\x61\x63kbone_id\x18\x02 \x01(\t\x12\x1c\n\x14\x62\x61\x63kbone_fingerprint\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x17\n\x0foverhead_layers\x18\x05 \x01(\x05\x12\x10\n\x08model_id\x18\x06 \x01(\t2\x99\x01\n\nClassifier\x12\x43\n\x08\x43lassify\x12\x1a.centra.v1.ClassifyRequest\x1a\x1b.centra.v1.ClassifyResponse\x12\x46\n\tListTasks\x12\x1b.centra.v1.ListTasksRequest\x1a\x1c.centra.v1.ListTasksResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'centra.v1.centra_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CLASSIFYREQUEST']._serialized_start=37
-  _globals['_CLASSIFYREQUEST']._serialized_end=158
-  _globals['_INPUT']._serialized_start=160
-  _globals['_INPUT']._serialized_end=212
-  _globals['_CLASSIFYRESPONSE']._serialized_start=214
-  _globals['_CLASSIFYRESPONSE']._serialized_end=314
-  _globals['_INPUTRESULT']._serialized_start=316
-  _globals['_INPUTRESULT']._serialized_end=379
-  _globals['_TASKRESULT']._serialized_start=382
-  _globals['_TASKRESULT']._serialized_end=555
-  _globals['_LABELSCORE']._serialized_start=557
-  _globals['_LABELSCORE']._serialized_end=599
-  _globals['_LISTTASKSREQUEST']._serialized_start=601
-  _globals['_LISTTASKSREQUEST']._serialized_end=619
-  _globals['_TASKINFO']._serialized_start=622
-  _globals['_TASKINFO']._serialized_end=754
-  _globals['_LISTTASKSRESPONSE']._serialized_start=757
-  _globals['_LISTTASKSRESPONSE']._serialized_end=929
-  _globals['_CLASSIFIER']._serialized_start=932
-  _globals['_CLASSIFIER']._serialized_end=1085
+  _globals['_CLASSIFYREQUEST']._serialized_start=38
+  _globals['_CLASSIFYREQUEST']._serialized_end=193
+  _globals['_INPUT']._serialized_start=195
+  _globals['_INPUT']._serialized_end=247
+  _globals['_CLASSIFYRESPONSE']._serialized_start=249
+  _globals['_CLASSIFYRESPONSE']._serialized_end=349
+  _globals['_INPUTRESULT']._serialized_start=351
+  _globals['_INPUTRESULT']._serialized_end=414
+  _globals['_TASKRESULT']._serialized_start=417
+  _globals['_TASKRESULT']._serialized_end=618
+  _globals['_LABELSCORE']._serialized_start=620
+  _globals['_LABELSCORE']._serialized_end=662
+  _globals['_LISTTASKSREQUEST']._serialized_start=664
+  _globals['_LISTTASKSREQUEST']._serialized_end=682
+  _globals['_TASKINFO']._serialized_start=685
+  _globals['_TASKINFO']._serialized_end=840
+  _globals['_LISTTASKSRESPONSE']._serialized_start=843
+  _globals['_LISTTASKSRESPONSE']._serialized_end=1015
+  _globals['_CLASSIFIER']._serialized_start=1018
+  _globals['_CLASSIFIER']._serialized_end=1171
 # @@protoc_insertion_point(module_scope)

@@ -7,18 +7,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("inputs", "tasks", "max_labels", "top_k", "raw_scores")
+    __slots__ = ("inputs", "tasks", "max_labels", "top_k", "raw_scores", "head", "request_id")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
     MAX_LABELS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     RAW_SCORES_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     inputs: _containers.RepeatedCompositeFieldContainer[Input]
     tasks: _containers.RepeatedScalarFieldContainer[str]
     max_labels: int
     top_k: int
     raw_scores: bool
-    def __init__(self, inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., tasks: _Optional[_Iterable[str]] = ..., max_labels: _Optional[int] = ..., top_k: _Optional[int] = ..., raw_scores: _Optional[bool] = ...) -> None: ...
+    head: str
+    request_id: str
+    def __init__(self, inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., tasks: _Optional[_Iterable[str]] = ..., max_labels: _Optional[int] = ..., top_k: _Optional[int] = ..., raw_scores: _Optional[bool] = ..., head: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class Input(_message.Message):
     __slots__ = ("text", "text_pair", "id")
@@ -49,7 +53,7 @@ class InputResult(_message.Message):
     def __init__(self, id: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[TaskResult, _Mapping]]] = ...) -> None: ...
 
 class TaskResult(_message.Message):
-    __slots__ = ("task", "label", "labels", "value", "scores", "truncated", "top")
+    __slots__ = ("task", "label", "labels", "value", "scores", "truncated", "top", "head")
     TASK_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +61,7 @@ class TaskResult(_message.Message):
     SCORES_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     TOP_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
     task: str
     label: str
     labels: _containers.RepeatedScalarFieldContainer[str]
@@ -64,7 +69,8 @@ class TaskResult(_message.Message):
     scores: _containers.RepeatedScalarFieldContainer[float]
     truncated: bool
     top: _containers.RepeatedCompositeFieldContainer[LabelScore]
-    def __init__(self, task: _Optional[str] = ..., label: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., value: _Optional[float] = ..., scores: _Optional[_Iterable[float]] = ..., truncated: _Optional[bool] = ..., top: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ...) -> None: ...
+    head: str
+    def __init__(self, task: _Optional[str] = ..., label: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., value: _Optional[float] = ..., scores: _Optional[_Iterable[float]] = ..., truncated: _Optional[bool] = ..., top: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., head: _Optional[str] = ...) -> None: ...
 
 class LabelScore(_message.Message):
     __slots__ = ("label", "score")
@@ -79,7 +85,7 @@ class ListTasksRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TaskInfo(_message.Message):
-    __slots__ = ("name", "kind", "labels", "input", "max_length", "attach_layer", "task_layers")
+    __slots__ = ("name", "kind", "labels", "input", "max_length", "attach_layer", "task_layers", "has_candidate")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +93,7 @@ class TaskInfo(_message.Message):
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     ATTACH_LAYER_FIELD_NUMBER: _ClassVar[int]
     TASK_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    HAS_CANDIDATE_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     labels: _containers.RepeatedScalarFieldContainer[str]
@@ -94,7 +101,8 @@ class TaskInfo(_message.Message):
     max_length: int
     attach_layer: int
     task_layers: int
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., input: _Optional[str] = ..., max_length: _Optional[int] = ..., attach_layer: _Optional[int] = ..., task_layers: _Optional[int] = ...) -> None: ...
+    has_candidate: bool
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., input: _Optional[str] = ..., max_length: _Optional[int] = ..., attach_layer: _Optional[int] = ..., task_layers: _Optional[int] = ..., has_candidate: _Optional[bool] = ...) -> None: ...
 
 class ListTasksResponse(_message.Message):
     __slots__ = ("tasks", "backbone_id", "backbone_fingerprint", "model_version", "overhead_layers", "model_id")

@@ -22,7 +22,8 @@ BEARER = {"Authorization": "Bearer s3cret"}
 
 def preflight(running, path: str, origin: str, method: str):
     return raw(running, "OPTIONS", path, {"Origin": origin, "Access-Control-Request-Method": method,
-                                          "Access-Control-Request-Headers": "authorization, content-type"})
+                                          "Access-Control-Request-Headers": "authorization, content-type, x-centra-head, "
+                                                                            "x-request-id"})
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +54,8 @@ def test_preflight_is_answered_for_allowed_origins_only(cors, method, path):
     status, headers, _ = preflight(cors, path, ALLOWED, method)
     assert status == 200, (path, status)
     assert headers["Access-Control-Allow-Origin"] == ALLOWED and headers["Access-Control-Allow-Methods"] == method
-    assert {h.strip().lower() for h in headers["Access-Control-Allow-Headers"].split(",")} == {"authorization",
-                                                                                            "content-type"}
+    assert {h.strip().lower() for h in headers["Access-Control-Allow-Headers"].split(",")} == {
+        "authorization", "content-type", "x-centra-head", "x-request-id"}  # the canary's headers too
     assert headers.get("Vary") == "Origin"
     status, headers, body = preflight(cors, path, OTHER, method)
     assert status == 403 and "Access-Control-Allow-Origin" not in headers and b"not allowed" in body, path

@@ -105,6 +105,23 @@ def test_asking_for_a_head_gets_it_and_names_it(canary_server, engines, serve, v
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "head 'newest'" in caught.value.details()
 
 
+def test_raw_scores_and_top_k_come_from_the_head_that_answered(canary_server, versions):  # noqa: F811
+    import numpy as np
+
+    texts, tasks = TEXTS, ["alpha", "beta"]
+    engine = Engine.load(versions[1])
+    rows = [Row(t, None, (*tasks, *(candidate_key(n) for n in tasks))) for t in texts]
+    logits = [r.logits for r in engine.run(rows)]
+    for head in ("active", "candidate"):
+        raw = canary_server.stub.Classify(request_with(texts, tasks, head=head, raw_scores=True))
+        top = canary_server.stub.Classify(request_with(texts, tasks, head=head, raw_scores=True, top_k=1))
+        for i, (r, t) in enumerate(zip(raw.results, top.results)):
+            for got, best in zip(r.tasks, t.tasks):
+                key = got.task if head == "active" else candidate_key(got.task)
+                assert np.allclose(list(got.scores), logits[i][key].tolist(), atol=1e-4), (head, got.task)
+                assert best.top[0].score == max(got.scores)
+
+
 def test_client_and_rest_carry_the_head(engines, versions):  # noqa: F811
     served = Served(CentraServer(engines[1], ServeOptions(port=0, http_port=0, drain_s=0),
                                  shadow=Shadow(ShadowOptions(canary={"alpha": 1.0}))))

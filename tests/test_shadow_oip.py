@@ -140,6 +140,7 @@ def test_onnx_runtime_repository_leaves_candidates_out(versions, tmp_path):  # n
     export_triton(versions[1].parent.parent, tmp_path / "repo", progress=False)
     configs = "".join(p.read_text() for p in (tmp_path / "repo").rglob("config.pbtxt"))
     assert "LOGITS_alpha" in configs and "candidate" not in configs.lower()
+    assert not [p.name for p in (tmp_path / "repo").rglob("*") if "@" in p.name]  # no candidate label files
 
 
 def test_a_real_triton_server_gives_candidates_when_asked(versions, tmp_path):  # noqa: F811

@@ -320,7 +320,9 @@ def export_triton(model: Path, repo: Path, engine: str = ENGINE_NAME, precision:
             # an ensemble's version folder is empty; numbered as the version (what centra serve answers to)
             (stage / ENSEMBLE / triton_version(manifest.version)).mkdir(parents=True)
             (stage / ENSEMBLE / "config.pbtxt").write_text(ensemble_config(groups, max_batch, specs))
-            for spec in specs.values():  # the labels of Triton's classification extension
+            for key, spec in specs.items():  # the labels of Triton's classification extension
+                if is_candidate(key):  # candidate heads: centra serve's only
+                    continue
                 (stage / ENSEMBLE / label_file(spec.name)).write_text(label_lines(spec), encoding="utf-8")
             for g in groups:
                 diff = group_parity(stage, g, params[g.graph], reference)

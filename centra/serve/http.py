@@ -207,10 +207,12 @@ def allow_cors(app, origins: tuple[str, ...]) -> None:
     answer to any other carries no CORS header."""
     import aiohttp_cors
 
+    from centra.serve.call import HEAD_HEADER, REQUEST_ID_HEADER  # a task's head, the canary's request id
     from centra.serve.doors.oip_tensors import HEADER_LENGTH  # binary OIP tensors: sent and read
 
     # what a browser's script may send and read besides the simple headers
-    options = aiohttp_cors.ResourceOptions(allow_headers=("Authorization", "Content-Type", HEADER_LENGTH),
+    options = aiohttp_cors.ResourceOptions(allow_headers=("Authorization", "Content-Type", HEADER_LENGTH,
+                                                          HEAD_HEADER, REQUEST_ID_HEADER),
                                            expose_headers=("Retry-After", "WWW-Authenticate", "Allow", HEADER_LENGTH),
                                            max_age=CORS_MAX_AGE_S)
     cors = aiohttp_cors.setup(app, defaults={origin: options for origin in origins})

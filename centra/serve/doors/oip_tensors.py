@@ -235,10 +235,11 @@ def classified(outputs: list[Output], classes: dict[str, int], engine: Engine) -
     for output in outputs:
         count = classes.get(output.name, 0)
         if count:
-            task = task_of(output.name)
+            task = task_of(output.name) or (output.name.removeprefix(wire.CANDIDATE_LOGITS)
+                                            if output.name.startswith(wire.CANDIDATE_LOGITS) else None)
             if output.datatype != "FP32" or task is None:
                 raise ServeError(f"output {output.name}: classification is for the logits outputs "
-                                 f"({logits_name('<task>')}), not {output.datatype} ones")
+                                 f"({logits_name('<task>')}, {wire.CANDIDATE_LOGITS}<task>), not {output.datatype} ones")
             output = Output(output.name, "BYTES", top_classes(output.array, engine.specs[task].labels, count))
         out.append(output)
     return out

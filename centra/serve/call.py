@@ -183,7 +183,8 @@ class Answered:
 
     def scores(self, i: int, task: str) -> dict[str, float]:
         """Row i's scores for `task` by label, in label order, as the call asked: probabilities (the
-        answer's), or with raw_scores the logits of the head that answered, rounded to 6 decimals as the probabilities are."""
+        answer's), or with raw_scores the logits of the head that answered, rounded to 6 decimals as the
+        probabilities are."""
         if not self.call.raw_scores:
             return self.answer(i, task).scores
         labels = self.engine.specs[task].labels

@@ -239,7 +239,8 @@ def classified(outputs: list[Output], classes: dict[str, int], engine: Engine) -
                                             if output.name.startswith(wire.CANDIDATE_LOGITS) else None)
             if output.datatype != "FP32" or task is None:
                 raise ServeError(f"output {output.name}: classification is for the logits outputs "
-                                 f"({logits_name('<task>')}, {wire.CANDIDATE_LOGITS}<task>), not {output.datatype} ones")
+                                 f"({logits_name('<task>')}, {wire.CANDIDATE_LOGITS}<task>), not "
+                                 f"{output.datatype} ones")
             output = Output(output.name, "BYTES", top_classes(output.array, engine.specs[task].labels, count))
         out.append(output)
     return out

@@ -192,15 +192,21 @@ def test_multilabel_branches_are_chosen_at_tuned_thresholds(bert, tmp_path, monk
         cache.close()
     monkeypatch.undo()
 
-    # fp32: the assertions below need a cut teacher whose tuned figure differs from its figure at 0.5,
-    # which a bf16 run of this tiny task did not always give
-    report, _ = train_task(job_for(tmp_path, "m", "multilabel", False, layers=(1, 3), precision="fp32"), bert,
-                           tmp_path / "tasks")
-    rounds, teachers = report.search.rounds, {t.trainable_layers: t for t in report.teachers}
+    # the assertions below need a cut teacher whose tuned figure differs from its figure at 0.5 (else the
+    # rung scores could be either): the first seed whose run gives one (fp32, reproducible; which seed does
+    # depends on float rounding, e.g. the optimizer's kernel)
+    for seed in range(6):
+        report, _ = train_task(job_for(tmp_path, "m", "multilabel", False, layers=(1, 3), precision="fp32", seed=seed),
+                               bert, tmp_path / f"tasks-{seed}")
+        teachers = {t.trainable_layers: t for t in report.teachers}
+        if any(t.log.dev["tuned"]["micro_f1"] != t.log.dev["micro_f1"] for t in teachers.values() if not t.chosen):
+            break
+    else:
+        pytest.fail("no seed gave a cut teacher whose tuned figure differs from its figure at 0.5")
+    rounds = report.search.rounds
     for layers, teacher in teachers.items():  # every rung score is the tuned metric, not the one at 0.5
         if not teacher.chosen:
             assert rounds[0]["scores"][str(layers)] == round(teacher.log.dev["tuned"]["micro_f1"], 6)
-    assert any(t.log.dev["tuned"]["micro_f1"] != t.log.dev["micro_f1"] for t in teachers.values() if not t.chosen)
     chosen = report.chosen_teacher.log
     tuned = [e["tuned"]["micro_f1"] for e in chosen.epochs]
     assert chosen.best_epoch == 1 + tuned.index(max(tuned)) and chosen.dev["tuned"]["micro_f1"] == max(tuned)

@@ -176,9 +176,9 @@ def test_door_translations_keep_texts_pairs_and_tasks():
         return call.texts, call.pairs, call.tasks
 
     assert seen(v1.call_of(rest.parse_request(rest_body(request)), limits)) == want
-    doc, tensors, requested, _ = oip_tensors.parse_infer(oip_json(request, 1000), None, limits.max_inputs)
-    assert seen(oip_tensors.call_of(tensors, limits, doc["parameters"])) == want and list(requested) == ["ANSWERS"]
-    assert doc["parameters"] == {"timeout": 1000}
+    parsed = oip_tensors.parse_infer(oip_json(request, 1000), None, limits.max_inputs)
+    assert seen(oip_tensors.call_of(parsed.tensors, limits, parsed.doc["parameters"])) == want
+    assert list(parsed.outputs) == ["ANSWERS"] and parsed.doc["parameters"] == {"timeout": 1000}
     for raw in (False, True):
         message = ip.ModelInferRequest.FromString(oip_pb(request, 1000, raw).SerializeToString())
         parameters = oip.parameters_from_pb(message.parameters)

@@ -6,6 +6,9 @@ files, checked without a Triton server (tests/test_one_script.py runs one script
 - the `classification` output parameter (Triton's extension, tritonclient's `class_count`): over HTTP JSON,
   HTTP binary and gRPC, each row's top K logits as BYTES "value:index:label" (value as C's %f, labels in
   logit order); refused with one line on ANSWERS or a count that is not an integer >= 0;
+- the request parameter `tasks` ("alpha,beta": every row's tasks, named once) over HTTP JSON and gRPC, the
+  answers those of a TASKS input; refused with one line beside TASKS, when not a string, with an empty
+  name or too many names; an unknown task refused as in TASKS;
 - `centra export-triton`: TEXT_PAIR and TASKS optional in config.pbtxt, one label file per task named by
   its output, the version folder numbered as the exported version.
 """
@@ -163,6 +166,50 @@ def test_a_bad_classification_count_is_refused_with_one_line(served):
         assert "parameter classification must be an integer" in refused.value.details()
     finally:
         channel.close()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_the_tasks_parameter_names_every_rows_tasks(served, engine, protocol):
+    module = tritonhttp if protocol == "http" else tritongrpc
+    client = module.InferenceServerClient(served.http_target if protocol == "http" else served.grpc_target)
+    try:
+        texts = TEXTS[:3]
+        text = module.InferInput("TEXT", [len(texts), 1], "BYTES")
+        text.set_data_from_numpy(np.array([[t.encode()] for t in texts], dtype=object))
+        result = client.infer("centra", [text], parameters={"tasks": " beta,alpha "})
+        answers = [json.loads(row[0]) for row in result.as_numpy("ANSWERS")]
+        assert [list(a) for a in answers] == [["beta", "alpha"]] * len(texts), answers
+        for task in ("alpha", "beta"):
+            assert np.allclose(result.as_numpy(f"LOGITS_{task}"),
+                               engine.logits(texts, None, [task])[task].numpy(), atol=TOLERANCE)
+        assert result.as_numpy("LOGITS_gamma") is None
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer("centra", oip_inputs(module, texts, tasks="alpha"), parameters={"tasks": "alpha"})
+        assert "both the TASKS input and the tasks parameter given" in str(refused.value)
+        assert ("400" if protocol == "http" else "INVALID_ARGUMENT") in str(refused.value.status())
+        with pytest.raises(InferenceServerException, match="parameter tasks must be a string"):
+            client.infer("centra", [text], parameters={"tasks": 3})
+    finally:
+        client.close()
+
+
+def test_a_bad_tasks_parameter_is_refused_with_one_line(served):
+    def refusal(tasks, inputs=None) -> tuple[int, dict]:
+        body = {"inputs": inputs or text_tensor(TEXTS[:2]), "parameters": {"tasks": tasks}}
+        return served.call("POST", "/v2/models/centra/infer", body)
+
+    for value, message in ((["alpha"], "must be a string of comma-separated task names"), (True, "must be a string"),
+                           ("", "has an empty task name"), ("alpha,,beta", "has an empty task name"),
+                           ("alpha,", "has an empty task name"), (",".join(["alpha"] * 1025),
+                                                                  "1,025 task names in one call; the limit is 1,024")):
+        status, got = refusal(value)
+        assert status == 400 and got["code"] == "INVALID_ARGUMENT", (value, got)
+        assert message in got["error"] and "\n" not in got["error"], (value, got)
+    status, got = refusal("alpha", text_tensor(TEXTS[:2], "alpha"))
+    assert status == 400 and "name the tasks once" in got["error"], got
+    status, got = refusal("alpha,nope")
+    same = served.call("POST", "/v2/models/centra/infer", {"inputs": text_tensor(TEXTS[:2], "alpha,nope")})
+    assert status == same[0] == 404 and got == same[1] and "unknown task 'nope'" in got["error"], (got, same)
 
 
 def test_the_python_repository_marks_optional_inputs_labels_and_numbers_its_version(model_out, engine, tmp_path):

@@ -1,11 +1,11 @@
 """One client script, unchanged, against `centra serve` and against a REAL Triton server (the
 nvidia-pytriton wheel's tritonserver, on loopback) serving `centra export-triton` of the same version:
 tritonclient over HTTP and gRPC, and raw HTTP JSON as curl sends it. It reads server and model metadata,
-checks readiness, infers by the version's number, sends TEXT alone, names tasks per row, asks for top-K
-classes (`classification`), and returns what it saw; the two servers' logits, classes and answers must
-agree. A single TASKS row for many texts is centra serve's alone: Triton refuses it before its model runs
-(it checks that every input of a request has the same rows). One Triton server for the module; skipped,
-saying why, only where the binary cannot run."""
+checks readiness, infers by the version's number, sends TEXT alone, names tasks per row and once (the
+request parameter `tasks`), asks for top-K classes (`classification`), and returns what it saw; the two
+servers' logits, classes and answers must agree. A single TASKS row for many texts is centra serve's
+alone: Triton refuses it before its model runs (it checks that every input of a request has the same
+rows). One Triton server for the module; skipped, saying why, only where the binary cannot run."""
 
 from __future__ import annotations
 
@@ -108,6 +108,17 @@ def one_script(http_address: str, grpc_address: str) -> dict:
             seen[f"{name} text only {task}"] = result.as_numpy(f"LOGITS_{task}")
         assert result.as_numpy("LOGITS_delta") is None, "a pair task runs only on text pairs"
         seen[f"{name} text only answers"] = [json.loads(row[0]) for row in result.as_numpy("ANSWERS")]
+        # tasks named once for every row: the request parameter `tasks`
+        result = client.infer("centra", [bytes_input(module, "TEXT", texts)], model_version=VERSION,
+                              parameters={"tasks": "beta,epsilon"})
+        for task in ("beta", "epsilon"):
+            seen[f"{name} tasks parameter {task}"] = result.as_numpy(f"LOGITS_{task}")
+        assert result.as_numpy("LOGITS_alpha") is None, "only the tasks named"
+        seen[f"{name} tasks parameter answers"] = [json.loads(row[0]) for row in result.as_numpy("ANSWERS")]
+        assert [list(a) for a in seen[f"{name} tasks parameter answers"]] == [["beta", "epsilon"]] * 3
+        with pytest.raises(InferenceServerException, match="name the tasks once"):  # not with TASKS too
+            client.infer("centra", [bytes_input(module, "TEXT", texts[:1]), bytes_input(module, "TASKS", ["beta"])],
+                         parameters={"tasks": "beta"})
         # tasks named on every row, with text pairs, and top-K classes
         rows = [texts[i % 3] for i in range(4)]
         inputs = [bytes_input(module, "TEXT", rows), bytes_input(module, "TEXT_PAIR", PAIRS[:4]),
@@ -162,7 +173,7 @@ def test_one_script_runs_unchanged_on_both_servers_and_they_agree(servers, engin
         else:
             assert np.asarray(a).shape == np.asarray(b).shape and np.allclose(a, b, atol=TOLERANCE), key
             task = key.rsplit(" ", 1)[1]
-            if "text only" in key:  # and both equal the engine in process
+            if "text only" in key or "tasks parameter" in key:  # and both equal the engine in process
                 assert np.allclose(a, want[task].numpy(), atol=TOLERANCE), key
     labels = engine.specs["beta"].labels
     top = [sorted(range(4), key=lambda j: -row[j])[:2] for row in want["beta"].numpy()]
@@ -174,7 +185,8 @@ def test_one_script_runs_unchanged_on_both_servers_and_they_agree(servers, engin
 def test_a_single_tasks_row_for_many_texts_is_centra_serves_alone(servers, protocol):
     """centra serve applies one TASKS row to every text; Triton refuses the request before its model runs
     (every input of a request of a batching model must have its rows), so a script for both sends TASKS
-    on every row (test_one_script_runs_unchanged_on_both_servers_and_they_agree)."""
+    on every row, or the request parameter `tasks`
+    (test_one_script_runs_unchanged_on_both_servers_and_they_agree)."""
     module = tritonhttp if protocol == "http" else tritongrpc
     inputs = [bytes_input(module, "TEXT", TEXTS[:3]), bytes_input(module, "TASKS", ["alpha"])]
     answers = {}

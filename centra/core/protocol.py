@@ -24,6 +24,7 @@ CANDIDATE_LOGITS = "CANDIDATE_LOGITS_"  # + a task's name: its candidate head's 
 HEAD = "head"  # request parameter: the head that answers tasks with a candidate ("active" | "candidate")
 REQUEST_ID = "request_id"  # request parameter: what the canary fraction is drawn by
 MAX_LABELS = "max_labels"  # request parameter: at most this many labels per multilabel answer in ANSWERS
+TASKS_PARAMETER = "tasks"  # request parameter: comma-separated task names for every row (instead of TASKS)
 TIMEOUT = "timeout"  # request parameter (what tritonclient's infer(timeout=) sends): microseconds
 CLASSIFICATION = "classification"  # output parameter (Triton's extension): the output's top classes, not its values
 

@@ -158,7 +158,9 @@ def write_readme(path: Path, summary: dict) -> None:
         "`TASKS` (optional; comma-separated task names, the same on every row; empty or absent: every task that "
         "fits the inputs). Triton checks that every input of a request has its rows, so give TASKS one row per "
         "text (`centra serve` also takes a single row for all); it batches together only requests that carry "
-        "the same inputs.", "",
+        "the same inputs. Or name the tasks once, for every row, with the request parameter `tasks` "
+        "(`parameters={\"tasks\": \"a,b\"}` in tritonclient, `\"parameters\": {\"tasks\": \"a,b\"}` in JSON; "
+        "not with TASKS too), as on `centra serve`.", "",
         f"Outputs: per task asked for, {tasks}: the logits (FP32 [rows, outputs]); `ANSWERS` (BYTES [rows, 1]): per "
         "row a JSON object {task: {label | labels | value, scores, truncated}}, `centra predict`'s answers. "
         "A request that names no outputs gets all of its own. The output parameter `classification` K "

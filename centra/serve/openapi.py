@@ -93,7 +93,10 @@ SCHEMAS = {
         "name": STRING, "datatype": STRING, "shape": _array(INTEGER), "data": _array({}),
         "parameters": {"type": "object"}}},
     "InferRequest": {"type": "object", "required": ["inputs"], "properties": {
-        "id": STRING, "parameters": {"type": "object", "properties": {"max_labels": {
+        "id": STRING, "parameters": {"type": "object", "properties": {"tasks": {
+            **STRING, "description": "comma-separated task names that every row asks for, e.g. "
+            "\"sentiment,topic\" (instead of the TASKS input, never with it; absent: TASKS, or every task "
+            "that fits)"}, "max_labels": {
             **INTEGER, "minimum": 0, "description": "at most this many labels per multilabel answer in ANSWERS"},
             "timeout": {**INTEGER, "minimum": 0, "description": "microseconds: the call's deadline (0: none)"},
             "binary_data_output": {**BOOLEAN, "description": "outputs as binary tensors after the JSON"}}},

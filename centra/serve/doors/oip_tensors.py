@@ -17,6 +17,9 @@ type, for every transport that carries them: OIP over gRPC and HTTP (doors/oip.p
   on a LOGITS_<task> output: that output comes back as BYTES [rows, min(K, outputs)], per row its K
   highest logits as "value:index:label", highest first (value as C's %f, Triton's own formatting; the
   Triton repositories carry the same labels in their label files); 0 or absent: the logits themselves;
+- request parameter `tasks` (a string: comma-separated task names, e.g. "sentiment,topic"): every row asks
+  for these tasks, as a TASKS input on every row would. The portable way to name the tasks once: Triton
+  refuses a single TASKS row for many texts before the model runs. Not with TASKS too; no empty names;
 - request parameter `max_labels` (an integer; 0 or absent: each task's own limit): at most this many labels
   in each multilabel answer of ANSWERS, as Classify's max_labels (the logits are unchanged);
 - request parameter `timeout` (microseconds, what tritonclient's `infer(timeout=)` sends): the call's
@@ -156,9 +159,26 @@ def text_parameter(parameters, name: str) -> str:
     return value
 
 
+def tasks_parameter(parameters, limits: Limits) -> list[str] | None:
+    """The request parameter tasks ("name,name,..."): its task names; None when absent. Not a string, an
+    empty name or more names than the limit are refused in one line."""
+    value = parameters.get(wire.TASKS_PARAMETER) if parameters else None
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ServeError(f"parameter {wire.TASKS_PARAMETER} must be a string of comma-separated task names, "
+                         f"not {str(value)[:80]!r}")
+    limits.check_task_names(value.count(",") + 1)
+    names = [name.strip() for name in value.split(",")]
+    if not all(names):
+        raise ServeError(f"parameter {wire.TASKS_PARAMETER} {value[:80]!r} has an empty task name "
+                         "(comma-separated task names; leave it out for every task that fits)")
+    return names
+
+
 def call_of(tensors: list[Tensor], limits: Limits, parameters: dict | None = None,
             deadline: float | None = None) -> Call:
-    """OIP input tensors (and request parameters: max_labels, head, request_id) -> the Call they mean."""
+    """OIP input tensors (and request parameters: tasks, max_labels, head, request_id) -> the Call they mean."""
     if len(tensors) > MAX_TENSORS:
         raise ServeError(f"{len(tensors)} input tensors; the limit is {MAX_TENSORS}")
     by_name: dict[str, Tensor] = {}
@@ -182,6 +202,12 @@ def call_of(tensors: list[Tensor], limits: Limits, parameters: dict | None = Non
         if any(value != given[0] for value in given[1:]):
             raise ServeError(f"{TASKS} differs between rows: one task set per request")
         tasks = [name.strip() for name in given[0].split(",") if name.strip()] if given else []
+    named = tasks_parameter(parameters, limits)
+    if named is not None:
+        if TASKS in by_name:
+            raise ServeError(f"both the {TASKS} input and the {wire.TASKS_PARAMETER} parameter given: name the "
+                             "tasks once")
+        tasks = named
     return Call(texts=texts, pairs=pairs, tasks=tasks, max_labels=max_labels_of(parameters), deadline=deadline,
                 head=text_parameter(parameters, wire.HEAD), request_id=text_parameter(parameters, wire.REQUEST_ID))
 

@@ -47,7 +47,7 @@ def load(folder: Path, params: dict[str, str]):
 
 def answer(engine, limits, calls: list[tuple[dict, list[str], dict]]) -> list:
     """Per call ({input name: numpy array of bytes}, requested output names ([] = all of its own), its
-    request parameters (max_labels, head)): its outputs (list of oip.Output) or the exception that refuses
+    request parameters (tasks, max_labels, head)): its outputs (list of oip.Output) or the exception that refuses
     it. One engine run over every checked call's rows; when it fails, each call runs alone. A task's
     candidate head runs only for a call that asks for it (the head parameter, or its CANDIDATE_LOGITS_
     output): Triton shows none of centra's shadow figures, so nothing else pays for it."""
@@ -103,7 +103,7 @@ def asked_heads(engine, call, rows: list, requested: list[str]) -> tuple[list, d
 
 def parameters_of(request) -> dict:
     """A Triton request's parameters (a JSON object) as a dict; {} where the backend has none or they are
-    not an object (then max_labels cannot be asked for)."""
+    not an object (then tasks and max_labels cannot be asked for)."""
     try:
         parameters = json.loads(request.parameters())
     except (AttributeError, TypeError, ValueError):

@@ -77,7 +77,8 @@ def run_demo(tasks_dir: Path, workdir: Path, data: Path | None = None, untrained
             start = time.perf_counter()
             report, _ = train_task(job_from(recipe, root, bb.fingerprint), bb, tasks_dir)
             chosen = report.chosen
-            print(f"  {recipe.name:<11} dev {chosen.metric} {100 * chosen.scores[chosen.metric]:.1f}, attach layer "
+            tuned = " (tuned thresholds, as served)" if chosen.tuned else ""
+            print(f"  {recipe.name:<11} dev {chosen.metric}{tuned} {100 * chosen.served:.1f}, attach layer "
                   f"{chosen.attach_layer} + {chosen.task_layers} task layer(s), {time.perf_counter() - start:.0f} s")
         for line in quality_lines(tasks_dir, [r.name for r in recipes]):
             print(line)

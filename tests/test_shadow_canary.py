@@ -157,3 +157,27 @@ def test_bad_canary_flags_are_one_line(versions, value, message, capsys):  # noq
 
     assert main(["serve", "--model", str(versions[1]), "--port", "0", "--no-metrics", "--canary", value]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_canary_task_without_a_candidate_is_named_at_start(versions):  # noqa: F811
+    import threading
+    import time
+
+    from test_serve_signals import start_serve
+
+    proc = start_serve(versions[1], "--no-http", "--canary", "alpha=0.5", "--canary", "nosuch=0.5")
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any("no metrics" in line for line in lines):
+            time.sleep(0.1)
+        time.sleep(1.0)  # what the start prints after its summary line
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    text = "".join(lines)
+    assert "serving " in text, text
+    assert "warning: --canary nosuch=...: nosuch has no candidate head in version v000002" in text, text
+    assert "--canary alpha" not in text

@@ -28,7 +28,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from centra.serve.app import AppOptions, serve_model
     from centra.serve.server import ServeOptions
-    from centra.serve.shadow import ShadowOptions
+    from centra.serve.shadow import ALL, ShadowOptions
     from centra.serve.status import host_port
 
     options = ServeOptions(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
@@ -59,6 +59,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   "TLS" if args.tls_cert else "plaintext", "token required" if args.token_file else "no token",
                   f"CORS for {', '.join(options.cors_origins)}" if options.cors_origins else "no CORS"]
         print(f"  {'; '.join(extras)}", flush=True)
+        shadowed = server.engine.candidates
+        for task in sorted(t for t in app.shadow.canary if t != ALL and t not in shadowed):
+            print(f"  warning: --canary {task}=...: {task} has no candidate head in version {server.engine.version} "
+                  "(no canary until a version gives it one)", flush=True)
 
     asyncio.run(serve_model(Path(args.model), options, app, ready=ready))
     return 0

@@ -20,6 +20,7 @@ TEXT, TEXT_PAIR, TASKS = "TEXT", "TEXT_PAIR", "TASKS"
 INPUTS = (TEXT, TEXT_PAIR, TASKS)
 ANSWERS = "ANSWERS"
 LOGITS = "LOGITS_"  # + a task's name: that task's logits
+HEADER_LENGTH = "Inference-Header-Content-Length"  # HTTP: the JSON head's length before binary tensors
 CANDIDATE_LOGITS = "CANDIDATE_LOGITS_"  # + a task's name: its candidate head's logits, when asked for
 HEAD = "head"  # request parameter: the head that answers tasks with a candidate ("active" | "candidate")
 REQUEST_ID = "request_id"  # request parameter: what the canary fraction is drawn by

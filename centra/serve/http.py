@@ -207,8 +207,8 @@ def allow_cors(app, origins: tuple[str, ...]) -> None:
     answer to any other carries no CORS header."""
     import aiohttp_cors
 
+    from centra.core.protocol import HEADER_LENGTH  # binary OIP tensors: sent and read
     from centra.serve.call import HEAD_HEADER, REQUEST_ID_HEADER  # a task's head, the canary's request id
-    from centra.serve.doors.oip_tensors import HEADER_LENGTH  # binary OIP tensors: sent and read
 
     # what a browser's script may send and read besides the simple headers
     options = aiohttp_cors.ResourceOptions(allow_headers=("Authorization", "Content-Type", HEADER_LENGTH,

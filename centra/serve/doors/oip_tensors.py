@@ -45,6 +45,7 @@ from centra.core import protocol as wire
 from centra.core.protocol import (
     ANSWERS,
     CLASSIFICATION,
+    HEADER_LENGTH,
     INPUTS,
     TASKS,
     TEXT,
@@ -62,7 +63,6 @@ from centra.serve.status import one_line
 
 PLATFORM = "centra_{runtime}"  # the spec's <project>_<format>: centra's engine on its runtime (torch, onnx...)
 MAX_TENSORS = 16  # input tensors (and raw contents) in one call; three are known
-HEADER_LENGTH = "Inference-Header-Content-Length"  # HTTP: the JSON head's length before binary tensors
 MAX_NAMES = 256  # strings of a valid inference request besides its elements: keys, names, datatypes, ids
 
 

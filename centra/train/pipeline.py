@@ -157,7 +157,7 @@ def planned_work(run: Run) -> float:
             trained[layers] = epochs
             return layers
 
-        successive_halving(arms, marks, train_to)
+        successive_halving(arms, marks, train_to, prune=False)
         attaches = range(n - hi, n - lo + 1)  # wherever the search's teacher attaches
     else:
         attaches = range(run.checked.attach, run.checked.attach + 1)

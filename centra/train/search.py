@@ -2,7 +2,7 @@
 
 `full` trains every L in MIN..MAX for all epochs and keeps the best on dev. `halving` (the default)
 ranks every L on dev after a first rung (one epoch, or the job's first_rung: a fraction stops mid-epoch),
-keeps the better half, trains the survivors on to the next rung (RUNG_GROWTH times as many epochs:
+keeps the better half less any L that a deeper kept L outscores (see `cut`), trains the survivors on to the next rung (RUNG_GROWTH times as many epochs:
 resumed, with the same optimizer, schedule, batch order and position in the epoch, see
 finetune.BranchTrainer), and so on until one remains, which then finishes its epochs;
 so the winner is exactly the teacher a full run of that L gives, for a fraction of the search's epochs.
@@ -45,17 +45,33 @@ def rungs(arms: int, epochs: int, first: float = FIRST_RUNG, growth: float = RUN
     return marks + [epochs]
 
 
+def cut(scores: dict[int, float], prune: bool = True) -> set[int]:
+    """The arms (numbers of layers) that go on after a rung: the better half (at least one), ties going
+    to fewer layers, less every arm that a deeper arm of that half outscores. A deeper branch has more
+    to learn with: one that leads after a rung stays ahead of a shallower one it already beats (on GLUE
+    L = 5 led L = 4 after one epoch and after two, on every task), while a deeper arm behind a shallower
+    one can still overtake it (GoEmotions' L = 2 behind L = 1 after one epoch, ahead after two), so only
+    the first is cut. prune=False keeps the whole better half (the job bar's costliest course)."""
+    ranked = sorted(scores, key=lambda arm: (-scores[arm], arm))
+    half = ranked[: max(1, len(ranked) // 2)]
+    if not prune:
+        return set(half)
+    return {arm for arm in half if not any(other > arm and scores[other] > scores[arm] for other in half)}
+
+
 def successive_halving(arms: list[int], marks: list[float], train_to: Callable[[int, float], float],
-                       drop: Callable[[int], None] = lambda arm: None) -> tuple[int, list[dict]]:
+                       drop: Callable[[int], None] = lambda arm: None, prune: bool = True) -> tuple[int, list[dict]]:
     """Successive halving over `arms` (numbers of layers): train_to(arm, e) trains that arm on until it
-    has trained e epochs and returns its dev score. At each mark the better half of the arms (at least
-    one) goes on, ties going to fewer layers; at the last mark one. drop(arm) is called for each arm
-    leaving. Returns the winner and one record per mark (epochs, scores, kept arms)."""
+    has trained e epochs and returns its dev score. At each mark the arms `cut` keeps go on; at the last
+    mark one, the best (ties going to fewer layers). drop(arm) is called for each arm leaving. Returns the
+    winner and one record per mark (epochs, scores, kept arms)."""
     alive, rounds = list(arms), []
     for i, mark in enumerate(marks):
         scores = {arm: train_to(arm, mark) for arm in alive}
-        ranked = sorted(alive, key=lambda arm: (-scores[arm], arm))
-        keep = set(ranked[: 1 if i == len(marks) - 1 else max(1, len(alive) // 2)])
+        if i == len(marks) - 1:
+            keep = {min(alive, key=lambda arm: (-scores[arm], arm))}
+        else:
+            keep = cut(scores, prune)
         for arm in alive:
             if arm not in keep:
                 drop(arm)

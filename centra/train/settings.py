@@ -93,7 +93,7 @@ class Settings:
     layers: str | None = setting(None, "teacher search: trainable top layers MIN:MAX",
                                  shown="1:5 on 6 layers, 4:10 on 12", metavar="MIN:MAX", check=min_max)
     search: str = setting("halving", "teacher search: successive halving (every L one epoch, the better half "
-                          "goes on, resumed) or every L for all epochs", choices=SEARCHES, unset="omitted")
+                          "goes on, resumed, less any L a deeper one outscores) or every L for all epochs", choices=SEARCHES, unset="omitted")
     first_rung: float = setting(FIRST_RUNG, "halving: epochs every L trains before the first cut (at most "
                                 "all the epochs); later rungs double it. Below 1 only on large training sets",
                                 metavar="EPOCHS", unset="omitted")
@@ -101,7 +101,7 @@ class Settings:
                                          shown="mixed allocation")
     threshold: float = setting(1.0, "mixed allocation: add a task layer while it gains >= c dev points",
                                unset="null")
-    epochs: int = setting(3, "epochs of every branch trained (teachers and students)", check=at_least(1))
+    epochs: int = setting(2, "epochs of every branch trained (teachers and students)", check=at_least(1))
     batch_size: int = setting(32, "training examples per step", check=at_least(1))
     lr: float = setting(1e-4, "learning rate of transformer layers", check=positive)
     head_lr: float = setting(1e-3, "learning rate of pooler + classifier", check=positive)

@@ -148,6 +148,16 @@ def test_demo_trains_only_what_is_missing_or_stale(bert_path, data, tmp_path, ca
         line = next(x for x in out.splitlines() if x.startswith(f"  {name} ") and "baseline" in x)
         assert f"{100 * report['baseline'][metric]:5.1f} (the train set's majority class)" in line, line
         assert f"{metric} {100 * report['chosen'][metric]:5.1f}" in line, line
+    # the shadow step: mood retrained as a candidate, shadowed on its dev texts, promoted
+    assert "shadow and promote: mood retrained as a candidate head" in out
+    dev_rows = len((data / "mood" / "dev.tsv").read_text().splitlines()) - 1
+    assert f"{dev_rows} rows compared" in out and "agreement (top label):" in out
+    current = model_folder(tmp_path / "out" / "model")
+    assert current.name == "v000003" and "centra promote mood: version v000003" in out
+    candidate = read_spec(tmp_path / "out" / "candidates" / "mood")
+    promoted = read_spec(current / "tasks" / "mood")
+    assert promoted.task_layers == candidate.task_layers == 2 and promoted.head_sha256 == candidate.head_sha256
+    assert snapshot(current / "tasks" / "same") == snapshot(current.parent / "v000001" / "tasks" / "same")
     mood = snapshot(tasks / "mood")
     edited = recipe(bert_path, "same", pair=True)
     edited["training"]["seed"] = 4
@@ -157,7 +167,8 @@ def test_demo_trains_only_what_is_missing_or_stale(bert_path, data, tmp_path, ca
     assert "mood        up to date, reused" in out and "same        recipe changed: training" in out
     assert snapshot(tasks / "mood") == mood, "an up-to-date task is not touched"
     assert (model_folder(tmp_path / "out" / "model") / "tasks" / "same" / TASK_FILE).is_file()
-    assert model_folder(tmp_path / "out" / "model").name == "v000002"
+    assert f"{tmp_path / 'out' / 'candidates' / 'mood'} up to date, reused" in out
+    assert model_folder(tmp_path / "out" / "model").name == "v000006"
 
 
 def test_search_setting_is_saved_and_a_recipe_without_it_keeps_its_sha256(bert_path, data, tmp_path):

@@ -104,7 +104,66 @@ def run_demo(tasks_dir: Path, workdir: Path, data: Path | None = None, untrained
         print(f"  {check.name:<11} max |diff| = {check.max_abs_diff:.2e}")
 
     _timing(engine, backbone)
+    if merge_dir == tasks_dir:
+        shadowed = [r for r in recipes if r.name == SHADOWED] or [r for r in recipes if r.kind == "multiclass"]
+        _shadow_step(tasks_dir, workdir, out, root, shadowed[:1])
     return 0
+
+
+SHADOWED = "sentiment"  # the demo task retrained with other settings, shadowed, then promoted (else the first
+# multiclass task)
+SHADOW_ROWS = 256  # dev texts the shadowed server answers
+CANDIDATE_SETTINGS = {"layers": "2:2", "student_layers": 2}  # its other settings: a deeper student
+
+
+def _shadow_step(tasks_dir: Path, workdir: Path, out: Path, root: Path, recipes: list) -> None:
+    """Retrain one task with other settings (a deeper student) into workdir/candidates, publish a version in
+    which it is that task's candidate head, serve it to dev texts, print the shadow report, promote it."""
+    from centra.client import Client
+    from centra.core.backbone import Backbone
+    from centra.core.merge import plan_merge, write_merged
+    from centra.export.engines import promote
+    from centra.measure.shadow import report, shadow_figures
+    from centra.serve.app import load_engine
+    from centra.serve.background import BackgroundServer
+    from centra.serve.shadow import Shadow
+    from centra.train.data import load_examples
+    from centra.train.pipeline import train_task
+    from centra.train.recipe import job_from, stale_reason
+
+    if not recipes:
+        return
+    recipe = recipes[0].with_settings(CANDIDATE_SETTINGS)
+    folder = workdir / "candidates" / recipe.name
+    backbone = Backbone.load(recipe.backbone)
+    print(f"\nshadow and promote: {recipe.name} retrained as a candidate head (teacher L = 2, a 2-layer student)")
+    reason = stale_reason(folder, recipe, root, backbone.fingerprint)
+    if reason is None:
+        print(f"  {folder} up to date, reused")
+    else:
+        start = time.perf_counter()
+        report_, _ = train_task(job_from(recipe, root, backbone.fingerprint), backbone, folder.parent)
+        chosen = report_.chosen
+        print(f"  {folder}: dev {chosen.metric} {100 * chosen.served:.1f}, attach layer {chosen.attach_layer} + "
+              f"{chosen.task_layers}, {time.perf_counter() - start:.0f} s")
+    manifest = write_merged(plan_merge([tasks_dir], candidates={recipe.name: folder}), out)
+    print(f"  published {out} version {manifest.version}: {recipe.name} answers with its active head, the "
+          f"candidate runs beside it (centra merge --candidate {recipe.name}={folder})")
+    job = job_from(recipe, root, backbone.fingerprint)
+    dev, _ = load_examples(job.dev, job.kind, job.columns, label_names=job.label_names)
+    texts = dev.texts[:SHADOW_ROWS]
+    shadow = Shadow()
+    with BackgroundServer(load_engine(out, 32), shadow=shadow) as server, Client(server.target, timeout=60) as client:
+        for start in range(0, len(texts), 32):
+            client.classify(texts[start:start + 32], tasks=[recipe.name])
+    from prometheus_client import generate_latest
+
+    print(f"  {len(texts)} dev texts classified; the shadow report (centra shadow report --metrics URL):")
+    for line in report(shadow_figures(generate_latest(shadow.metrics.registry).decode())).splitlines():
+        print(f"    {line}".rstrip())
+    manifest = promote(out, recipe.name, progress=False)
+    print(f"  centra promote {recipe.name}: version {manifest.version} answers with the candidate head; every "
+          "other task's files as they were")
 
 
 SHOWN_LABELS = 3  # labels of a multilabel answer printed per text

@@ -84,7 +84,8 @@ def test_a_deeper_leader_ends_the_search_early_and_a_deeper_trailer_goes_on():
     scores = {4: lambda e: 0.2 * e, 3: lambda e: 0.1 * e, 2: lambda e: 0.10 + 0.30 * e, 1: lambda e: 0.45 + 0.01 * e}
     trained = dict.fromkeys(arms, 0.0)
     winner, rounds = successive_halving([4, 3, 2, 1], rungs(4, 2), train_to)
-    assert rounds[0]["kept"] == [2, 1] and winner == 2, "a deeper arm behind a shallower one goes on and overtakes (GoEmotions' shape)"
+    assert rounds[0]["kept"] == [2, 1] and winner == 2, \
+        "a deeper arm behind a shallower one goes on and overtakes (GoEmotions' shape)"
     assert trained == {4: 1, 3: 1, 2: 2, 1: 2}
     trained = dict.fromkeys(arms, 0.0)
     assert successive_halving([5, 4, 3, 2, 1], rungs(5, 2), Curves({5: .9, 4: .8, 3: .1, 2: .1, 1: .1}),

@@ -2,9 +2,9 @@
 
 `full` trains every L in MIN..MAX for all epochs and keeps the best on dev. `halving` (the default)
 ranks every L on dev after a first rung (one epoch, or the job's first_rung: a fraction stops mid-epoch),
-keeps the better half less any L that a deeper kept L outscores (see `cut`), trains the survivors on to the next rung (RUNG_GROWTH times as many epochs:
-resumed, with the same optimizer, schedule, batch order and position in the epoch, see
-finetune.BranchTrainer), and so on until one remains, which then finishes its epochs;
+keeps the better half less any L that a deeper kept L outscores (see `cut`), trains the survivors on to
+the next rung (RUNG_GROWTH times as many epochs: resumed, with the same optimizer, schedule, batch order
+and position in the epoch, see finetune.BranchTrainer), and so on until one remains, which then finishes its epochs;
 so the winner is exactly the teacher a full run of that L gives, for a fraction of the search's epochs.
 Rungs and the final choice compare finetune.selection_score (a multilabel task at thresholds tuned on
 dev, as it is served). Teachers run in order of attach layer so the trunk cache climbs.

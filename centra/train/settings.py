@@ -93,7 +93,8 @@ class Settings:
     layers: str | None = setting(None, "teacher search: trainable top layers MIN:MAX",
                                  shown="1:5 on 6 layers, 4:10 on 12", metavar="MIN:MAX", check=min_max)
     search: str = setting("halving", "teacher search: successive halving (every L one epoch, the better half "
-                          "goes on, resumed, less any L a deeper one outscores) or every L for all epochs", choices=SEARCHES, unset="omitted")
+                          "goes on, resumed, less any L a deeper one outscores) or every L for all epochs",
+                          choices=SEARCHES, unset="omitted")
     first_rung: float = setting(FIRST_RUNG, "halving: epochs every L trains before the first cut (at most "
                                 "all the epochs); later rungs double it. Below 1 only on large training sets",
                                 metavar="EPOCHS", unset="omitted")

@@ -149,7 +149,8 @@ def test_demo_trains_only_what_is_missing_or_stale(bert_path, data, tmp_path, ca
         assert f"{100 * report['baseline'][metric]:5.1f} (the train set's majority class)" in line, line
         assert f"{metric} {100 * report['chosen'][metric]:5.1f}" in line, line
     # the shadow step: mood retrained as a candidate, shadowed on its dev texts, promoted
-    assert "shadow and promote: mood retrained as a candidate head" in out
+    assert "shadow and promote: mood retrained with layers 2:2, student_layers 2 as a candidate head" in out
+    assert "every other task's files as they were: yes" in out
     dev_rows = len((data / "mood" / "dev.tsv").read_text().splitlines()) - 1
     assert f"{dev_rows} rows compared" in out and "agreement (top label):" in out
     current = model_folder(tmp_path / "out" / "model")

@@ -65,7 +65,7 @@ def test_halving_picks_the_best_layers_for_a_fraction_of_the_epochs():
     assert layer_epochs == 5 + 0.25 * (4 + 2 + 1) + 3 * 3 < 6 * 3, "under one 6-layer fine-tune's layer-epochs"
 
 
-def test_a_deeper_leader_ends_the_search_early_and_a_deeper_trailer_goes_on():
+def test_a_deeper_leader_goes_on_alone_and_a_deeper_trailer_goes_on_too():
     """The cut: after a rung the better half goes on, less any arm a deeper arm of that half outscores."""
     curves = Curves({5: 0.90, 4: 0.85, 3: 0.70, 2: 0.60, 1: 0.50})  # GLUE's shape: the deepest leads
     winner, rounds = successive_halving([5, 4, 3, 2, 1], rungs(5, 2), curves)
@@ -73,23 +73,40 @@ def test_a_deeper_leader_ends_the_search_early_and_a_deeper_trailer_goes_on():
     assert curves.epochs == {5: 2, 4: 1, 3: 1, 2: 1, 1: 1}
     assert sum(arm * e for arm, e in curves.epochs.items()) == 20, "not 24: L = 4's second epoch is saved"
 
-    def train_to(arm: int, epochs: float) -> float:
-        trained[arm] = epochs
-        return scores[arm](epochs)
+    curves = Curves({5: 0.90, 4: 0.85, 3: 0.70, 2: 0.60, 1: 0.50})  # one arm left before the marks end
+    winner, rounds = successive_halving([5, 4, 3, 2, 1], rungs(5, 4), curves)
+    assert rungs(5, 4) == [1, 2, 4] and [r["epochs"] for r in rounds] == [1, 4], "straight on to the last mark"
+    assert winner == 5 and curves.epochs[5] == 4
 
-    arms = {4: 0.2, 3: 0.1, 2: 0.4, 1: 0.3}  # the better half: 2 (0.4) and 1 (0.3); 1 is shallower, so both go on
+    arms = {4: 0.2, 3: 0.1, 2: 0.4, 1: 0.3}  # the better half: 2 (0.4) and 1 (0.3); the deeper 2 leads
     curves = Curves(arms)
     winner, rounds = successive_halving([4, 3, 2, 1], rungs(4, 2), curves)
     assert rounds[0]["kept"] == [2] and winner == 2, "L = 1 trails the deeper L = 2: cut"
     scores = {4: lambda e: 0.2 * e, 3: lambda e: 0.1 * e, 2: lambda e: 0.10 + 0.30 * e, 1: lambda e: 0.45 + 0.01 * e}
     trained = dict.fromkeys(arms, 0.0)
+
+    def train_to(arm: int, epochs: float) -> float:
+        trained[arm] = epochs
+        return scores[arm](epochs)
+
     winner, rounds = successive_halving([4, 3, 2, 1], rungs(4, 2), train_to)
     assert rounds[0]["kept"] == [2, 1] and winner == 2, \
         "a deeper arm behind a shallower one goes on and overtakes (GoEmotions' shape)"
     assert trained == {4: 1, 3: 1, 2: 2, 1: 2}
-    trained = dict.fromkeys(arms, 0.0)
     assert successive_halving([5, 4, 3, 2, 1], rungs(5, 2), Curves({5: .9, 4: .8, 3: .1, 2: .1, 1: .1}),
                               prune=False)[1][0]["kept"] == [5, 4], "unpruned (the bar's plan): the whole half"
+
+
+def test_the_cut_gives_up_a_shallower_arm_that_would_overtake_a_deeper_leader():
+    """What the cut gives up: a shallower arm behind a deeper one after the first rung is not trained on,
+    even where it would lead after the last; unpruned halving keeps it and finds it."""
+    scores = {2: lambda e: 0.50 + 0.01 * e, 1: lambda e: 0.20 + 0.30 * e, 3: lambda e: 0.1, 4: lambda e: 0.1}
+
+    def train_to(arm: int, epochs: float) -> float:
+        return scores[arm](epochs)
+
+    assert successive_halving([4, 3, 2, 1], rungs(4, 2), train_to)[0] == 2, "L = 1 cut after one epoch"
+    assert successive_halving([4, 3, 2, 1], rungs(4, 2), train_to, prune=False)[0] == 1, "0.80 > 0.52 at two"
 
 
 def test_halving_agrees_with_the_full_search_on_random_curves():

@@ -14,6 +14,7 @@ from centra.errors import CentraError
 if TYPE_CHECKING:  # the heavy imports happen when the demo runs, not when the CLI parses
     from centra.core.backbone import Backbone
     from centra.runtime.engine import Engine
+    from centra.train.recipe import Recipe
 
 # Untrained fallback (no data): name, kind, labels, input, attach layer, task layers
 DEMO_TASKS = [
@@ -106,24 +107,30 @@ def run_demo(tasks_dir: Path, workdir: Path, data: Path | None = None, untrained
     _timing(engine, backbone)
     if merge_dir == tasks_dir:
         shadowed = [r for r in recipes if r.name == SHADOWED] or [r for r in recipes if r.kind == "multiclass"]
-        _shadow_step(tasks_dir, workdir, out, root, shadowed[:1])
+        if shadowed:
+            _shadow_step(tasks_dir, workdir, out, root, shadowed[0], backbones[shadowed[0].backbone])
     return 0
 
 
-SHADOWED = "sentiment"  # the demo task retrained with other settings, shadowed, then promoted (else the first
-# multiclass task)
+SHADOWED = "sentiment"  # retrained with other settings, shadowed, promoted (else the first multiclass task)
 SHADOW_ROWS = 256  # dev texts the shadowed server answers
-CANDIDATE_SETTINGS = {"layers": "2:2", "student_layers": 2}  # its other settings: a deeper student
+CANDIDATE_SETTINGS = {"layers": "2:2", "student_layers": 2}  # the candidate's other settings
+CANDIDATES_DIR = "candidates"  # under the demo's workdir
 
 
-def _shadow_step(tasks_dir: Path, workdir: Path, out: Path, root: Path, recipes: list) -> None:
-    """Retrain one task with other settings (a deeper student) into workdir/candidates, publish a version in
-    which it is that task's candidate head, serve it to dev texts, print the shadow report, promote it."""
+def _shadow_step(tasks_dir: Path, workdir: Path, out: Path, root: Path, active: Recipe, backbone: Backbone) -> None:
+    """Retrain one task with other settings into workdir/candidates, publish a version in which it is that
+    task's candidate head, serve it to dev texts, print the shadow report, promote it (each run publishes
+    these two versions after the demo's own merge)."""
+    from prometheus_client import generate_latest
+
     from centra.client import Client
-    from centra.core.backbone import Backbone
     from centra.core.merge import plan_merge, write_merged
+    from centra.core.versions import model_folder
     from centra.export.engines import promote
-    from centra.measure.shadow import report, shadow_figures
+    from centra.io import sha256_file
+    from centra.measure.shadow import report as shadow_report
+    from centra.measure.shadow import shadow_figures
     from centra.serve.app import load_engine
     from centra.serve.background import BackgroundServer
     from centra.serve.shadow import Shadow
@@ -131,39 +138,45 @@ def _shadow_step(tasks_dir: Path, workdir: Path, out: Path, root: Path, recipes:
     from centra.train.pipeline import train_task
     from centra.train.recipe import job_from, stale_reason
 
-    if not recipes:
+    recipe = active.with_settings(CANDIDATE_SETTINGS)
+    settings = ", ".join(f"{key} {value}" for key, value in CANDIDATE_SETTINGS.items())
+    if recipe.sha256 == active.sha256:
+        print(f"\nshadow and promote: skipped ({active.name}'s recipe already has {settings})")
         return
-    recipe = recipes[0].with_settings(CANDIDATE_SETTINGS)
-    folder = workdir / "candidates" / recipe.name
-    backbone = Backbone.load(recipe.backbone)
-    print(f"\nshadow and promote: {recipe.name} retrained as a candidate head (teacher L = 2, a 2-layer student)")
+    folder = workdir / CANDIDATES_DIR / recipe.name
+    print(f"\nshadow and promote: {recipe.name} retrained with {settings} as a candidate head")
+    job = job_from(recipe, root, backbone.fingerprint)
     reason = stale_reason(folder, recipe, root, backbone.fingerprint)
     if reason is None:
         print(f"  {folder} up to date, reused")
     else:
         start = time.perf_counter()
-        report_, _ = train_task(job_from(recipe, root, backbone.fingerprint), backbone, folder.parent)
-        chosen = report_.chosen
+        chosen = train_task(job, backbone, folder.parent)[0].chosen
         print(f"  {folder}: dev {chosen.metric} {100 * chosen.served:.1f}, attach layer {chosen.attach_layer} + "
               f"{chosen.task_layers}, {time.perf_counter() - start:.0f} s")
     manifest = write_merged(plan_merge([tasks_dir], candidates={recipe.name: folder}), out)
     print(f"  published {out} version {manifest.version}: {recipe.name} answers with its active head, the "
           f"candidate runs beside it (centra merge --candidate {recipe.name}={folder})")
-    job = job_from(recipe, root, backbone.fingerprint)
     dev, _ = load_examples(job.dev, job.kind, job.columns, label_names=job.label_names)
-    texts = dev.texts[:SHADOW_ROWS]
+    texts, pairs = dev.texts[:SHADOW_ROWS], dev.pairs[:SHADOW_ROWS] if dev.pairs else None
     shadow = Shadow()
     with BackgroundServer(load_engine(out, 32), shadow=shadow) as server, Client(server.target, timeout=60) as client:
         for start in range(0, len(texts), 32):
-            client.classify(texts[start:start + 32], tasks=[recipe.name])
-    from prometheus_client import generate_latest
-
+            client.classify(texts[start:start + 32], tasks=[recipe.name],
+                            pairs=pairs[start:start + 32] if pairs else None)
     print(f"  {len(texts)} dev texts classified; the shadow report (centra shadow report --metrics URL):")
-    for line in report(shadow_figures(generate_latest(shadow.metrics.registry).decode())).splitlines():
+    for line in shadow_report(shadow_figures(generate_latest(shadow.metrics.registry).decode())).splitlines():
         print(f"    {line}".rstrip())
+
+    def files(version: Path) -> dict[str, str]:  # every other task's files, by path: their sha256
+        return {str(f.relative_to(version)): sha256_file(f) for f in sorted((version / "tasks").rglob("*"))
+                if f.is_file() and f.relative_to(version / "tasks").parts[0] != recipe.name}
+
+    before = files(model_folder(out))
     manifest = promote(out, recipe.name, progress=False)
+    same = files(model_folder(out)) == before
     print(f"  centra promote {recipe.name}: version {manifest.version} answers with the candidate head; every "
-          "other task's files as they were")
+          f"other task's files as they were: {'yes' if same else 'NO'}")
 
 
 SHOWN_LABELS = 3  # labels of a multilabel answer printed per text
@@ -289,9 +302,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise CentraError(f"{workdir}: exists and is not a folder")
     check_writable_parent(workdir / "model")
     check_replaceable(workdir / "model", MODEL_KIND)  # before any training: never over a user's folder
-    untrained = workdir / "untrained-tasks"
-    if untrained.is_dir():
-        for folder in untrained.iterdir():
+    for made in (workdir / "untrained-tasks", workdir / CANDIDATES_DIR):  # task folders the demo (re)publishes
+        if made.exists() and not made.is_dir():
+            raise CentraError(f"{made}: exists and is not a folder")
+        for folder in made.iterdir() if made.is_dir() else ():
             check_replaceable(folder, TASK_KIND)
     from centra.train.settings import SettingError, flag_of
 

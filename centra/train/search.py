@@ -67,6 +67,8 @@ def successive_halving(arms: list[int], marks: list[float], train_to: Callable[[
     winner and one record per mark (epochs, scores, kept arms)."""
     alive, rounds = list(arms), []
     for i, mark in enumerate(marks):
+        if len(alive) == 1 and i < len(marks) - 1:
+            continue  # one arm left before the marks planned for more: it trains straight on to the last
         scores = {arm: train_to(arm, mark) for arm in alive}
         if i == len(marks) - 1:
             keep = {min(alive, key=lambda arm: (-scores[arm], arm))}

@@ -145,7 +145,7 @@ def sample_inputs() -> tuple[list[str], list[str]]:
     return SAMPLE_TEXTS + SAMPLE_PAIRS, SAMPLE_PAIRS + SAMPLE_TEXTS
 
 
-def check_int8(fp32: Engine, int8: Engine, min_agreement: float = MIN_AGREEMENT,
+def check_int8(fp32: Engine, int8: Engine, min_agreement: float | None = None,
                tasks: list[str] | None = None, int8_fp32: Sequence[str] = ()) -> dict:
     """Per task (`tasks`, default fp32's) on the sample inputs: label agreement of int8 with fp32 (on all
     samples, and on those fp32 decides clearly) and max |int8 - fp32| of the logits; a one-line
@@ -156,13 +156,16 @@ def check_int8(fp32: Engine, int8: Engine, min_agreement: float = MIN_AGREEMENT,
                            int8_fp32=check_int8_fp32(int8_fp32))
 
 
-def check_precision(fp32: Engine, other: Engine, label: str, min_agreement: float = MIN_AGREEMENT,
-                    max_relative_error: float = MAX_RELATIVE_ERROR, max_abs_diff: float | None = None,
+def check_precision(fp32: Engine, other: Engine, label: str, min_agreement: float | None = None,
+                    max_relative_error: float | None = None, max_abs_diff: float | None = None,
                     refusal: str = "refusing the export", tasks: list[str] | None = None,
                     int8_fp32: tuple[str, ...] | None = None) -> dict:
-    """check_int8's check of any engine against the fp32 reference: the relative error bound, the
-    agreement floor on decided answers and, when given, a bound on max |other - fp32| of any logit.
-    `int8_fp32` (ONNX int8 only) goes into the report's settings (check_settings)."""
+    """check_int8's check of any engine against the fp32 reference: the relative error bound (None:
+    MAX_RELATIVE_ERROR), the agreement floor on decided answers (None: MIN_AGREEMENT) and, when given, a
+    bound on max |other - fp32| of any logit. `int8_fp32` (ONNX int8 only) goes into the report's
+    settings (check_settings)."""
+    min_agreement = MIN_AGREEMENT if min_agreement is None else min_agreement
+    max_relative_error = MAX_RELATIVE_ERROR if max_relative_error is None else max_relative_error
     texts, pairs = sample_inputs()
     names = list(tasks or fp32.specs)
     ref, got = fp32.logits(texts, pairs, names), other.logits(texts, pairs, names)
@@ -192,10 +195,12 @@ def check_precision(fp32: Engine, other: Engine, label: str, min_agreement: floa
     return {**check_settings(min_agreement, max_relative_error, max_abs_diff, int8_fp32), "tasks": report}
 
 
-def check_settings(min_agreement: float = MIN_AGREEMENT, max_relative_error: float = MAX_RELATIVE_ERROR,
+def check_settings(min_agreement: float | None = None, max_relative_error: float | None = None,
                    max_abs_diff: float | None = None, int8_fp32: Sequence[str] | None = None) -> dict:
     """What a check's report says it was made with (its floors and bounds, the samples, the weights; for
     ONNX int8, `int8_fp32`: the node groups its graphs kept in fp32, [] for none)."""
+    min_agreement = MIN_AGREEMENT if min_agreement is None else min_agreement
+    max_relative_error = MAX_RELATIVE_ERROR if max_relative_error is None else max_relative_error
     settings = {"min_agreement": min_agreement, "decided_margin": DECIDED_MARGIN, "min_decided": MIN_DECIDED,
                 "max_relative_error": max_relative_error, "max_abs_diff": max_abs_diff,
                 "samples": len(sample_inputs()[0]), "per_channel": PER_CHANNEL}

@@ -27,7 +27,7 @@ from centra.errors import CentraError, FieldError, Name
 from centra.measure.memory import rss_mb
 from centra.runtime.engine import Engine, Row
 from centra.serve.background import BackgroundServer
-from centra.serve.batcher import BatchRecord
+from centra.serve.record import BatchRecord
 from centra.serve.server import ServeOptions
 
 MODES = ("mixed", "all")

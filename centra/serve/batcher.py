@@ -29,12 +29,13 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from centra.core.shadow import is_candidate
 from centra.errors import CentraError
 from centra.runtime.engine import Engine, Row, RowResult
 from centra.serve.call import ServeError
+from centra.serve.record import BatchRecord
 
 log = logging.getLogger("centra.serve")
 
@@ -47,25 +48,6 @@ class Computed:
     engine: Engine
     rows: list[Row]
     results: list[RowResult]
-
-
-@dataclass(frozen=True)
-class BatchRecord:
-    """One formed batch, as handed to listeners (metrics)."""
-
-    calls: int
-    rows: int
-    waits: tuple[float, ...]  # per call: seconds from enqueue until its batch started
-    tasks: dict[str, int]  # rows per task
-    compute_s: float
-    failed_calls: int
-    retried: bool  # the merged run failed and each call was re-run alone
-    candidate_s: dict[str, float] = field(default_factory=dict)  # seconds per candidate head's detour
-
-
-    @property
-    def queue_wait_s(self) -> float:
-        return max(self.waits)
 
 
 @dataclass

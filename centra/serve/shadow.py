@@ -26,15 +26,12 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from centra.core.answers import Answer, ClassAnswer, LabelsAnswer, ValueAnswer
 from centra.core.shadow import HEADS, candidate_key, extra_layers, is_candidate, task_of
 from centra.errors import CentraError, FieldError, Name
 from centra.runtime.engine import Engine, Row
-
-if TYPE_CHECKING:
-    from centra.serve.batcher import BatchRecord
+from centra.serve.record import BatchRecord
 
 ALL = "*"  # ShadowOptions.canary's key for every task with a candidate
 SAMPLE_SIZE = 100  # disagreeing inputs kept when a sample file is given

@@ -117,7 +117,8 @@ def summarize(report: TrainingReport) -> str:
             lines.append(f"  teacher L={t.trainable_layers} (attach {t.attach_layer}): {score(t.log.dev)} "
                          f"({trained:g} epoch{'s' if trained != 1 else ''}){mark}")
     for s in report.students:
-        lines.append(f"  student l={s.task_layers}: {score(s.log.dev)}")
+        joint = f" (exit of a joint student of {s.log.joint} layers)" if s.log.joint else ""
+        lines.append(f"  student l={s.task_layers}: {score(s.log.dev)}{joint}")
     if report.search is not None:
         s = report.search
         lines.append(f"teacher search ({s.method}): {round(s.epochs_trained, 2):g} epochs of {s.epochs_full_search} "

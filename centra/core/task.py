@@ -166,6 +166,10 @@ class TaskHead(nn.Module):
         """hidden: (B, T, H) at the attach layer; returns logits (B, num_outputs)."""
         for layer in self.layers:
             hidden = layer(hidden, bias)
+        return self.readout(hidden, mask)
+
+    def readout(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The logits of the task layers' output: pooling, the tanh pooler, the classifier."""
         if self.spec.pooling == "cls":
             pooled = hidden[:, 0]
         else:

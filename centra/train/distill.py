@@ -1,4 +1,5 @@
-"""Distillation: a teacher's logits table, students built from the teacher, mixed layer allocation.
+"""Distillation: a teacher's logits table, students built from the teacher, mixed layer allocation
+(the students l = 1..3 trained one by one, or as one joint student: train/joint.py).
 
 Student = the teacher's bottom k + l layers: k frozen (shared trunk) layers and l task layers that
 start from the teacher's layers k+1..k+l, with the teacher's pooler and classifier. It trains on
@@ -21,6 +22,7 @@ from centra.errors import CentraError
 from centra.train.cache import ActivationCache
 from centra.train.finetune import predict_cache, selection_score
 from centra.train.job import Run
+from centra.train.joint import JointStudent, train_joint
 from centra.train.report import BranchLog, Student
 from centra.train.settings import Name, SettingError
 
@@ -85,6 +87,8 @@ def distill_students(run: Run, teacher: TaskHead, soft: np.ndarray) -> Distilled
     if fixed is not None and not 1 <= fixed <= most:
         raise SettingError(Name("student_layers"), f" must be in 1..{most} (the teacher has "
                            f"{teacher.spec.task_layers} task layers)")
+    if fixed is None and run.job.students == "joint" and most > 1:
+        return distill_joint(run, teacher, soft, most)
     tried: list[tuple[TaskHead, Student]] = []
     for layers in [fixed] if fixed else range(1, most + 1):
         student, log = run.train_branch(student_from(teacher, layers, run.backbone.cfg), f"student l={layers}",
@@ -96,6 +100,24 @@ def distill_students(run: Run, teacher: TaskHead, soft: np.ndarray) -> Distilled
             if keep < layers:
                 return Distilled(tried[keep - 1][0], [s for _, s in tried], {s.task_layers: h for h, s in tried})
     return Distilled(tried[-1][0], [s for _, s in tried], {s.task_layers: h for h, s in tried})
+
+
+def joint_student(teacher: TaskHead, layers: int, cfg: EncoderConfig) -> JointStudent:
+    """Students l = 1..layers of `teacher` as one joint student: each exit starts as that student would."""
+    return JointStudent([student_from(teacher, lay, cfg) for lay in range(1, layers + 1)])
+
+
+def distill_joint(run: Run, teacher: TaskHead, soft: np.ndarray, layers: int) -> Distilled:
+    """The mixed allocation over the exits l = 1..layers of one joint student (train/joint.py): every exit
+    is trained (the work of `layers` layers), and the allocation serves the one the separate students' rule
+    picks from their dev scores."""
+    metric = run.checked.tc.metric
+    trained = train_joint(joint_student(teacher, layers, run.backbone.cfg), run.caches[0], run.train.targets,
+                          run.caches[1], run.dev.targets, run.checked.tc, f"students l=1..{layers} (joint)", soft)
+    students = [Student(head.spec.task_layers, BranchLog.from_dict(log)) for head, log in trained]
+    keep = mixed_layers({s.task_layers: selection_score(teacher.spec.kind, s.log.dev, metric) for s in students},
+                        run.job.threshold)
+    return Distilled(trained[keep - 1][0], students, {s.task_layers: head for (head, _), s in zip(trained, students)})
 
 
 def shallower_attach_layers(teacher_attach: int, count: int) -> list[int]:

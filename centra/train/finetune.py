@@ -258,8 +258,7 @@ class BranchTrainer:
             hidden, mask = self.train.batch(rows)
             with autocast(self.precision):  # the loss, its backward and the optimizer step in fp32
                 logits = head(hidden, attention_bias(mask), mask)
-            loss = loss_fn(head.spec.kind, logits.float(), self.targets[rows],
-                           self.soft[rows] if self.soft is not None else None, cfg.alpha, cfg.temperature)
+            loss = self._loss(logits, rows)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
@@ -273,6 +272,11 @@ class BranchTrainer:
         self.epoch_seconds += time.perf_counter() - start
         if end == self.steps_per_epoch:
             self._end_epoch(epoch)
+
+    def _loss(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """The training loss of one batch's logits (hard, plus distillation when a logits table is given)."""
+        return loss_fn(self.kind, logits.float(), self.targets[rows], self.soft[rows] if self.soft is not None
+                       else None, self.cfg.alpha, self.cfg.temperature)
 
     def _end_epoch(self, epoch: int) -> None:
         cfg = self.cfg

@@ -171,7 +171,9 @@ def students_work(run: Run, attach: int) -> float:
     (every one of the mixed allocation, as if trained), then the shallower ones (none by default). Once the
     teacher is chosen the job bar is replanned with it: a teacher attached deeper leaves fewer students."""
     job, n, epochs = run.job, run.backbone.cfg.num_layers, run.checked.tc.epochs
-    layers = [job.student_layers] if job.student_layers else range(1, min(3, n - attach) + 1)
+    most = min(3, n - attach)
+    layers = [job.student_layers] if job.student_layers else [most] if job.students == "joint" \
+        else range(1, most + 1)  # a joint student trains its deepest exit's layers once
     return sum(lay * epochs * (3 * len(run.train) + len(run.dev)) for lay in layers) + shallower_work(
         run, shallower_students(attach, job.extra_attach, n, job.student_layers))
 
@@ -202,7 +204,9 @@ def full_finetune_estimate(run: Run, trained: Trained) -> float | None:
     trained: their seconds per layer and epoch, times every layer of the model. It leaves out the
     embeddings' training (their optimizer step over the whole vocabulary), so it is a lower bound."""
     logs = [(t.trainable_layers, t.log) for t in trained.teachers if t.trainable_layers and t.log is not None]
-    logs += [(s.task_layers, s.log) for s in [*trained.students, *trained.shallower]]
+    # a joint student's layers and seconds once: at its deepest exit (every exit's log holds the whole's)
+    logs += [(s.task_layers, s.log) for s in [*trained.students, *trained.shallower]
+             if s.log.joint in (None, s.task_layers)]
     layer_epochs = sum(layers * log.epochs_trained for layers, log in logs)
     if layer_epochs <= 0:
         return None

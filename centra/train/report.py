@@ -29,16 +29,21 @@ class BranchLog:
     epochs_trained: float = 0.0
     seconds: float = 0.0
     trainable_parameters: int = 0
+    # an exit of a joint student of this many task layers (train/joint.py): the losses and seconds are the
+    # whole joint student's, shared by its exits; None for a branch trained on its own
+    joint: int | None = None
 
     def to_dict(self) -> dict:
         best = {} if self.best_epoch is None else {"best_epoch": self.best_epoch}
+        joint = {} if self.joint is None else {"joint": self.joint}
         return {"trainable_parameters": self.trainable_parameters, "epochs": self.epochs, "losses": self.losses,
-                **best, "dev": self.dev, "epochs_trained": self.epochs_trained, "seconds": self.seconds}
+                **best, "dev": self.dev, "epochs_trained": self.epochs_trained, "seconds": self.seconds, **joint}
 
     @classmethod
     def from_dict(cls, data: dict) -> BranchLog:
         return cls(data.get("dev", {}), data.get("epochs", []), data.get("losses", []), data.get("best_epoch"),
-                   data.get("epochs_trained", 0.0), data.get("seconds", 0.0), data.get("trainable_parameters", 0))
+                   data.get("epochs_trained", 0.0), data.get("seconds", 0.0), data.get("trainable_parameters", 0),
+                   data.get("joint"))
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,8 @@ FIRST_RUNG = 1.0
 THRESHOLD_OBJECTIVES = ("label", "micro_f1")
 # training precision (centra.train.precision): auto = bf16 on a CPU with bf16 in hardware, else fp32
 PRECISIONS = ("auto", "bf16", "fp32")
+# the mixed allocation's students: one joint student with an exit per layer (centra.train.joint) or one each
+STUDENTS = ("joint", "separate")
 # micro_f1: on GoEmotions (4,000 examples, 2 epochs) per-label tuning gave 1.42 labels per text against gold's
 # 1.17 and another emotion to 35% of neutral texts; micro-F1 with the default max_labels, 1.05, and 16%
 # (centra/measure/multilabel.py; docs/results.md, "Multilabel defaults")
@@ -100,6 +102,10 @@ class Settings:
                                 metavar="EPOCHS", unset="omitted")
     student_layers: int | None = setting(None, "fix the student's task layers l (1-3): no mixed allocation",
                                          shown="mixed allocation")
+    students: str = setting("joint", "mixed allocation: the students l = 1-3 trained as one (an exit after each "
+                            "shared layer, each kept at its own best epoch: 3 layers' training, not 1 + 2, + 3 when "
+                            "l = 2 gains) or each on its own; not for student_layers or extra_attach students",
+                            choices=STUDENTS, unset="omitted")
     threshold: float = setting(1.0, "mixed allocation: add a task layer while it gains >= c dev points",
                                unset="null")
     epochs: int = setting(2, "epochs of every branch trained (teachers and students)", check=at_least(1))

@@ -39,9 +39,10 @@ def opened(bert, tmp_path):
     run = open_run(validate_job(job_for(tmp_path, "t", "multiclass", False, layers=(3, 3)), bert.cfg), bert)
     run.advance_to(1)
     teacher = run.new_head(1, 3)
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # a teacher that is not the backbone's layers as they are
         for p in teacher.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+            p.add_(0.02 * torch.randn(p.shape, generator=gen))
     yield run, teacher
     run.close()
 

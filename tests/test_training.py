@@ -214,6 +214,7 @@ def test_mixed_allocation_threshold(bert, tmp_path):
     (["--metric", "pearson"], "metric 'pearson' does not fit a multiclass task"),
     (["--student-layers", "3"], "--student-layers must be in 1..2"),
     (["--student-layers", "1", "--threshold", "1"], "not both"),
+    (["--student-layers", "1", "--students", "separate"], "give --student-layers or --students, not both"),
 ])
 def test_add_task_bad_options(bert_path, tmp_path, capsys, extra, message):
     job = job_for(tmp_path, "t", "multiclass", False)

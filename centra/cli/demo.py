@@ -35,8 +35,7 @@ def run_demo(tasks_dir: Path, workdir: Path, data: Path | None = None, untrained
     from centra.core.task import RECIPE_FILE, init_task, remove_task, save_task, task_dirs
     from centra.runtime.engine import Engine
     from centra.runtime.verify import SAMPLE_PAIRS, SAMPLE_TEXTS, count_layers_run, verify
-    from centra.train.pipeline import train_task
-    from centra.train.recipe import data_files, data_root, job_from, read_recipe, stale_reason
+    from centra.train.recipe import data_files, data_root, read_recipe
 
     torch.manual_seed(0)
     backbone = Backbone.load("default")
@@ -69,18 +68,7 @@ def run_demo(tasks_dir: Path, workdir: Path, data: Path | None = None, untrained
             if recipe.backbone not in backbones:
                 backbones[recipe.backbone] = Backbone.load(recipe.backbone)
             bb = backbones[recipe.backbone]
-            reason = stale_reason(tasks_dir / recipe.name, recipe, root, bb.fingerprint)
-            if reason is None:
-                print(f"  {recipe.name:<11} up to date, reused")
-                continue
-            print(f"  {recipe.name:<11} {reason}: training ({recipe.kind}, "
-                  f"{recipe.training.max_train_examples or 'all'} train examples)...")
-            start = time.perf_counter()
-            report, _ = train_task(job_from(recipe, root, bb.fingerprint), bb, tasks_dir)
-            chosen = report.chosen
-            tuned = " (tuned thresholds, as served)" if chosen.tuned else ""
-            print(f"  {recipe.name:<11} dev {chosen.metric}{tuned} {100 * chosen.served:.1f}, attach layer "
-                  f"{chosen.attach_layer} + {chosen.task_layers} task layer(s), {time.perf_counter() - start:.0f} s")
+            _train_if_stale(recipe, tasks_dir, root, bb, f"{recipe.name:<11}")
         for line in quality_lines(tasks_dir, [r.name for r in recipes]):
             print(line)
     plan = plan_merge([merge_dir])
@@ -118,6 +106,24 @@ CANDIDATE_SETTINGS = {"layers": "2:2", "student_layers": 2}  # the candidate's o
 CANDIDATES_DIR = "candidates"  # under the demo's workdir
 
 
+def _train_if_stale(recipe: Recipe, tasks_dir: Path, root: Path, backbone: Backbone, shown: str) -> None:
+    """Train `recipe` into tasks_dir/NAME unless that folder is up to date; say which, as `shown`."""
+    from centra.train.pipeline import train_task
+    from centra.train.recipe import job_from, stale_reason
+
+    reason = stale_reason(tasks_dir / recipe.name, recipe, root, backbone.fingerprint)
+    if reason is None:
+        print(f"  {shown} up to date, reused")
+        return
+    print(f"  {shown} {reason}: training ({recipe.kind}, {recipe.training.max_train_examples or 'all'} train "
+          "examples)...")
+    start = time.perf_counter()
+    chosen = train_task(job_from(recipe, root, backbone.fingerprint), backbone, tasks_dir)[0].chosen
+    tuned = " (tuned thresholds, as served)" if chosen.tuned else ""
+    print(f"  {shown} dev {chosen.metric}{tuned} {100 * chosen.served:.1f}, attach layer {chosen.attach_layer} + "
+          f"{chosen.task_layers} task layer(s), {time.perf_counter() - start:.0f} s")
+
+
 def _shadow_step(tasks_dir: Path, workdir: Path, out: Path, root: Path, active: Recipe, backbone: Backbone) -> None:
     """Retrain one task with other settings into workdir/candidates, publish a version in which it is that
     task's candidate head, serve it to dev texts, print the shadow report, promote it (each run publishes
@@ -135,8 +141,7 @@ def _shadow_step(tasks_dir: Path, workdir: Path, out: Path, root: Path, active: 
     from centra.serve.background import BackgroundServer
     from centra.serve.shadow import Shadow
     from centra.train.data import load_examples
-    from centra.train.pipeline import train_task
-    from centra.train.recipe import job_from, stale_reason
+    from centra.train.recipe import job_from
 
     recipe = active.with_settings(CANDIDATE_SETTINGS)
     settings = ", ".join(f"{key} {value}" for key, value in CANDIDATE_SETTINGS.items())
@@ -146,14 +151,7 @@ def _shadow_step(tasks_dir: Path, workdir: Path, out: Path, root: Path, active: 
     folder = workdir / CANDIDATES_DIR / recipe.name
     print(f"\nshadow and promote: {recipe.name} retrained with {settings} as a candidate head")
     job = job_from(recipe, root, backbone.fingerprint)
-    reason = stale_reason(folder, recipe, root, backbone.fingerprint)
-    if reason is None:
-        print(f"  {folder} up to date, reused")
-    else:
-        start = time.perf_counter()
-        chosen = train_task(job, backbone, folder.parent)[0].chosen
-        print(f"  {folder}: dev {chosen.metric} {100 * chosen.served:.1f}, attach layer {chosen.attach_layer} + "
-              f"{chosen.task_layers}, {time.perf_counter() - start:.0f} s")
+    _train_if_stale(recipe, folder.parent, root, backbone, str(folder))
     manifest = write_merged(plan_merge([tasks_dir], candidates={recipe.name: folder}), out)
     print(f"  published {out} version {manifest.version}: {recipe.name} answers with its active head, the "
           f"candidate runs beside it (centra merge --candidate {recipe.name}={folder})")

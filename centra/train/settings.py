@@ -104,7 +104,8 @@ class Settings:
                                          shown="mixed allocation")
     students: str = setting("joint", "mixed allocation: the students l = 1-3 trained as one (an exit after each "
                             "shared layer, each kept at its own best epoch: 3 layers' training, not 1 + 2, + 3 when "
-                            "l = 2 gains) or each on its own; not for student_layers or extra_attach students",
+                            "l = 2 gains) or each on its own (not with student_layers; extra_attach students train "
+                            "apart)",
                             choices=STUDENTS, unset="omitted")
     threshold: float = setting(1.0, "mixed allocation: add a task layer while it gains >= c dev points",
                                unset="null")
@@ -284,8 +285,9 @@ def settings_from(block: dict) -> Settings:
         if value is None and d.nullable:
             continue
         values[d.name] = d.parse(value)
-    if values.get("student_layers") is not None and "threshold" in values:
-        raise SettingError("give ", Name("student_layers"), " or ", Name("threshold"), ", not both")
+    for other in ("threshold", "students"):  # both set how the mixed allocation runs, which student_layers skips
+        if values.get("student_layers") is not None and other in values:
+            raise SettingError("give ", Name("student_layers"), " or ", Name(other), ", not both")
     return Settings(**values)
 
 

@@ -164,8 +164,8 @@ def check_precision(fp32: Engine, other: Engine, label: str, min_agreement: floa
     MAX_RELATIVE_ERROR), the agreement floor on decided answers (None: MIN_AGREEMENT) and, when given, a
     bound on max |other - fp32| of any logit. `int8_fp32` (ONNX int8 only) goes into the report's
     settings (check_settings)."""
-    min_agreement = MIN_AGREEMENT if min_agreement is None else min_agreement
-    max_relative_error = MAX_RELATIVE_ERROR if max_relative_error is None else max_relative_error
+    settings = check_settings(min_agreement, max_relative_error, max_abs_diff, int8_fp32)  # the bounds resolved
+    min_agreement, max_relative_error = settings["min_agreement"], settings["max_relative_error"]
     texts, pairs = sample_inputs()
     names = list(tasks or fp32.specs)
     ref, got = fp32.logits(texts, pairs, names), other.logits(texts, pairs, names)
@@ -192,7 +192,7 @@ def check_precision(fp32: Engine, other: Engine, label: str, min_agreement: floa
         if problem:
             raise CentraError(f"{label} graphs of task {name!r}: {problem}; max |{label} - fp32| "
                               f"{r['max_abs_diff']:.2e}: {refusal}")
-    return {**check_settings(min_agreement, max_relative_error, max_abs_diff, int8_fp32), "tasks": report}
+    return {**settings, "tasks": report}
 
 
 def check_settings(min_agreement: float | None = None, max_relative_error: float | None = None,

@@ -117,7 +117,7 @@ def distill_joint(run: Run, teacher: TaskHead, soft: np.ndarray, layers: int) ->
     students = [Student(head.spec.task_layers, BranchLog.from_dict(log)) for head, log in trained]
     keep = mixed_layers({s.task_layers: selection_score(teacher.spec.kind, s.log.dev, metric) for s in students},
                         run.job.threshold)
-    return Distilled(trained[keep - 1][0], students, {s.task_layers: head for (head, _), s in zip(trained, students)})
+    return Distilled(trained[keep - 1][0], students, {head.spec.task_layers: head for head, _ in trained})
 
 
 def shallower_attach_layers(teacher_attach: int, count: int) -> list[int]:

@@ -128,18 +128,30 @@ def _target_tensor(kind: str, targets: list) -> torch.Tensor:
     return torch.tensor(targets, dtype=torch.float32)
 
 
-@torch.inference_mode()
 def predict_cache(head: TaskHead, cache: ActivationCache, batch_size: int = 128, desc: str | None = None
                   ) -> np.ndarray:
     """Logits of every cached example, in example order (a progress bar when `desc` is given)."""
-    head.eval()
-    out = np.zeros((len(cache.lengths), head.spec.num_outputs), dtype=np.float32)
+    return predict_outputs(head, cache, batch_size, desc)[0]
+
+
+@torch.inference_mode()
+def predict_outputs(module: torch.nn.Module, cache: ActivationCache, batch_size: int = 128,
+                    desc: str | None = None) -> list[np.ndarray]:
+    """predict_cache for a module that gives one tensor of logits (a TaskHead) or a list of them (a joint
+    student's exits, train/joint.py): one array per output, in example order."""
+    module.eval()
+    outs: list[np.ndarray] = []
     with autocast_for(getattr(cache, "dtype", torch.float32)):  # a bf16 cache is read in bf16
         for rows in progress_bar(cache.rows_in_batches(batch_size), desc or "", desc is not None):
             hidden, mask = cache.batch(rows)
-            out[rows] = head(hidden, attention_bias(mask), mask).float().numpy()
-            work_done(head.spec.task_layers * len(rows))
-    return out
+            got = module(hidden, attention_bias(mask), mask)
+            got = [got] if isinstance(got, torch.Tensor) else got
+            if not outs:
+                outs = [np.zeros((len(cache.lengths), g.shape[-1]), dtype=np.float32) for g in got]
+            for out, logits in zip(outs, got, strict=True):
+                out[rows] = logits.float().numpy()
+            work_done(module.spec.task_layers * len(rows))
+    return outs or [np.zeros((0, module.spec.num_outputs), dtype=np.float32)]  # no examples: no batch
 
 
 def dev_scores(kind: str, logits: np.ndarray, targets: list, thresholds: list[float] | None = None,

@@ -20,12 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from centra.core.backbone import attention_bias
 from centra.core.task import TaskHead, TaskSpec
-from centra.progress import progress_line, work_done
+from centra.progress import progress_line
 from centra.train.cache import ActivationCache
-from centra.train.finetune import BranchTrainer, TrainConfig, dev_scores, loss_fn, selection_score
-from centra.train.precision import autocast_for
+from centra.train.finetune import BranchTrainer, TrainConfig, dev_scores, loss_fn, predict_outputs, selection_score
 
 
 class JointStudent(nn.Module):
@@ -53,20 +51,6 @@ class JointStudent(nn.Module):
             hidden = layer(hidden, bias)
             out.append(head.readout(hidden, mask))
         return out
-
-
-@torch.inference_mode()
-def predict_exits(joint: JointStudent, cache: ActivationCache, batch_size: int = 128) -> list[np.ndarray]:
-    """Every exit's logits of every cached example, in example order (the batches predict_cache reads)."""
-    joint.eval()
-    outs = [np.zeros((len(cache.lengths), head.spec.num_outputs), dtype=np.float32) for head in joint.exits]
-    with autocast_for(cache.dtype):
-        for rows in cache.rows_in_batches(batch_size):
-            hidden, mask = cache.batch(rows)
-            for out, logits in zip(outs, joint(hidden, attention_bias(mask), mask)):
-                out[rows] = logits.float().numpy()
-            work_done(joint.spec.task_layers * len(rows))
-    return outs
 
 
 class JointTrainer(BranchTrainer):
@@ -100,7 +84,7 @@ class JointTrainer(BranchTrainer):
         cfg, start = self.cfg, time.perf_counter()
         loss = self.epoch_loss / self.steps_per_epoch
         shown = []
-        for i, (head, logits) in enumerate(zip(self.head.exits, predict_exits(self.head, self.dev))):
+        for i, (head, logits) in enumerate(zip(self.head.exits, predict_outputs(self.head, self.dev))):
             scores = dev_scores(self.kind, logits, self.dev_targets, head.spec.thresholds, cfg.tuning)
             self.exit_logs[i]["epochs"].append({"epoch": epoch + 1, "train_loss": loss, **scores})
             score = selection_score(self.kind, scores, cfg.metric)
